@@ -1,0 +1,110 @@
+"""Engine configuration: frozen dataclasses validated on construction, composed into EngineConfig.
+
+Each field carries its help string in `metadata["help"]`; the CLI builds its flags from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+GiB = 1 << 30
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = field(
+        default=None, metadata=_help("HF model directory or .gguf file; default: embedded SmolLM2-135M-Instruct")
+    )
+    tokenizer: str | None = field(default=None, metadata=_help("tokenizer directory (default: the model's)"))
+    dtype: str = field(default="float32", metadata=_help("compute dtype: float32, bfloat16 or float16"))
+    max_model_len: int | None = field(
+        default=None, metadata=_help("context length (default: the model's max_position_embeddings)")
+    )
+    seed: int = field(default=0, metadata=_help("global seed for unseeded sampling"))
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = field(default=16, metadata=_help("tokens per KV-cache block"))
+    kv_cache_memory: int | None = field(
+        default=None, metadata=_help("bytes for the KV cache (default: kv_cache_memory_fraction of free memory)")
+    )
+    kv_cache_memory_fraction: float = field(
+        default=0.1, metadata=_help("fraction of free memory for the KV cache when kv_cache_memory is unset")
+    )
+    num_blocks: int | None = field(default=None, metadata=_help("exact number of KV blocks (overrides memory)"))
+    enable_prefix_caching: bool = field(default=True, metadata=_help("reuse KV blocks of shared prompt prefixes"))
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise ValueError(f"num_blocks must be >= 2, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = field(default=2048, metadata=_help("most tokens computed in one step"))
+    max_num_seqs: int = field(default=256, metadata=_help("most requests running at once"))
+    policy: str = field(default="fcfs", metadata=_help("fcfs or priority (lower priority value runs first)"))
+    enable_chunked_prefill: bool = field(
+        default=True, metadata=_help("split long prompts over steps (else a prompt must fit one step)")
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = field(default=1, metadata=_help("number of tensor-parallel ranks"))
+    num_threads: int | None = field(default=None, metadata=_help("CPU intra-op threads (default: all cores)"))
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: object) -> EngineConfig:
+        """Build from flat keyword arguments (as the CLI and LLM() take them); unknown names are an error."""
+        parts: dict[str, dict[str, object]] = {}
+        remaining = dict(kwargs)
+        for part_name, part_cls in _PARTS.items():
+            names = {f.name for f in fields(part_cls)}
+            parts[part_name] = {k: remaining.pop(k) for k in list(remaining) if k in names}
+        if remaining:
+            raise ValueError(f"unknown engine arguments: {sorted(remaining)}")
+        return cls(**{name: _PARTS[name](**values) for name, values in parts.items()})
+
+
+_PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
+ENGINE_CONFIG_PARTS = _PARTS
