@@ -60,6 +60,7 @@ class EngineCoreOutput:
     new_prompt_logprobs: list[PositionLogprobs | None] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" once finished
     stop_reason: int | str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,62 @@
+"""HF-parity helpers (the vLLM rules): greedy outputs identical; top-k logprobs close."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+TokensText = tuple[list[int], str]
+# Per generated position: {token_id: logprob} for the top-k plus the chosen token.
+TokensLogprobs = tuple[list[int], list[dict[int, float]]]
+
+
+def check_outputs_equal(
+    *, outputs_0: Sequence[TokensText], outputs_1: Sequence[TokensText], name_0: str, name_1: str
+) -> None:
+    assert len(outputs_0) == len(outputs_1)
+    for i, ((ids_0, text_0), (ids_1, text_1)) in enumerate(zip(outputs_0, outputs_1)):
+        msg = f"prompt {i}:\n{name_0}: {ids_0} {text_0!r}\n{name_1}: {ids_1} {text_1!r}"
+        assert ids_0 == ids_1, msg
+        assert text_0 == text_1, msg
+
+
+def check_logprobs_close(
+    *, outputs_0: Sequence[TokensLogprobs], outputs_1: Sequence[TokensLogprobs], name_0: str, name_1: str
+) -> None:
+    """Sequences may diverge only where both picks sit in each other's top-k; comparison stops there."""
+    assert len(outputs_0) == len(outputs_1)
+    for i, ((ids_0, lps_0), (ids_1, lps_1)) in enumerate(zip(outputs_0, outputs_1)):
+        for pos, (tok_0, tok_1) in enumerate(zip(ids_0, ids_1)):
+            if tok_0 == tok_1:
+                continue
+            msg = f"prompt {i} position {pos}: {name_0} picked {tok_0}, {name_1} picked {tok_1}"
+            assert tok_0 in lps_1[pos], msg + f" (not in {name_1}'s top: {lps_1[pos]})"
+            assert tok_1 in lps_0[pos], msg + f" (not in {name_0}'s top: {lps_0[pos]})"
+            break
+
+
+@torch.inference_mode()
+def hf_greedy(model: torch.nn.Module, tokenizer: object, prompts: Sequence[list[int]], max_tokens: int,
+              num_logprobs: int = 0) -> list[tuple[list[int], str, list[dict[int, float]]]]:
+    """Greedy decoding with the HF model's own forward and KV cache, one prompt at a time (no
+    padding), never stopping at EOS (tokenmill's ignore_eos; HF generate's min_new_tokens would
+    instead mask EOS). Returns ids, text and, per position, the top logprobs plus the chosen token."""
+    results = []
+    for prompt in prompts:
+        out = model(torch.tensor([prompt]), use_cache=True)
+        ids: list[int] = []
+        top: list[dict[int, float]] = []
+        for _ in range(max_tokens):
+            logits = out.logits[0, -1].float()
+            token = int(logits.argmax())
+            ids.append(token)
+            if num_logprobs:
+                lp = torch.log_softmax(logits, dim=-1)
+                vals, idx = lp.topk(num_logprobs)
+                entry = dict(zip(idx.tolist(), vals.tolist()))
+                entry[token] = lp[token].item()
+                top.append(entry)
+            out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+        results.append((ids, tokenizer.decode(ids, skip_special_tokens=True), top))
+    return results

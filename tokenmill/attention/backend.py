@@ -1,0 +1,58 @@
+"""The attention interface: metadata describing one flat batch, and the backend protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each request's tokens sit in the flat batch and where its KV lives.
+
+    Request i owns query rows [query_start_loc[i], query_start_loc[i+1]); its queries are the last
+    query_lens[i] positions of a context of seq_lens[i] tokens, whose K/V are found through
+    block_tables[i] (block b holds positions [b*block_size, (b+1)*block_size)). slot_mapping[t] is the
+    flat cache slot (block_id * block_size + offset) where row t's K/V is written.
+    """
+
+    num_tokens: int
+    block_size: int
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int64
+    seq_lens: torch.Tensor  # [num_reqs] int64
+    block_tables: torch.Tensor  # [num_reqs, max_num_blocks] int64, unused entries 0
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    # The same facts as Python lists, for backends that split work on the host.
+    query_lens_list: list[int]
+    seq_lens_list: list[int]
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.seq_lens_list)
+
+    @property
+    def is_pure_decode(self) -> bool:
+        return all(q == 1 for q in self.query_lens_list)
+
+
+class AttentionBackend(Protocol):
+    def write_kv(
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+    ) -> None:
+        """Store this step's key/value rows ([num_tokens, num_kv_heads, head_dim]) into the paged cache."""
+
+    def forward(
+        self, query: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """Causal attention of query rows ([num_tokens, num_heads, head_dim]) over each request's cached
+        context (which already includes this step's K/V). Returns [num_tokens, num_heads, head_dim]."""
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    if name == "torch":
+        from tokenmill.attention.torch_backend import TorchAttentionBackend
+
+        return TorchAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r}; available: 'torch'")

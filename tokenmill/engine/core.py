@@ -1,0 +1,80 @@
+"""EngineCore: the model, its KV cache, and the schedule -> execute -> update loop."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+
+from tokenmill.attention.backend import get_attention_backend
+from tokenmill.config import EngineConfig
+from tokenmill.engine.kv_budget import describe_capacity, num_kv_blocks
+from tokenmill.engine.kv_cache_manager import KVCacheManager
+from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.scheduler_output import EngineCoreOutput
+from tokenmill.loader import LoadedModel
+from tokenmill.models.registry import resolve_model_class
+from tokenmill.worker.model_runner import KVCacheSpec, ModelRunner
+
+logger = logging.getLogger("tokenmill")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_max_model_len(config: EngineConfig, hf_config: object) -> int:
+    model_len = int(getattr(hf_config, "max_position_embeddings", 0) or 2048)
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True) is not False:
+        # Without sliding-window attention kernels, stay within the window where results are exact.
+        model_len = min(model_len, int(window))
+    asked = config.model.max_model_len
+    if asked is not None and asked > model_len:
+        raise ValueError(f"max_model_len={asked} exceeds the model's context length of {model_len} tokens")
+    return asked or model_len
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
+        self.config = config
+        self.device = torch.device("cpu")
+        self.dtype = _DTYPES[config.model.dtype]
+        if config.parallel.num_threads is not None:
+            torch.set_num_threads(config.parallel.num_threads)
+        hf_config = loaded.hf_config
+        self.max_model_len = resolve_max_model_len(config, hf_config)
+
+        model_cls = resolve_model_class(hf_config)
+        with torch.device(self.device):
+            model = model_cls(hf_config, get_attention_backend("torch"), self.max_model_len, self.dtype)
+        model.load_weights({k: v.to(self.dtype) for k, v in loaded.state_dict.items()})
+        model.to(self.dtype).eval()
+        self.model = model
+
+        layer0 = model.attention_layers[0]
+        kv_spec = KVCacheSpec(
+            num_layers=len(model.attention_layers), num_kv_heads=layer0.num_kv_heads,
+            head_dim=layer0.head_dim, block_size=config.cache.block_size, dtype=self.dtype,
+        )
+        num_blocks = num_kv_blocks(config.cache, kv_spec.bytes_per_block, self.device)
+        self.capacity = describe_capacity(num_blocks, kv_spec.block_size, kv_spec.bytes_per_block, self.max_model_len)
+        logger.info(self.capacity)
+        self.runner = ModelRunner(model, kv_spec, num_blocks, hf_config.vocab_size, self.device, config.model.seed)
+        self.kv_cache_manager = KVCacheManager(num_blocks, kv_spec.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
+
+    def add_request(self, request: Request) -> None:
+        request.max_model_len = self.max_model_len
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, req_ids: Iterable[str]) -> None:
+        self.scheduler.finish_requests(list(req_ids), RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineCoreOutput]:
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.runner.execute(scheduler_output)
+        return self.scheduler.update_from_output(scheduler_output, runner_output)

@@ -1,0 +1,114 @@
+"""The offline API: LLM.generate() and LLM.chat()."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.llm_engine import LLMEngine, Prompt
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
+
+Message = dict[str, Any]
+
+
+class LLM:
+    """Offline batched generation. `LLM()` loads the embedded SmolLM2-135M-Instruct; `LLM(model=path)`
+    takes an HF directory or a .gguf file. Other keyword arguments are EngineConfig fields
+    (block_size, max_num_seqs, max_num_batched_tokens, kv_cache_memory, ...)."""
+
+    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        config = EngineConfig.from_kwargs(model=model, **engine_args)
+        self.engine = LLMEngine(config)
+        self._counter = itertools.count()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Generates for one prompt or many (text, or token ids); returns outputs in prompt order."""
+        prompt_list = self._as_prompt_list(prompts)
+        return self._run(prompt_list, sampling_params, use_tqdm, priority, add_special_tokens=True)
+
+    def chat(
+        self,
+        messages: list[Message] | Sequence[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generates replies to one conversation or many, rendered with the model's chat template."""
+        if not messages:
+            raise ValueError("messages must not be empty")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        prompts = [self.engine.apply_chat_template(conv, add_generation_prompt) for conv in conversations]
+        return self._run(prompts, sampling_params, use_tqdm, None, add_special_tokens=False)
+
+    @staticmethod
+    def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+        if isinstance(prompts, str):
+            return [prompts]
+        prompts = list(prompts)
+        if prompts and all(isinstance(t, int) for t in prompts):
+            return [prompts]  # one prompt given as token ids
+        return prompts
+
+    def _run(
+        self, prompts: list[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+        use_tqdm: bool, priority: Sequence[int] | None, add_special_tokens: bool,
+    ) -> list[RequestOutput]:
+        if not prompts:
+            raise ValueError("prompts must not be empty")
+        if sampling_params is None:
+            params_list = [SamplingParams()] * len(prompts)
+        elif isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts")
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+
+        req_ids: list[str] = []
+        try:
+            for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+                req_id = str(next(self._counter))
+                params = params.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+                self.engine.add_request(
+                    req_id, prompt, params, priority=priority[i] if priority else 0,
+                    add_special_tokens=add_special_tokens,
+                )
+                req_ids.append(req_id)
+        except ValueError:
+            for req_id in req_ids:
+                self.engine.abort_request(req_id)
+            raise
+        return self._run_engine(req_ids, use_tqdm)
+
+    def _run_engine(self, req_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        wanted = set(req_ids)
+        with tqdm(total=len(req_ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
+            try:
+                while len(finished) < len(req_ids):
+                    for output in self.engine.step():
+                        if output.finished and output.request_id in wanted:
+                            finished[output.request_id] = output
+                            bar.update(1)
+            except BaseException:
+                for req_id in wanted - finished.keys():
+                    self.engine.abort_request(req_id)
+                raise
+        return [finished[r] for r in req_ids]

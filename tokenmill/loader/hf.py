@@ -1,0 +1,140 @@
+"""Load an HF model directory: config.json, *.safetensors (single or sharded), tokenizer, generation config.
+
+The GGUF loader converts into this same layout and loads its cache entries through here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tokenmill.loader.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+INDEX_FILE = "model.safetensors.index.json"
+_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# Names an HF decoder checkpoint may carry under its base model, without the "model." prefix.
+_BASE_MODEL_PREFIXES = ("embed_tokens.", "layers.", "norm.")
+
+
+@dataclass
+class LoadedModel:
+    hf_config: PretrainedConfig
+    state_dict: dict[str, torch.Tensor]
+    tokenizer: PreTrainedTokenizerBase
+    generation_config: dict[str, Any]
+    source: str
+
+
+def load_hf_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: str | Path | None = None,
+    source: str | None = None,
+) -> LoadedModel:
+    """Load an HF directory; `tokenizer` overrides where the tokenizer comes from, `source` the recorded path."""
+    model_dir = Path(path)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir} has no config.json: an HF model directory needs config.json and *.safetensors "
+            "weights (or pass a .gguf file)"
+        )
+    hf_config = load_hf_config(model_dir)
+    return LoadedModel(
+        hf_config=hf_config,
+        state_dict=load_state_dict(model_dir, dtype, tie_word_embeddings=_is_tied(hf_config)),
+        tokenizer=load_tokenizer(tokenizer if tokenizer is not None else model_dir),
+        generation_config=load_generation_config(model_dir, hf_config),
+        source=source if source is not None else str(model_dir),
+    )
+
+
+def load_hf_config(model_dir: Path) -> PretrainedConfig:
+    """The architecture's config class when transformers knows its model_type, else a generic one.
+
+    An unknown architecture still loads; the model registry decides whether it can run.
+    """
+    from transformers import AutoConfig, PretrainedConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (ValueError, KeyError) as exc:
+        try:
+            config_dict = json.loads((model_dir / "config.json").read_text())
+        except ValueError:
+            raise ValueError(f"{model_dir / 'config.json'} is not valid JSON: {exc}") from exc
+        return PretrainedConfig.from_dict(config_dict)
+
+
+def _is_tied(hf_config: PretrainedConfig) -> bool:
+    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    return bool(getattr(text_config, "tie_word_embeddings", False))
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that are missing: {missing}")
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        found = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt*"))
+        hint = f" (found {found}: re-save the model with safetensors)" if found else ""
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}{hint}")
+    return files
+
+
+def load_state_dict(model_dir: Path, dtype: torch.dtype, tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
+    """All tensors of all shards under HF names, floating ones cast to `dtype`, contiguous."""
+    from safetensors.torch import load_file
+
+    state_dict: dict[str, torch.Tensor] = {}
+    for file in weight_files(model_dir):
+        for name, tensor in load_file(file).items():  # memory-mapped until touched
+            if name in state_dict:
+                raise ValueError(f"tensor {name!r} appears in more than one weight file of {model_dir}")
+            state_dict[name] = tensor
+    state_dict = normalize_names(state_dict, tie_word_embeddings)
+    return {name: _cast(t, dtype) for name, t in state_dict.items()}
+
+
+def normalize_names(state_dict: dict[str, torch.Tensor], tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
+    """HF ForCausalLM naming: drop rotary buffers, add a missing "model." prefix, drop a tied lm_head."""
+    out = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
+    if not any(k.startswith("model.") for k in out) and any(k.startswith(_BASE_MODEL_PREFIXES) for k in out):
+        out = {(f"model.{k}" if k.startswith(_BASE_MODEL_PREFIXES) else k): v for k, v in out.items()}
+    if tie_word_embeddings and "model.embed_tokens.weight" in out:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.contiguous()
+
+
+def load_generation_config(model_dir: Path, hf_config: PretrainedConfig) -> dict[str, Any]:
+    """generation_config.json as a dict (eos_token_id always a list); without one, the config's token ids."""
+    path = model_dir / "generation_config.json"
+    if path.is_file():
+        generation_config = json.loads(path.read_text())
+        generation_config.pop("transformers_version", None)
+        generation_config.pop("_from_model_config", None)
+    else:
+        generation_config = {k: getattr(hf_config, k, None) for k in _TOKEN_ID_KEYS}
+        generation_config = {k: v for k, v in generation_config.items() if v is not None}
+    eos = generation_config.get("eos_token_id")
+    if eos is not None and not isinstance(eos, list):
+        generation_config["eos_token_id"] = [eos]
+    return generation_config

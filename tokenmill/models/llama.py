@@ -1,0 +1,153 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) over one flat batch of tokens.
+
+Weights use HF names; q/k/v and gate/up are merged into one GEMM each at load time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
+from tokenmill.attention.layer import Attention
+from tokenmill.layers.activation import SiluAndMul
+from tokenmill.layers.norm import RMSNorm
+from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
+
+
+def _head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: Any, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = _head_dim(cfg)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        # Qwen2 has q/k/v bias; Llama exposes it as attention_bias.
+        bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=bool(getattr(cfg, "attention_bias", False)))
+        self.rotary = rotary
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, backend)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v.contiguous(), meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        bias = bool(getattr(cfg, "mlp_bias", False))
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.act = SiluAndMul()
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}; Llama-family models use silu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: Any, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, rotary, backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: Any, backend: AttentionBackend, max_positions: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        rotary = RotaryEmbedding(_head_dim(cfg), max_positions, rope_parameters(cfg), dtype)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, backend) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, hidden_size]."""
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(positions, hidden, meta)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    @torch.no_grad()
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load HF-named weights, merging q/k/v and gate/up. Every parameter must be covered."""
+        hf = dict(state_dict)
+        own = dict(self.named_parameters(remove_duplicate=True))
+        loaded: set[str] = set()
+
+        def take(name: str) -> torch.Tensor:
+            if name not in hf:
+                raise ValueError(f"checkpoint is missing weight {name!r}")
+            return hf.pop(name)
+
+        def put(name: str, tensor: torch.Tensor) -> None:
+            param = own[name]
+            if param.shape != tensor.shape:
+                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+            param.copy_(tensor)
+            loaded.add(name)
+
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            attn = layer.self_attn
+            put(f"layers.{i}.self_attn.qkv_proj.weight", torch.cat(
+                [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
+            if attn.qkv_proj.bias is not None:
+                put(f"layers.{i}.self_attn.qkv_proj.bias", torch.cat(
+                    [take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+            put(f"layers.{i}.self_attn.o_proj.weight", take(p + "self_attn.o_proj.weight"))
+            if attn.o_proj.bias is not None:
+                put(f"layers.{i}.self_attn.o_proj.bias", take(p + "self_attn.o_proj.bias"))
+            put(f"layers.{i}.mlp.gate_up_proj.weight", torch.cat(
+                [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
+            put(f"layers.{i}.mlp.down_proj.weight", take(p + "mlp.down_proj.weight"))
+            if layer.mlp.down_proj.bias is not None:
+                put(f"layers.{i}.mlp.gate_up_proj.bias", torch.cat(
+                    [take(p + "mlp.gate_proj.bias"), take(p + "mlp.up_proj.bias")]))
+                put(f"layers.{i}.mlp.down_proj.bias", take(p + "mlp.down_proj.bias"))
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                put(f"layers.{i}.{norm}.weight", take(p + f"{norm}.weight"))
+        put("embed_tokens.weight", take("model.embed_tokens.weight"))
+        put("norm.weight", take("model.norm.weight"))
+        if self.tie_word_embeddings:
+            hf.pop("lm_head.weight", None)
+        else:
+            put("lm_head.weight", take("lm_head.weight"))
+        leftover = [k for k in hf if "rotary_emb" not in k]
+        if leftover:
+            raise ValueError(f"checkpoint has unexpected weights: {leftover[:5]}")
+        missing = set(own) - loaded
+        if missing:
+            raise ValueError(f"weights not loaded: {sorted(missing)[:5]}")

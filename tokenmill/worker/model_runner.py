@@ -1,0 +1,146 @@
+"""SchedulerOutput -> flat tensors -> model -> logits -> sampler -> ModelRunnerOutput.
+
+The only place where requests become tensors. Per step it builds input_ids, positions,
+query_start_loc, seq_lens, block_tables and slot_mapping once, runs the model over the flat batch,
+and computes logits only for rows that sample (plus prompt rows of requests asking prompt_logprobs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+from tokenmill.outputs import PositionLogprobs
+from tokenmill.worker.runner_output import ModelRunnerOutput
+from tokenmill.worker.sampler import Sampler, SamplingMetadata, compute_logprobs
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+
+@dataclass
+class _PromptLogprobsRows:
+    req_id: str
+    start_pos: int
+    rows: list[int]  # flat-batch rows whose logits predict the next prompt token
+    targets: list[int]  # the prompt tokens those rows predict
+    num_logprobs: int
+
+
+class ModelRunner:
+    def __init__(
+        self, model: nn.Module, kv_spec: KVCacheSpec, num_blocks: int, vocab_size: int,
+        device: torch.device, seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.kv_spec = kv_spec
+        self.block_size = kv_spec.block_size
+        self.vocab_size = vocab_size
+        self.device = device
+        self.sampler = Sampler()
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        shape = (num_blocks, kv_spec.block_size, kv_spec.num_kv_heads, kv_spec.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=kv_spec.dtype, device=device), torch.zeros(shape, dtype=kv_spec.dtype, device=device))
+            for _ in range(kv_spec.num_layers)
+        ]
+        for layer, cache in zip(model.attention_layers, self.kv_caches, strict=True):
+            layer.kv_cache = cache
+
+    def _build_metadata(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        query_lens = [s.num_new_tokens for s in scheduled]
+        seq_lens = [s.start_pos + s.num_new_tokens for s in scheduled]
+        token_ids: list[int] = []
+        for s in scheduled:
+            token_ids.extend(s.token_ids)
+        max_blocks = max(len(s.block_ids) for s in scheduled)
+        tables = torch.zeros((len(scheduled), max_blocks), dtype=torch.int64)
+        for i, s in enumerate(scheduled):
+            tables[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int64)
+        q_lens = torch.tensor(query_lens, dtype=torch.int64)
+        query_start_loc = torch.zeros(len(scheduled) + 1, dtype=torch.int64)
+        torch.cumsum(q_lens, 0, out=query_start_loc[1:])
+        req_of_row = torch.repeat_interleave(torch.arange(len(scheduled)), q_lens)
+        starts = torch.tensor([s.start_pos for s in scheduled], dtype=torch.int64)
+        positions = starts[req_of_row] + (torch.arange(len(token_ids)) - query_start_loc[req_of_row])
+        slot_mapping = tables[req_of_row, positions // self.block_size] * self.block_size + positions % self.block_size
+        dev = self.device
+        meta = AttentionMetadata(
+            num_tokens=len(token_ids), block_size=self.block_size,
+            query_start_loc=query_start_loc.to(dev), seq_lens=torch.tensor(seq_lens, device=dev),
+            block_tables=tables.to(dev), slot_mapping=slot_mapping.to(dev),
+            query_lens_list=query_lens, seq_lens_list=seq_lens,
+        )
+        return torch.tensor(token_ids, dtype=torch.int64, device=dev), positions.to(dev), meta
+
+    @staticmethod
+    def _prompt_logprobs_rows(scheduled: list[ScheduledRequest], row_starts: list[int]) -> list[_PromptLogprobsRows]:
+        plans = []
+        for s, row0 in zip(scheduled, row_starts):
+            k = s.request.sampling_params.prompt_logprobs
+            num_prompt = s.request.num_prompt_tokens
+            if k is None or s.start_pos >= num_prompt:
+                continue
+            # Row for position p predicts prompt token p + 1; the last prompt position predicts output.
+            last = min(s.start_pos + s.num_new_tokens, num_prompt - 1)
+            positions = range(s.start_pos, last)
+            plans.append(_PromptLogprobsRows(
+                s.req_id, s.start_pos, [row0 + p - s.start_pos for p in positions],
+                [s.request.all_token_ids[p + 1] for p in positions], k,
+            ))
+        return plans
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        scheduled = scheduler_output.scheduled
+        if not scheduled:
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        input_ids, positions, meta = self._build_metadata(scheduled)
+        hidden = self.model(input_ids, positions, meta)
+
+        row_starts = meta.query_start_loc.tolist()
+        sampling = [i for i, s in enumerate(scheduled) if s.samples]
+        sample_rows = [row_starts[i + 1] - 1 for i in sampling]
+        prompt_plans = self._prompt_logprobs_rows(scheduled, row_starts)
+        prompt_rows = [r for plan in prompt_plans for r in plan.rows]
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows + prompt_rows, dtype=torch.int64)]).float()
+
+        sampled: list[list[int]] = [[] for _ in scheduled]
+        logprobs: list[list[PositionLogprobs] | None] = [None] * len(scheduled)
+        if sampling:
+            requests = [scheduled[i].request for i in sampling]
+            metadata = SamplingMetadata.from_requests(requests, self.vocab_size, self.device, self.generator)
+            result = self.sampler(logits[: len(sampling)], metadata)
+            for j, i in enumerate(sampling):
+                sampled[i] = [result.sampled_token_ids[j]]
+                if result.logprobs[j] is not None:
+                    logprobs[i] = [result.logprobs[j]]
+
+        prompt_logprobs: dict[str, list[PositionLogprobs | None]] = {}
+        offset = len(sampling)
+        for plan in prompt_plans:
+            rows = logits[offset : offset + len(plan.rows)]
+            offset += len(plan.rows)
+            entries: list[PositionLogprobs | None] = [None] if plan.start_pos == 0 else []
+            if plan.rows:
+                entries.extend(compute_logprobs(rows, plan.targets, plan.num_logprobs))
+            prompt_logprobs[plan.req_id] = entries
+        return ModelRunnerOutput(
+            req_ids=[s.req_id for s in scheduled], sampled_token_ids=sampled,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        )
