@@ -305,6 +305,13 @@ def test_tiny_gguf_matches_expected_and_transformers(arch: str, tmp_path: Path) 
     half = load_model(str(path), dtype=torch.bfloat16, cache_dir=str(tmp_path / "cache"))
     assert all(t.dtype == torch.bfloat16 for t in half.state_dict.values())
 
+    loaded.tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "tok" / "chat_template.jinja").write_text("custom")
+    other = load_model(str(path), cache_dir=str(tmp_path / "cache"), tokenizer=str(tmp_path / "tok"))
+    assert other.tokenizer.chat_template == "custom"
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        load_model(str(path), cache_dir=str(tmp_path / "cache"), tokenizer=str(tmp_path / "nothing"))
+
 
 def test_cache_reuse_content_key_and_repair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "cache"

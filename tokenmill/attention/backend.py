@@ -44,10 +44,12 @@ class AttentionBackend(Protocol):
         """Store this step's key/value rows ([num_tokens, num_kv_heads, head_dim]) into the paged cache."""
 
     def forward(
-        self, query: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, scale: float
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, scale: float,
     ) -> torch.Tensor:
-        """Causal attention of query rows ([num_tokens, num_heads, head_dim]) over each request's cached
-        context (which already includes this step's K/V). Returns [num_tokens, num_heads, head_dim]."""
+        """Causal attention of query rows ([num_tokens, num_heads, head_dim]) over each request's
+        context: the cache already holds this step's K/V (key/value, [num_tokens, num_kv_heads,
+        head_dim], are passed too so a backend may use them directly). Returns [num_tokens, num_heads, head_dim]."""
 
 
 def get_attention_backend(name: str) -> AttentionBackend:

@@ -29,5 +29,5 @@ class Attention(nn.Module):
         if self.kv_cache is None:
             raise RuntimeError("Attention.kv_cache is not bound; the model runner binds it before execution")
         self.backend.write_kv(k, v, self.kv_cache, meta)
-        out = self.backend.forward(q, self.kv_cache, meta, self.scale)
+        out = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale)
         return out.reshape(out.shape[0], -1)
