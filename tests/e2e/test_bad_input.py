@@ -48,3 +48,23 @@ def test_bad_request_in_a_batch_rejects_the_batch_cleanly(llm: LLM) -> None:
     assert not llm.engine.has_unfinished_requests()
     outs = llm.generate(["fine", "also fine"], GOOD, use_tqdm=False)
     assert all(o.outputs[0].finish_reason == "length" for o in outs)
+
+
+def test_failing_step_fails_its_requests_not_the_engine(llm: LLM, monkeypatch) -> None:
+    runner = llm.engine.core.runner
+    real_execute = runner.execute
+    calls = {"n": 0}
+
+    def fail_once(scheduler_output):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected kernel failure")
+        return real_execute(scheduler_output)
+
+    monkeypatch.setattr(runner, "execute", fail_once)
+    failed = llm.generate(["one", "two"], GOOD, use_tqdm=False)
+    assert [o.outputs[0].finish_reason for o in failed] == ["error", "error"]
+    out = llm.generate("after the failure", GOOD, use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 4
+    kv = llm.engine.core.kv_cache_manager
+    assert kv.num_free_blocks == kv.num_blocks

@@ -38,6 +38,10 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        """Shape of one layer's K (and of its V) cache. The backend owns the layout; slot
+        s = block_id * block_size + offset addresses one token's [num_kv_heads, head_dim] entry."""
+
     def write_kv(
         self, key: torch.Tensor, value: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> None:

@@ -133,10 +133,10 @@ def benchmark(args: Any) -> dict[str, Any]:
     vocab = int(llm.engine.vocab_size)
     special = set(getattr(tokenizer, "all_special_ids", []) or []) | set(llm.engine.eos_token_ids)
     workload = make_workload(
-        args.num_prompts, args.input_len, args.output_len, vocab, args.seed,
+        args.num_prompts, args.input_len, args.output_len, vocab, args.prompt_seed,
         parse_range(args.input_len_range), parse_range(args.output_len_range), special,
     )
-    warmup = make_workload(2, 16, 4, vocab, args.seed + 1, special_ids=special)
+    warmup = make_workload(2, 16, 4, vocab, args.prompt_seed + 1, special_ids=special)
     results = {"tokenmill": ThroughputResult("tokenmill")}
     hf_model = None
     if args.baseline == "hf":
@@ -160,7 +160,7 @@ def benchmark(args: Any) -> dict[str, Any]:
             "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
             "input_len_range": args.input_len_range, "output_len_range": args.output_len_range,
             "prompt_tokens": workload.num_prompt_tokens, "output_tokens": workload.num_output_tokens,
-            "seed": args.seed, "num_runs": args.num_runs,
+            "seed": args.prompt_seed, "num_runs": args.num_runs,
         },
         "engine_args": args.engine_kwargs,
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},

@@ -17,6 +17,7 @@ from tokenmill.engine.scheduler_output import EngineCoreOutput
 from tokenmill.loader import LoadedModel
 from tokenmill.models.registry import resolve_model_class
 from tokenmill.worker.model_runner import KVCacheSpec, ModelRunner
+from tokenmill.worker.runner_output import ModelRunnerOutput
 
 logger = logging.getLogger("tokenmill")
 
@@ -76,5 +77,12 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
-        runner_output = self.runner.execute(scheduler_output)
+        try:
+            runner_output = self.runner.execute(scheduler_output)
+        except Exception:
+            # A failing step fails its own requests ("error"), never the engine.
+            failed = [s.req_id for s in scheduler_output.scheduled]
+            logger.exception("model execution failed; finishing %d request(s) with an error", len(failed))
+            self.scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR)
+            runner_output = ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         return self.scheduler.update_from_output(scheduler_output, runner_output)

@@ -38,7 +38,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     tp.add_argument("--baseline", choices=["none", "hf"], default="none", help="also run HF transformers generate")
     tp.add_argument("--hf-max-batch-size", type=int, default=64, help="HF static batch size")
     tp.add_argument("--num-runs", type=int, default=3, help="timed runs per engine; the median is reported")
-    tp.add_argument("--seed", type=int, default=0, help="seed for the random prompts")
+    tp.add_argument("--prompt-seed", type=int, default=0, help="seed for the random prompts")
     tp.add_argument("--output-json", default=None, help="where to write the JSON report")
     tp.add_argument("--print-json", action="store_true")
     add_engine_args(tp)

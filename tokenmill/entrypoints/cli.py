@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import sys
 from typing import Any
 
 from tokenmill.config import ENGINE_CONFIG_PARTS
+from tokenmill.logger import init_logger
 
 
 def _bool_arg(text: str) -> bool:
@@ -58,7 +58,6 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     group.add_argument("--top-p", type=float, default=1.0)
     group.add_argument("--top-k", type=int, default=0)
     group.add_argument("--min-p", type=float, default=0.0)
-    group.add_argument("--seed", dest="sampling_seed", type=int, default=None)
     group.add_argument("--repetition-penalty", type=float, default=1.0)
 
 
@@ -67,7 +66,7 @@ def sampling_params_from(args: argparse.Namespace) -> Any:
 
     return SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, seed=args.sampling_seed, repetition_penalty=args.repetition_penalty,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty,
     )
 
 
@@ -165,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    init_logger(args.log_level)
     try:
         return int(args.func(args) or 0)
     except ValueError as exc:

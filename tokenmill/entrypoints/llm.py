@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine, Prompt
+from tokenmill.logger import init_logger
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
@@ -22,6 +23,7 @@ class LLM:
     (block_size, max_num_seqs, max_num_batched_tokens, kv_cache_memory, ...)."""
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        init_logger()
         config = EngineConfig.from_kwargs(model=model, **engine_args)
         self.engine = LLMEngine(config)
         self._counter = itertools.count()

@@ -54,12 +54,14 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        shape = (num_blocks, kv_spec.block_size, kv_spec.num_kv_heads, kv_spec.head_dim)
+        attention_layers = model.attention_layers
+        shape = attention_layers[0].backend.kv_cache_shape(
+            num_blocks, kv_spec.block_size, kv_spec.num_kv_heads, kv_spec.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=kv_spec.dtype, device=device), torch.zeros(shape, dtype=kv_spec.dtype, device=device))
             for _ in range(kv_spec.num_layers)
         ]
-        for layer, cache in zip(model.attention_layers, self.kv_caches, strict=True):
+        for layer, cache in zip(attention_layers, self.kv_caches, strict=True):
             layer.kv_cache = cache
 
     def _build_metadata(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:

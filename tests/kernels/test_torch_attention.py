@@ -1,0 +1,100 @@
+"""The torch attention backend against a float64 dense reference on random paged inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.attention.torch_backend import TorchAttentionBackend
+
+
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, scale: float) -> torch.Tensor:
+    """Dense causal attention in float64; q rows sit at positions q_start.. of the k/v context."""
+    group = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(group, dim=1)
+    v = v.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    q_pos = torch.arange(q_start, q_start + q.shape[0]).unsqueeze(1)
+    scores = scores.masked_fill(torch.arange(k.shape[0]).unsqueeze(0) > q_pos, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(4, 4, 16), (9, 3, 64), (8, 2, 32)])
+def test_mixed_batch_matches_reference(block_size: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    gen = torch.Generator().manual_seed(block_size * 100 + num_heads)
+    backend = TorchAttentionBackend()
+    num_blocks = 64
+    shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
+    kv_cache = (torch.zeros(shape), torch.zeros(shape))
+    # (cached prefix length, new tokens): decodes, whole prefills, and prefills over a cached prefix,
+    # with lengths that end inside blocks.
+    plan = [(0, 7), (13, 1), (5, 9), (0, 1), (31, 1), (22, 3)]
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, contexts = [], []
+    for cached, new in plan:
+        total = cached + new
+        blocks = [free.pop() for _ in range(-(-total // block_size))]
+        tables.append(blocks)
+        k = torch.randn(total, num_kv_heads, head_dim, generator=gen)
+        v = torch.randn(total, num_kv_heads, head_dim, generator=gen)
+        contexts.append((k, v))
+        if cached:  # the prefix is already in the cache from earlier steps
+            meta = _metadata([(0, cached)], [blocks], block_size)
+            backend.write_kv(k[:cached], v[:cached], kv_cache, meta)
+    meta = _metadata(plan, tables, block_size)
+    q = torch.randn(meta.num_tokens, num_heads, head_dim, generator=gen)
+    k_new = torch.cat([k[c:] for (c, _), (k, _) in zip(plan, contexts)])
+    v_new = torch.cat([v[c:] for (c, _), (_, v) in zip(plan, contexts)])
+    backend.write_kv(k_new, v_new, kv_cache, meta)
+    scale = head_dim**-0.5
+    out = backend.forward(q, k_new, v_new, kv_cache, meta, scale)
+    row = 0
+    for (cached, new), (k, v) in zip(plan, contexts):
+        expected = _reference(q[row : row + new], k, v, cached, scale)
+        torch.testing.assert_close(out[row : row + new].double(), expected, atol=1e-5, rtol=1e-5)
+        row += new
+
+
+@pytest.mark.parametrize("lens", [[1, 8, 9, 40, 17], [3, 25, 1, 16, 9, 33, 2, 8, 17, 40, 5, 12, 7, 30, 1, 24, 15, 9, 11]])
+def test_pure_decode_batch_matches_reference(lens: list[int]) -> None:
+    gen = torch.Generator().manual_seed(len(lens))
+    backend = TorchAttentionBackend()
+    block_size, num_kv_heads, num_heads, head_dim = 8, 2, 6, 32
+    num_blocks = sum(-(-n // block_size) for n in lens)
+    shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
+    kv_cache = (torch.zeros(shape), torch.zeros(shape))
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lens]
+    contexts = [(torch.randn(n, num_kv_heads, head_dim, generator=gen),
+                 torch.randn(n, num_kv_heads, head_dim, generator=gen)) for n in lens]
+    backend.write_kv(torch.cat([k for k, _ in contexts]), torch.cat([v for _, v in contexts]), kv_cache,
+                     _metadata([(0, n) for n in lens], tables, block_size))
+    meta = _metadata([(n - 1, 1) for n in lens], tables, block_size)
+    q = torch.randn(len(lens), num_heads, head_dim, generator=gen)
+    k_last = torch.stack([k[-1] for k, _ in contexts])
+    v_last = torch.stack([v[-1] for _, v in contexts])
+    out = backend.forward(q, k_last, v_last, kv_cache, meta, 0.2)
+    for i, (k, v) in enumerate(contexts):
+        torch.testing.assert_close(out[i : i + 1].double(), _reference(q[i : i + 1], k, v, lens[i] - 1, 0.2),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def _metadata(plan: list[tuple[int, int]], tables: list[list[int]], block_size: int) -> AttentionMetadata:
+    query_lens = [new for _, new in plan]
+    seq_lens = [cached + new for cached, new in plan]
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
+    slots = [
+        tables[i][pos // block_size] * block_size + pos % block_size
+        for i, (cached, new) in enumerate(plan) for pos in range(cached, cached + new)
+    ]
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    return AttentionMetadata(
+        num_tokens=sum(query_lens), block_size=block_size,
+        query_start_loc=torch.tensor(starts), seq_lens=torch.tensor(seq_lens), block_tables=block_tables,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64), query_lens_list=query_lens, seq_lens_list=seq_lens,
+    )
