@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -27,6 +27,8 @@ class AttentionMetadata:
     # The same facts as Python lists, for backends that split work on the host.
     query_lens_list: list[int]
     seq_lens_list: list[int]
+    # Values a backend derives from this metadata once per step and reuses in every layer.
+    scratch: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_reqs(self) -> int:

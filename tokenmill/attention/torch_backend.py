@@ -13,10 +13,51 @@ K/V directly instead of reading them back from the cache.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from tokenmill.attention.backend import AttentionMetadata
+
+
+@dataclass
+class _DecodeChunk:
+    """Up to _DECODE_CHUNK decode requests attended together; shared by all layers of a step."""
+
+    rows: torch.Tensor  # their query rows in the flat batch
+    gather_rows: torch.Tensor  # rows of the cache viewed as [Hkv * num_blocks, block_size * D], head-major
+    invalid: torch.Tensor  # [b, S] True past each request's sequence length
+    num_reqs: int
+    padded_len: int  # S: whole blocks covering the longest sequence
+
+
+# Decode requests attended together: their gathered K/V (a few MB) stay in cache between the
+# gather and the matmuls that read it; one big gather spills to memory and ran ~1.5x slower.
+_DECODE_CHUNK = 8
+
+
+def _decode_chunks(meta: AttentionMetadata, num_kv_heads: int, num_blocks: int, block_size: int) -> list[_DecodeChunk]:
+    chunks = meta.scratch.get("decode_chunks")
+    if chunks is not None:
+        return chunks
+    # Similar lengths share a chunk, so little padding is gathered.
+    decode_reqs = sorted((i for i, q in enumerate(meta.query_lens_list) if q == 1), key=meta.seq_lens_list.__getitem__)
+    head_offsets = torch.arange(num_kv_heads).unsqueeze(1) * num_blocks
+    chunks = []
+    for start in range(0, len(decode_reqs), _DECODE_CHUNK):
+        reqs = torch.tensor(decode_reqs[start : start + _DECODE_CHUNK])
+        max_len = max(meta.seq_lens_list[i] for i in decode_reqs[start : start + _DECODE_CHUNK])
+        blocks_per_req = -(-max_len // block_size)
+        blocks = meta.block_tables[reqs, :blocks_per_req].reshape(1, -1)
+        padded_len = blocks_per_req * block_size
+        chunks.append(_DecodeChunk(
+            rows=meta.query_start_loc[reqs], gather_rows=(head_offsets + blocks).reshape(-1),
+            invalid=torch.arange(padded_len).unsqueeze(0) >= meta.seq_lens[reqs].unsqueeze(1),
+            num_reqs=len(reqs), padded_len=padded_len,
+        ))
+    meta.scratch["decode_chunks"] = chunks
+    return chunks
 
 
 class TorchAttentionBackend:
@@ -34,16 +75,13 @@ class TorchAttentionBackend:
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, scale: float,
     ) -> torch.Tensor:
-        if meta.is_pure_decode:
-            return _decode(query, kv_cache, meta.block_tables, meta.seq_lens, max(meta.seq_lens_list), scale)
         out = torch.empty_like(query)
+        num_kv_heads, num_blocks, block_size, _ = kv_cache[0].shape
+        for chunk in _decode_chunks(meta, num_kv_heads, num_blocks, block_size):
+            out[chunk.rows] = _decode(query[chunk.rows], kv_cache, chunk, scale)
+        if meta.is_pure_decode:
+            return out
         starts = meta.query_start_loc.tolist()
-        decode_reqs = [i for i, q in enumerate(meta.query_lens_list) if q == 1]
-        if decode_reqs:
-            idx = torch.tensor(decode_reqs)
-            rows = meta.query_start_loc[idx]
-            max_len = max(meta.seq_lens_list[i] for i in decode_reqs)
-            out[rows] = _decode(query[rows], kv_cache, meta.block_tables[idx], meta.seq_lens[idx], max_len, scale)
         for i, q_len in enumerate(meta.query_lens_list):
             if q_len == 1:
                 continue
@@ -66,38 +104,18 @@ def _gather(cache: torch.Tensor, tables: torch.Tensor, max_len: int) -> torch.Te
     return blocks.view(num_kv_heads, tables.shape[0], num_blocks * block_size, head_dim)
 
 
-# Decode requests attended together: their gathered K/V (a few MB) stay in cache between the
-# gather and the matmuls that read it; one big gather spills to memory and ran ~1.5x slower.
-_DECODE_CHUNK = 8
-
-
 def _decode(
-    query: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], tables: torch.Tensor,
-    seq_lens: torch.Tensor, max_len: int, scale: float,
+    query: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], chunk: _DecodeChunk, scale: float
 ) -> torch.Tensor:
-    """One query row per request. query: [B, H, D] -> [B, H, D]."""
-    if query.shape[0] <= _DECODE_CHUNK:
-        return _decode_chunk(query, kv_cache, tables, seq_lens, max_len, scale)
-    out = torch.empty_like(query)
-    lens = seq_lens.tolist()
-    for i in range(0, query.shape[0], _DECODE_CHUNK):
-        rows = slice(i, i + _DECODE_CHUNK)
-        out[rows] = _decode_chunk(query[rows], kv_cache, tables[rows], seq_lens[rows], max(lens[rows]), scale)
-    return out
-
-
-def _decode_chunk(
-    query: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], tables: torch.Tensor,
-    seq_lens: torch.Tensor, max_len: int, scale: float,
-) -> torch.Tensor:
-    k = _gather(kv_cache[0], tables, max_len)  # [Hkv, B, S, D]
-    v = _gather(kv_cache[1], tables, max_len)
-    batch, num_heads, head_dim = query.shape
-    num_kv_heads = k.shape[0]
-    q = query.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)  # [Hkv, B, G, D]
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [Hkv, B, G, S]
-    invalid = torch.arange(k.shape[2]).unsqueeze(0) >= seq_lens.unsqueeze(1)  # [B, S]
-    scores.masked_fill_(invalid[None, :, None, :], float("-inf"))
+    """One query row per request. query: [b, H, D] -> [b, H, D]."""
+    num_kv_heads, num_blocks, block_size, head_dim = kv_cache[0].shape
+    shape = (num_kv_heads, chunk.num_reqs, chunk.padded_len, head_dim)
+    k = kv_cache[0].view(num_kv_heads * num_blocks, -1).index_select(0, chunk.gather_rows).view(shape)
+    v = kv_cache[1].view(num_kv_heads * num_blocks, -1).index_select(0, chunk.gather_rows).view(shape)
+    batch, num_heads, _ = query.shape
+    q = query.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)  # [Hkv, b, G, D]
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [Hkv, b, G, S]
+    scores.masked_fill_(chunk.invalid[None, :, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     return torch.matmul(probs, v).transpose(0, 1).reshape(batch, num_heads, head_dim)
 
@@ -105,11 +123,12 @@ def _decode_chunk(
 def _causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
     """query: [Tq, H, D]; key/value: [Hkv, Tk, D] ending at the query's last position -> [Tq, H, D]."""
     q_len, seq_len = query.shape[0], key.shape[1]
-    q = query.transpose(0, 1)
+    # 4-D inputs take torch's fused CPU kernel; 3-D ones fall back to the ~4x slower math path.
+    q, key, value = query.transpose(0, 1).unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
     if q_len == seq_len:
         attn = F.scaled_dot_product_attention(q, key, value, is_causal=True, scale=scale, enable_gqa=True)
     else:
         # Query row j sits at position seq_len - q_len + j and sees keys at positions <= that.
         mask = torch.arange(seq_len).unsqueeze(0) <= torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
         attn = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
-    return attn.transpose(0, 1)
+    return attn[0].transpose(0, 1)
