@@ -52,13 +52,18 @@ def compute_inv_freq(head_dim: int, params: dict[str, Any]) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Applies rotary embedding to q and k at given positions, from a cos/sin table of max_positions rows."""
 
-    def __init__(self, head_dim: int, max_positions: int, params: dict[str, Any], dtype: torch.dtype) -> None:
+    def __init__(
+        self, head_dim: int, max_positions: int, params: dict[str, Any], dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
-        inv_freq = compute_inv_freq(head_dim, params)
-        freqs = torch.arange(max_positions, dtype=torch.float32).unsqueeze(1) * inv_freq.unsqueeze(0)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
-        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+        # Plain attributes, not buffers: the table is computed here on `device` (even while the
+        # module is built on the meta device) and no weight loading or to_empty() touches it.
+        with torch.device(device):
+            inv_freq = compute_inv_freq(head_dim, params)
+            freqs = torch.arange(max_positions, dtype=torch.float32).unsqueeze(1) * inv_freq.unsqueeze(0)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.cos = emb.cos().to(dtype)
+            self.sin = emb.sin().to(dtype)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The [T, 1, head_dim] cos and sin rows for these positions (looked up once per step)."""

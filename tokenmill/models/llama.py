@@ -76,11 +76,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: Any, backend: AttentionBackend, max_positions: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, cfg: Any, backend: AttentionBackend, max_positions: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
         self.config = cfg
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.rotary = RotaryEmbedding(_head_dim(cfg), max_positions, rope_parameters(cfg), dtype)
+        self.rotary = RotaryEmbedding(_head_dim(cfg), max_positions, rope_parameters(cfg), dtype, device)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, backend) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -108,6 +110,8 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load HF-named weights, merging q/k/v and gate/up. Every parameter must be covered."""
         hf = dict(state_dict)
+        if self.tie_word_embeddings:  # to_empty() gives each parameter its own storage: tie again
+            self.lm_head.weight = self.embed_tokens.weight
         own = dict(self.named_parameters(remove_duplicate=True))
         loaded: set[str] = set()
 

@@ -7,8 +7,10 @@ and computes logits only for rows that sample (plus prompt rows of requests aski
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,6 +19,18 @@ from tokenmill.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 from tokenmill.outputs import PositionLogprobs
 from tokenmill.worker.runner_output import ModelRunnerOutput
 from tokenmill.worker.sampler import Sampler, SamplingMetadata, compute_logprobs
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled KV cache tensor. Slots are read before they are written only where attention
+    masks them out, so they must hold finite values: zeros. On CPU the memory comes from calloc via
+    numpy, so the OS hands out zero pages as they are first touched instead of start-up writing
+    gigabytes of zeros."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    raw = torch.from_numpy(np.zeros(math.prod(shape) * itemsize, dtype=np.uint8))
+    return raw.view(dtype).view(shape)
 
 
 @dataclass(frozen=True)
@@ -58,8 +72,7 @@ class ModelRunner:
         shape = attention_layers[0].backend.kv_cache_shape(
             num_blocks, kv_spec.block_size, kv_spec.num_kv_heads, kv_spec.head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=kv_spec.dtype, device=device), torch.zeros(shape, dtype=kv_spec.dtype, device=device))
-            for _ in range(kv_spec.num_layers)
+            (_zeros(shape, kv_spec.dtype, device), _zeros(shape, kv_spec.dtype, device)) for _ in range(kv_spec.num_layers)
         ]
         for layer, cache in zip(attention_layers, self.kv_caches, strict=True):
             layer.kv_cache = cache
