@@ -134,19 +134,6 @@ class OutputProcessor:
         self._drop(state)
         return output
 
-    def fail_request(self, req_id: str, message: str) -> RequestOutput | None:
-        state = self.requests.get(req_id)
-        if state is None:
-            return None
-        for sample in state.samples.values():
-            if sample.finish_reason is None:
-                sample.finish_reason = "error"
-        output = self._make_output(state)
-        if output is not None:
-            output.error = message
-        self._drop(state)
-        return output
-
     def _drop(self, state: RequestState) -> None:
         del self.requests[state.req_id]
         for child in state.samples:
