@@ -47,11 +47,9 @@ class EngineCore:
         self.max_model_len = resolve_max_model_len(config, hf_config)
 
         model_cls = resolve_model_class(hf_config)
-        # Built on the meta device (no random init of weights that are overwritten next), then
-        # given real storage and loaded.
-        with torch.device("meta"):
+        with torch.device(self.device):  # parameters start uninitialised: the checkpoint fills them
             model = model_cls(hf_config, get_attention_backend("torch"), self.max_model_len, self.dtype, self.device)
-        model = model.to_empty(device=self.device).to(self.dtype)
+        model = model.to(self.dtype)
         model.load_weights(loaded.state_dict)
         self.model = model.eval()
 

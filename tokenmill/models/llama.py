@@ -13,6 +13,7 @@ from torch import nn
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
 from tokenmill.attention.layer import Attention
 from tokenmill.layers.activation import SiluAndMul
+from tokenmill.layers.linear import Embedding, Linear
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
 
@@ -34,8 +35,8 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         # Qwen2 has q/k/v bias; Llama exposes it as attention_bias.
         bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=bool(getattr(cfg, "attention_bias", False)))
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=bool(getattr(cfg, "attention_bias", False)))
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, backend)
 
     def forward(self, cos_sin: CosSin, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -52,8 +53,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         bias = bool(getattr(cfg, "mlp_bias", False))
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
         self.act = SiluAndMul()
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}; Llama-family models use silu")
@@ -83,10 +84,10 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.rotary = RotaryEmbedding(_head_dim(cfg), max_positions, rope_parameters(cfg), dtype, device)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, backend) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -110,7 +111,7 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load HF-named weights, merging q/k/v and gate/up. Every parameter must be covered."""
         hf = dict(state_dict)
-        if self.tie_word_embeddings:  # to_empty() gives each parameter its own storage: tie again
+        if self.tie_word_embeddings:  # .to(dtype) may have given each parameter its own storage: tie again
             self.lm_head.weight = self.embed_tokens.weight
         own = dict(self.named_parameters(remove_duplicate=True))
         loaded: set[str] = set()
