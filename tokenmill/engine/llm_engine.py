@@ -48,11 +48,11 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
 
     # -- input ---------------------------------------------------------------------------------
-    def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+    def tokenize_prompt(self, prompt: Prompt, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
-            return prompt, list(self.tokenizer.encode(prompt))
+            return prompt, list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
         token_ids = list(prompt)
         if not token_ids:
             raise ValueError("prompt must not be empty")
@@ -75,12 +75,7 @@ class LLMEngine:
         """Validates and queues a request; raises ValueError (naming the field) on bad input."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        if isinstance(prompt, str) and not add_special_tokens:
-            if not prompt:
-                raise ValueError("prompt must not be empty")
-            text, token_ids = prompt, list(self.tokenizer.encode(prompt, add_special_tokens=False))
-        else:
-            text, token_ids = self.tokenize_prompt(prompt)
+        text, token_ids = self.tokenize_prompt(prompt, add_special_tokens)
         self._check_params(params, len(token_ids))
         params = params.clone()
         params.all_stop_token_ids = set(self.eos_token_ids)
