@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -36,6 +37,15 @@ def resolve_max_model_len(config: EngineConfig, hf_config: object) -> int:
     return asked or model_len
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """What the last EngineCore.step() ran (for metrics and step logs)."""
+
+    num_scheduled_reqs: int = 0
+    num_scheduled_tokens: int = 0
+    num_preempted_reqs: int = 0
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
         self.config = config
@@ -64,6 +74,7 @@ class EngineCore:
         self.runner = ModelRunner(model, kv_spec, num_blocks, hf_config.vocab_size, self.device, config.model.seed)
         self.kv_cache_manager = KVCacheManager(num_blocks, kv_spec.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
+        self.last_step = StepStats()
 
     def add_request(self, request: Request) -> None:
         request.max_model_len = self.max_model_len
@@ -77,6 +88,10 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
+        self.last_step = StepStats(
+            len(scheduler_output.scheduled), scheduler_output.num_scheduled_tokens,
+            len(scheduler_output.preempted_req_ids),
+        )
         try:
             runner_output = self.runner.execute(scheduler_output)
         except Exception:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.config import EngineConfig
@@ -18,6 +19,14 @@ from tokenmill.sampling_params import SamplingParams
 logger = logging.getLogger("tokenmill")
 
 Prompt = str | Sequence[int]
+
+
+@dataclass(frozen=True)
+class ProcessedPrompt:
+    """A tokenized, validated prompt (text is None when the caller gave token ids)."""
+
+    text: str | None
+    token_ids: list[int]
 
 
 def _generation_eos_ids(loaded: LoadedModel) -> set[int]:
@@ -68,18 +77,28 @@ class LLMEngine:
             raise ValueError("this model has no chat template; use generate() with a plain prompt")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def add_request(
-        self, req_id: str, prompt: Prompt, params: SamplingParams, priority: int = 0,
-        add_special_tokens: bool = True,
-    ) -> None:
-        """Validates and queues a request; raises ValueError (naming the field) on bad input."""
+    def process_inputs(
+        self, prompt: Prompt, params: SamplingParams, add_special_tokens: bool = True
+    ) -> ProcessedPrompt:
+        """Tokenizes and validates a request without touching engine state (safe to call from any
+        thread); raises ValueError naming the field on bad input."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         text, token_ids = self.tokenize_prompt(prompt, add_special_tokens)
         self._check_params(params, len(token_ids))
+        return ProcessedPrompt(text, token_ids)
+
+    def add_request(
+        self, req_id: str, prompt: Prompt | ProcessedPrompt, params: SamplingParams, priority: int = 0,
+        add_special_tokens: bool = True, arrival_time: float | None = None,
+    ) -> None:
+        """Validates and queues a request; raises ValueError (naming the field) on bad input."""
+        if not isinstance(prompt, ProcessedPrompt):
+            prompt = self.process_inputs(prompt, params, add_special_tokens)
+        text, token_ids = prompt.text, prompt.token_ids
         params = params.clone()
         params.all_stop_token_ids = set(self.eos_token_ids)
-        arrival = time.monotonic()
+        arrival = time.monotonic() if arrival_time is None else arrival_time
         children = self.output_processor.add_request(req_id, text, token_ids, params, arrival)
         group_id = req_id if params.n > 1 else None
         added: list[str] = []

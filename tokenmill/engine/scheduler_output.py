@@ -61,6 +61,7 @@ class EngineCoreOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" once finished
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
+    first_scheduled_time: float | None = None  # time.monotonic() when first admitted to a step
 
     @property
     def finished(self) -> bool:

@@ -1,4 +1,4 @@
-"""tokenmill generate | chat | bench throughput.
+"""tokenmill generate | chat | serve | bench throughput | bench serve.
 
 Engine flags are generated from the EngineConfig dataclass fields (one help string per field).
 """
@@ -156,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=_cmd_chat)
 
     from tokenmill.entrypoints.bench_cli import add_bench_parser
+    from tokenmill.entrypoints.openai.launcher import add_serve_parser
 
+    add_serve_parser(sub)
     add_bench_parser(sub)
     return parser
 

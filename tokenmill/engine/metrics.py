@@ -1,0 +1,142 @@
+"""Prometheus metrics of a serving engine, with vLLM's metric meanings under the `tokenmill:` prefix.
+
+vLLM name (meaning)                        -> ours
+vllm:time_to_first_token_seconds           -> tokenmill:time_to_first_token_seconds
+vllm:request_time_per_output_token_seconds -> tokenmill:request_time_per_output_token_seconds
+vllm:inter_token_latency_seconds           -> tokenmill:inter_token_latency_seconds
+vllm:e2e_request_latency_seconds           -> tokenmill:e2e_request_latency_seconds
+vllm:request_queue_time_seconds            -> tokenmill:request_queue_time_seconds
+vllm:num_requests_running / _waiting       -> tokenmill:num_requests_running / _waiting
+vllm:kv_cache_usage_perc                   -> tokenmill:kv_cache_usage_perc (0..1)
+vllm:prompt_tokens_total / generation_...  -> tokenmill:prompt_tokens_total / generation_tokens_total
+vllm:prefix_cache_queries / _hits (tokens) -> tokenmill:prefix_cache_queries_total / _hits_total
+vllm:num_preemptions                       -> tokenmill:num_preemptions_total
+vllm:request_success{finished_reason}      -> tokenmill:request_success_total{finished_reason}
+plus tokenmill:engine_steps_total and tokenmill:step_num_requests (requests batched per step).
+
+All methods run on the engine thread; prometheus-client's collectors are thread-safe for the
+scraping side. Each EngineMetrics owns its registry, so several engines (tests) never collide.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from tokenmill.engine.core import StepStats
+from tokenmill.outputs import FINISH_REASONS, RequestOutput
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                    10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+_REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                    120.0, 240.0, 480.0, 960.0, 1920.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class _RequestTrack:
+    arrival_time: float
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    num_generation_tokens: int = 0  # per sample
+
+
+class EngineMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=r).labels(model_name)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=r).labels(model_name)
+
+        self.ttft = histogram("tokenmill:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
+        self.tpot = histogram("tokenmill:request_time_per_output_token_seconds",
+                              "Per request: (last token time - first token time) / (output tokens - 1).",
+                              _LATENCY_BUCKETS)
+        self.itl = histogram("tokenmill:inter_token_latency_seconds",
+                             "Time between successive token outputs of a request.", _LATENCY_BUCKETS)
+        self.e2e = histogram("tokenmill:e2e_request_latency_seconds", "Arrival to final output.", _REQUEST_BUCKETS)
+        self.queue_time = histogram("tokenmill:request_queue_time_seconds",
+                                    "Arrival to first scheduled step.", _REQUEST_BUCKETS)
+        self.step_num_requests = histogram("tokenmill:step_num_requests",
+                                           "Requests computed together in one engine step.", _BATCH_BUCKETS)
+        self.num_running = gauge("tokenmill:num_requests_running", "Requests in the running batch.")
+        self.num_waiting = gauge("tokenmill:num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge("tokenmill:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).")
+        self.prompt_tokens = counter("tokenmill:prompt_tokens", "Prompt tokens of requests that produced output.")
+        self.generation_tokens = counter("tokenmill:generation_tokens", "Generated tokens.")
+        self.prefix_queries = counter("tokenmill:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("tokenmill:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.preemptions = counter("tokenmill:num_preemptions", "Requests preempted (recomputed later).")
+        self.steps = counter("tokenmill:engine_steps", "Engine steps that computed tokens.")
+        success = Counter("tokenmill:request_success", "Finished requests by finish reason.",
+                          labels + ["finished_reason"], registry=r)
+        self.finished = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
+        self._tracks: dict[str, _RequestTrack] = {}
+        self._last_prefix = (0, 0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # -- engine thread ---------------------------------------------------------------------------
+    def record_step(self, step: StepStats, num_running: int, num_waiting: int, kv_usage: float,
+                    prefix_queries: int, prefix_hits: int) -> None:
+        if step.num_scheduled_reqs:
+            self.steps.inc()
+            self.step_num_requests.observe(step.num_scheduled_reqs)
+        if step.num_preempted_reqs:
+            self.preemptions.inc(step.num_preempted_reqs)
+        self.num_running.set(num_running)
+        self.num_waiting.set(num_waiting)
+        self.kv_usage.set(kv_usage)
+        last_queries, last_hits = self._last_prefix
+        self.prefix_queries.inc(max(prefix_queries - last_queries, 0))
+        self.prefix_hits.inc(max(prefix_hits - last_hits, 0))
+        self._last_prefix = (prefix_queries, prefix_hits)
+
+    def record_output(self, output: RequestOutput, now: float | None = None) -> None:
+        """Call with every DELTA output of a request, in order (the final one last)."""
+        now = time.monotonic() if now is None else now
+        track = self._tracks.get(output.request_id)
+        if track is None:
+            arrival = output.metrics.arrival_time if output.metrics else now
+            track = self._tracks[output.request_id] = _RequestTrack(arrival)
+        num_new = sum(len(c.token_ids) for c in output.outputs)
+        if num_new:
+            # n > 1 samples advance together: per-sample tokens (for TPOT) are the most any gained.
+            num_per_sample = max(len(c.token_ids) for c in output.outputs)
+            if track.first_token_time is None:
+                track.first_token_time = now
+                self.ttft.observe(now - track.arrival_time)
+                self.prompt_tokens.inc(len(output.prompt_token_ids))
+            else:
+                self.itl.observe(now - track.last_token_time)
+            track.last_token_time = now
+            track.num_generation_tokens += num_per_sample
+            self.generation_tokens.inc(num_new)
+        if output.finished:
+            self._record_finished(output, track, now)
+
+    def _record_finished(self, output: RequestOutput, track: _RequestTrack, now: float) -> None:
+        del self._tracks[output.request_id]
+        self.e2e.observe(now - track.arrival_time)
+        scheduled = output.metrics.first_scheduled_time if output.metrics else None
+        if scheduled is not None:
+            self.queue_time.observe(max(scheduled - track.arrival_time, 0.0))
+        if track.first_token_time is not None and track.num_generation_tokens > 1:
+            per_token = (track.last_token_time - track.first_token_time) / (track.num_generation_tokens - 1)
+            self.tpot.observe(per_token)
+        for completion in output.outputs:
+            reason = completion.finish_reason or "abort"
+            self.finished[reason].inc()

@@ -1,0 +1,293 @@
+"""/v1/completions and /v1/chat/completions: submit to the AsyncEngine, then answer in one JSON body or
+as Server-Sent Events (one chunk per engine step's delta, `data: [DONE]` last).
+
+A client that disconnects has its requests aborted at once (a watcher task awaits the ASGI
+disconnect message), so their KV blocks are free before the next engine step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from tokenmill.engine.async_engine import EngineDeadError, EngineStepError
+from tokenmill.engine.detokenizer import decode_token
+from tokenmill.engine.llm_engine import ProcessedPrompt
+from tokenmill.entrypoints.openai.context import SSE_DONE, ServerContext, new_id, sse, streaming_response
+from tokenmill.entrypoints.openai.inputs import (
+    chat_messages,
+    chat_params,
+    check_context,
+    completion_params,
+    completion_prompts,
+)
+from tokenmill.entrypoints.openai.outputs import ChoiceState, chat_logprobs, completion_logprobs, usage
+from tokenmill.entrypoints.openai.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ErrorInfo,
+    ErrorResponse,
+)
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class _Job:
+    """The engine requests behind one HTTP request: one per prompt, each with params.n choices."""
+
+    ctx: ServerContext
+    response_id: str
+    prompts: list[ProcessedPrompt]
+    params: SamplingParams
+    sink: asyncio.Queue
+    req_ids: list[str]
+    finals: dict[str, RequestOutput] = field(default_factory=dict)  # final output per request
+    client_gone: bool = False
+
+    def choice_index(self, req_id: str, sample_index: int) -> int:
+        return self.req_ids.index(req_id) * self.params.n + sample_index
+
+    def prompt_of(self, req_id: str) -> ProcessedPrompt:
+        return self.prompts[self.req_ids.index(req_id)]
+
+    def decode(self, token_id: int) -> str:
+        return decode_token(self.ctx.engine.engine.tokenizer, token_id)
+
+    def abort_all(self) -> None:
+        for req_id in self.req_ids:
+            self.ctx.engine.abort(req_id)
+
+
+async def _submit(ctx: ServerContext, prefix: str, prompts: list[ProcessedPrompt], params: SamplingParams,
+                  priority: int, arrival: float) -> _Job:
+    job = _Job(ctx, new_id(prefix), prompts, params, asyncio.Queue(), [])
+    try:
+        for i, prompt in enumerate(prompts):
+            req_id = await ctx.engine.submit(prompt, params, job.sink, req_id=f"{job.response_id}-{i}",
+                                             priority=priority, arrival_time=arrival)
+            job.req_ids.append(req_id)
+    except BaseException:
+        job.abort_all()
+        raise
+    return job
+
+
+async def _abort_on_disconnect(request: Request, job: _Job) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.client_gone = True
+            job.abort_all()
+            return
+
+
+async def _run_watched(job: _Job, request: Request, body: Callable[[], AsyncIterator]) -> AsyncIterator:
+    """Iterates `body` while a watcher aborts the job if the client goes away."""
+    watcher = asyncio.create_task(_abort_on_disconnect(request, job))
+    try:
+        async for item in body():
+            yield item
+    finally:
+        watcher.cancel()
+        job.abort_all()  # no-op for finished requests
+
+
+async def _collect(job: _Job, request: Request) -> dict[int, ChoiceState] | None:
+    """All choices of a non-streaming job, or None when the client disconnected first."""
+    choices: dict[int, ChoiceState] = {}
+    async for req_id, output in _run_watched(job, request, lambda: job.ctx.engine.iterate(job.sink, job.req_ids)):
+        for completion in output.outputs:
+            index = job.choice_index(req_id, completion.index)
+            choices.setdefault(index, ChoiceState(index)).add(completion)
+        if output.finished:
+            job.finals[req_id] = output
+    if job.client_gone:
+        return None
+    if any(c.finish_reason == "error" for c in choices.values()):
+        raise EngineStepError("the engine failed while generating this request")
+    return dict(sorted(choices.items()))
+
+
+def _usage_of(job: _Job, choices: dict[int, ChoiceState]) -> object:
+    num_prompt = sum(len(p.token_ids) for p in job.prompts)
+    num_cached = sum(o.num_cached_tokens for o in job.finals.values())
+    return usage(num_prompt, sum(len(c.token_ids) for c in choices.values()), num_cached)
+
+
+def _error_event(message: str, status: int, error_type: str) -> str:
+    return sse(ErrorResponse(error=ErrorInfo(message=message, type=error_type, code=status)))
+
+
+async def _stream_events(job: _Job, request: Request, render: Callable[[str, RequestOutput], list[str]],
+                         include_usage: bool, usage_chunk: Callable[[int], str]) -> AsyncIterator[str]:
+    """SSE events of a streaming job: render() gives each delta's chunks; then usage, then [DONE]."""
+    num_generated = 0
+    try:
+        async for req_id, output in _run_watched(job, request, lambda: job.ctx.engine.iterate(job.sink, job.req_ids)):
+            num_generated += sum(len(c.token_ids) for c in output.outputs)
+            if any(c.finish_reason == "error" for c in output.outputs):
+                job.abort_all()
+                yield _error_event("the engine failed while generating this request", 500, "InternalServerError")
+                break
+            for chunk in render(req_id, output):
+                yield chunk
+        else:
+            if include_usage:
+                yield usage_chunk(num_generated)
+    except (EngineStepError, EngineDeadError) as exc:
+        status = 500 if isinstance(exc, EngineStepError) else 503
+        yield _error_event(str(exc), status, type(exc).__name__)
+    yield SSE_DONE
+
+
+# -- /v1/completions -------------------------------------------------------------------------------
+async def serve_completion(ctx: ServerContext, body: CompletionRequest, request: Request, arrival: float) -> Response:
+    ctx.check_model(body.model)
+    params = completion_params(body)
+    prompts = [ctx.process(p, params, body.add_special_tokens) for p in completion_prompts(body)]
+    for prompt in prompts:
+        check_context(len(prompt.token_ids), params.max_tokens, ctx.max_model_len)
+    job = await _submit(ctx, "cmpl", prompts, params, body.priority, arrival)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return streaming_response(_stream_events(
+            job, request, _completion_chunk_renderer(job, body), include_usage,
+            lambda n: sse(CompletionChunk(id=job.response_id, model=ctx.model_name, choices=[],
+                                          usage=usage(sum(len(p.token_ids) for p in prompts), n))),
+        ))
+    choices = await _collect(job, request)
+    if choices is None:
+        return Response(status_code=499)
+    result = CompletionResponse(
+        id=job.response_id, model=ctx.model_name, usage=_usage_of(job, choices),
+        choices=[_completion_choice(job, body, c) for c in choices.values()],
+    )
+    return JSONResponse(result.model_dump())
+
+
+def _prompt_text(job: _Job, prompt: ProcessedPrompt) -> str:
+    if prompt.text is not None:
+        return prompt.text
+    return job.ctx.engine.engine.tokenizer.decode(prompt.token_ids)
+
+
+def _completion_choice(job: _Job, body: CompletionRequest, choice: ChoiceState) -> CompletionChoice:
+    req_id = job.req_ids[choice.index // job.params.n]
+    prompt = job.prompt_of(req_id)
+    text = (_prompt_text(job, prompt) + choice.text) if body.echo else choice.text
+    logprobs = None
+    if body.logprobs is not None:
+        token_ids, positions = choice.token_ids, list(choice.logprobs)
+        if body.echo:
+            prompt_positions = job.finals[req_id].prompt_logprobs or []
+            token_ids = prompt.token_ids + token_ids
+            positions = list(prompt_positions) + positions
+        logprobs = completion_logprobs(token_ids, positions, body.logprobs, job.decode)
+    return CompletionChoice(index=choice.index, text=text, logprobs=logprobs,
+                            finish_reason=choice.finish_reason, stop_reason=choice.stop_reason)
+
+
+def _completion_chunk_renderer(job: _Job, body: CompletionRequest) -> Callable[[str, RequestOutput], list[str]]:
+    echoed: set[int] = set()
+    offsets: dict[int, int] = {}
+
+    def render(req_id: str, output: RequestOutput) -> list[str]:
+        chunks = []
+        for completion in output.outputs:
+            index = job.choice_index(req_id, completion.index)
+            text, token_ids, positions = completion.text, completion.token_ids, list(completion.logprobs or [])
+            if body.echo and index not in echoed:
+                echoed.add(index)
+                prompt = job.prompt_of(req_id)
+                text = _prompt_text(job, prompt) + text
+                if body.logprobs is not None:
+                    token_ids = prompt.token_ids + token_ids
+                    positions = list(output.prompt_logprobs or []) + positions
+            logprobs = None
+            if body.logprobs is not None and token_ids:
+                logprobs = completion_logprobs(token_ids, positions, body.logprobs, job.decode, offsets.get(index, 0))
+                offsets[index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+            if not text and logprobs is None and completion.finish_reason is None:
+                continue
+            choice = CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                      finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
+            chunks.append(sse(CompletionChunk(id=job.response_id, model=job.ctx.model_name, choices=[choice])))
+        return chunks
+
+    return render
+
+
+# -- /v1/chat/completions --------------------------------------------------------------------------
+async def serve_chat(ctx: ServerContext, body: ChatCompletionRequest, request: Request, arrival: float) -> Response:
+    ctx.check_model(body.model)
+    params = chat_params(body)
+    text = ctx.apply_chat_template(chat_messages(body.messages), body.add_generation_prompt)
+    # The template already holds the special tokens (bos) it wants.
+    prompt = ctx.process(text, params, add_special_tokens=False)
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    check_context(len(prompt.token_ids), params.max_tokens, ctx.max_model_len, param)
+    job = await _submit(ctx, "chatcmpl", [prompt], params, body.priority, arrival)
+    num_top = body.top_logprobs or 0
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return streaming_response(_stream_events(
+            job, request, _chat_chunk_renderer(job, body.logprobs, num_top), include_usage,
+            lambda n: sse(ChatCompletionChunk(id=job.response_id, model=ctx.model_name, choices=[],
+                                              usage=usage(len(prompt.token_ids), n))),
+        ))
+    choices = await _collect(job, request)
+    if choices is None:
+        return Response(status_code=499)
+    result = ChatCompletionResponse(
+        id=job.response_id, model=ctx.model_name, usage=_usage_of(job, choices),
+        choices=[
+            ChatChoice(
+                index=c.index, message=AssistantMessage(content=c.text),
+                logprobs=chat_logprobs(c.token_ids, c.logprobs, num_top, job.decode) if body.logprobs else None,
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            )
+            for c in choices.values()
+        ],
+    )
+    return JSONResponse(result.model_dump())
+
+
+def _chat_chunk_renderer(job: _Job, want_logprobs: bool, num_top: int) -> Callable[[str, RequestOutput], list[str]]:
+    started: set[int] = set()
+
+    def chunk(choice: ChatChunkChoice) -> str:
+        return sse(ChatCompletionChunk(id=job.response_id, model=job.ctx.model_name, choices=[choice]))
+
+    def render(req_id: str, output: RequestOutput) -> list[str]:
+        chunks = []
+        for completion in output.outputs:
+            index = job.choice_index(req_id, completion.index)
+            if index not in started:  # OpenAI's first chunk of a choice carries the role
+                started.add(index)
+                chunks.append(chunk(ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))))
+            logprobs = None
+            if want_logprobs and completion.token_ids:
+                logprobs = chat_logprobs(completion.token_ids, completion.logprobs or [], num_top, job.decode)
+            if not completion.text and logprobs is None and completion.finish_reason is None:
+                continue
+            chunks.append(chunk(ChatChunkChoice(
+                index=index, delta=DeltaMessage(content=completion.text or None), logprobs=logprobs,
+                finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
+            )))
+        return chunks
+
+    return render

@@ -1,0 +1,155 @@
+"""OpenAI request bodies -> engine inputs (prompts and SamplingParams), with 400-worthy errors that
+name the offending field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenmill.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingFields,
+)
+from tokenmill.sampling_params import SamplingParams
+
+# The most top logprobs a request may ask for (OpenAI allows 5 for completions and 20 for chat).
+MAX_LOGPROBS = 20
+
+
+class RequestError(ValueError):
+    """A request the server must refuse; `param` names the field, `status` is the HTTP status."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 error_type: str = "BadRequestError") -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+        self.error_type = error_type
+
+
+_PARAM_IN_MESSAGE = (
+    "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "logit_bias", "seed", "stop", "stop_token_ids", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
+)
+
+
+def param_of_value_error(exc: ValueError) -> str | None:
+    """SamplingParams' errors start with the field name ("top_p must be ..."); find it."""
+    first = str(exc).split(" ", 1)[0]
+    return first if first in _PARAM_IN_MESSAGE else None
+
+
+def _sampling_kwargs(body: SamplingFields) -> dict[str, Any]:
+    if body.best_of is not None and body.best_of != body.n:
+        raise RequestError("best_of other than n is not supported", "best_of")
+    kwargs: dict[str, Any] = dict(
+        n=body.n, temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, top_k=0 if body.top_k is None else body.top_k,
+        min_p=body.min_p or 0.0, stop=body.stop, stop_token_ids=body.stop_token_ids, seed=body.seed,
+        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
+        include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
+    )
+    if body.logit_bias:
+        try:
+            kwargs["logit_bias"] = {int(k): v for k, v in body.logit_bias.items()}
+        except ValueError:
+            raise RequestError("logit_bias keys must be token ids (integers as strings)", "logit_bias") from None
+    return kwargs
+
+
+def _make_params(**kwargs: Any) -> SamplingParams:
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as exc:
+        raise RequestError(str(exc), param_of_value_error(exc)) from None
+
+
+def _check_logprobs(value: int | None, param: str) -> None:
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise RequestError(f"{param} must be between 0 and {MAX_LOGPROBS}, got {value}", param)
+
+
+def completion_params(body: CompletionRequest) -> SamplingParams:
+    if body.suffix:
+        raise RequestError("suffix is not supported", "suffix")
+    _check_logprobs(body.logprobs, "logprobs")
+    kwargs = _sampling_kwargs(body)
+    kwargs["max_tokens"] = body.max_tokens
+    kwargs["logprobs"] = body.logprobs
+    if body.echo and body.logprobs is not None:
+        kwargs["prompt_logprobs"] = body.logprobs
+    return _make_params(**kwargs)
+
+
+def chat_params(body: ChatCompletionRequest) -> SamplingParams:
+    if body.tools or (body.tool_choice not in (None, "none")):
+        raise RequestError("tools and tool_choice are not supported", "tools")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise RequestError(f"response_format {body.response_format.type!r} is not supported yet", "response_format")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise RequestError("top_logprobs requires logprobs to be true", "top_logprobs")
+    _check_logprobs(body.top_logprobs, "top_logprobs")
+    kwargs = _sampling_kwargs(body)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    if max_tokens is not None and max_tokens < 1:
+        raise RequestError(f"{param} must be an integer >= 1, got {max_tokens}", param)
+    kwargs["max_tokens"] = max_tokens
+    kwargs["logprobs"] = (body.top_logprobs or 0) if body.logprobs else None
+    return _make_params(**kwargs)
+
+
+def completion_prompts(body: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts: one text, one token list, or a list of either."""
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        prompts: list[str | list[int]] = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]  # type: ignore[arg-type]
+    else:
+        prompts = list(prompt)  # type: ignore[arg-type]
+    if not prompts:
+        raise RequestError("prompt must not be empty", "prompt")
+    for p in prompts:
+        if len(p) == 0:
+            raise RequestError("prompt must not be empty", "prompt")
+    return prompts
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template expects them (text content only)."""
+    if not messages:
+        raise RequestError("messages must not be empty", "messages")
+    result = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise RequestError(f"only text content parts are supported, got {part.type!r}",
+                                       f"messages[{i}].content")
+                parts.append(part.text)
+            content = "\n".join(parts)
+        entry = {"role": "system" if message.role == "developer" else message.role, "content": content or ""}
+        if message.name:
+            entry["name"] = message.name
+        result.append(entry)
+    return result
+
+
+def check_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, param: str = "max_tokens") -> None:
+    """Like OpenAI and vLLM: the prompt plus the requested tokens must fit the context."""
+    if num_prompt_tokens >= max_model_len:
+        raise RequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your prompt has "
+            f"{num_prompt_tokens} tokens. Please reduce the length of the prompt.", "prompt")
+    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
+        raise RequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} for the "
+            f"completion). Please reduce the prompt or {param}.", param)
