@@ -409,7 +409,7 @@ def test_hf_directory(arch: str, tie: bool, sharded: bool, tmp_path: Path, defau
     ref = {k: v.detach() for k, v in model.state_dict().items()}
     assert_state_dict_matches(loaded.state_dict, ref, tied=tie)
     assert (arch == "qwen2") == ("model.layers.0.self_attn.q_proj.bias" in loaded.state_dict)
-    assert type(loaded.hf_config) is type(model.config)
+    assert type(loaded.hf_config.to_hf_config()) is type(model.config)
     assert_config_matches(loaded.hf_config, model.config)
     assert loaded.hf_config.architectures == model.config.architectures
     assert loaded.generation_config["eos_token_id"] == [2]
@@ -492,6 +492,29 @@ def test_import_is_light() -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("source", ["default", "hf-directory"])
+def test_warm_start_never_imports_transformers(source: str, default_model: LoadedModel, tiny_checkpoint) -> None:
+    """With the default model's cache entry in place (the fixture converted it), or an HF directory,
+    loading the model, building the engine, generating and chatting import no transformers; jinja2 only
+    once a chat template renders."""
+    model = None if source == "default" else str(tiny_checkpoint("llama"))
+    code = (
+        "import sys\n"
+        "from tokenmill import LLM, SamplingParams\n"
+        f"llm = LLM(model={model!r}, kv_cache_memory=64 << 20)\n"
+        "params = SamplingParams(max_tokens=2, temperature=0.0)\n"
+        "llm.generate('Hello', params, use_tqdm=False)\n"
+        "jinja_before_chat = 'jinja2' in sys.modules\n"
+        "text = llm.chat([{'role': 'user', 'content': 'hi'}], params, use_tqdm=False)[0].outputs[0].text\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'gguf'}), jinja_before_chat, bool(text))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[] False True"
 
 
 # --------------------------------------------------------------------------------------------------

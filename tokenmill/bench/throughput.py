@@ -78,7 +78,7 @@ def run_tokenmill(llm: Any, workload: Workload) -> float:
 def build_hf_model(loaded: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(loaded.hf_config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(loaded.hf_config.to_hf_config(), dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict, strict=False)
     if unexpected or [m for m in missing if m != "lm_head.weight"]:
         raise RuntimeError(f"HF baseline weights mismatch: missing={missing[:3]} unexpected={unexpected[:3]}")

@@ -4,7 +4,9 @@
     load_model("path/to/hf_dir")     config.json + *.safetensors (+ index.json when sharded)
     load_model("path/to/model.gguf") llama-family GGUF, converted once into the cache, then memory-mapped
 
-transformers is imported only when a model is loaded.
+transformers is imported only to convert a GGUF file into the cache (its first load) and for a tokenizer
+directory without tokenizer.json; a warm load reads config.json (model_config.py) and the tokenizer
+(tokenizer.py) itself.
 """
 
 from __future__ import annotations

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tokenmill.loader.tokenizer import load_tokenizer
+from tokenmill.loader.model_config import HFConfig
+from tokenmill.loader.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 INDEX_FILE = "model.safetensors.index.json"
 _TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -25,9 +26,9 @@ _BASE_MODEL_PREFIXES = ("embed_tokens.", "layers.", "norm.")
 
 @dataclass
 class LoadedModel:
-    hf_config: PretrainedConfig
+    hf_config: HFConfig  # `hf_config.to_hf_config()` is the transformers config
     state_dict: dict[str, torch.Tensor]
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: Tokenizer | PreTrainedTokenizerBase  # transformers' only for directories without tokenizer.json
     generation_config: dict[str, Any]
     source: str
 
@@ -55,26 +56,16 @@ def load_hf_model(
     )
 
 
-def load_hf_config(model_dir: Path) -> PretrainedConfig:
-    """The architecture's config class when transformers knows its model_type, else a generic one.
+def load_hf_config(model_dir: Path) -> HFConfig:
+    """config.json with its model type's defaults filled in (see model_config.py); no transformers import.
 
     An unknown architecture still loads; the model registry decides whether it can run.
     """
-    from transformers import AutoConfig, PretrainedConfig
-
-    try:
-        return AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    except (ValueError, KeyError) as exc:
-        try:
-            config_dict = json.loads((model_dir / "config.json").read_text())
-        except ValueError:
-            raise ValueError(f"{model_dir / 'config.json'} is not valid JSON: {exc}") from exc
-        return PretrainedConfig.from_dict(config_dict)
+    return HFConfig.from_json_file(model_dir / "config.json")
 
 
-def _is_tied(hf_config: PretrainedConfig) -> bool:
-    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    return bool(getattr(text_config, "tie_word_embeddings", False))
+def _is_tied(hf_config: HFConfig) -> bool:
+    return bool(getattr(hf_config, "tie_word_embeddings", False))
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -124,7 +115,7 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.contiguous()
 
 
-def load_generation_config(model_dir: Path, hf_config: PretrainedConfig) -> dict[str, Any]:
+def load_generation_config(model_dir: Path, hf_config: HFConfig) -> dict[str, Any]:
     """generation_config.json as a dict (eos_token_id always a list); without one, the config's token ids."""
     path = model_dir / "generation_config.json"
     if path.is_file():
