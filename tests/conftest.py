@@ -8,6 +8,11 @@ from typing import Any
 import pytest
 import torch
 
+from tests.kernels.triton_mode import select_interpreter_if_no_cuda
+
+# Before any test module is collected: triton's first import must already be in interpreted mode.
+select_interpreter_if_no_cuda()
+
 
 @pytest.fixture(scope="session")
 def default_loaded() -> Any:

@@ -20,15 +20,28 @@ class ModelConfig:
         default=None, metadata=_help("HF model directory or .gguf file; default: embedded SmolLM2-135M-Instruct")
     )
     tokenizer: str | None = field(default=None, metadata=_help("tokenizer directory (default: the model's)"))
-    dtype: str = field(default="float32", metadata=_help("compute dtype: float32, bfloat16 or float16"))
+    device: str = field(default="auto", metadata=_help("auto, cpu or cuda (auto: cuda when a GPU is present)"))
+    dtype: str = field(
+        default="auto", metadata=_help("compute dtype: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16")
+    )
+    quantization: str = field(
+        default="none", metadata=_help("none or fp8 (FP8 weights with per-channel scales; Hopper GPUs)")
+    )
+    enforce_eager: bool = field(
+        default=False, metadata=_help("never capture CUDA graphs for decode steps (cuda with the triton backend)")
+    )
     max_model_len: int | None = field(
         default=None, metadata=_help("context length (default: the model's max_position_embeddings)")
     )
     seed: int = field(default=0, metadata=_help("global seed for unseeded sampling"))
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantization not in ("none", "fp8"):
+            raise ValueError(f"quantization must be none or fp8, got {self.quantization!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 
@@ -44,6 +57,12 @@ class CacheConfig:
     )
     num_blocks: int | None = field(default=None, metadata=_help("exact number of KV blocks (overrides memory)"))
     enable_prefix_caching: bool = field(default=True, metadata=_help("reuse KV blocks of shared prompt prefixes"))
+    attention_backend: str = field(
+        default="auto", metadata=_help("auto, torch or triton (auto: triton on cuda, torch on cpu)")
+    )
+    kv_cache_dtype: str = field(
+        default="auto", metadata=_help("auto (the compute dtype) or fp8 (e4m3; triton backend on a GPU)")
+    )
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -54,6 +73,10 @@ class CacheConfig:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
         if self.num_blocks is not None and self.num_blocks < 2:
             raise ValueError(f"num_blocks must be >= 2, got {self.num_blocks}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,10 @@ class AttentionMetadata:
     seq_lens_list: list[int]
     # Values a backend derives from this metadata once per step and reuses in every layer.
     scratch: dict[str, Any] = field(default_factory=dict)
+    # Set while a CUDA graph is captured (to max_model_len): the graph replays with other lengths, so
+    # kernels size their launch by this bound and read lengths only from the seq_lens tensor; the
+    # host lists then hold the bound too, not real lengths.
+    seq_len_bound: int | None = None
 
     @property
     def num_reqs(self) -> int:
@@ -40,6 +44,11 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
+    name: str  # "torch" or "triton"; models pick their fused kernels by it
+    # True when the backend rotates q/k itself while writing K/V (rotary_and_write_kv); Attention then
+    # hands it un-rotated q/k and forward() must not rely on key/value.
+    fuses_rotary: bool
+
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         """Shape of one layer's K (and of its V) cache. The backend owns the layout; slot
         s = block_id * block_size + offset addresses one token's [num_kv_heads, head_dim] entry."""
@@ -63,4 +72,8 @@ def get_attention_backend(name: str) -> AttentionBackend:
         from tokenmill.attention.torch_backend import TorchAttentionBackend
 
         return TorchAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r}; available: 'torch'")
+    if name == "triton":
+        from tokenmill.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r}; available: 'torch', 'triton'")

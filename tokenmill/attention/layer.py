@@ -6,13 +6,14 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
+from tokenmill.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
-    """Writes this step's K/V into the layer's paged cache and attends over it.
+    """Applies rotary embedding, writes this step's K/V into the layer's paged cache and attends over it.
 
-    The runner binds `kv_cache` (K and V tensors of [num_blocks, block_size, num_kv_heads, head_dim])
-    before the first forward.
+    The runner binds `kv_cache` (K and V tensors in the backend's kv_cache_shape) before the first
+    forward. A backend that fuses rotary into its K/V write (triton) gets q/k un-rotated.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, backend: AttentionBackend) -> None:
@@ -24,10 +25,19 @@ class Attention(nn.Module):
         self.backend = backend
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, num_heads, head_dim], k/v: [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim]."""
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """q: [T, num_heads, head_dim], k/v: [T, num_kv_heads, head_dim] before rotary (views of the
+        fused projection are fine) -> [T, num_heads * head_dim]."""
         if self.kv_cache is None:
             raise RuntimeError("Attention.kv_cache is not bound; the model runner binds it before execution")
-        self.backend.write_kv(k, v, self.kv_cache, meta)
+        if self.backend.fuses_rotary:
+            q = self.backend.rotary_and_write_kv(q, k, v, cos_sin, self.kv_cache, meta)
+        else:
+            q, k = RotaryEmbedding.apply(cos_sin, q, k)
+            v = v.contiguous()
+            self.backend.write_kv(k, v, self.kv_cache, meta)
         out = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale)
         return out.reshape(out.shape[0], -1)

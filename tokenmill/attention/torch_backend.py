@@ -61,6 +61,9 @@ def _decode_chunks(meta: AttentionMetadata, num_kv_heads: int, num_blocks: int, 
 
 
 class TorchAttentionBackend:
+    name = "torch"
+    fuses_rotary = False
+
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (num_kv_heads, num_blocks, block_size, head_dim)
 

@@ -17,12 +17,14 @@ from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.scheduler_output import EngineCoreOutput
 from tokenmill.loader import LoadedModel
 from tokenmill.models.registry import resolve_model_class
+from tokenmill.worker.device import (
+    check_quantization, cuda_graph_sizes, default_dtype, resolve_attention_backend, resolve_device,
+    resolve_dtype, resolve_kv_cache_dtype,
+)
 from tokenmill.worker.model_runner import KVCacheSpec, ModelRunner
 from tokenmill.worker.runner_output import ModelRunnerOutput
 
 logger = logging.getLogger("tokenmill")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_max_model_len(config: EngineConfig, hf_config: object) -> int:
@@ -49,29 +51,40 @@ class StepStats:
 class EngineCore:
     def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
         self.config = config
-        self.device = torch.device("cpu")
-        self.dtype = _DTYPES[config.model.dtype]
+        self.device = resolve_device(config.model.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        backend = resolve_attention_backend(config.cache.attention_backend, self.device)
+        check_quantization(config, self.device, backend)
         if config.parallel.num_threads is not None:
             torch.set_num_threads(config.parallel.num_threads)
         hf_config = loaded.hf_config
         self.max_model_len = resolve_max_model_len(config, hf_config)
 
         model_cls = resolve_model_class(hf_config)
-        with torch.device(self.device):  # parameters start uninitialised: the checkpoint fills them
-            model = model_cls(hf_config, get_attention_backend("torch"), self.max_model_len, self.dtype, self.device)
+        # Parameters start uninitialised, in the compute dtype on the device: the checkpoint fills them.
+        with torch.device(self.device), default_dtype(self.dtype):
+            model = model_cls(hf_config, get_attention_backend(backend), self.max_model_len, self.dtype, self.device)
         model = model.to(self.dtype)
         model.load_weights(loaded.state_dict)
+        if config.model.quantization == "fp8":
+            from tokenmill.quant.fp8 import quantize_model_fp8
+
+            quantize_model_fp8(model)
         self.model = model.eval()
 
         layer0 = model.attention_layers[0]
         kv_spec = KVCacheSpec(
             num_layers=len(model.attention_layers), num_kv_heads=layer0.num_kv_heads,
-            head_dim=layer0.head_dim, block_size=config.cache.block_size, dtype=self.dtype,
+            head_dim=layer0.head_dim, block_size=config.cache.block_size,
+            dtype=resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, backend),
         )
         num_blocks = num_kv_blocks(config.cache, kv_spec.bytes_per_block, self.device)
         self.capacity = describe_capacity(num_blocks, kv_spec.block_size, kv_spec.bytes_per_block, self.max_model_len)
         logger.info(self.capacity)
-        self.runner = ModelRunner(model, kv_spec, num_blocks, hf_config.vocab_size, self.device, config.model.seed)
+        self.runner = ModelRunner(
+            model, kv_spec, num_blocks, hf_config.vocab_size, self.device, config.model.seed,
+            max_model_len=self.max_model_len, cuda_graph_sizes=cuda_graph_sizes(config, self.device, backend),
+        )
         self.kv_cache_manager = KVCacheManager(num_blocks, kv_spec.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
         self.last_step = StepStats()

@@ -41,9 +41,10 @@ def _generation_eos_ids(loaded: LoadedModel) -> set[int]:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
-        import torch
+        from tokenmill.worker.device import resolve_device, resolve_dtype
 
-        loaded = loaded or load_model(config.model.model, dtype=getattr(torch, config.model.dtype))
+        dtype = resolve_dtype(config.model.dtype, resolve_device(config.model.device))
+        loaded = loaded or load_model(config.model.model, dtype=dtype)
         self.config = config
         self.tokenizer = loaded.tokenizer
         self.hf_config = loaded.hf_config

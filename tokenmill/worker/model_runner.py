@@ -7,6 +7,8 @@ and computes logits only for rows that sample (plus prompt rows of requests aski
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
 from dataclasses import dataclass
 
@@ -20,15 +22,17 @@ from tokenmill.outputs import PositionLogprobs
 from tokenmill.worker.runner_output import ModelRunnerOutput
 from tokenmill.worker.sampler import Sampler, SamplingMetadata, compute_logprobs
 
+logger = logging.getLogger("tokenmill")
+
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zero-filled KV cache tensor. Slots are read before they are written only where attention
     masks them out, so they must hold finite values: zeros. On CPU the memory comes from calloc via
     numpy, so the OS hands out zero pages as they are first touched instead of start-up writing
-    gigabytes of zeros."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
+    gigabytes of zeros. Zero bytes are a zero of every dtype, FP8 included."""
     itemsize = torch.tensor([], dtype=dtype).element_size()
+    if device.type != "cpu":
+        return torch.zeros(math.prod(shape) * itemsize, dtype=torch.uint8, device=device).view(dtype).view(shape)
     raw = torch.from_numpy(np.zeros(math.prod(shape) * itemsize, dtype=np.uint8))
     return raw.view(dtype).view(shape)
 
@@ -59,7 +63,7 @@ class _PromptLogprobsRows:
 class ModelRunner:
     def __init__(
         self, model: nn.Module, kv_spec: KVCacheSpec, num_blocks: int, vocab_size: int,
-        device: torch.device, seed: int = 0,
+        device: torch.device, seed: int = 0, max_model_len: int = 0, cuda_graph_sizes: list[int] | None = None,
     ) -> None:
         self.model = model
         self.kv_spec = kv_spec
@@ -76,6 +80,14 @@ class ModelRunner:
         ]
         for layer, cache in zip(attention_layers, self.kv_caches, strict=True):
             layer.kv_cache = cache
+        self.cuda_graphs = None
+        if cuda_graph_sizes:  # only on cuda with the triton backend (see worker/device.py)
+            from tokenmill.worker.cuda_graphs import DecodeCudaGraphs
+
+            self.cuda_graphs = DecodeCudaGraphs(model, cuda_graph_sizes, kv_spec.block_size, max_model_len, device)
+            seconds = self.cuda_graphs.capture()
+            logger.info("captured %d CUDA graphs for decode batch sizes %s in %.2f s",
+                        len(cuda_graph_sizes), cuda_graph_sizes, seconds)
 
     def _build_metadata(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         query_lens = [s.num_new_tokens for s in scheduled]
@@ -125,15 +137,19 @@ class ModelRunner:
         scheduled = scheduler_output.scheduled
         if not scheduled:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
-        input_ids, positions, meta = self._build_metadata(scheduled)
-        hidden = self.model(input_ids, positions, meta)
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(scheduled):
+            hidden = self.cuda_graphs.run(scheduled)
+        else:
+            input_ids, positions, meta = self._build_metadata(scheduled)
+            hidden = self.model(input_ids, positions, meta)
 
-        row_starts = meta.query_start_loc.tolist()
+        row_starts = list(itertools.accumulate((s.num_new_tokens for s in scheduled), initial=0))
         sampling = [i for i, s in enumerate(scheduled) if s.samples]
         sample_rows = [row_starts[i + 1] - 1 for i in sampling]
         prompt_plans = self._prompt_logprobs_rows(scheduled, row_starts)
         prompt_rows = [r for plan in prompt_plans for r in plan.rows]
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows + prompt_rows, dtype=torch.int64)]).float()
+        rows = torch.tensor(sample_rows + prompt_rows, dtype=torch.int64).to(hidden.device)
+        logits = self.model.compute_logits(hidden[rows]).float()
 
         sampled: list[list[int]] = [[] for _ in scheduled]
         logprobs: list[list[PositionLogprobs] | None] = [None] * len(scheduled)

@@ -41,7 +41,7 @@ class ServerContext:
             return self.engine.engine.apply_chat_template(messages, add_generation_prompt)
         except ValueError as exc:
             raise RequestError(str(exc), "messages") from None
-        except Exception as exc:  # template errors (raise_exception) are the caller's fault
+        except Exception as exc:  # noqa: BLE001 - template errors (raise_exception) are the caller's fault
             raise RequestError(f"the chat template rejected the messages: {exc}", "messages") from None
 
 

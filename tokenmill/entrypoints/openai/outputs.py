@@ -6,16 +6,20 @@ and turns each delta into a chunk's worth of text/logprobs for streaming ones.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenmill.entrypoints.openai.protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,
+    PromptTokensDetails,
     TopLogprob,
     Usage,
 )
-from tokenmill.outputs import CompletionOutput, PositionLogprobs
+from tokenmill.outputs import CompletionOutput, Logprob, PositionLogprobs
+
+Decode = Callable[[int], str]  # token id -> its text
 
 
 @dataclass
@@ -40,8 +44,6 @@ class ChoiceState:
 
 
 def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int = 0) -> Usage:
-    from tokenmill.entrypoints.openai.protocol import PromptTokensDetails
-
     return Usage(
         prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,
         total_tokens=num_prompt_tokens + num_completion_tokens,
@@ -49,20 +51,20 @@ def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens:
     )
 
 
-def _chosen(position: PositionLogprobs, token_id: int, decode: callable) -> tuple[str, float]:
+def _chosen(position: PositionLogprobs, token_id: int, decode: Decode) -> tuple[str, float]:
     entry = position.get(token_id)
     if entry is None:  # the sampler always includes the chosen token; be safe anyway
         return decode(token_id), float("-inf")
     return (entry.decoded_token if entry.decoded_token is not None else decode(token_id)), entry.logprob
 
 
-def _ranked(position: PositionLogprobs, limit: int) -> list[tuple[int, object]]:
+def _ranked(position: PositionLogprobs, limit: int) -> list[tuple[int, Logprob]]:
     ordered = sorted(position.items(), key=lambda kv: (kv[1].rank or 1 << 30, -kv[1].logprob))
     return ordered[:limit]
 
 
 def completion_logprobs(
-    token_ids: list[int], positions: list[PositionLogprobs | None], num_top: int, decode: callable,
+    token_ids: list[int], positions: list[PositionLogprobs | None], num_top: int, decode: Decode,
     text_offset: int = 0,
 ) -> CompletionLogprobs:
     """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs, text_offset.
@@ -92,7 +94,7 @@ def _utf8(text: str) -> list[int]:
 
 
 def chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs], num_top: int,
-                  decode: callable) -> ChatLogprobs:
+                  decode: Decode) -> ChatLogprobs:
     """OpenAI's chat logprobs: content = [{token, logprob, bytes, top_logprobs: [...num_top]}]."""
     content = []
     for token_id, position in zip(token_ids, positions):

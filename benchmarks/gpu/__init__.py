@@ -1,0 +1,1 @@
+"""The one-call GPU check: see check.sh."""

@@ -1,0 +1,82 @@
+"""Config strings -> the device, dtypes and kernels the engine runs with.
+
+The engine code path is the same everywhere; only these choices differ:
+  cpu:  float32, torch attention backend, eager.
+  cuda: bfloat16, triton attention backend (+ fused rotary/KV-write and add+RMSNorm kernels),
+        CUDA graphs for decode steps; optionally FP8 weights and an FP8 KV cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from tokenmill.config import EngineConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Parameters created inside start in `dtype`: an 8B model built for a GPU in bf16 never takes
+    the 32 GB an fp32 construction would. Restores the previous default on exit."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if name == "triton":
+        try:
+            from tokenmill import kernels
+        except ImportError as exc:
+            raise ValueError(f"attention_backend='triton' needs the triton package ({exc})") from exc
+        if device.type != "cuda" and not kernels.INTERPRET:
+            raise ValueError(
+                "attention_backend='triton' needs a CUDA GPU; on the CPU it runs only in Triton's (slow) "
+                "interpreter, with TRITON_INTERPRET=1 set before start-up"
+            )
+    return name
+
+
+def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, backend: str) -> torch.dtype:
+    if name == "auto":
+        return dtype
+    if backend != "triton":
+        raise ValueError("kv_cache_dtype='fp8' needs the triton attention backend")
+    return torch.float8_e4m3fn
+
+
+def check_quantization(config: EngineConfig, device: torch.device, backend: str) -> None:
+    if config.model.quantization == "fp8" and (device.type != "cuda" or backend != "triton"):
+        raise ValueError("quantization='fp8' runs on CUDA GPUs (Hopper or newer) with the triton backend")
+
+
+def cuda_graph_sizes(config: EngineConfig, device: torch.device, backend: str) -> list[int]:
+    """Decode batch sizes to capture, or [] when graphs are off (CPU, torch backend, enforce_eager)."""
+    if device.type != "cuda" or backend != "triton" or config.model.enforce_eager:
+        return []
+    from tokenmill.worker.cuda_graphs import capture_sizes
+
+    return capture_sizes(config.scheduler.max_num_seqs)
