@@ -25,7 +25,9 @@ class ModelConfig:
         default="auto", metadata=_help("compute dtype: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16")
     )
     quantization: str = field(
-        default="none", metadata=_help("none or fp8 (FP8 weights with per-channel scales; Hopper GPUs)")
+        default="none",
+        metadata=_help("none, int8 (CPU: int8 weights per channel + dynamic int8 activations) or fp8 (FP8 "
+                       "weights with per-channel scales; Hopper GPUs)"),
     )
     enforce_eager: bool = field(
         default=False, metadata=_help("never capture CUDA graphs for decode steps (cuda with the triton backend)")
@@ -40,8 +42,8 @@ class ModelConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.quantization not in ("none", "fp8"):
-            raise ValueError(f"quantization must be none or fp8, got {self.quantization!r}")
+        if self.quantization not in ("none", "int8", "fp8"):
+            raise ValueError(f"quantization must be none, int8 or fp8, got {self.quantization!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 
@@ -101,6 +103,11 @@ class SchedulerConfig:
 class ParallelConfig:
     tensor_parallel_size: int = field(default=1, metadata=_help("number of tensor-parallel ranks"))
     num_threads: int | None = field(default=None, metadata=_help("CPU intra-op threads (default: all cores)"))
+    compile: bool = field(
+        default=False,
+        metadata=_help("torch.compile (inductor) the dense parts of each decoder layer around the eager paged "
+                       "attention, compiled and warmed up at start-up (torch attention backend)"),
+    )
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size != 1:

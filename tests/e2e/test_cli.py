@@ -55,6 +55,22 @@ def test_bench_throughput_writes_json(tiny_checkpoint, tmp_path: Path) -> None:
     assert 4 * 2 <= report["workload"]["output_tokens"] <= 4 * 6
 
 
+def test_bench_throughput_profile_reports_the_step_breakdown(tiny_checkpoint, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    result = _cli(
+        "bench", "throughput", "--model", str(tiny_checkpoint("llama")), "--num-prompts", "3", "--input-len", "8",
+        "--output-len", "4", "--num-runs", "1", "--profile", "--output-json", str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "model forward" in result.stdout and "steps, mean step" in result.stdout
+    profile = json.loads(out.read_text())["profile"]
+    assert set(profile["sections"]) == {"schedule", "prepare_inputs", "forward", "sample", "update", "other"}
+    assert profile["num_steps"] >= 4  # a prefill step, then one step per further output token
+    assert all(row["seconds"] >= 0 for row in profile["sections"].values())
+    assert sum(row["share"] for row in profile["sections"].values()) == pytest.approx(1.0, abs=0.01)
+    assert 0 < profile["non_forward_share"] < 1
+
+
 @pytest.mark.parametrize("text", ["3:1", "0:4", "x"])
 def test_bad_length_range(text: str) -> None:
     from tokenmill.bench.throughput import parse_range

@@ -31,13 +31,30 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """q: [T, num_heads, head_dim], k/v: [T, num_kv_heads, head_dim] before rotary (views of the
         fused projection are fine) -> [T, num_heads * head_dim]."""
+        q, k, v = self.rotate(q, k, v, cos_sin)
+        return self.attend(q, k, v, meta, cos_sin)
+
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The per-token part (pure tensor ops, no metadata: compilable): rotary on q/k, unless the
+        backend fuses it into its K/V write, in which case q/k/v pass through untouched."""
+        if self.backend.fuses_rotary:
+            return q, k, v
+        q, k = RotaryEmbedding.apply(cos_sin, q, k)
+        return q, k, v.contiguous()
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Writes this step's K/V into the paged cache and attends over it; q/k/v come from rotate().
+        Always eager: it follows per-step Python plans in `meta`."""
         if self.kv_cache is None:
             raise RuntimeError("Attention.kv_cache is not bound; the model runner binds it before execution")
         if self.backend.fuses_rotary:
             q = self.backend.rotary_and_write_kv(q, k, v, cos_sin, self.kv_cache, meta)
         else:
-            q, k = RotaryEmbedding.apply(cos_sin, q, k)
-            v = v.contiguous()
             self.backend.write_kv(k, v, self.kv_cache, meta)
         out = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale)
         return out.reshape(out.shape[0], -1)

@@ -127,8 +127,10 @@ class ThroughputResult:
 
 def benchmark(args: Any) -> dict[str, Any]:
     from tokenmill import LLM
+    from tokenmill.engine.step_timer import NULL_TIMER, StepTimer
 
-    llm = LLM(model=args.model, **args.engine_kwargs)
+    timer = StepTimer() if getattr(args, "profile", False) else NULL_TIMER
+    llm = LLM(model=args.model, step_timer=timer, **args.engine_kwargs)
     tokenizer = llm.tokenizer
     vocab = int(llm.engine.vocab_size)
     special = set(getattr(tokenizer, "all_special_ids", []) or []) | set(llm.engine.eos_token_ids)
@@ -147,6 +149,8 @@ def benchmark(args: Any) -> dict[str, Any]:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         run_hf(hf_model, warmup, pad_id, args.hf_max_batch_size)
     run_tokenmill(llm, warmup)
+    if timer.enabled:
+        timer.reset()  # the breakdown covers the timed runs only
     for _ in range(args.num_runs):
         # Interleave engines so machine drift hits both alike.
         results["tokenmill"].elapsed_s.append(run_tokenmill(llm, workload))
@@ -168,6 +172,8 @@ def benchmark(args: Any) -> dict[str, Any]:
     }
     if hf_model is not None:
         report["ratio_vs_hf"] = round(results["hf"].median_s / results["tokenmill"].median_s, 3)
+    if timer.enabled:  # summed over all timed tokenmill runs
+        report["profile"] = timer.breakdown(sum(results["tokenmill"].elapsed_s))
     return report
 
 

@@ -15,6 +15,7 @@ from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.scheduler_output import EngineCoreOutput
+from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 from tokenmill.loader import LoadedModel
 from tokenmill.models.registry import resolve_model_class
 from tokenmill.worker.device import (
@@ -49,8 +50,9 @@ class StepStats:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel, step_timer: AnyStepTimer = NULL_TIMER) -> None:
         self.config = config
+        self.timer = step_timer
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         backend = resolve_attention_backend(config.cache.attention_backend, self.device)
@@ -70,6 +72,12 @@ class EngineCore:
             from tokenmill.quant.fp8 import quantize_model_fp8
 
             quantize_model_fp8(model)
+        elif config.model.quantization == "int8":
+            from tokenmill.quant.int8_cpu import quantize_model_int8
+            from tokenmill.quant.smooth import CALIBRATION_TEXT
+
+            calibration_ids = loaded.tokenizer.encode(CALIBRATION_TEXT, add_special_tokens=True)
+            logger.info("int8 W8A8: %d projections quantized", quantize_model_int8(model, calibration_ids))
         self.model = model.eval()
 
         layer0 = model.attention_layers[0]
@@ -84,7 +92,14 @@ class EngineCore:
         self.runner = ModelRunner(
             model, kv_spec, num_blocks, hf_config.vocab_size, self.device, config.model.seed,
             max_model_len=self.max_model_len, cuda_graph_sizes=cuda_graph_sizes(config, self.device, backend),
+            step_timer=step_timer,
         )
+        if step_timer.enabled and self.device.type == "cuda":
+            step_timer.sync = torch.cuda.synchronize
+        if config.parallel.compile:
+            from tokenmill.worker.compile import compile_model
+
+            compile_model(model)
         self.kv_cache_manager = KVCacheManager(num_blocks, kv_spec.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
         self.last_step = StepStats()
@@ -100,7 +115,8 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
-        scheduler_output = self.scheduler.schedule()
+        with self.timer.section("schedule"):
+            scheduler_output = self.scheduler.schedule()
         self.last_step = StepStats(
             len(scheduler_output.scheduled), scheduler_output.num_scheduled_tokens,
             len(scheduler_output.preempted_req_ids),
@@ -113,4 +129,5 @@ class EngineCore:
             logger.exception("model execution failed; finishing %d request(s) with an error", len(failed))
             self.scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR)
             runner_output = ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
-        return self.scheduler.update_from_output(scheduler_output, runner_output)
+        with self.timer.section("update"):
+            return self.scheduler.update_from_output(scheduler_output, runner_output)

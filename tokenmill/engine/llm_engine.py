@@ -12,6 +12,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.core import EngineCore
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 from tokenmill.loader import LoadedModel, load_model
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -40,7 +41,9 @@ def _generation_eos_ids(loaded: LoadedModel) -> set[int]:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, loaded: LoadedModel | None = None, step_timer: AnyStepTimer = NULL_TIMER
+    ) -> None:
         from tokenmill.worker.device import resolve_device, resolve_dtype
 
         dtype = resolve_dtype(config.model.dtype, resolve_device(config.model.device))
@@ -53,7 +56,8 @@ class LLMEngine:
         self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
         if self.eos_token_id is None and self.eos_token_ids:
             self.eos_token_id = min(self.eos_token_ids)
-        self.core = EngineCore(config, loaded)
+        self.timer = step_timer
+        self.core = EngineCore(config, loaded, step_timer)
         self.max_model_len = self.core.max_model_len
         self.output_processor = OutputProcessor(self.tokenizer)
 
@@ -148,7 +152,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         core_outputs = self.core.step()
-        outputs, stopped = self.output_processor.process_outputs(core_outputs)
-        if stopped:
-            self.core.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        with self.timer.section("update"):
+            outputs, stopped = self.output_processor.process_outputs(core_outputs)
+            if stopped:
+                self.core.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         return outputs

@@ -21,6 +21,12 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
               f"  (median of {len(result['runs_s'])} runs: {result['median_s']:.2f} s)")
     if "ratio_vs_hf" in report:
         print(f"tokenmill / hf throughput ratio: {report['ratio_vs_hf']:.2f}x")
+    if "profile" in report:
+        from tokenmill.engine.step_timer import format_breakdown
+
+        print(f"step-time breakdown of tokenmill, summed over the {len(report['results']['tokenmill']['runs_s'])} "
+              "timed runs:")
+        print(format_breakdown(report["profile"]))
     print(f"report: {path}")
     if args.print_json:
         print(json.dumps(report, indent=2))
@@ -115,6 +121,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     tp.add_argument("--prompt-seed", type=int, default=0, help="seed for the random prompts")
     tp.add_argument("--output-json", default=None, help="where to write the JSON report")
     tp.add_argument("--print-json", action="store_true")
+    tp.add_argument("--profile", action="store_true",
+                    help="time each step phase (schedule, inputs, forward, sampling, updates) and report the breakdown")
     add_engine_args(tp)
     tp.set_defaults(func=_cmd_throughput)
     _add_serve_parser(bench_sub)

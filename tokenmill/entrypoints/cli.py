@@ -40,9 +40,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     for part in ENGINE_CONFIG_PARTS.values():
         for field in dataclasses.fields(part):
             flag = "--" + field.name.replace("_", "-")
+            kind = _field_type(field)
+            # A bare boolean flag (--compile) means true; --flag false still turns one off.
+            extra: dict[str, Any] = {"nargs": "?", "const": True} if kind is _bool_arg else {}
             group.add_argument(
-                flag, dest=field.name, type=_field_type(field), default=None,
-                help=f"{field.metadata.get('help', '')} (default: {field.default})",
+                flag, dest=field.name, type=kind, default=None,
+                help=f"{field.metadata.get('help', '')} (default: {field.default})", **extra,
             )
 
 

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine, Prompt
+from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 from tokenmill.logger import init_logger
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
@@ -20,12 +21,13 @@ Message = dict[str, Any]
 class LLM:
     """Offline batched generation. `LLM()` loads the embedded SmolLM2-135M-Instruct; `LLM(model=path)`
     takes an HF directory or a .gguf file. Other keyword arguments are EngineConfig fields
-    (block_size, max_num_seqs, max_num_batched_tokens, kv_cache_memory, ...)."""
+    (block_size, max_num_seqs, max_num_batched_tokens, kv_cache_memory, ...). `step_timer` (a
+    tokenmill.engine.step_timer.StepTimer) collects the per-step time breakdown."""
 
-    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+    def __init__(self, model: str | None = None, step_timer: AnyStepTimer = NULL_TIMER, **engine_args: Any) -> None:
         init_logger()
         config = EngineConfig.from_kwargs(model=model, **engine_args)
-        self.engine = LLMEngine(config)
+        self.engine = LLMEngine(config, step_timer=step_timer)
         self._counter = itertools.count()
 
     @property

@@ -39,13 +39,16 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=bool(getattr(cfg, "attention_bias", False)))
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, backend)
 
-    def forward(self, cos_sin: CosSin, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def project_qkv(
+        self, cos_sin: CosSin, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden [T, hidden_size] -> q [T, H, D], k/v [T, Hkv, D], rotated as self.attn.attend expects."""
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn(q, k, v, meta, cos_sin))
+        return self.attn.rotate(q, k, v, cos_sin)
 
 
 class LlamaMLP(nn.Module):
@@ -65,7 +68,13 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Takes and returns (sublayer output, residual stream): each norm first adds the previous
     sublayer's output to the residual (one fused kernel on the triton path). The residual stream
-    after layer i is exactly HF's hidden state there."""
+    after layer i is exactly HF's hidden state there.
+
+    The layer is three calls: pre_attention and post_attention (dense, per-token, tensors in and out,
+    no metadata) around the paged attention (eager, driven by `meta`). worker/compile.py swaps in
+    compiled versions of the two dense parts, which is why they touch nothing but tensors and
+    parameters.
+    """
 
     def __init__(self, cfg: Any, backend: AttentionBackend) -> None:
         super().__init__()
@@ -78,12 +87,25 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, cos_sin: CosSin, hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v, residual = self.pre_attention(cos_sin, hidden, residual)
+        attn_out = self.self_attn.attn.attend(q, k, v, meta, cos_sin)
+        return self.post_attention(attn_out, residual)
+
+    def pre_attention(
+        self, cos_sin: CosSin, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[residual add +] RMSNorm -> qkv GEMM -> rotary: (q, k, v, residual stream)."""
         if residual is None:  # the first layer: the embeddings are the residual stream
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(cos_sin, hidden, meta)
+        q, k, v = self.self_attn.project_qkv(cos_sin, hidden)
+        return q, k, v, residual
+
+    def post_attention(self, attn_out: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """o_proj GEMM -> residual add + RMSNorm -> MLP: (MLP output, residual stream)."""
+        hidden = self.self_attn.o_proj(attn_out)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 from tokenmill.outputs import PositionLogprobs
 from tokenmill.worker.runner_output import ModelRunnerOutput
 from tokenmill.worker.sampler import Sampler, SamplingMetadata, compute_logprobs
@@ -64,8 +65,10 @@ class ModelRunner:
     def __init__(
         self, model: nn.Module, kv_spec: KVCacheSpec, num_blocks: int, vocab_size: int,
         device: torch.device, seed: int = 0, max_model_len: int = 0, cuda_graph_sizes: list[int] | None = None,
+        step_timer: AnyStepTimer = NULL_TIMER,
     ) -> None:
         self.model = model
+        self.timer = step_timer
         self.kv_spec = kv_spec
         self.block_size = kv_spec.block_size
         self.vocab_size = vocab_size
@@ -137,12 +140,20 @@ class ModelRunner:
         scheduled = scheduler_output.scheduled
         if not scheduled:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        timer = self.timer
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(scheduled):
-            hidden = self.cuda_graphs.run(scheduled)
+            with timer.section("forward"):  # input staging and replay together
+                hidden = self.cuda_graphs.run(scheduled)
         else:
-            input_ids, positions, meta = self._build_metadata(scheduled)
-            hidden = self.model(input_ids, positions, meta)
+            with timer.section("prepare_inputs"):
+                input_ids, positions, meta = self._build_metadata(scheduled)
+            with timer.section("forward"):
+                hidden = self.model(input_ids, positions, meta)
+        with timer.section("sample"):
+            return self._sample(scheduled, hidden)
 
+    def _sample(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor) -> ModelRunnerOutput:
+        """Logits for the rows that sample (and prompt-logprob rows) -> sampled tokens and logprobs."""
         row_starts = list(itertools.accumulate((s.num_new_tokens for s in scheduled), initial=0))
         sampling = [i for i, s in enumerate(scheduled) if s.samples]
         sample_rows = [row_starts[i + 1] - 1 for i in sampling]

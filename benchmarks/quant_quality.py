@@ -1,0 +1,103 @@
+"""Quality of a quantized engine against fp32 on the default model.
+
+- perplexity of a fixed text (not the calibration text), from prompt logprobs;
+- teacher-forced greedy agreement: along each prompt's fp32 greedy continuation, how often the
+  quantized model's top-1 token is the fp32 token (no drift after a first difference);
+- free-running agreement: position-wise equal tokens of the two greedy continuations.
+
+    .venv/bin/python benchmarks/quant_quality.py --quantization int8 [--max-tokens 64] [--output-json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tokenmill import LLM, SamplingParams
+
+# Public-domain prose (Jerome K. Jerome, Three Men in a Boat, 1889) for perplexity.
+PERPLEXITY_TEXT = (
+    "There were four of us - George, and William Samuel Harris, and myself, and Montmorency. We were "
+    "sitting in my room, smoking, and talking about how bad we were - bad from a medical point of view I "
+    "mean, of course. We were all feeling seedy, and we were getting quite nervous about it. Harris said "
+    "he felt such extraordinary fits of giddiness come over him at times, that he hardly knew what he was "
+    "doing; and then George said that he had fits of giddiness too, and hardly knew what he was doing. "
+    "With me, it was my liver that was out of order. I knew it was my liver that was out of order, because "
+    "I had just been reading a patent liver-pill circular, in which were detailed the various symptoms by "
+    "which a man could tell when his liver was out of order."
+)
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away,",
+    "The three primary colors are",
+    "Write a haiku about autumn.",
+    "import numpy as np\n\ndef normalize(x):",
+    "The most important invention of the twentieth century was",
+    "Q: What is 12 times 12?\nA:",
+]
+
+
+def perplexity(llm: LLM, text: str) -> float:
+    out = llm.generate([text], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), use_tqdm=False)[0]
+    ids = out.prompt_token_ids
+    total = [out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]
+    return math.exp(-sum(total) / len(total))
+
+
+def greedy(llm: LLM, max_tokens: int) -> list[list[int]]:
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                        use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def teacher_forced_agreement(llm: LLM, reference: list[list[int]]) -> float:
+    """Share of reference tokens that are `llm`'s top-1 given the reference prefix."""
+    tokenizer = llm.tokenizer
+    prompts = [tokenizer.encode(p) + ref for p, ref in zip(PROMPTS, reference)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1), use_tqdm=False)
+    hits = total = 0
+    for out, ref in zip(outs, reference):
+        ids, positions = out.prompt_token_ids, out.prompt_logprobs
+        for i in range(len(ids) - len(ref), len(ids)):
+            total += 1
+            hits += positions[i][ids[i]].rank == 1
+    return hits / total
+
+
+def evaluate(quantization: str, max_tokens: int) -> dict[str, Any]:
+    base = LLM(num_blocks=1024)
+    reference = greedy(base, max_tokens)
+    base_ppl = perplexity(base, PERPLEXITY_TEXT)
+    del base
+    quant = LLM(num_blocks=1024, quantization=quantization)
+    q_greedy = greedy(quant, max_tokens)
+    free = sum(a == b for r, q in zip(reference, q_greedy) for a, b in zip(r, q)) / sum(map(len, reference))
+    return {
+        "quantization": quantization, "max_tokens": max_tokens, "num_prompts": len(PROMPTS),
+        "perplexity_fp32": base_ppl, "perplexity_quantized": perplexity(quant, PERPLEXITY_TEXT),
+        "teacher_forced_agreement": teacher_forced_agreement(quant, reference),
+        "free_running_agreement": free,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quantization", default="int8")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--output-json", default=None)
+    args = parser.parse_args()
+    report = evaluate(args.quantization, args.max_tokens)
+    report["perplexity_change"] = report["perplexity_quantized"] / report["perplexity_fp32"] - 1
+    for key, value in report.items():
+        print(f"{key:>26}: {value:.4f}" if isinstance(value, float) else f"{key:>26}: {value}")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
