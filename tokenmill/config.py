@@ -123,6 +123,13 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
+    def __post_init__(self) -> None:
+        if self.parallel.compile and self.model.quantization != "none":
+            # Packed int8 (fbgemm) and fp8 weights are opaque objects dynamo cannot trace.
+            raise ValueError(
+                f"compile does not work with quantization={self.model.quantization!r} yet; drop one of the two"
+            )
+
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> EngineConfig:
         """Build from flat keyword arguments (as the CLI and LLM() take them); unknown names are an error."""

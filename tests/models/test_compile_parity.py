@@ -74,3 +74,10 @@ def test_compile_is_rejected_with_the_triton_backend(tiny_checkpoint) -> None:
     model.layers[0].self_attn.attn.backend = SimpleNamespace(name="triton")  # only the name is checked
     with pytest.raises(ValueError, match="torch attention backend"):
         compile_model(model)
+
+
+def test_compile_with_quantization_is_a_config_error() -> None:
+    from tokenmill.config import EngineConfig
+
+    with pytest.raises(ValueError, match="compile does not work with quantization"):
+        EngineConfig.from_kwargs(compile=True, quantization="int8")
