@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.llm_engine import ProcessedPrompt
@@ -45,9 +45,8 @@ class ServerContext:
             raise RequestError(f"the chat template rejected the messages: {exc}", "messages") from None
 
 
-def sse(payload: object) -> str:
-    data = payload.model_dump_json(exclude_none=False) if hasattr(payload, "model_dump_json") else json.dumps(payload)
-    return f"data: {data}\n\n"
+def sse(payload: BaseModel) -> str:
+    return f"data: {payload.model_dump_json()}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"

@@ -195,13 +195,8 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
-class CompletionChunk(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
+# OpenAI streams completions as chunks of exactly the response's shape.
+CompletionChunk = CompletionResponse
 
 
 class ModelCard(BaseModel):
