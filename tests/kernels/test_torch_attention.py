@@ -1,6 +1,9 @@
-"""The torch attention backend against a float64 dense reference on random paged inputs."""
+"""The torch attention backend against a float64 dense reference on random paged inputs, with the C
+decode kernel (native_decode=True, the CPU default) and without it (the pure torch reference)."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
@@ -20,11 +23,19 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, 
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+def test_native_decode_kernel_is_built_where_a_compiler_exists() -> None:
+    assert TorchAttentionBackend().native_decode
+
+
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("block_size", [4, 16])
-@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(4, 4, 16), (9, 3, 64), (8, 2, 32)])
-def test_mixed_batch_matches_reference(block_size: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(4, 4, 16), (9, 3, 64), (8, 2, 32), (4, 1, 12)])
+def test_mixed_batch_matches_reference(
+    native: bool, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int
+) -> None:
     gen = torch.Generator().manual_seed(block_size * 100 + num_heads)
-    backend = TorchAttentionBackend()
+    backend = TorchAttentionBackend(native_decode=native)
     num_blocks = 64
     shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
     kv_cache = (torch.zeros(shape), torch.zeros(shape))
@@ -57,11 +68,17 @@ def test_mixed_batch_matches_reference(block_size: int, num_heads: int, num_kv_h
         row += new
 
 
-@pytest.mark.parametrize("lens", [[1, 8, 9, 40, 17], [3, 25, 1, 16, 9, 33, 2, 8, 17, 40, 5, 12, 7, 30, 1, 24, 15, 9, 11]])
-def test_pure_decode_batch_matches_reference(lens: list[int]) -> None:
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("lens, block_size, num_heads, num_kv_heads, head_dim", [
+    ([1, 8, 9, 40, 17], 8, 6, 2, 32),
+    ([3, 25, 1, 16, 9, 33, 2, 8, 17, 40, 5, 12, 7, 30, 1, 24, 15, 9, 11], 8, 6, 2, 32),
+    ([700, 1, 333, 64, 129], 16, 8, 2, 128),  # many blocks per request, Llama-8B head shape
+])
+def test_pure_decode_batch_matches_reference(
+    native: bool, lens: list[int], block_size: int, num_heads: int, num_kv_heads: int, head_dim: int
+) -> None:
     gen = torch.Generator().manual_seed(len(lens))
-    backend = TorchAttentionBackend()
-    block_size, num_kv_heads, num_heads, head_dim = 8, 2, 6, 32
+    backend = TorchAttentionBackend(native_decode=native)
     num_blocks = sum(-(-n // block_size) for n in lens)
     shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
     kv_cache = (torch.zeros(shape), torch.zeros(shape))

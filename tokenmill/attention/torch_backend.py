@@ -5,8 +5,10 @@ Cache layout per layer, for K and for V: [num_kv_heads, num_blocks, block_size, 
 the layout batched matmuls read, with no transposing copy; on CPU that copy cost as much as the
 attention itself.
 
-Decode rows (one query per request) are batched into one padded attention over the gathered
-contexts; requests with several query rows (prefill chunks, prefill over a cached prefix) run one
+Decode rows (one query per request) go to the C kernel (kernels/cpu/paged_attention.c), which reads
+each request's blocks in place, when it is built (a C compiler is present) and the cache is float32;
+otherwise, and as the reference for that kernel (`native_decode=False`), they are batched into one
+padded attention over the gathered contexts. Requests with several query rows (prefill chunks, prefill over a cached prefix) run one
 causal attention each. A request whose whole context arrives in this step attends to this step's
 K/V directly instead of reading them back from the cache.
 """
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.kernels.cpu.paged_attention import decode_kernel_available, paged_decode_attention
 
 
 @dataclass
@@ -60,9 +63,40 @@ def _decode_chunks(meta: AttentionMetadata, num_kv_heads: int, num_blocks: int, 
     return chunks
 
 
+@dataclass
+class _NativeDecodePlan:
+    """The decode requests of a step, as the C kernel takes them; shared by all layers of a step."""
+
+    rows: torch.Tensor  # [R] their query rows in the flat batch
+    seq_lens: torch.Tensor  # [R]
+    block_tables: torch.Tensor  # [R, max_blocks], contiguous
+
+
+def _native_decode_plan(meta: AttentionMetadata) -> _NativeDecodePlan:
+    plan = meta.scratch.get("native_decode")
+    if plan is None:
+        if meta.is_pure_decode:
+            plan = _NativeDecodePlan(meta.query_start_loc[:-1], meta.seq_lens, meta.block_tables.contiguous())
+        else:
+            reqs = torch.tensor([i for i, q in enumerate(meta.query_lens_list) if q == 1], dtype=torch.int64)
+            plan = _NativeDecodePlan(
+                meta.query_start_loc[reqs], meta.seq_lens[reqs], meta.block_tables[reqs].contiguous())
+        meta.scratch["native_decode"] = plan
+    return plan
+
+
 class TorchAttentionBackend:
     name = "torch"
     fuses_rotary = False
+
+    def __init__(self, native_decode: bool = True) -> None:
+        """native_decode: use the C decode kernel where it applies (it is built on first use; without
+        a C compiler the torch path runs). False keeps everything in torch (the reference)."""
+        self.native_decode = native_decode and decode_kernel_available()
+
+    def _uses_native_decode(self, query: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> bool:
+        return (self.native_decode and query.device.type == "cpu" and kv_cache[0].dtype == torch.float32
+                and query.dtype == torch.float32 and query.shape[-1] % 8 == 0)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (num_kv_heads, num_blocks, block_size, head_dim)
@@ -80,8 +114,14 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         out = torch.empty_like(query)
         num_kv_heads, num_blocks, block_size, _ = kv_cache[0].shape
-        for chunk in _decode_chunks(meta, num_kv_heads, num_blocks, block_size):
-            out[chunk.rows] = _decode(query[chunk.rows], kv_cache, chunk, scale)
+        if self._uses_native_decode(query, kv_cache):
+            plan = _native_decode_plan(meta)
+            if plan.rows.numel():
+                paged_decode_attention(out, query.contiguous(), kv_cache, plan.rows, plan.seq_lens,
+                                       plan.block_tables, scale)
+        else:
+            for chunk in _decode_chunks(meta, num_kv_heads, num_blocks, block_size):
+                out[chunk.rows] = _decode(query[chunk.rows], kv_cache, chunk, scale)
         if meta.is_pure_decode:
             return out
         starts = meta.query_start_loc.tolist()

@@ -1,0 +1,76 @@
+"""Compiles a C kernel of this package once per machine and loads it with ctypes.
+
+The shared object is cached under ~/.cache/tokenmill/kernels (or $XDG_CACHE_HOME), named by a hash
+of the source, the flags, the compiler's version and the CPU's feature flags: `-march=native` code is
+only reused on the CPU it was built for. Builds are atomic (compile to a temporary file, rename), so
+concurrent processes at worst build twice. No compiler, or a failing build, yields None and the
+caller keeps its torch path; the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger("tokenmill")
+
+# -ffast-math lets the compiler vectorize the float reductions and expf (glibc's libmvec); the kernels
+# never see inf/nan by construction (only valid positions are read).
+CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tokenmill" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+@functools.cache
+def load_kernel_library(name: str) -> ctypes.CDLL | None:
+    """`name`.c beside this file, built for this machine; None when it cannot be built."""
+    source = Path(__file__).with_name(f"{name}.c")
+    compiler = _compiler()
+    if compiler is None:
+        logger.info("no C compiler found: the CPU %s kernel is off, using the torch path", name)
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+        key = hashlib.sha256("\0".join([source.read_text(), *CFLAGS, version, _cpu_flags()]).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"{name}-{key}.so"
+        if not target.exists():
+            _compile(compiler, source, target)
+        return ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", None) or exc
+        logger.warning("building the CPU %s kernel failed, using the torch path: %s", name, detail)
+        return None
+
+
+def _compile(compiler: str, source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *CFLAGS, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, check=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
