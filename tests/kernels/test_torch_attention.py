@@ -1,5 +1,5 @@
 """The torch attention backend against a float64 dense reference on random paged inputs, with the C
-decode kernel (native_decode=True, the CPU default) and without it (the pure torch reference)."""
+kernels (use_c_kernels=True, the CPU default) and without it (the pure torch reference)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, 
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
-def test_native_decode_kernel_is_built_where_a_compiler_exists() -> None:
-    assert TorchAttentionBackend().native_decode
+def test_c_kernels_are_built_where_a_compiler_exists() -> None:
+    assert TorchAttentionBackend().use_c_kernels
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -35,7 +35,7 @@ def test_mixed_batch_matches_reference(
     native: bool, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int
 ) -> None:
     gen = torch.Generator().manual_seed(block_size * 100 + num_heads)
-    backend = TorchAttentionBackend(native_decode=native)
+    backend = TorchAttentionBackend(use_c_kernels=native)
     num_blocks = 64
     shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
     kv_cache = (torch.zeros(shape), torch.zeros(shape))
@@ -78,7 +78,7 @@ def test_pure_decode_batch_matches_reference(
     native: bool, lens: list[int], block_size: int, num_heads: int, num_kv_heads: int, head_dim: int
 ) -> None:
     gen = torch.Generator().manual_seed(len(lens))
-    backend = TorchAttentionBackend(native_decode=native)
+    backend = TorchAttentionBackend(use_c_kernels=native)
     num_blocks = sum(-(-n // block_size) for n in lens)
     shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
     kv_cache = (torch.zeros(shape), torch.zeros(shape))

@@ -5,10 +5,11 @@ Cache layout per layer, for K and for V: [num_kv_heads, num_blocks, block_size, 
 the layout batched matmuls read, with no transposing copy; on CPU that copy cost as much as the
 attention itself.
 
-Decode rows (one query per request) go to the C kernel (kernels/cpu/paged_attention.c), which reads
-each request's blocks in place, when it is built (a C compiler is present) and the cache is float32;
-otherwise, and as the reference for that kernel (`native_decode=False`), they are batched into one
-padded attention over the gathered contexts. Requests with several query rows (prefill chunks, prefill over a cached prefix) run one
+With the C kernels (kernels/cpu/, built on first use when a C compiler is present; float32 only),
+rotary embedding and the K/V write are one call (rotary_and_write_kv) and decode rows (one query per
+request) are attended by a kernel that reads each request's blocks in place. Without them, and as
+their reference (`use_c_kernels=False`), decode rows are batched into one padded attention over the
+gathered contexts. Requests with several query rows (prefill chunks, prefill over a cached prefix) run one
 causal attention each. A request whose whole context arrives in this step attends to this step's
 K/V directly instead of reading them back from the cache.
 """
@@ -21,7 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.kernels.cpu.layer_ops import applies as c_applies
+from tokenmill.kernels.cpu.layer_ops import layer_ops_available, rotary_write_kv
 from tokenmill.kernels.cpu.paged_attention import decode_kernel_available, paged_decode_attention
+from tokenmill.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -64,7 +68,7 @@ def _decode_chunks(meta: AttentionMetadata, num_kv_heads: int, num_blocks: int, 
 
 
 @dataclass
-class _NativeDecodePlan:
+class _CDecodePlan:
     """The decode requests of a step, as the C kernel takes them; shared by all layers of a step."""
 
     rows: torch.Tensor  # [R] their query rows in the flat batch
@@ -72,31 +76,58 @@ class _NativeDecodePlan:
     block_tables: torch.Tensor  # [R, max_blocks], contiguous
 
 
-def _native_decode_plan(meta: AttentionMetadata) -> _NativeDecodePlan:
-    plan = meta.scratch.get("native_decode")
+def _c_decode_plan(meta: AttentionMetadata) -> _CDecodePlan:
+    plan = meta.scratch.get("c_decode")
     if plan is None:
         if meta.is_pure_decode:
-            plan = _NativeDecodePlan(meta.query_start_loc[:-1], meta.seq_lens, meta.block_tables.contiguous())
+            plan = _CDecodePlan(meta.query_start_loc[:-1], meta.seq_lens, meta.block_tables.contiguous())
         else:
             reqs = torch.tensor([i for i, q in enumerate(meta.query_lens_list) if q == 1], dtype=torch.int64)
-            plan = _NativeDecodePlan(
+            plan = _CDecodePlan(
                 meta.query_start_loc[reqs], meta.seq_lens[reqs], meta.block_tables[reqs].contiguous())
-        meta.scratch["native_decode"] = plan
+        meta.scratch["c_decode"] = plan
     return plan
 
 
 class TorchAttentionBackend:
     name = "torch"
-    fuses_rotary = False
 
-    def __init__(self, native_decode: bool = True) -> None:
-        """native_decode: use the C decode kernel where it applies (it is built on first use; without
-        a C compiler the torch path runs). False keeps everything in torch (the reference)."""
-        self.native_decode = native_decode and decode_kernel_available()
+    def __init__(self, use_c_kernels: bool = True) -> None:
+        """use_c_kernels: use the C kernels where they apply (float32 CPU tensors); without a C
+        compiler the torch path runs. False keeps everything in torch (the reference)."""
+        self.use_c_kernels = use_c_kernels and decode_kernel_available() and layer_ops_available()
+        # Rotary is fused into the K/V write whenever the C kernels exist; rotary_and_write_kv falls
+        # back to torch ops itself for tensors they do not take.
+        self.fuses_rotary = self.use_c_kernels
 
-    def _uses_native_decode(self, query: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> bool:
-        return (self.native_decode and query.device.type == "cpu" and kv_cache[0].dtype == torch.float32
+    def _uses_c_decode(self, query: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> bool:
+        return (self.use_c_kernels and query.device.type == "cpu" and kv_cache[0].dtype == torch.float32
                 and query.dtype == torch.float32 and query.shape[-1] % 8 == 0)
+
+    def rotary_and_write_kv(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Rotates key in place and writes it and value into the cache; returns the rotated query.
+        query/key/value: [T, heads, D] views of one fused qkv projection ([T, (H + 2 Hkv) D] rows),
+        which is what the C kernel takes; anything else goes through torch ops with the same effect."""
+        qkv_width = (query.shape[1] + 2 * key.shape[1]) * query.shape[2]
+        elem = query.element_size()
+        fused_layout = (
+            query.stride(0) >= qkv_width and query.stride(1) == query.shape[2] and query.stride(2) == 1
+            and key.data_ptr() == query.data_ptr() + query.shape[1] * query.shape[2] * elem
+            and value.data_ptr() == key.data_ptr() + key.shape[1] * key.shape[2] * elem
+            and key.stride() == value.stride() == (query.stride(0), key.shape[2], 1)
+        )
+        cos, sin = cos_sin
+        if fused_layout and all(c_applies(t) for t in (cos, sin, *kv_cache)) and query.dtype == kv_cache[0].dtype:
+            qkv = query.as_strided((query.shape[0], qkv_width), (query.stride(0), 1))
+            return rotary_write_kv(qkv, query.shape[1], key.shape[1], query.shape[2], cos, sin, kv_cache,
+                                   meta.slot_mapping)
+        query, rotated_key = RotaryEmbedding.apply(cos_sin, query, key)
+        key.copy_(rotated_key)
+        self.write_kv(key, value, kv_cache, meta)
+        return query
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (num_kv_heads, num_blocks, block_size, head_dim)
@@ -114,8 +145,8 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         out = torch.empty_like(query)
         num_kv_heads, num_blocks, block_size, _ = kv_cache[0].shape
-        if self._uses_native_decode(query, kv_cache):
-            plan = _native_decode_plan(meta)
+        if self._uses_c_decode(query, kv_cache):
+            plan = _c_decode_plan(meta)
             if plan.rows.numel():
                 paged_decode_attention(out, query.contiguous(), kv_cache, plan.rows, plan.seq_lens,
                                        plan.block_tables, scale)

@@ -4,18 +4,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.kernels.cpu import layer_ops as c_ops
+from tokenmill.layers.kernel_choice import LayerKernel, use_c_kernel
+
 
 class SiluAndMul(nn.Module):
-    """silu(x[..., :d]) * x[..., d:] for the merged gate/up projection (one Triton kernel with use_triton)."""
+    """silu(x[..., :d]) * x[..., d:] for the merged gate/up projection (one kernel call with kernel
+    "triton" or "cpu")."""
 
-    def __init__(self, use_triton: bool = False) -> None:
+    def __init__(self, kernel: LayerKernel = "torch") -> None:
         super().__init__()
-        self.use_triton = use_triton
+        self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_triton:
+        if self.kernel == "triton":
             from tokenmill.kernels.activation import silu_and_mul
 
             return silu_and_mul(x)
+        if self.kernel == "cpu" and use_c_kernel(x):
+            return c_ops.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

@@ -13,6 +13,7 @@ from torch import nn
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
 from tokenmill.attention.layer import Attention
 from tokenmill.layers.activation import SiluAndMul
+from tokenmill.layers.kernel_choice import LayerKernel, layer_kernel_for
 from tokenmill.layers.linear import Embedding, Linear
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
@@ -52,12 +53,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: Any, use_triton: bool = False) -> None:
+    def __init__(self, cfg: Any, kernel: LayerKernel = "torch") -> None:
         super().__init__()
         bias = bool(getattr(cfg, "mlp_bias", False))
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
-        self.act = SiluAndMul(use_triton)
+        self.act = SiluAndMul(kernel)
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}; Llama-family models use silu")
 
@@ -78,11 +79,11 @@ class LlamaDecoderLayer(nn.Module):
 
     def __init__(self, cfg: Any, backend: AttentionBackend) -> None:
         super().__init__()
-        fused = backend.name == "triton"
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_triton=fused)
+        kernel = layer_kernel_for(backend)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernel)
         self.self_attn = LlamaAttention(cfg, backend)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_triton=fused)
-        self.mlp = LlamaMLP(cfg, use_triton=fused)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernel)
+        self.mlp = LlamaMLP(cfg, kernel)
 
     def forward(
         self, cos_sin: CosSin, hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
@@ -120,7 +121,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(_head_dim(cfg), max_positions, rope_parameters(cfg), dtype, device)
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, backend) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_triton=backend.name == "triton")
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, layer_kernel_for(backend))
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

@@ -1,0 +1,86 @@
+"""The C layer kernels (kernels/cpu/layer_ops.c) against the torch ops they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.attention.torch_backend import TorchAttentionBackend
+from tokenmill.kernels.cpu import layer_ops
+from tokenmill.layers.activation import SiluAndMul
+from tokenmill.layers.norm import RMSNorm
+from tokenmill.layers.rotary import RotaryEmbedding
+
+pytestmark = pytest.mark.skipif(not layer_ops.layer_ops_available(), reason="C kernels not built (no compiler)")
+
+TOL = {"atol": 2e-5, "rtol": 2e-5}
+
+
+@pytest.mark.parametrize("num_rows", [1, 5, 70])  # 70 takes the multi-threaded path
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_torch(num_rows: int, with_residual: bool) -> None:
+    gen = torch.Generator().manual_seed(num_rows)
+    x = torch.randn(num_rows, 576, generator=gen) * 3
+    residual = torch.randn(num_rows, 576, generator=gen) if with_residual else None
+    reference, cpu = RMSNorm(576, 1e-5, "torch"), RMSNorm(576, 1e-5, "cpu")
+    for norm in (reference, cpu):
+        norm.weight.data = torch.randn(576, generator=torch.Generator().manual_seed(1))
+    if residual is None:
+        torch.testing.assert_close(cpu(x), reference(x), **TOL)
+        return
+    expected, expected_residual = reference(x, residual)
+    res = residual.clone()
+    out, new_residual = cpu(x, res)
+    torch.testing.assert_close(out, expected, **TOL)
+    torch.testing.assert_close(new_residual, expected_residual, **TOL)
+    assert new_residual.data_ptr() == res.data_ptr()  # updated in place
+
+
+def test_rms_norm_falls_back_to_torch_for_other_dtypes() -> None:
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    torch.testing.assert_close(RMSNorm(64, 1e-6, "cpu")(x), RMSNorm(64, 1e-6, "torch")(x))
+
+
+@pytest.mark.parametrize("num_rows", [1, 64])
+def test_silu_and_mul_matches_torch(num_rows: int) -> None:
+    x = torch.randn(num_rows, 2 * 1536, generator=torch.Generator().manual_seed(num_rows)) * 4
+    torch.testing.assert_close(SiluAndMul("cpu")(x), SiluAndMul("torch")(x), **TOL)
+
+
+@pytest.mark.parametrize("num_rows", [1, 7, 40])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(9, 3, 64), (4, 4, 16), (8, 2, 128)])
+def test_rotary_and_write_kv_matches_torch_path(num_rows: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    gen = torch.Generator().manual_seed(num_rows * head_dim)
+    block_size, num_blocks = 8, 16
+    rotary = RotaryEmbedding(head_dim, 512, {"rope_theta": 10000.0, "rope_type": "default"}, torch.float32,
+                             torch.device("cpu"))
+    positions = torch.randint(0, 512, (num_rows,), generator=gen)
+    cos_sin = rotary.cos_sin(positions)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_rows]
+    meta = AttentionMetadata(
+        num_tokens=num_rows, block_size=block_size, query_start_loc=torch.tensor([0, num_rows]),
+        seq_lens=torch.tensor([num_rows]), block_tables=torch.zeros(1, 1, dtype=torch.int64), slot_mapping=slots,
+        query_lens_list=[num_rows], seq_lens_list=[num_rows],
+    )
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = torch.randn(num_rows, q_size + 2 * kv_size, generator=gen)
+
+    def views(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q, k, v = t.split([q_size, kv_size, kv_size], dim=-1)
+        return q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim), v.view(-1, num_kv_heads, head_dim)
+
+    shape = (num_kv_heads, num_blocks, block_size, head_dim)
+    expected_cache = (torch.zeros(shape), torch.zeros(shape))
+    q, k, v = views(qkv.clone())
+    expected_q, expected_k = RotaryEmbedding.apply(cos_sin, q, k)
+    TorchAttentionBackend(use_c_kernels=False).write_kv(expected_k, v, expected_cache, meta)
+
+    for fused_layout in (True, False):  # a fused qkv projection, and separate tensors (the torch fallback)
+        q, k, v = views(qkv.clone()) if fused_layout else (t.clone() for t in views(qkv))
+        cache = (torch.zeros(shape), torch.zeros(shape))
+        out_q = TorchAttentionBackend().rotary_and_write_kv(q, k, v, cos_sin, cache, meta)
+        torch.testing.assert_close(out_q, expected_q, **TOL)
+        torch.testing.assert_close(k, expected_k, **TOL)  # key is rotated in place
+        torch.testing.assert_close(cache[0], expected_cache[0], **TOL)
+        torch.testing.assert_close(cache[1], expected_cache[1], **TOL)

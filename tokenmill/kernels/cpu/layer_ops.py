@@ -1,0 +1,74 @@
+"""ctypes bindings of layer_ops.c: fused RMSNorm (+ residual add), SiLU-and-mul, rotary + K/V write.
+
+Each function takes float32 CPU tensors; `applies()` says whether a tensor qualifies, and callers keep
+their torch path for everything else (other dtypes, no C compiler).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from tokenmill.kernels.cpu.build import load_kernel_library
+
+_i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    lib = load_kernel_library("layer_ops")
+    if lib is None:
+        return None
+    lib.tm_rms_norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _f32, _i64, _i64, _int]
+    lib.tm_silu_and_mul.argtypes = [_ptr, _ptr, _i64, _i64, _int]
+    lib.tm_rotary_write_kv.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr] + [_i64] * 5 + [_int]
+    for fn in (lib.tm_rms_norm, lib.tm_silu_and_mul, lib.tm_rotary_write_kv):
+        fn.restype = None
+    return lib
+
+
+def layer_ops_available() -> bool:
+    return _lib() is not None
+
+
+def applies(x: torch.Tensor) -> bool:
+    """x can go to these kernels: float32, on the CPU, rows contiguous."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(-1) == 1 and x.is_contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """norm(x) * weight, or with residual: residual += x in place, then norm(residual) * weight."""
+    out = torch.empty_like(x)
+    hidden = x.shape[-1]
+    _lib().tm_rms_norm(
+        out.data_ptr(), x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), eps,
+        x.numel() // hidden, hidden, torch.get_num_threads())
+    return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :d]) * x[..., d:]."""
+    width = x.shape[-1] // 2
+    out = x.new_empty(*x.shape[:-1], width)
+    _lib().tm_silu_and_mul(out.data_ptr(), x.data_ptr(), x.numel() // x.shape[-1], width, torch.get_num_threads())
+    return out
+
+
+def rotary_write_kv(
+    qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
+    kv_cache: tuple[torch.Tensor, torch.Tensor], slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """qkv: [T, >= (num_heads + 2 * num_kv_heads) * head_dim] contiguous; cos/sin: [T, head_dim].
+    Rotates k in place inside qkv, stores k and v at their slots of the head-major cache
+    ([num_kv_heads, num_blocks, block_size, head_dim]) and returns the rotated q, [T, num_heads, head_dim]."""
+    k_cache, v_cache = kv_cache
+    num_rows = qkv.shape[0]
+    q = qkv.new_empty(num_rows, num_heads, head_dim)
+    slots_per_head = k_cache.shape[1] * k_cache.shape[2]
+    _lib().tm_rotary_write_kv(
+        q.data_ptr(), qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+        v_cache.data_ptr(), slot_mapping.data_ptr(), num_rows, num_heads, num_kv_heads, head_dim, slots_per_head,
+        torch.get_num_threads())
+    return q
