@@ -14,6 +14,9 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
     from tokenmill.entrypoints.cli import engine_kwargs
 
     args.engine_kwargs = {k: v for k, v in engine_kwargs(args).items() if k != "model"}
+    # Every timed run sends the same prompts: with prefix caching, runs after the first would skip
+    # their prefill and the median would flatter tokenmill. Off unless asked for.
+    args.engine_kwargs.setdefault("enable_prefix_caching", False)
     report = benchmark(args)
     path = write_report(report, args.output_json)
     for name, result in report["results"].items():
