@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.attention import torch_backend
 from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.kernels.cpu import layer_ops
 from tokenmill.layers.activation import SiluAndMul
@@ -50,7 +51,12 @@ def test_silu_and_mul_matches_torch(num_rows: int) -> None:
 
 @pytest.mark.parametrize("num_rows", [1, 7, 40])
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(9, 3, 64), (4, 4, 16), (8, 2, 128)])
-def test_rotary_and_write_kv_matches_torch_path(num_rows: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+def test_rotary_and_write_kv_matches_torch_path(
+    num_rows: int, num_heads: int, num_kv_heads: int, head_dim: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c_calls = []
+    monkeypatch.setattr(torch_backend, "rotary_write_kv",
+                        lambda *args: c_calls.append(1) or layer_ops.rotary_write_kv(*args))
     gen = torch.Generator().manual_seed(num_rows * head_dim)
     block_size, num_blocks = 8, 16
     rotary = RotaryEmbedding(head_dim, 512, {"rope_theta": 10000.0, "rope_type": "default"}, torch.float32,
@@ -84,3 +90,4 @@ def test_rotary_and_write_kv_matches_torch_path(num_rows: int, num_heads: int, n
         torch.testing.assert_close(k, expected_k, **TOL)  # key is rotated in place
         torch.testing.assert_close(cache[0], expected_cache[0], **TOL)
         torch.testing.assert_close(cache[1], expected_cache[1], **TOL)
+        assert len(c_calls) == 1  # the fused layout took the C kernel (also for a single row), the other not

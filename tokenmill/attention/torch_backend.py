@@ -89,6 +89,23 @@ def _c_decode_plan(meta: AttentionMetadata) -> _CDecodePlan:
     return plan
 
 
+def _fused_qkv_row_stride(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> int | None:
+    """The row stride of the [T, W] buffer whose rows hold q | k | v back to back (the fused projection's
+    output, of which query/key/value are [T, heads, D] views), or None when they are not laid out so."""
+    num_rows, head_dim = query.shape[0], query.shape[2]
+    width = (query.shape[1] + 2 * key.shape[1]) * head_dim
+    # A size-1 dim's stride is arbitrary in a view, so a single row is judged by its pointers alone.
+    row_stride = width if num_rows == 1 else query.stride(0)
+    if num_rows > 1 and not (key.stride(0) == value.stride(0) == row_stride >= width):
+        return None
+    if any(t.stride(2) != 1 or (t.shape[1] > 1 and t.stride(1) != head_dim) for t in (query, key, value)):
+        return None
+    elem = query.element_size()
+    back_to_back = (key.data_ptr() == query.data_ptr() + query.shape[1] * head_dim * elem
+                    and value.data_ptr() == key.data_ptr() + key.shape[1] * head_dim * elem)
+    return row_stride if back_to_back else None
+
+
 class TorchAttentionBackend:
     name = "torch"
 
@@ -111,17 +128,12 @@ class TorchAttentionBackend:
         """Rotates key in place and writes it and value into the cache; returns the rotated query.
         query/key/value: [T, heads, D] views of one fused qkv projection ([T, (H + 2 Hkv) D] rows),
         which is what the C kernel takes; anything else goes through torch ops with the same effect."""
-        qkv_width = (query.shape[1] + 2 * key.shape[1]) * query.shape[2]
-        elem = query.element_size()
-        fused_layout = (
-            query.stride(0) >= qkv_width and query.stride(1) == query.shape[2] and query.stride(2) == 1
-            and key.data_ptr() == query.data_ptr() + query.shape[1] * query.shape[2] * elem
-            and value.data_ptr() == key.data_ptr() + key.shape[1] * key.shape[2] * elem
-            and key.stride() == value.stride() == (query.stride(0), key.shape[2], 1)
-        )
+        row_stride = _fused_qkv_row_stride(query, key, value)
         cos, sin = cos_sin
-        if fused_layout and all(c_applies(t) for t in (cos, sin, *kv_cache)) and query.dtype == kv_cache[0].dtype:
-            qkv = query.as_strided((query.shape[0], qkv_width), (query.stride(0), 1))
+        c_takes = all(c_applies(t) for t in (cos, sin, *kv_cache)) and query.dtype == kv_cache[0].dtype
+        if row_stride is not None and c_takes:
+            width = (query.shape[1] + 2 * key.shape[1]) * query.shape[2]
+            qkv = query.as_strided((query.shape[0], width), (row_stride, 1))
             return rotary_write_kv(qkv, query.shape[1], key.shape[1], query.shape[2], cos, sin, kv_cache,
                                    meta.slot_mapping)
         query, rotated_key = RotaryEmbedding.apply(cos_sin, query, key)
