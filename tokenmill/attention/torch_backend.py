@@ -1,4 +1,4 @@
-"""Reference attention over the paged KV cache in plain PyTorch (the CPU backend).
+"""Attention over the paged KV cache on the CPU: torch ops (the reference everywhere) and C kernels.
 
 Cache layout per layer, for K and for V: [num_kv_heads, num_blocks, block_size, head_dim]
 (head-major). Gathering a request's blocks then yields [num_kv_heads, tokens, head_dim] directly in
