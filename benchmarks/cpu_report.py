@@ -14,7 +14,7 @@ Sections (`--sections`, all by default, run in this order):
   serve    `tokenmill serve` started as a subprocess on a free port (`--serve-quantization`), the
            serving benchmark client (tokenmill/bench/serve.py) in this process: 60 prompts of 256
            tokens, 128 out, Poisson arrivals at 1 request/s (seed 0), 2 untimed warm-up requests;
-           p50/p99 TTFT and TPOT over all requests of the one run. The server is stopped with SIGINT
+           p50/p99 TTFT and TPOT over all requests of the one run. The server is stopped with SIGTERM
            (killed after 30 s) whatever happens, and its exit status is recorded.
 The offline sections (w1, mixed, batch1) share one set of engines, built once and warmed up:
 tokenmill fp32 and int8 (prefix caching off, so every run recomputes its prompts, and a KV cache
@@ -294,14 +294,15 @@ def wait_healthy(server: ServerProcess, timeout_s: float) -> None:
 
 
 def stop_server(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    """SIGINT (the server drains and exits 0); SIGKILL if it is still there after timeout_s, or if
-    anything (a second Ctrl-C) interrupts the wait."""
+    """SIGTERM (the server drains and exits 0); SIGKILL if it is still there after timeout_s, or if
+    anything (a Ctrl-C) interrupts the wait. Not SIGINT: a shell starts background jobs with SIGINT
+    ignored, and their children inherit that."""
     try:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        log(f"tokenmill serve still running {timeout_s:g} s after SIGINT; killing it")
+        log(f"tokenmill serve still running {timeout_s:g} s after SIGTERM; killing it")
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -58,7 +58,7 @@ def test_quick_report_runs_every_section(tiny_checkpoint, tmp_path: Path) -> Non
     serve = sections["serve"]
     assert serve["summary"]["completed"] == serve["workload"]["num_prompts"] and serve["summary"]["failed"] == 0
     assert serve["summary"]["p99_ttft_ms"] > 0 and serve["summary"]["p99_tpot_ms"] > 0
-    assert serve["server"]["returncode"] == 0  # stopped by SIGINT, drained, exited cleanly
+    assert serve["server"]["returncode"] == 0  # stopped by SIGTERM, drained, exited cleanly
     with pytest.raises(ProcessLookupError):
         os.kill(serve["server"]["pid"], 0)
 
@@ -72,14 +72,14 @@ def test_quick_report_runs_every_section(tiny_checkpoint, tmp_path: Path) -> Non
     assert markdown in result.stdout
 
 
-def test_stop_server_interrupts_then_kills(cpu_report: ModuleType) -> None:
+def test_stop_server_terminates_then_kills(cpu_report: ModuleType) -> None:
     polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    ignore_sigint = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print(flush=True); time.sleep(60)"
-    stubborn = subprocess.Popen([sys.executable, "-c", ignore_sigint], stdout=subprocess.PIPE)
-    stubborn.stdout.readline()  # its SIGINT handler is installed
+    ignore_sigterm = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(60)"
+    stubborn = subprocess.Popen([sys.executable, "-c", ignore_sigterm], stdout=subprocess.PIPE)
+    stubborn.stdout.readline()  # its SIGTERM handler is installed
     cpu_report.stop_server(polite)
     cpu_report.stop_server(stubborn, timeout_s=0.5)
-    assert polite.returncode == -signal.SIGINT  # died of the KeyboardInterrupt
+    assert polite.returncode == -signal.SIGTERM
     assert stubborn.returncode == -9  # SIGKILL after the timeout
 
 
