@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pytest
 import torch
 
 TokensText = tuple[list[int], str]
@@ -34,6 +35,24 @@ def check_logprobs_close(
             assert tok_0 in lps_1[pos], msg + f" (not in {name_1}'s top: {lps_1[pos]})"
             assert tok_1 in lps_0[pos], msg + f" (not in {name_0}'s top: {lps_0[pos]})"
             break
+
+
+def check_matches_hf(expected: Sequence[tuple[list[int], str, list[dict[int, float]]]], outputs: Sequence,
+                     name: str, abs_tol: float = 1e-4) -> None:
+    """tokenmill CompletionOutputs (with logprobs) against hf_greedy's results: greedy ids and text
+    equal, top-k logprobs close, and logprob values within abs_tol position by position while the
+    sequences agree."""
+    check_outputs_equal(
+        outputs_0=[(ids, text) for ids, text, _ in expected],
+        outputs_1=[(o.token_ids, o.text) for o in outputs], name_0="hf", name_1=name,
+    )
+    ours = [(o.token_ids, [{t: lp.logprob for t, lp in pos.items()} for pos in o.logprobs]) for o in outputs]
+    check_logprobs_close(outputs_0=[(ids, top) for ids, _, top in expected], outputs_1=ours, name_0="hf", name_1=name)
+    for (_, _, top), (_, our_top) in zip(expected, ours):
+        for ref_pos, our_pos in zip(top, our_top):
+            for token_id, value in ref_pos.items():
+                if token_id in our_pos:
+                    assert our_pos[token_id] == pytest.approx(value, abs=abs_tol), (name, token_id)
 
 
 @torch.inference_mode()
