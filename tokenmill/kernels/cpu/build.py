@@ -44,6 +44,12 @@ def _compiler() -> str | None:
 
 
 @functools.cache
+def _compiler_version(compiler: str) -> str:
+    """Part of the cache key; asked once per process, not once per kernel library."""
+    return subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+
+
+@functools.cache
 def load_kernel_library(name: str) -> ctypes.CDLL | None:
     """`name`.c beside this file, built for this machine; None when it cannot be built."""
     source = Path(__file__).with_name(f"{name}.c")
@@ -52,7 +58,7 @@ def load_kernel_library(name: str) -> ctypes.CDLL | None:
         logger.info("no C compiler found: the CPU %s kernel is off, using the torch path", name)
         return None
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+        version = _compiler_version(compiler)
         key = hashlib.sha256("\0".join([source.read_text(), *CFLAGS, version, _cpu_flags()]).encode()).hexdigest()[:16]
         target = _cache_dir() / f"{name}-{key}.so"
         if not target.exists():

@@ -64,17 +64,23 @@ static inline void prefetch_tile(const float *p, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 2);
 }
 
+/* The [block_size, head_dim] tile of one KV head in the block_index-th block of a request. */
+static inline const float *tile(const float *cache, int64_t head_base, const int64_t *table, int64_t block_index,
+                                int64_t block_size, int64_t head_dim) {
+    return cache + (head_base + table[block_index]) * block_size * head_dim;
+}
+
 static void attend_one(
     float *restrict out, const float *restrict q, const float *k_cache, const float *v_cache,
     const int64_t *table, int64_t seq_len, int64_t group, int64_t kv_head, int64_t num_blocks,
     int64_t block_size, int64_t head_dim, float scale, float *restrict scores /* [group, seq_len] */) {
     const int64_t head_base = kv_head * num_blocks;
     for (int64_t start = 0; start < seq_len; start += block_size) {
-        const float *k = k_cache + (head_base + table[start / block_size]) * block_size * head_dim;
+        const int64_t b = start / block_size;
+        const float *k = tile(k_cache, head_base, table, b, block_size, head_dim);
         const int64_t n = seq_len - start < block_size ? seq_len - start : block_size;
         if (start + block_size < seq_len)
-            prefetch_tile(k_cache + (head_base + table[start / block_size + 1]) * block_size * head_dim,
-                          block_size * head_dim);
+            prefetch_tile(tile(k_cache, head_base, table, b + 1, block_size, head_dim), block_size * head_dim);
         for (int64_t g = 0; g < group; ++g)
             for (int64_t t = 0; t < n; t += 4)
                 dot4(scores + g * seq_len + start + t, q + g * head_dim, k + t * head_dim, n - t < 4 ? n - t : 4,
@@ -94,11 +100,11 @@ static void attend_one(
     }
     memset(out, 0, (size_t)(group * head_dim) * sizeof(float));
     for (int64_t start = 0; start < seq_len; start += block_size) {
-        const float *v = v_cache + (head_base + table[start / block_size]) * block_size * head_dim;
+        const int64_t b = start / block_size;
+        const float *v = tile(v_cache, head_base, table, b, block_size, head_dim);
         const int64_t n = seq_len - start < block_size ? seq_len - start : block_size;
         if (start + block_size < seq_len)
-            prefetch_tile(v_cache + (head_base + table[start / block_size + 1]) * block_size * head_dim,
-                          block_size * head_dim);
+            prefetch_tile(tile(v_cache, head_base, table, b + 1, block_size, head_dim), block_size * head_dim);
         for (int64_t g = 0; g < group; ++g)
             axpy_rows(out + g * head_dim, scores + g * seq_len + start, v, n, head_dim);
     }
