@@ -10,8 +10,12 @@ never computed at runtime: the 1/s is folded into whatever produces x:
                shared by the query heads of one KV head (GQA)
   down_proj    input = silu(gate) * up           -> up rows of gate_up_proj (and bias) / s
 s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha), with max|x_j| measured by running the fp32 model
-once over a calibration text; alpha = 0.6 measured best of 0.35 / 0.5 / 0.6 / 0.75 on the default
-model (benchmarks/quant_quality.py).
+once over a calibration text. alpha = 0.5 for the scheme of quant/int8_cpu.py (pair-budget weights,
+per-token asymmetric 8-bit activations, Hadamard-rotated down_proj input, which is rotated after this
+smoothing), measured on the default model as mean KL(fp32 || int8) over the parity texts:
+  rotated down_proj:   0.4 -> 0.0074, 0.5 -> 0.0060, 0.6 -> 0.0067
+  unrotated:           0.35 -> 0.016, 0.5 -> 0.0095, 0.6 -> 0.010, 0.7 -> 0.015, no smoothing -> 0.040
+and 0.4 / 0.6 / 0.7 for one projection type at a time (others 0.5) gained nothing beyond noise.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ def mean(values):
 Q: What is the capital of Japan? A: Tokyo. Q: How many legs does a spider have? A: Eight.
 "Please summarize the following paragraph in one sentence," she wrote, and pressed Enter."""
 
-ALPHA = 0.6
+ALPHA = 0.5
 
 
 def _prefill_metadata(num_tokens: int, block_size: int) -> AttentionMetadata:
@@ -53,7 +57,7 @@ def _prefill_metadata(num_tokens: int, block_size: int) -> AttentionMetadata:
 @torch.inference_mode()
 def input_channel_maxima(model: nn.Module, token_ids: Sequence[int], block_size: int = 16) -> dict[str, torch.Tensor]:
     """Runs one prefill of `token_ids` and returns, per projection module name, max |input| per channel.
-    Binds a temporary KV cache to the attention layers and unbinds it afterwards."""
+    Binds a temporary KV cache to the attention layers and restores their previous binding afterwards."""
     maxima: dict[str, torch.Tensor] = {}
     hooks = []
 
@@ -72,6 +76,7 @@ def input_channel_maxima(model: nn.Module, token_ids: Sequence[int], block_size:
     shape = layers[0].backend.kv_cache_shape(-(-num_tokens // block_size), block_size,
                                              layers[0].num_kv_heads, layers[0].head_dim)
     param = next(model.parameters())
+    saved = [layer.kv_cache for layer in layers]
     try:
         for layer in layers:
             layer.kv_cache = (torch.zeros(shape, dtype=param.dtype), torch.zeros(shape, dtype=param.dtype))
@@ -80,8 +85,8 @@ def input_channel_maxima(model: nn.Module, token_ids: Sequence[int], block_size:
     finally:
         for hook in hooks:
             hook.remove()
-        for layer in layers:
-            layer.kv_cache = None
+        for layer, cache in zip(layers, saved):
+            layer.kv_cache = cache
     return maxima
 
 
