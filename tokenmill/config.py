@@ -29,6 +29,11 @@ class ModelConfig:
         metadata=_help("none, int8 (CPU: int8 weights per channel + dynamic int8 activations) or fp8 (FP8 "
                        "weights with per-channel scales; Hopper GPUs)"),
     )
+    quantize_lm_head: bool = field(
+        default=True,
+        metadata=_help("with quantization=int8, also quantize the vocabulary projection (lm_head), the largest "
+                       "weight every decode step reads (false: keep it float32); ignored otherwise"),
+    )
     enforce_eager: bool = field(
         default=False, metadata=_help("never capture CUDA graphs for decode steps (cuda with the triton backend)")
     )

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tokenmill.quant.int8_cpu import (
+    FUSED_MAX_ROWS,
     PAIR_BUDGET,
     Int8DynamicLinear,
     hadamard,
@@ -60,11 +61,17 @@ def _rotate(t: torch.Tensor, block: int | None) -> torch.Tensor:
 
 
 def _reference(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, block: int | None) -> torch.Tensor:
-    """The same arithmetic in float: Hadamard blocks on W and x, per-token [-1, 1] mapping, fbgemm's
-    uint8 range choice, dequantized weights."""
+    """The same arithmetic in float: Hadamard blocks on W and x, dequantized weights, and each row of x
+    on a 256-level grid over its own [min, max] (the fused kernel, up to FUSED_MAX_ROWS rows) or
+    mapped to [-1, 1] and quantized with fbgemm's uint8 range choice (more rows)."""
     weight, x = _rotate(weight, block), _rotate(x, block)
     q, scale = quantize_weight_per_channel(weight)
     w = q.double() * scale.double()[:, None]
+    if x.shape[0] <= FUSED_MAX_ROWS:
+        lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
+        step = (hi - lo) / 255
+        xq = lo + step * torch.floor((x - lo) * (1 / step) + 0.5)
+        return (xq.double() @ w.t() + bias.double()).float()
     if x.shape[0] == 1:
         mid, half, xn = torch.zeros(1, 1), torch.ones(1, 1), x
     else:
@@ -149,6 +156,27 @@ def test_int8_logits_head_close_to_fp32() -> None:
     assert ((got - exact).norm(dim=1) / exact.norm(dim=1)).max() < 0.02
 
 
+@pytest.mark.parametrize("quantize_lm_head", [True, False])
+def test_engine_quantizes_the_lm_head_unless_told_not_to(tiny_checkpoint: Any, quantize_lm_head: bool) -> None:
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine.core import EngineCore
+    from tokenmill.loader import load_model
+
+    loaded = load_model(tiny_checkpoint("llama"))
+    model = EngineCore(EngineConfig.from_kwargs(
+        num_blocks=64, quantization="int8", quantize_lm_head=quantize_lm_head), loaded).model
+    assert isinstance(model.logits_head, Int8DynamicLinear) is quantize_lm_head
+    if quantize_lm_head:
+        assert model.logits_head is not None
+        hidden = torch.randn(3, model.config.hidden_size)
+        exact = hidden @ model.lm_head.weight.t()
+        logits = model.compute_logits(hidden)
+        assert logits.shape == exact.shape
+        assert ((logits - exact).norm() / exact.norm()) < 0.02
+    else:
+        assert model.logits_head is None
+
+
 def test_smoothing_fold_keeps_the_model_function(tiny_checkpoint: Any) -> None:
     """Folding the factors into the weights changes no output beyond float rounding."""
     from tokenmill.config import EngineConfig
@@ -195,7 +223,8 @@ def _quality_benchmark() -> ModuleType:
 def test_int8_engine_meets_the_quality_targets(default_loaded: Any) -> None:
     """The issue's targets on the default model, measured as benchmarks/quant_quality.py does:
     teacher-forced top-1 agreement with fp32 along fp32's 64-token greedy continuations of the parity
-    prompts >= 95% (measured 96.9%), perplexity of the fixed text within 2% (measured -0.4%)."""
+    prompts >= 95% (measured 95.9% with the default int8 lm_head, 96.9% with an fp32 one), perplexity
+    of the fixed text within 2% (measured +0.1%)."""
     from tokenmill.config import EngineConfig
     from tokenmill.engine.llm_engine import LLMEngine
     from tokenmill.sampling_params import SamplingParams

@@ -15,8 +15,9 @@ Model costs (`ModelCosts.from_state_dict`), from the HF-named weights:
   `model.layers.`); each sampled row adds 2 x hidden x vocab for the vocabulary projection.
   Attention's score/value products are left out (a lower bound; small at these lengths).
 - weight bytes read per decode step: fp32 = 4 bytes per parameter (decoder matmuls, lm_head, norm
-  vectors; the embedding row lookup is negligible); int8 = 1 byte per decoder matmul weight plus a
-  4-byte scale per output channel, with lm_head and norms kept fp32 (as `--quantization int8` does).
+  vectors; the embedding row lookup is negligible); int8 = 1 byte per decoder matmul and lm_head
+  weight plus a 4-byte scale per output channel, norms fp32 (`--quantization int8`'s default,
+  which quantizes lm_head too).
 """
 
 from __future__ import annotations
@@ -140,10 +141,11 @@ class ModelCosts:
         return processed_tokens * self.flops_per_token + sampled_rows * self.flops_per_sampled_row
 
     def decode_weight_bytes(self, quantization: str) -> int:
-        fp32_rest = 4 * (self.lm_head_params + self.other_params)
         if quantization == "int8":
-            return self.matmul_params + 4 * self.matmul_out_channels + fp32_rest
-        return 4 * self.matmul_params + fp32_rest
+            vocab_channels = self.lm_head_params // self.hidden_size
+            int8_params = self.matmul_params + self.lm_head_params
+            return int8_params + 4 * (self.matmul_out_channels + vocab_channels + self.other_params)
+        return 4 * (self.matmul_params + self.lm_head_params + self.other_params)
 
     def summary(self) -> dict[str, Any]:
         return {**asdict(self), "flops_per_token": self.flops_per_token,

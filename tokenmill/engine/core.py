@@ -77,7 +77,8 @@ class EngineCore:
             from tokenmill.quant.smooth import CALIBRATION_TEXT
 
             calibration_ids = loaded.tokenizer.encode(CALIBRATION_TEXT, add_special_tokens=True)
-            logger.info("int8 W8A8: %d projections quantized", quantize_model_int8(model, calibration_ids))
+            replaced = quantize_model_int8(model, calibration_ids, quantize_lm_head=config.model.quantize_lm_head)
+            logger.info("int8 W8A8: %d projections quantized", replaced)
         self.model = model.eval()
 
         layer0 = model.attention_layers[0]

@@ -1,8 +1,9 @@
 """W8A8 int8 linear layers for the CPU (`--quantization int8`).
 
-Kernel: fbgemm's `quantized::linear_dynamic` computes the input's range, quantizes it to uint8, runs
-the u8 x s8 -> int32 GEMM and dequantizes the output in one op, so no separate quantization pass eats
-the gain at small M. On a 2-core AVX2 CPU it runs the SmolLM2 projections faster than fp32, while
+Kernels: up to FUSED_MAX_ROWS rows (decode batches), kernels/cpu/int8_gemm.c quantizes each row and
+runs the u8 x s8 -> int32 product in one call. More rows go to fbgemm's `quantized::linear_dynamic`
+(range, uint8 quantization, GEMM and dequantization in one op), whose per-call work costs more than the
+product at a few rows. On a 2-core AVX2 CPU both run the SmolLM2 projections faster than fp32, while
 torch._int_mm (no VNNI) and torch's packed weight-only int8/int4 kernels are many times slower than
 fp32 (benchmarks/README.md has the measured table).
 
@@ -15,7 +16,8 @@ The per-output-channel scale is max(max pair sum of |w| / 128, max|w| / 127): a 
 (The previous scheme cut activations to 7 bits (reduce_range) instead; 8-bit activations with
 unbudgeted 8-bit weights saturate: measured 8.7% error on one large row.)
 
-Activations: per-token asymmetric 8 bits. Each row is mapped affinely onto [-1, 1]
+Activations: per-token asymmetric 8 bits. The C kernel puts 256 levels over each row's [min, max].
+For fbgemm each row is mapped affinely onto [-1, 1]
 (x' = (x - mid) / half) so fbgemm's per-tensor range becomes per token and every token uses all
 256 levels, then y = half * (W x') + mid * (W 1). A single row needs no mapping: fbgemm's range is
 then that row's own (widened to include 0).
@@ -53,12 +55,20 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from tokenmill.kernels.cpu.int8_gemm import int8_gemm, int8_gemm_available, int8_row_sums
 from tokenmill.layers.linear import Linear
 
 QUANTIZED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # Projections whose input is rotated by a block Hadamard matrix at runtime, and the block size.
 ROTATED_PROJECTIONS = ("down_proj",)
 ROTATION_BLOCK = 16
+
+# Up to this many rows the product runs in kernels/cpu/int8_gemm.c (same arithmetic, per-token
+# quantization fused in); more rows go to fbgemm's GEMM. Measured on the 2-core AVX2 machine: the
+# kernel is ~2x faster than fbgemm + the per-token ops at 4 rows and even at 16-32 on the decoder's
+# projections, but fbgemm's blocking wins from 8 rows on the 49152-wide vocabulary projection.
+FUSED_MAX_ROWS = 16
+LOGITS_FUSED_MAX_ROWS = 4
 
 # Largest |q[2j]| + |q[2j+1]| of a weight row: 255 * PAIR_BUDGET must fit vpmaddubsw's int16.
 PAIR_BUDGET = 128
@@ -108,8 +118,13 @@ class Int8DynamicLinear(nn.Module):
     rotation_block=b: y = (W H) (H x) with H block-diagonal of b x b Hadamard blocks (H H = I), so
     an outlier input channel is spread over b channels before the activations are quantized."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rotation_block: int | None = None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, rotation_block: int | None = None,
+        fused_max_rows: int | None = None,
+    ) -> None:
         super().__init__()
+        # None: FUSED_MAX_ROWS, read at call time.
+        self.fused_max_rows = fused_max_rows
         if weight.device.type != "cpu":
             raise ValueError("int8 quantization runs on the CPU; use fp8 on GPUs")
         self.in_features = weight.shape[1]
@@ -126,6 +141,9 @@ class Int8DynamicLinear(nn.Module):
             qweight = torch._make_per_channel_quantized_tensor(
                 q, scale.double(), torch.zeros(scale.shape[0], dtype=torch.long), 0)
         self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        # The same weights unpacked, for the fused kernel of decode-sized row counts.
+        self._qweight, self._scale = q.contiguous(), scale.contiguous()
+        self._qweight_row_sums = int8_row_sums(self._qweight)
         # W 1 of the quantized weight, [1, N]: restores the per-row shift `mid` exactly.
         self._row_sums = (q.float() * scale[:, None]).sum(dim=1).unsqueeze(0)
         self.bias = None if bias is None else bias.detach().float().contiguous()
@@ -137,7 +155,10 @@ class Int8DynamicLinear(nn.Module):
             x2 = x2.float()
         if self._rotation is not None:
             x2 = self._rotate(x2)
-        if x2.shape[0] == 1:
+        fused_max_rows = FUSED_MAX_ROWS if self.fused_max_rows is None else self.fused_max_rows
+        if x2.shape[0] <= fused_max_rows and int8_gemm_available():
+            y = int8_gemm(x2.contiguous(), self._qweight, self._qweight_row_sums, self._scale)
+        elif x2.shape[0] == 1:
             y = torch.ops.quantized.linear_dynamic(x2, self._packed, False)
         else:
             y = self._per_token(x2)
@@ -166,9 +187,12 @@ class Int8DynamicLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 W8A8 (fbgemm){rotation}"
 
 
-def quantize_model_int8(model: nn.Module, calibration_ids: Sequence[int] | None = None) -> int:
+def quantize_model_int8(
+    model: nn.Module, calibration_ids: Sequence[int] | None = None, quantize_lm_head: bool = False
+) -> int:
     """Replaces the decoder's projection Linears in place; returns how many. With calibration_ids,
-    activation outliers are first migrated into the weights (quant/smooth.py)."""
+    activation outliers are first migrated into the weights (quant/smooth.py). quantize_lm_head: the
+    model's compute_logits uses int8_logits_head(lm_head) (counted in the result)."""
     if not int8_supported():
         raise ValueError("int8 quantization needs torch's fbgemm/x86 quantized engine, which this torch lacks")
     engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
@@ -185,16 +209,21 @@ def quantize_model_int8(model: nn.Module, calibration_ids: Sequence[int] | None 
                 block = ROTATION_BLOCK if name in ROTATED_PROJECTIONS else None
                 setattr(parent, name, Int8DynamicLinear(child.weight, child.bias, rotation_block=block))
                 replaced += 1
+    if quantize_lm_head:
+        if not hasattr(model, "logits_head"):
+            raise ValueError(f"{type(model).__name__} has no logits_head to quantize the lm_head into")
+        model.logits_head = int8_logits_head(model.lm_head.weight)
+        replaced += 1
     return replaced
 
 
 def int8_logits_head(lm_head_weight: torch.Tensor) -> Int8DynamicLinear:
     """An int8 vocabulary projection (hidden [T, H] -> logits [T, V]) with a Hadamard-16 rotated input.
 
-    Opt-in speed option, not applied by quantize_model_int8 (the model's compute_logits reads the fp32
-    lm_head weight): batch-1 decode reads the whole vocab matrix every token, 113 MB in fp32 for
-    SmolLM2: 9.0 ms at M=1 vs 1.5 ms for this (2 threads), ~1.3x faster batch-1 decode end to end.
+    Used by quantize_model_int8(quantize_lm_head=True), the engine's default with int8 (off with
+    `--quantize-lm-head false`): batch-1 decode reads the whole vocab matrix every token, 113 MB in
+    fp32 for SmolLM2: 9.0 ms at M=1 vs ~1 ms for this (2 threads), ~1.4x faster batch-1 decode.
     Measured on SmolLM2-135M on top of the default int8 body: KL 0.0060 -> 0.0074, perplexity
     +0.1%, teacher-forced agreement 95.9% (vs 96.9%). Unrotated it measured KL 0.0097 / 95.7%, and
     94.3% without the down_proj rotation: keep both rotations if this is used."""
-    return Int8DynamicLinear(lm_head_weight, None, rotation_block=ROTATION_BLOCK)
+    return Int8DynamicLinear(lm_head_weight, None, rotation_block=ROTATION_BLOCK, fused_max_rows=LOGITS_FUSED_MAX_ROWS)
