@@ -26,7 +26,7 @@ Roofline fractions: FLOPs of a workload = 2 x decoder matmul parameters x proces
 tokens + output tokens - one per prompt, whose last token is never fed back) + 2 x hidden x vocab x
 sampled rows (one per output token), attention products left out; divided by the median time and by
 the measured GEMM peak. Batch-1 decode: weight bytes read per step (fp32: 4 bytes per parameter;
-int8: 1 byte per decoder matmul weight + a 4-byte scale per output channel, lm_head and norms fp32)
+int8: 1 byte per decoder matmul and lm_head weight + a 4-byte scale per output channel, norms fp32)
 x decode tok/s, divided by the measured read bandwidth.
 
 Writes benchmarks/results/cpu-report-<timestamp>.json (every raw run; rewritten after each

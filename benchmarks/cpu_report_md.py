@@ -118,8 +118,8 @@ def md_method(report: dict[str, Any]) -> list[str]:
              " matmul parameters x (prompt + output tokens - prompts) + 2 x hidden x vocab x output tokens"
              " (attention products left out); fraction = FLOPs / median time / GEMM peak."),
             (f"- Batch-1 weight bytes per decode step: fp32 {weight_mb['none']:.0f} MB (4 bytes per parameter), int8"
-             f" {weight_mb['int8']:.0f} MB (1 byte per decoder matmul weight + a 4-byte scale per output channel;"
-             " lm_head and norms fp32); fraction = bytes x decode tok/s / read bandwidth (above 100% means the"
+             f" {weight_mb['int8']:.0f} MB (1 byte per decoder matmul and lm_head weight + a 4-byte scale per output"
+             " channel; norms fp32); fraction = bytes x decode tok/s / read bandwidth (above 100% means the"
              " weights partly stay in cache)."),
             "- Decode tok/s = (output tokens - 1) / (time of the full run - time of a 1-token run of the same prompt)."]
 

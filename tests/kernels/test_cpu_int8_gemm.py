@@ -93,3 +93,20 @@ def test_int8_linear_uses_the_kernel_for_few_rows(rotation_block: int | None, mo
         err = (layer(x).double() - (xr.double() @ w.t() + bias.double())).abs()
         assert torch.all(err <= bound * 1.01)
     assert calls == [1, int8_cpu.FUSED_MAX_ROWS]  # more rows go to fbgemm
+
+
+@pytest.mark.parametrize("block", [2, 16, 32])
+def test_rotation_inside_the_kernel_matches_rotating_first(block: int) -> None:
+    from tokenmill.quant.int8_cpu import hadamard
+
+    gen = torch.Generator().manual_seed(block)
+    q = _budget_weights(40, 96, gen)
+    scale, row_sums = torch.rand(40, generator=gen) + 0.1, int8_row_sums(q)
+    x = torch.randn(3, 96, generator=gen)
+    x[:, 7] *= 30.0  # an outlier channel
+    rotated = (x.reshape(-1, block) @ hadamard(block)).reshape(x.shape)
+    fused = int8_gemm(x, q, row_sums, scale, rotation_block=block)
+    torch.testing.assert_close(fused, int8_gemm(rotated, q, row_sums, scale), atol=1e-4, rtol=1e-4)
+    for bad in (3, 64, -16):
+        with pytest.raises(ValueError, match="rotation_block"):
+            int8_gemm(x, q, row_sums, scale, rotation_block=bad)

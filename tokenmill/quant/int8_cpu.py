@@ -23,8 +23,9 @@ For fbgemm each row is mapped affinely onto [-1, 1]
 then that row's own (widened to include 0).
 
 down_proj's input (silu(gate) * up, the most outlier-heavy activation) is additionally rotated by a
-block-diagonal 16 x 16 Hadamard matrix H: y = (W H)(H x), W H folded into the weights once, H x one
-small GEMM per call, which spreads an outlier channel over 16 channels before quantization.
+block-diagonal 16 x 16 Hadamard matrix H: y = (W H)(H x), W H folded into the weights once, H x inside
+the C kernel's quantization pass (or one small GEMM before fbgemm), which spreads an outlier channel
+over 16 channels before quantization.
 
 Measured on SmolLM2-135M, mean KL(fp32 || int8) over the parity texts / held-out texts, and
 benchmarks/quant_quality.py (perplexity change, teacher-forced agreement):
@@ -43,8 +44,8 @@ A per-channel scale search minimizing output error on the calibration activation
 better than the plain pair-budget scale (KL 0.0103 vs 0.0095), and GPTQ on the 182-token
 calibration text was worse (it overfits).
 
-The vocabulary projection (lm_head) stays fp32 by default: it is often tied to the embedding and
-only runs for sampling rows. int8_logits_head() builds an int8 one for callers that opt in.
+The vocabulary projection is quantized separately (int8_logits_head, quantize_model_int8's
+quantize_lm_head): lm_head itself stays, as it is often the embedding table.
 """
 
 from __future__ import annotations
@@ -153,15 +154,17 @@ class Int8DynamicLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
             x2 = x2.float()
-        if self._rotation is not None:
-            x2 = self._rotate(x2)
         fused_max_rows = FUSED_MAX_ROWS if self.fused_max_rows is None else self.fused_max_rows
         if x2.shape[0] <= fused_max_rows and int8_gemm_available():
-            y = int8_gemm(x2.contiguous(), self._qweight, self._qweight_row_sums, self._scale)
-        elif x2.shape[0] == 1:
-            y = torch.ops.quantized.linear_dynamic(x2, self._packed, False)
+            rotation_block = 0 if self._rotation is None else self._rotation.shape[0]
+            y = int8_gemm(x2.contiguous(), self._qweight, self._qweight_row_sums, self._scale, rotation_block)
         else:
-            y = self._per_token(x2)
+            if self._rotation is not None:
+                x2 = self._rotate(x2)
+            if x2.shape[0] == 1:
+                y = torch.ops.quantized.linear_dynamic(x2, self._packed, False)
+            else:
+                y = self._per_token(x2)
         if self.bias is not None:
             y += self.bias
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
@@ -184,7 +187,9 @@ class Int8DynamicLinear(nn.Module):
 
     def extra_repr(self) -> str:
         rotation = "" if self._rotation is None else f", Hadamard block {self._rotation.shape[0]}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 W8A8 (fbgemm){rotation}"
+        fused = FUSED_MAX_ROWS if self.fused_max_rows is None else self.fused_max_rows
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 W8A8 (C kernel up to "
+                f"{fused} rows, fbgemm beyond){rotation}")
 
 
 def quantize_model_int8(

@@ -13,7 +13,11 @@
  * saturating int16. The weights obey |q[2j]| + |q[2j+1]| <= 128 (quant/int8_cpu.py's pair budget), so
  * that sum is at most 255 * 128 = 32640 and never saturates; the int32 accumulation is then exact.
  *
+ * With rotation_block = b > 0, x is first multiplied block by block by the b x b Hadamard matrix (the
+ * rotation quant/int8_cpu.py folds into down_proj's weights), inside the quantization pass.
+ *
  * Invariants: x is [num_rows, k] float32 with row stride x_stride; q is [n, k] int8 contiguous;
+ * rotation_block is 0 or a power of 2 dividing k;
  * rowsum and scale are [n]; y is [num_rows, n] float32 contiguous. Any n, k >= 1, num_rows >= 1.
  *
  * Work split: blocks of ROW_BLOCK output channels over the OpenMP pool (torch's libgomp). Within a
@@ -102,8 +106,29 @@ static void block_dots1(const uint8_t *u0, const int8_t *w, int64_t k, int32_t o
 }
 #endif
 
-/* u[k] = round((x[k] - low) / step); returns low, stores step (1 for a constant row, whose u is 0). */
-static float quantize_row(const float *x, int64_t k, uint8_t *u, float *step_out) {
+/* x[0..b) = H x[0..b) with H the orthonormal Sylvester Hadamard matrix of size b (a power of 2), the
+ * same matrix as quant/int8_cpu.py's hadamard(b): butterflies, then the 1/sqrt(b) normalization. */
+static void hadamard_block(float *x, int64_t b) {
+    for (int64_t h = 1; h < b; h *= 2)
+        for (int64_t i = 0; i < b; i += 2 * h)
+            for (int64_t j = i; j < i + h; ++j) {
+                const float a = x[j], c = x[j + h];
+                x[j] = a + c;
+                x[j + h] = a - c;
+            }
+    const float norm = 1.0f / sqrtf((float)b);
+    for (int64_t j = 0; j < b; ++j) x[j] *= norm;
+}
+
+/* u[k] = round((x[k] - low) / step); returns low, stores step (1 for a constant row, whose u is 0).
+ * rotation_block > 0: x is first rotated block by block (hadamard_block) into scratch [k]. */
+static float quantize_row(const float *x, int64_t k, int64_t rotation_block, float *scratch, uint8_t *u,
+                          float *step_out) {
+    if (rotation_block > 0) {
+        for (int64_t i = 0; i < k; ++i) scratch[i] = x[i];
+        for (int64_t i = 0; i < k; i += rotation_block) hadamard_block(scratch + i, rotation_block);
+        x = scratch;
+    }
     float lo = x[0], hi = x[0];
     for (int64_t i = 1; i < k; ++i) {
         lo = x[i] < lo ? x[i] : lo;
@@ -120,18 +145,21 @@ static float quantize_row(const float *x, int64_t k, uint8_t *u, float *step_out
 }
 
 /* Returns 0, or -1 when the quantized-activation buffer cannot be allocated (y untouched). */
-int tm_int8_gemm_small(float *y, const float *x, int64_t x_stride, const int8_t *q, const int32_t *rowsum,
-                       const float *scale, int64_t num_rows, int64_t n, int64_t k, int num_threads) {
+int tm_int8_gemm_small(float *y, const float *x, int64_t x_stride, int64_t rotation_block, const int8_t *q,
+                       const int32_t *rowsum, const float *scale, int64_t num_rows, int64_t n, int64_t k,
+                       int num_threads) {
     const int64_t k_pad = (k + K_ALIGN - 1) / K_ALIGN * K_ALIGN;
     uint8_t *u = (uint8_t *)aligned_alloc(64, (size_t)((num_rows * k_pad + 63) / 64 * 64));
-    float *row_low = (float *)malloc((size_t)num_rows * 2 * sizeof(float));
+    /* row_low [num_rows], row_step [num_rows], then the rotation scratch [k] */
+    float *row_low = (float *)malloc((size_t)(num_rows * 2 + k) * sizeof(float));
     if (u == NULL || row_low == NULL) {
         free(u);
         free(row_low);
         return -1;
     }
-    float *row_step = row_low + num_rows;
-    for (int64_t m = 0; m < num_rows; ++m) row_low[m] = quantize_row(x + m * x_stride, k, u + m * k_pad, &row_step[m]);
+    float *row_step = row_low + num_rows, *scratch = row_step + num_rows;
+    for (int64_t m = 0; m < num_rows; ++m)
+        row_low[m] = quantize_row(x + m * x_stride, k, rotation_block, scratch, u + m * k_pad, &row_step[m]);
 
     const int64_t num_blocks = n / ROW_BLOCK;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
