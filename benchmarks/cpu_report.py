@@ -13,8 +13,9 @@ Sections (`--sections`, all by default, run in this order):
            tok/s = 128 / time of the 128-token run.
   serve    `tokenmill serve` started as a subprocess on a free port (`--serve-quantization`), the
            serving benchmark client (tokenmill/bench/serve.py) in this process: 60 prompts of 256
-           tokens, 128 out, Poisson arrivals at 1 request/s (seed 0), 2 untimed warm-up requests;
-           p50/p99 TTFT and TPOT over all requests of the one run. The server is stopped with SIGTERM
+           tokens, 128 out, Poisson arrivals at 1 request/s, 2 untimed warm-up requests; `--runs`
+           runs against the one server (Poisson seeds 0, 1, ...), p50/p99 TTFT and TPOT of each run
+           over its requests, and the median of each over the runs. The server is stopped with SIGTERM
            (killed after 30 s) whatever happens, and its exit status is recorded.
 The offline sections (w1, mixed, batch1) share one set of engines, built once and warmed up:
 tokenmill fp32 and int8 (prefix caching off, so every run recomputes its prompts, and a KV cache
@@ -325,27 +326,33 @@ def tokenmill_server(model: str | None, quantization: str, log_dir: str) -> Iter
         stop_server(proc)
 
 
-def serve_section(model: str | None, quantization: str, plan: Plan, tokenizer: Any) -> dict[str, Any]:
+def serve_section(model: str | None, quantization: str, plan: Plan, tokenizer: Any, num_runs: int) -> dict[str, Any]:
+    """num_runs benchmark runs against one server, the i-th with Poisson seed spec.seed + i (so the median
+    is over arrival patterns as well as machine noise); the summary holds each figure's median."""
     from tokenmill.bench.serve import ServeBenchConfig, benchmark
     from tokenmill.bench.serve_metrics import percentile_key
 
     spec = plan.serve
+    keys = [f"{percentile_key(p)}_{m}_ms" for m in ("ttft", "tpot") for p in (50.0, 99.0)]
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cpu-report-serve-") as log_dir, \
             tokenmill_server(model, quantization, log_dir) as server:
-        config = ServeBenchConfig(
-            base_url=server.base_url, num_prompts=spec.num_prompts, input_len=spec.input_len,
-            output_len=spec.output_len, request_rate=plan.serve_rate, seed=spec.seed,
-            goodput_slos_ms=dict(SERVE_SLOS_MS), percentiles=[50.0, 90.0, 99.0], warmup=plan.serve_warmup,
-        )
-        log(f"serve: {spec.describe()} at {plan.serve_rate} req/s against {server.base_url}")
-        raw = benchmark(config, tokenizer)
-    keys = [f"{percentile_key(p)}_{m}_ms" for m in ("ttft", "tpot") for p in (50.0, 99.0)]
+        for i in range(num_runs):
+            config = ServeBenchConfig(
+                base_url=server.base_url, num_prompts=spec.num_prompts, input_len=spec.input_len,
+                output_len=spec.output_len, request_rate=plan.serve_rate, seed=spec.seed + i,
+                goodput_slos_ms=dict(SERVE_SLOS_MS), percentiles=[50.0, 90.0, 99.0], warmup=plan.serve_warmup,
+            )
+            log(f"serve run {i + 1}/{num_runs}: {spec.describe()} at {plan.serve_rate} req/s against {server.base_url}")
+            runs.append(benchmark(config, tokenizer))
+            log("serve run {}/{}: ".format(i + 1, num_runs) + ", ".join(f"{k} {runs[-1][k]:.0f}" for k in keys))
+    summary: dict[str, Any] = {k: sum(r[k] for r in runs) for k in ("completed", "failed")}
+    summary.update({k: statistics.median(r[k] for r in runs) for k in ("output_throughput", "request_goodput", *keys)})
     return {
         "workload": {**asdict(spec), "description": spec.describe(), "request_rate": plan.serve_rate,
                      "warmup": plan.serve_warmup},
-        "quantization": quantization, "server": server.summary(),
-        "summary": {k: raw[k] for k in ("completed", "failed", "output_throughput", "request_goodput", *keys)},
-        "raw": raw,
+        "quantization": quantization, "server": server.summary(), "num_runs": num_runs,
+        "summary": summary, "runs": [{k: r[k] for k in ("completed", "failed", *keys)} for r in runs], "raw": runs,
     }
 
 
@@ -376,7 +383,7 @@ def run_sections(args: argparse.Namespace, plan: Plan, report: dict[str, Any], l
         engines = None  # free the models before the server loads its own
         gc.collect()
     if "serve" in wanted:
-        results["serve"] = serve_section(args.model, args.serve_quantization, plan, loaded.tokenizer)
+        results["serve"] = serve_section(args.model, args.serve_quantization, plan, loaded.tokenizer, args.runs)
         save()
 
 
@@ -391,7 +398,8 @@ def parse_sections(text: str) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded model)")
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per engine; medians are reported")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="timed runs per engine and serving runs; medians are reported")
     parser.add_argument("--sections", type=parse_sections, default=list(SECTIONS),
                         help=f"comma list of sections to run (default: {','.join(SECTIONS)})")
     parser.add_argument("--skip-hf", action="store_true", help="no HF transformers baseline (no ratios)")

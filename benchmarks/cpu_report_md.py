@@ -97,9 +97,12 @@ def md_serve(section: dict[str, Any]) -> list[str]:
            f"{s['completed']} / {s['failed']}", *(fmt(s[f"{p}_{m}_ms"], ".0f") for m in ("ttft", "tpot")
                                                   for p in ("p50", "p99")),
            fmt(s["output_throughput"]), f"exit {section['server']['returncode']}"]
-    return ["## Serving (`tokenmill serve`, Poisson arrivals)", "", *table(
+    title = f"## Serving (`tokenmill serve`, Poisson arrivals; median of {section.get('num_runs', 1)} run(s))"
+    per_run = [" / ".join(fmt(r[f"p99_{m}_ms"], ".0f") for r in section.get("runs", [])) for m in ("ttft", "tpot")]
+    note = ["", f"Per run, p99 TTFT ms: {per_run[0]}; p99 TPOT ms: {per_run[1]}."] if section.get("runs") else []
+    return [title, "", *table(
         ["quantization", "workload", "completed / failed", "p50 TTFT ms", "p99 TTFT ms", "p50 TPOT ms",
-         "p99 TPOT ms", "output tok/s", "server"], [row])]
+         "p99 TPOT ms", "output tok/s", "server"], [row]), *note]
 
 
 def md_targets(rows: list[dict[str, Any]]) -> list[str]:

@@ -56,6 +56,7 @@ def test_quick_report_runs_every_section(tiny_checkpoint, tmp_path: Path) -> Non
     assert all(r["e2e_tok_per_s"] > 0 and len(r["runs"]) == 1 for r in batch1.values())
 
     serve = sections["serve"]
+    assert len(serve["runs"]) == serve["num_runs"] == 1
     assert serve["summary"]["completed"] == serve["workload"]["num_prompts"] and serve["summary"]["failed"] == 0
     assert serve["summary"]["p99_ttft_ms"] > 0 and serve["summary"]["p99_tpot_ms"] > 0
     assert serve["server"]["returncode"] == 0  # stopped by SIGTERM, drained, exited cleanly
