@@ -29,6 +29,7 @@ from typing import Any
 
 from tokenmill.engine.llm_engine import LLMEngine, ProcessedPrompt, Prompt
 from tokenmill.engine.metrics import EngineMetrics
+from tokenmill.engine.openmp_pool import release_openmp_pool
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
@@ -92,6 +93,9 @@ class AsyncEngine:
             raise RuntimeError("AsyncEngine already started")
         self._loop = asyncio.get_running_loop()
         self._accepting = True
+        # From here on the engine thread does the tensor work: the caller's OpenMP pool, left from
+        # building the engine, would throttle the engine thread's (engine/openmp_pool.py).
+        release_openmp_pool()
         self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
         self._thread.start()
 
