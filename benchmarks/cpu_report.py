@@ -345,7 +345,7 @@ def serve_section(model: str | None, quantization: str, plan: Plan, tokenizer: A
             )
             log(f"serve run {i + 1}/{num_runs}: {spec.describe()} at {plan.serve_rate} req/s against {server.base_url}")
             runs.append(benchmark(config, tokenizer))
-            log("serve run {}/{}: ".format(i + 1, num_runs) + ", ".join(f"{k} {runs[-1][k]:.0f}" for k in keys))
+            log(f"serve run {i + 1}/{num_runs}: " + ", ".join(f"{k} {runs[-1][k]:.0f}" for k in keys))
     summary: dict[str, Any] = {k: sum(r[k] for r in runs) for k in ("completed", "failed")}
     summary.update({k: statistics.median(r[k] for r in runs) for k in ("output_throughput", "request_goodput", *keys)})
     return {

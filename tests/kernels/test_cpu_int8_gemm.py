@@ -46,7 +46,7 @@ def test_no_saturation_at_the_pair_budget() -> None:
     # Every pair at the budget with the sign of the largest activations: vpmaddubsw's int16 pair sums
     # reach 255 * 128 = 32640, the most the budget allows.
     k = 256
-    q = torch.tensor([[127, 1] * (k // 2), [64, 64] * (k // 2), [-128 + 1, -1] * (k // 2)], dtype=torch.int8)
+    q = torch.tensor([[127, 1] * (k // 2), [64, 64] * (k // 2), [-127, -1] * (k // 2)], dtype=torch.int8)
     x = torch.ones(2, k)
     x[:, ::4] = -1.0  # row min -1 -> u = 0 there, 255 elsewhere
     _check(x, q, torch.ones(3))
@@ -55,8 +55,7 @@ def test_no_saturation_at_the_pair_budget() -> None:
 def test_reads_strided_rows_and_constant_rows() -> None:
     gen = torch.Generator().manual_seed(0)
     q = _budget_weights(12, 32, gen)
-    scale, row_sums = torch.rand(12, generator=gen), None
-    row_sums = int8_row_sums(q)
+    scale, row_sums = torch.rand(12, generator=gen), int8_row_sums(q)
     wide = torch.randn(3, 48, generator=gen)
     x = wide[:, 8:40]  # rows 48 floats apart
     torch.testing.assert_close(int8_gemm(x, q, row_sums, scale), int8_gemm(x.contiguous(), q, row_sums, scale))

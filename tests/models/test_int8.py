@@ -166,15 +166,13 @@ def test_engine_quantizes_the_lm_head_unless_told_not_to(tiny_checkpoint: Any, q
     model = EngineCore(EngineConfig.from_kwargs(
         num_blocks=64, quantization="int8", quantize_lm_head=quantize_lm_head), loaded).model
     assert isinstance(model.logits_head, Int8DynamicLinear) is quantize_lm_head
+    assert (model.logits_head is None) is not quantize_lm_head
     if quantize_lm_head:
-        assert model.logits_head is not None
         hidden = torch.randn(3, model.config.hidden_size)
         exact = hidden @ model.lm_head.weight.t()
         logits = model.compute_logits(hidden)
         assert logits.shape == exact.shape
         assert ((logits - exact).norm() / exact.norm()) < 0.02
-    else:
-        assert model.logits_head is None
 
 
 def test_smoothing_fold_keeps_the_model_function(tiny_checkpoint: Any) -> None:

@@ -144,6 +144,11 @@ static float quantize_row(const float *x, int64_t k, int64_t rotation_block, flo
     return lo;
 }
 
+/* One output from its integer dot product: scale * (step * dot + low * rowsum), the header's formula. */
+static inline float dequantize(int32_t dot, float step, float low, float scale, int32_t rowsum) {
+    return scale * (step * (float)dot + low * (float)rowsum);
+}
+
 /* Returns 0, or -1 when the quantized-activation buffer cannot be allocated (y untouched). */
 int tm_int8_gemm_small(float *y, const float *x, int64_t x_stride, int64_t rotation_block, const int8_t *q,
                        const int32_t *rowsum, const float *scale, int64_t num_rows, int64_t n, int64_t k,
@@ -170,7 +175,7 @@ int tm_int8_gemm_small(float *y, const float *x, int64_t x_stride, int64_t rotat
             int32_t dots[ROW_BLOCK];
             block_dots1(u, w, k, dots);
             for (int r = 0; r < ROW_BLOCK; ++r)
-                y[n0 + r] = scale[n0 + r] * (row_step[0] * (float)dots[r] + row_low[0] * (float)rowsum[n0 + r]);
+                y[n0 + r] = dequantize(dots[r], row_step[0], row_low[0], scale[n0 + r], rowsum[n0 + r]);
             continue;
         }
         int32_t dots[ROW_BLOCK][2];
@@ -178,16 +183,15 @@ int tm_int8_gemm_small(float *y, const float *x, int64_t x_stride, int64_t rotat
             const int64_t m1 = m + 1 < num_rows ? m + 1 : m;
             block_dots(u + m * k_pad, u + m1 * k_pad, w, k, dots);
             for (int r = 0; r < ROW_BLOCK; ++r) {
-                const float s = scale[n0 + r], rs = (float)rowsum[n0 + r];
-                y[m * n + n0 + r] = s * (row_step[m] * (float)dots[r][0] + row_low[m] * rs);
-                y[m1 * n + n0 + r] = s * (row_step[m1] * (float)dots[r][1] + row_low[m1] * rs);
+                y[m * n + n0 + r] = dequantize(dots[r][0], row_step[m], row_low[m], scale[n0 + r], rowsum[n0 + r]);
+                y[m1 * n + n0 + r] = dequantize(dots[r][1], row_step[m1], row_low[m1], scale[n0 + r], rowsum[n0 + r]);
             }
         }
     }
     for (int64_t j = num_blocks * ROW_BLOCK; j < n; ++j)
         for (int64_t m = 0; m < num_rows; ++m)
-            y[m * n + j] = scale[j] * (row_step[m] * (float)dot_scalar(u + m * k_pad, q + j * k, k) +
-                                       row_low[m] * (float)rowsum[j]);
+            y[m * n + j] =
+                dequantize(dot_scalar(u + m * k_pad, q + j * k, k), row_step[m], row_low[m], scale[j], rowsum[j]);
     free(u);
     free(row_low);
     return 0;
