@@ -34,6 +34,11 @@ class ModelConfig:
         metadata=_help("with quantization=int8, also quantize the vocabulary projection (lm_head), the largest "
                        "weight every decode step reads (false: keep it float32); ignored otherwise"),
     )
+    fused_decode: bool = field(
+        default=True,
+        metadata=_help("on the CPU, run decode steps of a few requests through the one-call C decoder (every "
+                       "layer in one kernel call); false: layer by layer, as every other step runs"),
+    )
     enforce_eager: bool = field(
         default=False, metadata=_help("never capture CUDA graphs for decode steps (cuda with the triton backend)")
     )

@@ -101,6 +101,10 @@ class EngineCore:
             from tokenmill.worker.compile import compile_model
 
             compile_model(model)
+        elif config.model.fused_decode and self.device.type == "cpu" and hasattr(model, "decode_step"):
+            from tokenmill.models.llama_decode_step import attach_decode_step
+
+            attach_decode_step(model)
         self.kv_cache_manager = KVCacheManager(num_blocks, kv_spec.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
         self.last_step = StepStats()

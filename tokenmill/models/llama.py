@@ -128,6 +128,9 @@ class LlamaForCausalLM(nn.Module):
         # A quantized replacement of lm_head for compute_logits (quant/int8_cpu.py); lm_head itself
         # stays, as it may be the embedding table.
         self.logits_head: nn.Module | None = None
+        # Runs the pure decode steps it takes in one C call (models/llama_decode_step.py); set by the
+        # engine once the K/V caches are bound.
+        self.decode_step: Any = None
 
     @property
     def attention_layers(self) -> list[Attention]:
@@ -136,6 +139,8 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden_size]."""
         hidden = self.embed_tokens(input_ids)
+        if self.decode_step is not None and self.decode_step.takes(meta):
+            return self.decode_step(hidden, positions, meta)
         cos_sin = self.rotary.cos_sin(positions)
         residual = None
         for layer in self.layers:

@@ -1,8 +1,8 @@
 """Compiles a C kernel of this package once per machine and loads it with ctypes.
 
 The shared object is cached under ~/.cache/tokenmill/kernels (or $XDG_CACHE_HOME), named by a hash
-of the source, the flags, the compiler's version and the CPU's feature flags: `-march=native` code is
-only reused on the CPU it was built for. Builds are atomic (compile to a temporary file, rename), so
+of the source and every header beside it (the sources include them), the flags, the compiler's
+version and the CPU's feature flags: `-march=native` code is only reused on the CPU it was built for. Builds are atomic (compile to a temporary file, rename), so
 concurrent processes at worst build twice. No compiler, or a failing build, yields None and the
 caller keeps its torch path; the reason is logged once.
 """
@@ -59,7 +59,9 @@ def load_kernel_library(name: str) -> ctypes.CDLL | None:
         return None
     try:
         version = _compiler_version(compiler)
-        key = hashlib.sha256("\0".join([source.read_text(), *CFLAGS, version, _cpu_flags()]).encode()).hexdigest()[:16]
+        headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]
+        key = hashlib.sha256(
+            "\0".join([source.read_text(), *headers, *CFLAGS, version, _cpu_flags()]).encode()).hexdigest()[:16]
         target = _cache_dir() / f"{name}-{key}.so"
         if not target.exists():
             _compile(compiler, source, target)

@@ -1,17 +1,10 @@
-/* W8A8 matrix product for decode-sized row counts, with the activation quantization fused in:
- *   y[m, n] = scale[n] * (step[m] * sum_k q[n, k] * u[m, k] + low[m] * rowsum[n])
- * where u[m, k] = round((x[m, k] - low[m]) / step[m]) in [0, 255] is row m of x quantized per token
- * (low = min of the row, step = (max - min) / 255) and rowsum[n] = sum_k q[n, k], computed once per
- * weight by the caller.
+/* W8A8 matrix product for decode-sized row counts, with the activation quantization fused in (the
+ * arithmetic and its exactness: int8_dot.h).
  *
  * At a few rows a projection is bound by reading its weights (one token of SmolLM2-135M reads ~107 MB
  * of int8 weights). fbgemm's quantized linear adds per-call work (range pass, quantization, row
  * offsets, requantization, each a separate op for per-token ranges) that costs more than the product at
  * one row; this kernel does the range and quantization in one pass over x and the product in another.
- *
- * Exactness: the inner product uses vpmaddubsw, which adds u[2j] * q[2j] + u[2j+1] * q[2j+1] into a
- * saturating int16. The weights obey |q[2j]| + |q[2j+1]| <= 128 (quant/int8_cpu.py's pair budget), so
- * that sum is at most 255 * 128 = 32640 and never saturates; the int32 accumulation is then exact.
  *
  * With rotation_block = b > 0, x is first multiplied block by block by the b x b Hadamard matrix (the
  * rotation quant/int8_cpu.py folds into down_proj's weights), inside the quantization pass.
@@ -20,134 +13,9 @@
  * rotation_block is 0 or a power of 2 dividing k;
  * rowsum and scale are [n]; y is [num_rows, n] float32 contiguous. Any n, k >= 1, num_rows >= 1.
  *
- * Work split: blocks of ROW_BLOCK output channels over the OpenMP pool (torch's libgomp). Within a
- * block the rows of x go by in pairs, so the block's weights (ROW_BLOCK * k bytes) come from memory
- * once and from L1 for every further pair.
+ * Work split: blocks of ROW_BLOCK output channels over the OpenMP pool (torch's libgomp).
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
-#define ROW_BLOCK 4
-#define K_ALIGN 32
-/* Weights are read this many row blocks ahead by software prefetch: a stream from memory otherwise
- * runs at about half the machine's read bandwidth (measured on the vocabulary projection). */
-#define PREFETCH_BLOCKS 2
-
-static int32_t dot_scalar(const uint8_t *u, const int8_t *w, int64_t k) {
-    int32_t acc = 0;
-    for (int64_t i = 0; i < k; ++i) acc += (int32_t)u[i] * (int32_t)w[i];
-    return acc;
-}
-
-#if defined(__AVX2__)
-static inline int32_t hsum_epi32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-    return _mm_cvtsi128_si32(s);
-}
-
-/* Integer dot products of ROW_BLOCK weight rows with quantized rows u0 and u1: out[r][0..1]. */
-static void block_dots(const uint8_t *u0, const uint8_t *u1, const int8_t *w, int64_t k, int32_t out[ROW_BLOCK][2]) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc[ROW_BLOCK][2];
-    for (int r = 0; r < ROW_BLOCK; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-    const int64_t k32 = k & ~(int64_t)(K_ALIGN - 1);
-    for (int64_t i = 0; i < k32; i += K_ALIGN) {
-        const __m256i a = _mm256_loadu_si256((const __m256i *)(u0 + i));
-        const __m256i b = _mm256_loadu_si256((const __m256i *)(u1 + i));
-        for (int r = 0; r < ROW_BLOCK; ++r) {
-            _mm_prefetch((const char *)(w + (PREFETCH_BLOCKS * ROW_BLOCK + r) * k + i), _MM_HINT_T0);
-            const __m256i wr = _mm256_loadu_si256((const __m256i *)(w + r * k + i));
-            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(a, wr), ones));
-            acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(b, wr), ones));
-        }
-    }
-    for (int r = 0; r < ROW_BLOCK; ++r) {
-        out[r][0] = hsum_epi32(acc[r][0]) + dot_scalar(u0 + k32, w + r * k + k32, k - k32);
-        out[r][1] = hsum_epi32(acc[r][1]) + dot_scalar(u1 + k32, w + r * k + k32, k - k32);
-    }
-}
-
-/* One row: two accumulators per weight row, so eight independent chains. */
-static void block_dots1(const uint8_t *u0, const int8_t *w, int64_t k, int32_t out[ROW_BLOCK]) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc[ROW_BLOCK][2];
-    for (int r = 0; r < ROW_BLOCK; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-    const int64_t k64 = k & ~(int64_t)(2 * K_ALIGN - 1);
-    for (int64_t i = 0; i < k64; i += 2 * K_ALIGN) {
-        const __m256i a = _mm256_loadu_si256((const __m256i *)(u0 + i));
-        const __m256i b = _mm256_loadu_si256((const __m256i *)(u0 + i + K_ALIGN));
-        for (int r = 0; r < ROW_BLOCK; ++r) {
-            _mm_prefetch((const char *)(w + (PREFETCH_BLOCKS * ROW_BLOCK + r) * k + i), _MM_HINT_T0);
-            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + r * k + i));
-            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + r * k + i + K_ALIGN));
-            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(a, w0), ones));
-            acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(b, w1), ones));
-        }
-    }
-    for (int r = 0; r < ROW_BLOCK; ++r)
-        out[r] = hsum_epi32(_mm256_add_epi32(acc[r][0], acc[r][1])) + dot_scalar(u0 + k64, w + r * k + k64, k - k64);
-}
-#else
-static void block_dots(const uint8_t *u0, const uint8_t *u1, const int8_t *w, int64_t k, int32_t out[ROW_BLOCK][2]) {
-    for (int r = 0; r < ROW_BLOCK; ++r) {
-        out[r][0] = dot_scalar(u0, w + r * k, k);
-        out[r][1] = dot_scalar(u1, w + r * k, k);
-    }
-}
-
-static void block_dots1(const uint8_t *u0, const int8_t *w, int64_t k, int32_t out[ROW_BLOCK]) {
-    for (int r = 0; r < ROW_BLOCK; ++r) out[r] = dot_scalar(u0, w + r * k, k);
-}
-#endif
-
-/* x[0..b) = H x[0..b) with H the orthonormal Sylvester Hadamard matrix of size b (a power of 2), the
- * same matrix as quant/int8_cpu.py's hadamard(b): butterflies, then the 1/sqrt(b) normalization. */
-static void hadamard_block(float *x, int64_t b) {
-    for (int64_t h = 1; h < b; h *= 2)
-        for (int64_t i = 0; i < b; i += 2 * h)
-            for (int64_t j = i; j < i + h; ++j) {
-                const float a = x[j], c = x[j + h];
-                x[j] = a + c;
-                x[j + h] = a - c;
-            }
-    const float norm = 1.0f / sqrtf((float)b);
-    for (int64_t j = 0; j < b; ++j) x[j] *= norm;
-}
-
-/* u[k] = round((x[k] - low) / step); returns low, stores step (1 for a constant row, whose u is 0).
- * rotation_block > 0: x is first rotated block by block (hadamard_block) into scratch [k]. */
-static float quantize_row(const float *x, int64_t k, int64_t rotation_block, float *scratch, uint8_t *u,
-                          float *step_out) {
-    if (rotation_block > 0) {
-        for (int64_t i = 0; i < k; ++i) scratch[i] = x[i];
-        for (int64_t i = 0; i < k; i += rotation_block) hadamard_block(scratch + i, rotation_block);
-        x = scratch;
-    }
-    float lo = x[0], hi = x[0];
-    for (int64_t i = 1; i < k; ++i) {
-        lo = x[i] < lo ? x[i] : lo;
-        hi = x[i] > hi ? x[i] : hi;
-    }
-    const float step = hi > lo ? (hi - lo) / 255.0f : 1.0f;
-    const float inv = 1.0f / step;
-    for (int64_t i = 0; i < k; ++i) {
-        const float v = (x[i] - lo) * inv + 0.5f;  /* >= 0.5 */
-        u[i] = (uint8_t)(v >= 255.0f ? 255 : (int32_t)v);
-    }
-    *step_out = step;
-    return lo;
-}
-
-/* One output from its integer dot product: scale * (step * dot + low * rowsum), the header's formula. */
-static inline float dequantize(int32_t dot, float step, float low, float scale, int32_t rowsum) {
-    return scale * (step * (float)dot + low * (float)rowsum);
-}
+#include "int8_dot.h"
 
 /* Returns 0, or -1 when the quantized-activation buffer cannot be allocated (y untouched). */
 int tm_int8_gemm_small(float *y, const float *x, int64_t x_stride, int64_t rotation_block, const int8_t *q,
@@ -166,32 +34,10 @@ int tm_int8_gemm_small(float *y, const float *x, int64_t x_stride, int64_t rotat
     for (int64_t m = 0; m < num_rows; ++m)
         row_low[m] = quantize_row(x + m * x_stride, k, rotation_block, scratch, u + m * k_pad, &row_step[m]);
 
-    const int64_t num_blocks = n / ROW_BLOCK;
+    const int64_t num_blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t b = 0; b < num_blocks; ++b) {
-        const int64_t n0 = b * ROW_BLOCK;
-        const int8_t *w = q + n0 * k;
-        if (num_rows == 1) {
-            int32_t dots[ROW_BLOCK];
-            block_dots1(u, w, k, dots);
-            for (int r = 0; r < ROW_BLOCK; ++r)
-                y[n0 + r] = dequantize(dots[r], row_step[0], row_low[0], scale[n0 + r], rowsum[n0 + r]);
-            continue;
-        }
-        int32_t dots[ROW_BLOCK][2];
-        for (int64_t m = 0; m < num_rows; m += 2) {
-            const int64_t m1 = m + 1 < num_rows ? m + 1 : m;
-            block_dots(u + m * k_pad, u + m1 * k_pad, w, k, dots);
-            for (int r = 0; r < ROW_BLOCK; ++r) {
-                y[m * n + n0 + r] = dequantize(dots[r][0], row_step[m], row_low[m], scale[n0 + r], rowsum[n0 + r]);
-                y[m1 * n + n0 + r] = dequantize(dots[r][1], row_step[m1], row_low[m1], scale[n0 + r], rowsum[n0 + r]);
-            }
-        }
-    }
-    for (int64_t j = num_blocks * ROW_BLOCK; j < n; ++j)
-        for (int64_t m = 0; m < num_rows; ++m)
-            y[m * n + j] =
-                dequantize(dot_scalar(u + m * k_pad, q + j * k, k), row_step[m], row_low[m], scale[j], rowsum[j]);
+    for (int64_t b = 0; b < num_blocks; ++b)
+        int8_output_block(y, n, u, k_pad, row_low, row_step, q, rowsum, scale, b * ROW_BLOCK, n, num_rows, k);
     free(u);
     free(row_low);
     return 0;

@@ -5,9 +5,7 @@
  * Rows are independent, so large batches split rows across the OpenMP pool (torch's libgomp); small
  * ones run on the calling thread, where a parallel region would cost more than the work.
  */
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
+#include "row_ops.h"
 
 #define PARALLEL_MIN_ROWS 32
 
@@ -24,13 +22,7 @@ void tm_rms_norm(float *out, const float *x, float *residual, const float *weigh
             for (int64_t i = 0; i < hidden; ++i) res[i] += src[i];
             src = res;
         }
-        float sum_sq = 0.0f;
-#pragma omp simd reduction(+ : sum_sq)
-        for (int64_t i = 0; i < hidden; ++i) sum_sq += src[i] * src[i];
-        const float inv_rms = 1.0f / sqrtf(sum_sq / (float)hidden + eps);
-        float *dst = out + t * hidden;
-#pragma omp simd
-        for (int64_t i = 0; i < hidden; ++i) dst[i] = weight[i] * (src[i] * inv_rms);
+        rms_norm_row(out + t * hidden, src, weight, eps, hidden);
     }
 }
 
@@ -38,22 +30,9 @@ void tm_rms_norm(float *out, const float *x, float *residual, const float *weigh
 void tm_silu_and_mul(float *out, const float *x, int64_t num_rows, int64_t width, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if (num_rows >= PARALLEL_MIN_ROWS)
     for (int64_t t = 0; t < num_rows; ++t) {
-        const float *gate = x + t * 2 * width, *up = gate + width;
-        float *dst = out + t * width;
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) dst[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+        const float *gate = x + t * 2 * width;
+        silu_mul_row(out + t * width, gate, gate + width, width);
     }
-}
-
-/* Rotary embedding (neox layout: pairs (i, i + D/2)) of one head: dst = x * cos + rotate_half(x) * sin. */
-static inline void rotate(float *dst, const float *x, const float *cos, const float *sin, int64_t head_dim) {
-    const int64_t half = head_dim / 2;
-    float tmp[half];
-#pragma omp simd
-    for (int64_t i = 0; i < half; ++i) tmp[i] = x[i] * cos[i] - x[i + half] * sin[i];
-#pragma omp simd
-    for (int64_t i = 0; i < half; ++i) dst[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
-    memcpy(dst, tmp, (size_t)half * sizeof(float));
 }
 
 /* qkv: [num_rows, row_stride], each row [q (num_heads * D) | k (num_kv_heads * D) | v (num_kv_heads * D) ...].
@@ -67,11 +46,11 @@ void tm_rotary_write_kv(float *q_out, float *qkv, int64_t row_stride, const floa
         float *row = qkv + t * row_stride;
         const float *c = cos + t * head_dim, *s = sin + t * head_dim;
         for (int64_t h = 0; h < num_heads; ++h)
-            rotate(q_out + (t * num_heads + h) * head_dim, row + h * head_dim, c, s, head_dim);
+            rotate_head(q_out + (t * num_heads + h) * head_dim, row + h * head_dim, c, s, head_dim);
         float *k = row + num_heads * head_dim, *v = k + num_kv_heads * head_dim;
         for (int64_t h = 0; h < num_kv_heads; ++h) {
             float *kh = k + h * head_dim;
-            rotate(kh, kh, c, s, head_dim);
+            rotate_head(kh, kh, c, s, head_dim);
             const int64_t dst = (h * slots_per_head + slots[t]) * head_dim;
             memcpy(k_cache + dst, kh, (size_t)head_dim * sizeof(float));
             memcpy(v_cache + dst, v + h * head_dim, (size_t)head_dim * sizeof(float));

@@ -1,0 +1,111 @@
+/* Decode attention of one query row's heads over one KV head's paged cache, shared by
+ * paged_attention.c and decode_step.c.
+ *
+ * Cache layout, for K and for V: [num_kv_heads, num_blocks, block_size, head_dim] float32, so one
+ * (KV head, block) is a contiguous [block_size, head_dim] tile, found through a request's block table.
+ * attend_one: scores of all positions (K read once), an exact softmax in float32, then the V-weighted
+ * sum (V read once), for `group` query heads sharing the KV head. head_dim % LANES == 0.
+ */
+#ifndef TM_ATTENTION_TILE_H
+#define TM_ATTENTION_TILE_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* 8 floats; aligned(4) makes dereferencing an unaligned pointer legal (vmovups on x86). */
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+#define LANES 8
+
+static inline float hsum(v8 v) {
+    float s = 0.0f;
+    for (int i = 0; i < LANES; ++i) s += v[i];
+    return s;
+}
+
+/* scores[j] = q . k[j] for the n (<= 4) rows of k; head_dim % LANES == 0. Four independent
+ * accumulators keep the FMA pipeline full (one chain is latency-bound at ~1/4 of the rate). */
+static inline void dot4(float *scores, const float *q, const float *k, int64_t n, int64_t head_dim) {
+    v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    const float *k1 = k + (n > 1 ? 1 : 0) * head_dim, *k2 = k + (n > 2 ? 2 : 0) * head_dim;
+    const float *k3 = k + (n > 3 ? 3 : 0) * head_dim;
+    for (int64_t d = 0; d < head_dim; d += LANES) {
+        const v8 qv = *(const v8 *)(q + d);
+        a0 += qv * *(const v8 *)(k + d);
+        a1 += qv * *(const v8 *)(k1 + d);
+        a2 += qv * *(const v8 *)(k2 + d);
+        a3 += qv * *(const v8 *)(k3 + d);
+    }
+    const float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+    for (int64_t j = 0; j < n; ++j) scores[j] = s[j];
+}
+
+/* out += sum_j p[j] * v[j] over n rows of v; four chains as above. */
+static inline void axpy_rows(float *restrict out, const float *p, const float *v, int64_t n, int64_t head_dim) {
+    for (int64_t d = 0; d < head_dim; d += LANES) {
+        v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4) {
+            a0 += p[j] * *(const v8 *)(v + j * head_dim + d);
+            a1 += p[j + 1] * *(const v8 *)(v + (j + 1) * head_dim + d);
+            a2 += p[j + 2] * *(const v8 *)(v + (j + 2) * head_dim + d);
+            a3 += p[j + 3] * *(const v8 *)(v + (j + 3) * head_dim + d);
+        }
+        for (; j < n; ++j) a0 += p[j] * *(const v8 *)(v + j * head_dim + d);
+        *(v8 *)(out + d) += (a0 + a1) + (a2 + a3);
+    }
+}
+
+/* Asks for the n floats at p ahead of use (one request per 64-byte line): blocks sit at random
+ * places in the cache, so the hardware prefetcher restarts at every block and stalls on memory. */
+static inline void prefetch_tile(const float *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 2);
+}
+
+/* The [block_size, head_dim] tile of one KV head in the block_index-th block of a request. */
+static inline const float *tile(const float *cache, int64_t head_base, const int64_t *table, int64_t block_index,
+                                int64_t block_size, int64_t head_dim) {
+    return cache + (head_base + table[block_index]) * block_size * head_dim;
+}
+
+static void attend_one(
+    float *restrict out, const float *restrict q, const float *k_cache, const float *v_cache,
+    const int64_t *table, int64_t seq_len, int64_t group, int64_t kv_head, int64_t num_blocks,
+    int64_t block_size, int64_t head_dim, float scale, float *restrict scores /* [group, seq_len] */) {
+    const int64_t head_base = kv_head * num_blocks;
+    for (int64_t start = 0; start < seq_len; start += block_size) {
+        const int64_t b = start / block_size;
+        const float *k = tile(k_cache, head_base, table, b, block_size, head_dim);
+        const int64_t n = seq_len - start < block_size ? seq_len - start : block_size;
+        if (start + block_size < seq_len)
+            prefetch_tile(tile(k_cache, head_base, table, b + 1, block_size, head_dim), block_size * head_dim);
+        for (int64_t g = 0; g < group; ++g)
+            for (int64_t t = 0; t < n; t += 4)
+                dot4(scores + g * seq_len + start + t, q + g * head_dim, k + t * head_dim, n - t < 4 ? n - t : 4,
+                     head_dim);
+    }
+    for (int64_t g = 0; g < group; ++g) {
+        float *s = scores + g * seq_len;
+        float max = s[0];
+        for (int64_t i = 1; i < seq_len; ++i) max = s[i] > max ? s[i] : max;
+        float sum = 0.0f;
+        for (int64_t i = 0; i < seq_len; ++i) {
+            s[i] = expf((s[i] - max) * scale);
+            sum += s[i];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t i = 0; i < seq_len; ++i) s[i] *= inv;
+    }
+    memset(out, 0, (size_t)(group * head_dim) * sizeof(float));
+    for (int64_t start = 0; start < seq_len; start += block_size) {
+        const int64_t b = start / block_size;
+        const float *v = tile(v_cache, head_base, table, b, block_size, head_dim);
+        const int64_t n = seq_len - start < block_size ? seq_len - start : block_size;
+        if (start + block_size < seq_len)
+            prefetch_tile(tile(v_cache, head_base, table, b + 1, block_size, head_dim), block_size * head_dim);
+        for (int64_t g = 0; g < group; ++g)
+            axpy_rows(out + g * head_dim, scores + g * seq_len + start, v, n, head_dim);
+    }
+}
+
+#endif

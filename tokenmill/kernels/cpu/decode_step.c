@@ -1,0 +1,242 @@
+/* A whole Llama decoder forward for a decode step (one new token per request, a few requests) in one
+ * call: every layer's norms, projections, rotary, K/V write and paged attention, inside one OpenMP
+ * parallel region with barriers between the phases.
+ *
+ * Why: at one token a layer's weights take ~120 us to stream (int8), while running it as ~15 torch /
+ * ctypes calls costs about as much again in dispatch, allocation and thread-pool fork/join. Here the
+ * threads stay in one region for the whole step and meet at ~10 barriers per layer.
+ *
+ * Arithmetic, per layer, row by row (as models/llama.py computes it):
+ *   residual += previous sublayer output (layer 0: residual = embeddings)
+ *   x = rmsnorm(residual) * input_norm;  qkv = x W_qkv^T (+ b);  rotary on q and k;  k, v -> cache
+ *   a = softmax(q k^T * scale) v over the request's cached positions (attention_tile.h)
+ *   residual += a W_o^T (+ b);  x = rmsnorm(residual) * post_norm
+ *   h = silu(x W_gate^T) * (x W_up^T);  out = h W_down^T
+ * and finally hidden = rmsnorm(residual + out) * final_norm.
+ * A projection is float32 or W8A8 int8 (int8_dot.h: each input row quantized per token, down_proj's
+ * input rotated by Hadamard blocks in the same pass) as the tm_linear says.
+ *
+ * Work split: projections by blocks of ROW_BLOCK output channels (schedule static: each thread
+ * streams its half of every weight), attention by (request, KV head) tasks or, with fewer tasks than
+ * 2 per thread, by (request, query head); the per-row phases by rows.
+ *
+ * Invariants: all float tensors are float32 and contiguous; head_dim % 8 == 0; positions index the
+ * rotary tables; slots[r] is the cache slot of row r's new token and seq_lens[r] counts it; the K/V
+ * caches have the head-major layout of attention_tile.h.
+ */
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "attention_tile.h"
+#include "int8_dot.h"
+#include "row_ops.h"
+
+typedef struct {
+    const void *weight;     /* [n, k]: float32, or int8 under the pair budget (int8_dot.h) */
+    const int32_t *rowsum;  /* int8: [n] sums of each weight row */
+    const float *scale;     /* int8: [n] per-output-channel scales */
+    const float *bias;      /* [n] or NULL */
+    int64_t n, k;
+    int64_t rotation_block; /* int8: Hadamard block applied to the input, or 0 */
+    int64_t is_int8;
+} tm_linear;
+
+typedef struct {
+    const float *input_norm, *post_norm; /* [hidden] */
+    tm_linear qkv, o, gate_up, down;
+    float *k_cache, *v_cache; /* [num_kv_heads, num_blocks, block_size, head_dim] */
+} tm_layer;
+
+typedef struct {
+    int64_t num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate;
+    int64_t num_blocks, block_size;
+    float eps, attn_scale;
+    const tm_layer *layers;
+    const float *final_norm;         /* [hidden] */
+    const float *rope_cos, *rope_sin; /* [max_positions, head_dim] */
+} tm_model;
+
+/* Outputs n0 .. n0 + ROW_BLOCK - 1 (fewer at the end of n) of the float32 product y = x w^T for all rows;
+ * rows of x in pairs, so the block's weights come from memory once. */
+static void f32_output_block(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *w_all,
+                             int64_t n0, int64_t n, int64_t num_rows, int64_t k) {
+    if (n0 + ROW_BLOCK > n || k % LANES) {
+        for (int64_t j = n0; j < n0 + ROW_BLOCK && j < n; ++j)
+            for (int64_t m = 0; m < num_rows; ++m) {
+                float acc = 0.0f;
+                for (int64_t i = 0; i < k; ++i) acc += x[m * x_stride + i] * w_all[j * k + i];
+                y[m * y_stride + j] = acc;
+            }
+        return;
+    }
+    const float *w = w_all + n0 * k;
+    for (int64_t m = 0; m < num_rows; m += 2) {
+        const int64_t m1 = m + 1 < num_rows ? m + 1 : m;
+        const float *x0 = x + m * x_stride, *x1 = x + m1 * x_stride;
+        v8 acc[ROW_BLOCK][2];
+        for (int r = 0; r < ROW_BLOCK; ++r) acc[r][0] = acc[r][1] = (v8){0};
+        for (int64_t i = 0; i < k; i += LANES) {
+            if (m == 0 && i % 16 == 0)
+                for (int r = 0; r < ROW_BLOCK; ++r)
+                    __builtin_prefetch(w + (PREFETCH_BLOCKS * ROW_BLOCK + r) * k + i, 0, 3);
+            const v8 a = *(const v8 *)(x0 + i), b = *(const v8 *)(x1 + i);
+            for (int r = 0; r < ROW_BLOCK; ++r) {
+                const v8 wr = *(const v8 *)(w + r * k + i);
+                acc[r][0] += a * wr;
+                acc[r][1] += b * wr;
+            }
+        }
+        for (int r = 0; r < ROW_BLOCK; ++r) {
+            y[m * y_stride + n0 + r] = hsum(acc[r][0]);
+            y[m1 * y_stride + n0 + r] = hsum(acc[r][1]);
+        }
+    }
+}
+
+/* Per-row input of a projection: for int8, row x quantized (and rotated) into u / low / step. */
+typedef struct {
+    uint8_t *u;   /* [num_rows, k_pad] */
+    float *low;   /* [num_rows] */
+    float *step;  /* [num_rows] */
+    int64_t k_pad;
+} quantized_rows;
+
+static inline void prepare_row(const tm_linear *l, const float *x_row, int64_t m, quantized_rows *qr, float *scratch) {
+    if (l->is_int8)
+        qr->low[m] = quantize_row(x_row, l->k, l->rotation_block, scratch, qr->u + m * qr->k_pad, &qr->step[m]);
+}
+
+/* y [num_rows, n] = x [num_rows, k] (row stride k) through l; x already prepared (prepare_row) for int8.
+ * A worksharing loop: every thread of the region must call it. */
+static void linear_phase(const tm_linear *l, float *y, const float *x, const quantized_rows *qr, int64_t num_rows) {
+    const int64_t n = l->n, num_blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < num_blocks; ++b) {
+        const int64_t n0 = b * ROW_BLOCK;
+        if (l->is_int8)
+            int8_output_block(y, n, qr->u, qr->k_pad, qr->low, qr->step, (const int8_t *)l->weight, l->rowsum,
+                              l->scale, n0, n, num_rows, l->k);
+        else
+            f32_output_block(y, n, x, l->k, (const float *)l->weight, n0, n, num_rows, l->k);
+        if (l->bias != NULL)
+            for (int64_t m = 0; m < num_rows; ++m)
+                for (int64_t j = n0; j < n0 + ROW_BLOCK && j < n; ++j) y[m * n + j] += l->bias[j];
+    }
+}
+
+static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+/* hidden: in, the embeddings of the step's tokens [num_rows, hidden]; out, the final normed hidden
+ * states. Row r is request r: its new token at positions[r], cache slot slots[r], attending over
+ * seq_lens[r] positions through block_tables[r * table_stride ...].
+ * Returns 0; 1 when scratch memory could not be allocated; 2 when head_dim % 8 != 0 (hidden untouched). */
+int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, const int64_t *slots,
+                   const int64_t *seq_lens, const int64_t *block_tables, int64_t table_stride, int64_t num_rows,
+                   int num_threads) {
+    const int64_t R = num_rows, H = m->hidden, D = m->head_dim, I = m->intermediate;
+    const int64_t num_heads = m->num_heads, num_kv_heads = m->num_kv_heads, group = num_heads / num_kv_heads;
+    const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D, qkv_n = q_size + 2 * kv_size;
+    if (D % LANES != 0) return 2;
+    int64_t max_seq = 1;
+    for (int64_t r = 0; r < R; ++r) max_seq = seq_lens[r] > max_seq ? seq_lens[r] : max_seq;
+    int64_t max_k = H > I ? H : I;
+    max_k = max_k > q_size ? max_k : q_size;
+    const int64_t k_pad = round_up(max_k, K_ALIGN);
+    const int64_t per_thread = round_up(group * max_seq + max_k, 16); /* scores, then rotation scratch */
+
+    /* One allocation, 64-byte aligned pieces (sizes in floats, each a multiple of 16). */
+    const int64_t sizes[] = {R * H /* residual */, R * max_k /* x */, R * qkv_n, R * q_size /* q */,
+                             R * q_size /* attention out */, R * 2 * I /* gate_up */, R * H /* sublayer out */,
+                             2 * R /* low, step */, R * k_pad / 4 /* u */, per_thread * num_threads};
+    const int num_pieces = (int)(sizeof(sizes) / sizeof(sizes[0]));
+    int64_t total = 0;
+    for (int i = 0; i < num_pieces; ++i) total += round_up(sizes[i], 16);
+    float *arena = (float *)aligned_alloc(64, (size_t)total * sizeof(float));
+    if (arena == NULL) return 1;
+    float *piece[10];
+    int64_t offset = 0;
+    for (int i = 0; i < num_pieces; offset += round_up(sizes[i], 16), ++i) piece[i] = arena + offset;
+    float *residual = piece[0], *x = piece[1], *qkv = piece[2], *q = piece[3], *attn = piece[4], *gate_up = piece[5];
+    float *out = piece[6], *thread_scratch = piece[9];
+    quantized_rows qr = {(uint8_t *)piece[8], piece[7], piece[7] + R, k_pad};
+    const int64_t slots_per_head = m->num_blocks * m->block_size;
+
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *scores = thread_scratch + per_thread * omp_get_thread_num();
+        float *rotation_scratch = scores + group * max_seq;
+        for (int64_t l = 0; l < m->num_layers; ++l) {
+            const tm_layer *ly = &m->layers[l];
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < R; ++r) {
+                float *res = residual + r * H;
+                if (l == 0)
+                    memcpy(res, hidden + r * H, (size_t)H * sizeof(float));
+                else
+                    for (int64_t i = 0; i < H; ++i) res[i] += out[r * H + i];
+                rms_norm_row(x + r * H, res, ly->input_norm, m->eps, H);
+                prepare_row(&ly->qkv, x + r * H, r, &qr, rotation_scratch);
+            }
+            linear_phase(&ly->qkv, qkv, x, &qr, R);
+
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < R; ++r) {
+                const float *c = m->rope_cos + positions[r] * D, *s = m->rope_sin + positions[r] * D;
+                float *row = qkv + r * qkv_n, *k = row + q_size, *v = k + kv_size;
+                for (int64_t h = 0; h < num_heads; ++h) rotate_head(q + r * q_size + h * D, row + h * D, c, s, D);
+                for (int64_t h = 0; h < num_kv_heads; ++h) {
+                    rotate_head(k + h * D, k + h * D, c, s, D);
+                    const int64_t dst = (h * slots_per_head + slots[r]) * D;
+                    memcpy(ly->k_cache + dst, k + h * D, (size_t)D * sizeof(float));
+                    memcpy(ly->v_cache + dst, v + h * D, (size_t)D * sizeof(float));
+                }
+            }
+
+            /* Same value on every thread, so every thread runs the same loop. */
+            const int kv_tasks = R * num_kv_heads >= 2 * (int64_t)omp_get_num_threads();
+            const int64_t tasks_per_row = kv_tasks ? num_kv_heads : num_heads;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t task = 0; task < R * tasks_per_row; ++task) {
+                const int64_t r = task / tasks_per_row, h = task % tasks_per_row;
+                const int64_t first_head = kv_tasks ? h * group : h;
+                const int64_t offset = r * q_size + first_head * D;
+                attend_one(attn + offset, q + offset, ly->k_cache, ly->v_cache, block_tables + r * table_stride,
+                           seq_lens[r], kv_tasks ? group : 1, kv_tasks ? h : h / group, m->num_blocks,
+                           m->block_size, D, m->attn_scale, scores);
+            }
+
+            if (ly->o.is_int8) {
+#pragma omp for schedule(static)
+                for (int64_t r = 0; r < R; ++r) prepare_row(&ly->o, attn + r * q_size, r, &qr, rotation_scratch);
+            }
+            linear_phase(&ly->o, out, attn, &qr, R);
+
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < R; ++r) {
+                float *res = residual + r * H;
+                for (int64_t i = 0; i < H; ++i) res[i] += out[r * H + i];
+                rms_norm_row(x + r * H, res, ly->post_norm, m->eps, H);
+                prepare_row(&ly->gate_up, x + r * H, r, &qr, rotation_scratch);
+            }
+            linear_phase(&ly->gate_up, gate_up, x, &qr, R);
+
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < R; ++r) {
+                const float *gate = gate_up + r * 2 * I;
+                silu_mul_row(x + r * I, gate, gate + I, I);
+                prepare_row(&ly->down, x + r * I, r, &qr, rotation_scratch);
+            }
+            linear_phase(&ly->down, out, x, &qr, R);
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; ++r) {
+            float *res = residual + r * H;
+            for (int64_t i = 0; i < H; ++i) res[i] += out[r * H + i];
+            rms_norm_row(hidden + r * H, res, m->final_norm, m->eps, H);
+        }
+    }
+    free(arena);
+    return 0;
+}

@@ -1,0 +1,176 @@
+"""ctypes binding of decode_step.c: a whole Llama decoder forward for a decode step in one call.
+
+The caller describes the model once (DecodeStepModel: pointers to every layer's weights and K/V cache,
+kept alive by the object) and then runs steps with per-step tensors. Tensors are float32 (int8 weights
+with their int32 row sums) and contiguous; see decode_step.c for the arithmetic and the invariants.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.kernels.cpu.build import load_kernel_library
+
+_i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("weight", _ptr), ("rowsum", _ptr), ("scale", _ptr), ("bias", _ptr), ("n", _i64), ("k", _i64),
+                ("rotation_block", _i64), ("is_int8", _i64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("input_norm", _ptr), ("post_norm", _ptr), ("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear),
+                ("down", _Linear), ("k_cache", _ptr), ("v_cache", _ptr)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("num_layers", _i64), ("hidden", _i64), ("num_heads", _i64), ("num_kv_heads", _i64),
+                ("head_dim", _i64), ("intermediate", _i64), ("num_blocks", _i64), ("block_size", _i64),
+                ("eps", _f32), ("attn_scale", _f32), ("layers", ctypes.POINTER(_Layer)), ("final_norm", _ptr),
+                ("rope_cos", _ptr), ("rope_sin", _ptr)]
+
+
+@functools.cache
+def _kernel() -> ctypes._CFuncPtr | None:
+    lib = load_kernel_library("decode_step")
+    if lib is None:
+        return None
+    fn = lib.tm_decode_step
+    fn.argtypes = [ctypes.POINTER(_Model), _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def decode_step_available() -> bool:
+    return _kernel() is not None
+
+
+@dataclass
+class LinearWeights:
+    """One projection y = x W^T (+ b). Float32: weight [n, k]. Int8 (quant/int8_cpu.py's pair-budget
+    weights): weight [n, k] int8, row_sums [n] int32, scale [n] float32, and the Hadamard block the
+    input is rotated by (0: none)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    row_sums: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    rotation_block: int = 0
+
+    @property
+    def is_int8(self) -> bool:
+        return self.weight.dtype == torch.int8
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: LinearWeights  # output rows: q (num_heads * head_dim) | k | v (num_kv_heads * head_dim each)
+    o: LinearWeights
+    gate_up: LinearWeights  # output rows: gate (intermediate) | up (intermediate)
+    down: LinearWeights
+    kv_cache: tuple[torch.Tensor, torch.Tensor]  # [num_kv_heads, num_blocks, block_size, head_dim] each
+
+
+def _checked(t: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError(f"decode step: {what} must be a contiguous {dtype} CPU tensor, got {t.dtype} {t.device}")
+    return t
+
+
+class DecodeStepModel:
+    """The model as decode_step.c reads it. Holds every tensor it points to, so the pointers stay valid
+    as long as this object lives; the tensors must not be reallocated (weights and caches never are)."""
+
+    def __init__(
+        self, layers: list[LayerWeights], final_norm: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+        num_heads: int, num_kv_heads: int, head_dim: int, eps: float, attn_scale: float,
+    ) -> None:
+        if head_dim % 8:
+            raise ValueError(f"decode step: head_dim must be a multiple of 8, got {head_dim}")
+        self._keep: list[torch.Tensor] = []
+        hidden = final_norm.shape[0]
+        intermediate = layers[0].down.weight.shape[1]
+        num_kv_heads_, num_blocks, block_size, _ = layers[0].kv_cache[0].shape
+        if num_kv_heads_ != num_kv_heads:
+            raise ValueError(f"decode step: the K/V cache has {num_kv_heads_} heads, the model {num_kv_heads}")
+        self._layers = (_Layer * len(layers))()
+        for dst, layer in zip(self._layers, layers):
+            dst.input_norm = self._ptr(layer.input_norm, torch.float32, "a norm weight")
+            dst.post_norm = self._ptr(layer.post_norm, torch.float32, "a norm weight")
+            for name in ("qkv", "o", "gate_up", "down"):
+                setattr(dst, name, self._linear(getattr(layer, name), name))
+            for cache in layer.kv_cache:
+                if cache.shape != layer.kv_cache[0].shape or cache.shape[1:3] != (num_blocks, block_size):
+                    raise ValueError("decode step: every layer's K/V cache must have the same shape")
+            dst.k_cache = self._ptr(layer.kv_cache[0], torch.float32, "the K cache")
+            dst.v_cache = self._ptr(layer.kv_cache[1], torch.float32, "the V cache")
+        expected = {"qkv": ((num_heads + 2 * num_kv_heads) * head_dim, hidden), "o": (hidden, num_heads * head_dim),
+                    "gate_up": (2 * intermediate, hidden), "down": (hidden, intermediate)}
+        for layer in layers:
+            for name, shape in expected.items():
+                if tuple(getattr(layer, name).weight.shape) != shape:
+                    raise ValueError(f"decode step: {name} weight is {tuple(getattr(layer, name).weight.shape)}, "
+                                     f"expected {shape}")
+        self._model = _Model(
+            num_layers=len(layers), hidden=hidden, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            intermediate=intermediate, num_blocks=num_blocks, block_size=block_size, eps=eps, attn_scale=attn_scale,
+            layers=self._layers, final_norm=self._ptr(final_norm, torch.float32, "the final norm weight"),
+            rope_cos=self._ptr(rope_cos, torch.float32, "the rotary cos table"),
+            rope_sin=self._ptr(rope_sin, torch.float32, "the rotary sin table"))
+        self.hidden_size = hidden
+        self.max_positions = rope_cos.shape[0]
+
+    def _ptr(self, t: torch.Tensor, dtype: torch.dtype, what: str) -> int:
+        self._keep.append(_checked(t, dtype, what))
+        return t.data_ptr()
+
+    def _linear(self, lin: LinearWeights, name: str) -> _Linear:
+        n, k = lin.weight.shape
+        out = _Linear(n=n, k=k, is_int8=int(lin.is_int8), rotation_block=lin.rotation_block)
+        if lin.bias is not None:
+            out.bias = self._ptr(lin.bias, torch.float32, f"{name} bias")
+        if lin.is_int8:
+            if lin.row_sums is None or lin.scale is None:
+                raise ValueError(f"decode step: int8 {name} needs its row sums and scales")
+            rb = lin.rotation_block
+            if rb < 0 or (rb and (rb & (rb - 1) or k % rb)):
+                raise ValueError(f"decode step: {name} rotation_block must be 0 or a power of 2 dividing {k}")
+            out.weight = self._ptr(lin.weight, torch.int8, f"{name} weight")
+            out.rowsum = self._ptr(lin.row_sums, torch.int32, f"{name} row sums")
+            out.scale = self._ptr(lin.scale, torch.float32, f"{name} scales")
+        else:
+            if lin.rotation_block:
+                raise ValueError(f"decode step: float32 {name} takes no rotation")
+            out.weight = self._ptr(lin.weight, torch.float32, f"{name} weight")
+        return out
+
+    def run(
+        self, hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+    ) -> torch.Tensor:
+        """hidden [R, hidden] float32 (the embeddings of the step's tokens, one per request; overwritten)
+        -> the final normed hidden states, in place. positions, slots, seq_lens: [R] int64; block_tables:
+        [R, max_blocks] int64 contiguous."""
+        num_rows = hidden.shape[0]
+        _checked(hidden, torch.float32, "hidden")
+        if hidden.shape != (num_rows, self.hidden_size):
+            raise ValueError(f"decode step: hidden must be [R, {self.hidden_size}], got {tuple(hidden.shape)}")
+        for t, what in ((positions, "positions"), (slots, "slots"), (seq_lens, "seq_lens"), (block_tables, "block_tables")):
+            _checked(t, torch.int64, what)
+            if t.shape[0] != num_rows:
+                raise ValueError(f"decode step: {what} must have {num_rows} rows, got {t.shape[0]}")
+        status = _kernel()(
+            ctypes.byref(self._model), hidden.data_ptr(), positions.data_ptr(), slots.data_ptr(), seq_lens.data_ptr(),
+            block_tables.data_ptr(), block_tables.shape[1], num_rows, torch.get_num_threads())
+        if status == 1:
+            raise MemoryError("decode step: no memory for the step's scratch buffers")
+        if status != 0:
+            raise RuntimeError(f"decode step kernel failed with status {status}")
+        return hidden

@@ -1,0 +1,107 @@
+"""Decode steps of a Llama-family model through the one-call C decoder (kernels/cpu/decode_step.c).
+
+A pure decode step of at most `max_rows` requests (one new token each) skips the layer-by-layer
+forward: the embeddings go to decode_step.c, which runs every layer in one OpenMP region and returns
+the final hidden states. Every other step (prefill, mixed, larger batches) runs models/llama.py's
+forward. Both compute the same arithmetic; the C path only removes the per-op dispatch (about half of
+a batch-1 token's time on a 2-core CPU).
+
+It applies on the CPU to float32 models with a float32 K/V cache in the torch backend's head-major
+layout, with projections that are plain float32 Linears or quant/int8_cpu.py's Int8DynamicLinear;
+anything else (fp8, bf16, the triton backend, no C compiler) keeps the layer-by-layer forward.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.kernels.cpu.decode_step import DecodeStepModel, LayerWeights, LinearWeights, decode_step_available
+from tokenmill.layers.linear import Linear
+from tokenmill.quant.int8_cpu import FUSED_MAX_ROWS, Int8DynamicLinear
+
+logger = logging.getLogger("tokenmill")
+
+# Most requests a step may have to take the C decoder. int8: the same bound as Int8DynamicLinear's
+# fused kernel (beyond it fbgemm's blocked GEMM wins). float32: the C kernel's plain row-pair product
+# stays memory-bound up to a few rows, where MKL's GEMM catches up (benchmarks/decode_step_ab.py).
+INT8_MAX_ROWS = FUSED_MAX_ROWS
+FLOAT32_MAX_ROWS = 4
+
+
+class DecodeStepUnsupported(ValueError):
+    """The model cannot run through the C decoder; the reason says why."""
+
+
+def _linear_weights(module: nn.Module, name: str) -> LinearWeights:
+    if isinstance(module, Int8DynamicLinear):
+        return LinearWeights(module._qweight, module.bias, module._qweight_row_sums, module._scale,
+                             0 if module._rotation is None else module._rotation.shape[0])
+    if type(module) is Linear:
+        if module.weight.dtype != torch.float32:
+            raise DecodeStepUnsupported(f"{name} is {module.weight.dtype}, not float32")
+        return LinearWeights(module.weight.detach(), None if module.bias is None else module.bias.detach())
+    raise DecodeStepUnsupported(f"{name} is a {type(module).__name__}")
+
+
+def build_decode_step(model: nn.Module) -> DecodeStepModel:
+    """The C decoder's view of `model` (a LlamaForCausalLM whose K/V caches are bound); raises
+    DecodeStepUnsupported when it cannot take this model."""
+    if not decode_step_available():
+        raise DecodeStepUnsupported("the C decode-step kernel is not available (no C compiler?)")
+    layers = []
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn.attn
+        if attn.backend.name != "torch":
+            raise DecodeStepUnsupported(f"the attention backend is {attn.backend.name}")
+        if attn.kv_cache is None:
+            raise DecodeStepUnsupported("the K/V cache is not bound yet")
+        if attn.kv_cache[0].dtype != torch.float32 or attn.kv_cache[0].device.type != "cpu":
+            raise DecodeStepUnsupported(f"the K/V cache is {attn.kv_cache[0].dtype} on {attn.kv_cache[0].device}")
+        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in norms):
+            raise DecodeStepUnsupported("the norm weights are not float32 CPU tensors")
+        layers.append(LayerWeights(
+            input_norm=norms[0].detach(), post_norm=norms[1].detach(),
+            qkv=_linear_weights(layer.self_attn.qkv_proj, f"layers.{i}.qkv_proj"),
+            o=_linear_weights(layer.self_attn.o_proj, f"layers.{i}.o_proj"),
+            gate_up=_linear_weights(layer.mlp.gate_up_proj, f"layers.{i}.gate_up_proj"),
+            down=_linear_weights(layer.mlp.down_proj, f"layers.{i}.down_proj"),
+            kv_cache=attn.kv_cache))
+    attn0 = model.layers[0].self_attn.attn
+    rotary = model.rotary
+    if rotary.cos.dtype != torch.float32:
+        raise DecodeStepUnsupported(f"the rotary tables are {rotary.cos.dtype}")
+    return DecodeStepModel(
+        layers, model.norm.weight.detach(), rotary.cos, rotary.sin, attn0.num_heads, attn0.num_kv_heads,
+        attn0.head_dim, float(model.norm.eps), float(attn0.scale))
+
+
+class LlamaDecodeStep:
+    """Runs the pure decode steps it takes (`takes`) through the C decoder."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.kernel = build_decode_step(model)
+        quantized = isinstance(model.layers[0].mlp.down_proj, Int8DynamicLinear)
+        self.max_rows = INT8_MAX_ROWS if quantized else FLOAT32_MAX_ROWS
+
+    def takes(self, meta: AttentionMetadata) -> bool:
+        return meta.num_reqs <= self.max_rows and meta.num_tokens == meta.num_reqs and meta.seq_len_bound is None
+
+    def __call__(self, embeddings: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """embeddings [R, hidden] of the step's tokens (one per request, overwritten) -> final hidden states."""
+        return self.kernel.run(embeddings, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+
+
+def attach_decode_step(model: nn.Module) -> bool:
+    """Gives `model` a LlamaDecodeStep when the C decoder can take it; logs the outcome either way."""
+    try:
+        model.decode_step = LlamaDecodeStep(model)
+    except ValueError as exc:  # DecodeStepUnsupported, or a layout DecodeStepModel does not take
+        logger.info("decode steps run layer by layer: %s", exc)
+        return False
+    logger.info("decode steps of up to %d requests run through the one-call C decoder", model.decode_step.max_rows)
+    return True
