@@ -240,3 +240,12 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
     free(arena);
     return 0;
 }
+
+/* y [num_rows, n] = x [num_rows, k] w^T for float32 w [n, k] (rows of x contiguous): the same product as
+ * the decoder's float32 projections, for the vocabulary projection of a decode step. */
+void tm_f32_gemm_small(float *y, const float *x, const float *w, int64_t num_rows, int64_t n, int64_t k,
+                       int num_threads) {
+    const int64_t num_blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t b = 0; b < num_blocks; ++b) f32_output_block(y, n, x, k, w, b * ROW_BLOCK, n, num_rows, k);
+}

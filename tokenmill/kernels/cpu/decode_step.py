@@ -36,18 +36,32 @@ class _Model(ctypes.Structure):
 
 
 @functools.cache
-def _kernel() -> ctypes._CFuncPtr | None:
+def _lib() -> ctypes.CDLL | None:
     lib = load_kernel_library("decode_step")
     if lib is None:
         return None
-    fn = lib.tm_decode_step
-    fn.argtypes = [ctypes.POINTER(_Model), _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
+    lib.tm_decode_step.argtypes = [ctypes.POINTER(_Model), _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_int]
+    lib.tm_decode_step.restype = ctypes.c_int
+    lib.tm_f32_gemm_small.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_int]
+    lib.tm_f32_gemm_small.restype = None
+    return lib
 
 
 def decode_step_available() -> bool:
-    return _kernel() is not None
+    return _lib() is not None
+
+
+def f32_gemm_small(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T -> [M, N], float32 contiguous, with the decoder's float32 product: for a
+    few rows it streams the weight at close to the memory's read rate (MKL's GEMM: about half of it)."""
+    _checked(x, torch.float32, "x")
+    _checked(weight, torch.float32, "weight")
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"f32_gemm_small: shapes {tuple(x.shape)} and {tuple(weight.shape)} do not chain")
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    _lib().tm_f32_gemm_small(y.data_ptr(), x.data_ptr(), weight.data_ptr(), x.shape[0], weight.shape[0],
+                             weight.shape[1], torch.get_num_threads())
+    return y
 
 
 @dataclass
@@ -166,7 +180,7 @@ class DecodeStepModel:
             _checked(t, torch.int64, what)
             if t.shape[0] != num_rows:
                 raise ValueError(f"decode step: {what} must have {num_rows} rows, got {t.shape[0]}")
-        status = _kernel()(
+        status = _lib().tm_decode_step(
             ctypes.byref(self._model), hidden.data_ptr(), positions.data_ptr(), slots.data_ptr(), seq_lens.data_ptr(),
             block_tables.data_ptr(), block_tables.shape[1], num_rows, torch.get_num_threads())
         if status == 1:

@@ -1,0 +1,160 @@
+"""The one-call C decoder (models/llama_decode_step.py, kernels/cpu/decode_step.c): which steps it
+takes, that it computes what the layer-by-layer forward computes, and HF parity through it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+
+from tests.models.utils import check_matches_hf, hf_greedy
+from tokenmill import LLM, SamplingParams
+from tokenmill.kernels.cpu.decode_step import decode_step_available
+from tokenmill.models.llama import LlamaForCausalLM
+
+pytestmark = pytest.mark.skipif(not decode_step_available(), reason="no C compiler for the CPU kernels")
+
+MAX_TOKENS = 10
+
+
+def _prompts(vocab_size: int, lengths: tuple[int, ...]) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randint(3, vocab_size, (n,), generator=gen).tolist() for n in lengths]
+
+
+def _model(llm: LLM) -> LlamaForCausalLM:
+    return llm.engine.core.model
+
+
+@contextmanager
+def compared_with_layer_by_layer(model: LlamaForCausalLM, rel_tol: float) -> Iterator[list[int]]:
+    """Every step the C decoder takes also runs layer by layer (first, so both read the same K/V cache;
+    both write the step's K/V to the same slots); their final hidden states must agree within rel_tol
+    of the largest value. Yields the row counts of the steps compared."""
+    decode_step, original_forward = model.decode_step, model.forward
+    rows: list[int] = []
+    step_input_ids: list[torch.Tensor] = []
+
+    class Compared:
+        def takes(self, meta: Any) -> bool:
+            return decode_step.takes(meta)
+
+        def __call__(self, embeddings: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
+            model.decode_step = None
+            try:
+                reference = original_forward(step_input_ids[-1], positions, meta)
+            finally:
+                model.decode_step = self
+            got = decode_step(embeddings, positions, meta)
+            error = (got - reference).abs().max()
+            assert error <= rel_tol * reference.abs().max(), (meta.seq_lens_list, error)
+            rows.append(got.shape[0])
+            return got
+
+    def forward(input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
+        step_input_ids.append(input_ids)
+        return original_forward(input_ids, positions, meta)
+
+    model.forward = forward
+    model.decode_step = Compared()
+    try:
+        yield rows
+    finally:
+        model.decode_step = decode_step
+        del model.forward
+
+
+@pytest.fixture(scope="module")
+def biased_checkpoint(tiny_checkpoint: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """arch -> a tiny checkpoint whose every bias is random: Qwen2's q/k/v biases, and Llama with
+    attention_bias and mlp_bias (o_proj, gate/up/down biases too). The tiny checkpoints' are zero."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    def make(arch: str) -> Any:
+        base = tiny_checkpoint(arch)
+        cfg = AutoConfig.from_pretrained(base)
+        if arch == "llama":
+            cfg.attention_bias = cfg.mlp_bias = True
+        torch.manual_seed(5)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() > 1 or name.endswith(".bias"):
+                    p.normal_(0, 0.1)
+        path = tmp_path_factory.mktemp(f"biased-{arch}")
+        model.save_pretrained(path)
+        AutoTokenizer.from_pretrained(base).save_pretrained(path)
+        return path
+
+    return make
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "biased-llama", "biased-qwen2"])
+def test_c_decoder_matches_hf(arch: str, tiny_checkpoint: Any, biased_checkpoint: Any) -> None:
+    """Greedy tokens and logprobs equal to HF with every decode step in the C decoder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = biased_checkpoint(arch.removeprefix("biased-")) if arch.startswith("biased-") else tiny_checkpoint(arch)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = _prompts(hf_model.config.vocab_size, (1, 9, 30))
+    expected = hf_greedy(hf_model, AutoTokenizer.from_pretrained(path), prompts, MAX_TOKENS, 5)
+
+    llm = LLM(model=str(path), block_size=8, kv_cache_memory=16 << 20)
+    with compared_with_layer_by_layer(_model(llm), rel_tol=1e-5) as rows:
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
+        outputs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    check_matches_hf(expected, outputs, "tokenmill C decoder")
+    assert rows == [3] * (MAX_TOKENS - 1)  # every decode step, all three requests in each
+
+
+def test_c_decoder_int8_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None:
+    """W8A8 (rotated down_proj): the same quantized arithmetic; both quantize the same activations, so
+    only float rounding (then a rare flipped 8-bit level) separates them."""
+    llm = LLM(model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20, quantization="int8")
+    model = _model(llm)
+    assert model.decode_step is not None and model.decode_step.max_rows >= 6
+    prompts = _prompts(model.config.vocab_size, (2, 5, 8, 16, 17, 40))
+    with compared_with_layer_by_layer(model, rel_tol=1e-2) as rows:
+        # Staggered lengths: steps of 6, 5, ... 1 requests (1 row: query-head tasks; more: KV-head tasks).
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4, 5, 6, 8)]
+        llm.generate(prompts, params, use_tqdm=False)
+    assert rows == [6, 5, 4, 3, 2, 1, 1]
+
+
+def test_steps_it_does_not_take(tiny_checkpoint: Any) -> None:
+    """Prefill and mixed steps, and decode steps of more requests than max_rows, run layer by layer."""
+    llm = LLM(model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20)
+    model = _model(llm)
+    limit = model.decode_step.max_rows
+    with compared_with_layer_by_layer(model, rel_tol=1e-5) as rows:
+        prompts = _prompts(model.config.vocab_size, (4,) * (limit + 1))
+        # limit + 1 requests decode together for 2 steps; then limit of them for 2 more.
+        params = [SamplingParams(temperature=0.0, max_tokens=3 if i == 0 else 5, ignore_eos=True)
+                  for i in range(limit + 1)]
+        llm.generate(prompts, params, use_tqdm=False)
+    assert rows == [limit, limit]
+
+
+def test_off_when_asked_or_not_float32(tiny_checkpoint: Any) -> None:
+    path = str(tiny_checkpoint("llama"))
+    assert LLM(model=path, kv_cache_memory=16 << 20, fused_decode=False).engine.core.model.decode_step is None
+    assert LLM(model=path, kv_cache_memory=16 << 20, dtype="bfloat16").engine.core.model.decode_step is None
+
+
+def test_kernel_rejects_bad_inputs(tiny_checkpoint: Any) -> None:
+    llm = LLM(model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20)
+    kernel = _model(llm).decode_step.kernel
+    hidden = torch.zeros(2, kernel.hidden_size)
+    ints = torch.zeros(2, dtype=torch.int64)
+    tables = torch.zeros(2, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="hidden"):
+        kernel.run(hidden.double(), ints, ints, ints + 1, tables)
+    with pytest.raises(ValueError, match="hidden"):
+        kernel.run(torch.zeros(2, kernel.hidden_size + 1), ints, ints, ints + 1, tables)
+    with pytest.raises(ValueError, match="seq_lens"):
+        kernel.run(hidden, ints, ints, (ints + 1).int(), tables)
+    with pytest.raises(ValueError, match="block_tables"):
+        kernel.run(hidden, ints, ints, ints + 1, tables[:1])
