@@ -36,8 +36,8 @@ class ModelConfig:
     )
     fused_decode: bool = field(
         default=True,
-        metadata=_help("on the CPU, run decode steps of a few requests through the one-call C decoder (every "
-                       "layer in one kernel call); false: layer by layer, as every other step runs"),
+        metadata=_help("on the CPU in float32, run decode steps of up to 64 requests through the one-call C decoder "
+                       "(every layer in one kernel call); false: layer by layer, as every other step runs"),
     )
     enforce_eager: bool = field(
         default=False, metadata=_help("never capture CUDA graphs for decode steps (cuda with the triton backend)")
