@@ -118,7 +118,7 @@ def test_c_decoder_int8_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None
     assert model.decode_step is not None and model.decode_step.max_rows >= 6
     prompts = _prompts(model.config.vocab_size, (2, 5, 8, 16, 17, 40))
     with compared_with_layer_by_layer(model, rel_tol=1e-2) as rows:
-        # Staggered lengths: steps of 6, 5, ... 1 requests (1 row: query-head tasks; more: KV-head tasks).
+        # Staggered lengths: steps of 6, 5, ... 1 requests (1 row: split-K attention; more: a task per KV head).
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4, 5, 6, 8)]
         llm.generate(prompts, params, use_tqdm=False)
     assert rows == [6, 5, 4, 3, 2, 1, 1]

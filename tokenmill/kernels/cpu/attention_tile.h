@@ -5,6 +5,9 @@
  * (KV head, block) is a contiguous [block_size, head_dim] tile, found through a request's block table.
  * attend_one: scores of all positions (K read once), an exact softmax in float32, then the V-weighted
  * sum (V read once), for `group` query heads sharing the KV head. head_dim % LANES == 0.
+ * attend_range / combine_ranges: the same over a block-aligned range of positions, as an unnormalized
+ * partial (max score, sum of exponentials, weighted V sum), and the exact merge of a row's partials
+ * (split-K), so that a few long rows can spread over threads and still read each K/V byte once.
  */
 #ifndef TM_ATTENTION_TILE_H
 #define TM_ATTENTION_TILE_H
@@ -106,6 +109,71 @@ static void attend_one(
         for (int64_t g = 0; g < group; ++g)
             axpy_rows(out + g * head_dim, scores + g * seq_len + start, v, n, head_dim);
     }
+}
+
+/* One partial per query head g: part[g * (head_dim + 2) + ...] = [sum_j e_j v_j (head_dim floats) | max
+ * raw score m | sum_j e_j] over positions j in [start, end), e_j = exp((q . k_j - m) * scale). start is a
+ * multiple of block_size; start < end. */
+static void attend_range(
+    float *restrict part, const float *restrict q, const float *k_cache, const float *v_cache,
+    const int64_t *table, int64_t start, int64_t end, int64_t group, int64_t kv_head, int64_t num_blocks,
+    int64_t block_size, int64_t head_dim, float scale, float *restrict scores /* [group, end - start] */) {
+    const int64_t head_base = kv_head * num_blocks, len = end - start, part_stride = head_dim + 2;
+    for (int64_t pos = start; pos < end; pos += block_size) {
+        const int64_t b = pos / block_size;
+        const float *k = tile(k_cache, head_base, table, b, block_size, head_dim);
+        const int64_t n = end - pos < block_size ? end - pos : block_size;
+        if (pos + block_size < end)
+            prefetch_tile(tile(k_cache, head_base, table, b + 1, block_size, head_dim), block_size * head_dim);
+        for (int64_t g = 0; g < group; ++g)
+            for (int64_t t = 0; t < n; t += 4)
+                dot4(scores + g * len + pos - start + t, q + g * head_dim, k + t * head_dim, n - t < 4 ? n - t : 4,
+                     head_dim);
+    }
+    for (int64_t g = 0; g < group; ++g) {
+        float *s = scores + g * len, *p = part + g * part_stride;
+        float max = s[0];
+        for (int64_t i = 1; i < len; ++i) max = s[i] > max ? s[i] : max;
+        float sum = 0.0f;
+        for (int64_t i = 0; i < len; ++i) {
+            s[i] = expf((s[i] - max) * scale);
+            sum += s[i];
+        }
+        memset(p, 0, (size_t)head_dim * sizeof(float));
+        p[head_dim] = max;
+        p[head_dim + 1] = sum;
+    }
+    for (int64_t pos = start; pos < end; pos += block_size) {
+        const int64_t b = pos / block_size;
+        const float *v = tile(v_cache, head_base, table, b, block_size, head_dim);
+        const int64_t n = end - pos < block_size ? end - pos : block_size;
+        if (pos + block_size < end)
+            prefetch_tile(tile(v_cache, head_base, table, b + 1, block_size, head_dim), block_size * head_dim);
+        for (int64_t g = 0; g < group; ++g)
+            axpy_rows(part + g * part_stride, scores + g * len + pos - start, v, n, head_dim);
+    }
+}
+
+/* out[head_dim] = the softmax-weighted V sum over the num_parts partials of one query head, which lie
+ * part_step floats apart (attend_range's layout); a partial with a zero sum is empty and skipped. */
+static void combine_ranges(float *restrict out, const float *parts, int64_t num_parts, int64_t part_step,
+                           int64_t head_dim, float scale) {
+    float max = parts[head_dim];
+    for (int64_t i = 1; i < num_parts; ++i) {
+        const float *p = parts + i * part_step;
+        if (p[head_dim + 1] > 0.0f && p[head_dim] > max) max = p[head_dim];
+    }
+    float total = 0.0f;
+    memset(out, 0, (size_t)head_dim * sizeof(float));
+    for (int64_t i = 0; i < num_parts; ++i) {
+        const float *p = parts + i * part_step;
+        if (p[head_dim + 1] <= 0.0f) continue;
+        const float w = expf((p[head_dim] - max) * scale);
+        total += w * p[head_dim + 1];
+        for (int64_t d = 0; d < head_dim; ++d) out[d] += w * p[d];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t d = 0; d < head_dim; ++d) out[d] *= inv;
 }
 
 #endif

@@ -169,21 +169,24 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
     max_k = max_k > q_size ? max_k : q_size;
     const int64_t k_pad = round_up(max_k, K_ALIGN);
     const int64_t per_thread = round_up(group * max_seq + max_k, 16); /* scores, then rotation scratch */
+    /* Split-K attention (fewer than 2 (request, KV head) tasks per thread): ranges per (request, KV head). */
+    const int64_t max_splits = (2 * (int64_t)num_threads + R * num_kv_heads - 1) / (R * num_kv_heads);
 
     /* One allocation, 64-byte aligned pieces (sizes in floats, each a multiple of 16). */
     const int64_t sizes[] = {R * H /* residual */, R * max_k /* x */, R * qkv_n, R * q_size /* q */,
                              R * q_size /* attention out */, R * 2 * I /* gate_up */, R * H /* sublayer out */,
-                             2 * R /* low, step */, R * k_pad / 4 /* u */, per_thread * num_threads};
+                             2 * R /* low, step */, R * k_pad / 4 /* u */, per_thread * num_threads,
+                             R * num_heads * max_splits * (D + 2) /* attention partials */};
     const int num_pieces = (int)(sizeof(sizes) / sizeof(sizes[0]));
     int64_t total = 0;
     for (int i = 0; i < num_pieces; ++i) total += round_up(sizes[i], 16);
     float *arena = (float *)aligned_alloc(64, (size_t)total * sizeof(float));
     if (arena == NULL) return 1;
-    float *piece[10];
+    float *piece[11];
     int64_t offset = 0;
     for (int i = 0; i < num_pieces; offset += round_up(sizes[i], 16), ++i) piece[i] = arena + offset;
     float *residual = piece[0], *x = piece[1], *qkv = piece[2], *q = piece[3], *attn = piece[4], *gate_up = piece[5];
-    float *out = piece[6], *thread_scratch = piece[9];
+    float *out = piece[6], *thread_scratch = piece[9], *partials = piece[10];
     quantized_rows qr = {(uint8_t *)piece[8], piece[7], piece[7] + R, k_pad};
     const int64_t slots_per_head = m->num_blocks * m->block_size;
 
@@ -218,17 +221,41 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
                 }
             }
 
-            /* Same value on every thread, so every thread runs the same loop. */
-            const int kv_tasks = R * num_kv_heads >= 2 * (int64_t)omp_get_num_threads();
-            const int64_t tasks_per_row = kv_tasks ? num_kv_heads : num_heads;
+            /* Enough (request, KV head) tasks: one each. Fewer (a few long rows): each one's positions
+             * split into block-aligned ranges over the threads, merged after (split-K). Same values on
+             * every thread, so every thread runs the same loops. */
+            if (R * num_kv_heads >= 2 * (int64_t)omp_get_num_threads()) {
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t task = 0; task < R * tasks_per_row; ++task) {
-                const int64_t r = task / tasks_per_row, h = task % tasks_per_row;
-                const int64_t first_head = kv_tasks ? h * group : h;
-                const int64_t offset = r * q_size + first_head * D;
-                attend_one(attn + offset, q + offset, ly->k_cache, ly->v_cache, block_tables + r * table_stride,
-                           seq_lens[r], kv_tasks ? group : 1, kv_tasks ? h : h / group, m->num_blocks,
-                           m->block_size, D, m->attn_scale, scores);
+                for (int64_t task = 0; task < R * num_kv_heads; ++task) {
+                    const int64_t r = task / num_kv_heads, h = task % num_kv_heads;
+                    const int64_t offset = r * q_size + h * group * D;
+                    attend_one(attn + offset, q + offset, ly->k_cache, ly->v_cache, block_tables + r * table_stride,
+                               seq_lens[r], group, h, m->num_blocks, m->block_size, D, m->attn_scale, scores);
+                }
+            } else {
+                const int64_t splits = max_splits, part_stride = D + 2;
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t task = 0; task < R * num_kv_heads * splits; ++task) {
+                    const int64_t r = task / (num_kv_heads * splits), h = task / splits % num_kv_heads;
+                    const int64_t s = task % splits, seq_len = seq_lens[r];
+                    const int64_t seq_blocks = (seq_len + m->block_size - 1) / m->block_size;
+                    const int64_t start = s * ((seq_blocks + splits - 1) / splits) * m->block_size;
+                    const int64_t end = start + ((seq_blocks + splits - 1) / splits) * m->block_size;
+                    float *part = partials + ((r * num_kv_heads + h) * splits + s) * group * part_stride;
+                    if (start >= seq_len) {
+                        for (int64_t g = 0; g < group; ++g) part[g * part_stride + D + 1] = 0.0f; /* empty */
+                        continue;
+                    }
+                    attend_range(part, q + r * q_size + h * group * D, ly->k_cache, ly->v_cache,
+                                 block_tables + r * table_stride, start, end < seq_len ? end : seq_len, group, h,
+                                 m->num_blocks, m->block_size, D, m->attn_scale, scores);
+                }
+#pragma omp for schedule(static)
+                for (int64_t t = 0; t < R * num_heads; ++t) {
+                    const int64_t r = t / num_heads, hq = t % num_heads, h = hq / group, g = hq % group;
+                    const float *first = partials + ((r * num_kv_heads + h) * splits * group + g) * part_stride;
+                    combine_ranges(attn + r * q_size + hq * D, first, splits, group * part_stride, D, m->attn_scale);
+                }
             }
 
             if (ly->o.is_int8) {
