@@ -1,4 +1,4 @@
-/* A whole Llama decoder forward for a decode step (one new token per request, a few requests) in one
+/* A whole Llama decoder forward for a decode step (one new token per request, up to a few dozen) in one
  * call: every layer's norms, projections, rotary, K/V write and paged attention, inside one OpenMP
  * parallel region with barriers between the phases.
  *
@@ -18,7 +18,8 @@
  *
  * Work split: projections by blocks of ROW_BLOCK output channels (schedule static: each thread
  * streams its half of every weight), attention by (request, KV head) tasks or, with fewer tasks than
- * 2 per thread, by (request, query head); the per-row phases by rows.
+ * 2 per thread, by block-aligned ranges of each one's positions merged after (split-K); the per-row
+ * phases by rows.
  *
  * Invariants: all float tensors are float32 and contiguous; head_dim % 8 == 0; positions index the
  * rotary tables; slots[r] is the cache slot of row r's new token and seq_lens[r] counts it; the K/V
