@@ -20,7 +20,11 @@ from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.kernels.cpu.decode_step import (
-    DecodeStepModel, LayerWeights, LinearWeights, decode_step_available, f32_gemm_small,
+    DecodeStepModel,
+    LayerWeights,
+    LinearWeights,
+    decode_step_available,
+    f32_gemm_small,
 )
 from tokenmill.layers.linear import Linear
 from tokenmill.quant.int8_cpu import Int8DynamicLinear
