@@ -71,54 +71,12 @@ static inline const float *tile(const float *cache, int64_t head_base, const int
     return cache + (head_base + table[block_index]) * block_size * head_dim;
 }
 
-static void attend_one(
-    float *restrict out, const float *restrict q, const float *k_cache, const float *v_cache,
-    const int64_t *table, int64_t seq_len, int64_t group, int64_t kv_head, int64_t num_blocks,
-    int64_t block_size, int64_t head_dim, float scale, float *restrict scores /* [group, seq_len] */) {
-    const int64_t head_base = kv_head * num_blocks;
-    for (int64_t start = 0; start < seq_len; start += block_size) {
-        const int64_t b = start / block_size;
-        const float *k = tile(k_cache, head_base, table, b, block_size, head_dim);
-        const int64_t n = seq_len - start < block_size ? seq_len - start : block_size;
-        if (start + block_size < seq_len)
-            prefetch_tile(tile(k_cache, head_base, table, b + 1, block_size, head_dim), block_size * head_dim);
-        for (int64_t g = 0; g < group; ++g)
-            for (int64_t t = 0; t < n; t += 4)
-                dot4(scores + g * seq_len + start + t, q + g * head_dim, k + t * head_dim, n - t < 4 ? n - t : 4,
-                     head_dim);
-    }
-    for (int64_t g = 0; g < group; ++g) {
-        float *s = scores + g * seq_len;
-        float max = s[0];
-        for (int64_t i = 1; i < seq_len; ++i) max = s[i] > max ? s[i] : max;
-        float sum = 0.0f;
-        for (int64_t i = 0; i < seq_len; ++i) {
-            s[i] = expf((s[i] - max) * scale);
-            sum += s[i];
-        }
-        const float inv = 1.0f / sum;
-        for (int64_t i = 0; i < seq_len; ++i) s[i] *= inv;
-    }
-    memset(out, 0, (size_t)(group * head_dim) * sizeof(float));
-    for (int64_t start = 0; start < seq_len; start += block_size) {
-        const int64_t b = start / block_size;
-        const float *v = tile(v_cache, head_base, table, b, block_size, head_dim);
-        const int64_t n = seq_len - start < block_size ? seq_len - start : block_size;
-        if (start + block_size < seq_len)
-            prefetch_tile(tile(v_cache, head_base, table, b + 1, block_size, head_dim), block_size * head_dim);
-        for (int64_t g = 0; g < group; ++g)
-            axpy_rows(out + g * head_dim, scores + g * seq_len + start, v, n, head_dim);
-    }
-}
-
-/* One partial per query head g: part[g * (head_dim + 2) + ...] = [sum_j e_j v_j (head_dim floats) | max
- * raw score m | sum_j e_j] over positions j in [start, end), e_j = exp((q . k_j - m) * scale). start is a
- * multiple of block_size; start < end. */
-static void attend_range(
-    float *restrict part, const float *restrict q, const float *k_cache, const float *v_cache,
-    const int64_t *table, int64_t start, int64_t end, int64_t group, int64_t kv_head, int64_t num_blocks,
-    int64_t block_size, int64_t head_dim, float scale, float *restrict scores /* [group, end - start] */) {
-    const int64_t head_base = kv_head * num_blocks, len = end - start, part_stride = head_dim + 2;
+/* scores[g * (end - start) + j - start] = q_g . k_j for the group query heads and positions j in
+ * [start, end) of one KV head (head_base = kv_head * num_blocks); start is a multiple of block_size. */
+static void range_scores(float *restrict scores, const float *restrict q, const float *k_cache, const int64_t *table,
+                         int64_t head_base, int64_t start, int64_t end, int64_t group, int64_t block_size,
+                         int64_t head_dim) {
+    const int64_t len = end - start;
     for (int64_t pos = start; pos < end; pos += block_size) {
         const int64_t b = pos / block_size;
         const float *k = tile(k_cache, head_base, table, b, block_size, head_dim);
@@ -130,19 +88,27 @@ static void attend_range(
                 dot4(scores + g * len + pos - start + t, q + g * head_dim, k + t * head_dim, n - t < 4 ? n - t : 4,
                      head_dim);
     }
-    for (int64_t g = 0; g < group; ++g) {
-        float *s = scores + g * len, *p = part + g * part_stride;
-        float max = s[0];
-        for (int64_t i = 1; i < len; ++i) max = s[i] > max ? s[i] : max;
-        float sum = 0.0f;
-        for (int64_t i = 0; i < len; ++i) {
-            s[i] = expf((s[i] - max) * scale);
-            sum += s[i];
-        }
-        memset(p, 0, (size_t)head_dim * sizeof(float));
-        p[head_dim] = max;
-        p[head_dim + 1] = sum;
+}
+
+/* s[i] = exp((s[i] - max) * scale) over len scores in place; stores the raw max, returns the sum. */
+static inline float exp_scores(float *s, int64_t len, float scale, float *max_out) {
+    float max = s[0];
+    for (int64_t i = 1; i < len; ++i) max = s[i] > max ? s[i] : max;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < len; ++i) {
+        s[i] = expf((s[i] - max) * scale);
+        sum += s[i];
     }
+    *max_out = max;
+    return sum;
+}
+
+/* out[g * out_stride + d] += sum_j p_g[j] v_j[d] over positions j in [start, end) (range_scores' layout
+ * for p) of one KV head. */
+static void range_weighted_sum(float *restrict out, int64_t out_stride, const float *restrict probs,
+                               const float *v_cache, const int64_t *table, int64_t head_base, int64_t start,
+                               int64_t end, int64_t group, int64_t block_size, int64_t head_dim) {
+    const int64_t len = end - start;
     for (int64_t pos = start; pos < end; pos += block_size) {
         const int64_t b = pos / block_size;
         const float *v = tile(v_cache, head_base, table, b, block_size, head_dim);
@@ -150,8 +116,40 @@ static void attend_range(
         if (pos + block_size < end)
             prefetch_tile(tile(v_cache, head_base, table, b + 1, block_size, head_dim), block_size * head_dim);
         for (int64_t g = 0; g < group; ++g)
-            axpy_rows(part + g * part_stride, scores + g * len + pos - start, v, n, head_dim);
+            axpy_rows(out + g * out_stride, probs + g * len + pos - start, v, n, head_dim);
     }
+}
+
+static void attend_one(
+    float *restrict out, const float *restrict q, const float *k_cache, const float *v_cache,
+    const int64_t *table, int64_t seq_len, int64_t group, int64_t kv_head, int64_t num_blocks,
+    int64_t block_size, int64_t head_dim, float scale, float *restrict scores /* [group, seq_len] */) {
+    const int64_t head_base = kv_head * num_blocks;
+    range_scores(scores, q, k_cache, table, head_base, 0, seq_len, group, block_size, head_dim);
+    for (int64_t g = 0; g < group; ++g) {
+        float *s = scores + g * seq_len, max;
+        const float inv = 1.0f / exp_scores(s, seq_len, scale, &max);
+        for (int64_t i = 0; i < seq_len; ++i) s[i] *= inv;
+    }
+    memset(out, 0, (size_t)(group * head_dim) * sizeof(float));
+    range_weighted_sum(out, head_dim, scores, v_cache, table, head_base, 0, seq_len, group, block_size, head_dim);
+}
+
+/* One partial per query head g: part[g * (head_dim + 2) + ...] = [sum_j e_j v_j (head_dim floats) | max
+ * raw score m | sum_j e_j] over positions j in [start, end), e_j = exp((q . k_j - m) * scale). start is a
+ * multiple of block_size; start < end. */
+static void attend_range(
+    float *restrict part, const float *restrict q, const float *k_cache, const float *v_cache,
+    const int64_t *table, int64_t start, int64_t end, int64_t group, int64_t kv_head, int64_t num_blocks,
+    int64_t block_size, int64_t head_dim, float scale, float *restrict scores /* [group, end - start] */) {
+    const int64_t head_base = kv_head * num_blocks, len = end - start, part_stride = head_dim + 2;
+    range_scores(scores, q, k_cache, table, head_base, start, end, group, block_size, head_dim);
+    for (int64_t g = 0; g < group; ++g) {
+        float *p = part + g * part_stride;
+        p[head_dim + 1] = exp_scores(scores + g * len, len, scale, &p[head_dim]);
+        memset(p, 0, (size_t)head_dim * sizeof(float));
+    }
+    range_weighted_sum(part, part_stride, scores, v_cache, table, head_base, start, end, group, block_size, head_dim);
 }
 
 /* out[head_dim] = the softmax-weighted V sum over the num_parts partials of one query head, which lie

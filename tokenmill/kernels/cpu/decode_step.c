@@ -59,8 +59,32 @@ typedef struct {
     const float *rope_cos, *rope_sin; /* [max_positions, head_dim] */
 } tm_model;
 
+/* The ROW_BLOCK outputs at n0 of the rows rows[0 .. count) of x (count 2 or 3, a constant once inlined;
+ * a row may repeat, written twice from the same sums). Rows by threes: 12 accumulators + 3 rows of x + 1
+ * of w fill the 16 AVX2 registers, so each w load feeds 3 FMAs. Every output sums in the same order
+ * whatever count is, so a row's result does not depend on the batch it is in. */
+static inline __attribute__((always_inline)) void f32_block_rows(
+    float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *w, const int64_t rows[3], int count,
+    int prefetch, int64_t n0, int64_t k) {
+    v8 acc[ROW_BLOCK][3];
+    for (int r = 0; r < ROW_BLOCK; ++r)
+        for (int j = 0; j < count; ++j) acc[r][j] = (v8){0};
+    for (int64_t i = 0; i < k; i += LANES) {
+        if (prefetch && i % 16 == 0)
+            for (int r = 0; r < ROW_BLOCK; ++r) __builtin_prefetch(w + (PREFETCH_BLOCKS * ROW_BLOCK + r) * k + i, 0, 3);
+        v8 xv[3];
+        for (int j = 0; j < count; ++j) xv[j] = *(const v8 *)(x + rows[j] * x_stride + i);
+        for (int r = 0; r < ROW_BLOCK; ++r) {
+            const v8 wr = *(const v8 *)(w + r * k + i);
+            for (int j = 0; j < count; ++j) acc[r][j] += xv[j] * wr;
+        }
+    }
+    for (int r = 0; r < ROW_BLOCK; ++r)
+        for (int j = 0; j < count; ++j) y[rows[j] * y_stride + n0 + r] = hsum(acc[r][j]);
+}
+
 /* Outputs n0 .. n0 + ROW_BLOCK - 1 (fewer at the end of n) of the float32 product y = x w^T for all rows;
- * rows of x in pairs, so the block's weights come from memory once. */
+ * the block's weights come from memory once (the first group of rows prefetches ahead) and from L1 after. */
 static void f32_output_block(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *w_all,
                              int64_t n0, int64_t n, int64_t num_rows, int64_t k) {
     if (n0 + ROW_BLOCK > n || k % LANES) {
@@ -74,49 +98,14 @@ static void f32_output_block(float *y, int64_t y_stride, const float *x, int64_t
     }
     const float *w = w_all + n0 * k;
     int64_t m = 0;
-    /* Rows by threes: 12 accumulators + 3 rows of x + 1 of w fill the 16 AVX2 registers, so each w load
-     * feeds 3 FMAs (the pair loop below: 2), which is what bounds larger batches. */
     for (; m + 3 <= num_rows; m += 3) {
-        const float *x0 = x + m * x_stride, *x1 = x0 + x_stride, *x2 = x1 + x_stride;
-        v8 acc[ROW_BLOCK][3];
-        for (int r = 0; r < ROW_BLOCK; ++r) acc[r][0] = acc[r][1] = acc[r][2] = (v8){0};
-        for (int64_t i = 0; i < k; i += LANES) {
-            if (m == 0 && i % 16 == 0)
-                for (int r = 0; r < ROW_BLOCK; ++r)
-                    __builtin_prefetch(w + (PREFETCH_BLOCKS * ROW_BLOCK + r) * k + i, 0, 3);
-            const v8 a = *(const v8 *)(x0 + i), b = *(const v8 *)(x1 + i), c = *(const v8 *)(x2 + i);
-            for (int r = 0; r < ROW_BLOCK; ++r) {
-                const v8 wr = *(const v8 *)(w + r * k + i);
-                acc[r][0] += a * wr;
-                acc[r][1] += b * wr;
-                acc[r][2] += c * wr;
-            }
-        }
-        for (int r = 0; r < ROW_BLOCK; ++r)
-            for (int j = 0; j < 3; ++j) y[(m + j) * y_stride + n0 + r] = hsum(acc[r][j]);
+        const int64_t rows[3] = {m, m + 1, m + 2};
+        f32_block_rows(y, y_stride, x, x_stride, w, rows, 3, m == 0, n0, k);
     }
-    /* The last 1-2 rows (all of a 1- or 2-row batch); each output sums in the same order as above, so a
-     * row's result does not depend on the batch it is in. */
-    for (; m < num_rows; m += 2) {
-        const int64_t m1 = m + 1 < num_rows ? m + 1 : m;
-        const float *x0 = x + m * x_stride, *x1 = x + m1 * x_stride;
-        v8 acc[ROW_BLOCK][2];
-        for (int r = 0; r < ROW_BLOCK; ++r) acc[r][0] = acc[r][1] = (v8){0};
-        for (int64_t i = 0; i < k; i += LANES) {
-            if (m == 0 && i % 16 == 0)
-                for (int r = 0; r < ROW_BLOCK; ++r)
-                    __builtin_prefetch(w + (PREFETCH_BLOCKS * ROW_BLOCK + r) * k + i, 0, 3);
-            const v8 a = *(const v8 *)(x0 + i), b = *(const v8 *)(x1 + i);
-            for (int r = 0; r < ROW_BLOCK; ++r) {
-                const v8 wr = *(const v8 *)(w + r * k + i);
-                acc[r][0] += a * wr;
-                acc[r][1] += b * wr;
-            }
-        }
-        for (int r = 0; r < ROW_BLOCK; ++r) {
-            y[m * y_stride + n0 + r] = hsum(acc[r][0]);
-            y[m1 * y_stride + n0 + r] = hsum(acc[r][1]);
-        }
+    for (; m < num_rows; m += 2) { /* the last 1-2 rows (all of a 1- or 2-row batch) */
+        const int64_t last = m + 1 < num_rows ? m + 1 : m;
+        const int64_t rows[3] = {m, last, last};
+        f32_block_rows(y, y_stride, x, x_stride, w, rows, 2, m == 0, n0, k);
     }
 }
 
