@@ -44,10 +44,7 @@ import argparse
 import gc
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,16 +55,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
 import torch
 from cpu_report_md import evaluate_targets, markdown  # this directory is on sys.path when run as a script
 
 from tokenmill.bench.machine import ModelCosts, measure_machine
+from tokenmill.bench.server_process import ServerProcess, free_port, running_server
 from tokenmill.bench.throughput import Workload, build_hf_model, make_workload, run_hf, run_tokenmill
 
 SECTIONS = ("machine", "w1", "mixed", "batch1", "serve")
 OFFLINE_SECTIONS = ("w1", "mixed", "batch1")
-QUANTIZATIONS = {"tokenmill fp32": "none", "tokenmill int8": "int8"}
+QUANTIZATIONS = {"tokenmill fp32": "none", "tokenmill int8": "int8", "tokenmill int4": "int4"}
 HF = "hf"
 HF_MAX_BATCH = 64
 SERVE_SLOS_MS = {"ttft": 500.0, "tpot": 100.0}
@@ -258,72 +255,17 @@ def batch1_result(runs: list[dict[str, float]], output_len: int, weight_bytes: i
 
 # ---- serving --------------------------------------------------------------------------------------
 
-@dataclass
-class ServerProcess:
-    proc: subprocess.Popen[bytes]
-    base_url: str
-    log_path: Path
-    startup_s: float = 0.0
-
-    def log_tail(self, chars: int = 2000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.is_file() else ""
-
-    def summary(self) -> dict[str, Any]:
-        return {"pid": self.proc.pid, "base_url": self.base_url, "startup_s": self.startup_s,
-                "returncode": self.proc.returncode, "stopped": self.proc.returncode is not None}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_healthy(server: ServerProcess, timeout_s: float) -> None:
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout_s:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"tokenmill serve exited with {server.proc.returncode}:\n{server.log_tail()}")
-        try:
-            if httpx.get(server.base_url + "/health", timeout=2.0, trust_env=False).status_code == 200:
-                server.startup_s = time.perf_counter() - start
-                return
-        except httpx.TransportError:
-            pass  # not listening yet
-        time.sleep(0.2)
-    raise RuntimeError(f"tokenmill serve not healthy after {timeout_s:.0f} s:\n{server.log_tail()}")
-
-
-def stop_server(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    """SIGTERM (the server drains and exits 0); SIGKILL if it is still there after timeout_s, or if
-    anything (a Ctrl-C) interrupts the wait. Not SIGINT: a shell starts background jobs with SIGINT
-    ignored, and their children inherit that."""
-    try:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        log(f"tokenmill serve still running {timeout_s:g} s after SIGTERM; killing it")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+def tokenmill_command(model: str | None, quantization: str, port: int) -> list[str]:
+    cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "--log-level", "WARNING", "serve", "--port", str(port)]
+    return cmd + (["--model", model] if model else []) + ["--quantization", quantization]
 
 
 @contextmanager
 def tokenmill_server(model: str | None, quantization: str, log_dir: str) -> Iterator[ServerProcess]:
     port = free_port()
-    cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "--log-level", "WARNING", "serve", "--port", str(port)]
-    cmd += (["--model", model] if model else []) + ["--quantization", quantization]
-    log_path = Path(log_dir) / "server.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
-    try:
-        wait_healthy(server, timeout_s=300.0)
+    with running_server("tokenmill serve", tokenmill_command(model, quantization, port), port,
+                        Path(log_dir) / "server.log") as server:
         yield server
-    finally:
-        stop_server(proc)
 
 
 def serve_section(model: str | None, quantization: str, plan: Plan, tokenizer: Any, num_runs: int) -> dict[str, Any]:

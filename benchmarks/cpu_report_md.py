@@ -21,6 +21,7 @@ TARGETS = (
     Target("W1 offline: tokenmill fp32 vs HF", (*W1, "tokenmill fp32", "ratio_vs_hf"), 2.5, True, "x"),
     Target("W1 offline: tokenmill int8 vs HF", (*W1, "tokenmill int8", "ratio_vs_hf"), 3.0, True, "x"),
     Target("batch-1 decode: tokenmill int8 vs HF", (*BATCH1, "tokenmill int8", "decode_ratio_vs_hf"), 6.0, True, "x"),
+    Target("batch-1 decode: tokenmill int4 vs HF", (*BATCH1, "tokenmill int4", "decode_ratio_vs_hf"), 6.0, True, "x"),
     Target("batch-1 decode: tokenmill fp32 vs HF", (*BATCH1, "tokenmill fp32", "decode_ratio_vs_hf"), 2.5, True, "x"),
     Target("serving at 1 req/s: p99 TTFT", ("serve", "summary", "p99_ttft_ms"), 500.0, False, " ms"),
     Target("serving at 1 req/s: p99 TPOT", ("serve", "summary", "p99_tpot_ms"), 100.0, False, " ms"),
@@ -122,7 +123,8 @@ def md_method(report: dict[str, Any]) -> list[str]:
              " (attention products left out); fraction = FLOPs / median time / GEMM peak."),
             (f"- Batch-1 weight bytes per decode step: fp32 {weight_mb['none']:.0f} MB (4 bytes per parameter), int8"
              f" {weight_mb['int8']:.0f} MB (1 byte per decoder matmul and lm_head weight + a 4-byte scale per output"
-             " channel; norms fp32); fraction = bytes x decode tok/s / read bandwidth (above 100% means the"
+             f" channel; norms fp32), int4 {weight_mb.get('int4', float('nan')):.0f} MB (0.625 bytes per decoder"
+             " matmul weight: 4 bits + an fp16 scale and minimum per 32; lm_head as int8); fraction = bytes x decode tok/s / read bandwidth (above 100% means the"
              " weights partly stay in cache)."),
             "- Decode tok/s = (output tokens - 1) / (time of the full run - time of a 1-token run of the same prompt)."]
 

@@ -26,13 +26,14 @@ class ModelConfig:
     )
     quantization: str = field(
         default="none",
-        metadata=_help("none, int8 (CPU: int8 weights per channel + dynamic int8 activations) or fp8 (FP8 "
-                       "weights with per-channel scales; Hopper GPUs)"),
+        metadata=_help("none, int8 (CPU: int8 weights per channel + dynamic int8 activations), int4 (CPU: 4-bit "
+                       "weights in groups of 32 with fp16 scale and minimum, GGUF's Q4_1 rule, + 16-bit activations "
+                       "per group at decode) or fp8 (FP8 weights with per-channel scales; Hopper GPUs)"),
     )
     quantize_lm_head: bool = field(
         default=True,
-        metadata=_help("with quantization=int8, also quantize the vocabulary projection (lm_head), the largest "
-                       "weight every decode step reads (false: keep it float32); ignored otherwise"),
+        metadata=_help("with quantization=int8 or int4, also quantize the vocabulary projection (lm_head) to int8, "
+                       "the largest weight every decode step reads (false: keep it float32); ignored otherwise"),
     )
     fused_decode: bool = field(
         default=True,
@@ -52,8 +53,8 @@ class ModelConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.quantization not in ("none", "int8", "fp8"):
-            raise ValueError(f"quantization must be none, int8 or fp8, got {self.quantization!r}")
+        if self.quantization not in ("none", "int8", "int4", "fp8"):
+            raise ValueError(f"quantization must be none, int8, int4 or fp8, got {self.quantization!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

@@ -17,8 +17,10 @@ from types import ModuleType
 
 import pytest
 
+from tokenmill.bench.server_process import stop_server
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-ENGINES = {"tokenmill fp32", "tokenmill int8", "hf"}
+ENGINES = {"tokenmill fp32", "tokenmill int8", "tokenmill int4", "hf"}
 
 
 @pytest.fixture
@@ -52,7 +54,8 @@ def test_quick_report_runs_every_section(tiny_checkpoint, tmp_path: Path) -> Non
                    for r in results.values())
     batch1 = sections["batch1"]["results"]
     assert set(batch1) == ENGINES
-    assert batch1["tokenmill int8"]["weight_bytes_per_step"] < batch1["tokenmill fp32"]["weight_bytes_per_step"]
+    bytes_per_step = {name: batch1[name]["weight_bytes_per_step"] for name in ENGINES - {"hf"}}
+    assert bytes_per_step["tokenmill int4"] < bytes_per_step["tokenmill int8"] < bytes_per_step["tokenmill fp32"]
     assert all(r["e2e_tok_per_s"] > 0 and len(r["runs"]) == 1 for r in batch1.values())
 
     serve = sections["serve"]
@@ -64,7 +67,7 @@ def test_quick_report_runs_every_section(tiny_checkpoint, tmp_path: Path) -> Non
         os.kill(serve["server"]["pid"], 0)
 
     targets = {t["target"]: t["pass"] for t in report["targets"]}
-    assert len(targets) == 8
+    assert len(targets) == 9
     # Measured, so pass or fail; a batch-1 decode rate may be lost in the noise of 8 tokens (None).
     assert all(passed in (True, False) for name, passed in targets.items() if not name.startswith("batch-1"))
     markdown = md_path.read_text()
@@ -73,13 +76,13 @@ def test_quick_report_runs_every_section(tiny_checkpoint, tmp_path: Path) -> Non
     assert markdown in result.stdout
 
 
-def test_stop_server_terminates_then_kills(cpu_report: ModuleType) -> None:
+def test_stop_server_terminates_then_kills() -> None:
     polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     ignore_sigterm = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(60)"
     stubborn = subprocess.Popen([sys.executable, "-c", ignore_sigterm], stdout=subprocess.PIPE)
     stubborn.stdout.readline()  # its SIGTERM handler is installed
-    cpu_report.stop_server(polite)
-    cpu_report.stop_server(stubborn, timeout_s=0.5)
+    stop_server(polite)
+    stop_server(stubborn, timeout_s=0.5)
     assert polite.returncode == -signal.SIGTERM
     assert stubborn.returncode == -9  # SIGKILL after the timeout
 

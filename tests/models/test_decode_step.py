@@ -14,6 +14,7 @@ from tests.models.utils import check_matches_hf, hf_greedy
 from tokenmill import LLM, SamplingParams
 from tokenmill.kernels.cpu.decode_step import decode_step_available
 from tokenmill.models.llama import LlamaForCausalLM
+from tokenmill.quant.int4_cpu import Int4GroupLinear
 
 pytestmark = pytest.mark.skipif(not decode_step_available(), reason="no C compiler for the CPU kernels")
 
@@ -119,6 +120,20 @@ def test_c_decoder_int8_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None
     prompts = _prompts(model.config.vocab_size, (2, 5, 8, 16, 17, 40))
     with compared_with_layer_by_layer(model, rel_tol=1e-2) as rows:
         # Staggered lengths: steps of 6, 5, ... 1 requests (1 row: split-K attention; more: a task per KV head).
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4, 5, 6, 8)]
+        llm.generate(prompts, params, use_tqdm=False)
+    assert rows == [6, 5, 4, 3, 2, 1, 1]
+
+
+def test_c_decoder_int4_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None:
+    """W4A16 groups: the decoder's projections are int4_gemm's arithmetic; only float rounding in the
+    other ops (then a flipped 16-bit level) separates the two paths."""
+    llm = LLM(model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20, quantization="int4")
+    model = _model(llm)
+    assert isinstance(model.layers[0].mlp.down_proj, Int4GroupLinear)
+    assert model.decode_step is not None
+    prompts = _prompts(model.config.vocab_size, (2, 5, 8, 16, 17, 40))
+    with compared_with_layer_by_layer(model, rel_tol=1e-3) as rows:
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4, 5, 6, 8)]
         llm.generate(prompts, params, use_tqdm=False)
     assert rows == [6, 5, 4, 3, 2, 1, 1]

@@ -17,7 +17,8 @@ Model costs (`ModelCosts.from_state_dict`), from the HF-named weights:
 - weight bytes read per decode step: fp32 = 4 bytes per parameter (decoder matmuls, lm_head, norm
   vectors; the embedding row lookup is negligible); int8 = 1 byte per decoder matmul and lm_head
   weight plus a 4-byte scale per output channel, norms fp32 (`--quantization int8`'s default,
-  which quantizes lm_head too).
+  which quantizes lm_head too); int4 = half a byte per decoder matmul weight plus an fp16 scale and
+  minimum per group of 32 (0.625 bytes per weight), lm_head int8 as above.
 """
 
 from __future__ import annotations
@@ -141,13 +142,15 @@ class ModelCosts:
         return processed_tokens * self.flops_per_token + sampled_rows * self.flops_per_sampled_row
 
     def decode_weight_bytes(self, quantization: str) -> int:
+        vocab_channels = self.lm_head_params // self.hidden_size
+        int8_head = self.lm_head_params + 4 * vocab_channels
         if quantization == "int8":
-            vocab_channels = self.lm_head_params // self.hidden_size
-            int8_params = self.matmul_params + self.lm_head_params
-            return int8_params + 4 * (self.matmul_out_channels + vocab_channels + self.other_params)
+            return self.matmul_params + 4 * self.matmul_out_channels + int8_head + 4 * self.other_params
+        if quantization == "int4":
+            return self.matmul_params * 5 // 8 + int8_head + 4 * self.other_params
         return 4 * (self.matmul_params + self.lm_head_params + self.other_params)
 
     def summary(self) -> dict[str, Any]:
         return {**asdict(self), "flops_per_token": self.flops_per_token,
                 "flops_per_sampled_row": self.flops_per_sampled_row,
-                "decode_weight_bytes": {q: self.decode_weight_bytes(q) for q in ("none", "int8")}}
+                "decode_weight_bytes": {q: self.decode_weight_bytes(q) for q in ("none", "int8", "int4")}}

@@ -79,6 +79,11 @@ class EngineCore:
             calibration_ids = loaded.tokenizer.encode(CALIBRATION_TEXT, add_special_tokens=True)
             replaced = quantize_model_int8(model, calibration_ids, quantize_lm_head=config.model.quantize_lm_head)
             logger.info("int8 W8A8: %d projections quantized", replaced)
+        elif config.model.quantization == "int4":
+            from tokenmill.quant.int4_cpu import quantize_model_int4
+
+            replaced = quantize_model_int4(model, quantize_lm_head=config.model.quantize_lm_head)
+            logger.info("int4 W4A16: %d projections quantized", replaced)
         self.model = model.eval()
 
         layer0 = model.attention_layers[0]

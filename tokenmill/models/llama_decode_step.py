@@ -7,7 +7,8 @@ forward. Both compute the same arithmetic; the C path only removes the per-op di
 a batch-1 token's time on a 2-core CPU).
 
 It applies on the CPU to float32 models with a float32 K/V cache in the torch backend's head-major
-layout, with projections that are plain float32 Linears or quant/int8_cpu.py's Int8DynamicLinear;
+layout, with projections that are plain float32 Linears, quant/int8_cpu.py's Int8DynamicLinear or
+quant/int4_cpu.py's Int4GroupLinear;
 anything else (fp8, bf16, the triton backend, no C compiler) keeps the layer-by-layer forward.
 """
 
@@ -27,6 +28,7 @@ from tokenmill.kernels.cpu.decode_step import (
     f32_gemm_small,
 )
 from tokenmill.layers.linear import Linear
+from tokenmill.quant.int4_cpu import Int4GroupLinear
 from tokenmill.quant.int8_cpu import Int8DynamicLinear
 
 logger = logging.getLogger("tokenmill")
@@ -48,6 +50,9 @@ class DecodeStepUnsupported(ValueError):
 
 
 def _linear_weights(module: nn.Module, name: str) -> LinearWeights:
+    if isinstance(module, Int4GroupLinear):
+        return LinearWeights(module.packed, module.bias, scale=module.group_scale, group_min=module.group_min,
+                             int4_shape=(module.out_features, module.in_features))
     if isinstance(module, Int8DynamicLinear):
         return LinearWeights(module._qweight, module.bias, module._qweight_row_sums, module._scale,
                              0 if module._rotation is None else module._rotation.shape[0])

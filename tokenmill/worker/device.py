@@ -71,8 +71,8 @@ def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, backend: str) -> torch
 def check_quantization(config: EngineConfig, device: torch.device, backend: str) -> None:
     if config.model.quantization == "fp8" and (device.type != "cuda" or backend != "triton"):
         raise ValueError("quantization='fp8' runs on CUDA GPUs (Hopper or newer) with the triton backend")
-    if config.model.quantization == "int8" and device.type != "cpu":
-        raise ValueError("quantization='int8' is the CPU's W8A8 path; on CUDA GPUs use fp8")
+    if config.model.quantization in ("int8", "int4") and device.type != "cpu":
+        raise ValueError(f"quantization={config.model.quantization!r} is a CPU path; on CUDA GPUs use fp8")
 
 
 def cuda_graph_sizes(config: EngineConfig, device: torch.device, backend: str) -> list[int]:

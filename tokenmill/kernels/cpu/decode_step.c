@@ -13,8 +13,9 @@
  *   residual += a W_o^T (+ b);  x = rmsnorm(residual) * post_norm
  *   h = silu(x W_gate^T) * (x W_up^T);  out = h W_down^T
  * and finally hidden = rmsnorm(residual + out) * final_norm.
- * A projection is float32 or W8A8 int8 (int8_dot.h: each input row quantized per token, down_proj's
- * input rotated by Hadamard blocks in the same pass) as the tm_linear says.
+ * A projection is float32, W8A8 int8 (int8_dot.h: each input row quantized per token, down_proj's
+ * input rotated by Hadamard blocks in the same pass) or W4A16 int4 (int4_dot.h: 4-bit weight groups,
+ * each group of 32 inputs quantized to 16 bits on its own) as the tm_linear says.
  *
  * Work split: projections by blocks of ROW_BLOCK output channels (schedule static: each thread
  * streams its half of every weight), attention by (request, KV head) tasks or, with fewer tasks than
@@ -31,17 +32,22 @@
 #include <string.h>
 
 #include "attention_tile.h"
+#include "int4_dot.h"
 #include "int8_dot.h"
 #include "row_ops.h"
 
+enum { TM_FLOAT32 = 0, TM_INT8 = 1, TM_INT4 = 2 };
+
 typedef struct {
-    const void *weight;     /* [n, k]: float32, or int8 under the pair budget (int8_dot.h) */
+    const void *weight;     /* float32 [n, k]; int8 [n, k] under the pair budget (int8_dot.h); or int4
+                               packed [n_pad, k / 2] (int4_dot.h) */
     const int32_t *rowsum;  /* int8: [n] sums of each weight row */
     const float *scale;     /* int8: [n] per-output-channel scales */
+    const uint16_t *group_scale, *group_min; /* int4: fp16 [n_pad / 4, k / 32, 4] each */
     const float *bias;      /* [n] or NULL */
     int64_t n, k;
     int64_t rotation_block; /* int8: Hadamard block applied to the input, or 0 */
-    int64_t is_int8;
+    int64_t format;         /* TM_FLOAT32, TM_INT8 or TM_INT4 */
 } tm_linear;
 
 typedef struct {
@@ -109,17 +115,23 @@ static void f32_output_block(float *y, int64_t y_stride, const float *x, int64_t
     }
 }
 
-/* Per-row input of a projection: for int8, row x quantized (and rotated) into u / low / step. */
+/* Per-row input of a projection: for int8, row x quantized (and rotated) into u / low / step; for
+ * int4, into int16 groups (in the same buffer as u) with their group_step / group_sum. */
 typedef struct {
-    uint8_t *u;   /* [num_rows, k_pad] */
+    uint8_t *u;   /* [num_rows, k_pad] bytes, or [num_rows, k_pad] int16 for int4 */
     float *low;   /* [num_rows] */
     float *step;  /* [num_rows] */
+    float *group_step, *group_sum; /* [num_rows, k_pad / 32] each */
     int64_t k_pad;
 } quantized_rows;
 
 static inline void prepare_row(const tm_linear *l, const float *x_row, int64_t m, quantized_rows *qr, float *scratch) {
-    if (l->is_int8)
+    const int64_t g_stride = qr->k_pad / INT4_GROUP;
+    if (l->format == TM_INT8)
         qr->low[m] = quantize_row(x_row, l->k, l->rotation_block, scratch, qr->u + m * qr->k_pad, &qr->step[m]);
+    else if (l->format == TM_INT4)
+        int4_quantize_row(x_row, l->k, (int16_t *)qr->u + m * qr->k_pad, qr->group_step + m * g_stride,
+                          qr->group_sum + m * g_stride);
 }
 
 /* y [num_rows, n] = x [num_rows, k] (row stride k) through l; x already prepared (prepare_row) for int8.
@@ -129,9 +141,13 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < num_blocks; ++b) {
         const int64_t n0 = b * ROW_BLOCK;
-        if (l->is_int8)
+        if (l->format == TM_INT8)
             int8_output_block(y, n, qr->u, qr->k_pad, qr->low, qr->step, (const int8_t *)l->weight, l->rowsum,
                               l->scale, n0, n, num_rows, l->k);
+        else if (l->format == TM_INT4)
+            int4_output_block(y, n, (const int16_t *)qr->u, qr->k_pad, qr->group_step, qr->group_sum,
+                              qr->k_pad / INT4_GROUP, (const uint8_t *)l->weight, l->group_scale, l->group_min, n0,
+                              n, num_rows, l->k);
         else
             f32_output_block(y, n, x, l->k, (const float *)l->weight, n0, n, num_rows, l->k);
         if (l->bias != NULL)
@@ -165,19 +181,21 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
     /* One allocation, 64-byte aligned pieces (sizes in floats, each a multiple of 16). */
     const int64_t sizes[] = {R * H /* residual */, R * max_k /* x */, R * qkv_n, R * q_size /* q */,
                              R * q_size /* attention out */, R * 2 * I /* gate_up */, R * H /* sublayer out */,
-                             2 * R /* low, step */, R * k_pad / 4 /* u */, per_thread * num_threads,
-                             R * num_heads * max_splits * (D + 2) /* attention partials */};
+                             2 * R /* low, step */, R * k_pad / 2 /* u: bytes (int8) or int16 (int4) */, per_thread * num_threads,
+                             R * num_heads * max_splits * (D + 2) /* attention partials */,
+                             2 * R * k_pad / INT4_GROUP /* group_step, group_sum */};
     const int num_pieces = (int)(sizeof(sizes) / sizeof(sizes[0]));
     int64_t total = 0;
     for (int i = 0; i < num_pieces; ++i) total += round_up(sizes[i], 16);
     float *arena = (float *)aligned_alloc(64, (size_t)total * sizeof(float));
     if (arena == NULL) return 1;
-    float *piece[11];
+    float *piece[12];
     int64_t offset = 0;
     for (int i = 0; i < num_pieces; offset += round_up(sizes[i], 16), ++i) piece[i] = arena + offset;
     float *residual = piece[0], *x = piece[1], *qkv = piece[2], *q = piece[3], *attn = piece[4], *gate_up = piece[5];
     float *out = piece[6], *thread_scratch = piece[9], *partials = piece[10];
-    quantized_rows qr = {(uint8_t *)piece[8], piece[7], piece[7] + R, k_pad};
+    quantized_rows qr = {(uint8_t *)piece[8], piece[7], piece[7] + R, piece[11], piece[11] + R * k_pad / INT4_GROUP,
+                         k_pad};
     const int64_t slots_per_head = m->num_blocks * m->block_size;
 
 #pragma omp parallel num_threads(num_threads)
@@ -248,7 +266,7 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
                 }
             }
 
-            if (ly->o.is_int8) {
+            if (ly->o.format != TM_FLOAT32) {
 #pragma omp for schedule(static)
                 for (int64_t r = 0; r < R; ++r) prepare_row(&ly->o, attn + r * q_size, r, &qr, rotation_scratch);
             }

@@ -2,7 +2,7 @@
 
 The caller describes the model once (DecodeStepModel: pointers to every layer's weights and K/V cache,
 kept alive by the object) and then runs steps with per-step tensors. Tensors are float32 (int8 weights
-with their int32 row sums) and contiguous; see decode_step.c for the arithmetic and the invariants.
+with their int32 row sums, int4 weights with float16 group scales and minima) and contiguous; see decode_step.c for the arithmetic and the invariants.
 """
 
 from __future__ import annotations
@@ -14,13 +14,17 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.kernels.cpu.build import load_kernel_library
+from tokenmill.kernels.cpu.int4_gemm import check_int4_weights
 
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("weight", _ptr), ("rowsum", _ptr), ("scale", _ptr), ("bias", _ptr), ("n", _i64), ("k", _i64),
-                ("rotation_block", _i64), ("is_int8", _i64)]
+    _fields_ = [("weight", _ptr), ("rowsum", _ptr), ("scale", _ptr), ("group_scale", _ptr), ("group_min", _ptr),
+                ("bias", _ptr), ("n", _i64), ("k", _i64), ("rotation_block", _i64), ("format", _i64)]
+
+
+FLOAT32, INT8, INT4 = 0, 1, 2  # decode_step.c's tm_linear formats
 
 
 class _Layer(ctypes.Structure):
@@ -68,17 +72,31 @@ def f32_gemm_small(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class LinearWeights:
     """One projection y = x W^T (+ b). Float32: weight [n, k]. Int8 (quant/int8_cpu.py's pair-budget
     weights): weight [n, k] int8, row_sums [n] int32, scale [n] float32, and the Hadamard block the
-    input is rotated by (0: none)."""
+    input is rotated by (0: none). Int4 (quant/int4_cpu.py's groups): weight packed uint8 [n_pad, k / 2],
+    scale and group_min float16 [n_pad / 4, k / 32, 4], and int4_shape = (n, k)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     row_sums: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     rotation_block: int = 0
+    group_min: torch.Tensor | None = None
+    int4_shape: tuple[int, int] | None = None
 
     @property
-    def is_int8(self) -> bool:
-        return self.weight.dtype == torch.int8
+    def format(self) -> int:
+        if self.weight.dtype == torch.int8:
+            return INT8
+        return INT4 if self.weight.dtype == torch.uint8 else FLOAT32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out_features, in_features)."""
+        if self.format == INT4:
+            if self.int4_shape is None:
+                raise ValueError("decode step: int4 weights need their int4_shape (n, k)")
+            return self.int4_shape
+        return (self.weight.shape[0], self.weight.shape[1])
 
 
 @dataclass
@@ -110,7 +128,7 @@ class DecodeStepModel:
             raise ValueError(f"decode step: head_dim must be a multiple of 8, got {head_dim}")
         self._keep: list[torch.Tensor] = []
         hidden = final_norm.shape[0]
-        intermediate = layers[0].down.weight.shape[1]
+        intermediate = layers[0].down.shape[1]
         num_kv_heads_, num_blocks, block_size, _ = layers[0].kv_cache[0].shape
         if num_kv_heads_ != num_kv_heads:
             raise ValueError(f"decode step: the K/V cache has {num_kv_heads_} heads, the model {num_kv_heads}")
@@ -129,8 +147,8 @@ class DecodeStepModel:
                     "gate_up": (2 * intermediate, hidden), "down": (hidden, intermediate)}
         for layer in layers:
             for name, shape in expected.items():
-                if tuple(getattr(layer, name).weight.shape) != shape:
-                    raise ValueError(f"decode step: {name} weight is {tuple(getattr(layer, name).weight.shape)}, "
+                if tuple(getattr(layer, name).shape) != shape:
+                    raise ValueError(f"decode step: {name} weight is {tuple(getattr(layer, name).shape)}, "
                                      f"expected {shape}")
         self._model = _Model(
             num_layers=len(layers), hidden=hidden, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -146,11 +164,18 @@ class DecodeStepModel:
         return t.data_ptr()
 
     def _linear(self, lin: LinearWeights, name: str) -> _Linear:
-        n, k = lin.weight.shape
-        out = _Linear(n=n, k=k, is_int8=int(lin.is_int8), rotation_block=lin.rotation_block)
+        n, k = lin.shape
+        out = _Linear(n=n, k=k, format=lin.format, rotation_block=lin.rotation_block)
         if lin.bias is not None:
             out.bias = self._ptr(lin.bias, torch.float32, f"{name} bias")
-        if lin.is_int8:
+        if lin.format == INT4:
+            if lin.scale is None or lin.group_min is None or lin.rotation_block:
+                raise ValueError(f"decode step: int4 {name} needs its group scales and minima, and takes no rotation")
+            check_int4_weights(lin.weight, lin.scale, lin.group_min, n, k)
+            out.weight = self._ptr(lin.weight, torch.uint8, f"{name} weight")
+            out.group_scale = self._ptr(lin.scale, torch.float16, f"{name} group scales")
+            out.group_min = self._ptr(lin.group_min, torch.float16, f"{name} group minima")
+        elif lin.format == INT8:
             if lin.row_sums is None or lin.scale is None:
                 raise ValueError(f"decode step: int8 {name} needs its row sums and scales")
             rb = lin.rotation_block

@@ -1,0 +1,125 @@
+"""Group-wise 4-bit weights (quant/int4_cpu.py) and the W4A16 kernel (kernels/cpu/int4_gemm.c): the Q4_1
+rule and its packing, exact round trips of weights already on the grid, the product against float64
+within the 16-bit activation rounding bound, and the linear layer's two paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill.kernels.cpu.int4_gemm import int4_dequantize, int4_gemm, int4_gemm_available
+from tokenmill.quant.int4_cpu import (
+    FUSED_MAX_ROWS,
+    Int4GroupLinear,
+    dequantize_weight_groups,
+    quantize_weight_groups,
+)
+
+pytestmark = pytest.mark.skipif(not int4_gemm_available(), reason="C kernels not built (no compiler)")
+
+
+def _q4_1_grid_weights(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Weights as a Q4_1 GGUF dequantizes them: fp16 d and m per group of 32, q in 0..15 with every group
+    holding a 0 and a 15 (the rule puts each group's min at 0 and its max at 15)."""
+    d = (torch.rand(n, k // 32, 1, generator=gen) * 0.01 + 1e-3).half().float()
+    m = (-torch.rand(n, k // 32, 1, generator=gen) * 0.1).half().float()
+    q = torch.randint(0, 16, (n, k // 32, 32), generator=gen).float()
+    q[:, :, 3], q[:, :, 17] = 0.0, 15.0
+    return (d * q + m).reshape(n, k)
+
+
+def test_quantization_follows_the_q4_1_rule() -> None:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(9, 128, generator=gen) * 0.05
+    packed, d, m = quantize_weight_groups(weight)
+    assert packed.shape == (12, 64) and packed.dtype == torch.uint8  # 9 channels padded to 12
+    assert d.shape == m.shape == (3, 4, 4) and d.dtype == m.dtype == torch.float16
+    groups = weight.reshape(9, 4, 32)
+    d_rows = d.transpose(1, 2).reshape(12, 4)[:9].float()
+    m_rows = m.transpose(1, 2).reshape(12, 4)[:9].float()
+    assert torch.equal(m_rows, groups.amin(dim=2).half().float())
+    torch.testing.assert_close(d_rows, (groups.amax(dim=2) - groups.amin(dim=2)) / 15, rtol=1e-3, atol=0)
+    assert torch.all(packed[9:] == 0) and torch.all(d.transpose(1, 2).reshape(12, 4)[9:] == 0)
+    back = dequantize_weight_groups(packed, d, m, 9, 128)
+    # Within half a step of the fp16-rounded grid (plus the fp16 rounding of the minimum).
+    step = d_rows.repeat_interleave(32, dim=1)
+    assert torch.all((back - weight).abs() <= 0.5 * step + 1e-3 * weight.abs().max())
+    # Nibble order: the first 32 inputs of a 64-wide pair sit in the low nibbles.
+    q = torch.round((weight[0, :64] - back[0, :64].min()) / d_rows[0, 0]).clamp(0, 15)
+    assert torch.equal((packed[0, :32] & 0x0F).float(), q[:32])
+
+
+@pytest.mark.parametrize("n,k", [(8, 64), (7, 128), (130, 576)])
+def test_weights_on_the_grid_come_back_bitwise(n: int, k: int) -> None:
+    """A Q4_1 GGUF's weights (the embedded model's) are reproduced exactly: the layer computes with the
+    file's own weights."""
+    weight = _q4_1_grid_weights(n, k, torch.Generator().manual_seed(n + k))
+    packed, d, m = quantize_weight_groups(weight)
+    assert torch.equal(dequantize_weight_groups(packed, d, m, n, k), weight)
+    assert torch.equal(int4_dequantize(packed, d, m, n, k), weight)
+    again = quantize_weight_groups(int4_dequantize(packed, d, m, n, k))
+    assert all(torch.equal(a, b) for a, b in zip(again, (packed, d, m)))
+
+
+# n: multiples of the 4-channel block and ragged tails; k: one and several 64-wide pairs.
+@pytest.mark.parametrize("n,k", [(64, 576), (7, 64), (130, 1536), (5, 128), (12, 192)])
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 7, 40])
+def test_matches_float64_within_the_activation_rounding_bound(n: int, k: int, num_rows: int) -> None:
+    gen = torch.Generator().manual_seed(n * 1000 + k + num_rows)
+    weight = torch.randn(n, k, generator=gen) * 0.05
+    packed, d, m = quantize_weight_groups(weight)
+    w = dequantize_weight_groups(packed, d, m, n, k).double()
+    x = torch.randn(num_rows, k, generator=gen) + torch.randn(num_rows, 1, generator=gen)
+    x[:, 5] *= 50.0  # an outlier channel: it coarsens only its own group
+    y = int4_gemm(x, packed, d, m, n)
+    assert y.shape == (num_rows, n) and y.dtype == torch.float32
+    exact = x.double() @ w.t()
+    # Each activation is off by at most half its group's step, max|x| / 32767 / 2 (the minimum term
+    # uses the exact group sums).
+    step = x.reshape(num_rows, -1, 32).abs().amax(dim=2).double() / 32767
+    d_w = (w - w.reshape(n, -1, 32).amin(dim=2).repeat_interleave(32, dim=1)).abs()  # |d q| per weight
+    bound = 0.5 * step @ d_w.reshape(n, -1, 32).sum(dim=2).t()
+    err = (y.double() - exact).abs()
+    assert torch.all(err <= bound * 1.01 + 1e-5 * exact.abs().max()), float((err - bound).max())
+
+
+def test_reads_strided_rows_and_zero_groups() -> None:
+    gen = torch.Generator().manual_seed(1)
+    packed, d, m = quantize_weight_groups(torch.randn(12, 128, generator=gen))
+    wide = torch.randn(3, 160, generator=gen)
+    wide[1, 16:48] = 0.0  # an all-zero group: step 1, a = 0
+    x = wide[:, 16:144]
+    torch.testing.assert_close(int4_gemm(x, packed, d, m, 12), int4_gemm(x.contiguous(), packed, d, m, 12))
+    w = int4_dequantize(packed, d, m, 12, 128)
+    expected = x @ w.t()
+    # 16-bit activations: off by ~1e-4 of the outputs' scale, not more.
+    torch.testing.assert_close(int4_gemm(x, packed, d, m, 12), expected, rtol=0, atol=3e-4 * float(expected.abs().max()))
+
+
+def test_rejects_bad_inputs() -> None:
+    packed, d, m = quantize_weight_groups(torch.randn(8, 64))
+    with pytest.raises(ValueError, match="64"):
+        quantize_weight_groups(torch.randn(8, 96))
+    with pytest.raises(ValueError, match="float32"):
+        int4_gemm(torch.randn(2, 64).double(), packed, d, m, 8)
+    with pytest.raises(ValueError, match="packed"):
+        int4_gemm(torch.randn(2, 64), packed[:4], d, m, 8)
+    with pytest.raises(ValueError, match="scales"):
+        int4_gemm(torch.randn(2, 64), packed, d.float(), m, 8)
+    with pytest.raises(ValueError, match="64"):
+        int4_gemm(torch.randn(2, 32), packed, d, m, 8)
+
+
+@pytest.mark.parametrize("num_rows", [1, FUSED_MAX_ROWS, FUSED_MAX_ROWS + 1, 100])
+def test_linear_layer_both_paths(num_rows: int) -> None:
+    """The C kernel up to FUSED_MAX_ROWS rows, the dequantized float32 GEMM beyond: both the product
+    with the layer's 4-bit weights (plus the bias), in the input's dtype and leading shape."""
+    gen = torch.Generator().manual_seed(num_rows)
+    weight, bias = torch.randn(20, 128, generator=gen) * 0.05, torch.randn(20, generator=gen)
+    layer = Int4GroupLinear(weight, bias)
+    x = torch.randn(1, num_rows, 128, generator=gen)
+    expected = x @ layer.dequantized_weight().t() + bias
+    y = layer(x)
+    assert y.shape == (1, num_rows, 20)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.dequantized_weight(), weight, rtol=0, atol=0.5 * float(weight.abs().max()) / 15 * 2)

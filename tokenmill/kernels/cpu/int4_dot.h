@@ -1,0 +1,180 @@
+/* W4A16 building blocks shared by int4_gemm.c and decode_step.c: quant/int4_cpu.py's group-wise 4-bit
+ * weights (GGUF's Q4_1 rule) against activations quantized to 16 bits per group.
+ *
+ * Weights: output channel n, group g of GROUP = 32 consecutive input channels, with an fp16 scale d and
+ * minimum m:  w[n, k] = d[n, g] * q[n, k] + m[n, g],  q in 0..15.
+ *   packed [n_pad, k / 2] bytes: the input channels go in pairs of groups (64 channels); byte j (0..31)
+ *     of pair p holds q[64 p + j] in its low nibble and q[64 p + 32 + j] in its high nibble.
+ *   d, m [n_pad / 4, k / 32, 4] fp16: channel blocks of ROW_BLOCK_4 = 4, so one 16-byte load holds the
+ *     scales of 4 channels x 2 groups. n_pad = n rounded up to 4 (padding channels are all zero).
+ * Activations, per row r and group g: a = round(x / s) in [-32767, 32767] with s = max|x| / 32767 (1 for
+ * an all-zero group), and t = the group's exact float sum. Then
+ *   y[r, n] = sum_g d[n, g] s[r, g] sum_{k in g} q[n, k] a[r, k] + m[n, g] t[r, g].
+ * Exactness: vpmaddwd(q widened to int16, a) adds two products into an int32, and a group's sum is at
+ * most 32 * 15 * 32767 < 2^24: exact in int32 and in its float conversion.
+ * Why 16-bit activations: with 8 bits per group (llama.cpp's Q8 blocks) SmolLM2's outlier channels
+ * cost whole groups their precision (measured: logprobs 0.5 nat off fp32 within 4 tokens); 16 bits
+ * leave the weights' own rounding as the only error, for the same vpmadd count per weight.
+ *
+ * Invariants: k % 64 == 0; activation rows have stride a_stride (bytes) and k / 32 group entries at
+ * stride g_stride (floats).
+ */
+#ifndef TM_INT4_DOT_H
+#define TM_INT4_DOT_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#define TM_INT4_SIMD 1
+#endif
+
+#define INT4_GROUP 32
+#define INT4_CHANNELS 4
+/* Channel blocks read ahead by software prefetch while the first row streams the weights. */
+#define INT4_PREFETCH_BLOCKS 2
+
+/* IEEE half -> float (normals, subnormals, zero, inf/nan). */
+static inline float int4_half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
+    uint32_t bits;
+    if (exponent == 0x1Fu) {
+        bits = sign | 0x7F800000u | (mantissa << 13);
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    } else {
+        const float value = ldexpf((float)mantissa, -24);
+        memcpy(&bits, &value, sizeof(bits));
+        bits |= sign;
+    }
+    float out;
+    memcpy(&out, &bits, sizeof(out));
+    return out;
+}
+
+/* Row x [k] -> a [k] int16, s and t [k / 32] (the header's activation format). */
+static void int4_quantize_row(const float *x, int64_t k, int16_t *a, float *s, float *t) {
+    for (int64_t g = 0; g < k / INT4_GROUP; ++g) {
+        const float *xg = x + g * INT4_GROUP;
+        float amax = 0.0f, sum = 0.0f;
+        for (int i = 0; i < INT4_GROUP; ++i) {
+            const float v = fabsf(xg[i]);
+            amax = v > amax ? v : amax;
+            sum += xg[i];
+        }
+        const float step = amax > 0.0f ? amax / 32767.0f : 1.0f, inv = 1.0f / step;
+        for (int i = 0; i < INT4_GROUP; ++i) {
+            const float v = xg[i] * inv;
+            const int32_t r = v >= 0.0f ? (int32_t)(v + 0.5f) : -(int32_t)(0.5f - v);
+            a[g * INT4_GROUP + i] = (int16_t)(r > 32767 ? 32767 : (r < -32767 ? -32767 : r));
+        }
+        s[g] = step;
+        t[g] = sum;
+    }
+}
+
+/* q of input channel k in a packed weight row. */
+static inline int32_t int4_q(const uint8_t *row, int64_t k) {
+    const uint8_t byte = row[(k / 64) * 32 + k % 32];
+    return (k % 64) < 32 ? byte & 0x0F : byte >> 4;
+}
+
+/* Outputs n0 .. n0 + 3 (those < n) of rows 0 .. num_rows - 1, by plain loops: the reference the SIMD
+ * block below must match, and the path of CPUs without AVX2 + F16C. */
+static void int4_output_block_scalar(float *y, int64_t y_stride, const int16_t *a, int64_t a_stride, const float *s,
+                                     const float *t, int64_t g_stride, const uint8_t *packed, const uint16_t *d,
+                                     const uint16_t *m, int64_t n0, int64_t n, int64_t num_rows, int64_t k) {
+    const int64_t groups = k / INT4_GROUP;
+    const uint16_t *db = d + (n0 / INT4_CHANNELS) * groups * INT4_CHANNELS;
+    const uint16_t *mb = m + (n0 / INT4_CHANNELS) * groups * INT4_CHANNELS;
+    for (int c = 0; c < INT4_CHANNELS && n0 + c < n; ++c) {
+        const uint8_t *row = packed + (n0 + c) * (k / 2);
+        for (int64_t r = 0; r < num_rows; ++r) {
+            float acc = 0.0f;
+            for (int64_t g = 0; g < groups; ++g) {
+                int32_t dot = 0;
+                for (int64_t i = g * INT4_GROUP; i < (g + 1) * INT4_GROUP; ++i)
+                    dot += int4_q(row, i) * (int32_t)a[r * a_stride + i];
+                acc += int4_half_to_float(db[g * INT4_CHANNELS + c]) * s[r * g_stride + g] * (float)dot
+                       + int4_half_to_float(mb[g * INT4_CHANNELS + c]) * t[r * g_stride + g];
+            }
+            y[r * y_stride + n0 + c] = acc;
+        }
+    }
+}
+
+#if defined(TM_INT4_SIMD)
+static inline float int4_hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* As int4_output_block_scalar for a full block of 4 channels: per row, the 4 channels' weights come
+ * from L1 after the first row (which prefetches the next blocks from memory). */
+static void int4_output_block_simd(float *y, int64_t y_stride, const int16_t *a, int64_t a_stride, const float *s,
+                                   const float *t, int64_t g_stride, const uint8_t *packed, const uint16_t *d,
+                                   const uint16_t *m, int64_t n0, int64_t num_rows, int64_t k) {
+    const int64_t groups = k / INT4_GROUP, pairs = k / 64, row_bytes = k / 2;
+    const uint16_t *db = d + (n0 / INT4_CHANNELS) * groups * INT4_CHANNELS;
+    const uint16_t *mb = m + (n0 / INT4_CHANNELS) * groups * INT4_CHANNELS;
+    const uint8_t *w = packed + n0 * row_bytes;
+    const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
+    float scales[8] __attribute__((aligned(32)));
+    for (int64_t r = 0; r < num_rows; ++r) {
+        const int16_t *ar = a + r * a_stride;
+        const float *sr = s + r * g_stride, *tr = t + r * g_stride;
+        __m256 acc[INT4_CHANNELS], min_acc = _mm256_setzero_ps();
+        for (int c = 0; c < INT4_CHANNELS; ++c) acc[c] = _mm256_setzero_ps();
+        for (int64_t p = 0; p < pairs; ++p) {
+            if (r == 0)
+                for (int c = 0; c < INT4_CHANNELS; ++c)
+                    _mm_prefetch((const char *)(w + (INT4_PREFETCH_BLOCKS * INT4_CHANNELS + c) * row_bytes + 32 * p),
+                                 _MM_HINT_T0);
+            /* lanes 0-3: group 2p of channels 0-3; lanes 4-7: group 2p + 1 */
+            const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(db + p * 8)));
+            const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mb + p * 8)));
+            const __m256 sv = _mm256_set_m128(_mm_set1_ps(sr[2 * p + 1]), _mm_set1_ps(sr[2 * p]));
+            const __m256 tv = _mm256_set_m128(_mm_set1_ps(tr[2 * p + 1]), _mm_set1_ps(tr[2 * p]));
+            min_acc = _mm256_fmadd_ps(mv, tv, min_acc);
+            _mm256_store_ps(scales, _mm256_mul_ps(dv, sv));
+            const int16_t *ap = ar + 64 * p;
+            const __m256i a0 = _mm256_loadu_si256((const __m256i *)ap), a1 = _mm256_loadu_si256((const __m256i *)(ap + 16));
+            const __m256i a2 = _mm256_loadu_si256((const __m256i *)(ap + 32)), a3 = _mm256_loadu_si256((const __m256i *)(ap + 48));
+            for (int c = 0; c < INT4_CHANNELS; ++c) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + c * row_bytes + 32 * p));
+                const __m256i q0 = _mm256_and_si256(v, low_nibbles);                        /* group 2p */
+                const __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles); /* group 2p + 1 */
+                const __m256i i0 = _mm256_add_epi32(
+                    _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q0)), a0),
+                    _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(q0, 1)), a1));
+                const __m256i i1 = _mm256_add_epi32(
+                    _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q1)), a2),
+                    _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(q1, 1)), a3));
+                acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_broadcast_ss(&scales[c]), acc[c]);
+                acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_broadcast_ss(&scales[c + 4]), acc[c]);
+            }
+        }
+        float mins[8] __attribute__((aligned(32)));
+        _mm256_store_ps(mins, min_acc);
+        for (int c = 0; c < INT4_CHANNELS; ++c) y[r * y_stride + n0 + c] = int4_hsum(acc[c]) + mins[c] + mins[c + 4];
+    }
+}
+#endif
+
+/* Outputs n0 .. n0 + 3 (those < n) of all num_rows rows: y[r * y_stride + j]. */
+static inline void int4_output_block(float *y, int64_t y_stride, const int16_t *a, int64_t a_stride, const float *s,
+                                     const float *t, int64_t g_stride, const uint8_t *packed, const uint16_t *d,
+                                     const uint16_t *m, int64_t n0, int64_t n, int64_t num_rows, int64_t k) {
+#if defined(TM_INT4_SIMD)
+    if (n0 + INT4_CHANNELS <= n) {
+        int4_output_block_simd(y, y_stride, a, a_stride, s, t, g_stride, packed, d, m, n0, num_rows, k);
+        return;
+    }
+#endif
+    int4_output_block_scalar(y, y_stride, a, a_stride, s, t, g_stride, packed, d, m, n0, n, num_rows, k);
+}
+
+#endif

@@ -1,0 +1,139 @@
+"""W4A16 group-wise 4-bit linear layers for the CPU (`--quantization int4`).
+
+Weights: GGUF's Q4_1 rule on groups of 32 consecutive input channels of each output channel: fp16
+minimum m = min(w), fp16 scale d = (max(w) - min(w)) / 15, q = round((w - m) / d) in 0..15, so
+w ~= d q + m. Every group holds its own minimum (q = 0) and, but for fp16 rounding of d, its maximum
+(q = 15). A model whose weights already lie on that grid, such as a Q4_1 GGUF converted to float32
+(the embedded SmolLM2 file), gets back exactly its own weights: tests/quant/test_int4.py checks it.
+
+Activations: at up to FUSED_MAX_ROWS rows (decode steps), kernels/cpu/int4_gemm.c and the C decoder
+quantize every group of 32 input values to 16 bits symmetrically over its own max |x| and multiply
+with vpmaddwd (int4_dot.h), so the weights' own rounding is the only error. (8-bit activation groups,
+llama.cpp's Q8 blocks, measured logprobs 0.5 nat off fp32 within 4 tokens on SmolLM2: its outlier
+channels cost whole groups their precision.) More rows (prefill) dequantize the weights to float32 and use torch's GEMM: at that size
+the product is bound by arithmetic, where the unpacking costs more than the bytes it saves.
+
+What it is for: batch-1 decode reads every weight once per token; 4-bit groups with fp16 scale and
+minimum are 0.625 bytes per weight against int8's 1.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from tokenmill.kernels.cpu.int4_gemm import check_int4_weights, int4_dequantize, int4_gemm, int4_gemm_available
+from tokenmill.layers.linear import Linear
+
+logger = logging.getLogger("tokenmill")
+
+GROUP = 32
+CHANNEL_BLOCK = 4
+QUANTIZED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# Up to this many rows the W4A16 C kernel; more rows: dequantize + torch's GEMM.
+FUSED_MAX_ROWS = 32
+
+
+def quantize_weight_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] float (K % 64 == 0) -> (packed uint8 [N_pad, K / 2], d, m float16 [N_pad / 4, K / 32, 4]) in
+    kernels/cpu/int4_dot.h's layout, N_pad = N rounded up to 4 (padding channels are zero)."""
+    n, k = weight.shape
+    if k % 64:
+        raise ValueError(f"int4 quantization needs in_features % 64 == 0, got {k}")
+    w = weight.detach().float().reshape(n, k // GROUP, GROUP)
+    lo, hi = w.amin(dim=2), w.amax(dim=2)
+    d = ((hi - lo) / 15.0).half()
+    m = lo.half()
+    d32 = d.float()
+    inv = torch.where(d32 > 0, 1.0 / d32, torch.zeros_like(d32))
+    q = torch.round((w - m.float().unsqueeze(2)) * inv.unsqueeze(2)).clamp_(0, 15).to(torch.uint8)
+    # Pairs of groups share bytes: group 2p in the low nibbles, group 2p + 1 in the high ones.
+    q = q.reshape(n, k // 64, 2, GROUP)
+    packed = (q[:, :, 0, :] | (q[:, :, 1, :] << 4)).reshape(n, k // 2)
+    n_pad = (n + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK * CHANNEL_BLOCK
+    pad = n_pad - n
+    packed = torch.nn.functional.pad(packed, (0, 0, 0, pad))
+
+    def blocked(t: torch.Tensor) -> torch.Tensor:  # [N, G] -> [N_pad / 4, G, 4]
+        t = torch.nn.functional.pad(t, (0, 0, 0, pad))
+        return t.reshape(n_pad // CHANNEL_BLOCK, CHANNEL_BLOCK, k // GROUP).transpose(1, 2).contiguous()
+
+    return packed.contiguous(), blocked(d), blocked(m)
+
+
+def dequantize_weight_groups(packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The float32 [n, k] weights d * q + m, in torch (the C kernel's int4_dequantize does the same)."""
+    check_int4_weights(packed, d, m, n, k)
+    low, high = packed[:n] & 0x0F, packed[:n] >> 4
+    q = torch.stack([low.reshape(n, k // 64, GROUP), high.reshape(n, k // 64, GROUP)], dim=2).reshape(n, k // GROUP, GROUP)
+
+    def per_channel(t: torch.Tensor) -> torch.Tensor:  # [N_pad / 4, G, 4] -> [n, G, 1]
+        return t.transpose(1, 2).reshape(-1, k // GROUP)[:n].float().unsqueeze(2)
+
+    return (per_channel(d) * q.float() + per_channel(m)).reshape(n, k)
+
+
+class Int4GroupLinear(nn.Module):
+    """y = x @ W^T + b with group-wise 4-bit weights (the module docstring's format)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        if weight.device.type != "cpu":
+            raise ValueError("int4 quantization runs on the CPU")
+        self.out_features, self.in_features = weight.shape
+        self.packed, self.group_scale, self.group_min = quantize_weight_groups(weight)
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if int4_gemm_available():
+            return int4_dequantize(self.packed, self.group_scale, self.group_min, self.out_features, self.in_features)
+        return dequantize_weight_groups(self.packed, self.group_scale, self.group_min, self.out_features,
+                                        self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        if x2.shape[0] <= FUSED_MAX_ROWS and int4_gemm_available():
+            y = int4_gemm(x2.contiguous(), self.packed, self.group_scale, self.group_min, self.out_features)
+        else:
+            y = torch.nn.functional.linear(x2, self.dequantized_weight())
+        if self.bias is not None:
+            y += self.bias
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 W4A16 groups of {GROUP} "
+                f"(C kernel up to {FUSED_MAX_ROWS} rows, dequantized float32 GEMM beyond)")
+
+
+def quantize_model_int4(model: nn.Module, quantize_lm_head: bool = False) -> int:
+    """Replaces the decoder's projection Linears whose in_features is a multiple of 64 in place (others
+    stay float32, logged); returns how many. quantize_lm_head: the vocabulary projection goes through
+    quant/int8_cpu.py's int8 head (counted in the result)."""
+    replaced, kept = 0, []
+    names = set(QUANTIZED_PROJECTIONS)
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if name in names and isinstance(child, Linear):
+                if child.weight.shape[1] % 64:
+                    kept.append(f"{parent_name}.{name}")
+                    continue
+                setattr(parent, name, Int4GroupLinear(child.weight, child.bias))
+                replaced += 1
+    if kept:
+        logger.warning("int4: %d projections stay float32 (in_features not a multiple of 64), e.g. %s",
+                       len(kept), kept[0])
+    if quantize_lm_head:
+        from tokenmill.quant.int8_cpu import int8_logits_head, int8_supported
+
+        if not hasattr(model, "logits_head"):
+            raise ValueError(f"{type(model).__name__} has no logits_head to quantize the lm_head into")
+        if not int8_supported():
+            raise ValueError("the int8 vocabulary projection needs torch's fbgemm/x86 quantized engine")
+        model.logits_head = int8_logits_head(model.lm_head.weight)
+        replaced += 1
+    return replaced
