@@ -14,7 +14,7 @@ Sections (`--sections`, all by default, run in this order):
   serve    `tokenmill serve` started as a subprocess on a free port (`--serve-quantization`), the
            serving benchmark client (tokenmill/bench/serve.py) in this process: 60 prompts of 256
            tokens, 128 out, Poisson arrivals at 1 request/s, 2 untimed warm-up requests; `--runs`
-           runs against the one server (Poisson seeds 0, 1, ...), p50/p99 TTFT and TPOT of each run
+           runs against the one server (seeds 0, 10, 20, ...), p50/p99 TTFT and TPOT of each run
            over its requests, and the median of each over the runs. The server is stopped with SIGTERM
            (killed after 30 s) whatever happens, and its exit status is recorded.
 The offline sections (w1, mixed, batch1) share one set of engines, built once and warmed up:
@@ -269,8 +269,9 @@ def tokenmill_server(model: str | None, quantization: str, log_dir: str) -> Iter
 
 
 def serve_section(model: str | None, quantization: str, plan: Plan, tokenizer: Any, num_runs: int) -> dict[str, Any]:
-    """num_runs benchmark runs against one server, the i-th with Poisson seed spec.seed + i (so the median
-    is over arrival patterns as well as machine noise); the summary holds each figure's median."""
+    """num_runs benchmark runs against one server, the i-th with seed spec.seed + 10 i for its prompts and
+    arrivals (so the median is over arrival patterns as well as machine noise; the warm-up's seed + 1
+    never repeats a later run's prompts into the prefix cache); the summary holds each figure's median."""
     from tokenmill.bench.serve import ServeBenchConfig, benchmark
     from tokenmill.bench.serve_metrics import percentile_key
 
@@ -282,7 +283,7 @@ def serve_section(model: str | None, quantization: str, plan: Plan, tokenizer: A
         for i in range(num_runs):
             config = ServeBenchConfig(
                 base_url=server.base_url, num_prompts=spec.num_prompts, input_len=spec.input_len,
-                output_len=spec.output_len, request_rate=plan.serve_rate, seed=spec.seed + i,
+                output_len=spec.output_len, request_rate=plan.serve_rate, seed=spec.seed + 10 * i,
                 goodput_slos_ms=dict(SERVE_SLOS_MS), percentiles=[50.0, 90.0, 99.0], warmup=plan.serve_warmup,
             )
             log(f"serve run {i + 1}/{num_runs}: {spec.describe()} at {plan.serve_rate} req/s against {server.base_url}")

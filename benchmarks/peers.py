@@ -16,7 +16,8 @@ Scenarios (`--scenarios`), in this order against one server start:
   w1      64 requests at once, 256 in, 128 out (the W1 workload): output tok/s over the run.
   serve   60 requests, 256 in, 128 out, Poisson arrivals at 1 req/s: p50/p99 TTFT and TPOT.
 Every request asks for exactly its output length (ignore_eos, min_tokens), greedy. Two untimed
-warm-up requests precede each server's first scenario.
+warm-up requests precede each server's first scenario. Each scenario and round has prompts of its own
+(scenario_seed), so no engine's prefix cache holds a prompt it is timed on.
 
 Rounds (`--rounds`, default 2): each round starts every engine's server in turn (the order rotating
 round by round), runs the scenarios and stops it; figures are medians over the rounds, and ratios
@@ -119,7 +120,8 @@ def prepare_models(work_dir: Path, llama_bin: Path | None) -> ModelFiles:
 
 # ---- servers --------------------------------------------------------------------------------------
 
-def server_command(engine: Engine, files: ModelFiles, port: int, vllm_python: str | None) -> tuple[list[str], dict[str, str]]:
+def server_command(engine: Engine, files: ModelFiles, port: int,
+                   vllm_python: str | None) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
     if engine.kind == "tokenmill":
         cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "--log-level", "WARNING", "serve",
@@ -152,9 +154,16 @@ def engine_server(engine: Engine, files: ModelFiles, vllm_python: str | None, lo
 
 # ---- scenarios ------------------------------------------------------------------------------------
 
-def scenario_config(name: str, base_url: str, tokenizer_dir: str, warmup: int) -> ServeBenchConfig:
+def scenario_seed(name: str, round_index: int) -> int:
+    """Prompts (and arrivals) of their own per scenario and round, so that no engine's prefix cache
+    (all three keep one by default) ever holds a prompt it is timed on; warm-up requests use seed + 1."""
+    return 1000 * round_index + 100 * SCENARIOS.index(name)
+
+
+def scenario_config(name: str, base_url: str, tokenizer_dir: str, warmup: int, round_index: int) -> ServeBenchConfig:
     common: dict[str, Any] = {"base_url": base_url, "input_len": INPUT_LEN, "output_len": OUTPUT_LEN,
-                              "tokenizer": tokenizer_dir, "warmup": warmup, "percentiles": [50.0, 99.0]}
+                              "tokenizer": tokenizer_dir, "warmup": warmup, "percentiles": [50.0, 99.0],
+                              "seed": scenario_seed(name, round_index)}
     if name == "batch1":
         return ServeBenchConfig(num_prompts=BATCH1_REQUESTS, max_concurrency=1, **common)
     if name == "w1":
@@ -171,14 +180,14 @@ FIGURES: dict[str, Callable[[dict[str, Any]], dict[str, float | None]]] = {
 
 
 def run_engine(engine: Engine, files: ModelFiles, scenarios: list[str], vllm_python: str | None,
-               log_dir: Path) -> dict[str, Any]:
+               log_dir: Path, round_index: int) -> dict[str, Any]:
     """One server start: every scenario once. A server that fails to start or serve is recorded, not fatal."""
     out: dict[str, Any] = {"engine": engine.name, "scenarios": {}}
     try:
         with engine_server(engine, files, vllm_python, log_dir) as server:
             out["startup_s"] = server.startup_s
             for i, name in enumerate(scenarios):
-                config = scenario_config(name, server.base_url, str(files.hf_dir), warmup=2 if i == 0 else 0)
+                config = scenario_config(name, server.base_url, str(files.hf_dir), 2 if i == 0 else 0, round_index)
                 report = benchmark(config)
                 figures = FIGURES[name](report)
                 out["scenarios"][name] = {"figures": figures, "completed": report["completed"],
@@ -307,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             shift = round_index % len(engines)
             for engine in engines[shift:] + engines[:shift]:
                 log(f"round {round_index + 1}/{args.rounds}: {engine.name}")
-                run = run_engine(engine, files, args.scenarios, args.vllm_python, Path(log_dir))
+                run = run_engine(engine, files, args.scenarios, args.vllm_python, Path(log_dir), round_index)
                 run["round"] = round_index
                 report["runs"].append(run)
                 report["summary"] = summarize(report["runs"], args.engines, args.scenarios)

@@ -10,8 +10,9 @@ Activations: at up to FUSED_MAX_ROWS rows (decode steps), kernels/cpu/int4_gemm.
 quantize every group of 32 input values to 16 bits symmetrically over its own max |x| and multiply
 with vpmaddwd (int4_dot.h), so the weights' own rounding is the only error. (8-bit activation groups,
 llama.cpp's Q8 blocks, measured logprobs 0.5 nat off fp32 within 4 tokens on SmolLM2: its outlier
-channels cost whole groups their precision.) More rows (prefill) dequantize the weights to float32 and use torch's GEMM: at that size
-the product is bound by arithmetic, where the unpacking costs more than the bytes it saves.
+channels cost whole groups their precision.) More rows (prefill) dequantize the weights to float32
+and use torch's GEMM: at that size the product is bound by arithmetic, where the unpacking costs more
+than the bytes it saves.
 
 What it is for: batch-1 decode reads every weight once per token; 4-bit groups with fp16 scale and
 minimum are 0.625 bytes per weight against int8's 1.
@@ -67,7 +68,8 @@ def dequantize_weight_groups(packed: torch.Tensor, d: torch.Tensor, m: torch.Ten
     """The float32 [n, k] weights d * q + m, in torch (the C kernel's int4_dequantize does the same)."""
     check_int4_weights(packed, d, m, n, k)
     low, high = packed[:n] & 0x0F, packed[:n] >> 4
-    q = torch.stack([low.reshape(n, k // 64, GROUP), high.reshape(n, k // 64, GROUP)], dim=2).reshape(n, k // GROUP, GROUP)
+    q = torch.stack([low.reshape(n, k // 64, GROUP), high.reshape(n, k // 64, GROUP)], dim=2)
+    q = q.reshape(n, k // GROUP, GROUP)
 
     def per_channel(t: torch.Tensor) -> torch.Tensor:  # [N_pad / 4, G, 4] -> [n, G, 1]
         return t.transpose(1, 2).reshape(-1, k // GROUP)[:n].float().unsqueeze(2)

@@ -134,7 +134,7 @@ static inline void prepare_row(const tm_linear *l, const float *x_row, int64_t m
                           qr->group_sum + m * g_stride);
 }
 
-/* y [num_rows, n] = x [num_rows, k] (row stride k) through l; x already prepared (prepare_row) for int8.
+/* y [num_rows, n] = x [num_rows, k] (row stride k) through l; x already prepared (prepare_row) for int8 and int4.
  * A worksharing loop: every thread of the region must call it. */
 static void linear_phase(const tm_linear *l, float *y, const float *x, const quantized_rows *qr, int64_t num_rows) {
     const int64_t n = l->n, num_blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK;
@@ -181,8 +181,8 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
     /* One allocation, 64-byte aligned pieces (sizes in floats, each a multiple of 16). */
     const int64_t sizes[] = {R * H /* residual */, R * max_k /* x */, R * qkv_n, R * q_size /* q */,
                              R * q_size /* attention out */, R * 2 * I /* gate_up */, R * H /* sublayer out */,
-                             2 * R /* low, step */, R * k_pad / 2 /* u: bytes (int8) or int16 (int4) */, per_thread * num_threads,
-                             R * num_heads * max_splits * (D + 2) /* attention partials */,
+                             2 * R /* low, step */, R * k_pad / 2 /* u: int8 bytes or int4's int16 */,
+                             per_thread * num_threads, R * num_heads * max_splits * (D + 2) /* attention partials */,
                              2 * R * k_pad / INT4_GROUP /* group_step, group_sum */};
     const int num_pieces = (int)(sizeof(sizes) / sizeof(sizes[0]));
     int64_t total = 0;

@@ -141,8 +141,10 @@ static void int4_output_block_simd(float *y, int64_t y_stride, const int16_t *a,
             min_acc = _mm256_fmadd_ps(mv, tv, min_acc);
             _mm256_store_ps(scales, _mm256_mul_ps(dv, sv));
             const int16_t *ap = ar + 64 * p;
-            const __m256i a0 = _mm256_loadu_si256((const __m256i *)ap), a1 = _mm256_loadu_si256((const __m256i *)(ap + 16));
-            const __m256i a2 = _mm256_loadu_si256((const __m256i *)(ap + 32)), a3 = _mm256_loadu_si256((const __m256i *)(ap + 48));
+            const __m256i a0 = _mm256_loadu_si256((const __m256i *)ap);
+            const __m256i a1 = _mm256_loadu_si256((const __m256i *)(ap + 16));
+            const __m256i a2 = _mm256_loadu_si256((const __m256i *)(ap + 32));
+            const __m256i a3 = _mm256_loadu_si256((const __m256i *)(ap + 48));
             for (int c = 0; c < INT4_CHANNELS; ++c) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(w + c * row_bytes + 32 * p));
                 const __m256i q0 = _mm256_and_si256(v, low_nibbles);                        /* group 2p */

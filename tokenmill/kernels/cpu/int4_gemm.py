@@ -49,7 +49,8 @@ def int4_gemm(x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, m: torch.T
     16 bits over its own max |x| (int4_dot.h)."""
     num_rows, k = x.shape
     if x.dtype != torch.float32 or x.stride(1) != 1:
-        raise ValueError(f"int4_gemm: x must be float32 [M, K] with contiguous rows, got {x.dtype} strides {x.stride()}")
+        raise ValueError(f"int4_gemm: x must be float32 [M, K] with contiguous rows, got {x.dtype} "
+                         f"strides {x.stride()}")
     check_int4_weights(packed, d, m, n, k)
     y = x.new_empty(num_rows, n)
     status = _lib().tm_int4_gemm_small(y.data_ptr(), x.data_ptr(), x.stride(0), packed.data_ptr(), d.data_ptr(),
