@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from tokenmill.kernels.cpu.int4_gemm import int4_dequantize, int4_gemm, int4_gemm_available
+from tokenmill.layers.linear import Linear
 from tokenmill.quant.int4_cpu import (
     FUSED_MAX_ROWS,
     Int4GroupLinear,
     dequantize_weight_groups,
+    quantize_model_int4,
     quantize_weight_groups,
 )
 
@@ -126,3 +128,16 @@ def test_linear_layer_both_paths(num_rows: int) -> None:
     # Half a step of the widest group at most (its range is under 2 max|w|, over 15 steps).
     half_step = 0.5 * 2 * float(weight.abs().max()) / 15
     torch.testing.assert_close(layer.dequantized_weight(), weight, rtol=0, atol=half_step)
+
+
+def test_model_quantization_keeps_projections_it_cannot_pack() -> None:
+    """in_features not a multiple of 64: that projection stays float32 (and the C decoder reads it as such)."""
+    block = torch.nn.Module()
+    block.qkv_proj, block.down_proj, block.other = Linear(64, 24), Linear(96, 64), Linear(64, 8)
+    for linear in (block.qkv_proj, block.down_proj, block.other):
+        torch.nn.init.normal_(linear.weight)
+    model = torch.nn.Module()
+    model.layer = block
+    assert quantize_model_int4(model) == 1
+    assert isinstance(block.qkv_proj, Int4GroupLinear)
+    assert type(block.down_proj) is Linear and type(block.other) is Linear
