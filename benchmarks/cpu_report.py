@@ -1,5 +1,5 @@
 """The CPU performance report in one command: machine ceilings, offline throughput (equal and mixed
-lengths), batch-1 decode and serving latency of tokenmill (fp32 and `--quantization int8`) against HF
+lengths), batch-1 decode and serving latency of tokenmill (fp32, `--quantization int8` and `int4`) against HF
 transformers, roofline fractions and the pass/fail table of the targets.
 
 Sections (`--sections`, all by default, run in this order):
@@ -18,7 +18,7 @@ Sections (`--sections`, all by default, run in this order):
            over its requests, and the median of each over the runs. The server is stopped with SIGTERM
            (killed after 30 s) whatever happens, and its exit status is recorded.
 The offline sections (w1, mixed, batch1) share one set of engines, built once and warmed up:
-tokenmill fp32 and int8 (prefix caching off, so every run recomputes its prompts, and a KV cache
+tokenmill fp32, int8 and int4 (prefix caching off, so every run recomputes its prompts, and a KV cache
 sized so no workload is preempted) and the HF model in fp32 (`generate` as a static batch of up to
 64, left-padded, as in `tokenmill bench throughput`). The engines run interleaved, their order
 rotating each run, and every figure is the median of `--runs` runs (default 3).
@@ -157,7 +157,7 @@ def interleaved(runners: dict[str, Callable[[], T]], num_runs: int, label: str) 
 # ---- engines --------------------------------------------------------------------------------------
 
 class Engines:
-    """tokenmill fp32 and int8 and (unless skipped) the HF model on the same weights, built once and
+    """tokenmill fp32, int8 and int4 and (unless skipped) the HF model on the same weights, built once and
     warmed up for the offline sections."""
 
     def __init__(self, model: str | None, loaded: Any, skip_hf: bool, kv_cache_memory: int) -> None:
@@ -314,7 +314,7 @@ def run_sections(args: argparse.Namespace, plan: Plan, report: dict[str, Any], l
     machine = results.get("machine")
     offline = [name for name in OFFLINE_SECTIONS if name in wanted]
     if offline:
-        log("building the engines: tokenmill fp32, tokenmill int8" + ("" if args.skip_hf else ", HF"))
+        log("building the engines: " + ", ".join(QUANTIZATIONS) + ("" if args.skip_hf else ", HF"))
         engines: Engines | None = Engines(args.model, loaded, args.skip_hf, offline_kv_bytes(plan, costs))
         report["engine_args"] = engines.engine_args
         for name in offline:
