@@ -5,7 +5,7 @@
  * minimum m:  w[n, k] = d[n, g] * q[n, k] + m[n, g],  q in 0..15.
  *   packed [n_pad, k / 2] bytes: the input channels go in pairs of groups (64 channels); byte j (0..31)
  *     of pair p holds q[64 p + j] in its low nibble and q[64 p + 32 + j] in its high nibble.
- *   d, m [n_pad / 4, k / 32, 4] fp16: channel blocks of ROW_BLOCK_4 = 4, so one 16-byte load holds the
+ *   d, m [n_pad / 4, k / 32, 4] fp16: channel blocks of INT4_CHANNELS = 4, so one 16-byte load holds the
  *     scales of 4 channels x 2 groups. n_pad = n rounded up to 4 (padding channels are all zero).
  * Activations, per row r and group g: a = round(x / s) in [-32767, 32767] with s = max|x| / 32767 (1 for
  * an all-zero group), and t = the group's exact float sum. Then
@@ -16,7 +16,7 @@
  * cost whole groups their precision (measured: logprobs 0.5 nat off fp32 within 4 tokens); 16 bits
  * leave the weights' own rounding as the only error, for the same vpmadd count per weight.
  *
- * Invariants: k % 64 == 0; activation rows have stride a_stride (bytes) and k / 32 group entries at
+ * Invariants: k % 64 == 0; activation rows have stride a_stride (int16 elements) and k / 32 group entries at
  * stride g_stride (floats).
  */
 #ifndef TM_INT4_DOT_H
