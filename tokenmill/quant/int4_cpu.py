@@ -26,13 +26,12 @@ import torch
 from torch import nn
 
 from tokenmill.kernels.cpu.int4_gemm import check_int4_weights, int4_dequantize, int4_gemm, int4_gemm_available
-from tokenmill.layers.linear import Linear
+from tokenmill.quant.projections import projection_linears
 
 logger = logging.getLogger("tokenmill")
 
 GROUP = 32
 CHANNEL_BLOCK = 4
-QUANTIZED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # Up to this many rows the W4A16 C kernel; more rows: dequantize + torch's GEMM.
 FUSED_MAX_ROWS = 32
 
@@ -117,25 +116,18 @@ def quantize_model_int4(model: nn.Module, quantize_lm_head: bool = False) -> int
     stay float32, logged); returns how many. quantize_lm_head: the vocabulary projection goes through
     quant/int8_cpu.py's int8 head (counted in the result)."""
     replaced, kept = 0, []
-    names = set(QUANTIZED_PROJECTIONS)
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if name in names and isinstance(child, Linear):
-                if child.weight.shape[1] % 64:
-                    kept.append(f"{parent_name}.{name}")
-                    continue
-                setattr(parent, name, Int4GroupLinear(child.weight, child.bias))
-                replaced += 1
+    for parent_name, parent, name, child in projection_linears(model):
+        if child.weight.shape[1] % 64:
+            kept.append(f"{parent_name}.{name}")
+            continue
+        setattr(parent, name, Int4GroupLinear(child.weight, child.bias))
+        replaced += 1
     if kept:
         logger.warning("int4: %d projections stay float32 (in_features not a multiple of 64), e.g. %s",
                        len(kept), kept[0])
     if quantize_lm_head:
-        from tokenmill.quant.int8_cpu import int8_logits_head, int8_supported
+        from tokenmill.quant.int8_cpu import attach_int8_logits_head
 
-        if not hasattr(model, "logits_head"):
-            raise ValueError(f"{type(model).__name__} has no logits_head to quantize the lm_head into")
-        if not int8_supported():
-            raise ValueError("the int8 vocabulary projection needs torch's fbgemm/x86 quantized engine")
-        model.logits_head = int8_logits_head(model.lm_head.weight)
+        attach_int8_logits_head(model)
         replaced += 1
     return replaced

@@ -57,9 +57,8 @@ import torch
 from torch import nn
 
 from tokenmill.kernels.cpu.int8_gemm import int8_gemm, int8_gemm_available, int8_row_sums
-from tokenmill.layers.linear import Linear
+from tokenmill.quant.projections import projection_linears
 
-QUANTIZED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # Projections whose input is rotated by a block Hadamard matrix at runtime, and the block size.
 ROTATED_PROJECTIONS = ("down_proj",)
 ROTATION_BLOCK = 16
@@ -198,28 +197,35 @@ def quantize_model_int8(
     """Replaces the decoder's projection Linears in place; returns how many. With calibration_ids,
     activation outliers are first migrated into the weights (quant/smooth.py). quantize_lm_head: the
     model's compute_logits uses int8_logits_head(lm_head) (counted in the result)."""
-    if not int8_supported():
-        raise ValueError("int8 quantization needs torch's fbgemm/x86 quantized engine, which this torch lacks")
-    engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
-    torch.backends.quantized.engine = engine
+    use_fbgemm_engine()
     if calibration_ids:
         from tokenmill.quant.smooth import input_channel_maxima, smooth_model
 
         smooth_model(model, input_channel_maxima(model, calibration_ids))
-    names = set(QUANTIZED_PROJECTIONS)
     replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if name in names and isinstance(child, Linear):
-                block = ROTATION_BLOCK if name in ROTATED_PROJECTIONS else None
-                setattr(parent, name, Int8DynamicLinear(child.weight, child.bias, rotation_block=block))
-                replaced += 1
+    for _, parent, name, child in projection_linears(model):
+        block = ROTATION_BLOCK if name in ROTATED_PROJECTIONS else None
+        setattr(parent, name, Int8DynamicLinear(child.weight, child.bias, rotation_block=block))
+        replaced += 1
     if quantize_lm_head:
-        if not hasattr(model, "logits_head"):
-            raise ValueError(f"{type(model).__name__} has no logits_head to quantize the lm_head into")
-        model.logits_head = int8_logits_head(model.lm_head.weight)
+        attach_int8_logits_head(model)
         replaced += 1
     return replaced
+
+
+def use_fbgemm_engine() -> None:
+    """Selects the quantized engine Int8DynamicLinear packs its weights for; ValueError without one."""
+    if not int8_supported():
+        raise ValueError("int8 quantization needs torch's fbgemm/x86 quantized engine, which this torch lacks")
+    torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
+
+
+def attach_int8_logits_head(model: nn.Module) -> None:
+    """From now on the model's compute_logits uses int8_logits_head(lm_head); lm_head itself stays."""
+    if not hasattr(model, "logits_head"):
+        raise ValueError(f"{type(model).__name__} has no logits_head to quantize the lm_head into")
+    use_fbgemm_engine()
+    model.logits_head = int8_logits_head(model.lm_head.weight)
 
 
 def int8_logits_head(lm_head_weight: torch.Tensor) -> Int8DynamicLinear:
