@@ -16,15 +16,7 @@
 #include <stdint.h>
 #include <string.h>
 
-/* 8 floats; aligned(4) makes dereferencing an unaligned pointer legal (vmovups on x86). */
-typedef float v8 __attribute__((vector_size(32), aligned(4)));
-#define LANES 8
-
-static inline float hsum(v8 v) {
-    float s = 0.0f;
-    for (int i = 0; i < LANES; ++i) s += v[i];
-    return s;
-}
+#include "vec8.h"
 
 /* scores[j] = q . k[j] for the n (<= 4) rows of k; head_dim % LANES == 0. Four independent
  * accumulators keep the FMA pipeline full (one chain is latency-bound at ~1/4 of the rate). */

@@ -25,6 +25,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "vec8.h"
 #if defined(__AVX2__) && defined(__F16C__)
 #include <immintrin.h>
 #define TM_INT4_SIMD 1
@@ -105,13 +107,6 @@ static void int4_output_block_scalar(float *y, int64_t y_stride, const int16_t *
 }
 
 #if defined(TM_INT4_SIMD)
-static inline float int4_hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* As int4_output_block_scalar for a full block of 4 channels: per row, the 4 channels' weights come
  * from L1 after the first row (which prefetches the next blocks from memory). */
 static void int4_output_block_simd(float *y, int64_t y_stride, const int16_t *a, int64_t a_stride, const float *s,
@@ -161,7 +156,7 @@ static void int4_output_block_simd(float *y, int64_t y_stride, const int16_t *a,
         }
         float mins[8] __attribute__((aligned(32)));
         _mm256_store_ps(mins, min_acc);
-        for (int c = 0; c < INT4_CHANNELS; ++c) y[r * y_stride + n0 + c] = int4_hsum(acc[c]) + mins[c] + mins[c + 4];
+        for (int c = 0; c < INT4_CHANNELS; ++c) y[r * y_stride + n0 + c] = hsum((v8)acc[c]) + mins[c] + mins[c + 4];
     }
 }
 #endif
