@@ -40,6 +40,12 @@ class ModelConfig:
         metadata=_help("on the CPU in float32, run decode steps of up to 64 requests through the one-call C decoder "
                        "(every layer in one kernel call); false: layer by layer, as every other step runs"),
     )
+    panel_gemm: bool = field(
+        default=True,
+        metadata=_help("on the CPU, keep float32 projections and the vocabulary projection packed in 16-channel "
+                       "panels for the C GEMM (faster than torch's at every batch size; the C decoder needs it "
+                       "for float32); false: torch's GEMM on the plain weights"),
+    )
     enforce_eager: bool = field(
         default=False, metadata=_help("never capture CUDA graphs for decode steps (cuda with the triton backend)")
     )

@@ -156,6 +156,8 @@ def test_steps_it_does_not_take(tiny_checkpoint: Any) -> None:
 def test_off_when_asked_or_not_float32(tiny_checkpoint: Any) -> None:
     path = str(tiny_checkpoint("llama"))
     assert LLM(model=path, kv_cache_memory=16 << 20, fused_decode=False).engine.core.model.decode_step is None
+    # Float32 projections reach the C decoder packed in panels only.
+    assert LLM(model=path, kv_cache_memory=16 << 20, panel_gemm=False).engine.core.model.decode_step is None
     assert LLM(model=path, kv_cache_memory=16 << 20, dtype="bfloat16").engine.core.model.decode_step is None
 
 
@@ -173,23 +175,3 @@ def test_kernel_rejects_bad_inputs(tiny_checkpoint: Any) -> None:
         kernel.run(hidden, ints, ints, (ints + 1).int(), tables)
     with pytest.raises(ValueError, match="block_tables"):
         kernel.run(hidden, ints, ints, ints + 1, tables[:1])
-
-
-def test_f32_gemm_small_is_the_product_and_batch_invariant() -> None:
-    """The C decoder's float32 product (also the vocabulary projection's up to LOGITS_MAX_ROWS rows):
-    close to torch's, and each row's result bitwise the same whatever batch it is computed in (rows go
-    by threes, then pairs: 1..7 rows cover every path; n = 4k + 3 and k = 8j + 4 the scalar tails)."""
-    from tokenmill.kernels.cpu.decode_step import f32_gemm_small
-
-    torch.manual_seed(0)
-    for n, k in ((64, 96), (67, 96), (40, 20)):
-        weight, x = torch.randn(n, k), torch.randn(7, k)
-        alone = torch.cat([f32_gemm_small(x[i : i + 1], weight) for i in range(7)])
-        for rows in range(1, 8):
-            got = f32_gemm_small(x[:rows], weight)
-            torch.testing.assert_close(got, x[:rows] @ weight.t(), rtol=1e-5, atol=1e-4)
-            assert torch.equal(got, alone[:rows]), (n, k, rows)
-    with pytest.raises(ValueError):
-        f32_gemm_small(torch.randn(2, 5), torch.randn(3, 6))
-    with pytest.raises(ValueError):
-        f32_gemm_small(torch.randn(2, 6).double(), torch.randn(3, 6))

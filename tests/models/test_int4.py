@@ -12,7 +12,7 @@ from tests.models.test_int8 import _quality_benchmark, _run
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.kernels.cpu.int4_gemm import int4_gemm_available
-from tokenmill.layers.linear import Linear
+from tokenmill.layers.panel_linear import PanelLinear
 from tokenmill.quant.int4_cpu import Int4GroupLinear
 from tokenmill.quant.int8_cpu import Int8DynamicLinear
 from tokenmill.sampling_params import SamplingParams
@@ -35,8 +35,8 @@ def test_the_gguf_q4_1_weights_come_back_exactly(engines: dict[str, LLMEngine]) 
     quantized = {name: m for name, m in engines["int4"].core.model.named_modules() if isinstance(m, Int4GroupLinear)}
     assert len(quantized) == 4 * engines["fp32"].core.model.config.num_hidden_layers
     for name, module in quantized.items():
-        assert isinstance(fp32[name], Linear)
-        assert torch.equal(module.dequantized_weight(), fp32[name].weight), name
+        assert isinstance(fp32[name], PanelLinear)
+        assert torch.equal(module.dequantized_weight(), fp32[name].unpacked_weight()), name
     assert engines["int4"].core.model.decode_step is not None  # decode steps run the C decoder's int4 path
 
 

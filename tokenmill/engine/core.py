@@ -84,6 +84,10 @@ class EngineCore:
 
             replaced = quantize_model_int4(model, quantize_lm_head=config.model.quantize_lm_head)
             logger.info("int4 W4A16: %d projections quantized", replaced)
+        if config.model.panel_gemm and self.device.type == "cpu" and not config.parallel.compile:
+            from tokenmill.layers.panel_linear import pack_float32_model
+
+            logger.info("float32 panel GEMM: %d projections packed", pack_float32_model(model))
         self.model = model.eval()
 
         layer0 = model.attention_layers[0]

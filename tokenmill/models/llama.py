@@ -125,8 +125,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # A replacement of lm_head for compute_logits: quantized (quant/int8_cpu.py) or a faster float32
-        # product (models/llama_decode_step.py); lm_head itself stays, as it may be the embedding table.
+        # A replacement of lm_head for compute_logits: quantized (quant/int8_cpu.py; lm_head itself stays,
+        # as it may be the embedding table) or the float32 panel product (layers/panel_linear.py, which
+        # also becomes lm_head, and the embedding's source when tied).
         self.logits_head: nn.Module | None = None
         # Runs the pure decode steps it takes in one C call (models/llama_decode_step.py); set by the
         # engine once the K/V caches are bound.

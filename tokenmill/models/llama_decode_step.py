@@ -7,9 +7,9 @@ forward. Both compute the same arithmetic; the C path only removes the per-op di
 a batch-1 token's time on a 2-core CPU).
 
 It applies on the CPU to float32 models with a float32 K/V cache in the torch backend's head-major
-layout, with projections that are plain float32 Linears, quant/int8_cpu.py's Int8DynamicLinear or
-quant/int4_cpu.py's Int4GroupLinear;
-anything else (fp8, bf16, the triton backend, no C compiler) keeps the layer-by-layer forward.
+layout, with projections that are layers/panel_linear.py's PanelLinear (float32), quant/int8_cpu.py's
+Int8DynamicLinear or quant/int4_cpu.py's Int4GroupLinear; anything else (plain float32 Linears,
+fp8, bf16, the triton backend, no C compiler) keeps the layer-by-layer forward.
 """
 
 from __future__ import annotations
@@ -20,29 +20,21 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.kernels.cpu.decode_step import (
-    DecodeStepModel,
-    LayerWeights,
-    LinearWeights,
-    decode_step_available,
-    f32_gemm_small,
-)
+from tokenmill.kernels.cpu.decode_step import DecodeStepModel, LayerWeights, LinearWeights, decode_step_available
 from tokenmill.layers.linear import Linear
+from tokenmill.layers.panel_linear import PanelLinear
 from tokenmill.quant.int4_cpu import Int4GroupLinear
 from tokenmill.quant.int8_cpu import Int8DynamicLinear
 
 logger = logging.getLogger("tokenmill")
 
-# Most requests a step may have to take the C decoder, and most rows the float32 vocabulary projection
-# runs through the C product (MKL's GEMM beyond). Measured on the 2-core AVX2 machine, SmolLM2-135M,
+# Most requests a step may have to take the C decoder. Measured on the 2-core AVX2 machine, SmolLM2-135M,
 # decode tok/s of the C decoder against layer by layer in the same process (benchmarks/decode_step_ab.py):
 #   rows     1      4      8     16     32     64
 #   int8   88/43 231/130    -  277/196 308/223 348/272
 #   fp32   42/19 128/44 155/67 183/111 227/156 252/202
-# and the 49152 x 576 head alone, C vs torch.mm: 4.9 vs 9.5 ms at 1 row, 35 vs 44 ms at 64. Larger
-# batches are unmeasured and keep the layer-by-layer forward.
+# Larger batches are unmeasured and keep the layer-by-layer forward.
 MAX_ROWS = 64
-LOGITS_MAX_ROWS = 64
 
 
 class DecodeStepUnsupported(ValueError):
@@ -52,14 +44,15 @@ class DecodeStepUnsupported(ValueError):
 def _linear_weights(module: nn.Module, name: str) -> LinearWeights:
     if isinstance(module, Int4GroupLinear):
         return LinearWeights(module.packed, module.bias, scale=module.group_scale, group_min=module.group_min,
-                             int4_shape=(module.out_features, module.in_features))
+                             features=(module.out_features, module.in_features))
     if isinstance(module, Int8DynamicLinear):
         return LinearWeights(module._qweight, module.bias, module._qweight_row_sums, module._scale,
                              0 if module._rotation is None else module._rotation.shape[0])
+    if isinstance(module, PanelLinear):
+        return LinearWeights(module.panels, module.bias, features=(module.out_features, module.in_features))
     if type(module) is Linear:
-        if module.weight.dtype != torch.float32:
-            raise DecodeStepUnsupported(f"{name} is {module.weight.dtype}, not float32")
-        return LinearWeights(module.weight.detach(), None if module.bias is None else module.bias.detach())
+        raise DecodeStepUnsupported(f"{name} is a plain {module.weight.dtype} Linear (the C decoder takes float32 "
+                                    "projections packed in panels, layers/panel_linear.py)")
     raise DecodeStepUnsupported(f"{name} is a {type(module).__name__}")
 
 
@@ -111,30 +104,12 @@ class LlamaDecodeStep:
         return self.kernel.run(embeddings, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
 
 
-class Float32LogitsHead(nn.Module):
-    """hidden [T, H] -> logits [T, V] for a float32 lm_head weight: the C product up to LOGITS_MAX_ROWS
-    rows, otherwise W @ h^T (on CPU ~1.7x faster than h @ W^T at decode batch sizes)."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.weight = weight
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[0] <= LOGITS_MAX_ROWS and hidden.dtype == torch.float32:
-            return f32_gemm_small(hidden.contiguous(), self.weight)
-        return torch.mm(self.weight, hidden.t()).t().contiguous()
-
-
 def attach_decode_step(model: nn.Module) -> bool:
-    """Gives `model` a LlamaDecodeStep when the C decoder can take it, and a float32 model without a
-    quantized logits head a Float32LogitsHead; logs the outcome either way."""
+    """Gives `model` a LlamaDecodeStep when the C decoder can take it; logs the outcome either way."""
     try:
         model.decode_step = LlamaDecodeStep(model)
     except ValueError as exc:  # DecodeStepUnsupported, or a layout DecodeStepModel does not take
         logger.info("decode steps run layer by layer: %s", exc)
         return False
-    weight = model.lm_head.weight.detach()
-    if model.logits_head is None and weight.dtype == torch.float32 and weight.is_contiguous():
-        model.logits_head = Float32LogitsHead(weight)
     logger.info("decode steps of up to %d requests run through the one-call C decoder", model.decode_step.max_rows)
     return True

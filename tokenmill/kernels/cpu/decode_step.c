@@ -13,12 +13,13 @@
  *   residual += a W_o^T (+ b);  x = rmsnorm(residual) * post_norm
  *   h = silu(x W_gate^T) * (x W_up^T);  out = h W_down^T
  * and finally hidden = rmsnorm(residual + out) * final_norm.
- * A projection is float32, W8A8 int8 (int8_dot.h: each input row quantized per token, down_proj's
- * input rotated by Hadamard blocks in the same pass) or W4A16 int4 (int4_dot.h: 4-bit weight groups,
- * each group of 32 inputs quantized to 16 bits on its own) as the tm_linear says.
+ * A projection is float32 in 16-channel panels (f32_panels.h), W8A8 int8 (int8_dot.h: each input row
+ * quantized per token, down_proj's input rotated by Hadamard blocks in the same pass) or W4A16 int4
+ * (int4_dot.h: 4-bit weight groups, each group of 32 inputs quantized to 16 bits on its own) as the
+ * tm_linear says.
  *
- * Work split: projections by blocks of ROW_BLOCK output channels (schedule static: each thread
- * streams its half of every weight), attention by (request, KV head) tasks or, with fewer tasks than
+ * Work split: projections by panels (float32) or blocks of ROW_BLOCK output channels (schedule
+ * static: each thread streams its half of every weight), attention by (request, KV head) tasks or, with fewer tasks than
  * 2 per thread, by block-aligned ranges of each one's positions merged after (split-K); the per-row
  * phases by rows.
  *
@@ -32,6 +33,7 @@
 #include <string.h>
 
 #include "attention_tile.h"
+#include "f32_panels.h"
 #include "int4_dot.h"
 #include "int8_dot.h"
 #include "row_ops.h"
@@ -39,8 +41,8 @@
 enum { TM_FLOAT32 = 0, TM_INT8 = 1, TM_INT4 = 2 };
 
 typedef struct {
-    const void *weight;     /* float32 [n, k]; int8 [n, k] under the pair budget (int8_dot.h); or int4
-                               packed [n_pad, k / 2] (int4_dot.h) */
+    const void *weight;     /* float32 panels [num_panels(n), k, PANEL] (f32_panels.h); int8 [n, k] under
+                               the pair budget (int8_dot.h); or int4 packed [n_pad, k / 2] (int4_dot.h) */
     const int32_t *rowsum;  /* int8: [n] sums of each weight row */
     const float *scale;     /* int8: [n] per-output-channel scales */
     const uint16_t *group_scale, *group_min; /* int4: fp16 [n_pad / 4, k / 32, 4] each */
@@ -65,56 +67,6 @@ typedef struct {
     const float *rope_cos, *rope_sin; /* [max_positions, head_dim] */
 } tm_model;
 
-/* The ROW_BLOCK outputs at n0 of the rows rows[0 .. count) of x (count 2 or 3, a constant once inlined;
- * a row may repeat, written twice from the same sums). Rows by threes: 12 accumulators + 3 rows of x + 1
- * of w fill the 16 AVX2 registers, so each w load feeds 3 FMAs. Every output sums in the same order
- * whatever count is, so a row's result does not depend on the batch it is in. */
-static inline __attribute__((always_inline)) void f32_block_rows(
-    float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *w, const int64_t rows[3], int count,
-    int prefetch, int64_t n0, int64_t k) {
-    v8 acc[ROW_BLOCK][3];
-    for (int r = 0; r < ROW_BLOCK; ++r)
-        for (int j = 0; j < count; ++j) acc[r][j] = (v8){0};
-    for (int64_t i = 0; i < k; i += LANES) {
-        if (prefetch && i % 16 == 0)
-            for (int r = 0; r < ROW_BLOCK; ++r) __builtin_prefetch(w + (PREFETCH_BLOCKS * ROW_BLOCK + r) * k + i, 0, 3);
-        v8 xv[3];
-        for (int j = 0; j < count; ++j) xv[j] = *(const v8 *)(x + rows[j] * x_stride + i);
-        for (int r = 0; r < ROW_BLOCK; ++r) {
-            const v8 wr = *(const v8 *)(w + r * k + i);
-            for (int j = 0; j < count; ++j) acc[r][j] += xv[j] * wr;
-        }
-    }
-    for (int r = 0; r < ROW_BLOCK; ++r)
-        for (int j = 0; j < count; ++j) y[rows[j] * y_stride + n0 + r] = hsum(acc[r][j]);
-}
-
-/* Outputs n0 .. n0 + ROW_BLOCK - 1 (fewer at the end of n) of the float32 product y = x w^T for all rows;
- * the block's weights come from memory once (the first group of rows prefetches ahead) and from L1 after. */
-static void f32_output_block(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *w_all,
-                             int64_t n0, int64_t n, int64_t num_rows, int64_t k) {
-    if (n0 + ROW_BLOCK > n || k % LANES) {
-        for (int64_t j = n0; j < n0 + ROW_BLOCK && j < n; ++j)
-            for (int64_t m = 0; m < num_rows; ++m) {
-                float acc = 0.0f;
-                for (int64_t i = 0; i < k; ++i) acc += x[m * x_stride + i] * w_all[j * k + i];
-                y[m * y_stride + j] = acc;
-            }
-        return;
-    }
-    const float *w = w_all + n0 * k;
-    int64_t m = 0;
-    for (; m + 3 <= num_rows; m += 3) {
-        const int64_t rows[3] = {m, m + 1, m + 2};
-        f32_block_rows(y, y_stride, x, x_stride, w, rows, 3, m == 0, n0, k);
-    }
-    for (; m < num_rows; m += 2) { /* the last 1-2 rows (all of a 1- or 2-row batch) */
-        const int64_t last = m + 1 < num_rows ? m + 1 : m;
-        const int64_t rows[3] = {m, last, last};
-        f32_block_rows(y, y_stride, x, x_stride, w, rows, 2, m == 0, n0, k);
-    }
-}
-
 /* Per-row input of a projection: for int8, row x quantized (and rotated) into u / low / step; for
  * int4, into int16 groups (in the same buffer as u) with their group_step / group_sum. */
 typedef struct {
@@ -138,18 +90,22 @@ static inline void prepare_row(const tm_linear *l, const float *x_row, int64_t m
  * A worksharing loop: every thread of the region must call it. */
 static void linear_phase(const tm_linear *l, float *y, const float *x, const quantized_rows *qr, int64_t num_rows) {
     const int64_t n = l->n, num_blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK;
+    if (l->format == TM_FLOAT32) {
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < num_panels(n); ++p)
+            panel_rows(y, n, x, l->k, (const float *)l->weight, l->bias, n, l->k, num_rows, p);
+        return;
+    }
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < num_blocks; ++b) {
         const int64_t n0 = b * ROW_BLOCK;
         if (l->format == TM_INT8)
             int8_output_block(y, n, qr->u, qr->k_pad, qr->low, qr->step, (const int8_t *)l->weight, l->rowsum,
                               l->scale, n0, n, num_rows, l->k);
-        else if (l->format == TM_INT4)
+        else
             int4_output_block(y, n, (const int16_t *)qr->u, qr->k_pad, qr->group_step, qr->group_sum,
                               qr->k_pad / INT4_GROUP, (const uint8_t *)l->weight, l->group_scale, l->group_min, n0,
                               n, num_rows, l->k);
-        else
-            f32_output_block(y, n, x, l->k, (const float *)l->weight, n0, n, num_rows, l->k);
         if (l->bias != NULL)
             for (int64_t m = 0; m < num_rows; ++m)
                 for (int64_t j = n0; j < n0 + ROW_BLOCK && j < n; ++j) y[m * n + j] += l->bias[j];
@@ -298,13 +254,4 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
     }
     free(arena);
     return 0;
-}
-
-/* y [num_rows, n] = x [num_rows, k] w^T for float32 w [n, k] (rows of x contiguous): the same product as
- * the decoder's float32 projections, for the vocabulary projection of a decode step. */
-void tm_f32_gemm_small(float *y, const float *x, const float *w, int64_t num_rows, int64_t n, int64_t k,
-                       int num_threads) {
-    const int64_t num_blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t b = 0; b < num_blocks; ++b) f32_output_block(y, n, x, k, w, b * ROW_BLOCK, n, num_rows, k);
 }

@@ -1,9 +1,9 @@
 """ctypes binding of decode_step.c: a whole Llama decoder forward for a decode step in one call.
 
 The caller describes the model once (DecodeStepModel: pointers to every layer's weights and K/V cache,
-kept alive by the object) and then runs steps with per-step tensors. Tensors are float32 (int8 weights
-with their int32 row sums, int4 weights with float16 group scales and minima) and contiguous; see
-decode_step.c for the arithmetic and the invariants.
+kept alive by the object) and then runs steps with per-step tensors. Tensors are float32 (float32
+weights in 16-channel panels, int8 weights with their int32 row sums, int4 weights with float16 group
+scales and minima) and contiguous; see decode_step.c for the arithmetic and the invariants.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.kernels.cpu.build import load_kernel_library
+from tokenmill.kernels.cpu.f32_gemm import check_panels
 from tokenmill.kernels.cpu.int4_gemm import check_int4_weights
 
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
@@ -47,8 +48,6 @@ def _lib() -> ctypes.CDLL | None:
         return None
     lib.tm_decode_step.argtypes = [ctypes.POINTER(_Model), _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_int]
     lib.tm_decode_step.restype = ctypes.c_int
-    lib.tm_f32_gemm_small.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_int]
-    lib.tm_f32_gemm_small.restype = None
     return lib
 
 
@@ -56,25 +55,13 @@ def decode_step_available() -> bool:
     return _lib() is not None
 
 
-def f32_gemm_small(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ weight [N, K]^T -> [M, N], float32 contiguous, with the decoder's float32 product: for a
-    few rows it streams the weight at close to the memory's read rate (MKL's GEMM: about half of it)."""
-    _checked(x, torch.float32, "x")
-    _checked(weight, torch.float32, "weight")
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"f32_gemm_small: shapes {tuple(x.shape)} and {tuple(weight.shape)} do not chain")
-    y = x.new_empty(x.shape[0], weight.shape[0])
-    _lib().tm_f32_gemm_small(y.data_ptr(), x.data_ptr(), weight.data_ptr(), x.shape[0], weight.shape[0],
-                             weight.shape[1], torch.get_num_threads())
-    return y
-
-
 @dataclass
 class LinearWeights:
-    """One projection y = x W^T (+ b). Float32: weight [n, k]. Int8 (quant/int8_cpu.py's pair-budget
-    weights): weight [n, k] int8, row_sums [n] int32, scale [n] float32, and the Hadamard block the
-    input is rotated by (0: none). Int4 (quant/int4_cpu.py's groups): weight packed uint8 [n_pad, k / 2],
-    scale and group_min float16 [n_pad / 4, k / 32, 4], and int4_shape = (n, k)."""
+    """One projection y = x W^T (+ b). Float32 (layers/panel_linear.py): weight panels [ceil(n / 16), k, 16]
+    and features = (n, k). Int8 (quant/int8_cpu.py's pair-budget weights): weight [n, k] int8, row_sums [n]
+    int32, scale [n] float32, and the Hadamard block the input is rotated by (0: none). Int4
+    (quant/int4_cpu.py's groups): weight packed uint8 [n_pad, k / 2], scale and group_min float16
+    [n_pad / 4, k / 32, 4], and features = (n, k)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
@@ -82,7 +69,7 @@ class LinearWeights:
     scale: torch.Tensor | None = None
     rotation_block: int = 0
     group_min: torch.Tensor | None = None
-    int4_shape: tuple[int, int] | None = None
+    features: tuple[int, int] | None = None  # (n, k) of the packed formats, float32 and int4
 
     @property
     def format(self) -> int:
@@ -93,11 +80,11 @@ class LinearWeights:
     @property
     def shape(self) -> tuple[int, int]:
         """(out_features, in_features)."""
-        if self.format == INT4:
-            if self.int4_shape is None:
-                raise ValueError("decode step: int4 weights need their int4_shape (n, k)")
-            return self.int4_shape
-        return (self.weight.shape[0], self.weight.shape[1])
+        if self.format == INT8:
+            return (self.weight.shape[0], self.weight.shape[1])
+        if self.features is None:
+            raise ValueError("decode step: packed (float32 panel and int4) weights need their features (n, k)")
+        return self.features
 
 
 @dataclass
@@ -188,6 +175,7 @@ class DecodeStepModel:
         else:
             if lin.rotation_block:
                 raise ValueError(f"decode step: float32 {name} takes no rotation")
+            check_panels(lin.weight, n, k)
             out.weight = self._ptr(lin.weight, torch.float32, f"{name} weight")
         return out
 

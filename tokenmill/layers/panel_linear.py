@@ -1,0 +1,75 @@
+"""Float32 projections on the CPU through the panel GEMM (kernels/cpu/f32_panels.h).
+
+`pack_float32_model` replaces every float32 decoder projection (quant/projections.py) by a PanelLinear
+holding only the packed weight, and the vocabulary projection too when nothing else (an int8 head) took
+it. A tied embedding table then reads its rows from the lm_head's panels (PanelEmbedding), so the table
+is stored once. The panel GEMM beats MKL's sgemm at every row count on the 2-core AVX2 machine,
+most at decode batches (benchmarks/panel_gemm.py), and its outputs do not depend on the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from tokenmill.kernels.cpu.f32_gemm import f32_panels_available, pack_panels, panel_rows, panels_linear
+from tokenmill.layers.linear import Embedding, Linear
+from tokenmill.quant.projections import projection_linears
+
+logger = logging.getLogger("tokenmill")
+
+
+class PanelLinear(nn.Module):
+    """y = x W^T (+ b) for a float32 W [out_features, in_features] kept as 16-channel panels."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("panels", pack_panels(weight.detach()))
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+
+    def unpacked_weight(self) -> torch.Tensor:
+        """The weight [out_features, in_features] back from the panels (a copy)."""
+        return self.panels.transpose(1, 2).reshape(-1, self.in_features)[: self.out_features].clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        return panels_linear(x2, self.panels, self.out_features, self.bias).reshape(*x.shape[:-1], self.out_features)
+
+
+class PanelEmbedding(nn.Module):
+    """An embedding table read from the panels of the vocabulary projection it is tied to."""
+
+    def __init__(self, head: PanelLinear) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return panel_rows(self.head.panels, ids, self.head.out_features)
+
+
+def pack_float32_model(model: nn.Module) -> int:
+    """Float32 CPU projections (and lm_head, when the model has no logits_head yet) -> PanelLinear.
+    Returns how many were packed; 0 when the C kernel is not available."""
+    if not f32_panels_available():
+        logger.info("no C compiler: float32 projections keep torch's GEMM")
+        return 0
+    packed = 0
+    for _, parent, name, child in projection_linears(model):
+        if child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
+            setattr(parent, name, PanelLinear(child.weight, child.bias))
+            packed += 1
+    lm_head = getattr(model, "lm_head", None)
+    if getattr(model, "logits_head", False) is None and type(lm_head) is Linear \
+            and lm_head.weight.dtype == torch.float32 and lm_head.weight.device.type == "cpu":
+        tied = type(model.embed_tokens) is Embedding and model.embed_tokens.weight is lm_head.weight
+        head = PanelLinear(lm_head.weight, lm_head.bias)
+        model.lm_head = model.logits_head = head  # the plain weight is dropped: the panels replace it
+        if tied:
+            model.embed_tokens = PanelEmbedding(head)
+        packed += 1
+    return packed
