@@ -46,8 +46,8 @@ def _linear_weights(module: nn.Module, name: str) -> LinearWeights:
         return LinearWeights(module.packed, module.bias, scale=module.group_scale, group_min=module.group_min,
                              features=(module.out_features, module.in_features))
     if isinstance(module, Int8DynamicLinear):
-        return LinearWeights(module._qweight, module.bias, module._qweight_row_sums, module._scale,
-                             0 if module._rotation is None else module._rotation.shape[0])
+        return LinearWeights(module.panels, module.bias, module.row_sums, module.scale, module.rotation_block,
+                             features=(module.out_features, module.in_features))
     if isinstance(module, PanelLinear):
         return LinearWeights(module.panels, module.bias, features=(module.out_features, module.in_features))
     if type(module) is Linear:

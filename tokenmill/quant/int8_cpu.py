@@ -1,13 +1,14 @@
 """W8A8 int8 linear layers for the CPU (`--quantization int8`).
 
-Kernels: up to FUSED_MAX_ROWS rows (decode batches), kernels/cpu/int8_gemm.c quantizes each row and
-runs the u8 x s8 -> int32 product in one call. More rows go to fbgemm's `quantized::linear_dynamic`
-(range, uint8 quantization, GEMM and dequantization in one op), whose per-call work costs more than the
-product at a few rows. On a 2-core AVX2 CPU both run the SmolLM2 projections faster than fp32, while
-torch._int_mm (no VNNI) and torch's packed weight-only int8/int4 kernels are many times slower than
-fp32 (benchmarks/README.md has the measured table).
+Kernel: kernels/cpu/int8_gemm.c for every row count (decode steps, prefill chunks, the vocabulary
+projection): each row quantized per token in one pass, then u8 x s8 -> int32 products against weights
+packed in 16-channel panels (kernels/cpu/int8_panels.h), the same tiles inside the C decoder
+(kernels/cpu/decode_step.c). On the 2-core AVX2 machine they run the SmolLM2 projections at ~1.7x the
+float32 panel GEMM and ~1.4x fbgemm's quantized linear with its per-token ops, which this module used
+for more than 16 rows before (benchmarks/int8_gemm.py), while torch._int_mm (no VNNI) and torch's packed
+weight-only int8/int4 kernels are many times slower than fp32 (benchmarks/README.md).
 
-Exact on every x86 CPU (the pair budget): without VNNI fbgemm multiplies with vpmaddubsw, which adds
+Exact on every x86 CPU (the pair budget): without VNNI the kernel multiplies with vpmaddubsw, which adds
 the products of input channels 2j and 2j+1 into a *saturating* int16. With 8-bit activations
 (a in [0, 255]) that pair sum is bounded by 255 * (|q[2j]| + |q[2j+1]|), so weights are quantized
 under the budget |q[2j]| + |q[2j+1]| <= 128 (255 * 128 = 32640 <= 32767): no input can saturate.
@@ -16,16 +17,12 @@ The per-output-channel scale is max(max pair sum of |w| / 128, max|w| / 127): a 
 (The previous scheme cut activations to 7 bits (reduce_range) instead; 8-bit activations with
 unbudgeted 8-bit weights saturate: measured 8.7% error on one large row.)
 
-Activations: per-token asymmetric 8 bits. The C kernel puts 256 levels over each row's [min, max].
-For fbgemm each row is mapped affinely onto [-1, 1]
-(x' = (x - mid) / half) so fbgemm's per-tensor range becomes per token and every token uses all
-256 levels, then y = half * (W x') + mid * (W 1). A single row needs no mapping: fbgemm's range is
-then that row's own (widened to include 0).
+Activations: per-token asymmetric 8 bits, 256 levels over each row's [min, max].
 
 down_proj's input (silu(gate) * up, the most outlier-heavy activation) is additionally rotated by a
 block-diagonal 16 x 16 Hadamard matrix H: y = (W H)(H x), W H folded into the weights once, H x inside
-the C kernel's quantization pass (or one small GEMM before fbgemm), which spreads an outlier channel
-over 16 channels before quantization.
+the C kernel's quantization pass, which spreads an outlier channel over 16 channels before
+quantization.
 
 Measured on SmolLM2-135M, mean KL(fp32 || int8) over the parity texts / held-out texts, and
 benchmarks/quant_quality.py (perplexity change, teacher-forced agreement):
@@ -50,32 +47,31 @@ quantize_lm_head): lm_head itself stays, as it is often the embedding table.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from tokenmill.kernels.cpu.int8_gemm import int8_gemm, int8_gemm_available, int8_row_sums
+from tokenmill.kernels.cpu.int8_gemm import (
+    int8_gemm_available,
+    int8_panels_gemm,
+    pack_int8_panels,
+    padded_channels,
+    padded_row_sums,
+)
 from tokenmill.quant.projections import projection_linears
 
 # Projections whose input is rotated by a block Hadamard matrix at runtime, and the block size.
 ROTATED_PROJECTIONS = ("down_proj",)
 ROTATION_BLOCK = 16
 
-# Up to this many rows the product runs in kernels/cpu/int8_gemm.c (same arithmetic, per-token
-# quantization fused in); more rows go to fbgemm's GEMM. Measured on the 2-core AVX2 machine: the
-# kernel is ~2x faster than fbgemm + the per-token ops at 4 rows and even at 16-32 on the decoder's
-# projections, but fbgemm's blocking wins from 8 rows on the 49152-wide vocabulary projection.
-FUSED_MAX_ROWS = 16
-LOGITS_FUSED_MAX_ROWS = 4
-
 # Largest |q[2j]| + |q[2j+1]| of a weight row: 255 * PAIR_BUDGET must fit vpmaddubsw's int16.
 PAIR_BUDGET = 128
 
 
 def int8_supported() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines or "x86" in torch.backends.quantized.supported_engines
+    """The int8 layers run on the C kernels (kernels/cpu/int8_gemm.c), built on first use."""
+    return int8_gemm_available()
 
 
 def _pairs(x: torch.Tensor) -> torch.Tensor:
@@ -118,77 +114,46 @@ class Int8DynamicLinear(nn.Module):
     rotation_block=b: y = (W H) (H x) with H block-diagonal of b x b Hadamard blocks (H H = I), so
     an outlier input channel is spread over b channels before the activations are quantized."""
 
-    def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, rotation_block: int | None = None,
-        fused_max_rows: int | None = None,
-    ) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rotation_block: int | None = None) -> None:
         super().__init__()
-        # None: FUSED_MAX_ROWS, read at call time.
-        self.fused_max_rows = fused_max_rows
         if weight.device.type != "cpu":
             raise ValueError("int8 quantization runs on the CPU; use fp8 on GPUs")
-        self.in_features = weight.shape[1]
-        self.out_features = weight.shape[0]
-        self._rotation: torch.Tensor | None = None
-        if rotation_block is not None:
-            if self.in_features % rotation_block:
-                raise ValueError(f"in_features {self.in_features} is not a multiple of rotation_block {rotation_block}")
-            self._rotation = hadamard(rotation_block)
-            weight = self._rotate(weight.detach().float())
+        if not int8_gemm_available():
+            raise ValueError("int8 quantization needs the C kernels (kernels/cpu/int8_gemm.c), which could not "
+                             "be built here: is a C compiler installed?")
+        self.out_features, self.in_features = weight.shape
+        self.rotation_block = 0 if rotation_block is None else rotation_block
+        weight = weight.detach().float()
+        if self.rotation_block:
+            if self.in_features % self.rotation_block:
+                raise ValueError(f"in_features {self.in_features} is not a multiple of rotation_block "
+                                 f"{self.rotation_block}")
+            h = hadamard(self.rotation_block)
+            weight = (weight.reshape(-1, self.rotation_block) @ h).reshape(weight.shape)  # W H (H symmetric)
         q, scale = quantize_weight_per_channel(weight)
-        with warnings.catch_warnings():  # quantized tensors are the packing API fbgemm takes
-            warnings.simplefilter("ignore")
-            qweight = torch._make_per_channel_quantized_tensor(
-                q, scale.double(), torch.zeros(scale.shape[0], dtype=torch.long), 0)
-        self._packed = torch.ops.quantized.linear_prepack(qweight, None)
-        # The same weights unpacked, for the fused kernel of decode-sized row counts.
-        self._qweight, self._scale = q.contiguous(), scale.contiguous()
-        self._qweight_row_sums = int8_row_sums(self._qweight)
-        # W 1 of the quantized weight, [1, N]: restores the per-row shift `mid` exactly.
-        self._row_sums = (q.float() * scale[:, None]).sum(dim=1).unsqueeze(0)
+        self.panels = pack_int8_panels(q)
+        self.row_sums = padded_row_sums(q)
+        self.scale = torch.zeros(padded_channels(self.out_features))
+        self.scale[: self.out_features] = scale
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != torch.float32:
-            x2 = x2.float()
-        fused_max_rows = FUSED_MAX_ROWS if self.fused_max_rows is None else self.fused_max_rows
-        if x2.shape[0] <= fused_max_rows and int8_gemm_available():
-            rotation_block = 0 if self._rotation is None else self._rotation.shape[0]
-            y = int8_gemm(x2.contiguous(), self._qweight, self._qweight_row_sums, self._scale, rotation_block)
-        else:
-            if self._rotation is not None:
-                x2 = self._rotate(x2)
-            if x2.shape[0] == 1:
-                y = torch.ops.quantized.linear_dynamic(x2, self._packed, False)
-            else:
-                y = self._per_token(x2)
-        if self.bias is not None:
-            y += self.bias
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if x2.dtype != torch.float32 or x2.stride(1) != 1:
+            x2 = x2.float().contiguous()
+        y = int8_panels_gemm(x2, self.panels, self.row_sums, self.scale, self.out_features, self.rotation_block,
+                             self.bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
-    def _rotate(self, t: torch.Tensor) -> torch.Tensor:
-        """[R, K] -> [R, K] with every block of b consecutive columns multiplied by H (symmetric)."""
-        assert self._rotation is not None
-        b = self._rotation.shape[0]
-        return torch.nn.functional.linear(t.reshape(-1, b), self._rotation).reshape(t.shape)
-
-    def _per_token(self, x2: torch.Tensor) -> torch.Tensor:
-        # W x = half * W ((x - mid) / half) + mid * W 1: each row spans exactly [-1, 1], so the
-        # per-tensor range fbgemm picks is every row's own range and no token coarsens another.
-        # amin + amax, not aminmax: torch's CPU aminmax over rows measured ~10x slower (441 vs 47 us, 512 x 576).
-        lo, hi = x2.amin(dim=1, keepdim=True), x2.amax(dim=1, keepdim=True)
-        mid = (hi + lo).mul_(0.5)
-        half = (hi - lo).mul_(0.5).clamp_min_(1e-12)
-        y = torch.ops.quantized.linear_dynamic((x2 - mid).div_(half), self._packed, False)
-        return y.mul_(half).addmm_(mid, self._row_sums)
+    def dequantized_weight(self) -> torch.Tensor:
+        """q * scale [out_features, in_features], in the rotated basis when rotation_block is set."""
+        n, k = self.out_features, self.in_features
+        q = self.panels.permute(0, 2, 1, 3).reshape(-1, self.panels.shape[1] * 4)[:n, :k]
+        return q.float() * self.scale[:n, None]
 
     def extra_repr(self) -> str:
-        rotation = "" if self._rotation is None else f", Hadamard block {self._rotation.shape[0]}"
-        fused = FUSED_MAX_ROWS if self.fused_max_rows is None else self.fused_max_rows
-        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 W8A8 (C kernel up to "
-                f"{fused} rows, fbgemm beyond){rotation}")
+        rotation = f", Hadamard block {self.rotation_block}" if self.rotation_block else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 W8A8{rotation}"
 
 
 def quantize_model_int8(
@@ -197,7 +162,9 @@ def quantize_model_int8(
     """Replaces the decoder's projection Linears in place; returns how many. With calibration_ids,
     activation outliers are first migrated into the weights (quant/smooth.py). quantize_lm_head: the
     model's compute_logits uses int8_logits_head(lm_head) (counted in the result)."""
-    use_fbgemm_engine()
+    if not int8_supported():
+        raise ValueError("int8 quantization needs the C kernels (kernels/cpu/int8_gemm.c), which could not be "
+                         "built here: is a C compiler installed?")
     if calibration_ids:
         from tokenmill.quant.smooth import input_channel_maxima, smooth_model
 
@@ -213,18 +180,10 @@ def quantize_model_int8(
     return replaced
 
 
-def use_fbgemm_engine() -> None:
-    """Selects the quantized engine Int8DynamicLinear packs its weights for; ValueError without one."""
-    if not int8_supported():
-        raise ValueError("int8 quantization needs torch's fbgemm/x86 quantized engine, which this torch lacks")
-    torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
-
-
 def attach_int8_logits_head(model: nn.Module) -> None:
     """From now on the model's compute_logits uses int8_logits_head(lm_head); lm_head itself stays."""
     if not hasattr(model, "logits_head"):
         raise ValueError(f"{type(model).__name__} has no logits_head to quantize the lm_head into")
-    use_fbgemm_engine()
     model.logits_head = int8_logits_head(model.lm_head.weight)
 
 
@@ -237,4 +196,4 @@ def int8_logits_head(lm_head_weight: torch.Tensor) -> Int8DynamicLinear:
     Measured on SmolLM2-135M on top of the default int8 body: KL 0.0060 -> 0.0074, perplexity
     +0.1%, teacher-forced agreement 95.9% (vs 96.9%). Unrotated it measured KL 0.0097 / 95.7%, and
     94.3% without the down_proj rotation: keep both rotations if this is used."""
-    return Int8DynamicLinear(lm_head_weight, None, rotation_block=ROTATION_BLOCK, fused_max_rows=LOGITS_FUSED_MAX_ROWS)
+    return Int8DynamicLinear(lm_head_weight, None, rotation_block=ROTATION_BLOCK)

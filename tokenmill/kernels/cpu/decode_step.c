@@ -13,13 +13,13 @@
  *   residual += a W_o^T (+ b);  x = rmsnorm(residual) * post_norm
  *   h = silu(x W_gate^T) * (x W_up^T);  out = h W_down^T
  * and finally hidden = rmsnorm(residual + out) * final_norm.
- * A projection is float32 in 16-channel panels (f32_panels.h), W8A8 int8 (int8_dot.h: each input row
- * quantized per token, down_proj's input rotated by Hadamard blocks in the same pass) or W4A16 int4
- * (int4_dot.h: 4-bit weight groups, each group of 32 inputs quantized to 16 bits on its own) as the
- * tm_linear says.
+ * A projection is float32 in 16-channel panels (f32_panels.h), W8A8 int8 in 16-channel panels
+ * (int8_panels.h; each input row quantized per token by int8_quantize.h, down_proj's input rotated by
+ * Hadamard blocks in the same pass) or W4A16 int4 (int4_dot.h: 4-bit weight groups, each group of 32
+ * inputs quantized to 16 bits on its own) as the tm_linear says.
  *
- * Work split: projections by panels (float32) or blocks of ROW_BLOCK output channels (schedule
- * static: each thread streams its half of every weight), attention by (request, KV head) tasks or, with fewer tasks than
+ * Work split: projections by panels (float32, int8) or blocks of INT4_CHANNELS output channels
+ * (schedule static: each thread streams its half of every weight), attention by (request, KV head) tasks or, with fewer tasks than
  * 2 per thread, by block-aligned ranges of each one's positions merged after (split-K); the per-row
  * phases by rows.
  *
@@ -35,16 +35,18 @@
 #include "attention_tile.h"
 #include "f32_panels.h"
 #include "int4_dot.h"
-#include "int8_dot.h"
+#include "int8_panels.h"
+#include "int8_quantize.h"
 #include "row_ops.h"
 
 enum { TM_FLOAT32 = 0, TM_INT8 = 1, TM_INT4 = 2 };
 
 typedef struct {
-    const void *weight;     /* float32 panels [num_panels(n), k, PANEL] (f32_panels.h); int8 [n, k] under
-                               the pair budget (int8_dot.h); or int4 packed [n_pad, k / 2] (int4_dot.h) */
-    const int32_t *rowsum;  /* int8: [n] sums of each weight row */
-    const float *scale;     /* int8: [n] per-output-channel scales */
+    const void *weight;     /* float32 panels [num_panels(n), k, PANEL] (f32_panels.h); int8 panels
+                               [int8_num_panels(n), int8_quads(k), 16, 4] (int8_panels.h); or int4 packed
+                               [n_pad, k / 2] (int4_dot.h) */
+    const int32_t *rowsum;  /* int8: sums of each weight row, padded to whole panels */
+    const float *scale;     /* int8: per-output-channel scales, padded to whole panels */
     const uint16_t *group_scale, *group_min; /* int4: fp16 [n_pad / 4, k / 32, 4] each */
     const float *bias;      /* [n] or NULL */
     int64_t n, k;
@@ -89,26 +91,26 @@ static inline void prepare_row(const tm_linear *l, const float *x_row, int64_t m
 /* y [num_rows, n] = x [num_rows, k] (row stride k) through l; x already prepared (prepare_row) for int8 and int4.
  * A worksharing loop: every thread of the region must call it. */
 static void linear_phase(const tm_linear *l, float *y, const float *x, const quantized_rows *qr, int64_t num_rows) {
-    const int64_t n = l->n, num_blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK;
+    const int64_t n = l->n;
     if (l->format == TM_FLOAT32) {
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < num_panels(n); ++p)
             panel_rows(y, n, x, l->k, (const float *)l->weight, l->bias, n, l->k, num_rows, p);
-        return;
-    }
+    } else if (l->format == TM_INT8) {
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < num_blocks; ++b) {
-        const int64_t n0 = b * ROW_BLOCK;
-        if (l->format == TM_INT8)
-            int8_output_block(y, n, qr->u, qr->k_pad, qr->low, qr->step, (const int8_t *)l->weight, l->rowsum,
-                              l->scale, n0, n, num_rows, l->k);
-        else
+        for (int64_t p = 0; p < int8_num_panels(n); ++p)
+            int8_panel_rows(y, n, qr->u, qr->k_pad, qr->low, qr->step, (const int8_t *)l->weight, l->scale, l->rowsum,
+                            l->bias, n, l->k, num_rows, p);
+    } else {
+#pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < n; n0 += INT4_CHANNELS) {
             int4_output_block(y, n, (const int16_t *)qr->u, qr->k_pad, qr->group_step, qr->group_sum,
                               qr->k_pad / INT4_GROUP, (const uint8_t *)l->weight, l->group_scale, l->group_min, n0,
                               n, num_rows, l->k);
-        if (l->bias != NULL)
-            for (int64_t m = 0; m < num_rows; ++m)
-                for (int64_t j = n0; j < n0 + ROW_BLOCK && j < n; ++j) y[m * n + j] += l->bias[j];
+            if (l->bias != NULL)
+                for (int64_t m = 0; m < num_rows; ++m)
+                    for (int64_t j = n0; j < n0 + INT4_CHANNELS && j < n; ++j) y[m * n + j] += l->bias[j];
+        }
     }
 }
 

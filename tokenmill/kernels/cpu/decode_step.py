@@ -17,6 +17,7 @@ import torch
 from tokenmill.kernels.cpu.build import load_kernel_library
 from tokenmill.kernels.cpu.f32_gemm import check_panels
 from tokenmill.kernels.cpu.int4_gemm import check_int4_weights
+from tokenmill.kernels.cpu.int8_gemm import check_int8_panels
 
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
@@ -57,11 +58,11 @@ def decode_step_available() -> bool:
 
 @dataclass
 class LinearWeights:
-    """One projection y = x W^T (+ b). Float32 (layers/panel_linear.py): weight panels [ceil(n / 16), k, 16]
-    and features = (n, k). Int8 (quant/int8_cpu.py's pair-budget weights): weight [n, k] int8, row_sums [n]
-    int32, scale [n] float32, and the Hadamard block the input is rotated by (0: none). Int4
-    (quant/int4_cpu.py's groups): weight packed uint8 [n_pad, k / 2], scale and group_min float16
-    [n_pad / 4, k / 32, 4], and features = (n, k)."""
+    """One projection y = x W^T (+ b), with features = (n, k). Float32 (layers/panel_linear.py): weight panels
+    [ceil(n / 16), k, 16]. Int8 (quant/int8_cpu.py's pair-budget weights): weight panels int8
+    [ceil(n / 16), ceil(k / 4), 16, 4], row_sums int32 and scale float32 padded to whole panels, and the
+    Hadamard block the input is rotated by (0: none). Int4 (quant/int4_cpu.py's groups): weight packed
+    uint8 [n_pad, k / 2], scale and group_min float16 [n_pad / 4, k / 32, 4]."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
@@ -69,7 +70,7 @@ class LinearWeights:
     scale: torch.Tensor | None = None
     rotation_block: int = 0
     group_min: torch.Tensor | None = None
-    features: tuple[int, int] | None = None  # (n, k) of the packed formats, float32 and int4
+    features: tuple[int, int] | None = None  # (n, k): every format is packed
 
     @property
     def format(self) -> int:
@@ -80,10 +81,8 @@ class LinearWeights:
     @property
     def shape(self) -> tuple[int, int]:
         """(out_features, in_features)."""
-        if self.format == INT8:
-            return (self.weight.shape[0], self.weight.shape[1])
         if self.features is None:
-            raise ValueError("decode step: packed (float32 panel and int4) weights need their features (n, k)")
+            raise ValueError("decode step: packed weights need their features (n, k)")
         return self.features
 
 
@@ -169,6 +168,7 @@ class DecodeStepModel:
             rb = lin.rotation_block
             if rb < 0 or (rb and (rb & (rb - 1) or k % rb)):
                 raise ValueError(f"decode step: {name} rotation_block must be 0 or a power of 2 dividing {k}")
+            check_int8_panels(lin.weight, lin.row_sums, lin.scale, n, k)
             out.weight = self._ptr(lin.weight, torch.int8, f"{name} weight")
             out.rowsum = self._ptr(lin.row_sums, torch.int32, f"{name} row sums")
             out.scale = self._ptr(lin.scale, torch.float32, f"{name} scales")

@@ -1,44 +1,70 @@
-/* W8A8 matrix product for decode-sized row counts, with the activation quantization fused in (the
- * arithmetic and its exactness: int8_dot.h).
+/* W8A8 matrix products for any number of rows against panel-packed int8 weights (int8_panels.h), the
+ * activation quantization fused in, and the packing itself.
  *
- * At a few rows a projection is bound by reading its weights (one token of SmolLM2-135M reads ~107 MB
- * of int8 weights). fbgemm's quantized linear adds per-call work (range pass, quantization, row
- * offsets, requantization, each a separate op for per-token ranges) that costs more than the product at
- * one row; this kernel does the range and quantization in one pass over x and the product in another.
+ * Each row of x is quantized per token in one pass (int8_quantize.h's quantize_row; with rotation_block = b >
+ * 0 it is first multiplied block by block by the b x b Hadamard matrix that quant/int8_cpu.py folds into
+ * down_proj's weights), then the products run tile by tile.
  *
- * With rotation_block = b > 0, x is first multiplied block by block by the b x b Hadamard matrix (the
- * rotation quant/int8_cpu.py folds into down_proj's weights), inside the quantization pass.
- *
- * Invariants: x is [num_rows, k] float32 with row stride x_stride; q is [n, k] int8 contiguous;
- * rotation_block is 0 or a power of 2 dividing k;
- * rowsum and scale are [n]; y is [num_rows, n] float32 contiguous. Any n, k >= 1, num_rows >= 1.
- *
- * Work split: blocks of ROW_BLOCK output channels over the OpenMP pool (torch's libgomp).
+ * Blocking (as f32_gemm.c): rows in chunks whose quantized block stays in L2; inside a chunk each thread
+ * runs its own static range of panels, each over the chunk's rows in tiles of I8_TILE_ROWS.
+ * Invariants: x is [m, k] float32 with row stride x_stride; y is [m, n] contiguous; panels is
+ * [int8_num_panels(n), int8_quads(k), I8_PANEL, I8_QUAD]; scale and rowsum are padded to whole panels;
+ * rotation_block is 0 or a power of 2 dividing k; bias is [n] or NULL.
  */
-#include "int8_dot.h"
+#include <omp.h>
+#include <string.h>
 
-/* Returns 0, or -1 when the quantized-activation buffer cannot be allocated (y untouched). */
-int tm_int8_gemm_small(float *y, const float *x, int64_t x_stride, int64_t rotation_block, const int8_t *q,
-                       const int32_t *rowsum, const float *scale, int64_t num_rows, int64_t n, int64_t k,
-                       int num_threads) {
-    const int64_t k_pad = (k + K_ALIGN - 1) / K_ALIGN * K_ALIGN;
-    uint8_t *u = (uint8_t *)aligned_alloc(64, (size_t)((num_rows * k_pad + 63) / 64 * 64));
-    /* row_low [num_rows], row_step [num_rows], then the rotation scratch [k] */
-    float *row_low = (float *)malloc((size_t)(num_rows * 2 + k) * sizeof(float));
-    if (u == NULL || row_low == NULL) {
+#include "int8_quantize.h"
+#include "int8_panels.h"
+
+#define U_CHUNK_BYTES (192 * 1024)
+
+/* Returns 0, or -1 when the quantized-activation buffers cannot be allocated (y untouched). */
+int tm_int8_panels_gemm(float *y, const float *x, int64_t x_stride, int64_t rotation_block, const int8_t *panels,
+                        const int32_t *rowsum, const float *scale, const float *bias, int64_t m, int64_t n, int64_t k,
+                        int num_threads) {
+    const int64_t u_stride = int8_quads(k) * I8_QUAD;
+    uint8_t *u = (uint8_t *)malloc((size_t)(m * u_stride));
+    /* low [m], step [m], then a rotation scratch [k] per thread */
+    float *low = (float *)malloc((size_t)(2 * m + (int64_t)num_threads * k) * sizeof(float));
+    if (u == NULL || low == NULL) {
         free(u);
-        free(row_low);
+        free(low);
         return -1;
     }
-    float *row_step = row_low + num_rows, *scratch = row_step + num_rows;
-    for (int64_t m = 0; m < num_rows; ++m)
-        row_low[m] = quantize_row(x + m * x_stride, k, rotation_block, scratch, u + m * k_pad, &row_step[m]);
-
-    const int64_t num_blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t b = 0; b < num_blocks; ++b)
-        int8_output_block(y, n, u, k_pad, row_low, row_step, q, rowsum, scale, b * ROW_BLOCK, n, num_rows, k);
+    float *step = low + m;
+    int64_t chunk = U_CHUNK_BYTES / u_stride / I8_TILE_ROWS * I8_TILE_ROWS;
+    chunk = chunk < I8_TILE_ROWS ? I8_TILE_ROWS : chunk;
+    const int64_t np = int8_num_panels(n);
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *scratch = step + m + (int64_t)omp_get_thread_num() * k;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < m; ++r) {
+            low[r] = quantize_row(x + r * x_stride, k, rotation_block, scratch, u + r * u_stride, &step[r]);
+            memset(u + r * u_stride + k, 0, (size_t)(u_stride - k));
+        }
+        for (int64_t m0 = 0; m0 < m; m0 += chunk) {
+            const int64_t rows = m - m0 < chunk ? m - m0 : chunk;
+#pragma omp for schedule(static) nowait
+            for (int64_t p = 0; p < np; ++p)
+                int8_panel_rows(y + m0 * n, n, u + m0 * u_stride, u_stride, low + m0, step + m0, panels, scale, rowsum,
+                                bias, n, k, rows, p);
+        }
+    }
     free(u);
-    free(row_low);
+    free(low);
     return 0;
+}
+
+/* panels [int8_num_panels(n), int8_quads(k), I8_PANEL, I8_QUAD] from q [n, k] (contiguous), zero past n and k. */
+void tm_int8_pack_panels(int8_t *panels, const int8_t *q, int64_t n, int64_t k) {
+    const int64_t np = int8_num_panels(n), kq = int8_quads(k);
+    for (int64_t p = 0; p < np; ++p)
+        for (int64_t g = 0; g < kq; ++g)
+            for (int64_t j = 0; j < I8_PANEL; ++j)
+                for (int64_t t = 0; t < I8_QUAD; ++t) {
+                    const int64_t c = p * I8_PANEL + j, i = g * I8_QUAD + t;
+                    panels[((p * kq + g) * I8_PANEL + j) * I8_QUAD + t] = c < n && i < k ? q[c * k + i] : 0;
+                }
 }
