@@ -28,20 +28,25 @@ def test_c_kernels_are_built_where_a_compiler_exists() -> None:
     assert TorchAttentionBackend().use_c_kernels
 
 
+# (cached prefix length, new tokens): decodes, whole prefills, and prefills over a cached prefix,
+# with lengths that end inside blocks; the long ones span several of the C kernel's 16-row query
+# blocks and 16-position chunks.
+SHORT_PLAN = [(0, 7), (13, 1), (5, 9), (0, 1), (31, 1), (22, 3)]
+LONG_PLAN = [(0, 70), (45, 38), (0, 1), (3, 17)]
+
+
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("block_size", [4, 16])
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(4, 4, 16), (9, 3, 64), (8, 2, 32), (4, 1, 12)])
+@pytest.mark.parametrize("plan", [SHORT_PLAN, LONG_PLAN], ids=["short", "long"])
 def test_mixed_batch_matches_reference(
-    native: bool, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int
+    native: bool, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int, plan: list[tuple[int, int]]
 ) -> None:
     gen = torch.Generator().manual_seed(block_size * 100 + num_heads)
     backend = TorchAttentionBackend(use_c_kernels=native)
     num_blocks = 64
     shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
     kv_cache = (torch.zeros(shape), torch.zeros(shape))
-    # (cached prefix length, new tokens): decodes, whole prefills, and prefills over a cached prefix,
-    # with lengths that end inside blocks.
-    plan = [(0, 7), (13, 1), (5, 9), (0, 1), (31, 1), (22, 3)]
     free = torch.randperm(num_blocks, generator=gen).tolist()
     tables, contexts = [], []
     for cached, new in plan:

@@ -1,0 +1,201 @@
+/* Causal attention of prompt rows (prefill and chunked-prefill steps) over the paged, head-major KV cache
+ * (attention_tile.h's layout), read in place, flash-attention style: scores by chunks of PANEL positions,
+ * an online softmax, never the whole score matrix.
+ *
+ * Request r's query rows q_starts[r] .. + q_lens[r] - 1 sit at positions seq_lens[r] - q_lens[r] + j and
+ * see positions <= their own, all of them already in the cache (the step's K/V are written first).
+ *
+ * One task = (request, KV head, block of Q_BLOCK query rows): its group * Q_BLOCK query vectors share each
+ * K/V chunk. Per chunk of PANEL positions: the chunk's K is transposed into a [head_dim][PANEL] panel, so the
+ * scores are f32_panels.h's tiles (6 query vectors x PANEL positions); masked, exponentiated against the
+ * running row maximum; then V's rows are added, weighted, into the output accumulators 3 vectors x 32
+ * lanes at a time. Tasks run longest first (the last query blocks see the most positions) on the OpenMP
+ * pool, and write disjoint output rows.
+ *
+ * Invariants: float32; query rows [T, num_heads, head_dim] with row stride q_stride, heads contiguous;
+ * out [T, num_heads, head_dim] contiguous; head_dim % 8 == 0; q_lens[r] <= seq_lens[r].
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+
+#include "f32_panels.h"
+
+#define Q_BLOCK 16
+
+typedef struct {
+    int64_t req, kv_head, row0, rows;
+} attention_task;
+
+/* e^x per lane for x <= 0 (scores minus their running maximum): 2^n * e^r with n = round(x / ln 2), |r| <=
+ * ln 2 / 2, e^r by Cephes' degree-6 polynomial (about 1 ulp); x below -87 gives 0. */
+static inline v8 exp_v8(v8 x) {
+    const __m256 floor_x = _mm256_set1_ps(-87.0f);
+    const __m256 underflow = _mm256_cmp_ps((__m256)x, floor_x, _CMP_LT_OQ);
+    x = (v8)_mm256_max_ps((__m256)x, floor_x);
+    const v8 n = (v8)_mm256_round_ps((__m256)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const v8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v8 p = (v8){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32((__m256)n), _mm256_set1_epi32(127)), 23);
+    return (v8)_mm256_andnot_ps(underflow, (__m256)(p * (v8)_mm256_castsi256_ps(bits)));
+}
+
+static inline float hmax(v8 v) {
+    float m = v[0];
+    for (int i = 1; i < LANES; ++i) m = v[i] > m ? v[i] : m;
+    return m;
+}
+
+/* acc[3][4] += p[r][c] * v[c][d0 .. d0 + 32) over the chunk's n positions, rows r of the triple (rows <= 3). */
+static inline __attribute__((always_inline)) void weighted_rows(float *o, int64_t o_stride, const float *p, const float *const *v, int64_t n,
+                                 int64_t d0, int width, int rows) {
+    v8 acc[3][4];
+    for (int r = 0; r < 3; ++r)
+        for (int w = 0; w < 4; ++w) acc[r][w] = r < rows && w < width ? *(const v8 *)(o + r * o_stride + d0 + w * LANES)
+                                                                       : (v8){0};
+    for (int64_t c = 0; c < n; ++c) {
+        v8 vv[4];
+        for (int w = 0; w < width; ++w) vv[w] = *(const v8 *)(v[c] + d0 + w * LANES);
+        for (int r = 0; r < rows; ++r) {
+            const v8 pb = (v8){0} + p[r * PANEL + c];
+            for (int w = 0; w < width; ++w) acc[r][w] += pb * vv[w];
+        }
+    }
+    for (int r = 0; r < rows; ++r)
+        for (int w = 0; w < width; ++w) *(v8 *)(o + r * o_stride + d0 + w * LANES) = acc[r][w];
+}
+
+static void attend_block(float *out, const float *query, int64_t q_stride, const float *k_cache, const float *v_cache,
+                         const int64_t *table, int64_t seq_len, int64_t q_len, const attention_task *t,
+                         int64_t num_heads, int64_t group, int64_t num_blocks, int64_t block_size, int64_t head_dim,
+                         float scale, float *scratch) {
+    const int64_t m_rows = group * t->rows, d = head_dim;
+    float *qbuf = scratch, *obuf = qbuf + m_rows * d, *scores = obuf + m_rows * d, *kt = scores + m_rows * PANEL;
+    float *row_max = kt + d * PANEL, *row_sum = row_max + m_rows;
+    const float *vrows[PANEL];
+    const int64_t first_pos = seq_len - q_len + t->row0; /* position of the block's first query row */
+    /* Query vector m = j * group + g: row j of the block, head kv_head * group + g; pre-scaled. */
+    for (int64_t j = 0; j < t->rows; ++j)
+        for (int64_t g = 0; g < group; ++g) {
+            const float *src = query + (t->row0 + j) * q_stride + (t->kv_head * group + g) * d;
+            float *dst = qbuf + (j * group + g) * d;
+            for (int64_t i = 0; i < d; ++i) dst[i] = src[i] * scale;
+        }
+    for (int64_t m = 0; m < m_rows * d; ++m) obuf[m] = 0.0f;
+    for (int64_t m = 0; m < m_rows; ++m) {
+        row_max[m] = -INFINITY;
+        row_sum[m] = 0.0f;
+    }
+    const int64_t end = first_pos + t->rows; /* positions [0, end) are seen by some row */
+    const int64_t head_base = t->kv_head * num_blocks;
+    for (int64_t c0 = 0; c0 < end; c0 += PANEL) {
+        const int64_t n = end - c0 < PANEL ? end - c0 : PANEL;
+        for (int64_t c = 0; c < PANEL; ++c) {
+            if (c < n) {
+                const int64_t pos = c0 + c, slot = (head_base + table[pos / block_size]) * block_size + pos % block_size;
+                const float *krow = k_cache + slot * d;
+                vrows[c] = v_cache + slot * d;
+                for (int64_t i = 0; i < d; ++i) kt[i * PANEL + c] = krow[i];
+            } else {
+                for (int64_t i = 0; i < d; ++i) kt[i * PANEL + c] = 0.0f;
+            }
+        }
+        panel_rows(scores, PANEL, qbuf, d, kt, NULL, PANEL, d, m_rows, 0);
+        for (int64_t m = 0; m < m_rows; ++m) {
+            /* Row m (query row j = m / group) sees chunk positions c <= first_pos + j - c0. */
+            const int64_t limit = first_pos + m / group - c0 + 1;
+            const int64_t valid = limit < n ? limit : n;
+            float *s = scores + m * PANEL;
+            if (valid <= 0) {
+                for (int64_t c = 0; c < PANEL; ++c) s[c] = 0.0f;
+                continue;
+            }
+            v8 lo = *(v8 *)s, hi = *(v8 *)(s + LANES);
+            if (valid < PANEL) /* the diagonal chunk, or the last one: mask the positions past the row */
+                for (int c = 0; c < LANES; ++c) {
+                    if (c >= valid) lo[c] = -1e30f;
+                    if (c + LANES >= valid) hi[c] = -1e30f;
+                }
+            const float old_max = row_max[m], chunk_max = hmax((v8)_mm256_max_ps((__m256)lo, (__m256)hi));
+            const float mx = chunk_max > old_max ? chunk_max : old_max;
+            const float correction = old_max == -INFINITY ? 0.0f : exp_v8((v8){0} + (old_max - mx))[0];
+            lo = exp_v8(lo - mx);
+            hi = exp_v8(hi - mx);
+            *(v8 *)s = lo;
+            *(v8 *)(s + LANES) = hi;
+            const float sum = hsum(lo + hi);
+            row_sum[m] = row_sum[m] * correction + sum;
+            row_max[m] = mx;
+            if (correction != 1.0f)
+                for (int64_t i = 0; i < d; ++i) obuf[m * d + i] *= correction;
+        }
+        for (int64_t m = 0; m < m_rows; m += 3) {
+            const int rows = m_rows - m < 3 ? (int)(m_rows - m) : 3;
+            float *o = obuf + m * d;
+            const float *p = scores + m * PANEL;
+            int64_t d0 = 0;
+            if (rows == 3)
+                for (; d0 + 4 * LANES <= d; d0 += 4 * LANES) weighted_rows(o, d, p, vrows, n, d0, 4, 3);
+            for (; d0 < d; d0 += LANES) weighted_rows(o, d, p, vrows, n, d0, 1, rows);
+        }
+    }
+    for (int64_t j = 0; j < t->rows; ++j)
+        for (int64_t g = 0; g < group; ++g) {
+            const int64_t m = j * group + g;
+            const float inv = 1.0f / row_sum[m];
+            float *dst = out + ((t->row0 + j) * num_heads + t->kv_head * group + g) * d;
+            for (int64_t i = 0; i < d; ++i) dst[i] = obuf[m * d + i] * inv;
+        }
+}
+
+/* Returns 0; 1 when scratch memory could not be allocated; 2 when head_dim % 8 != 0 (out untouched). */
+int tm_prefill_attention(float *out, const float *query, int64_t q_stride, const float *k_cache, const float *v_cache,
+                         const int64_t *q_starts, const int64_t *q_lens, const int64_t *seq_lens,
+                         const int64_t *block_tables, int64_t table_stride, int64_t num_reqs, int64_t num_heads,
+                         int64_t num_kv_heads, int64_t num_blocks, int64_t block_size, int64_t head_dim, float scale,
+                         int num_threads) {
+    if (head_dim % LANES != 0) return 2;
+    const int64_t group = num_heads / num_kv_heads;
+    int64_t num_tasks = 0;
+    for (int64_t r = 0; r < num_reqs; ++r) num_tasks += (q_lens[r] + Q_BLOCK - 1) / Q_BLOCK * num_kv_heads;
+    attention_task *tasks = (attention_task *)malloc((size_t)(num_tasks > 0 ? num_tasks : 1) * sizeof(attention_task));
+    const int64_t m_max = group * Q_BLOCK;
+    const int64_t per_thread = 2 * m_max * head_dim + m_max * PANEL + head_dim * PANEL + 2 * m_max + 16;
+    float *scratch = (float *)aligned_alloc(64, (size_t)((per_thread * num_threads + 15) / 16 * 16) * sizeof(float));
+    if (tasks == NULL || scratch == NULL) {
+        free(tasks);
+        free(scratch);
+        return 1;
+    }
+    /* Roughly longest first (later query blocks see more positions), for the dynamic schedule. */
+    int64_t n_tasks = 0, max_q = 0;
+    for (int64_t r = 0; r < num_reqs; ++r) max_q = q_lens[r] > max_q ? q_lens[r] : max_q;
+    for (int64_t row0 = (max_q - 1) / Q_BLOCK * Q_BLOCK; row0 >= 0; row0 -= Q_BLOCK)
+        for (int64_t r = 0; r < num_reqs; ++r)
+            for (int64_t h = 0; h < num_kv_heads && row0 < q_lens[r]; ++h) {
+                const int64_t rows = q_lens[r] - row0 < Q_BLOCK ? q_lens[r] - row0 : Q_BLOCK;
+                tasks[n_tasks++] = (attention_task){r, h, row0, rows};
+            }
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *mine = scratch + per_thread * omp_get_thread_num();
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < n_tasks; ++i) {
+            const attention_task *t = &tasks[i];
+            const int64_t r = t->req;
+            attend_block(out + q_starts[r] * num_heads * head_dim, query + q_starts[r] * q_stride, q_stride, k_cache,
+                         v_cache, block_tables + r * table_stride, seq_lens[r], q_lens[r], t, num_heads, group,
+                         num_blocks, block_size, head_dim, scale, mine);
+        }
+    }
+    free(tasks);
+    free(scratch);
+    return 0;
+}
