@@ -1,5 +1,7 @@
-"""The float32 panel GEMM (kernels/cpu/f32_gemm.c) against torch's GEMM (MKL) at the default model's
-projection shapes, interleaved in one process: GFLOP/s of y = x W^T, median over rounds, and the ratio.
+"""The float32 panel GEMM (kernels/cpu/f32_gemm.c) against torch's GEMM (MKL), and the int8 W8A8 layer
+(quant/int8_cpu.py: kernels/cpu/int8_gemm.c, per-token quantization included), at the default model's
+projection shapes, interleaved in one process: GFLOP/s (int8: GOP/s) of y = x W^T, median over rounds,
+and the ratios panels / torch and int8 / panels.
 
 Shapes: every SmolLM2-135M projection (qkv 960 x 576, o 576 x 576, gate_up 3072 x 576, down 576 x 1536,
 lm_head 49152 x 576) at 1, 8, 64, 256 and 2048 rows (batch-1 decode, decode batches, a prefill chunk).
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.kernels.cpu.f32_gemm import f32_panels_available, pack_panels, panels_linear
+from tokenmill.quant.int8_cpu import Int8DynamicLinear
 
 PROJECTIONS = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536),
                "lm_head": (49152, 576)}
@@ -49,10 +52,12 @@ def main() -> None:
         raise SystemExit("the C kernels cannot be built here (no compiler)")
     gen = torch.Generator().manual_seed(0)
     results: dict[str, Any] = {"args": vars(args), "threads": torch.get_num_threads(), "shapes": []}
-    print(f"{'projection':>10} {'rows':>5} {'panels GFLOP/s':>15} {'torch GFLOP/s':>14} {'ratio':>6}")
+    print(f"{'projection':>10} {'rows':>5} {'panels GFLOP/s':>15} {'torch GFLOP/s':>14} {'ratio':>6} "
+          f"{'int8 GOP/s':>11} {'int8/panels':>12}")
     for name, (n, k) in PROJECTIONS.items():
-        weight = torch.randn(n, k, generator=gen)
+        weight = torch.randn(n, k, generator=gen) * 0.05
         panels = pack_panels(weight)
+        int8_layer = Int8DynamicLinear(weight, None)
         for rows in (int(r) for r in args.rows.split(",")):
             if name == "lm_head" and rows > 256:
                 continue  # only sampled rows reach the vocabulary projection
@@ -60,6 +65,7 @@ def main() -> None:
             kernels: dict[str, Callable[[], Any]] = {
                 "panels": lambda x=x, p=panels, n=n: panels_linear(x, p, n),
                 "torch": lambda x=x, w=weight: F.linear(x, w),
+                "int8": lambda x=x, layer=int8_layer: layer(x),
             }
             for fn in kernels.values():
                 fn()  # warm-up
@@ -70,9 +76,11 @@ def main() -> None:
             flops = 2 * rows * n * k
             rate = {key: flops / statistics.median(s) / 1e9 for key, s in seconds.items()}
             results["shapes"].append({"projection": name, "n": n, "k": k, "rows": rows, "seconds": seconds,
-                                      "gflops": rate, "ratio": rate["panels"] / rate["torch"]})
+                                      "gflops": rate, "ratio": rate["panels"] / rate["torch"],
+                                      "int8_ratio": rate["int8"] / rate["panels"]})
             print(f"{name:>10} {rows:>5} {rate['panels']:>15.1f} {rate['torch']:>14.1f} "
-                  f"{rate['panels'] / rate['torch']:>5.2f}x", flush=True)
+                  f"{rate['panels'] / rate['torch']:>5.2f}x {rate['int8']:>11.1f} "
+                  f"{rate['int8'] / rate['panels']:>11.2f}x", flush=True)
     path = Path(args.output_json or f"benchmarks/results/panel-gemm-{time.strftime('%Y%m%d-%H%M%S')}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))

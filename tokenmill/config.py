@@ -142,7 +142,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.parallel.compile and self.model.quantization != "none":
-            # Packed int8 (fbgemm) and fp8 weights are opaque objects dynamo cannot trace.
+            # Panel-packed int8 weights (a ctypes kernel) and fp8 weights are opaque to dynamo.
             raise ValueError(
                 f"compile does not work with quantization={self.model.quantization!r} yet; drop one of the two"
             )

@@ -5,7 +5,7 @@ projection): each row quantized per token in one pass, then u8 x s8 -> int32 pro
 packed in 16-channel panels (kernels/cpu/int8_panels.h), the same tiles inside the C decoder
 (kernels/cpu/decode_step.c). On the 2-core AVX2 machine they run the SmolLM2 projections at ~1.7x the
 float32 panel GEMM and ~1.4x fbgemm's quantized linear with its per-token ops, which this module used
-for more than 16 rows before (benchmarks/int8_gemm.py), while torch._int_mm (no VNNI) and torch's packed
+for more than 16 rows before (benchmarks/panel_gemm.py), while torch._int_mm (no VNNI) and torch's packed
 weight-only int8/int4 kernels are many times slower than fp32 (benchmarks/README.md).
 
 Exact on every x86 CPU (the pair budget): without VNNI the kernel multiplies with vpmaddubsw, which adds
