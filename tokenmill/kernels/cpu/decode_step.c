@@ -19,9 +19,9 @@
  * inputs quantized to 16 bits on its own) as the tm_linear says.
  *
  * Work split: projections by panels (float32, int8) or blocks of INT4_CHANNELS output channels
- * (schedule static: each thread streams its half of every weight), attention by (request, KV head) tasks or, with fewer tasks than
- * 2 per thread, by block-aligned ranges of each one's positions merged after (split-K); the per-row
- * phases by rows.
+ * (schedule static: each thread streams its half of every weight), attention by (request, KV head)
+ * tasks or, with fewer tasks than 2 per thread, by block-aligned ranges of each one's positions merged
+ * after (split-K); the per-row phases by rows.
  *
  * Invariants: all float tensors are float32 and contiguous; head_dim % 8 == 0; positions index the
  * rotary tables; slots[r] is the cache slot of row r's new token and seq_lens[r] counts it; the K/V
