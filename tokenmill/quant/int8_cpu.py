@@ -19,10 +19,10 @@ unbudgeted 8-bit weights saturate: measured 8.7% error on one large row.)
 
 Activations: per-token asymmetric 8 bits, 256 levels over each row's [min, max].
 
-down_proj's input (silu(gate) * up, the most outlier-heavy activation) is additionally rotated by a
-block-diagonal 16 x 16 Hadamard matrix H: y = (W H)(H x), W H folded into the weights once, H x inside
-the C kernel's quantization pass, which spreads an outlier channel over 16 channels before
-quantization.
+The inputs of qkv_proj, gate_up_proj and down_proj (silu(gate) * up, the most outlier-heavy
+activation) are additionally rotated by a block-diagonal 16 x 16 Hadamard matrix H: y = (W H)(H x),
+W H folded into the weights once, H x inside the C kernel's quantization pass, which spreads an outlier
+channel over 16 channels before quantization.
 
 Measured on SmolLM2-135M, mean KL(fp32 || int8) over the parity texts / held-out texts, and
 benchmarks/quant_quality.py (perplexity change, teacher-forced agreement):
@@ -30,12 +30,14 @@ benchmarks/quant_quality.py (perplexity change, teacher-forced agreement):
   7-bit weights ([-64, 64]), 8-bit per-token asymmetric         0.017 / 0.017    +1.1%  95.3%
   pair-budget weights, 8-bit per-token symmetric                0.014 / 0.014    +2.9%  95.5%
   pair-budget weights, 8-bit per-token asymmetric               0.0095 / 0.0092  +0.1%  95.7%
-  ... + down_proj Hadamard-16 (this scheme)                     0.0060 / 0.0054  -0.4%  96.9%
+  ... + down_proj Hadamard-16                                  0.0060 / 0.0054  -0.4%  96.9%
   ... + Hadamard-16 on the qkv_proj and gate_up_proj inputs too 0.0042 / 0.0038  +0.4%  98.1%
 (the perplexity change of the one fixed text moves by ~0.7 points from run to run; KL does not).
-Rotating qkv_proj and gate_up_proj too costs one more small GEMM call each: per-layer linear time
-at one token 434 -> 516 us (fp32: 575 us), so only down_proj is rotated; Hadamard blocks of 32 / 64
-on down_proj measured no better than 16. Keeping single projections in fp32 moved KL by at most
+With fbgemm the extra rotations cost one more small GEMM call each, so only down_proj was rotated.
+Inside the C kernel's quantization pass (vectorized butterflies) they cost no measurable time (W1
+int8: 32.0 s both ways), so all three are rotated (this scheme; with the int8 lm_head, quant_quality
+measured teacher-forced 96.1% against 95.1% with down_proj alone). Hadamard blocks of 32 / 64 on
+down_proj measured no better than 16. Keeping single projections in fp32 moved KL by at most
 ~10% either way (the error is spread evenly over the layers), so every projection is quantized.
 A per-channel scale search minimizing output error on the calibration activations measured no
 better than the plain pair-budget scale (KL 0.0103 vs 0.0095), and GPTQ on the 182-token
@@ -62,7 +64,7 @@ from tokenmill.kernels.cpu.int8_gemm import (
 from tokenmill.quant.projections import projection_linears
 
 # Projections whose input is rotated by a block Hadamard matrix at runtime, and the block size.
-ROTATED_PROJECTIONS = ("down_proj",)
+ROTATED_PROJECTIONS = ("qkv_proj", "gate_up_proj", "down_proj")
 ROTATION_BLOCK = 16
 
 # Largest |q[2j]| + |q[2j+1]| of a weight row: 255 * PAIR_BUDGET must fit vpmaddubsw's int16.
