@@ -29,7 +29,8 @@ from tokenmill.quant.int8_cpu import Int8DynamicLinear
 logger = logging.getLogger("tokenmill")
 
 # Most requests a step may have to take the C decoder. Measured on the 2-core AVX2 machine, SmolLM2-135M,
-# decode tok/s of the C decoder against layer by layer in the same process (benchmarks/decode_step_ab.py):
+# decode tok/s of the C decoder against layer by layer in the same process (benchmarks/decode_step_ab.py;
+# at commit 65fcaa1, before the panel kernels, which both paths now share):
 #   rows     1      4      8     16     32     64
 #   int8   88/43 231/130    -  277/196 308/223 348/272
 #   fp32   42/19 128/44 155/67 183/111 227/156 252/202

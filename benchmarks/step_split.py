@@ -1,0 +1,100 @@
+"""Where W1's time goes by step kind: prefill steps (any step with a multi-token request) against pure
+decode steps, and inside a decode step the one-call C decoder against the rest (vocabulary projection,
+sampling, bookkeeping). One engine per run, prefix caching off; the engine's model runner is wrapped
+in place, so the numbers include nothing but the steps themselves.
+
+    .venv/bin/python benchmarks/step_split.py --quantization int8 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.bench.throughput import make_workload
+from tokenmill.worker.model_runner import ModelRunner
+
+
+class _TimedDecodeStep:
+    """The model's C decoder, adding the time of each call to seconds["decode: C decoder"]."""
+
+    def __init__(self, inner: Any, seconds: dict[str, float]) -> None:
+        self.inner = inner
+        self.seconds = seconds
+
+    def takes(self, meta: Any) -> bool:
+        return self.inner.takes(meta)
+
+    def __call__(self, *args: Any) -> Any:
+        start = time.perf_counter()
+        out = self.inner(*args)
+        self.seconds["decode: C decoder"] += time.perf_counter() - start
+        return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--quantization", default="none", choices=["none", "int8", "int4"])
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--output-json", default=None)
+    args = parser.parse_args()
+
+    llm = LLM(model=args.model, quantization=args.quantization, enable_prefix_caching=False)
+    engine = llm.engine
+    special = set(getattr(llm.tokenizer, "all_special_ids", []) or []) | set(engine.eos_token_ids)
+    prompts = make_workload(args.num_prompts, args.input_len, args.output_len, engine.vocab_size, 0,
+                            special_ids=special).prompts
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    model = engine.core.model
+    seconds: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+
+    runner = engine.core.runner
+    execute = ModelRunner.execute
+
+    def timed_execute(scheduler_output: Any) -> Any:
+        kind = "decode" if all(s.num_new_tokens == 1 for s in scheduler_output.scheduled) else "prefill"
+        start = time.perf_counter()
+        out = execute(runner, scheduler_output)
+        seconds[kind] += time.perf_counter() - start
+        counts[kind] += 1
+        return out
+
+    runner.execute = timed_execute
+    if getattr(model, "decode_step", None) is not None:
+        model.decode_step = _TimedDecodeStep(model.decode_step, seconds)
+
+    llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    runs: list[dict[str, Any]] = []
+    for _ in range(args.runs):
+        seconds.clear()
+        counts.clear()
+        start = time.perf_counter()
+        llm.generate(prompts, [params] * len(prompts), use_tqdm=False)
+        runs.append({"total_s": time.perf_counter() - start, "seconds": dict(seconds), "steps": dict(counts)})
+    median = {key: statistics.median(r["seconds"].get(key, 0.0) for r in runs) for key in runs[0]["seconds"]}
+    total = statistics.median(r["total_s"] for r in runs)
+    steps = runs[0]["steps"]
+    print(f"quantization {args.quantization}: median of {args.runs} runs, total {total:.2f} s")
+    for key, value in median.items():
+        per_step = steps.get(key.split(":")[0], 0)
+        extra = f", {value / per_step * 1000:.1f} ms per {key.split(':')[0]} step" if per_step else ""
+        print(f"  {key}: {value:.2f} s ({value / total:.0%}){extra}")
+    path = Path(args.output_json or f"benchmarks/results/step-split-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"args": vars(args), "runs": runs, "median_s": median, "total_s": total}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
