@@ -135,8 +135,9 @@ class TorchAttentionBackend:
     def __init__(self, use_c_kernels: bool = True) -> None:
         """use_c_kernels: use the C kernels where they apply (float32 CPU tensors); without a C
         compiler the torch path runs. False keeps everything in torch (the reference)."""
-        self.use_c_kernels = (use_c_kernels and decode_kernel_available() and layer_ops_available()
-                              and prefill_kernel_available())
+        self.use_c_kernels = use_c_kernels and decode_kernel_available() and layer_ops_available()
+        # The prefill kernel uses AVX2 intrinsics: off on its own where it cannot be built.
+        self.use_c_prefill = self.use_c_kernels and prefill_kernel_available()
         # Rotary is fused into the K/V write whenever the C kernels exist; rotary_and_write_kv falls
         # back to torch ops itself for tensors they do not take.
         self.fuses_rotary = self.use_c_kernels
@@ -191,7 +192,8 @@ class TorchAttentionBackend:
                 out[chunk.rows] = _decode(query[chunk.rows], kv_cache, chunk, scale)
         if meta.is_pure_decode:
             return out
-        if self._uses_c_decode(query, kv_cache) and query.stride(1) == query.shape[2] and query.stride(2) == 1:
+        if (self.use_c_prefill and self._uses_c_decode(query, kv_cache) and query.stride(1) == query.shape[2]
+                and query.stride(2) == 1):
             plan = _c_prefill_plan(meta)
             paged_prefill_attention(out, query, kv_cache, plan.rows, plan.query_lens, plan.seq_lens,
                                     plan.block_tables, scale)
