@@ -12,10 +12,10 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.bench.results import write_json_report
 from tokenmill.bench.throughput import Workload, make_workload
 from tokenmill.engine.step_timer import StepTimer
 
@@ -78,9 +78,7 @@ def main() -> None:
         "ratio_compile_vs_eager": {w: round(medians[f"{w}/compile"] / medians[f"{w}/eager"], 3) for w in workloads},
         "tokens_identical": {w: tokens[f"{w}/eager"] == tokens[f"{w}/compile"] for w in workloads},
     }
-    out = Path(args.output_json or f"benchmarks/results/compile_ab-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out = write_json_report(report, "compile_ab", args.output_json)
     print(json.dumps({k: report[k] for k in ("startup_s", "median_output_tok_per_s", "ratio_compile_vs_eager",
                                              "tokens_identical")}, indent=2))
     print(f"report: {out}")

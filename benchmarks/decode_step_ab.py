@@ -13,13 +13,12 @@ Each round runs both engines, alternating which goes first; medians over rounds 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.bench.results import write_json_report
 from tokenmill.bench.throughput import make_workload
 
 
@@ -67,9 +66,7 @@ def main() -> None:
                                  "ratio": medians["fused"] / medians["layers"], "greedy_agreement": same / total}
         print(f"rows {rows:3d}: fused {medians['fused']:7.1f} tok/s, layer by layer {medians['layers']:7.1f} "
               f"-> {medians['fused'] / medians['layers']:.2f}x; greedy tokens equal {same}/{total}", flush=True)
-    path = Path(args.output_json or f"benchmarks/results/decode-step-ab-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
+    path = write_json_report(results, "decode-step-ab", args.output_json)
     print(f"wrote {path}")
 
 

@@ -14,16 +14,15 @@ the model's layers do. Each round times each kernel `--calls` times back to back
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from tokenmill.bench.results import write_json_report
 from tokenmill.kernels.cpu.f32_gemm import f32_panels_available, pack_panels, panels_linear
 from tokenmill.quant.int8_cpu import Int8DynamicLinear
 
@@ -81,9 +80,7 @@ def main() -> None:
             print(f"{name:>10} {rows:>5} {rate['panels']:>15.1f} {rate['torch']:>14.1f} "
                   f"{rate['panels'] / rate['torch']:>5.2f}x {rate['int8']:>11.1f} "
                   f"{rate['int8'] / rate['panels']:>11.2f}x", flush=True)
-    path = Path(args.output_json or f"benchmarks/results/panel-gemm-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
+    path = write_json_report(results, "panel-gemm", args.output_json)
     print(f"wrote {path}")
 
 

@@ -10,7 +10,6 @@ same run as the floor no Python engine can go under. Writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -18,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
+
+from tokenmill.bench.results import write_json_report
 
 _TIMING = re.compile(r"process start to first token: ([0-9.]+) s")
 
@@ -62,9 +62,7 @@ def main() -> None:
         "cold_first_token_s": {"runs": cold, "median": statistics.median(cold) if cold else None},
         "import_torch_s": {"runs": torch_floor, "median": statistics.median(torch_floor)},
     }
-    out = Path(args.output_json or f"benchmarks/results/startup-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out = write_json_report(report, "startup", args.output_json)
     print(f"warm: median {report['warm_first_token_s']['median']:.2f} s over {len(warm)} runs {warm}")
     if cold:
         print(f"cold: median {report['cold_first_token_s']['median']:.2f} s over {len(cold)} runs {cold}")

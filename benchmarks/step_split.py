@@ -9,14 +9,13 @@ in place, so the numbers include nothing but the steps themselves.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.bench.results import write_json_report
 from tokenmill.bench.throughput import make_workload
 from tokenmill.worker.model_runner import ModelRunner
 
@@ -90,9 +89,8 @@ def main() -> None:
         per_step = steps.get(key.split(":")[0], 0)
         extra = f", {value / per_step * 1000:.1f} ms per {key.split(':')[0]} step" if per_step else ""
         print(f"  {key}: {value:.2f} s ({value / total:.0%}){extra}")
-    path = Path(args.output_json or f"benchmarks/results/step-split-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"args": vars(args), "runs": runs, "median_s": median, "total_s": total}, indent=2))
+    path = write_json_report({"args": vars(args), "runs": runs, "median_s": median, "total_s": total}, "step-split",
+                             args.output_json)
     print(f"wrote {path}")
 
 

@@ -348,8 +348,3 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"  {error}")
 
 
-def write_report(report: dict[str, Any], path: str | None) -> Path:
-    out = Path(path) if path else Path("benchmarks/results") / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    return out

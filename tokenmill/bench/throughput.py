@@ -3,12 +3,10 @@ in the same process. Reports the median of several runs and the ratio."""
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -177,8 +175,3 @@ def benchmark(args: Any) -> dict[str, Any]:
     return report
 
 
-def write_report(report: dict[str, Any], path: str | None) -> Path:
-    out = Path(path) if path else Path("benchmarks/results") / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    return out

@@ -10,7 +10,8 @@ import sys
 
 
 def _cmd_throughput(args: argparse.Namespace) -> int:
-    from tokenmill.bench.throughput import benchmark, write_report
+    from tokenmill.bench.results import write_json_report
+    from tokenmill.bench.throughput import benchmark
     from tokenmill.entrypoints.cli import engine_kwargs
 
     args.engine_kwargs = {k: v for k, v in engine_kwargs(args).items() if k != "model"}
@@ -18,7 +19,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
     # their prefill and the median would flatter tokenmill. Off unless asked for.
     args.engine_kwargs.setdefault("enable_prefix_caching", False)
     report = benchmark(args)
-    path = write_report(report, args.output_json)
+    path = write_json_report(report, "throughput", args.output_json)
     for name, result in report["results"].items():
         print(f"{name:>10}: {result['output_tok_per_s']:8.1f} output tok/s  {result['total_tok_per_s']:8.1f} total tok/s"
               f"  (median of {len(result['runs_s'])} runs: {result['median_s']:.2f} s)")
@@ -37,7 +38,8 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from tokenmill.bench.serve import ServeBenchConfig, ServerError, benchmark, print_report, write_report
+    from tokenmill.bench.results import write_json_report
+    from tokenmill.bench.serve import ServeBenchConfig, ServerError, benchmark, print_report
     from tokenmill.bench.serve_metrics import parse_goodput, parse_percentiles
     from tokenmill.bench.throughput import parse_range
 
@@ -62,7 +64,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print_report(report)
-    path = write_report(report, args.output_json)
+    path = write_json_report(report, "serve", args.output_json)
     print(f"report: {path}")
     if args.print_json:
         print(json.dumps(report, indent=2))
