@@ -20,6 +20,7 @@
 #include <omp.h>
 #include <stdlib.h>
 
+#include "attention_tile.h"
 #include "f32_panels.h"
 
 #define Q_BLOCK 16
@@ -45,12 +46,6 @@ static inline v8 exp_v8(v8 x) {
     p = p * r * r + r + 1.0f;
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32((__m256)n), _mm256_set1_epi32(127)), 23);
     return (v8)_mm256_andnot_ps(underflow, (__m256)(p * (v8)_mm256_castsi256_ps(bits)));
-}
-
-static inline float hmax(v8 v) {
-    float m = v[0];
-    for (int i = 1; i < LANES; ++i) m = v[i] > m ? v[i] : m;
-    return m;
 }
 
 /* acc[3][4] += p[r][c] * v[c][d0 .. d0 + 32) over the chunk's n positions, rows r of the triple (rows <= 3). */
@@ -99,9 +94,9 @@ static void attend_block(float *out, const float *query, int64_t q_stride, const
         const int64_t n = end - c0 < PANEL ? end - c0 : PANEL;
         for (int64_t c = 0; c < PANEL; ++c) {
             if (c < n) {
-                const int64_t pos = c0 + c, slot = (head_base + table[pos / block_size]) * block_size + pos % block_size;
-                const float *krow = k_cache + slot * d;
-                vrows[c] = v_cache + slot * d;
+                const int64_t pos = c0 + c, offset = pos % block_size * d;
+                const float *krow = tile(k_cache, head_base, table, pos / block_size, block_size, d) + offset;
+                vrows[c] = tile(v_cache, head_base, table, pos / block_size, block_size, d) + offset;
                 for (int64_t i = 0; i < d; ++i) kt[i * PANEL + c] = krow[i];
             } else {
                 for (int64_t i = 0; i < d; ++i) kt[i * PANEL + c] = 0.0f;

@@ -1,4 +1,4 @@
-/* The 8-float vector the CPU kernels compute with, and its horizontal sum. */
+/* The 8-float vector the CPU kernels compute with, and its horizontal sum and maximum. */
 #ifndef TM_VEC8_H
 #define TM_VEC8_H
 
@@ -10,6 +10,12 @@ static inline float hsum(v8 v) {
     float s = 0.0f;
     for (int i = 0; i < LANES; ++i) s += v[i];
     return s;
+}
+
+static inline float hmax(v8 v) {
+    float m = v[0];
+    for (int i = 1; i < LANES; ++i) m = v[i] > m ? v[i] : m;
+    return m;
 }
 
 #endif
