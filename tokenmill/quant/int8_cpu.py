@@ -76,6 +76,12 @@ def int8_supported() -> bool:
     return int8_gemm_available()
 
 
+def _require_int8_kernels() -> None:
+    if not int8_supported():
+        raise ValueError("int8 quantization needs the C kernels (kernels/cpu/int8_gemm.c), which could not be "
+                         "built here: is a C compiler installed?")
+
+
 def _pairs(x: torch.Tensor) -> torch.Tensor:
     """[N, K] -> [N, ceil(K / 2), 2]: the input-channel pairs vpmaddubsw adds (odd K: zero-padded)."""
     if x.shape[1] % 2:
@@ -120,9 +126,7 @@ class Int8DynamicLinear(nn.Module):
         super().__init__()
         if weight.device.type != "cpu":
             raise ValueError("int8 quantization runs on the CPU; use fp8 on GPUs")
-        if not int8_gemm_available():
-            raise ValueError("int8 quantization needs the C kernels (kernels/cpu/int8_gemm.c), which could not "
-                             "be built here: is a C compiler installed?")
+        _require_int8_kernels()
         self.out_features, self.in_features = weight.shape
         self.rotation_block = 0 if rotation_block is None else rotation_block
         weight = weight.detach().float()
@@ -164,9 +168,7 @@ def quantize_model_int8(
     """Replaces the decoder's projection Linears in place; returns how many. With calibration_ids,
     activation outliers are first migrated into the weights (quant/smooth.py). quantize_lm_head: the
     model's compute_logits uses int8_logits_head(lm_head) (counted in the result)."""
-    if not int8_supported():
-        raise ValueError("int8 quantization needs the C kernels (kernels/cpu/int8_gemm.c), which could not be "
-                         "built here: is a C compiler installed?")
+    _require_int8_kernels()  # before the calibration pass, which costs a forward
     if calibration_ids:
         from tokenmill.quant.smooth import input_channel_maxima, smooth_model
 
