@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenmill.kernels.cpu.f32_gemm import f32_panels_available, pack_panels, panel_rows, panels_linear
+from tokenmill.kernels.cpu.f32_gemm import f32_panels_available, pack_panels, panels_linear, weight_rows_from_panels
 from tokenmill.layers.panel_linear import PanelEmbedding, PanelLinear
 
 pytestmark = pytest.mark.skipif(not f32_panels_available(), reason="C kernels not built (no compiler)")
@@ -69,11 +69,11 @@ def test_panel_rows_read_the_weight_back() -> None:
     w = torch.randn(50, 12)
     panels = pack_panels(w)
     ids = torch.tensor([[0, 49, 17], [16, 15, 31]])
-    assert torch.equal(panel_rows(panels, ids, 50), w[ids])
+    assert torch.equal(weight_rows_from_panels(panels, ids, 50), w[ids])
     with pytest.raises(ValueError, match="ids"):
-        panel_rows(panels, torch.tensor([50]), 50)
+        weight_rows_from_panels(panels, torch.tensor([50]), 50)
     with pytest.raises(ValueError, match="ids"):
-        panel_rows(panels, torch.tensor([-1]), 50)
+        weight_rows_from_panels(panels, torch.tensor([-1]), 50)
 
 
 def test_bad_inputs() -> None:

@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from tokenmill.kernels.cpu.f32_gemm import f32_panels_available, pack_panels, panel_rows, panels_linear
+from tokenmill.kernels.cpu.f32_gemm import f32_panels_available, pack_panels, panels_linear, weight_rows_from_panels
 from tokenmill.layers.linear import Embedding, Linear
 from tokenmill.quant.projections import projection_linears
 
@@ -49,7 +49,7 @@ class PanelEmbedding(nn.Module):
         self.head = head
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return panel_rows(self.head.panels, ids, self.head.out_features)
+        return weight_rows_from_panels(self.head.panels, ids, self.head.out_features)
 
 
 def pack_float32_model(model: nn.Module) -> int:

@@ -75,13 +75,13 @@ def panels_linear(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Ten
     return y
 
 
-def panel_rows(panels: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
+def weight_rows_from_panels(panels: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
     """Rows `ids` (any shape, values in [0, n)) of the weight packed into `panels` -> [*ids.shape, K]."""
     k = panels.shape[1]
     check_panels(panels, n, k)
     flat = ids.reshape(-1).to(torch.int64).contiguous()
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= n):
-        raise ValueError(f"panel_rows: ids must be in [0, {n}), got values in [{int(flat.min())}, {int(flat.max())}]")
+        raise ValueError(f"weight_rows_from_panels: ids must be in [0, {n}), got values in [{int(flat.min())}, {int(flat.max())}]")
     out = torch.empty(flat.numel(), k, dtype=torch.float32)
     _lib().tm_f32_panel_gather(out.data_ptr(), panels.data_ptr(), flat.data_ptr(), flat.numel(), k)
     return out.reshape(*ids.shape, k)
