@@ -67,12 +67,17 @@ def test_stop_string(llm: LLM, prompt: list[int]) -> None:
     assert kept.text == text[: text.index(stop) + len(stop)]
 
 
-def test_prompt_logprobs_match_hf(llm: LLM, prompt: list[int], tiny_checkpoint) -> None:
+@pytest.mark.parametrize("chunk", [None, 16], ids=["whole", "chunked"])
+def test_prompt_logprobs_match_hf(llm: LLM, prompt: list[int], tiny_checkpoint, chunk: int | None) -> None:
+    """Every prompt position, also when the prompt is prefilled in chunks of 16 tokens over 3 steps."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), dtype=torch.float32).eval()
     with torch.no_grad():
         ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0], dim=-1)
+    if chunk is not None:
+        llm = LLM(model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=32 << 20,
+                  max_num_batched_tokens=chunk, enable_chunked_prefill=True)
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3), use_tqdm=False)[0]
     assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
     for pos in range(1, len(prompt)):

@@ -269,8 +269,11 @@ class Scheduler:
 
     @staticmethod
     def _record_prompt_logprobs(request: Request, start_pos: int, entries: list | None) -> None:
-        # Keep only entries that continue what we have (recomputation after preemption repeats them).
-        if entries and start_pos == len(request.prompt_logprobs):
+        # After positions [0, e) are computed the list holds e + 1 entries (position 0's None, then what
+        # each computed row predicts), so a chunk from start_pos > 0 continues it iff the length is
+        # start_pos + 1. Anything else repeats entries (recomputation after preemption): dropped.
+        expected = start_pos + 1 if start_pos else 0
+        if entries and len(request.prompt_logprobs) == expected:
             room = request.num_prompt_tokens - len(request.prompt_logprobs)
             request.prompt_logprobs.extend(entries[:room])
 
