@@ -37,7 +37,7 @@ LONG_PLAN = [(0, 70), (45, 38), (0, 1), (3, 17)]
 
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("block_size", [4, 16])
-@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(4, 4, 16), (9, 3, 64), (8, 2, 32), (4, 1, 12)])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(4, 4, 16), (9, 3, 64), (8, 2, 32), (6, 3, 40), (4, 1, 12)])
 @pytest.mark.parametrize("plan", [SHORT_PLAN, LONG_PLAN], ids=["short", "long"])
 def test_mixed_batch_matches_reference(
     native: bool, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int, plan: list[tuple[int, int]]

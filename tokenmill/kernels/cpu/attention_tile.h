@@ -17,39 +17,92 @@
 #include <string.h>
 
 #include "vec8.h"
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
-/* scores[j] = q . k[j] for the n (<= 4) rows of k; head_dim % LANES == 0. Four independent
- * accumulators keep the FMA pipeline full (one chain is latency-bound at ~1/4 of the rate). */
-static inline void dot4(float *scores, const float *q, const float *k, int64_t n, int64_t head_dim) {
-    v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-    const float *k1 = k + (n > 1 ? 1 : 0) * head_dim, *k2 = k + (n > 2 ? 2 : 0) * head_dim;
-    const float *k3 = k + (n > 3 ? 3 : 0) * head_dim;
-    for (int64_t d = 0; d < head_dim; d += LANES) {
-        const v8 qv = *(const v8 *)(q + d);
-        a0 += qv * *(const v8 *)(k + d);
-        a1 += qv * *(const v8 *)(k1 + d);
-        a2 += qv * *(const v8 *)(k2 + d);
-        a3 += qv * *(const v8 *)(k3 + d);
-    }
-    const float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-    for (int64_t j = 0; j < n; ++j) scores[j] = s[j];
+/* Query heads per register tile: QK keeps HEADS_PER_TILE x 4 position accumulators and the 4 K vectors of
+ * one 8-float column (16 registers); PV keeps HEADS_PER_TILE x 4 output vectors of a 32-float column. */
+#define HEADS_PER_TILE 3
+
+/* Horizontal sums of four vectors: {hsum(a0), hsum(a1), hsum(a2), hsum(a3)}. */
+static inline __attribute__((always_inline)) void hsum4(float *out, v8 a0, v8 a1, v8 a2, v8 a3) {
+#if defined(__AVX__)
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps((__m256)a0, (__m256)a1), _mm256_hadd_ps((__m256)a2, (__m256)a3));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+#else
+    out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
+#endif
 }
 
-/* out += sum_j p[j] * v[j] over n rows of v; four chains as above. */
-static inline void axpy_rows(float *restrict out, const float *p, const float *v, int64_t n, int64_t head_dim) {
-    for (int64_t d = 0; d < head_dim; d += LANES) {
-        v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        int64_t j = 0;
-        for (; j + 4 <= n; j += 4) {
-            a0 += p[j] * *(const v8 *)(v + j * head_dim + d);
-            a1 += p[j + 1] * *(const v8 *)(v + (j + 1) * head_dim + d);
-            a2 += p[j + 2] * *(const v8 *)(v + (j + 2) * head_dim + d);
-            a3 += p[j + 3] * *(const v8 *)(v + (j + 3) * head_dim + d);
+/* scores[g * stride + j] = q_g . k_j for heads g < heads (a constant once inlined, <= HEADS_PER_TILE) and
+ * the n (<= block) rows of one K tile: 4 rows at a time, each K vector loaded once for all heads. Rows
+ * past n are computed from row 0's data but never stored. */
+static inline __attribute__((always_inline)) void qk_tile(float *restrict scores, int64_t stride,
+                                                         const float *restrict q, const float *k, int64_t n,
+                                                         int heads, int64_t head_dim) {
+    for (int64_t t = 0; t < n; t += 4) {
+        const float *k0 = k + t * head_dim;
+        const float *k1 = t + 1 < n ? k0 + head_dim : k0, *k2 = t + 2 < n ? k0 + 2 * head_dim : k0;
+        const float *k3 = t + 3 < n ? k0 + 3 * head_dim : k0;
+        v8 acc[HEADS_PER_TILE][4];
+        for (int g = 0; g < heads; ++g) acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = (v8){0};
+        for (int64_t d = 0; d < head_dim; d += LANES) {
+            const v8 x0 = *(const v8 *)(k0 + d), x1 = *(const v8 *)(k1 + d);
+            const v8 x2 = *(const v8 *)(k2 + d), x3 = *(const v8 *)(k3 + d);
+            for (int g = 0; g < heads; ++g) {
+                const v8 qv = *(const v8 *)(q + g * head_dim + d);
+                acc[g][0] += qv * x0, acc[g][1] += qv * x1, acc[g][2] += qv * x2, acc[g][3] += qv * x3;
+            }
         }
-        for (; j < n; ++j) a0 += p[j] * *(const v8 *)(v + j * head_dim + d);
-        *(v8 *)(out + d) += (a0 + a1) + (a2 + a3);
+        for (int g = 0; g < heads; ++g) {
+            float s[4];
+            hsum4(s, acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+            for (int64_t j = 0; j < 4 && t + j < n; ++j) scores[g * stride + t + j] = s[j];
+        }
     }
 }
+
+/* out[g * out_stride + d] += sum_j p[g * p_stride + j] v_j[d] for heads g < heads (<= HEADS_PER_TILE, a
+ * constant once inlined) over the n rows of one V tile: 32-float columns in registers, each V vector
+ * loaded once for all heads; a head_dim % 32 remainder 8 floats at a time. */
+static inline __attribute__((always_inline)) void pv_tile(float *restrict out, int64_t out_stride,
+                                                         const float *restrict p, int64_t p_stride, const float *v,
+                                                         int64_t n, int heads, int64_t head_dim) {
+    int64_t d = 0;
+    for (; d + 4 * LANES <= head_dim; d += 4 * LANES) {
+        v8 acc[HEADS_PER_TILE][4];
+        for (int g = 0; g < heads; ++g)
+            for (int c = 0; c < 4; ++c) acc[g][c] = *(const v8 *)(out + g * out_stride + d + c * LANES);
+        for (int64_t j = 0; j < n; ++j) {
+            const float *row = v + j * head_dim + d;
+            const v8 x0 = *(const v8 *)row, x1 = *(const v8 *)(row + LANES);
+            const v8 x2 = *(const v8 *)(row + 2 * LANES), x3 = *(const v8 *)(row + 3 * LANES);
+            for (int g = 0; g < heads; ++g) {
+                const float w = p[g * p_stride + j];
+                acc[g][0] += w * x0, acc[g][1] += w * x1, acc[g][2] += w * x2, acc[g][3] += w * x3;
+            }
+        }
+        for (int g = 0; g < heads; ++g)
+            for (int c = 0; c < 4; ++c) *(v8 *)(out + g * out_stride + d + c * LANES) = acc[g][c];
+    }
+    for (; d < head_dim; d += LANES)
+        for (int g = 0; g < heads; ++g) {
+            v8 acc = *(const v8 *)(out + g * out_stride + d);
+            for (int64_t j = 0; j < n; ++j) acc += p[g * p_stride + j] * *(const v8 *)(v + j * head_dim + d);
+            *(v8 *)(out + g * out_stride + d) = acc;
+        }
+}
+
+/* The group's query heads in tiles of HEADS_PER_TILE, each tile's head count a compile-time constant. */
+#define FOR_HEAD_TILES(group, g0, heads, CALL)                                  \
+    for (int64_t g0 = 0; g0 < (group); g0 += HEADS_PER_TILE) {                  \
+        switch ((group) - g0 < HEADS_PER_TILE ? (int)((group) - g0) : HEADS_PER_TILE) { \
+            case 1: { const int heads = 1; CALL; break; }                       \
+            case 2: { const int heads = 2; CALL; break; }                       \
+            default: { const int heads = HEADS_PER_TILE; CALL; break; }         \
+        }                                                                       \
+    }
 
 /* Asks for the n floats at p ahead of use (one request per 64-byte line): blocks sit at random
  * places in the cache, so the hardware prefetcher restarts at every block and stalls on memory. */
@@ -75,10 +128,8 @@ static void range_scores(float *restrict scores, const float *restrict q, const 
         const int64_t n = end - pos < block_size ? end - pos : block_size;
         if (pos + block_size < end)
             prefetch_tile(tile(k_cache, head_base, table, b + 1, block_size, head_dim), block_size * head_dim);
-        for (int64_t g = 0; g < group; ++g)
-            for (int64_t t = 0; t < n; t += 4)
-                dot4(scores + g * len + pos - start + t, q + g * head_dim, k + t * head_dim, n - t < 4 ? n - t : 4,
-                     head_dim);
+        FOR_HEAD_TILES(group, g0, heads,
+                       qk_tile(scores + g0 * len + pos - start, len, q + g0 * head_dim, k, n, heads, head_dim))
     }
 }
 
@@ -107,8 +158,9 @@ static void range_weighted_sum(float *restrict out, int64_t out_stride, const fl
         const int64_t n = end - pos < block_size ? end - pos : block_size;
         if (pos + block_size < end)
             prefetch_tile(tile(v_cache, head_base, table, b + 1, block_size, head_dim), block_size * head_dim);
-        for (int64_t g = 0; g < group; ++g)
-            axpy_rows(out + g * out_stride, probs + g * len + pos - start, v, n, head_dim);
+        FOR_HEAD_TILES(group, g0, heads,
+                       pv_tile(out + g0 * out_stride, out_stride, probs + g0 * len + pos - start, len, v, n, heads,
+                               head_dim))
     }
 }
 
