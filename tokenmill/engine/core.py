@@ -88,6 +88,13 @@ class EngineCore:
             from tokenmill.layers.panel_linear import pack_float32_model
 
             logger.info("float32 panel GEMM: %d projections packed", pack_float32_model(model))
+        huge_pages = config.model.huge_pages and self.device.type == "cpu"
+        if huge_pages:  # before anything holds raw weight pointers (the C decoder, attached below)
+            from tokenmill.worker.huge_pages import weight_arena
+
+            moved, advised = weight_arena(model)
+            logger.info("weights: %.0f MiB in one arena, %s", moved / 2**20,
+                        "2 MiB huge pages" if advised else "4 KiB pages (the OS refused huge pages)")
         self.model = model.eval()
 
         layer0 = model.attention_layers[0]
@@ -102,7 +109,7 @@ class EngineCore:
         self.runner = ModelRunner(
             model, kv_spec, num_blocks, hf_config.vocab_size, self.device, config.model.seed,
             max_model_len=self.max_model_len, cuda_graph_sizes=cuda_graph_sizes(config, self.device, backend),
-            step_timer=step_timer,
+            step_timer=step_timer, huge_pages=huge_pages,
         )
         if step_timer.enabled and self.device.type == "cuda":
             step_timer.sync = torch.cuda.synchronize

@@ -20,21 +20,23 @@ from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 from tokenmill.outputs import PositionLogprobs
+from tokenmill.worker.huge_pages import huge_page_zeros
 from tokenmill.worker.runner_output import ModelRunnerOutput
 from tokenmill.worker.sampler import Sampler, SamplingMetadata, compute_logprobs
 
 logger = logging.getLogger("tokenmill")
 
 
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, huge_pages: bool = False) -> torch.Tensor:
     """A zero-filled KV cache tensor. Slots are read before they are written only where attention
     masks them out, so they must hold finite values: zeros. On CPU the memory comes from calloc via
     numpy, so the OS hands out zero pages as they are first touched instead of start-up writing
-    gigabytes of zeros. Zero bytes are a zero of every dtype, FP8 included."""
-    itemsize = torch.tensor([], dtype=dtype).element_size()
+    gigabytes of zeros (huge_pages: 2 MiB ones, worker/huge_pages.py). Zero bytes are a zero of every
+    dtype, FP8 included."""
+    nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
     if device.type != "cpu":
-        return torch.zeros(math.prod(shape) * itemsize, dtype=torch.uint8, device=device).view(dtype).view(shape)
-    raw = torch.from_numpy(np.zeros(math.prod(shape) * itemsize, dtype=np.uint8))
+        return torch.zeros(nbytes, dtype=torch.uint8, device=device).view(dtype).view(shape)
+    raw = huge_page_zeros(nbytes) if huge_pages else torch.from_numpy(np.zeros(nbytes, dtype=np.uint8))
     return raw.view(dtype).view(shape)
 
 
@@ -65,7 +67,7 @@ class ModelRunner:
     def __init__(
         self, model: nn.Module, kv_spec: KVCacheSpec, num_blocks: int, vocab_size: int,
         device: torch.device, seed: int = 0, max_model_len: int = 0, cuda_graph_sizes: list[int] | None = None,
-        step_timer: AnyStepTimer = NULL_TIMER,
+        step_timer: AnyStepTimer = NULL_TIMER, huge_pages: bool = False,
     ) -> None:
         self.model = model
         self.timer = step_timer
@@ -79,7 +81,8 @@ class ModelRunner:
         shape = attention_layers[0].backend.kv_cache_shape(
             num_blocks, kv_spec.block_size, kv_spec.num_kv_heads, kv_spec.head_dim)
         self.kv_caches = [
-            (_zeros(shape, kv_spec.dtype, device), _zeros(shape, kv_spec.dtype, device)) for _ in range(kv_spec.num_layers)
+            (_zeros(shape, kv_spec.dtype, device, huge_pages), _zeros(shape, kv_spec.dtype, device, huge_pages))
+            for _ in range(kv_spec.num_layers)
         ]
         for layer, cache in zip(attention_layers, self.kv_caches, strict=True):
             layer.kv_cache = cache

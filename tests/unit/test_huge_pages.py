@@ -1,0 +1,64 @@
+"""worker/huge_pages.py: the weight arena keeps every value, view and tie; the KV buffers are zero."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.worker.huge_pages import HUGE_PAGE, huge_page_zeros, weight_arena
+
+
+class _Holder(nn.Module):
+    def __init__(self, shared: nn.Parameter) -> None:
+        super().__init__()
+        self.proj = nn.Linear(24, 40)
+        self.tied = shared  # the same Parameter object as another module's
+        self.register_buffer("table", torch.arange(96, dtype=torch.int16).reshape(8, 12))
+        self.packed = torch.randn(3, 5, 7)  # a plain tensor attribute, as packed panels are
+        self.parts = (self.packed[1], [torch.ones(4, dtype=torch.int8)])  # views and nested containers
+
+
+def test_weight_arena_moves_every_tensor_and_keeps_values_views_and_ties() -> None:
+    torch.manual_seed(0)
+    first = nn.Linear(16, 24)
+    model = nn.Sequential(first, _Holder(first.weight))
+    holder = model[1]
+    distinct = {t.data_ptr(): t.numel() * t.element_size() for t in (*model.parameters(), holder.table, holder.packed)}
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    packed, view_of_packed = holder.packed.clone(), holder.parts[0].clone()
+    x = torch.randn(5, 16)
+    expected = holder.proj(first(x))
+
+    moved, _ = weight_arena(model)
+
+    assert moved >= sum(distinct.values())  # the tied weight once
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert torch.equal(holder.packed, packed) and torch.equal(holder.parts[0], view_of_packed)
+    assert torch.equal(holder.proj(first(x)), expected)
+    assert holder.tied is first.weight and isinstance(first.weight, nn.Parameter)
+    # one arena: the view still aliases its base, and everything lies within one storage
+    assert holder.parts[0].data_ptr() == holder.packed.data_ptr() + 35 * 4
+    storages = {t.untyped_storage().data_ptr() for t in (first.weight, holder.table, holder.packed, holder.parts[1][0])}
+    assert len(storages) == 1 and next(iter(storages)) % HUGE_PAGE == 0
+    holder.packed.add_(1)  # writes through the view too
+    assert torch.equal(holder.parts[0], view_of_packed + 1)
+
+
+def test_huge_page_zeros_is_aligned_and_zero() -> None:
+    buf = huge_page_zeros(3 * HUGE_PAGE + 5)
+    assert buf.dtype == torch.uint8 and buf.numel() == 3 * HUGE_PAGE + 5
+    assert buf.data_ptr() % HUGE_PAGE == 0 and int(buf.count_nonzero()) == 0
+
+
+def test_engine_outputs_identical_with_and_without_huge_pages(tiny_checkpoint) -> None:
+    path = str(tiny_checkpoint("llama"))
+    prompts = [[5, 9, 13, 200, 7], list(range(3, 40))]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
+    outs = [LLM(model=path, kv_cache_memory=16 << 20, huge_pages=huge).generate(prompts, params, use_tqdm=False)
+            for huge in (True, False)]
+    for a, b in zip(*outs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert [{t: lp.logprob for t, lp in pos.items()} for pos in a.outputs[0].logprobs] == \
+               [{t: lp.logprob for t, lp in pos.items()} for pos in b.outputs[0].logprobs]
