@@ -1,9 +1,10 @@
 """Where W1's time goes by step kind: prefill steps (any step with a multi-token request) against pure
-decode steps, and inside a decode step the one-call C decoder against the rest (vocabulary projection,
-sampling, bookkeeping). One engine per run, prefix caching off; the engine's model runner is wrapped
-in place, so the numbers include nothing but the steps themselves.
+decode steps, inside a decode step the one-call C decoder against the rest (vocabulary projection,
+sampling, bookkeeping), and inside the C decoder its phases (decode_step.c's own clock: per-row work,
+projections, rotary + K/V write, attention). One engine per run, prefix caching off; the engine's model
+runner is wrapped in place, so the numbers include nothing but the steps themselves.
 
-    .venv/bin/python benchmarks/step_split.py --quantization int8 --runs 3
+    .venv/bin/python benchmarks/step_split.py --quantization int8 --runs 3 [--kv-cache-dtype float32]
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import time
 from collections import defaultdict
 from typing import Any
 
+import torch
+
 from tokenmill import LLM, SamplingParams
 from tokenmill.bench.results import write_json_report
 from tokenmill.bench.throughput import make_workload
+from tokenmill.kernels.cpu.decode_step import PHASES
 from tokenmill.worker.model_runner import ModelRunner
 
 
@@ -45,10 +49,13 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--block-size", type=int, default=16, help="KV cache block size (tokens)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto, float32 or float16")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
 
-    llm = LLM(model=args.model, quantization=args.quantization, enable_prefix_caching=False)
+    llm = LLM(model=args.model, quantization=args.quantization, enable_prefix_caching=False,
+              block_size=args.block_size, kv_cache_dtype=args.kv_cache_dtype)
     engine = llm.engine
     special = set(getattr(llm.tokenizer, "all_special_ids", []) or []) | set(engine.eos_token_ids)
     prompts = make_workload(args.num_prompts, args.input_len, args.output_len, engine.vocab_size, 0,
@@ -70,7 +77,10 @@ def main() -> None:
         return out
 
     runner.execute = timed_execute
+    kernel = None
     if getattr(model, "decode_step", None) is not None:
+        kernel = model.decode_step.kernel
+        kernel.phase_seconds = torch.zeros(len(PHASES), dtype=torch.float64)
         model.decode_step = _TimedDecodeStep(model.decode_step, seconds)
 
     llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
@@ -78,8 +88,13 @@ def main() -> None:
     for _ in range(args.runs):
         seconds.clear()
         counts.clear()
+        if kernel is not None:
+            kernel.phase_seconds.zero_()
         start = time.perf_counter()
         llm.generate(prompts, [params] * len(prompts), use_tqdm=False)
+        if kernel is not None:
+            for name, value in zip(PHASES, kernel.phase_seconds.tolist()):
+                seconds[f"decode: C decoder: {name}"] = value
         runs.append({"total_s": time.perf_counter() - start, "seconds": dict(seconds), "steps": dict(counts)})
     median = {key: statistics.median(r["seconds"].get(key, 0.0) for r in runs) for key in runs[0]["seconds"]}
     total = statistics.median(r["total_s"] for r in runs)

@@ -49,10 +49,12 @@ def test_silu_and_mul_matches_torch(num_rows: int) -> None:
     torch.testing.assert_close(SiluAndMul("cpu")(x), SiluAndMul("torch")(x), **TOL)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
 @pytest.mark.parametrize("num_rows", [1, 7, 40])
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(9, 3, 64), (4, 4, 16), (8, 2, 128)])
 def test_rotary_and_write_kv_matches_torch_path(
-    num_rows: int, num_heads: int, num_kv_heads: int, head_dim: int, monkeypatch: pytest.MonkeyPatch
+    num_rows: int, num_heads: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     c_calls = []
     monkeypatch.setattr(torch_backend, "rotary_write_kv",
@@ -77,17 +79,19 @@ def test_rotary_and_write_kv_matches_torch_path(
         return q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim), v.view(-1, num_kv_heads, head_dim)
 
     shape = (num_kv_heads, num_blocks, block_size, head_dim)
-    expected_cache = (torch.zeros(shape), torch.zeros(shape))
+    expected_cache = (torch.zeros(shape, dtype=kv_dtype), torch.zeros(shape, dtype=kv_dtype))
+    # float16: both round to nearest, but from float32 values that may differ in the last bit
+    cache_tol = TOL if kv_dtype == torch.float32 else {"rtol": 1e-3, "atol": 1e-5}
     q, k, v = views(qkv.clone())
     expected_q, expected_k = RotaryEmbedding.apply(cos_sin, q, k)
     TorchAttentionBackend(use_c_kernels=False).write_kv(expected_k, v, expected_cache, meta)
 
     for fused_layout in (True, False):  # a fused qkv projection, and separate tensors (the torch fallback)
         q, k, v = views(qkv.clone()) if fused_layout else (t.clone() for t in views(qkv))
-        cache = (torch.zeros(shape), torch.zeros(shape))
+        cache = (torch.zeros(shape, dtype=kv_dtype), torch.zeros(shape, dtype=kv_dtype))
         out_q = TorchAttentionBackend().rotary_and_write_kv(q, k, v, cos_sin, cache, meta)
         torch.testing.assert_close(out_q, expected_q, **TOL)
         torch.testing.assert_close(k, expected_k, **TOL)  # key is rotated in place
-        torch.testing.assert_close(cache[0], expected_cache[0], **TOL)
-        torch.testing.assert_close(cache[1], expected_cache[1], **TOL)
+        torch.testing.assert_close(cache[0], expected_cache[0], **cache_tol)
+        torch.testing.assert_close(cache[1], expected_cache[1], **cache_tol)
         assert len(c_calls) == 1  # the fused layout took the C kernel (also for a single row), the other not

@@ -1,5 +1,7 @@
 """The torch attention backend against a float64 dense reference on random paged inputs, with the C
-kernels (use_c_kernels=True, the CPU default) and without it (the pure torch reference)."""
+kernels (use_c_kernels=True, the CPU default) and without it (the pure torch reference), over float32
+and float16 K/V caches (the reference then reads K/V rounded to float16 wherever the backend reads them
+back from the cache)."""
 
 from __future__ import annotations
 
@@ -35,18 +37,28 @@ SHORT_PLAN = [(0, 7), (13, 1), (5, 9), (0, 1), (31, 1), (22, 3)]
 LONG_PLAN = [(0, 70), (45, 38), (0, 1), (3, 17)]
 
 
+KV_DTYPES = pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+
+
+def _as_cached(t: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
+    """What reading t back from a kv_dtype cache gives."""
+    return t.to(kv_dtype).float()
+
+
+@KV_DTYPES
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("block_size", [4, 16])
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(4, 4, 16), (9, 3, 64), (8, 2, 32), (6, 3, 40), (4, 1, 12)])
 @pytest.mark.parametrize("plan", [SHORT_PLAN, LONG_PLAN], ids=["short", "long"])
 def test_mixed_batch_matches_reference(
-    native: bool, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int, plan: list[tuple[int, int]]
+    native: bool, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int, plan: list[tuple[int, int]],
+    kv_dtype: torch.dtype,
 ) -> None:
     gen = torch.Generator().manual_seed(block_size * 100 + num_heads)
     backend = TorchAttentionBackend(use_c_kernels=native)
     num_blocks = 64
     shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
-    kv_cache = (torch.zeros(shape), torch.zeros(shape))
+    kv_cache = (torch.zeros(shape, dtype=kv_dtype), torch.zeros(shape, dtype=kv_dtype))
     free = torch.randperm(num_blocks, generator=gen).tolist()
     tables, contexts = [], []
     for cached, new in plan:
@@ -67,12 +79,17 @@ def test_mixed_batch_matches_reference(
     scale = head_dim**-0.5
     out = backend.forward(q, k_new, v_new, kv_cache, meta, scale)
     row = 0
+    uses_c = native and head_dim % 8 == 0
     for (cached, new), (k, v) in zip(plan, contexts):
+        # The torch path attends a whole new prompt with this step's K/V; every other path reads the cache.
+        if uses_c or cached or new == 1:
+            k, v = _as_cached(k, kv_dtype), _as_cached(v, kv_dtype)
         expected = _reference(q[row : row + new], k, v, cached, scale)
         torch.testing.assert_close(out[row : row + new].double(), expected, atol=1e-5, rtol=1e-5)
         row += new
 
 
+@KV_DTYPES
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("lens, block_size, num_heads, num_kv_heads, head_dim", [
     ([1, 8, 9, 40, 17], 8, 6, 2, 32),
@@ -80,13 +97,14 @@ def test_mixed_batch_matches_reference(
     ([700, 1, 333, 64, 129], 16, 8, 2, 128),  # many blocks per request, Llama-8B head shape
 ])
 def test_pure_decode_batch_matches_reference(
-    native: bool, lens: list[int], block_size: int, num_heads: int, num_kv_heads: int, head_dim: int
+    native: bool, lens: list[int], block_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+    kv_dtype: torch.dtype,
 ) -> None:
     gen = torch.Generator().manual_seed(len(lens))
     backend = TorchAttentionBackend(use_c_kernels=native)
     num_blocks = sum(-(-n // block_size) for n in lens)
     shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
-    kv_cache = (torch.zeros(shape), torch.zeros(shape))
+    kv_cache = (torch.zeros(shape, dtype=kv_dtype), torch.zeros(shape, dtype=kv_dtype))
     free = torch.randperm(num_blocks, generator=gen).tolist()
     tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lens]
     contexts = [(torch.randn(n, num_kv_heads, head_dim, generator=gen),
@@ -99,8 +117,8 @@ def test_pure_decode_batch_matches_reference(
     v_last = torch.stack([v[-1] for _, v in contexts])
     out = backend.forward(q, k_last, v_last, kv_cache, meta, 0.2)
     for i, (k, v) in enumerate(contexts):
-        torch.testing.assert_close(out[i : i + 1].double(), _reference(q[i : i + 1], k, v, lens[i] - 1, 0.2),
-                                   atol=1e-5, rtol=1e-5)
+        expected = _reference(q[i : i + 1], _as_cached(k, kv_dtype), _as_cached(v, kv_dtype), lens[i] - 1, 0.2)
+        torch.testing.assert_close(out[i : i + 1].double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def _metadata(plan: list[tuple[int, int]], tables: list[list[int]], block_size: int) -> AttentionMetadata:

@@ -3,6 +3,7 @@ takes, that it computes what the layer-by-layer forward computes, and HF parity 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -12,7 +13,7 @@ import torch
 
 from tests.models.utils import check_matches_hf, hf_greedy
 from tokenmill import LLM, SamplingParams
-from tokenmill.kernels.cpu.decode_step import decode_step_available
+from tokenmill.kernels.cpu.decode_step import PHASES, decode_step_available
 from tokenmill.models.llama import LlamaForCausalLM
 from tokenmill.quant.int4_cpu import Int4GroupLinear
 
@@ -125,6 +126,18 @@ def test_c_decoder_int8_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None
     assert rows == [6, 5, 4, 3, 2, 1, 1]
 
 
+def test_c_decoder_float16_cache_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None:
+    """A float16 K/V cache in a float32 model: both paths read the same rounded K/V."""
+    llm = LLM(model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20, kv_cache_dtype="float16")
+    model = _model(llm)
+    assert model.layers[0].self_attn.attn.kv_cache[0].dtype == torch.float16 and model.decode_step is not None
+    prompts = _prompts(model.config.vocab_size, (2, 5, 8, 16, 17, 40))
+    with compared_with_layer_by_layer(model, rel_tol=1e-4) as rows:
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4, 5, 6, 8)]
+        llm.generate(prompts, params, use_tqdm=False)
+    assert rows == [6, 5, 4, 3, 2, 1, 1]
+
+
 def test_c_decoder_int4_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None:
     """W4A16 groups: the decoder's projections are int4_gemm's arithmetic; only float rounding in the
     other ops (then a flipped 16-bit level) separates the two paths."""
@@ -175,3 +188,17 @@ def test_kernel_rejects_bad_inputs(tiny_checkpoint: Any) -> None:
         kernel.run(hidden, ints, ints, (ints + 1).int(), tables)
     with pytest.raises(ValueError, match="block_tables"):
         kernel.run(hidden, ints, ints, ints + 1, tables[:1])
+
+
+def test_phase_clock_adds_every_phase_and_leaves_outputs_alone(tiny_checkpoint: Any) -> None:
+    llm = LLM(model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20)
+    kernel = _model(llm).decode_step.kernel
+    prompts = _prompts(llm.engine.vocab_size, (5, 17, 9))
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    untimed = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    kernel.phase_seconds = torch.zeros(len(PHASES), dtype=torch.float64)
+    start = time.perf_counter()
+    timed = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    wall = time.perf_counter() - start
+    assert timed == untimed
+    assert bool((kernel.phase_seconds > 0).all()) and float(kernel.phase_seconds.sum()) < wall

@@ -36,6 +36,14 @@ def test_dtype_and_backend_defaults_follow_the_device() -> None:
     assert resolve_kv_cache_dtype("fp8", torch.bfloat16, "triton") == torch.float8_e4m3fn
     with pytest.raises(ValueError, match="triton"):
         resolve_kv_cache_dtype("fp8", torch.float32, "torch")
+    # float16 on the CPU (torch backend): asked for, or by default under int8 / int4
+    assert resolve_kv_cache_dtype("float16", torch.float32, "torch") == torch.float16
+    assert resolve_kv_cache_dtype("auto", torch.float32, "torch", "int8") == torch.float16
+    assert resolve_kv_cache_dtype("auto", torch.float32, "torch", "int4") == torch.float16
+    assert resolve_kv_cache_dtype("auto", torch.float32, "torch", "none") == torch.float32
+    assert resolve_kv_cache_dtype("float32", torch.float32, "torch", "int8") == torch.float32
+    with pytest.raises(ValueError, match="triton one does not"):
+        resolve_kv_cache_dtype("float16", torch.bfloat16, "triton")
     if not torch.cuda.is_available():
         assert resolve_device("auto") == CPU
         with pytest.raises(ValueError, match="no CUDA GPU"):

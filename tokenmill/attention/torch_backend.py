@@ -5,7 +5,10 @@ Cache layout per layer, for K and for V: [num_kv_heads, num_blocks, block_size, 
 the layout batched matmuls read, with no transposing copy; on CPU that copy cost as much as the
 attention itself.
 
-With the C kernels (kernels/cpu/, built on first use when a C compiler is present; float32 only),
+The cache holds the compute dtype, or float16 under `--kv-cache-dtype float16` (read back as the compute
+dtype; the C kernels convert as they load, kernels/cpu/kv_cache.h).
+
+With the C kernels (kernels/cpu/, built on first use when a C compiler is present; float32 compute only),
 rotary embedding and the K/V write are one call (rotary_and_write_kv), decode rows (one query per
 request) are attended by a kernel that reads each request's blocks in place, and so are the rows of
 requests with several query rows (prefill chunks, prefill over a cached prefix), all in one call
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.kernels.cpu.kv_cache import KV_DTYPES
 from tokenmill.kernels.cpu.layer_ops import applies as c_applies
 from tokenmill.kernels.cpu.layer_ops import layer_ops_available, rotary_write_kv
 from tokenmill.kernels.cpu.paged_attention import decode_kernel_available, paged_decode_attention
@@ -143,7 +147,7 @@ class TorchAttentionBackend:
         self.fuses_rotary = self.use_c_kernels
 
     def _uses_c_decode(self, query: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> bool:
-        return (self.use_c_kernels and query.device.type == "cpu" and kv_cache[0].dtype == torch.float32
+        return (self.use_c_kernels and query.device.type == "cpu" and kv_cache[0].dtype in KV_DTYPES
                 and query.dtype == torch.float32 and query.shape[-1] % 8 == 0)
 
     def rotary_and_write_kv(
@@ -155,7 +159,9 @@ class TorchAttentionBackend:
         which is what the C kernel takes; anything else goes through torch ops with the same effect."""
         row_stride = _fused_qkv_row_stride(query, key, value)
         cos, sin = cos_sin
-        c_takes = all(c_applies(t) for t in (cos, sin, *kv_cache)) and query.dtype == kv_cache[0].dtype
+        c_takes = (c_applies(cos) and c_applies(sin) and query.dtype == torch.float32
+                   and all(t.is_contiguous() and t.device.type == "cpu" for t in kv_cache)
+                   and kv_cache[0].dtype in KV_DTYPES and (kv_cache[0].dtype == torch.float32 or query.shape[2] % 8 == 0))
         if row_stride is not None and c_takes:
             width = (query.shape[1] + 2 * key.shape[1]) * query.shape[2]
             qkv = query.as_strided((query.shape[0], width), (row_stride, 1))
@@ -174,7 +180,7 @@ class TorchAttentionBackend:
     ) -> None:
         for cache, new in zip(kv_cache, (key, value)):
             num_kv_heads, _, _, head_dim = cache.shape
-            cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, new.transpose(0, 1))
+            cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, new.transpose(0, 1).to(cache.dtype))
 
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -207,8 +213,8 @@ class TorchAttentionBackend:
             if seq_len == q_len:  # no cached prefix: this step holds the whole context
                 out[rows] = _causal(query[rows], key[rows].transpose(0, 1), value[rows].transpose(0, 1), scale)
             else:
-                k = _gather(kv_cache[0], meta.block_tables[i : i + 1], seq_len)[:, 0, :seq_len]
-                v = _gather(kv_cache[1], meta.block_tables[i : i + 1], seq_len)[:, 0, :seq_len]
+                k = _gather(kv_cache[0], meta.block_tables[i : i + 1], seq_len)[:, 0, :seq_len].to(query.dtype)
+                v = _gather(kv_cache[1], meta.block_tables[i : i + 1], seq_len)[:, 0, :seq_len].to(query.dtype)
                 out[rows] = _causal(query[rows], k, v, scale)
         return out
 
@@ -227,8 +233,8 @@ def _decode(
     """One query row per request. query: [b, H, D] -> [b, H, D]."""
     num_kv_heads, num_blocks, _, head_dim = kv_cache[0].shape
     shape = (num_kv_heads, chunk.num_reqs, chunk.padded_len, head_dim)
-    k = kv_cache[0].view(num_kv_heads * num_blocks, -1).index_select(0, chunk.gather_rows).view(shape)
-    v = kv_cache[1].view(num_kv_heads * num_blocks, -1).index_select(0, chunk.gather_rows).view(shape)
+    k = kv_cache[0].view(num_kv_heads * num_blocks, -1).index_select(0, chunk.gather_rows).view(shape).to(query.dtype)
+    v = kv_cache[1].view(num_kv_heads * num_blocks, -1).index_select(0, chunk.gather_rows).view(shape).to(query.dtype)
     batch, num_heads, _ = query.shape
     q = query.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)  # [Hkv, b, G, D]
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [Hkv, b, G, S]

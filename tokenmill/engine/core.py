@@ -101,7 +101,7 @@ class EngineCore:
         kv_spec = KVCacheSpec(
             num_layers=len(model.attention_layers), num_kv_heads=layer0.num_kv_heads,
             head_dim=layer0.head_dim, block_size=config.cache.block_size,
-            dtype=resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, backend),
+            dtype=resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, backend, config.model.quantization),
         )
         num_blocks = num_kv_blocks(config.cache, kv_spec.bytes_per_block, self.device)
         self.capacity = describe_capacity(num_blocks, kv_spec.block_size, kv_spec.bytes_per_block, self.max_model_len)

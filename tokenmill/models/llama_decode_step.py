@@ -21,6 +21,7 @@ from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.kernels.cpu.decode_step import DecodeStepModel, LayerWeights, LinearWeights, decode_step_available
+from tokenmill.kernels.cpu.kv_cache import KV_DTYPES
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.panel_linear import PanelLinear
 from tokenmill.quant.int4_cpu import Int4GroupLinear
@@ -69,7 +70,7 @@ def build_decode_step(model: nn.Module) -> DecodeStepModel:
             raise DecodeStepUnsupported(f"the attention backend is {attn.backend.name}")
         if attn.kv_cache is None:
             raise DecodeStepUnsupported("the K/V cache is not bound yet")
-        if attn.kv_cache[0].dtype != torch.float32 or attn.kv_cache[0].device.type != "cpu":
+        if attn.kv_cache[0].dtype not in KV_DTYPES or attn.kv_cache[0].device.type != "cpu":
             raise DecodeStepUnsupported(f"the K/V cache is {attn.kv_cache[0].dtype} on {attn.kv_cache[0].device}")
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
         if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in norms):

@@ -1,8 +1,7 @@
 /* Decode attention of one query row's heads over one KV head's paged cache, shared by
  * paged_attention.c and decode_step.c.
  *
- * Cache layout, for K and for V: [num_kv_heads, num_blocks, block_size, head_dim] float32, so one
- * (KV head, block) is a contiguous [block_size, head_dim] tile, found through a request's block table.
+ * Cache layout and element types (float32, or float16 with kv_f16): kv_cache.h.
  * attend_one: scores of all positions (K read once), an exact softmax in float32, then the V-weighted
  * sum (V read once), for `group` query heads sharing the KV head. head_dim % LANES == 0.
  * attend_range / combine_ranges: the same over a block-aligned range of positions, as an unnormalized
@@ -16,6 +15,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kv_cache.h"
 #include "vec8.h"
 #if defined(__AVX__)
 #include <immintrin.h>
@@ -37,19 +37,18 @@ static inline __attribute__((always_inline)) void hsum4(float *out, v8 a0, v8 a1
 
 /* scores[g * stride + j] = q_g . k_j for heads g < heads (a constant once inlined, <= HEADS_PER_TILE) and
  * the n (<= block) rows of one K tile: 4 rows at a time, each K vector loaded once for all heads. Rows
- * past n are computed from row 0's data but never stored. */
+ * past n are computed from row t's data but never stored. kv_f16: a constant once inlined. */
 static inline __attribute__((always_inline)) void qk_tile(float *restrict scores, int64_t stride,
-                                                         const float *restrict q, const float *k, int64_t n,
-                                                         int heads, int64_t head_dim) {
+                                                         const float *restrict q, const void *k, int64_t n,
+                                                         int heads, int64_t head_dim, int kv_f16) {
     for (int64_t t = 0; t < n; t += 4) {
-        const float *k0 = k + t * head_dim;
-        const float *k1 = t + 1 < n ? k0 + head_dim : k0, *k2 = t + 2 < n ? k0 + 2 * head_dim : k0;
-        const float *k3 = t + 3 < n ? k0 + 3 * head_dim : k0;
+        const int64_t r0 = t * head_dim, r1 = t + 1 < n ? r0 + head_dim : r0;
+        const int64_t r2 = t + 2 < n ? r0 + 2 * head_dim : r0, r3 = t + 3 < n ? r0 + 3 * head_dim : r0;
         v8 acc[HEADS_PER_TILE][4];
         for (int g = 0; g < heads; ++g) acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = (v8){0};
         for (int64_t d = 0; d < head_dim; d += LANES) {
-            const v8 x0 = *(const v8 *)(k0 + d), x1 = *(const v8 *)(k1 + d);
-            const v8 x2 = *(const v8 *)(k2 + d), x3 = *(const v8 *)(k3 + d);
+            const v8 x0 = load_kv8(k, r0 + d, kv_f16), x1 = load_kv8(k, r1 + d, kv_f16);
+            const v8 x2 = load_kv8(k, r2 + d, kv_f16), x3 = load_kv8(k, r3 + d, kv_f16);
             for (int g = 0; g < heads; ++g) {
                 const v8 qv = *(const v8 *)(q + g * head_dim + d);
                 acc[g][0] += qv * x0, acc[g][1] += qv * x1, acc[g][2] += qv * x2, acc[g][3] += qv * x3;
@@ -67,17 +66,17 @@ static inline __attribute__((always_inline)) void qk_tile(float *restrict scores
  * constant once inlined) over the n rows of one V tile: 32-float columns in registers, each V vector
  * loaded once for all heads; a head_dim % 32 remainder 8 floats at a time. */
 static inline __attribute__((always_inline)) void pv_tile(float *restrict out, int64_t out_stride,
-                                                         const float *restrict p, int64_t p_stride, const float *v,
-                                                         int64_t n, int heads, int64_t head_dim) {
+                                                         const float *restrict p, int64_t p_stride, const void *v,
+                                                         int64_t n, int heads, int64_t head_dim, int kv_f16) {
     int64_t d = 0;
     for (; d + 4 * LANES <= head_dim; d += 4 * LANES) {
         v8 acc[HEADS_PER_TILE][4];
         for (int g = 0; g < heads; ++g)
             for (int c = 0; c < 4; ++c) acc[g][c] = *(const v8 *)(out + g * out_stride + d + c * LANES);
         for (int64_t j = 0; j < n; ++j) {
-            const float *row = v + j * head_dim + d;
-            const v8 x0 = *(const v8 *)row, x1 = *(const v8 *)(row + LANES);
-            const v8 x2 = *(const v8 *)(row + 2 * LANES), x3 = *(const v8 *)(row + 3 * LANES);
+            const int64_t row = j * head_dim + d;
+            const v8 x0 = load_kv8(v, row, kv_f16), x1 = load_kv8(v, row + LANES, kv_f16);
+            const v8 x2 = load_kv8(v, row + 2 * LANES, kv_f16), x3 = load_kv8(v, row + 3 * LANES, kv_f16);
             for (int g = 0; g < heads; ++g) {
                 const float w = p[g * p_stride + j];
                 acc[g][0] += w * x0, acc[g][1] += w * x1, acc[g][2] += w * x2, acc[g][3] += w * x3;
@@ -89,7 +88,7 @@ static inline __attribute__((always_inline)) void pv_tile(float *restrict out, i
     for (; d < head_dim; d += LANES)
         for (int g = 0; g < heads; ++g) {
             v8 acc = *(const v8 *)(out + g * out_stride + d);
-            for (int64_t j = 0; j < n; ++j) acc += p[g * p_stride + j] * *(const v8 *)(v + j * head_dim + d);
+            for (int64_t j = 0; j < n; ++j) acc += p[g * p_stride + j] * load_kv8(v, j * head_dim + d, kv_f16);
             *(v8 *)(out + g * out_stride + d) = acc;
         }
 }
@@ -104,32 +103,28 @@ static inline __attribute__((always_inline)) void pv_tile(float *restrict out, i
         }                                                                       \
     }
 
-/* Asks for the n floats at p ahead of use (one request per 64-byte line): blocks sit at random
+/* Asks for the nbytes at p ahead of use (one request per 64-byte line): blocks sit at random
  * places in the cache, so the hardware prefetcher restarts at every block and stalls on memory. */
-static inline void prefetch_tile(const float *p, int64_t n) {
-    for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 2);
-}
-
-/* The [block_size, head_dim] tile of one KV head in the block_index-th block of a request. */
-static inline const float *tile(const float *cache, int64_t head_base, const int64_t *table, int64_t block_index,
-                                int64_t block_size, int64_t head_dim) {
-    return cache + (head_base + table[block_index]) * block_size * head_dim;
+static inline void prefetch_tile(const void *p, int64_t nbytes) {
+    for (int64_t i = 0; i < nbytes; i += 64) __builtin_prefetch((const char *)p + i, 0, 2);
 }
 
 /* scores[g * (end - start) + j - start] = q_g . k_j for the group query heads and positions j in
  * [start, end) of one KV head (head_base = kv_head * num_blocks); start is a multiple of block_size. */
-static void range_scores(float *restrict scores, const float *restrict q, const float *k_cache, const int64_t *table,
-                         int64_t head_base, int64_t start, int64_t end, int64_t group, int64_t block_size,
-                         int64_t head_dim) {
-    const int64_t len = end - start;
+static void range_scores(float *restrict scores, const float *restrict q, const void *k_cache, int kv_f16,
+                         const int64_t *table, int64_t head_base, int64_t start, int64_t end, int64_t group,
+                         int64_t block_size, int64_t head_dim) {
+    const int64_t len = end - start, tile_bytes = block_size * head_dim * kv_elem_bytes(kv_f16);
     for (int64_t pos = start; pos < end; pos += block_size) {
         const int64_t b = pos / block_size;
-        const float *k = tile(k_cache, head_base, table, b, block_size, head_dim);
+        const void *k = tile(k_cache, kv_f16, head_base, table, b, block_size, head_dim);
         const int64_t n = end - pos < block_size ? end - pos : block_size;
-        if (pos + block_size < end)
-            prefetch_tile(tile(k_cache, head_base, table, b + 1, block_size, head_dim), block_size * head_dim);
-        FOR_HEAD_TILES(group, g0, heads,
-                       qk_tile(scores + g0 * len + pos - start, len, q + g0 * head_dim, k, n, heads, head_dim))
+        if (pos + block_size < end) prefetch_tile(tile(k_cache, kv_f16, head_base, table, b + 1, block_size, head_dim), tile_bytes);
+        float *s = scores + pos - start;
+        if (kv_f16)
+            FOR_HEAD_TILES(group, g0, heads, qk_tile(s + g0 * len, len, q + g0 * head_dim, k, n, heads, head_dim, 1))
+        else
+            FOR_HEAD_TILES(group, g0, heads, qk_tile(s + g0 * len, len, q + g0 * head_dim, k, n, heads, head_dim, 0))
     }
 }
 
@@ -149,51 +144,56 @@ static inline float exp_scores(float *s, int64_t len, float scale, float *max_ou
 /* out[g * out_stride + d] += sum_j p_g[j] v_j[d] over positions j in [start, end) (range_scores' layout
  * for p) of one KV head. */
 static void range_weighted_sum(float *restrict out, int64_t out_stride, const float *restrict probs,
-                               const float *v_cache, const int64_t *table, int64_t head_base, int64_t start,
-                               int64_t end, int64_t group, int64_t block_size, int64_t head_dim) {
-    const int64_t len = end - start;
+                               const void *v_cache, int kv_f16, const int64_t *table, int64_t head_base,
+                               int64_t start, int64_t end, int64_t group, int64_t block_size, int64_t head_dim) {
+    const int64_t len = end - start, tile_bytes = block_size * head_dim * kv_elem_bytes(kv_f16);
     for (int64_t pos = start; pos < end; pos += block_size) {
         const int64_t b = pos / block_size;
-        const float *v = tile(v_cache, head_base, table, b, block_size, head_dim);
+        const void *v = tile(v_cache, kv_f16, head_base, table, b, block_size, head_dim);
         const int64_t n = end - pos < block_size ? end - pos : block_size;
-        if (pos + block_size < end)
-            prefetch_tile(tile(v_cache, head_base, table, b + 1, block_size, head_dim), block_size * head_dim);
-        FOR_HEAD_TILES(group, g0, heads,
-                       pv_tile(out + g0 * out_stride, out_stride, probs + g0 * len + pos - start, len, v, n, heads,
-                               head_dim))
+        if (pos + block_size < end) prefetch_tile(tile(v_cache, kv_f16, head_base, table, b + 1, block_size, head_dim), tile_bytes);
+        const float *p = probs + pos - start;
+        if (kv_f16)
+            FOR_HEAD_TILES(group, g0, heads,
+                           pv_tile(out + g0 * out_stride, out_stride, p + g0 * len, len, v, n, heads, head_dim, 1))
+        else
+            FOR_HEAD_TILES(group, g0, heads,
+                           pv_tile(out + g0 * out_stride, out_stride, p + g0 * len, len, v, n, heads, head_dim, 0))
     }
 }
 
 static void attend_one(
-    float *restrict out, const float *restrict q, const float *k_cache, const float *v_cache,
+    float *restrict out, const float *restrict q, const void *k_cache, const void *v_cache, int kv_f16,
     const int64_t *table, int64_t seq_len, int64_t group, int64_t kv_head, int64_t num_blocks,
     int64_t block_size, int64_t head_dim, float scale, float *restrict scores /* [group, seq_len] */) {
     const int64_t head_base = kv_head * num_blocks;
-    range_scores(scores, q, k_cache, table, head_base, 0, seq_len, group, block_size, head_dim);
+    range_scores(scores, q, k_cache, kv_f16, table, head_base, 0, seq_len, group, block_size, head_dim);
     for (int64_t g = 0; g < group; ++g) {
         float *s = scores + g * seq_len, max;
         const float inv = 1.0f / exp_scores(s, seq_len, scale, &max);
         for (int64_t i = 0; i < seq_len; ++i) s[i] *= inv;
     }
     memset(out, 0, (size_t)(group * head_dim) * sizeof(float));
-    range_weighted_sum(out, head_dim, scores, v_cache, table, head_base, 0, seq_len, group, block_size, head_dim);
+    range_weighted_sum(out, head_dim, scores, v_cache, kv_f16, table, head_base, 0, seq_len, group, block_size,
+                       head_dim);
 }
 
 /* One partial per query head g: part[g * (head_dim + 2) + ...] = [sum_j e_j v_j (head_dim floats) | max
  * raw score m | sum_j e_j] over positions j in [start, end), e_j = exp((q . k_j - m) * scale). start is a
  * multiple of block_size; start < end. */
 static void attend_range(
-    float *restrict part, const float *restrict q, const float *k_cache, const float *v_cache,
+    float *restrict part, const float *restrict q, const void *k_cache, const void *v_cache, int kv_f16,
     const int64_t *table, int64_t start, int64_t end, int64_t group, int64_t kv_head, int64_t num_blocks,
     int64_t block_size, int64_t head_dim, float scale, float *restrict scores /* [group, end - start] */) {
     const int64_t head_base = kv_head * num_blocks, len = end - start, part_stride = head_dim + 2;
-    range_scores(scores, q, k_cache, table, head_base, start, end, group, block_size, head_dim);
+    range_scores(scores, q, k_cache, kv_f16, table, head_base, start, end, group, block_size, head_dim);
     for (int64_t g = 0; g < group; ++g) {
         float *p = part + g * part_stride;
         p[head_dim + 1] = exp_scores(scores + g * len, len, scale, &p[head_dim]);
         memset(p, 0, (size_t)head_dim * sizeof(float));
     }
-    range_weighted_sum(part, part_stride, scores, v_cache, table, head_base, start, end, group, block_size, head_dim);
+    range_weighted_sum(part, part_stride, scores, v_cache, kv_f16, table, head_base, start, end, group, block_size,
+                       head_dim);
 }
 
 /* out[head_dim] = the softmax-weighted V sum over the num_parts partials of one query head, which lie

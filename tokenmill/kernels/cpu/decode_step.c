@@ -23,7 +23,7 @@
  * tasks or, with fewer tasks than 2 per thread, by block-aligned ranges of each one's positions merged
  * after (split-K); the per-row phases by rows.
  *
- * Invariants: all float tensors are float32 and contiguous; head_dim % 8 == 0; positions index the
+ * Invariants: all float tensors but the K/V caches (kv_f16: float16) are float32 and contiguous; head_dim % 8 == 0; positions index the
  * rotary tables; slots[r] is the cache slot of row r's new token and seq_lens[r] counts it; the K/V
  * caches have the head-major layout of attention_tile.h.
  */
@@ -41,6 +41,10 @@
 
 enum { TM_FLOAT32 = 0, TM_INT8 = 1, TM_INT4 = 2 };
 
+/* Phases of phase_seconds (decode_step.py's PHASES, same order): the per-row work (residual adds, norms,
+ * activation quantization, silu * up), the projections, rotary + K/V write, attention. */
+enum { TM_PHASE_ROWS = 0, TM_PHASE_PROJECTIONS = 1, TM_PHASE_ROTARY_KV = 2, TM_PHASE_ATTENTION = 3, TM_NUM_PHASES = 4 };
+
 typedef struct {
     const void *weight;     /* float32 panels [num_panels(n), k, PANEL] (f32_panels.h); int8 panels
                                [int8_num_panels(n), int8_quads(k), 16, 4] (int8_panels.h); or int4 packed
@@ -57,12 +61,13 @@ typedef struct {
 typedef struct {
     const float *input_norm, *post_norm; /* [hidden] */
     tm_linear qkv, o, gate_up, down;
-    float *k_cache, *v_cache; /* [num_kv_heads, num_blocks, block_size, head_dim] */
+    void *k_cache, *v_cache; /* [num_kv_heads, num_blocks, block_size, head_dim], float32 or float16 (kv_cache.h) */
 } tm_layer;
 
 typedef struct {
     int64_t num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate;
     int64_t num_blocks, block_size;
+    int64_t kv_f16; /* the K/V caches hold float16 */
     float eps, attn_scale;
     const tm_layer *layers;
     const float *final_norm;         /* [hidden] */
@@ -119,10 +124,12 @@ static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to
 /* hidden: in, the embeddings of the step's tokens [num_rows, hidden]; out, the final normed hidden
  * states. Row r is request r: its new token at positions[r], cache slot slots[r], attending over
  * seq_lens[r] positions through block_tables[r * table_stride ...].
+ * phase_seconds: NULL, or [TM_NUM_PHASES] to which each phase's wall time is added (thread 0's clock between
+ * the barriers that end the phases).
  * Returns 0; 1 when scratch memory could not be allocated; 2 when head_dim % 8 != 0 (hidden untouched). */
 int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, const int64_t *slots,
                    const int64_t *seq_lens, const int64_t *block_tables, int64_t table_stride, int64_t num_rows,
-                   int num_threads) {
+                   int num_threads, double *phase_seconds) {
     const int64_t R = num_rows, H = m->hidden, D = m->head_dim, I = m->intermediate;
     const int64_t num_heads = m->num_heads, num_kv_heads = m->num_kv_heads, group = num_heads / num_kv_heads;
     const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D, qkv_n = q_size + 2 * kv_size;
@@ -160,6 +167,15 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
     {
         float *scores = thread_scratch + per_thread * omp_get_thread_num();
         float *rotation_scratch = scores + group * max_seq;
+        const int timing = phase_seconds != NULL && omp_get_thread_num() == 0;
+        double mark = timing ? omp_get_wtime() : 0.0;
+/* After a worksharing loop's closing barrier: the time since the previous mark goes to `phase`. */
+#define END_PHASE(phase)                         \
+    if (timing) {                                \
+        const double now_ = omp_get_wtime();     \
+        phase_seconds[phase] += now_ - mark;     \
+        mark = now_;                             \
+    }
         for (int64_t l = 0; l < m->num_layers; ++l) {
             const tm_layer *ly = &m->layers[l];
 #pragma omp for schedule(static)
@@ -172,7 +188,9 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
                 rms_norm_row(x + r * H, res, ly->input_norm, m->eps, H);
                 prepare_row(&ly->qkv, x + r * H, r, &qr, rotation_scratch);
             }
+            END_PHASE(TM_PHASE_ROWS)
             linear_phase(&ly->qkv, qkv, x, &qr, R);
+            END_PHASE(TM_PHASE_PROJECTIONS)
 
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < R; ++r) {
@@ -182,10 +200,11 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
                 for (int64_t h = 0; h < num_kv_heads; ++h) {
                     rotate_head(k + h * D, k + h * D, c, s, D);
                     const int64_t dst = (h * slots_per_head + slots[r]) * D;
-                    memcpy(ly->k_cache + dst, k + h * D, (size_t)D * sizeof(float));
-                    memcpy(ly->v_cache + dst, v + h * D, (size_t)D * sizeof(float));
+                    store_kv_row(ly->k_cache, dst, k + h * D, D, (int)m->kv_f16);
+                    store_kv_row(ly->v_cache, dst, v + h * D, D, (int)m->kv_f16);
                 }
             }
+            END_PHASE(TM_PHASE_ROTARY_KV)
 
             /* Enough (request, KV head) tasks: one each. Fewer (a few long rows): each one's positions
              * split into block-aligned ranges over the threads, merged after (split-K). Same values on
@@ -195,7 +214,8 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
                 for (int64_t task = 0; task < R * num_kv_heads; ++task) {
                     const int64_t r = task / num_kv_heads, h = task % num_kv_heads;
                     const int64_t offset = r * q_size + h * group * D;
-                    attend_one(attn + offset, q + offset, ly->k_cache, ly->v_cache, block_tables + r * table_stride,
+                    attend_one(attn + offset, q + offset, ly->k_cache, ly->v_cache, (int)m->kv_f16,
+                               block_tables + r * table_stride,
                                seq_lens[r], group, h, m->num_blocks, m->block_size, D, m->attn_scale, scores);
                 }
             } else {
@@ -212,7 +232,7 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
                         for (int64_t g = 0; g < group; ++g) part[g * part_stride + D + 1] = 0.0f; /* empty */
                         continue;
                     }
-                    attend_range(part, q + r * q_size + h * group * D, ly->k_cache, ly->v_cache,
+                    attend_range(part, q + r * q_size + h * group * D, ly->k_cache, ly->v_cache, (int)m->kv_f16,
                                  block_tables + r * table_stride, start, end < seq_len ? end : seq_len, group, h,
                                  m->num_blocks, m->block_size, D, m->attn_scale, scores);
                 }
@@ -224,11 +244,14 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
                 }
             }
 
+            END_PHASE(TM_PHASE_ATTENTION)
             if (ly->o.format != TM_FLOAT32) {
 #pragma omp for schedule(static)
                 for (int64_t r = 0; r < R; ++r) prepare_row(&ly->o, attn + r * q_size, r, &qr, rotation_scratch);
             }
+            END_PHASE(TM_PHASE_ROWS)
             linear_phase(&ly->o, out, attn, &qr, R);
+            END_PHASE(TM_PHASE_PROJECTIONS)
 
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < R; ++r) {
@@ -237,7 +260,9 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
                 rms_norm_row(x + r * H, res, ly->post_norm, m->eps, H);
                 prepare_row(&ly->gate_up, x + r * H, r, &qr, rotation_scratch);
             }
+            END_PHASE(TM_PHASE_ROWS)
             linear_phase(&ly->gate_up, gate_up, x, &qr, R);
+            END_PHASE(TM_PHASE_PROJECTIONS)
 
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < R; ++r) {
@@ -245,7 +270,9 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
                 silu_mul_row(x + r * I, gate, gate + I, I);
                 prepare_row(&ly->down, x + r * I, r, &qr, rotation_scratch);
             }
+            END_PHASE(TM_PHASE_ROWS)
             linear_phase(&ly->down, out, x, &qr, R);
+            END_PHASE(TM_PHASE_PROJECTIONS)
         }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; ++r) {
@@ -253,6 +280,8 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
             for (int64_t i = 0; i < H; ++i) res[i] += out[r * H + i];
             rms_norm_row(hidden + r * H, res, m->final_norm, m->eps, H);
         }
+        END_PHASE(TM_PHASE_ROWS)
+#undef END_PHASE
     }
     free(arena);
     return 0;

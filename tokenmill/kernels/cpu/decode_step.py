@@ -18,6 +18,7 @@ from tokenmill.kernels.cpu.build import load_kernel_library
 from tokenmill.kernels.cpu.f32_gemm import check_panels
 from tokenmill.kernels.cpu.int4_gemm import check_int4_weights
 from tokenmill.kernels.cpu.int8_gemm import check_int8_panels
+from tokenmill.kernels.cpu.kv_cache import kv_f16_flag
 
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
@@ -28,6 +29,8 @@ class _Linear(ctypes.Structure):
 
 
 FLOAT32, INT8, INT4 = 0, 1, 2  # decode_step.c's tm_linear formats
+# decode_step.c's phases (TM_PHASE_*), in order, as DecodeStepModel.phase_seconds reports them.
+PHASES = ("per-row work (norms, quantization, silu)", "projections", "rotary + K/V write", "attention")
 
 
 class _Layer(ctypes.Structure):
@@ -38,7 +41,7 @@ class _Layer(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = [("num_layers", _i64), ("hidden", _i64), ("num_heads", _i64), ("num_kv_heads", _i64),
                 ("head_dim", _i64), ("intermediate", _i64), ("num_blocks", _i64), ("block_size", _i64),
-                ("eps", _f32), ("attn_scale", _f32), ("layers", ctypes.POINTER(_Layer)), ("final_norm", _ptr),
+                ("kv_f16", _i64), ("eps", _f32), ("attn_scale", _f32), ("layers", ctypes.POINTER(_Layer)), ("final_norm", _ptr),
                 ("rope_cos", _ptr), ("rope_sin", _ptr)]
 
 
@@ -47,7 +50,8 @@ def _lib() -> ctypes.CDLL | None:
     lib = load_kernel_library("decode_step")
     if lib is None:
         return None
-    lib.tm_decode_step.argtypes = [ctypes.POINTER(_Model), _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_int]
+    lib.tm_decode_step.argtypes = [ctypes.POINTER(_Model), _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_int,
+                                   _ptr]
     lib.tm_decode_step.restype = ctypes.c_int
     return lib
 
@@ -117,6 +121,8 @@ class DecodeStepModel:
         hidden = final_norm.shape[0]
         intermediate = layers[0].down.shape[1]
         num_kv_heads_, num_blocks, block_size, _ = layers[0].kv_cache[0].shape
+        kv_f16 = kv_f16_flag(layers[0].kv_cache)  # float32 or float16 caches (kernels/cpu/kv_cache.py)
+        kv_dtype = layers[0].kv_cache[0].dtype
         if num_kv_heads_ != num_kv_heads:
             raise ValueError(f"decode step: the K/V cache has {num_kv_heads_} heads, the model {num_kv_heads}")
         self._layers = (_Layer * len(layers))()
@@ -128,8 +134,10 @@ class DecodeStepModel:
             for cache in layer.kv_cache:
                 if cache.shape != layer.kv_cache[0].shape or cache.shape[1:3] != (num_blocks, block_size):
                     raise ValueError("decode step: every layer's K/V cache must have the same shape")
-            dst.k_cache = self._ptr(layer.kv_cache[0], torch.float32, "the K cache")
-            dst.v_cache = self._ptr(layer.kv_cache[1], torch.float32, "the V cache")
+            if kv_f16_flag(layer.kv_cache) != kv_f16:
+                raise ValueError("decode step: every layer's K/V cache must have the same dtype")
+            dst.k_cache = self._ptr(layer.kv_cache[0], kv_dtype, "the K cache")
+            dst.v_cache = self._ptr(layer.kv_cache[1], kv_dtype, "the V cache")
         expected = {"qkv": ((num_heads + 2 * num_kv_heads) * head_dim, hidden), "o": (hidden, num_heads * head_dim),
                     "gate_up": (2 * intermediate, hidden), "down": (hidden, intermediate)}
         for layer in layers:
@@ -139,12 +147,15 @@ class DecodeStepModel:
                                      f"expected {shape}")
         self._model = _Model(
             num_layers=len(layers), hidden=hidden, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-            intermediate=intermediate, num_blocks=num_blocks, block_size=block_size, eps=eps, attn_scale=attn_scale,
+            intermediate=intermediate, num_blocks=num_blocks, block_size=block_size, kv_f16=kv_f16, eps=eps,
+            attn_scale=attn_scale,
             layers=self._layers, final_norm=self._ptr(final_norm, torch.float32, "the final norm weight"),
             rope_cos=self._ptr(rope_cos, torch.float32, "the rotary cos table"),
             rope_sin=self._ptr(rope_sin, torch.float32, "the rotary sin table"))
         self.hidden_size = hidden
         self.max_positions = rope_cos.shape[0]
+        # None, or float64 [len(PHASES)]: run() adds each phase's wall time (seconds) to it.
+        self.phase_seconds: torch.Tensor | None = None
 
     def _ptr(self, t: torch.Tensor, dtype: torch.dtype, what: str) -> int:
         self._keep.append(_checked(t, dtype, what))
@@ -196,7 +207,8 @@ class DecodeStepModel:
                 raise ValueError(f"decode step: {what} must have {num_rows} rows, got {t.shape[0]}")
         status = _lib().tm_decode_step(
             ctypes.byref(self._model), hidden.data_ptr(), positions.data_ptr(), slots.data_ptr(), seq_lens.data_ptr(),
-            block_tables.data_ptr(), block_tables.shape[1], num_rows, torch.get_num_threads())
+            block_tables.data_ptr(), block_tables.shape[1], num_rows, torch.get_num_threads(),
+            None if self.phase_seconds is None else self.phase_seconds.data_ptr())
         if status == 1:
             raise MemoryError("decode step: no memory for the step's scratch buffers")
         if status != 0:

@@ -5,6 +5,7 @@
  * Rows are independent, so large batches split rows across the OpenMP pool (torch's libgomp); small
  * ones run on the calling thread, where a parallel region would cost more than the work.
  */
+#include "kv_cache.h"
 #include "row_ops.h"
 
 #define PARALLEL_MIN_ROWS 32
@@ -37,9 +38,10 @@ void tm_silu_and_mul(float *out, const float *x, int64_t num_rows, int64_t width
 
 /* qkv: [num_rows, row_stride], each row [q (num_heads * D) | k (num_kv_heads * D) | v (num_kv_heads * D) ...].
  * Writes rotated q to q_out ([num_rows, num_heads, D] contiguous), rotates k in place, and stores k and v
- * at slot slots[t] of the head-major caches ([num_kv_heads, slots_per_head, D]). cos/sin: [num_rows, D]. */
+ * at slot slots[t] of the head-major caches ([num_kv_heads, slots_per_head, D], float16 when kv_f16;
+ * D % 8 == 0 then). cos/sin: [num_rows, D]. */
 void tm_rotary_write_kv(float *q_out, float *qkv, int64_t row_stride, const float *cos, const float *sin,
-                        float *k_cache, float *v_cache, const int64_t *slots, int64_t num_rows, int64_t num_heads,
+                        void *k_cache, void *v_cache, int kv_f16, const int64_t *slots, int64_t num_rows, int64_t num_heads,
                         int64_t num_kv_heads, int64_t head_dim, int64_t slots_per_head, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if (num_rows >= PARALLEL_MIN_ROWS)
     for (int64_t t = 0; t < num_rows; ++t) {
@@ -52,8 +54,13 @@ void tm_rotary_write_kv(float *q_out, float *qkv, int64_t row_stride, const floa
             float *kh = k + h * head_dim;
             rotate_head(kh, kh, c, s, head_dim);
             const int64_t dst = (h * slots_per_head + slots[t]) * head_dim;
-            memcpy(k_cache + dst, kh, (size_t)head_dim * sizeof(float));
-            memcpy(v_cache + dst, v + h * head_dim, (size_t)head_dim * sizeof(float));
+            if (kv_f16) {
+                store_kv_row(k_cache, dst, kh, head_dim, 1);
+                store_kv_row(v_cache, dst, v + h * head_dim, head_dim, 1);
+            } else {
+                memcpy((float *)k_cache + dst, kh, (size_t)head_dim * sizeof(float));
+                memcpy((float *)v_cache + dst, v + h * head_dim, (size_t)head_dim * sizeof(float));
+            }
         }
     }
 }

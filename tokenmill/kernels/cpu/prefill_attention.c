@@ -12,7 +12,7 @@
  * lanes at a time. Tasks run longest first (the last query blocks see the most positions) on the OpenMP
  * pool, and write disjoint output rows.
  *
- * Invariants: float32; query rows [T, num_heads, head_dim] with row stride q_stride, heads contiguous;
+ * Invariants: float32 (the caches float16 with kv_f16, kv_cache.h); query rows [T, num_heads, head_dim] with row stride q_stride, heads contiguous;
  * out [T, num_heads, head_dim] contiguous; head_dim % 8 == 0; q_lens[r] <= seq_lens[r].
  */
 #include <immintrin.h>
@@ -67,13 +67,13 @@ static inline __attribute__((always_inline)) void weighted_rows(float *o, int64_
         for (int w = 0; w < width; ++w) *(v8 *)(o + r * o_stride + d0 + w * LANES) = acc[r][w];
 }
 
-static void attend_block(float *out, const float *query, int64_t q_stride, const float *k_cache, const float *v_cache,
-                         const int64_t *table, int64_t seq_len, int64_t q_len, const attention_task *t,
+static void attend_block(float *out, const float *query, int64_t q_stride, const void *k_cache, const void *v_cache,
+                         int kv_f16, const int64_t *table, int64_t seq_len, int64_t q_len, const attention_task *t,
                          int64_t num_heads, int64_t group, int64_t num_blocks, int64_t block_size, int64_t head_dim,
                          float scale, float *scratch) {
     const int64_t m_rows = group * t->rows, d = head_dim;
     float *qbuf = scratch, *obuf = qbuf + m_rows * d, *scores = obuf + m_rows * d, *kt = scores + m_rows * PANEL;
-    float *row_max = kt + d * PANEL, *row_sum = row_max + m_rows;
+    float *row_max = kt + d * PANEL, *row_sum = row_max + m_rows, *vbuf = row_sum + m_rows; /* vbuf: kv_f16 */
     const float *vrows[PANEL];
     const int64_t first_pos = seq_len - q_len + t->row0; /* position of the block's first query row */
     /* Query vector m = j * group + g: row j of the block, head kv_head * group + g; pre-scaled. */
@@ -95,9 +95,18 @@ static void attend_block(float *out, const float *query, int64_t q_stride, const
         for (int64_t c = 0; c < PANEL; ++c) {
             if (c < n) {
                 const int64_t pos = c0 + c, offset = pos % block_size * d;
-                const float *krow = tile(k_cache, head_base, table, pos / block_size, block_size, d) + offset;
-                vrows[c] = tile(v_cache, head_base, table, pos / block_size, block_size, d) + offset;
-                for (int64_t i = 0; i < d; ++i) kt[i * PANEL + c] = krow[i];
+                const void *k = tile(k_cache, kv_f16, head_base, table, pos / block_size, block_size, d);
+                const void *v = tile(v_cache, kv_f16, head_base, table, pos / block_size, block_size, d);
+                for (int64_t i = 0; i < d; i += LANES) {
+                    const v8 x = load_kv8(k, offset + i, kv_f16);
+                    for (int l = 0; l < LANES; ++l) kt[(i + l) * PANEL + c] = x[l];
+                }
+                if (kv_f16) { /* the chunk's V rows as float32, for weighted_rows */
+                    load_kv_row(vbuf + c * d, v, offset, d, 1);
+                    vrows[c] = vbuf + c * d;
+                } else {
+                    vrows[c] = (const float *)v + offset;
+                }
             } else {
                 for (int64_t i = 0; i < d; ++i) kt[i * PANEL + c] = 0.0f;
             }
@@ -151,8 +160,8 @@ static void attend_block(float *out, const float *query, int64_t q_stride, const
 }
 
 /* Returns 0; 1 when scratch memory could not be allocated; 2 when head_dim % 8 != 0 (out untouched). */
-int tm_prefill_attention(float *out, const float *query, int64_t q_stride, const float *k_cache, const float *v_cache,
-                         const int64_t *q_starts, const int64_t *q_lens, const int64_t *seq_lens,
+int tm_prefill_attention(float *out, const float *query, int64_t q_stride, const void *k_cache, const void *v_cache,
+                         int kv_f16, const int64_t *q_starts, const int64_t *q_lens, const int64_t *seq_lens,
                          const int64_t *block_tables, int64_t table_stride, int64_t num_reqs, int64_t num_heads,
                          int64_t num_kv_heads, int64_t num_blocks, int64_t block_size, int64_t head_dim, float scale,
                          int num_threads) {
@@ -162,7 +171,7 @@ int tm_prefill_attention(float *out, const float *query, int64_t q_stride, const
     for (int64_t r = 0; r < num_reqs; ++r) num_tasks += (q_lens[r] + Q_BLOCK - 1) / Q_BLOCK * num_kv_heads;
     attention_task *tasks = (attention_task *)malloc((size_t)(num_tasks > 0 ? num_tasks : 1) * sizeof(attention_task));
     const int64_t m_max = group * Q_BLOCK;
-    const int64_t per_thread = 2 * m_max * head_dim + m_max * PANEL + head_dim * PANEL + 2 * m_max + 16;
+    const int64_t per_thread = 2 * m_max * head_dim + m_max * PANEL + 2 * head_dim * PANEL + 2 * m_max + 16;
     float *scratch = (float *)aligned_alloc(64, (size_t)((per_thread * num_threads + 15) / 16 * 16) * sizeof(float));
     if (tasks == NULL || scratch == NULL) {
         free(tasks);
@@ -186,7 +195,7 @@ int tm_prefill_attention(float *out, const float *query, int64_t q_stride, const
             const attention_task *t = &tasks[i];
             const int64_t r = t->req;
             attend_block(out + q_starts[r] * num_heads * head_dim, query + q_starts[r] * q_stride, q_stride, k_cache,
-                         v_cache, block_tables + r * table_stride, seq_lens[r], q_lens[r], t, num_heads, group,
+                         v_cache, kv_f16, block_tables + r * table_stride, seq_lens[r], q_lens[r], t, num_heads, group,
                          num_blocks, block_size, head_dim, scale, mine);
         }
     }
