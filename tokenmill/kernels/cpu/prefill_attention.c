@@ -8,7 +8,7 @@
  * One task = (request, KV head, block of Q_BLOCK query rows): its group * Q_BLOCK query vectors share each
  * K/V chunk. Per chunk of PANEL positions: the chunk's K is transposed into a [head_dim][PANEL] panel, so the
  * scores are f32_panels.h's tiles (6 query vectors x PANEL positions); masked, exponentiated against the
- * running row maximum; then V's rows are added, weighted, into the output accumulators 3 vectors x 32
+ * running row maximum; then V's rows are added, weighted, into the output accumulators 6 vectors x 16
  * lanes at a time. Tasks run longest first (the last query blocks see the most positions) on the OpenMP
  * pool, and write disjoint output rows.
  *
@@ -48,15 +48,19 @@ static inline v8 exp_v8(v8 x) {
     return (v8)_mm256_andnot_ps(underflow, (__m256)(p * (v8)_mm256_castsi256_ps(bits)));
 }
 
-/* acc[3][4] += p[r][c] * v[c][d0 .. d0 + 32) over the chunk's n positions, rows r of the triple (rows <= 3). */
-static inline __attribute__((always_inline)) void weighted_rows(float *o, int64_t o_stride, const float *p, const float *const *v, int64_t n,
-                                 int64_t d0, int width, int rows) {
-    v8 acc[3][4];
-    for (int r = 0; r < 3; ++r)
-        for (int w = 0; w < 4; ++w) acc[r][w] = r < rows && w < width ? *(const v8 *)(o + r * o_stride + d0 + w * LANES)
-                                                                       : (v8){0};
+/* o[r][d0 .. d0 + 8 * width) += sum_c p[r * PANEL + c] * v[c][same] over the chunk's n positions, for
+ * rows r < rows (<= WEIGHTED_ROWS) and width <= 2 (constants once inlined). 6 x 2 accumulators, the two
+ * V vectors and the broadcast fit the 16 AVX2 registers: more and the compiler spills an accumulator,
+ * which chains every step through a store and a reload. */
+#define WEIGHTED_ROWS 6
+static inline __attribute__((always_inline)) void weighted_rows(float *o, int64_t o_stride, const float *p,
+                                                               const float *const *v, int64_t n, int64_t d0,
+                                                               int width, int rows) {
+    v8 acc[WEIGHTED_ROWS][2];
+    for (int r = 0; r < rows; ++r)
+        for (int w = 0; w < width; ++w) acc[r][w] = *(const v8 *)(o + r * o_stride + d0 + w * LANES);
     for (int64_t c = 0; c < n; ++c) {
-        v8 vv[4];
+        v8 vv[2];
         for (int w = 0; w < width; ++w) vv[w] = *(const v8 *)(v[c] + d0 + w * LANES);
         for (int r = 0; r < rows; ++r) {
             const v8 pb = (v8){0} + p[r * PANEL + c];
@@ -65,6 +69,35 @@ static inline __attribute__((always_inline)) void weighted_rows(float *o, int64_
     }
     for (int r = 0; r < rows; ++r)
         for (int w = 0; w < width; ++w) *(v8 *)(o + r * o_stride + d0 + w * LANES) = acc[r][w];
+}
+
+/* kt[i * PANEL + c] = K row c's element i for the chunk's PANEL positions (krows[c] == NULL: zeros), in 8 x 8
+ * blocks transposed in registers. */
+static inline void transpose_keys(float *kt, const void *const *krows, const int64_t *offsets, int64_t d, int kv_f16) {
+    for (int c0 = 0; c0 < PANEL; c0 += LANES)
+        for (int64_t i = 0; i < d; i += LANES) {
+            __m256 r[LANES];
+            for (int l = 0; l < LANES; ++l)
+                r[l] = krows[c0 + l] == NULL ? _mm256_setzero_ps()
+                                             : (__m256)load_kv8(krows[c0 + l], offsets[c0 + l] + i, kv_f16);
+            const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+            const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+            const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+            const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+            float *out = kt + i * PANEL + c0;
+            _mm256_storeu_ps(out + 0 * PANEL, _mm256_permute2f128_ps(u0, u4, 0x20));
+            _mm256_storeu_ps(out + 1 * PANEL, _mm256_permute2f128_ps(u1, u5, 0x20));
+            _mm256_storeu_ps(out + 2 * PANEL, _mm256_permute2f128_ps(u2, u6, 0x20));
+            _mm256_storeu_ps(out + 3 * PANEL, _mm256_permute2f128_ps(u3, u7, 0x20));
+            _mm256_storeu_ps(out + 4 * PANEL, _mm256_permute2f128_ps(u0, u4, 0x31));
+            _mm256_storeu_ps(out + 5 * PANEL, _mm256_permute2f128_ps(u1, u5, 0x31));
+            _mm256_storeu_ps(out + 6 * PANEL, _mm256_permute2f128_ps(u2, u6, 0x31));
+            _mm256_storeu_ps(out + 7 * PANEL, _mm256_permute2f128_ps(u3, u7, 0x31));
+        }
 }
 
 static void attend_block(float *out, const float *query, int64_t q_stride, const void *k_cache, const void *v_cache,
@@ -92,25 +125,23 @@ static void attend_block(float *out, const float *query, int64_t q_stride, const
     const int64_t head_base = t->kv_head * num_blocks;
     for (int64_t c0 = 0; c0 < end; c0 += PANEL) {
         const int64_t n = end - c0 < PANEL ? end - c0 : PANEL;
+        const void *krows[PANEL]; /* K tile and element offset of each chunk position; NULL past n */
+        int64_t offsets[PANEL];
         for (int64_t c = 0; c < PANEL; ++c) {
-            if (c < n) {
-                const int64_t pos = c0 + c, offset = pos % block_size * d;
-                const void *k = tile(k_cache, kv_f16, head_base, table, pos / block_size, block_size, d);
-                const void *v = tile(v_cache, kv_f16, head_base, table, pos / block_size, block_size, d);
-                for (int64_t i = 0; i < d; i += LANES) {
-                    const v8 x = load_kv8(k, offset + i, kv_f16);
-                    for (int l = 0; l < LANES; ++l) kt[(i + l) * PANEL + c] = x[l];
-                }
-                if (kv_f16) { /* the chunk's V rows as float32, for weighted_rows */
-                    load_kv_row(vbuf + c * d, v, offset, d, 1);
-                    vrows[c] = vbuf + c * d;
-                } else {
-                    vrows[c] = (const float *)v + offset;
-                }
+            krows[c] = NULL;
+            if (c >= n) continue;
+            const int64_t pos = c0 + c, offset = pos % block_size * d;
+            const void *v = tile(v_cache, kv_f16, head_base, table, pos / block_size, block_size, d);
+            krows[c] = tile(k_cache, kv_f16, head_base, table, pos / block_size, block_size, d);
+            offsets[c] = offset;
+            if (kv_f16) { /* the chunk's V rows as float32, for weighted_rows */
+                load_kv_row(vbuf + c * d, v, offset, d, 1);
+                vrows[c] = vbuf + c * d;
             } else {
-                for (int64_t i = 0; i < d; ++i) kt[i * PANEL + c] = 0.0f;
+                vrows[c] = (const float *)v + offset;
             }
         }
+        transpose_keys(kt, krows, offsets, d, kv_f16);
         panel_rows(scores, PANEL, qbuf, d, kt, NULL, PANEL, d, m_rows, 0);
         for (int64_t m = 0; m < m_rows; ++m) {
             /* Row m (query row j = m / group) sees chunk positions c <= first_pos + j - c0. */
@@ -140,14 +171,17 @@ static void attend_block(float *out, const float *query, int64_t q_stride, const
             if (correction != 1.0f)
                 for (int64_t i = 0; i < d; ++i) obuf[m * d + i] *= correction;
         }
-        for (int64_t m = 0; m < m_rows; m += 3) {
-            const int rows = m_rows - m < 3 ? (int)(m_rows - m) : 3;
+        for (int64_t m = 0; m < m_rows; m += WEIGHTED_ROWS) {
             float *o = obuf + m * d;
             const float *p = scores + m * PANEL;
             int64_t d0 = 0;
-            if (rows == 3)
-                for (; d0 + 4 * LANES <= d; d0 += 4 * LANES) weighted_rows(o, d, p, vrows, n, d0, 4, 3);
-            for (; d0 < d; d0 += LANES) weighted_rows(o, d, p, vrows, n, d0, 1, rows);
+            if (m_rows - m >= WEIGHTED_ROWS) {
+                for (; d0 + 2 * LANES <= d; d0 += 2 * LANES) weighted_rows(o, d, p, vrows, n, d0, 2, WEIGHTED_ROWS);
+                for (; d0 < d; d0 += LANES) weighted_rows(o, d, p, vrows, n, d0, 1, WEIGHTED_ROWS);
+            } else {
+                for (int64_t r = 0; r < m_rows - m; ++r)
+                    for (d0 = 0; d0 < d; d0 += LANES) weighted_rows(o + r * d, d, p + r * PANEL, vrows, n, d0, 1, 1);
+            }
         }
     }
     for (int64_t j = 0; j < t->rows; ++j)
