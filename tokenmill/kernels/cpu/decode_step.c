@@ -18,8 +18,8 @@
  * Hadamard blocks in the same pass) or W4A16 int4 (int4_dot.h: 4-bit weight groups, each group of 32
  * inputs quantized to 16 bits on its own) as the tm_linear says.
  *
- * Work split: projections by panels (float32, int8) or blocks of INT4_CHANNELS output channels
- * (schedule static: each thread streams its half of every weight), attention by (request, KV head)
+ * Work split: projections by panels (float32, int8; PANELS_PER_GRAB at a time, dynamic) or blocks of
+ * INT4_CHANNELS output channels (static: each thread streams its half of every weight), attention by (request, KV head)
  * tasks or, with fewer tasks than 2 per thread, by block-aligned ranges of each one's positions merged
  * after (split-K); the per-row phases by rows.
  *
@@ -38,6 +38,7 @@
 #include "int8_panels.h"
 #include "int8_quantize.h"
 #include "row_ops.h"
+#include "work_split.h"
 
 enum { TM_FLOAT32 = 0, TM_INT8 = 1, TM_INT4 = 2 };
 
@@ -98,11 +99,11 @@ static inline void prepare_row(const tm_linear *l, const float *x_row, int64_t m
 static void linear_phase(const tm_linear *l, float *y, const float *x, const quantized_rows *qr, int64_t num_rows) {
     const int64_t n = l->n;
     if (l->format == TM_FLOAT32) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, PANELS_PER_GRAB)
         for (int64_t p = 0; p < num_panels(n); ++p)
             panel_rows(y, n, x, l->k, (const float *)l->weight, l->bias, n, l->k, num_rows, p);
     } else if (l->format == TM_INT8) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, PANELS_PER_GRAB)
         for (int64_t p = 0; p < int8_num_panels(n); ++p)
             int8_panel_rows(y, n, qr->u, qr->k_pad, qr->low, qr->step, (const int8_t *)l->weight, l->scale, l->rowsum,
                             l->bias, n, l->k, num_rows, p);

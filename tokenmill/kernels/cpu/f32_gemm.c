@@ -4,15 +4,17 @@
  * Why: on the 2-core AVX2 machine (Zen 3) MKL's sgemm reaches 60-70% of the FMA peak at the model's
  * shapes and about 40% at 64 rows; the panel tiles reach about 75% at both (benchmarks/panel_gemm.py).
  *
- * Blocking: rows in chunks whose x block stays in L2 (X_CHUNK_BYTES); inside a chunk each thread runs
- * its own static range of panels (the same range in every chunk), each panel over the chunk's rows in
- * tiles of PANEL_ROWS. A panel (k * 64 bytes) is read from L2 once per tile and from memory once per chunk.
+ * Blocking: rows in chunks whose x block stays in L2 (X_CHUNK_BYTES); inside a chunk the threads take
+ * PANELS_PER_GRAB panels at a time (work_split.h: dynamic, so a thread slowed by other load on its core
+ * does less), each panel over the chunk's rows in tiles of PANEL_ROWS. A panel (k * 64 bytes) is read from
+ * L2 once per tile and from memory once per chunk.
  * Invariants: x is [m, k] with row stride x_stride; y is [m, n] contiguous; panels is
  * [num_panels(n), k, PANEL]; bias is [n] or NULL.
  */
 #include <omp.h>
 
 #include "f32_panels.h"
+#include "work_split.h"
 
 #define X_CHUNK_BYTES (192 * 1024)
 
@@ -24,7 +26,7 @@ void tm_f32_panels_gemm(float *y, const float *x, int64_t x_stride, const float 
 #pragma omp parallel num_threads(num_threads)
     for (int64_t m0 = 0; m0 < m; m0 += chunk) {
         const int64_t rows = m - m0 < chunk ? m - m0 : chunk;
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic, PANELS_PER_GRAB) nowait
         for (int64_t p = 0; p < np; ++p) panel_rows(y + m0 * n, n, x + m0 * x_stride, x_stride, panels, bias, n, k, rows, p);
     }
 }

@@ -5,8 +5,8 @@
  * 0 it is first multiplied block by block by the b x b Hadamard matrix that quant/int8_cpu.py folds into
  * down_proj's weights), then the products run tile by tile.
  *
- * Blocking (as f32_gemm.c): rows in chunks whose quantized block stays in L2; inside a chunk each thread
- * runs its own static range of panels, each over the chunk's rows in tiles of I8_TILE_ROWS.
+ * Blocking (as f32_gemm.c): rows in chunks whose quantized block stays in L2; inside a chunk the threads
+ * take PANELS_PER_GRAB panels at a time, each over the chunk's rows in tiles of I8_TILE_ROWS.
  * Invariants: x is [m, k] float32 with row stride x_stride; y is [m, n] contiguous; panels is
  * [int8_num_panels(n), int8_quads(k), I8_PANEL, I8_QUAD]; scale and rowsum are padded to whole panels;
  * rotation_block is 0 or a power of 2 dividing k; bias is [n] or NULL.
@@ -16,6 +16,7 @@
 
 #include "int8_quantize.h"
 #include "int8_panels.h"
+#include "work_split.h"
 
 #define U_CHUNK_BYTES (192 * 1024)
 
@@ -46,7 +47,7 @@ int tm_int8_panels_gemm(float *y, const float *x, int64_t x_stride, int64_t rota
         }
         for (int64_t m0 = 0; m0 < m; m0 += chunk) {
             const int64_t rows = m - m0 < chunk ? m - m0 : chunk;
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic, PANELS_PER_GRAB) nowait
             for (int64_t p = 0; p < np; ++p)
                 int8_panel_rows(y + m0 * n, n, u + m0 * u_stride, u_stride, low + m0, step + m0, panels, scale, rowsum,
                                 bias, n, k, rows, p);
