@@ -48,7 +48,8 @@ def _as_cached(t: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
 @KV_DTYPES
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("block_size", [4, 16])
-@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(4, 4, 16), (9, 3, 64), (8, 2, 32), (6, 3, 40), (4, 1, 12)])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim",
+                         [(4, 4, 16), (9, 3, 64), (8, 2, 32), (6, 3, 40), (4, 1, 12)])
 @pytest.mark.parametrize("plan", [SHORT_PLAN, LONG_PLAN], ids=["short", "long"])
 def test_mixed_batch_matches_reference(
     native: bool, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int, plan: list[tuple[int, int]],

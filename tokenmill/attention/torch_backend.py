@@ -159,9 +159,10 @@ class TorchAttentionBackend:
         which is what the C kernel takes; anything else goes through torch ops with the same effect."""
         row_stride = _fused_qkv_row_stride(query, key, value)
         cos, sin = cos_sin
+        cache_dtype = kv_cache[0].dtype
         c_takes = (c_applies(cos) and c_applies(sin) and query.dtype == torch.float32
                    and all(t.is_contiguous() and t.device.type == "cpu" for t in kv_cache)
-                   and kv_cache[0].dtype in KV_DTYPES and (kv_cache[0].dtype == torch.float32 or query.shape[2] % 8 == 0))
+                   and cache_dtype in KV_DTYPES and (cache_dtype == torch.float32 or query.shape[2] % 8 == 0))
         if row_stride is not None and c_takes:
             width = (query.shape[1] + 2 * key.shape[1]) * query.shape[2]
             qkv = query.as_strided((query.shape[0], width), (row_stride, 1))
@@ -180,7 +181,8 @@ class TorchAttentionBackend:
     ) -> None:
         for cache, new in zip(kv_cache, (key, value)):
             num_kv_heads, _, _, head_dim = cache.shape
-            cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, new.transpose(0, 1).to(cache.dtype))
+            rows = new.transpose(0, 1).to(cache.dtype)
+            cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, rows)
 
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -119,7 +119,8 @@ static void range_scores(float *restrict scores, const float *restrict q, const 
         const int64_t b = pos / block_size;
         const void *k = tile(k_cache, kv_f16, head_base, table, b, block_size, head_dim);
         const int64_t n = end - pos < block_size ? end - pos : block_size;
-        if (pos + block_size < end) prefetch_tile(tile(k_cache, kv_f16, head_base, table, b + 1, block_size, head_dim), tile_bytes);
+        if (pos + block_size < end)
+            prefetch_tile(tile(k_cache, kv_f16, head_base, table, b + 1, block_size, head_dim), tile_bytes);
         float *s = scores + pos - start;
         if (kv_f16)
             FOR_HEAD_TILES(group, g0, heads, qk_tile(s + g0 * len, len, q + g0 * head_dim, k, n, heads, head_dim, 1))
@@ -151,7 +152,8 @@ static void range_weighted_sum(float *restrict out, int64_t out_stride, const fl
         const int64_t b = pos / block_size;
         const void *v = tile(v_cache, kv_f16, head_base, table, b, block_size, head_dim);
         const int64_t n = end - pos < block_size ? end - pos : block_size;
-        if (pos + block_size < end) prefetch_tile(tile(v_cache, kv_f16, head_base, table, b + 1, block_size, head_dim), tile_bytes);
+        if (pos + block_size < end)
+            prefetch_tile(tile(v_cache, kv_f16, head_base, table, b + 1, block_size, head_dim), tile_bytes);
         const float *p = probs + pos - start;
         if (kv_f16)
             FOR_HEAD_TILES(group, g0, heads,

@@ -19,13 +19,13 @@
  * inputs quantized to 16 bits on its own) as the tm_linear says.
  *
  * Work split: projections by panels (float32, int8; PANELS_PER_GRAB at a time, dynamic) or blocks of
- * INT4_CHANNELS output channels (static: each thread streams its half of every weight), attention by (request, KV head)
- * tasks or, with fewer tasks than 2 per thread, by block-aligned ranges of each one's positions merged
- * after (split-K); the per-row phases by rows.
+ * INT4_CHANNELS output channels (static: each thread streams its half of every weight), attention by
+ * (request, KV head) tasks or, with fewer tasks than 2 per thread, by block-aligned ranges of each one's
+ * positions merged after (split-K); the per-row phases by rows.
  *
- * Invariants: all float tensors but the K/V caches (kv_f16: float16) are float32 and contiguous; head_dim % 8 == 0; positions index the
- * rotary tables; slots[r] is the cache slot of row r's new token and seq_lens[r] counts it; the K/V
- * caches have the head-major layout of attention_tile.h.
+ * Invariants: all float tensors but the K/V caches (kv_f16: float16) are float32 and contiguous;
+ * head_dim % 8 == 0; positions index the rotary tables; slots[r] is the cache slot of row r's new token
+ * and seq_lens[r] counts it; the K/V caches have the head-major layout of kv_cache.h.
  */
 #include <omp.h>
 #include <stdint.h>

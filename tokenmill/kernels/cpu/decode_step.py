@@ -41,7 +41,8 @@ class _Layer(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = [("num_layers", _i64), ("hidden", _i64), ("num_heads", _i64), ("num_kv_heads", _i64),
                 ("head_dim", _i64), ("intermediate", _i64), ("num_blocks", _i64), ("block_size", _i64),
-                ("kv_f16", _i64), ("eps", _f32), ("attn_scale", _f32), ("layers", ctypes.POINTER(_Layer)), ("final_norm", _ptr),
+                ("kv_f16", _i64), ("eps", _f32), ("attn_scale", _f32), ("layers", ctypes.POINTER(_Layer)),
+                ("final_norm", _ptr),
                 ("rope_cos", _ptr), ("rope_sin", _ptr)]
 
 

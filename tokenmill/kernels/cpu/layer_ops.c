@@ -41,7 +41,8 @@ void tm_silu_and_mul(float *out, const float *x, int64_t num_rows, int64_t width
  * at slot slots[t] of the head-major caches ([num_kv_heads, slots_per_head, D], float16 when kv_f16;
  * D % 8 == 0 then). cos/sin: [num_rows, D]. */
 void tm_rotary_write_kv(float *q_out, float *qkv, int64_t row_stride, const float *cos, const float *sin,
-                        void *k_cache, void *v_cache, int kv_f16, const int64_t *slots, int64_t num_rows, int64_t num_heads,
+                        void *k_cache, void *v_cache, int kv_f16, const int64_t *slots, int64_t num_rows,
+                        int64_t num_heads,
                         int64_t num_kv_heads, int64_t head_dim, int64_t slots_per_head, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if (num_rows >= PARALLEL_MIN_ROWS)
     for (int64_t t = 0; t < num_rows; ++t) {

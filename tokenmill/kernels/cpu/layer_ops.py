@@ -74,6 +74,6 @@ def rotary_write_kv(
     slots_per_head = k_cache.shape[1] * k_cache.shape[2]
     _lib().tm_rotary_write_kv(
         q.data_ptr(), qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
-        v_cache.data_ptr(), kv_f16, slot_mapping.data_ptr(), num_rows, num_heads, num_kv_heads, head_dim, slots_per_head,
-        torch.get_num_threads())
+        v_cache.data_ptr(), kv_f16, slot_mapping.data_ptr(), num_rows, num_heads, num_kv_heads, head_dim,
+        slots_per_head, torch.get_num_threads())
     return q

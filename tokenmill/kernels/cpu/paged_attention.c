@@ -1,9 +1,10 @@
 /* Decode attention over the paged, head-major KV cache, read in place (no gather).
  *
  * Cache layout, for K and for V: [num_kv_heads, num_blocks, block_size, head_dim], float32 or (kv_f16)
- * float16 (kv_cache.h), so one (KV head, block) is a contiguous [block_size, head_dim] tile. Request r attends with its single
- * query row rows[r] ([num_heads, head_dim] at query + rows[r] * num_heads * head_dim) over positions
- * [0, seq_lens[r]), found through block_tables[r * table_stride + position / block_size].
+ * float16 (kv_cache.h), so one (KV head, block) is a contiguous [block_size, head_dim] tile. Request r
+ * attends with its single query row rows[r] ([num_heads, head_dim] at query + rows[r] * num_heads *
+ * head_dim) over positions [0, seq_lens[r]), found through block_tables[r * table_stride + position /
+ * block_size].
  *
  * One task = one (request, KV head): the `group` query heads sharing that KV head read its K/V once.
  * Per task: scores of all positions (K read once), an exact softmax in float32, then the V-weighted

@@ -12,8 +12,9 @@
  * lanes at a time. Tasks run longest first (the last query blocks see the most positions) on the OpenMP
  * pool, and write disjoint output rows.
  *
- * Invariants: float32 (the caches float16 with kv_f16, kv_cache.h); query rows [T, num_heads, head_dim] with row stride q_stride, heads contiguous;
- * out [T, num_heads, head_dim] contiguous; head_dim % 8 == 0; q_lens[r] <= seq_lens[r].
+ * Invariants: float32 (the caches float16 with kv_f16, kv_cache.h); query rows [T, num_heads, head_dim]
+ * with row stride q_stride, heads contiguous; out [T, num_heads, head_dim] contiguous; head_dim % 8 == 0;
+ * q_lens[r] <= seq_lens[r].
  */
 #include <immintrin.h>
 #include <math.h>

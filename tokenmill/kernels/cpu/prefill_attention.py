@@ -37,8 +37,8 @@ def paged_prefill_attention(
     """For each request r, rows q_starts[r] .. + q_lens[r] - 1 of out = causal softmax(q k^T * scale) v, row j
     at position seq_lens[r] - q_lens[r] + j seeing the cached positions up to its own. query: [T, H, D] float32
     (rows may be strided, heads contiguous); out: [T, H, D] float32 contiguous; caches [Hkv, num_blocks,
-    block_size, D] float32 or float16 (kernels/cpu/kv_cache.py) holding every position; q_starts, q_lens, seq_lens: [R] int64; block_tables:
-    [R, max_blocks] int64 contiguous, row r for request r."""
+    block_size, D] float32 or float16 (kernels/cpu/kv_cache.py) holding every position; q_starts, q_lens,
+    seq_lens: [R] int64; block_tables: [R, max_blocks] int64 contiguous, row r for request r."""
     fn = _kernel()
     if fn is None:
         raise RuntimeError("the CPU prefill attention kernel is not available (no C compiler?)")
