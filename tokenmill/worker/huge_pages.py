@@ -14,7 +14,7 @@ stop for the hardware prefetcher (benchmarks/huge_pages.py measures both). Most 
   huge pages: the KV cache, of which start-up writes nothing.
 
 Where madvise is missing (not Linux) or refused (THP disabled) both still return correct memory, only
-without huge pages; `huge_pages_supported()` says which.
+without huge pages; weight_arena says which (EngineCore logs it).
 """
 
 from __future__ import annotations
@@ -22,14 +22,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import logging
 import sys
 
 import numpy as np
 import torch
 from torch import nn
-
-logger = logging.getLogger("tokenmill")
 
 HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
@@ -45,11 +42,6 @@ def _madvise() -> ctypes._CFuncPtr | None:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     fn.restype = ctypes.c_int
     return fn
-
-
-def huge_pages_supported() -> bool:
-    """Whether this system accepts MADV_HUGEPAGE (probed on one small aligned allocation)."""
-    return _advise_aligned(np.zeros(2 * HUGE_PAGE, dtype=np.uint8))
 
 
 def _advise_aligned(buffer: np.ndarray) -> bool:
