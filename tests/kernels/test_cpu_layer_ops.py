@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.attention import torch_backend
+from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.kernels.cpu import layer_ops
 from tokenmill.layers.activation import SiluAndMul

@@ -19,8 +19,13 @@ from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 from tokenmill.loader import LoadedModel
 from tokenmill.models.registry import resolve_model_class
 from tokenmill.worker.device import (
-    check_quantization, cuda_graph_sizes, default_dtype, resolve_attention_backend, resolve_device,
-    resolve_dtype, resolve_kv_cache_dtype,
+    check_quantization,
+    cuda_graph_sizes,
+    default_dtype,
+    resolve_attention_backend,
+    resolve_device,
+    resolve_dtype,
+    resolve_kv_cache_dtype,
 )
 from tokenmill.worker.model_runner import KVCacheSpec, ModelRunner
 from tokenmill.worker.runner_output import ModelRunnerOutput
