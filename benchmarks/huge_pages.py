@@ -16,20 +16,12 @@ import statistics
 import time
 from typing import Any
 
+from quant_quality import decode_tokens_per_s  # this directory is on sys.path when run as a script
+
 from tokenmill import LLM, SamplingParams
 from tokenmill.bench.results import write_json_report
 from tokenmill.bench.throughput import make_workload
 from tokenmill.worker.model_runner import ModelRunner
-
-
-def batch1_tok_s(llm: LLM, prompt: list[int], max_tokens: int = 128) -> float:
-    def seconds(n: int) -> float:
-        start = time.perf_counter()
-        llm.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True, temperature=0), use_tqdm=False)
-        return time.perf_counter() - start
-
-    prefill = seconds(1)
-    return (max_tokens - 1) / (seconds(max_tokens) - prefill)
 
 
 def decode_step_ms(llm: LLM, prompts: list[list[int]], decode_tokens: int) -> float:
@@ -72,10 +64,10 @@ def main() -> None:
     batch1_prompt = [1000 + (i * 7919) % 40000 for i in range(256)]
     runs: dict[str, dict[str, list[float]]] = {name: {"batch1_tok_s": [], "decode_step_ms": []} for name in engines}
     for name, llm in engines.items():  # warm-up: kernels built, pages touched
-        batch1_tok_s(llm, batch1_prompt, 8)
+        decode_tokens_per_s(llm, batch1_prompt, 8)
     for r in range(args.rounds):
         for name, llm in engines.items():
-            runs[name]["batch1_tok_s"].append(batch1_tok_s(llm, batch1_prompt))
+            runs[name]["batch1_tok_s"].append(decode_tokens_per_s(llm, batch1_prompt))
             runs[name]["decode_step_ms"].append(decode_step_ms(llm, prompts, args.decode_tokens))
             print(f"round {r + 1}/{args.rounds} {name}: batch-1 {runs[name]['batch1_tok_s'][-1]:.1f} tok/s, "
                   f"{args.decode_requests}-request decode step {runs[name]['decode_step_ms'][-1]:.1f} ms", flush=True)
