@@ -11,7 +11,9 @@
 The perplexity change of the one fixed text moves by ~0.7 points between runs of the same scheme
 (int8 rounding amplifies float-order differences); compare schemes by repeated runs.
 
-    .venv/bin/python benchmarks/quant_quality.py --quantization int8 [--max-tokens 64] [--decode-speed 5] [--output-json PATH]
+    .venv/bin/python benchmarks/quant_quality.py --quantization int8 [--kv-cache-dtype int8] [--max-tokens 64]
+        [--decode-speed 5] [--output-json PATH]
+    (--quantization none --kv-cache-dtype int8: the cache's own error)
 """
 
 from __future__ import annotations
@@ -99,17 +101,19 @@ def decode_speed(base: LLM, quant: LLM, repetitions: int) -> dict[str, float]:
     return {"decode_tok_s_fp32": fp32, "decode_tok_s_quantized": quantized, "decode_speedup": quantized / fp32}
 
 
-def evaluate(quantization: str, max_tokens: int, speed_repetitions: int = 0) -> dict[str, Any]:
+def evaluate(quantization: str, max_tokens: int, speed_repetitions: int = 0,
+             kv_cache_dtype: str = "auto") -> dict[str, Any]:
     base = LLM(num_blocks=1024)
     reference = greedy(base, max_tokens)
     base_ppl = perplexity(base, PERPLEXITY_TEXT)
     if not speed_repetitions:
         del base  # one engine at a time unless both are timed
-    quant = LLM(num_blocks=1024, quantization=quantization)
+    quant = LLM(num_blocks=1024, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     q_greedy = greedy(quant, max_tokens)
     free = sum(a == b for r, q in zip(reference, q_greedy) for a, b in zip(r, q)) / sum(map(len, reference))
     report = {
-        "quantization": quantization, "max_tokens": max_tokens, "num_prompts": len(PROMPTS),
+        "quantization": quantization, "kv_cache_dtype": kv_cache_dtype, "max_tokens": max_tokens,
+        "num_prompts": len(PROMPTS),
         "perplexity_fp32": base_ppl, "perplexity_quantized": perplexity(quant, PERPLEXITY_TEXT),
         "teacher_forced_agreement": teacher_forced_agreement(quant, reference),
         "free_running_agreement": free,
@@ -122,12 +126,14 @@ def evaluate(quantization: str, max_tokens: int, speed_repetitions: int = 0) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quantization", default="int8")
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        help="of the quantized engine (auto, float32, float16, int8); fp32's stays float32")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--decode-speed", type=int, default=0, metavar="N",
                         help="also time batch-1 decode of both engines, N interleaved repetitions")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
-    report = evaluate(args.quantization, args.max_tokens, args.decode_speed)
+    report = evaluate(args.quantization, args.max_tokens, args.decode_speed, args.kv_cache_dtype)
     report["perplexity_change"] = report["perplexity_quantized"] / report["perplexity_fp32"] - 1
     for key, value in report.items():
         print(f"{key:>26}: {value:.4f}" if isinstance(value, float) else f"{key:>26}: {value}")

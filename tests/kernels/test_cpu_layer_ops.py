@@ -9,6 +9,7 @@ from tokenmill.attention import torch_backend
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.kernels.cpu import layer_ops
+from tokenmill.kernels.cpu.kv_cache import kv_row_width, kv_values
 from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
@@ -49,7 +50,7 @@ def test_silu_and_mul_matches_torch(num_rows: int) -> None:
     torch.testing.assert_close(SiluAndMul("cpu")(x), SiluAndMul("torch")(x), **TOL)
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.int8], ids=["f32", "f16", "i8"])
 @pytest.mark.parametrize("num_rows", [1, 7, 40])
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(9, 3, 64), (4, 4, 16), (8, 2, 128)])
 def test_rotary_and_write_kv_matches_torch_path(
@@ -78,7 +79,7 @@ def test_rotary_and_write_kv_matches_torch_path(
         q, k, v = t.split([q_size, kv_size, kv_size], dim=-1)
         return q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim), v.view(-1, num_kv_heads, head_dim)
 
-    shape = (num_kv_heads, num_blocks, block_size, head_dim)
+    shape = (num_kv_heads, num_blocks, block_size, kv_row_width(kv_dtype, head_dim))
     expected_cache = (torch.zeros(shape, dtype=kv_dtype), torch.zeros(shape, dtype=kv_dtype))
     # float16: both round to nearest, but from float32 values that may differ in the last bit
     cache_tol = TOL if kv_dtype == torch.float32 else {"rtol": 1e-3, "atol": 1e-5}
@@ -92,6 +93,14 @@ def test_rotary_and_write_kv_matches_torch_path(
         out_q = TorchAttentionBackend().rotary_and_write_kv(q, k, v, cos_sin, cache, meta)
         torch.testing.assert_close(out_q, expected_q, **TOL)
         torch.testing.assert_close(k, expected_k, **TOL)  # key is rotated in place
-        torch.testing.assert_close(cache[0], expected_cache[0], **cache_tol)
-        torch.testing.assert_close(cache[1], expected_cache[1], **cache_tol)
+        if kv_dtype == torch.int8:
+            # V is bitwise the same input on both paths: the same int8 rows. K may differ in its last bit after
+            # the rotation: at most one step of its row's scale.
+            assert torch.equal(cache[1], expected_cache[1])
+            got, want = kv_values(cache[0], torch.float32), kv_values(expected_cache[0], torch.float32)
+            step = want.abs().amax(dim=-1, keepdim=True) / 127
+            assert bool(((got - want).abs() <= 1.01 * step + 1e-6).all())
+        else:
+            torch.testing.assert_close(cache[0], expected_cache[0], **cache_tol)
+            torch.testing.assert_close(cache[1], expected_cache[1], **cache_tol)
         assert len(c_calls) == 1  # the fused layout took the C kernel (also for a single row), the other not

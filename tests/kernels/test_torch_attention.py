@@ -1,7 +1,7 @@
 """The torch attention backend against a float64 dense reference on random paged inputs, with the C
 kernels (use_c_kernels=True, the CPU default) and without it (the pure torch reference), over float32
-and float16 K/V caches (the reference then reads K/V rounded to float16 wherever the backend reads them
-back from the cache)."""
+float16 and int8 K/V caches (the reference then reads K/V rounded to float16, or quantized to int8 rows, wherever
+the backend reads them back from the cache)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.attention.torch_backend import TorchAttentionBackend
+from tokenmill.kernels.cpu.kv_cache import kv_values, quantize_kv_rows
 
 
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, scale: float) -> torch.Tensor:
@@ -37,11 +38,13 @@ SHORT_PLAN = [(0, 7), (13, 1), (5, 9), (0, 1), (31, 1), (22, 3)]
 LONG_PLAN = [(0, 70), (45, 38), (0, 1), (3, 17)]
 
 
-KV_DTYPES = pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+KV_DTYPES = pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.int8], ids=["f32", "f16", "i8"])
 
 
 def _as_cached(t: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
     """What reading t back from a kv_dtype cache gives."""
+    if kv_dtype == torch.int8:
+        return kv_values(quantize_kv_rows(t), torch.float32)
     return t.to(kv_dtype).float()
 
 
@@ -58,7 +61,7 @@ def test_mixed_batch_matches_reference(
     gen = torch.Generator().manual_seed(block_size * 100 + num_heads)
     backend = TorchAttentionBackend(use_c_kernels=native)
     num_blocks = 64
-    shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
+    shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim, kv_dtype)
     kv_cache = (torch.zeros(shape, dtype=kv_dtype), torch.zeros(shape, dtype=kv_dtype))
     free = torch.randperm(num_blocks, generator=gen).tolist()
     tables, contexts = [], []
@@ -104,7 +107,7 @@ def test_pure_decode_batch_matches_reference(
     gen = torch.Generator().manual_seed(len(lens))
     backend = TorchAttentionBackend(use_c_kernels=native)
     num_blocks = sum(-(-n // block_size) for n in lens)
-    shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
+    shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim, kv_dtype)
     kv_cache = (torch.zeros(shape, dtype=kv_dtype), torch.zeros(shape, dtype=kv_dtype))
     free = torch.randperm(num_blocks, generator=gen).tolist()
     tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lens]

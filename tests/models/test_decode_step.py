@@ -126,13 +126,19 @@ def test_c_decoder_int8_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None
     assert rows == [6, 5, 4, 3, 2, 1, 1]
 
 
-def test_c_decoder_float16_cache_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None:
-    """A float16 K/V cache in a float32 model: both paths read the same rounded K/V."""
-    llm = LLM(model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20, kv_cache_dtype="float16")
+@pytest.mark.parametrize("kv_cache_dtype, dtype, rel_tol", [("float16", torch.float16, 1e-4),
+                                                            ("int8", torch.int8, 1e-3)])
+def test_c_decoder_narrow_cache_agrees_with_layer_by_layer(
+    tiny_checkpoint: Any, kv_cache_dtype: str, dtype: torch.dtype, rel_tol: float,
+) -> None:
+    """A float16 or int8 K/V cache in a float32 model: both paths write and read the same rounded K/V (int8:
+    the same rows up to a level flipped by float rounding before the write)."""
+    llm = LLM(model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20,
+              kv_cache_dtype=kv_cache_dtype)
     model = _model(llm)
-    assert model.layers[0].self_attn.attn.kv_cache[0].dtype == torch.float16 and model.decode_step is not None
+    assert model.layers[0].self_attn.attn.kv_cache[0].dtype == dtype and model.decode_step is not None
     prompts = _prompts(model.config.vocab_size, (2, 5, 8, 16, 17, 40))
-    with compared_with_layer_by_layer(model, rel_tol=1e-4) as rows:
+    with compared_with_layer_by_layer(model, rel_tol=rel_tol) as rows:
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4, 5, 6, 8)]
         llm.generate(prompts, params, use_tqdm=False)
     assert rows == [6, 5, 4, 3, 2, 1, 1]

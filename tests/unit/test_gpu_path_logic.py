@@ -36,12 +36,15 @@ def test_dtype_and_backend_defaults_follow_the_device() -> None:
     assert resolve_kv_cache_dtype("fp8", torch.bfloat16, "triton") == torch.float8_e4m3fn
     with pytest.raises(ValueError, match="triton"):
         resolve_kv_cache_dtype("fp8", torch.float32, "torch")
-    # float16 on the CPU (torch backend): asked for, or by default under int8 / int4
+    # float16 or int8 on the CPU (torch backend): asked for, and int8 by default under int8 / int4
     assert resolve_kv_cache_dtype("float16", torch.float32, "torch") == torch.float16
-    assert resolve_kv_cache_dtype("auto", torch.float32, "torch", "int8") == torch.float16
-    assert resolve_kv_cache_dtype("auto", torch.float32, "torch", "int4") == torch.float16
+    assert resolve_kv_cache_dtype("auto", torch.float32, "torch", "int8") == torch.int8
+    assert resolve_kv_cache_dtype("auto", torch.float32, "torch", "int4") == torch.int8
     assert resolve_kv_cache_dtype("auto", torch.float32, "torch", "none") == torch.float32
     assert resolve_kv_cache_dtype("float32", torch.float32, "torch", "int8") == torch.float32
+    assert resolve_kv_cache_dtype("int8", torch.float32, "torch", "int8") == torch.int8
+    with pytest.raises(ValueError, match="int8"):
+        resolve_kv_cache_dtype("int8", torch.bfloat16, "triton")
     with pytest.raises(ValueError, match="triton one does not"):
         resolve_kv_cache_dtype("float16", torch.bfloat16, "triton")
     if not torch.cuda.is_available():
@@ -58,7 +61,7 @@ def test_config_validates_new_fields() -> None:
     with pytest.raises(ValueError, match="attention_backend"):
         CacheConfig(attention_backend="flash")
     with pytest.raises(ValueError, match="kv_cache_dtype"):
-        CacheConfig(kv_cache_dtype="int8")
+        CacheConfig(kv_cache_dtype="int4")
     config = EngineConfig.from_kwargs(quantization="fp8")
     with pytest.raises(ValueError, match="CUDA"):
         check_quantization(config, CPU, "torch")

@@ -49,9 +49,11 @@ class AttentionBackend(Protocol):
     # hands it un-rotated q/k and forward() must not rely on key/value.
     fuses_rotary: bool
 
-    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
-        """Shape of one layer's K (and of its V) cache. The backend owns the layout; slot
-        s = block_id * block_size + offset addresses one token's [num_kv_heads, head_dim] entry."""
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                       dtype: torch.dtype | None = None) -> tuple[int, ...]:
+        """Shape of one layer's K (and of its V) cache of element type dtype (None: one element per value).
+        The backend owns the layout; slot s = block_id * block_size + offset addresses one token's
+        [num_kv_heads, head_dim] entry."""
 
     def write_kv(
         self, key: torch.Tensor, value: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata

@@ -5,8 +5,9 @@ Cache layout per layer, for K and for V: [num_kv_heads, num_blocks, block_size, 
 the layout batched matmuls read, with no transposing copy; on CPU that copy cost as much as the
 attention itself.
 
-The cache holds the compute dtype, or float16 under `--kv-cache-dtype float16` (read back as the compute
-dtype; the C kernels convert as they load, kernels/cpu/kv_cache.h).
+The cache holds the compute dtype, float16 under `--kv-cache-dtype float16`, or int8 rows with a
+per-position scale under `--kv-cache-dtype int8` (kernels/cpu/kv_cache.py; the last dim is then head_dim + 4),
+read back as the compute dtype; the C kernels convert as they load (kernels/cpu/kv_cache.h).
 
 With the C kernels (kernels/cpu/, built on first use when a C compiler is present; float32 compute only),
 rotary embedding and the K/V write are one call (rotary_and_write_kv), decode rows (one query per
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.kernels.cpu.kv_cache import KV_DTYPES
+from tokenmill.kernels.cpu.kv_cache import KV_DTYPES, kv_row_width, kv_values, quantize_kv_rows
 from tokenmill.kernels.cpu.layer_ops import applies as c_applies
 from tokenmill.kernels.cpu.layer_ops import layer_ops_available, rotary_write_kv
 from tokenmill.kernels.cpu.paged_attention import decode_kernel_available, paged_decode_attention
@@ -173,16 +174,18 @@ class TorchAttentionBackend:
         self.write_kv(key, value, kv_cache, meta)
         return query
 
-    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
-        return (num_kv_heads, num_blocks, block_size, head_dim)
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                       dtype: torch.dtype | None = None) -> tuple[int, ...]:
+        return (num_kv_heads, num_blocks, block_size, head_dim if dtype is None else kv_row_width(dtype, head_dim))
 
     def write_kv(
         self, key: torch.Tensor, value: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> None:
         for cache, new in zip(kv_cache, (key, value)):
-            num_kv_heads, _, _, head_dim = cache.shape
-            rows = new.transpose(0, 1).to(cache.dtype)
-            cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, rows)
+            num_kv_heads, _, _, row_width = cache.shape
+            rows = new.transpose(0, 1)
+            rows = quantize_kv_rows(rows) if cache.dtype == torch.int8 else rows.to(cache.dtype)
+            cache.view(num_kv_heads, -1, row_width).index_copy_(1, meta.slot_mapping, rows)
 
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -215,29 +218,31 @@ class TorchAttentionBackend:
             if seq_len == q_len:  # no cached prefix: this step holds the whole context
                 out[rows] = _causal(query[rows], key[rows].transpose(0, 1), value[rows].transpose(0, 1), scale)
             else:
-                k = _gather(kv_cache[0], meta.block_tables[i : i + 1], seq_len)[:, 0, :seq_len].to(query.dtype)
-                v = _gather(kv_cache[1], meta.block_tables[i : i + 1], seq_len)[:, 0, :seq_len].to(query.dtype)
+                k = kv_values(_gather(kv_cache[0], meta.block_tables[i : i + 1], seq_len)[:, 0, :seq_len], query.dtype)
+                v = kv_values(_gather(kv_cache[1], meta.block_tables[i : i + 1], seq_len)[:, 0, :seq_len], query.dtype)
                 out[rows] = _causal(query[rows], k, v, scale)
         return out
 
 
 def _gather(cache: torch.Tensor, tables: torch.Tensor, max_len: int) -> torch.Tensor:
-    """The first ceil(max_len / block_size) blocks of each table row: [Hkv, R, nblocks * block_size, D]."""
-    num_kv_heads, _, block_size, head_dim = cache.shape
+    """The first ceil(max_len / block_size) blocks of each table row: [Hkv, R, nblocks * block_size, row]."""
+    num_kv_heads, _, block_size, row_width = cache.shape
     num_blocks = -(-max_len // block_size)
     blocks = cache.index_select(1, tables[:, :num_blocks].reshape(-1))
-    return blocks.view(num_kv_heads, tables.shape[0], num_blocks * block_size, head_dim)
+    return blocks.view(num_kv_heads, tables.shape[0], num_blocks * block_size, row_width)
 
 
 def _decode(
     query: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], chunk: _DecodeChunk, scale: float
 ) -> torch.Tensor:
     """One query row per request. query: [b, H, D] -> [b, H, D]."""
-    num_kv_heads, num_blocks, _, head_dim = kv_cache[0].shape
-    shape = (num_kv_heads, chunk.num_reqs, chunk.padded_len, head_dim)
-    k = kv_cache[0].view(num_kv_heads * num_blocks, -1).index_select(0, chunk.gather_rows).view(shape).to(query.dtype)
-    v = kv_cache[1].view(num_kv_heads * num_blocks, -1).index_select(0, chunk.gather_rows).view(shape).to(query.dtype)
-    batch, num_heads, _ = query.shape
+    num_kv_heads, num_blocks, _, row_width = kv_cache[0].shape
+    shape = (num_kv_heads, chunk.num_reqs, chunk.padded_len, row_width)
+    k = kv_values(kv_cache[0].view(num_kv_heads * num_blocks, -1).index_select(0, chunk.gather_rows).view(shape),
+                  query.dtype)
+    v = kv_values(kv_cache[1].view(num_kv_heads * num_blocks, -1).index_select(0, chunk.gather_rows).view(shape),
+                  query.dtype)
+    batch, num_heads, head_dim = query.shape
     q = query.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)  # [Hkv, b, G, D]
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [Hkv, b, G, S]
     scores.masked_fill_(chunk.invalid[None, :, None, :], float("-inf"))

@@ -55,8 +55,9 @@ class TritonAttentionBackend:
         self.prefill_block_n = prefill_block_n
         self._num_sms: int | None = None
 
-    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
-        return (num_kv_heads, num_blocks, block_size, head_dim)
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                       dtype: torch.dtype | None = None) -> tuple[int, ...]:
+        return (num_kv_heads, num_blocks, block_size, head_dim)  # every dtype it takes stores head_dim elements
 
     def _scales(self, cache: torch.Tensor) -> tuple[float, float]:
         return (self.k_scale, self.v_scale) if cache.dtype == torch.float8_e4m3fn else (1.0, 1.0)

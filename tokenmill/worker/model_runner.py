@@ -19,6 +19,7 @@ from torch import nn
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
+from tokenmill.kernels.cpu.kv_cache import kv_row_width
 from tokenmill.outputs import PositionLogprobs
 from tokenmill.worker.huge_pages import huge_page_zeros
 from tokenmill.worker.runner_output import ModelRunnerOutput
@@ -51,7 +52,8 @@ class KVCacheSpec:
     @property
     def bytes_per_block(self) -> int:
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+        row = kv_row_width(self.dtype, self.head_dim)  # int8 rows carry their scale
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * row * elem
 
 
 @dataclass
@@ -79,7 +81,7 @@ class ModelRunner:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         attention_layers = model.attention_layers
         shape = attention_layers[0].backend.kv_cache_shape(
-            num_blocks, kv_spec.block_size, kv_spec.num_kv_heads, kv_spec.head_dim)
+            num_blocks, kv_spec.block_size, kv_spec.num_kv_heads, kv_spec.head_dim, kv_spec.dtype)
         self.kv_caches = [
             (_zeros(shape, kv_spec.dtype, device, huge_pages), _zeros(shape, kv_spec.dtype, device, huge_pages))
             for _ in range(kv_spec.num_layers)

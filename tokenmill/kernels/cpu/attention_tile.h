@@ -1,7 +1,7 @@
 /* Decode attention of one query row's heads over one KV head's paged cache, shared by
  * paged_attention.c and decode_step.c.
  *
- * Cache layout and element types (float32, or float16 with kv_f16): kv_cache.h.
+ * Cache layout and element types (kv_type: float32, float16 or int8 rows with a scale): kv_cache.h.
  * attend_one: scores of all positions (K read once), an exact softmax in float32, then the V-weighted
  * sum (V read once), for `group` query heads sharing the KV head. head_dim % LANES == 0.
  * attend_range / combine_ranges: the same over a block-aligned range of positions, as an unnormalized
@@ -37,27 +37,30 @@ static inline __attribute__((always_inline)) void hsum4(float *out, v8 a0, v8 a1
 
 /* scores[g * stride + j] = q_g . k_j for heads g < heads (a constant once inlined, <= HEADS_PER_TILE) and
  * the n (<= block) rows of one K tile: 4 rows at a time, each K vector loaded once for all heads. Rows
- * past n are computed from row t's data but never stored. kv_f16: a constant once inlined. */
+ * past n are computed from row t's data but never stored. kv_type: a constant once inlined. */
 static inline __attribute__((always_inline)) void qk_tile(float *restrict scores, int64_t stride,
                                                          const float *restrict q, const void *k, int64_t n,
-                                                         int heads, int64_t head_dim, int kv_f16) {
+                                                         int heads, int64_t head_dim, int kv_type) {
+    const int64_t rs = kv_row_elems(kv_type, head_dim);
     for (int64_t t = 0; t < n; t += 4) {
-        const int64_t r0 = t * head_dim, r1 = t + 1 < n ? r0 + head_dim : r0;
-        const int64_t r2 = t + 2 < n ? r0 + 2 * head_dim : r0, r3 = t + 3 < n ? r0 + 3 * head_dim : r0;
+        const int64_t r0 = t * rs, r1 = t + 1 < n ? r0 + rs : r0;
+        const int64_t r2 = t + 2 < n ? r0 + 2 * rs : r0, r3 = t + 3 < n ? r0 + 3 * rs : r0;
         v8 acc[HEADS_PER_TILE][4];
         for (int g = 0; g < heads; ++g) acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = (v8){0};
         for (int64_t d = 0; d < head_dim; d += LANES) {
-            const v8 x0 = load_kv8(k, r0 + d, kv_f16), x1 = load_kv8(k, r1 + d, kv_f16);
-            const v8 x2 = load_kv8(k, r2 + d, kv_f16), x3 = load_kv8(k, r3 + d, kv_f16);
+            const v8 x0 = load_kv8(k, r0 + d, kv_type), x1 = load_kv8(k, r1 + d, kv_type);
+            const v8 x2 = load_kv8(k, r2 + d, kv_type), x3 = load_kv8(k, r3 + d, kv_type);
             for (int g = 0; g < heads; ++g) {
                 const v8 qv = *(const v8 *)(q + g * head_dim + d);
                 acc[g][0] += qv * x0, acc[g][1] += qv * x1, acc[g][2] += qv * x2, acc[g][3] += qv * x3;
             }
         }
+        const float f[4] = {kv_row_scale(k, r0, head_dim, kv_type), kv_row_scale(k, r1, head_dim, kv_type),
+                            kv_row_scale(k, r2, head_dim, kv_type), kv_row_scale(k, r3, head_dim, kv_type)};
         for (int g = 0; g < heads; ++g) {
             float s[4];
             hsum4(s, acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
-            for (int64_t j = 0; j < 4 && t + j < n; ++j) scores[g * stride + t + j] = s[j];
+            for (int64_t j = 0; j < 4 && t + j < n; ++j) scores[g * stride + t + j] = s[j] * f[j];
         }
     }
 }
@@ -67,19 +70,23 @@ static inline __attribute__((always_inline)) void qk_tile(float *restrict scores
  * loaded once for all heads; a head_dim % 32 remainder 8 floats at a time. */
 static inline __attribute__((always_inline)) void pv_tile(float *restrict out, int64_t out_stride,
                                                          const float *restrict p, int64_t p_stride, const void *v,
-                                                         int64_t n, int heads, int64_t head_dim, int kv_f16) {
+                                                         int64_t n, int heads, int64_t head_dim, int kv_type) {
+    const int64_t rs = kv_row_elems(kv_type, head_dim);
     int64_t d = 0;
     for (; d + 4 * LANES <= head_dim; d += 4 * LANES) {
         v8 acc[HEADS_PER_TILE][4];
         for (int g = 0; g < heads; ++g)
             for (int c = 0; c < 4; ++c) acc[g][c] = *(const v8 *)(out + g * out_stride + d + c * LANES);
         for (int64_t j = 0; j < n; ++j) {
-            const int64_t row = j * head_dim + d;
-            const v8 x0 = load_kv8(v, row, kv_f16), x1 = load_kv8(v, row + LANES, kv_f16);
-            const v8 x2 = load_kv8(v, row + 2 * LANES, kv_f16), x3 = load_kv8(v, row + 3 * LANES, kv_f16);
-            for (int g = 0; g < heads; ++g) {
-                const float w = p[g * p_stride + j];
-                acc[g][0] += w * x0, acc[g][1] += w * x1, acc[g][2] += w * x2, acc[g][3] += w * x3;
+            /* The heads' weights first, then one V vector at a time: 12 accumulators, 3 weights and one V
+             * vector fill the 16 registers (all four V vectors at once spill an accumulator). */
+            const int64_t row = j * rs + d;
+            const float f = kv_row_scale(v, j * rs, head_dim, kv_type);
+            v8 w[HEADS_PER_TILE];
+            for (int g = 0; g < heads; ++g) w[g] = (v8){0} + p[g * p_stride + j] * f;
+            for (int c = 0; c < 4; ++c) {
+                const v8 x = load_kv8(v, row + c * LANES, kv_type);
+                for (int g = 0; g < heads; ++g) acc[g][c] += w[g] * x;
             }
         }
         for (int g = 0; g < heads; ++g)
@@ -88,7 +95,9 @@ static inline __attribute__((always_inline)) void pv_tile(float *restrict out, i
     for (; d < head_dim; d += LANES)
         for (int g = 0; g < heads; ++g) {
             v8 acc = *(const v8 *)(out + g * out_stride + d);
-            for (int64_t j = 0; j < n; ++j) acc += p[g * p_stride + j] * load_kv8(v, j * head_dim + d, kv_f16);
+            for (int64_t j = 0; j < n; ++j)
+                acc += p[g * p_stride + j] * kv_row_scale(v, j * rs, head_dim, kv_type) *
+                       load_kv8(v, j * rs + d, kv_type);
             *(v8 *)(out + g * out_stride + d) = acc;
         }
 }
@@ -111,21 +120,25 @@ static inline void prefetch_tile(const void *p, int64_t nbytes) {
 
 /* scores[g * (end - start) + j - start] = q_g . k_j for the group query heads and positions j in
  * [start, end) of one KV head (head_base = kv_head * num_blocks); start is a multiple of block_size. */
-static void range_scores(float *restrict scores, const float *restrict q, const void *k_cache, int kv_f16,
+static void range_scores(float *restrict scores, const float *restrict q, const void *k_cache, int kv_type,
                          const int64_t *table, int64_t head_base, int64_t start, int64_t end, int64_t group,
                          int64_t block_size, int64_t head_dim) {
-    const int64_t len = end - start, tile_bytes = block_size * head_dim * kv_elem_bytes(kv_f16);
+    const int64_t len = end - start, tile_bytes = block_size * kv_row_bytes(kv_type, head_dim);
     for (int64_t pos = start; pos < end; pos += block_size) {
         const int64_t b = pos / block_size;
-        const void *k = tile(k_cache, kv_f16, head_base, table, b, block_size, head_dim);
+        const void *k = tile(k_cache, kv_type, head_base, table, b, block_size, head_dim);
         const int64_t n = end - pos < block_size ? end - pos : block_size;
         if (pos + block_size < end)
-            prefetch_tile(tile(k_cache, kv_f16, head_base, table, b + 1, block_size, head_dim), tile_bytes);
+            prefetch_tile(tile(k_cache, kv_type, head_base, table, b + 1, block_size, head_dim), tile_bytes);
         float *s = scores + pos - start;
-        if (kv_f16)
-            FOR_HEAD_TILES(group, g0, heads, qk_tile(s + g0 * len, len, q + g0 * head_dim, k, n, heads, head_dim, 1))
-        else
-            FOR_HEAD_TILES(group, g0, heads, qk_tile(s + g0 * len, len, q + g0 * head_dim, k, n, heads, head_dim, 0))
+#define TM_QK_TILES(kind) \
+    FOR_HEAD_TILES(group, g0, heads, qk_tile(s + g0 * len, len, q + g0 * head_dim, k, n, heads, head_dim, kind))
+        switch (kv_type) { /* one copy of the tiles per element type */
+            case KV_F16: TM_QK_TILES(KV_F16); break;
+            case KV_I8: TM_QK_TILES(KV_I8); break;
+            default: TM_QK_TILES(KV_F32);
+        }
+#undef TM_QK_TILES
     }
 }
 
@@ -145,38 +158,41 @@ static inline float exp_scores(float *s, int64_t len, float scale, float *max_ou
 /* out[g * out_stride + d] += sum_j p_g[j] v_j[d] over positions j in [start, end) (range_scores' layout
  * for p) of one KV head. */
 static void range_weighted_sum(float *restrict out, int64_t out_stride, const float *restrict probs,
-                               const void *v_cache, int kv_f16, const int64_t *table, int64_t head_base,
+                               const void *v_cache, int kv_type, const int64_t *table, int64_t head_base,
                                int64_t start, int64_t end, int64_t group, int64_t block_size, int64_t head_dim) {
-    const int64_t len = end - start, tile_bytes = block_size * head_dim * kv_elem_bytes(kv_f16);
+    const int64_t len = end - start, tile_bytes = block_size * kv_row_bytes(kv_type, head_dim);
     for (int64_t pos = start; pos < end; pos += block_size) {
         const int64_t b = pos / block_size;
-        const void *v = tile(v_cache, kv_f16, head_base, table, b, block_size, head_dim);
+        const void *v = tile(v_cache, kv_type, head_base, table, b, block_size, head_dim);
         const int64_t n = end - pos < block_size ? end - pos : block_size;
         if (pos + block_size < end)
-            prefetch_tile(tile(v_cache, kv_f16, head_base, table, b + 1, block_size, head_dim), tile_bytes);
+            prefetch_tile(tile(v_cache, kv_type, head_base, table, b + 1, block_size, head_dim), tile_bytes);
         const float *p = probs + pos - start;
-        if (kv_f16)
-            FOR_HEAD_TILES(group, g0, heads,
-                           pv_tile(out + g0 * out_stride, out_stride, p + g0 * len, len, v, n, heads, head_dim, 1))
-        else
-            FOR_HEAD_TILES(group, g0, heads,
-                           pv_tile(out + g0 * out_stride, out_stride, p + g0 * len, len, v, n, heads, head_dim, 0))
+#define TM_PV_TILES(kind)                                                                                 \
+    FOR_HEAD_TILES(group, g0, heads,                                                                      \
+                   pv_tile(out + g0 * out_stride, out_stride, p + g0 * len, len, v, n, heads, head_dim, kind))
+        switch (kv_type) {
+            case KV_F16: TM_PV_TILES(KV_F16); break;
+            case KV_I8: TM_PV_TILES(KV_I8); break;
+            default: TM_PV_TILES(KV_F32);
+        }
+#undef TM_PV_TILES
     }
 }
 
 static void attend_one(
-    float *restrict out, const float *restrict q, const void *k_cache, const void *v_cache, int kv_f16,
+    float *restrict out, const float *restrict q, const void *k_cache, const void *v_cache, int kv_type,
     const int64_t *table, int64_t seq_len, int64_t group, int64_t kv_head, int64_t num_blocks,
     int64_t block_size, int64_t head_dim, float scale, float *restrict scores /* [group, seq_len] */) {
     const int64_t head_base = kv_head * num_blocks;
-    range_scores(scores, q, k_cache, kv_f16, table, head_base, 0, seq_len, group, block_size, head_dim);
+    range_scores(scores, q, k_cache, kv_type, table, head_base, 0, seq_len, group, block_size, head_dim);
     for (int64_t g = 0; g < group; ++g) {
         float *s = scores + g * seq_len, max;
         const float inv = 1.0f / exp_scores(s, seq_len, scale, &max);
         for (int64_t i = 0; i < seq_len; ++i) s[i] *= inv;
     }
     memset(out, 0, (size_t)(group * head_dim) * sizeof(float));
-    range_weighted_sum(out, head_dim, scores, v_cache, kv_f16, table, head_base, 0, seq_len, group, block_size,
+    range_weighted_sum(out, head_dim, scores, v_cache, kv_type, table, head_base, 0, seq_len, group, block_size,
                        head_dim);
 }
 
@@ -184,17 +200,17 @@ static void attend_one(
  * raw score m | sum_j e_j] over positions j in [start, end), e_j = exp((q . k_j - m) * scale). start is a
  * multiple of block_size; start < end. */
 static void attend_range(
-    float *restrict part, const float *restrict q, const void *k_cache, const void *v_cache, int kv_f16,
+    float *restrict part, const float *restrict q, const void *k_cache, const void *v_cache, int kv_type,
     const int64_t *table, int64_t start, int64_t end, int64_t group, int64_t kv_head, int64_t num_blocks,
     int64_t block_size, int64_t head_dim, float scale, float *restrict scores /* [group, end - start] */) {
     const int64_t head_base = kv_head * num_blocks, len = end - start, part_stride = head_dim + 2;
-    range_scores(scores, q, k_cache, kv_f16, table, head_base, start, end, group, block_size, head_dim);
+    range_scores(scores, q, k_cache, kv_type, table, head_base, start, end, group, block_size, head_dim);
     for (int64_t g = 0; g < group; ++g) {
         float *p = part + g * part_stride;
         p[head_dim + 1] = exp_scores(scores + g * len, len, scale, &p[head_dim]);
         memset(p, 0, (size_t)head_dim * sizeof(float));
     }
-    range_weighted_sum(part, part_stride, scores, v_cache, kv_f16, table, head_base, start, end, group, block_size,
+    range_weighted_sum(part, part_stride, scores, v_cache, kv_type, table, head_base, start, end, group, block_size,
                        head_dim);
 }
 

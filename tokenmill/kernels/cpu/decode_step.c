@@ -23,7 +23,7 @@
  * (request, KV head) tasks or, with fewer tasks than 2 per thread, by block-aligned ranges of each one's
  * positions merged after (split-K); the per-row phases by rows.
  *
- * Invariants: all float tensors but the K/V caches (kv_f16: float16) are float32 and contiguous;
+ * Invariants: all float tensors but the K/V caches (rows of kv_type, kv_cache.h) are float32 and contiguous;
  * head_dim % 8 == 0; positions index the rotary tables; slots[r] is the cache slot of row r's new token
  * and seq_lens[r] counts it; the K/V caches have the head-major layout of kv_cache.h.
  */
@@ -68,7 +68,7 @@ typedef struct {
 typedef struct {
     int64_t num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate;
     int64_t num_blocks, block_size;
-    int64_t kv_f16; /* the K/V caches hold float16 */
+    int64_t kv_type; /* the K/V caches' rows: KV_F32, KV_F16 or KV_I8 (kv_cache.h) */
     float eps, attn_scale;
     const tm_layer *layers;
     const float *final_norm;         /* [hidden] */
@@ -200,9 +200,9 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
                 for (int64_t h = 0; h < num_heads; ++h) rotate_head(q + r * q_size + h * D, row + h * D, c, s, D);
                 for (int64_t h = 0; h < num_kv_heads; ++h) {
                     rotate_head(k + h * D, k + h * D, c, s, D);
-                    const int64_t dst = (h * slots_per_head + slots[r]) * D;
-                    store_kv_row(ly->k_cache, dst, k + h * D, D, (int)m->kv_f16);
-                    store_kv_row(ly->v_cache, dst, v + h * D, D, (int)m->kv_f16);
+                    const int64_t dst = h * slots_per_head + slots[r];
+                    store_kv_row(ly->k_cache, dst, k + h * D, D, (int)m->kv_type);
+                    store_kv_row(ly->v_cache, dst, v + h * D, D, (int)m->kv_type);
                 }
             }
             END_PHASE(TM_PHASE_ROTARY_KV)
@@ -215,7 +215,7 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
                 for (int64_t task = 0; task < R * num_kv_heads; ++task) {
                     const int64_t r = task / num_kv_heads, h = task % num_kv_heads;
                     const int64_t offset = r * q_size + h * group * D;
-                    attend_one(attn + offset, q + offset, ly->k_cache, ly->v_cache, (int)m->kv_f16,
+                    attend_one(attn + offset, q + offset, ly->k_cache, ly->v_cache, (int)m->kv_type,
                                block_tables + r * table_stride,
                                seq_lens[r], group, h, m->num_blocks, m->block_size, D, m->attn_scale, scores);
                 }
@@ -233,7 +233,7 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
                         for (int64_t g = 0; g < group; ++g) part[g * part_stride + D + 1] = 0.0f; /* empty */
                         continue;
                     }
-                    attend_range(part, q + r * q_size + h * group * D, ly->k_cache, ly->v_cache, (int)m->kv_f16,
+                    attend_range(part, q + r * q_size + h * group * D, ly->k_cache, ly->v_cache, (int)m->kv_type,
                                  block_tables + r * table_stride, start, end < seq_len ? end : seq_len, group, h,
                                  m->num_blocks, m->block_size, D, m->attn_scale, scores);
                 }

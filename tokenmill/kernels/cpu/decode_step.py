@@ -18,7 +18,7 @@ from tokenmill.kernels.cpu.build import load_kernel_library
 from tokenmill.kernels.cpu.f32_gemm import check_panels
 from tokenmill.kernels.cpu.int4_gemm import check_int4_weights
 from tokenmill.kernels.cpu.int8_gemm import check_int8_panels
-from tokenmill.kernels.cpu.kv_cache import kv_f16_flag
+from tokenmill.kernels.cpu.kv_cache import cache_head_dim, kv_type_code
 
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
@@ -41,7 +41,7 @@ class _Layer(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = [("num_layers", _i64), ("hidden", _i64), ("num_heads", _i64), ("num_kv_heads", _i64),
                 ("head_dim", _i64), ("intermediate", _i64), ("num_blocks", _i64), ("block_size", _i64),
-                ("kv_f16", _i64), ("eps", _f32), ("attn_scale", _f32), ("layers", ctypes.POINTER(_Layer)),
+                ("kv_type", _i64), ("eps", _f32), ("attn_scale", _f32), ("layers", ctypes.POINTER(_Layer)),
                 ("final_norm", _ptr),
                 ("rope_cos", _ptr), ("rope_sin", _ptr)]
 
@@ -122,7 +122,10 @@ class DecodeStepModel:
         hidden = final_norm.shape[0]
         intermediate = layers[0].down.shape[1]
         num_kv_heads_, num_blocks, block_size, _ = layers[0].kv_cache[0].shape
-        kv_f16 = kv_f16_flag(layers[0].kv_cache)  # float32 or float16 caches (kernels/cpu/kv_cache.py)
+        kv_type = kv_type_code(layers[0].kv_cache)  # float32, float16 or int8 caches (kernels/cpu/kv_cache.py)
+        if cache_head_dim(layers[0].kv_cache[0]) != head_dim:
+            raise ValueError(f"decode step: the K/V cache holds heads of {cache_head_dim(layers[0].kv_cache[0])}, "
+                             f"the model {head_dim}")
         kv_dtype = layers[0].kv_cache[0].dtype
         if num_kv_heads_ != num_kv_heads:
             raise ValueError(f"decode step: the K/V cache has {num_kv_heads_} heads, the model {num_kv_heads}")
@@ -135,7 +138,7 @@ class DecodeStepModel:
             for cache in layer.kv_cache:
                 if cache.shape != layer.kv_cache[0].shape or cache.shape[1:3] != (num_blocks, block_size):
                     raise ValueError("decode step: every layer's K/V cache must have the same shape")
-            if kv_f16_flag(layer.kv_cache) != kv_f16:
+            if kv_type_code(layer.kv_cache) != kv_type:
                 raise ValueError("decode step: every layer's K/V cache must have the same dtype")
             dst.k_cache = self._ptr(layer.kv_cache[0], kv_dtype, "the K cache")
             dst.v_cache = self._ptr(layer.kv_cache[1], kv_dtype, "the V cache")
@@ -148,7 +151,7 @@ class DecodeStepModel:
                                      f"expected {shape}")
         self._model = _Model(
             num_layers=len(layers), hidden=hidden, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-            intermediate=intermediate, num_blocks=num_blocks, block_size=block_size, kv_f16=kv_f16, eps=eps,
+            intermediate=intermediate, num_blocks=num_blocks, block_size=block_size, kv_type=kv_type, eps=eps,
             attn_scale=attn_scale,
             layers=self._layers, final_norm=self._ptr(final_norm, torch.float32, "the final norm weight"),
             rope_cos=self._ptr(rope_cos, torch.float32, "the rotary cos table"),

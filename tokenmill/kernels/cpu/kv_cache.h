@@ -1,34 +1,50 @@
 /* The paged KV cache as the CPU kernels read and write it.
  *
- * Layout, for K and for V: [num_kv_heads, num_blocks, block_size, head_dim], so one (KV head, block) is a
- * contiguous [block_size, head_dim] tile, found through a request's block table. Elements are float32, or
- * IEEE float16 when the kernel is called with kv_f16 != 0 (`--kv-cache-dtype float16`): half the bytes for
- * decode attention to stream, converted to float32 on load (F16C's vcvtph2ps, 8 at a time) and rounded
- * to nearest on store. Arithmetic is float32 either way.
+ * Layout, for K and for V: [num_kv_heads, num_blocks, block_size, row], so one (KV head, block) is a
+ * contiguous [block_size, row] tile, found through a request's block table. The row of one position and
+ * head depends on kv_type (kernels/cpu/kv_cache.py's codes, `--kv-cache-dtype`):
+ *   KV_F32: head_dim float32;
+ *   KV_F16: head_dim IEEE float16 (F16C's vcvtph2ps on load, round to nearest on store);
+ *   KV_I8:  head_dim int8 q then one float32 scale s (unaligned), x ~= s * q with q in [-127, 127] and
+ *           s = max |x| * (1 / 127) per position and head (symmetric, q = x * (1 / s) rounded to nearest
+ *           even).
+ * Loads (load_kv8) return float32 values *without* the int8 scale: the readers apply kv_row_scale once per
+ * row (to a dot product, or to a softmax weight). Arithmetic is float32 throughout. kv_type is a constant
+ * once inlined. head_dim % 8 == 0 for KV_F16 and KV_I8.
  */
 #ifndef TM_KV_CACHE_H
 #define TM_KV_CACHE_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "vec8.h"
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-static inline int64_t kv_elem_bytes(int kv_f16) { return kv_f16 ? 2 : 4; }
+enum { KV_F32 = 0, KV_F16 = 1, KV_I8 = 2 };
 
-/* The [block_size, head_dim] tile of one KV head (head_base = kv_head * num_blocks) in the block_index-th
- * block of a request. */
-static inline const void *tile(const void *cache, int kv_f16, int64_t head_base, const int64_t *table,
-                               int64_t block_index, int64_t block_size, int64_t head_dim) {
-    return (const char *)cache + (head_base + table[block_index]) * block_size * head_dim * kv_elem_bytes(kv_f16);
+/* Bytes of one element, and elements (int8: bytes) of one row, scale included. */
+static inline int64_t kv_elem_bytes(int kv_type) { return kv_type == KV_F32 ? 4 : kv_type == KV_F16 ? 2 : 1; }
+static inline int64_t kv_row_elems(int kv_type, int64_t head_dim) {
+    return kv_type == KV_I8 ? head_dim + (int64_t)sizeof(float) : head_dim;
+}
+static inline int64_t kv_row_bytes(int kv_type, int64_t head_dim) {
+    return kv_row_elems(kv_type, head_dim) * kv_elem_bytes(kv_type);
 }
 
-/* Elements i .. i + 7 of a cache tile (or row) as float32; kv_f16 is a constant once inlined. */
-static inline __attribute__((always_inline)) v8 load_kv8(const void *base, int64_t i, int kv_f16) {
-    if (kv_f16) {
+/* The [block_size, row] tile of one KV head (head_base = kv_head * num_blocks) in the block_index-th
+ * block of a request. */
+static inline const void *tile(const void *cache, int kv_type, int64_t head_base, const int64_t *table,
+                               int64_t block_index, int64_t block_size, int64_t head_dim) {
+    return (const char *)cache + (head_base + table[block_index]) * block_size * kv_row_bytes(kv_type, head_dim);
+}
+
+/* Elements i .. i + 7 of a cache tile (or row) as float32, unscaled. */
+static inline __attribute__((always_inline)) v8 load_kv8(const void *base, int64_t i, int kv_type) {
+    if (kv_type == KV_F16) {
 #if defined(__F16C__)
         return (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + i)));
 #else
@@ -37,31 +53,72 @@ static inline __attribute__((always_inline)) v8 load_kv8(const void *base, int64
         return out;
 #endif
     }
+    if (kv_type == KV_I8) {
+#if defined(__AVX2__)
+        const __m128i q = _mm_loadl_epi64((const __m128i *)((const int8_t *)base + i));
+        return (v8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+#else
+        v8 out;
+        for (int j = 0; j < LANES; ++j) out[j] = (float)((const int8_t *)base)[i + j];
+        return out;
+#endif
+    }
     return *(const v8 *)((const float *)base + i);
 }
 
-/* n (% 8 == 0) float32 values of src into elements i .. i + n - 1 of the cache. */
-static inline void store_kv_row(void *cache, int64_t i, const float *src, int64_t n, int kv_f16) {
-    if (!kv_f16) {
-        memcpy((float *)cache + i, src, (size_t)n * sizeof(float));
-        return;
-    }
-    uint16_t *dst = (uint16_t *)cache + i;
-#if defined(__F16C__)
-    for (int64_t j = 0; j < n; j += LANES)
-        _mm_storeu_si128((__m128i *)(dst + j), _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
-#else
-    for (int64_t j = 0; j < n; ++j) ((_Float16 *)dst)[j] = (_Float16)src[j];
-#endif
+/* The factor of the row whose first element is element `row` of base: the int8 scale, else 1. */
+static inline __attribute__((always_inline)) float kv_row_scale(const void *base, int64_t row, int64_t head_dim,
+                                                               int kv_type) {
+    if (kv_type != KV_I8) return 1.0f;
+    float s;
+    memcpy(&s, (const int8_t *)base + row + head_dim, sizeof(s));
+    return s;
 }
 
-/* Elements i .. i + n - 1 (n % 8 == 0) of the cache as float32 in out. */
-static inline void load_kv_row(float *out, const void *cache, int64_t i, int64_t n, int kv_f16) {
-    if (!kv_f16) {
-        memcpy(out, (const float *)cache + i, (size_t)n * sizeof(float));
+/* The head_dim float32 values of src into row `row` (counted from cache) of the cache. */
+static inline void store_kv_row(void *cache, int64_t row, const float *src, int64_t head_dim, int kv_type) {
+    char *dst = (char *)cache + row * kv_row_bytes(kv_type, head_dim);
+    if (kv_type == KV_F32) {
+        memcpy(dst, src, (size_t)head_dim * sizeof(float));
+    } else if (kv_type == KV_F16) {
+#if defined(__F16C__)
+        for (int64_t j = 0; j < head_dim; j += LANES)
+            _mm_storeu_si128((__m128i *)((uint16_t *)dst + j),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
+#else
+        for (int64_t j = 0; j < head_dim; ++j) ((_Float16 *)dst)[j] = (_Float16)src[j];
+#endif
+    } else {
+        float amax = 0.0f;
+        for (int64_t j = 0; j < head_dim; ++j) amax = fabsf(src[j]) > amax ? fabsf(src[j]) : amax;
+        /* Multiplications and a reciprocal only, so -ffast-math cannot change the rounding: kv_cache.py's
+         * quantize_kv_rows computes the same float32 operations. */
+        const float scale = amax * (1.0f / 127.0f), inv = amax > 0.0f ? 1.0f / scale : 0.0f;
+        int8_t *q = (int8_t *)dst;
+#if defined(__AVX2__)
+        for (int64_t j = 0; j < head_dim; j += LANES) { /* round to nearest even; |x * inv| <= 127 */
+            const __m256i i32 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + j), _mm256_set1_ps(inv)));
+            const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+            _mm_storel_epi64((__m128i *)(q + j), _mm_packs_epi16(i16, i16));
+        }
+#else
+        for (int64_t j = 0; j < head_dim; ++j) q[j] = (int8_t)nearbyintf(src[j] * inv);
+#endif
+        memcpy(q + head_dim, &scale, sizeof(scale));
+    }
+}
+
+/* The row whose first element is element `row` of base, as head_dim float32 values (int8: scaled). */
+static inline void load_kv_row(float *out, const void *base, int64_t row, int64_t head_dim, int kv_type) {
+    if (kv_type == KV_F32) {
+        memcpy(out, (const float *)base + row, (size_t)head_dim * sizeof(float));
         return;
     }
-    for (int64_t j = 0; j < n; j += LANES) *(v8 *)(out + j) = load_kv8(cache, i + j, 1);
+    const float s = kv_row_scale(base, row, head_dim, kv_type);
+    for (int64_t j = 0; j < head_dim; j += LANES) {
+        const v8 x = kv_type == KV_I8 ? load_kv8(base, row + j, KV_I8) * s : load_kv8(base, row + j, KV_F16);
+        memcpy(out + j, &x, sizeof(x));
+    }
 }
 
 #endif

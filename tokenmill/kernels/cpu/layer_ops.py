@@ -12,7 +12,7 @@ import functools
 import torch
 
 from tokenmill.kernels.cpu.build import load_kernel_library
-from tokenmill.kernels.cpu.kv_cache import kv_f16_flag
+from tokenmill.kernels.cpu.kv_cache import cache_head_dim, kv_type_code
 
 _i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 
@@ -63,17 +63,19 @@ def rotary_write_kv(
 ) -> torch.Tensor:
     """qkv: [T, >= (num_heads + 2 * num_kv_heads) * head_dim] contiguous; cos/sin: [T, head_dim].
     Rotates k in place inside qkv, stores k and v at their slots of the head-major cache
-    ([num_kv_heads, num_blocks, block_size, head_dim], float32 or float16 (head_dim % 8 == 0), rounded to
-    nearest) and returns the rotated q, [T, num_heads, head_dim]."""
-    kv_f16 = kv_f16_flag(kv_cache)
-    if kv_f16 and head_dim % 8:
-        raise ValueError(f"a float16 K/V cache needs head_dim % 8 == 0, got {head_dim}")
+    ([num_kv_heads, num_blocks, block_size, row], float32, or float16 / int8 rows (kernels/cpu/kv_cache.py,
+    head_dim % 8 == 0) rounded to nearest) and returns the rotated q, [T, num_heads, head_dim]."""
+    kv_type = kv_type_code(kv_cache)
+    if kv_type and head_dim % 8:
+        raise ValueError(f"a {kv_cache[0].dtype} K/V cache needs head_dim % 8 == 0, got {head_dim}")
+    if cache_head_dim(kv_cache[0]) != head_dim:
+        raise ValueError(f"rotary_write_kv: the cache holds heads of {cache_head_dim(kv_cache[0])}, not {head_dim}")
     k_cache, v_cache = kv_cache
     num_rows = qkv.shape[0]
     q = qkv.new_empty(num_rows, num_heads, head_dim)
     slots_per_head = k_cache.shape[1] * k_cache.shape[2]
     _lib().tm_rotary_write_kv(
         q.data_ptr(), qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
-        v_cache.data_ptr(), kv_f16, slot_mapping.data_ptr(), num_rows, num_heads, num_kv_heads, head_dim,
+        v_cache.data_ptr(), kv_type, slot_mapping.data_ptr(), num_rows, num_heads, num_kv_heads, head_dim,
         slots_per_head, torch.get_num_threads())
     return q

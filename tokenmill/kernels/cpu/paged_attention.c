@@ -1,7 +1,7 @@
 /* Decode attention over the paged, head-major KV cache, read in place (no gather).
  *
- * Cache layout, for K and for V: [num_kv_heads, num_blocks, block_size, head_dim], float32 or (kv_f16)
- * float16 (kv_cache.h), so one (KV head, block) is a contiguous [block_size, head_dim] tile. Request r
+ * Cache layout, for K and for V: [num_kv_heads, num_blocks, block_size, row], rows of float32, float16 or
+ * int8 with a scale (kv_type, kv_cache.h), so one (KV head, block) is a contiguous [block_size, row] tile. Request r
  * attends with its single query row rows[r] ([num_heads, head_dim] at query + rows[r] * num_heads *
  * head_dim) over positions [0, seq_lens[r]), found through block_tables[r * table_stride + position /
  * block_size].
@@ -18,7 +18,7 @@
 /* Returns 0; 1 when a scratch allocation failed, 2 when head_dim is not a multiple of 8 (the output
  * is then incomplete). */
 int tm_paged_decode_attention(
-    float *out, const float *query, const void *k_cache, const void *v_cache, int kv_f16, const int64_t *rows,
+    float *out, const float *query, const void *k_cache, const void *v_cache, int kv_type, const int64_t *rows,
     const int64_t *seq_lens, const int64_t *block_tables, int64_t table_stride, int64_t num_reqs,
     int64_t num_heads, int64_t num_kv_heads, int64_t num_blocks, int64_t block_size, int64_t head_dim,
     float scale, int num_threads) {
@@ -36,7 +36,7 @@ int tm_paged_decode_attention(
             continue;
         }
         const int64_t offset = rows[r] * row_stride + h * group * head_dim;
-        attend_one(out + offset, query + offset, k_cache, v_cache, kv_f16, block_tables + r * table_stride, seq_len,
+        attend_one(out + offset, query + offset, k_cache, v_cache, kv_type, block_tables + r * table_stride, seq_len,
                    group, h, num_blocks, block_size, head_dim, scale, scores);
         free(scores);
     }

@@ -8,7 +8,7 @@ import functools
 import torch
 
 from tokenmill.kernels.cpu.build import load_kernel_library
-from tokenmill.kernels.cpu.kv_cache import kv_f16_flag
+from tokenmill.kernels.cpu.kv_cache import cache_head_dim, kv_type_code
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
@@ -33,15 +33,19 @@ def paged_decode_attention(
     rows: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
 ) -> None:
     """For each request r: out[rows[r]] = softmax(q k^T * scale) v over its first seq_lens[r] cached
-    positions. query/out: [T, H, D] float32 contiguous; caches [Hkv, num_blocks, block_size, D] float32 or
-    float16 (kernels/cpu/kv_cache.py);
+    positions. query/out: [T, H, D] float32 contiguous; caches [Hkv, num_blocks, block_size, row] float32,
+    float16 or int8 (kernels/cpu/kv_cache.py);
     rows, seq_lens: [R] int64; block_tables: [R', max_blocks] int64 contiguous, row r for request r."""
     fn = _kernel()
     if fn is None:
         raise RuntimeError("the CPU paged attention kernel is not available (no C compiler?)")
     k_cache, v_cache = kv_cache
-    kv_f16 = kv_f16_flag(kv_cache)
-    num_kv_heads, num_blocks, block_size, head_dim = k_cache.shape
+    kv_type = kv_type_code(kv_cache)
+    num_kv_heads, num_blocks, block_size, _ = k_cache.shape
+    head_dim = query.shape[2]
+    if cache_head_dim(k_cache) != head_dim:
+        raise ValueError(f"paged_decode_attention: the cache holds heads of {cache_head_dim(k_cache)}, "
+                         f"the query {head_dim}")
     for t in (out, query):
         if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
             raise ValueError("paged_decode_attention takes contiguous float32 CPU queries and outputs")
@@ -49,7 +53,7 @@ def paged_decode_attention(
         if t.dtype != torch.int64 or not t.is_contiguous():
             raise ValueError("rows, seq_lens and block_tables must be contiguous int64")
     failed = fn(
-        out.data_ptr(), query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), kv_f16, rows.data_ptr(),
+        out.data_ptr(), query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), kv_type, rows.data_ptr(),
         seq_lens.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], rows.shape[0], query.shape[1],
         num_kv_heads, num_blocks, block_size, head_dim, scale, torch.get_num_threads(),
     )

@@ -12,7 +12,7 @@
  * lanes at a time. Tasks run longest first (the last query blocks see the most positions) on the OpenMP
  * pool, and write disjoint output rows.
  *
- * Invariants: float32 (the caches float16 with kv_f16, kv_cache.h); query rows [T, num_heads, head_dim]
+ * Invariants: float32 (the caches' rows: kv_type, kv_cache.h); query rows [T, num_heads, head_dim]
  * with row stride q_stride, heads contiguous; out [T, num_heads, head_dim] contiguous; head_dim % 8 == 0;
  * q_lens[r] <= seq_lens[r].
  */
@@ -72,15 +72,19 @@ static inline __attribute__((always_inline)) void weighted_rows(float *o, int64_
         for (int w = 0; w < width; ++w) *(v8 *)(o + r * o_stride + d0 + w * LANES) = acc[r][w];
 }
 
-/* kt[i * PANEL + c] = K row c's element i for the chunk's PANEL positions (krows[c] == NULL: zeros), in 8 x 8
- * blocks transposed in registers. */
-static inline void transpose_keys(float *kt, const void *const *krows, const int64_t *offsets, int64_t d, int kv_f16) {
+/* kt[i * PANEL + c] = K row c's element i (scaled) for the chunk's PANEL positions (krows[c] == NULL: zeros),
+ * in 8 x 8 blocks transposed in registers. */
+static inline void transpose_keys(float *kt, const void *const *krows, const int64_t *offsets, int64_t d,
+                                  int kv_type) {
+    float f[PANEL]; /* the rows' int8 scales */
+    for (int c = 0; c < PANEL; ++c) f[c] = krows[c] == NULL ? 0.0f : kv_row_scale(krows[c], offsets[c], d, kv_type);
     for (int c0 = 0; c0 < PANEL; c0 += LANES)
         for (int64_t i = 0; i < d; i += LANES) {
             __m256 r[LANES];
-            for (int l = 0; l < LANES; ++l)
-                r[l] = krows[c0 + l] == NULL ? _mm256_setzero_ps()
-                                             : (__m256)load_kv8(krows[c0 + l], offsets[c0 + l] + i, kv_f16);
+            for (int l = 0; l < LANES; ++l) {
+                const v8 x = krows[c0 + l] == NULL ? (v8){0} : load_kv8(krows[c0 + l], offsets[c0 + l] + i, kv_type);
+                r[l] = (__m256)(kv_type == KV_I8 ? x * f[c0 + l] : x);
+            }
             const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
             const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
             const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
@@ -102,12 +106,12 @@ static inline void transpose_keys(float *kt, const void *const *krows, const int
 }
 
 static void attend_block(float *out, const float *query, int64_t q_stride, const void *k_cache, const void *v_cache,
-                         int kv_f16, const int64_t *table, int64_t seq_len, int64_t q_len, const attention_task *t,
+                         int kv_type, const int64_t *table, int64_t seq_len, int64_t q_len, const attention_task *t,
                          int64_t num_heads, int64_t group, int64_t num_blocks, int64_t block_size, int64_t head_dim,
                          float scale, float *scratch) {
     const int64_t m_rows = group * t->rows, d = head_dim;
     float *qbuf = scratch, *obuf = qbuf + m_rows * d, *scores = obuf + m_rows * d, *kt = scores + m_rows * PANEL;
-    float *row_max = kt + d * PANEL, *row_sum = row_max + m_rows, *vbuf = row_sum + m_rows; /* vbuf: kv_f16 */
+    float *row_max = kt + d * PANEL, *row_sum = row_max + m_rows, *vbuf = row_sum + m_rows; /* vbuf: not KV_F32 */
     const float *vrows[PANEL];
     const int64_t first_pos = seq_len - q_len + t->row0; /* position of the block's first query row */
     /* Query vector m = j * group + g: row j of the block, head kv_head * group + g; pre-scaled. */
@@ -131,18 +135,18 @@ static void attend_block(float *out, const float *query, int64_t q_stride, const
         for (int64_t c = 0; c < PANEL; ++c) {
             krows[c] = NULL;
             if (c >= n) continue;
-            const int64_t pos = c0 + c, offset = pos % block_size * d;
-            const void *v = tile(v_cache, kv_f16, head_base, table, pos / block_size, block_size, d);
-            krows[c] = tile(k_cache, kv_f16, head_base, table, pos / block_size, block_size, d);
+            const int64_t pos = c0 + c, offset = pos % block_size * kv_row_elems(kv_type, d);
+            const void *v = tile(v_cache, kv_type, head_base, table, pos / block_size, block_size, d);
+            krows[c] = tile(k_cache, kv_type, head_base, table, pos / block_size, block_size, d);
             offsets[c] = offset;
-            if (kv_f16) { /* the chunk's V rows as float32, for weighted_rows */
-                load_kv_row(vbuf + c * d, v, offset, d, 1);
+            if (kv_type != KV_F32) { /* the chunk's V rows as float32, for weighted_rows */
+                load_kv_row(vbuf + c * d, v, offset, d, kv_type);
                 vrows[c] = vbuf + c * d;
             } else {
                 vrows[c] = (const float *)v + offset;
             }
         }
-        transpose_keys(kt, krows, offsets, d, kv_f16);
+        transpose_keys(kt, krows, offsets, d, kv_type);
         panel_rows(scores, PANEL, qbuf, d, kt, NULL, PANEL, d, m_rows, 0);
         for (int64_t m = 0; m < m_rows; ++m) {
             /* Row m (query row j = m / group) sees chunk positions c <= first_pos + j - c0. */
@@ -196,7 +200,7 @@ static void attend_block(float *out, const float *query, int64_t q_stride, const
 
 /* Returns 0; 1 when scratch memory could not be allocated; 2 when head_dim % 8 != 0 (out untouched). */
 int tm_prefill_attention(float *out, const float *query, int64_t q_stride, const void *k_cache, const void *v_cache,
-                         int kv_f16, const int64_t *q_starts, const int64_t *q_lens, const int64_t *seq_lens,
+                         int kv_type, const int64_t *q_starts, const int64_t *q_lens, const int64_t *seq_lens,
                          const int64_t *block_tables, int64_t table_stride, int64_t num_reqs, int64_t num_heads,
                          int64_t num_kv_heads, int64_t num_blocks, int64_t block_size, int64_t head_dim, float scale,
                          int num_threads) {
@@ -230,7 +234,7 @@ int tm_prefill_attention(float *out, const float *query, int64_t q_stride, const
             const attention_task *t = &tasks[i];
             const int64_t r = t->req;
             attend_block(out + q_starts[r] * num_heads * head_dim, query + q_starts[r] * q_stride, q_stride, k_cache,
-                         v_cache, kv_f16, block_tables + r * table_stride, seq_lens[r], q_lens[r], t, num_heads, group,
+                         v_cache, kv_type, block_tables + r * table_stride, seq_lens[r], q_lens[r], t, num_heads, group,
                          num_blocks, block_size, head_dim, scale, mine);
         }
     }

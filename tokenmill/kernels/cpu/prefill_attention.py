@@ -9,7 +9,7 @@ import functools
 import torch
 
 from tokenmill.kernels.cpu.build import load_kernel_library
-from tokenmill.kernels.cpu.kv_cache import kv_f16_flag
+from tokenmill.kernels.cpu.kv_cache import cache_head_dim, kv_type_code
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
@@ -37,14 +37,15 @@ def paged_prefill_attention(
     """For each request r, rows q_starts[r] .. + q_lens[r] - 1 of out = causal softmax(q k^T * scale) v, row j
     at position seq_lens[r] - q_lens[r] + j seeing the cached positions up to its own. query: [T, H, D] float32
     (rows may be strided, heads contiguous); out: [T, H, D] float32 contiguous; caches [Hkv, num_blocks,
-    block_size, D] float32 or float16 (kernels/cpu/kv_cache.py) holding every position; q_starts, q_lens,
+    block_size, row] float32, float16 or int8 (kernels/cpu/kv_cache.py) holding every position; q_starts, q_lens,
     seq_lens: [R] int64; block_tables: [R, max_blocks] int64 contiguous, row r for request r."""
     fn = _kernel()
     if fn is None:
         raise RuntimeError("the CPU prefill attention kernel is not available (no C compiler?)")
     k_cache, v_cache = kv_cache
-    kv_f16 = kv_f16_flag(kv_cache)
-    num_kv_heads, num_blocks, block_size, head_dim = k_cache.shape
+    kv_type = kv_type_code(kv_cache)
+    num_kv_heads, num_blocks, block_size, _ = k_cache.shape
+    head_dim = cache_head_dim(k_cache)
     num_heads = query.shape[1]
     if (query.dtype != torch.float32 or query.stride(2) != 1 or query.stride(1) != head_dim
             or not out.is_contiguous() or out.shape != query.shape or num_heads % num_kv_heads or head_dim % 8):
@@ -53,7 +54,7 @@ def paged_prefill_attention(
     for t in (q_starts, q_lens, seq_lens, block_tables):
         if t.dtype != torch.int64 or not t.is_contiguous():
             raise ValueError("paged_prefill_attention: index tensors must be contiguous int64")
-    status = fn(out.data_ptr(), query.data_ptr(), query.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), kv_f16,
+    status = fn(out.data_ptr(), query.data_ptr(), query.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), kv_type,
                 q_starts.data_ptr(), q_lens.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(),
                 block_tables.shape[1], q_starts.shape[0], num_heads, num_kv_heads, num_blocks, block_size, head_dim,
                 scale, torch.get_num_threads())
