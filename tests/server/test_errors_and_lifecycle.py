@@ -168,3 +168,19 @@ def test_sigterm_aborts_in_flight_requests_and_exits_cleanly(tiny_checkpoint: An
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_startup_objects_are_frozen_out_of_the_collector() -> None:
+    """`tokenmill serve` freezes what start-up built, so no later collection rescans it."""
+    import gc
+
+    from tokenmill.entrypoints.openai.launcher import freeze_startup_objects
+
+    survivor = [object()]
+    try:
+        frozen = freeze_startup_objects()
+        assert frozen == gc.get_freeze_count() > 0
+        assert not any(obj is survivor for obj in gc.get_objects())  # frozen objects are not tracked anymore
+    finally:
+        gc.unfreeze()
+    assert any(obj is survivor for obj in gc.get_objects())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -94,8 +95,19 @@ def build_server(args: argparse.Namespace) -> GracefulServer:
     return GracefulServer(config, async_engine, args.drain_timeout)
 
 
+def freeze_startup_objects() -> int:
+    """Moves every object alive now into the collector's permanent generation; returns how many. Called once
+    the server is built: modules, model and tokenizer (~220k objects) live as long as the process, and a full
+    collection that scans them stalls the engine thread (it holds the GIL) for ~100 ms, measured mid-run in
+    the serving benchmark; frozen, a full collection scans only what requests allocated (~2 ms)."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     server = build_server(args)
+    freeze_startup_objects()
     logger.info("serving %s on http://%s:%d/v1", served_model_name(args), args.host, args.port)
     server.run()
     return 0
