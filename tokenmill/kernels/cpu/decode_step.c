@@ -62,7 +62,7 @@ typedef struct {
 typedef struct {
     const float *input_norm, *post_norm; /* [hidden] */
     tm_linear qkv, o, gate_up, down;
-    void *k_cache, *v_cache; /* [num_kv_heads, num_blocks, block_size, head_dim], float32 or float16 (kv_cache.h) */
+    void *k_cache, *v_cache; /* [num_kv_heads, num_blocks, block_size, row], rows of kv_type (kv_cache.h) */
 } tm_layer;
 
 typedef struct {

@@ -99,7 +99,7 @@ class LayerWeights:
     o: LinearWeights
     gate_up: LinearWeights  # output rows: gate (intermediate) | up (intermediate)
     down: LinearWeights
-    kv_cache: tuple[torch.Tensor, torch.Tensor]  # [num_kv_heads, num_blocks, block_size, head_dim] each
+    kv_cache: tuple[torch.Tensor, torch.Tensor]  # [num_kv_heads, num_blocks, block_size, row] each (kv_cache.py)
 
 
 def _checked(t: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """The K/V cache element types the CPU kernels take (kv_cache.h), and the torch reference of the int8 rows.
 
 float32, float16 or int8 (`--kv-cache-dtype`). An int8 cache stores, per position and KV head, head_dim int8
-values q and their float32 scale s in the 4 bytes after them (x ~= s * q, s = max |x| * (1 / 127), q rounded to
-nearest even; kv_cache.h), so its tensors are [num_kv_heads, num_blocks, block_size, head_dim + 4] int8: a quarter of
-float32's bytes plus the scale.
+values q and their float32 scale s in the 4 bytes after them (x ~= s * q, s = max |x| * (1 / 127), q rounded
+to nearest even; kv_cache.h), so its tensors are [num_kv_heads, num_blocks, block_size, head_dim + 4] int8: a
+quarter of float32's bytes plus the scale.
 """
 
 from __future__ import annotations
