@@ -255,9 +255,16 @@ def batch1_result(runs: list[dict[str, float]], output_len: int, weight_bytes: i
 
 # ---- serving --------------------------------------------------------------------------------------
 
+# --serve-quantization: the served engine's flags.
+SERVE_QUANTIZATIONS = {
+    "none": ["--quantization", "none"], "int8": ["--quantization", "int8"],
+    "int8-a7": ["--quantization", "int8", "--int8-activation-bits", "7"],
+}
+
+
 def tokenmill_command(model: str | None, quantization: str, port: int) -> list[str]:
     cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "--log-level", "WARNING", "serve", "--port", str(port)]
-    return cmd + (["--model", model] if model else []) + ["--quantization", quantization]
+    return cmd + (["--model", model] if model else []) + SERVE_QUANTIZATIONS[quantization]
 
 
 @contextmanager
@@ -348,8 +355,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-hf", action="store_true", help="no HF transformers baseline (no ratios)")
     parser.add_argument("--num-prompts", type=int, default=None, help="prompts of the w1 and mixed workloads")
     parser.add_argument("--serve-prompts", type=int, default=None, help="requests of the serving run")
-    parser.add_argument("--serve-quantization", choices=["none", "int8"], default="none",
-                        help="--quantization of the served engine")
+    parser.add_argument("--serve-quantization", choices=list(SERVE_QUANTIZATIONS), default="none",
+                        help="--quantization of the served engine (int8-a7: int8 with --int8-activation-bits 7)")
     parser.add_argument("--quick", action="store_true", help="tiny workloads and buffers (a smoke test)")
     parser.add_argument("--output-dir", default="benchmarks/results")
     args = parser.parse_args(argv)

@@ -11,7 +11,8 @@
 The perplexity change of the one fixed text moves by ~0.7 points between runs of the same scheme
 (int8 rounding amplifies float-order differences); compare schemes by repeated runs.
 
-    .venv/bin/python benchmarks/quant_quality.py --quantization int8 [--kv-cache-dtype int8] [--max-tokens 64]
+    .venv/bin/python benchmarks/quant_quality.py --quantization int8 [--kv-cache-dtype int8]
+        [--int8-activation-bits 7] [--max-tokens 64]
         [--decode-speed 5] [--output-json PATH]
     (--quantization none --kv-cache-dtype int8: the cache's own error)
 """
@@ -102,17 +103,19 @@ def decode_speed(base: LLM, quant: LLM, repetitions: int) -> dict[str, float]:
 
 
 def evaluate(quantization: str, max_tokens: int, speed_repetitions: int = 0,
-             kv_cache_dtype: str = "auto") -> dict[str, Any]:
+             kv_cache_dtype: str = "auto", int8_activation_bits: int = 8) -> dict[str, Any]:
     base = LLM(num_blocks=1024)
     reference = greedy(base, max_tokens)
     base_ppl = perplexity(base, PERPLEXITY_TEXT)
     if not speed_repetitions:
         del base  # one engine at a time unless both are timed
-    quant = LLM(num_blocks=1024, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
+    quant = LLM(num_blocks=1024, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+                int8_activation_bits=int8_activation_bits)
     q_greedy = greedy(quant, max_tokens)
     free = sum(a == b for r, q in zip(reference, q_greedy) for a, b in zip(r, q)) / sum(map(len, reference))
     report = {
-        "quantization": quantization, "kv_cache_dtype": kv_cache_dtype, "max_tokens": max_tokens,
+        "quantization": quantization, "kv_cache_dtype": kv_cache_dtype,
+        "int8_activation_bits": int8_activation_bits, "max_tokens": max_tokens,
         "num_prompts": len(PROMPTS),
         "perplexity_fp32": base_ppl, "perplexity_quantized": perplexity(quant, PERPLEXITY_TEXT),
         "teacher_forced_agreement": teacher_forced_agreement(quant, reference),
@@ -128,12 +131,15 @@ def main() -> None:
     parser.add_argument("--quantization", default="int8")
     parser.add_argument("--kv-cache-dtype", default="auto",
                         help="of the quantized engine (auto, float32, float16, int8); fp32's stays float32")
+    parser.add_argument("--int8-activation-bits", type=int, default=8, choices=[8, 7],
+                        help="with --quantization int8: 7 for the faster paired tile")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--decode-speed", type=int, default=0, metavar="N",
                         help="also time batch-1 decode of both engines, N interleaved repetitions")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
-    report = evaluate(args.quantization, args.max_tokens, args.decode_speed, args.kv_cache_dtype)
+    report = evaluate(args.quantization, args.max_tokens, args.decode_speed, args.kv_cache_dtype,
+                      args.int8_activation_bits)
     report["perplexity_change"] = report["perplexity_quantized"] / report["perplexity_fp32"] - 1
     for key, value in report.items():
         print(f"{key:>26}: {value:.4f}" if isinstance(value, float) else f"{key:>26}: {value}")

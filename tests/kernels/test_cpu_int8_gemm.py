@@ -1,6 +1,7 @@
 """The W8A8 panel kernel (kernels/cpu/int8_gemm.c, int8_panels.h) against float64 products: the panel
-layout, within the error bound of 8-bit per-token activations at every tile shape, no int16 saturation at
-the pair budget, rows independent of their batch, the fused Hadamard rotation, and the int8 layer."""
+layout, within the error bound of 8-bit (and 7-bit, the paired tile) per-token activations at every tile
+shape, no int16 saturation at the pair budget, rows independent of their batch, the fused Hadamard rotation,
+and the int8 layer."""
 
 from __future__ import annotations
 
@@ -24,19 +25,21 @@ def _budget_weights(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _gemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, rotation_block: int = 0,
-          bias: torch.Tensor | None = None) -> torch.Tensor:
+          bias: torch.Tensor | None = None, activation_bits: int = 8) -> torch.Tensor:
     padded = torch.zeros(padded_channels(q.shape[0]))
     padded[: q.shape[0]] = scale
-    return int8_panels_gemm(x, pack_int8_panels(q), padded_row_sums(q), padded, q.shape[0], rotation_block, bias)
+    return int8_panels_gemm(x, pack_int8_panels(q), padded_row_sums(q), padded, q.shape[0], rotation_block, bias,
+                            activation_bits)
 
 
-def _check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-    y = _gemm(x, q, scale, bias=bias)
+def _check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+           activation_bits: int = 8) -> None:
+    y = _gemm(x, q, scale, bias=bias, activation_bits=activation_bits)
     assert y.shape == (x.shape[0], q.shape[0]) and y.dtype == torch.float32
     w = q.double() * scale.double()[:, None]
     exact = x.double() @ w.t() + (0 if bias is None else bias.double())
-    # Each activation is off by at most half its row's step, (max - min) / 255 / 2.
-    step = (x.amax(dim=1) - x.amin(dim=1)).double() / 255
+    # Each activation is off by at most half its row's step, (max - min) / levels / 2.
+    step = (x.amax(dim=1) - x.amin(dim=1)).double() / (2**activation_bits - 1)
     bound = 0.5 * step[:, None] * w.abs().sum(dim=1)[None, :]
     err = (y.double() - exact).abs()
     assert torch.all(err <= bound * 1.001 + 1e-4 * exact.abs().max()), float((err - bound).max())
@@ -54,37 +57,46 @@ def test_panel_layout() -> None:
     assert torch.equal(padded_row_sums(q)[:37], q.sum(dim=1, dtype=torch.int32))
 
 
-# n: whole panels and ragged tails; k: whole quads and ragged tails; rows: full 5-row tiles and every remainder.
-@pytest.mark.parametrize("n,k", [(64, 576), (7, 40), (130, 1536), (5, 13), (3, 8), (12, 96)])
+# n: whole panels and ragged tails; k: whole quads and ragged tails; rows: full tiles (5 rows; 4 for the
+# paired 7-bit tile) and every remainder.
+@pytest.mark.parametrize("n,k", [(64, 576), (7, 44), (130, 1536), (5, 13), (3, 8), (12, 100), (4, 3)])
 @pytest.mark.parametrize("num_rows", [1, 2, 3, 4, 5, 7, 13])
-def test_matches_float64_within_the_activation_rounding_bound(n: int, k: int, num_rows: int) -> None:
+@pytest.mark.parametrize("activation_bits", [8, 7])
+def test_matches_float64_within_the_activation_rounding_bound(n: int, k: int, num_rows: int,
+                                                              activation_bits: int) -> None:
+    """k with an odd number of quads (44, 100, 3) leaves the paired tile (7 bits) one quad on its own; k = 3
+    has no pair at all."""
     gen = torch.Generator().manual_seed(n * 1000 + k + num_rows)
     q = _budget_weights(n, k, gen)
     scale = torch.rand(n, generator=gen) * 0.01 + 1e-3
     x = torch.randn(num_rows, k, generator=gen) + torch.randn(num_rows, 1, generator=gen)  # off-centre rows
-    _check(x, q, scale, torch.randn(n, generator=gen) if num_rows % 2 else None)
+    _check(x, q, scale, torch.randn(n, generator=gen) if num_rows % 2 else None, activation_bits)
 
 
-def test_no_saturation_at_the_pair_budget() -> None:
+@pytest.mark.parametrize("activation_bits", [8, 7])
+def test_no_saturation_at_the_pair_budget(activation_bits: int) -> None:
     # Every pair at the budget with the sign of the largest activations: vpmaddubsw's int16 pair sums
-    # reach 255 * 128 = 32640, the most the budget allows.
+    # reach 255 * 128 = 32640, the most the budget allows; the 7-bit tile's int16 sums of two pairs
+    # reach 127 * 256 = 32512.
     k = 256
     q = torch.tensor([[127, 1] * (k // 2), [64, 64] * (k // 2), [-127, -1] * (k // 2)], dtype=torch.int8)
     x = torch.ones(2, k)
-    x[:, ::4] = -1.0  # row min -1 -> u = 0 there, 255 elsewhere
-    _check(x, q, torch.ones(3))
+    x[:, ::4] = -1.0  # row min -1 -> u = 0 there, the top level elsewhere
+    _check(x, q, torch.ones(3), activation_bits=activation_bits)
 
 
-def test_rows_do_not_depend_on_their_batch() -> None:
-    """Bitwise: a row alone, in a tile, in a remainder and past a row chunk (k = 8192 makes the chunk 20
-    rows, so 50 rows span three)."""
-    for n, k in ((40, 96), (20, 8192)):
+@pytest.mark.parametrize("activation_bits", [8, 7])
+def test_rows_do_not_depend_on_their_batch(activation_bits: int) -> None:
+    """Bitwise: a row alone (the plain tile), in a tile (7 bits: the paired one), in a remainder and past a
+    row chunk (k = 8192 makes the chunk 20 rows, so 50 rows span three); k = 100 has an odd number of quads."""
+    for n, k in ((40, 96), (20, 8192), (24, 100)):
         gen = torch.Generator().manual_seed(k)
         q, scale = _budget_weights(n, k, gen), torch.rand(n, generator=gen)
         x = torch.randn(50, k, generator=gen)
-        alone = torch.cat([_gemm(x[i : i + 1], q, scale) for i in range(50)])
+        alone = torch.cat([_gemm(x[i : i + 1], q, scale, activation_bits=activation_bits) for i in range(50)])
         for rows in (1, 4, 5, 6, 21, 50):
-            assert torch.equal(_gemm(x[:rows], q, scale), alone[:rows]), (n, k, rows)
+            batched = _gemm(x[:rows], q, scale, activation_bits=activation_bits)
+            assert torch.equal(batched, alone[:rows]), (n, k, rows)
 
 
 def test_reads_strided_rows_and_constant_rows() -> None:

@@ -16,6 +16,7 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.kernels.cpu.decode_step import PHASES, decode_step_available
 from tokenmill.models.llama import LlamaForCausalLM
 from tokenmill.quant.int4_cpu import Int4GroupLinear
+from tokenmill.quant.int8_cpu import Int8DynamicLinear
 
 pytestmark = pytest.mark.skipif(not decode_step_available(), reason="no C compiler for the CPU kernels")
 
@@ -112,12 +113,18 @@ def test_c_decoder_matches_hf(arch: str, tiny_checkpoint: Any, biased_checkpoint
     assert rows == [3] * (MAX_TOKENS - 1)  # every decode step, all three requests in each
 
 
-def test_c_decoder_int8_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None:
-    """W8A8 (rotated down_proj): the same quantized arithmetic; both quantize the same activations, so
-    only float rounding (then a rare flipped 8-bit level) separates them."""
-    llm = LLM(model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20, quantization="int8")
+@pytest.mark.parametrize("activation_bits", [8, 7])
+def test_c_decoder_int8_agrees_with_layer_by_layer(tiny_checkpoint: Any, activation_bits: int) -> None:
+    """W8A8 or W8A7 (rotated inputs): the same quantized arithmetic; both quantize the same activations, so
+    only float rounding (then a rare flipped level) separates them. A float32 K/V cache keeps this to the
+    projections: on an int8 one (test_c_decoder_narrow_cache_agrees_with_layer_by_layer), a K level flipped
+    by the rotary's float order then flips 7-bit activation levels downstream (measured: 2.8% at one step)."""
+    llm = LLM(model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20, quantization="int8",
+              int8_activation_bits=activation_bits, kv_cache_dtype="float32")
     model = _model(llm)
     assert model.decode_step is not None and model.decode_step.max_rows >= 6
+    assert {m.activation_bits for m in model.layers.modules() if isinstance(m, Int8DynamicLinear)} == {activation_bits}
+    assert model.logits_head.activation_bits == 8  # the vocabulary projection keeps 8 bits
     prompts = _prompts(model.config.vocab_size, (2, 5, 8, 16, 17, 40))
     with compared_with_layer_by_layer(model, rel_tol=1e-2) as rows:
         # Staggered lengths: steps of 6, 5, ... 1 requests (1 row: split-K attention; more: a task per KV head).

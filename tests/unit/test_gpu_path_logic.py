@@ -58,6 +58,8 @@ def test_config_validates_new_fields() -> None:
         ModelConfig(device="tpu")
     with pytest.raises(ValueError, match="quantization"):
         ModelConfig(quantization="int3")
+    with pytest.raises(ValueError, match="int8_activation_bits"):
+        ModelConfig(int8_activation_bits=6)
     with pytest.raises(ValueError, match="attention_backend"):
         CacheConfig(attention_backend="flash")
     with pytest.raises(ValueError, match="kv_cache_dtype"):

@@ -82,8 +82,9 @@ class EngineCore:
             from tokenmill.quant.smooth import CALIBRATION_TEXT
 
             calibration_ids = loaded.tokenizer.encode(CALIBRATION_TEXT, add_special_tokens=True)
-            replaced = quantize_model_int8(model, calibration_ids, quantize_lm_head=config.model.quantize_lm_head)
-            logger.info("int8 W8A8: %d projections quantized", replaced)
+            replaced = quantize_model_int8(model, calibration_ids, quantize_lm_head=config.model.quantize_lm_head,
+                                           activation_bits=config.model.int8_activation_bits)
+            logger.info("int8 W8A%d: %d projections quantized", config.model.int8_activation_bits, replaced)
         elif config.model.quantization == "int4":
             from tokenmill.quant.int4_cpu import quantize_model_int4
 

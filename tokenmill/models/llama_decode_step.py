@@ -49,7 +49,8 @@ def _linear_weights(module: nn.Module, name: str) -> LinearWeights:
                              features=(module.out_features, module.in_features))
     if isinstance(module, Int8DynamicLinear):
         return LinearWeights(module.panels, module.bias, module.row_sums, module.scale, module.rotation_block,
-                             features=(module.out_features, module.in_features))
+                             features=(module.out_features, module.in_features),
+                             activation_bits=module.activation_bits)
     if isinstance(module, PanelLinear):
         return LinearWeights(module.panels, module.bias, features=(module.out_features, module.in_features))
     if type(module) is Linear:

@@ -57,6 +57,7 @@ typedef struct {
     int64_t n, k;
     int64_t rotation_block; /* int8: Hadamard block applied to the input, or 0 */
     int64_t format;         /* TM_FLOAT32, TM_INT8 or TM_INT4 */
+    int64_t levels;         /* int8: activation levels, 255 or 127 (int8_quantize.h) */
 } tm_linear;
 
 typedef struct {
@@ -88,7 +89,8 @@ typedef struct {
 static inline void prepare_row(const tm_linear *l, const float *x_row, int64_t m, quantized_rows *qr, float *scratch) {
     const int64_t g_stride = qr->k_pad / INT4_GROUP;
     if (l->format == TM_INT8)
-        qr->low[m] = quantize_row(x_row, l->k, l->rotation_block, scratch, qr->u + m * qr->k_pad, &qr->step[m]);
+        qr->low[m] = quantize_row(x_row, l->k, l->rotation_block, scratch, qr->u + m * qr->k_pad, &qr->step[m],
+                                  l->levels);
     else if (l->format == TM_INT4)
         int4_quantize_row(x_row, l->k, (int16_t *)qr->u + m * qr->k_pad, qr->group_step + m * g_stride,
                           qr->group_sum + m * g_stride);
@@ -106,7 +108,7 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
 #pragma omp for schedule(dynamic, PANELS_PER_GRAB)
         for (int64_t p = 0; p < int8_num_panels(n); ++p)
             int8_panel_rows(y, n, qr->u, qr->k_pad, qr->low, qr->step, (const int8_t *)l->weight, l->scale, l->rowsum,
-                            l->bias, n, l->k, num_rows, p);
+                            l->bias, n, l->k, num_rows, p, l->levels);
     } else {
 #pragma omp for schedule(static)
         for (int64_t n0 = 0; n0 < n; n0 += INT4_CHANNELS) {

@@ -17,7 +17,7 @@ import torch
 from tokenmill.kernels.cpu.build import load_kernel_library
 from tokenmill.kernels.cpu.f32_gemm import check_panels
 from tokenmill.kernels.cpu.int4_gemm import check_int4_weights
-from tokenmill.kernels.cpu.int8_gemm import check_int8_panels
+from tokenmill.kernels.cpu.int8_gemm import ACTIVATION_LEVELS, check_int8_panels
 from tokenmill.kernels.cpu.kv_cache import cache_head_dim, kv_type_code
 
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
@@ -25,7 +25,8 @@ _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
 class _Linear(ctypes.Structure):
     _fields_ = [("weight", _ptr), ("rowsum", _ptr), ("scale", _ptr), ("group_scale", _ptr), ("group_min", _ptr),
-                ("bias", _ptr), ("n", _i64), ("k", _i64), ("rotation_block", _i64), ("format", _i64)]
+                ("bias", _ptr), ("n", _i64), ("k", _i64), ("rotation_block", _i64), ("format", _i64),
+                ("levels", _i64)]
 
 
 FLOAT32, INT8, INT4 = 0, 1, 2  # decode_step.c's tm_linear formats
@@ -66,8 +67,8 @@ class LinearWeights:
     """One projection y = x W^T (+ b), with features = (n, k). Float32 (layers/panel_linear.py): weight panels
     [ceil(n / 16), k, 16]. Int8 (quant/int8_cpu.py's pair-budget weights): weight panels int8
     [ceil(n / 16), ceil(k / 4), 16, 4], row_sums int32 and scale float32 padded to whole panels, and the
-    Hadamard block the input is rotated by (0: none). Int4 (quant/int4_cpu.py's groups): weight packed
-    uint8 [n_pad, k / 2], scale and group_min float16 [n_pad / 4, k / 32, 4]."""
+    Hadamard block the input is rotated by (0: none), and the activations' bits (8 or 7). Int4
+    (quant/int4_cpu.py's groups): weight packed uint8 [n_pad, k / 2], scale and group_min float16 [n_pad / 4, k / 32, 4]."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
@@ -76,6 +77,7 @@ class LinearWeights:
     rotation_block: int = 0
     group_min: torch.Tensor | None = None
     features: tuple[int, int] | None = None  # (n, k): every format is packed
+    activation_bits: int = 8  # int8
 
     @property
     def format(self) -> int:
@@ -184,6 +186,9 @@ class DecodeStepModel:
             if rb < 0 or (rb and (rb & (rb - 1) or k % rb)):
                 raise ValueError(f"decode step: {name} rotation_block must be 0 or a power of 2 dividing {k}")
             check_int8_panels(lin.weight, lin.row_sums, lin.scale, n, k)
+            if lin.activation_bits not in ACTIVATION_LEVELS:
+                raise ValueError(f"decode step: int8 {name} activation_bits must be 8 or 7, got {lin.activation_bits}")
+            out.levels = ACTIVATION_LEVELS[lin.activation_bits]
             out.weight = self._ptr(lin.weight, torch.int8, f"{name} weight")
             out.rowsum = self._ptr(lin.row_sums, torch.int32, f"{name} row sums")
             out.scale = self._ptr(lin.scale, torch.float32, f"{name} scales")

@@ -1,7 +1,8 @@
 /* W8A8 matrix products for any number of rows against panel-packed int8 weights (int8_panels.h), the
  * activation quantization fused in, and the packing itself.
  *
- * Each row of x is quantized per token in one pass (int8_quantize.h's quantize_row; with rotation_block = b >
+ * Each row of x is quantized per token to `levels` (255, or 127 for the paired tile of int8_panels.h) in one
+ * pass (int8_quantize.h's quantize_row; with rotation_block = b >
  * 0 it is first multiplied block by block by the b x b Hadamard matrix that quant/int8_cpu.py folds into
  * down_proj's weights), then the products run tile by tile.
  *
@@ -23,7 +24,7 @@
 /* Returns 0, or -1 when the quantized-activation buffers cannot be allocated (y untouched). */
 int tm_int8_panels_gemm(float *y, const float *x, int64_t x_stride, int64_t rotation_block, const int8_t *panels,
                         const int32_t *rowsum, const float *scale, const float *bias, int64_t m, int64_t n, int64_t k,
-                        int num_threads) {
+                        int64_t levels, int num_threads) {
     const int64_t u_stride = int8_quads(k) * I8_QUAD;
     uint8_t *u = (uint8_t *)malloc((size_t)(m * u_stride));
     /* low [m], step [m], then a rotation scratch [k] per thread */
@@ -42,7 +43,7 @@ int tm_int8_panels_gemm(float *y, const float *x, int64_t x_stride, int64_t rota
         float *scratch = step + m + (int64_t)omp_get_thread_num() * k;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < m; ++r) {
-            low[r] = quantize_row(x + r * x_stride, k, rotation_block, scratch, u + r * u_stride, &step[r]);
+            low[r] = quantize_row(x + r * x_stride, k, rotation_block, scratch, u + r * u_stride, &step[r], levels);
             memset(u + r * u_stride + k, 0, (size_t)(u_stride - k));
         }
         for (int64_t m0 = 0; m0 < m; m0 += chunk) {
@@ -50,7 +51,7 @@ int tm_int8_panels_gemm(float *y, const float *x, int64_t x_stride, int64_t rota
 #pragma omp for schedule(dynamic, PANELS_PER_GRAB) nowait
             for (int64_t p = 0; p < np; ++p)
                 int8_panel_rows(y + m0 * n, n, u + m0 * u_stride, u_stride, low + m0, step + m0, panels, scale, rowsum,
-                                bias, n, k, rows, p);
+                                bias, n, k, rows, p, levels);
         }
     }
     free(u);

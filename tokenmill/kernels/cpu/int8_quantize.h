@@ -1,9 +1,10 @@
 /* Per-token activation quantization for the W8A8 products (int8_panels.h), shared by int8_gemm.c and
  * decode_step.c, with an optional block Hadamard rotation:
  *
- *   u[m, k] = round((x[m, k] - low[m]) / step[m]) in [0, 255], low = min of the row, step = (max - min) / 255
+ *   u[m, k] = round((x[m, k] - low[m]) / step[m]) in [0, L], low = min of the row, step = (max - min) / L
  *
- * so that x ~= low + step * u, each row over its own range.
+ * so that x ~= low + step * u, each row over its own range; L = 255 (8 bits), or 127 (7 bits: the faster
+ * paired tile of int8_panels.h).
  */
 #ifndef TM_INT8_QUANTIZE_H
 #define TM_INT8_QUANTIZE_H
@@ -53,10 +54,10 @@ static void hadamard_block(float *x, int64_t b) {
     for (int64_t j = 0; j < b; ++j) x[j] *= norm;
 }
 
-/* u[k] = round((x[k] - low) / step); returns low, stores step (1 for a constant row, whose u is 0).
- * rotation_block > 0: x is first rotated block by block (hadamard_block) into scratch [k]. */
+/* u[k] = round((x[k] - low) / step) in [0, levels]; returns low, stores step (1 for a constant row, whose u
+ * is 0). rotation_block > 0: x is first rotated block by block (hadamard_block) into scratch [k]. */
 static float quantize_row(const float *x, int64_t k, int64_t rotation_block, float *scratch, uint8_t *u,
-                          float *step_out) {
+                          float *step_out, int64_t levels) {
     if (rotation_block > 0) {
         for (int64_t i = 0; i < k; ++i) scratch[i] = x[i];
         for (int64_t i = 0; i < k; i += rotation_block) hadamard_block(scratch + i, rotation_block);
@@ -67,11 +68,12 @@ static float quantize_row(const float *x, int64_t k, int64_t rotation_block, flo
         lo = x[i] < lo ? x[i] : lo;
         hi = x[i] > hi ? x[i] : hi;
     }
-    const float step = hi > lo ? (hi - lo) / 255.0f : 1.0f;
+    const float top = (float)levels;
+    const float step = hi > lo ? (hi - lo) / top : 1.0f;
     const float inv = 1.0f / step;
     for (int64_t i = 0; i < k; ++i) {
         const float v = (x[i] - lo) * inv + 0.5f;  /* >= 0.5 */
-        u[i] = (uint8_t)(v >= 255.0f ? 255 : (int32_t)v);
+        u[i] = (uint8_t)(v >= top ? (int32_t)levels : (int32_t)v);
     }
     *step_out = step;
     return lo;
