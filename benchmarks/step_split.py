@@ -1,6 +1,6 @@
 """Where W1's time goes by step kind: prefill steps (any step with a multi-token request) against pure
-decode steps, inside a decode step the one-call C decoder against the rest (vocabulary projection,
-sampling, bookkeeping), and inside the C decoder its phases (decode_step.c's own clock: per-row work,
+decode steps, inside each kind the one-call C decoder against the rest (vocabulary projection, sampling,
+bookkeeping), and inside the C decoder its phases over all steps (decode_step.c's own clock: per-row work,
 projections, rotary + K/V write, attention). One engine per run, prefix caching off; the engine's model
 runner is wrapped in place, so the numbers include nothing but the steps themselves.
 
@@ -25,7 +25,8 @@ from tokenmill.worker.model_runner import ModelRunner
 
 
 class _TimedDecodeStep:
-    """The model's C decoder, adding the time of each call to seconds["decode: C decoder"]."""
+    """The model's C decoder, adding the time of each call to seconds["decode: C decoder"] (pure decode
+    steps) or seconds["prefill: C decoder"] (steps with prompt rows)."""
 
     def __init__(self, inner: Any, seconds: dict[str, float]) -> None:
         self.inner = inner
@@ -34,10 +35,11 @@ class _TimedDecodeStep:
     def takes(self, meta: Any) -> bool:
         return self.inner.takes(meta)
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, embeddings: torch.Tensor, positions: torch.Tensor, meta: Any) -> Any:
+        kind = "decode" if meta.num_tokens == meta.num_reqs else "prefill"
         start = time.perf_counter()
-        out = self.inner(*args)
-        self.seconds["decode: C decoder"] += time.perf_counter() - start
+        out = self.inner(embeddings, positions, meta)
+        self.seconds[f"{kind}: C decoder"] += time.perf_counter() - start
         return out
 
 
@@ -94,7 +96,7 @@ def main() -> None:
         llm.generate(prompts, [params] * len(prompts), use_tqdm=False)
         if kernel is not None:
             for name, value in zip(PHASES, kernel.phase_seconds.tolist()):
-                seconds[f"decode: C decoder: {name}"] = value
+                seconds[f"C decoder phases, all steps: {name}"] = value
         runs.append({"total_s": time.perf_counter() - start, "seconds": dict(seconds), "steps": dict(counts)})
     median = {key: statistics.median(r["seconds"].get(key, 0.0) for r in runs) for key in runs[0]["seconds"]}
     total = statistics.median(r["total_s"] for r in runs)

@@ -43,8 +43,9 @@ class ModelConfig:
     )
     fused_decode: bool = field(
         default=True,
-        metadata=_help("on the CPU in float32, run decode steps of up to 64 requests through the one-call C decoder "
-                       "(every layer in one kernel call); false: layer by layer, as every other step runs"),
+        metadata=_help("on the CPU in float32, run decode steps of up to 64 requests, and steps with prompt rows of up "
+                       "to 4096 tokens (not with int4 weights), through the one-call C decoder (every layer in one "
+                       "kernel call); false: layer by layer, as every other step runs"),
     )
     panel_gemm: bool = field(
         default=True,

@@ -1,5 +1,6 @@
 """The one-call C decoder (models/llama_decode_step.py, kernels/cpu/decode_step.c): which steps it
-takes, that it computes what the layer-by-layer forward computes, and HF parity through it."""
+takes (decode, prompt, chunked and mixed), that it computes what the layer-by-layer forward computes, and
+HF parity through it."""
 
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def biased_checkpoint(tiny_checkpoint: Any, tmp_path_factory: pytest.TempPathFac
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "biased-llama", "biased-qwen2"])
 def test_c_decoder_matches_hf(arch: str, tiny_checkpoint: Any, biased_checkpoint: Any) -> None:
-    """Greedy tokens and logprobs equal to HF with every decode step in the C decoder."""
+    """Greedy tokens and logprobs equal to HF with every step in the C decoder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = biased_checkpoint(arch.removeprefix("biased-")) if arch.startswith("biased-") else tiny_checkpoint(arch)
@@ -110,7 +111,7 @@ def test_c_decoder_matches_hf(arch: str, tiny_checkpoint: Any, biased_checkpoint
         params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
         outputs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
     check_matches_hf(expected, outputs, "tokenmill C decoder")
-    assert rows == [3] * (MAX_TOKENS - 1)  # every decode step, all three requests in each
+    assert rows == [1 + 9 + 30] + [3] * (MAX_TOKENS - 1)  # the prompts' step, then every decode step
 
 
 @pytest.mark.parametrize("activation_bits", [8, 7])
@@ -130,7 +131,7 @@ def test_c_decoder_int8_agrees_with_layer_by_layer(tiny_checkpoint: Any, activat
         # Staggered lengths: steps of 6, 5, ... 1 requests (1 row: split-K attention; more: a task per KV head).
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4, 5, 6, 8)]
         llm.generate(prompts, params, use_tqdm=False)
-    assert rows == [6, 5, 4, 3, 2, 1, 1]
+    assert rows == [88, 6, 5, 4, 3, 2, 1, 1]  # the prompts' step (2 + 5 + 8 + 16 + 17 + 40 rows), then decode
 
 
 @pytest.mark.parametrize("kv_cache_dtype, dtype, rel_tol", [("float16", torch.float16, 1e-4),
@@ -148,12 +149,13 @@ def test_c_decoder_narrow_cache_agrees_with_layer_by_layer(
     with compared_with_layer_by_layer(model, rel_tol=rel_tol) as rows:
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4, 5, 6, 8)]
         llm.generate(prompts, params, use_tqdm=False)
-    assert rows == [6, 5, 4, 3, 2, 1, 1]
+    assert rows == [88, 6, 5, 4, 3, 2, 1, 1]
 
 
 def test_c_decoder_int4_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None:
     """W4A16 groups: the decoder's projections are int4_gemm's arithmetic; only float rounding in the
-    other ops (then a flipped 16-bit level) separates the two paths."""
+    other ops (then a flipped 16-bit level) separates the two paths. Prompt steps stay layer by layer (the
+    int4 kernel is for decode batches)."""
     llm = LLM(model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20, quantization="int4")
     model = _model(llm)
     assert isinstance(model.layers[0].mlp.down_proj, Int4GroupLinear)
@@ -166,10 +168,12 @@ def test_c_decoder_int4_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None
 
 
 def test_steps_it_does_not_take(tiny_checkpoint: Any) -> None:
-    """Prefill and mixed steps, and decode steps of more requests than max_rows, run layer by layer."""
+    """Decode steps of more requests than max_rows, and steps of more prompt tokens than max_prompt_tokens,
+    run layer by layer."""
     llm = LLM(model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20)
     model = _model(llm)
     limit = model.decode_step.max_rows
+    model.decode_step.max_prompt_tokens = 4 * (limit + 1) - 1  # one short of the prompts' step
     with compared_with_layer_by_layer(model, rel_tol=1e-5) as rows:
         prompts = _prompts(model.config.vocab_size, (4,) * (limit + 1))
         # limit + 1 requests decode together for 2 steps; then limit of them for 2 more.
@@ -177,6 +181,31 @@ def test_steps_it_does_not_take(tiny_checkpoint: Any) -> None:
                   for i in range(limit + 1)]
         llm.generate(prompts, params, use_tqdm=False)
     assert rows == [limit, limit]
+
+
+def test_chunked_mixed_and_prefix_hit_steps(tiny_checkpoint: Any) -> None:
+    """Prompt rows beyond a plain prefill: a 40-token prompt split over steps of 16 tokens (chunked prefill:
+    later chunks attend to the cached ones), chunks sharing steps with other requests' decode rows (mixed
+    steps), and a second request whose first 24 tokens are cached (a prefix hit: its prompt step computes
+    only the rest). Every step agrees with the layer-by-layer forward and the tokens and logprobs with HF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_checkpoint("llama")
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    long, short = _prompts(hf_model.config.vocab_size, (40, 5))
+    shared = long[:24] + short  # shares long's first 3 blocks of 8
+    expected = hf_greedy(hf_model, AutoTokenizer.from_pretrained(path), [short, long, shared], MAX_TOKENS, 5)
+
+    llm = LLM(model=str(path), block_size=8, kv_cache_memory=16 << 20, max_num_batched_tokens=16,
+              enable_prefix_caching=True)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
+    with compared_with_layer_by_layer(_model(llm), rel_tol=1e-5) as rows:
+        outputs = [o.outputs[0] for o in llm.generate([short, long], params, use_tqdm=False)]
+        outputs += [o.outputs[0] for o in llm.generate([shared], params, use_tqdm=False)]
+    check_matches_hf(expected, outputs, "tokenmill C decoder, chunked and prefix-hit steps")
+    # short's 5 rows and long's first 11, then long's chunks of 15 and 14 beside short's decode row (mixed),
+    # then decode steps; shared's step computes its 5 uncached tokens only.
+    assert rows[:3] == [16, 16, 15] and rows.count(5) == 1, rows
 
 
 def test_off_when_asked_or_not_float32(tiny_checkpoint: Any) -> None:
@@ -191,16 +220,20 @@ def test_kernel_rejects_bad_inputs(tiny_checkpoint: Any) -> None:
     llm = LLM(model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20)
     kernel = _model(llm).decode_step.kernel
     hidden = torch.zeros(2, kernel.hidden_size)
-    ints = torch.zeros(2, dtype=torch.int64)
+    ints, ones = torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.int64)
     tables = torch.zeros(2, 3, dtype=torch.int64)
     with pytest.raises(ValueError, match="hidden"):
-        kernel.run(hidden.double(), ints, ints, ints + 1, tables)
+        kernel.run(hidden.double(), ints, ints, ints, ones, ones, tables)
     with pytest.raises(ValueError, match="hidden"):
-        kernel.run(torch.zeros(2, kernel.hidden_size + 1), ints, ints, ints + 1, tables)
+        kernel.run(torch.zeros(2, kernel.hidden_size + 1), ints, ints, ints, ones, ones, tables)
     with pytest.raises(ValueError, match="seq_lens"):
-        kernel.run(hidden, ints, ints, (ints + 1).int(), tables)
+        kernel.run(hidden, ints, ints, ints, ones, ones.int(), tables)
     with pytest.raises(ValueError, match="block_tables"):
-        kernel.run(hidden, ints, ints, ints + 1, tables[:1])
+        kernel.run(hidden, ints, ints, ints, ones, ones, tables[:1])
+    with pytest.raises(ValueError, match="positions"):
+        kernel.run(hidden, ints[:1], ints, ints, ones, ones, tables)
+    with pytest.raises(ValueError, match="add up"):  # 2 requests of 2 rows each, for 2 rows
+        kernel.run(hidden, ints, ints, ints, ones + 1, ones + 1, tables)
 
 
 def test_phase_clock_adds_every_phase_and_leaves_outputs_alone(tiny_checkpoint: Any) -> None:

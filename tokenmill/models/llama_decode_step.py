@@ -1,10 +1,13 @@
-"""Decode steps of a Llama-family model through the one-call C decoder (kernels/cpu/decode_step.c).
+"""Steps of a Llama-family model through the one-call C decoder (kernels/cpu/decode_step.c).
 
-A pure decode step of at most `max_rows` requests (one new token each) skips the layer-by-layer
-forward: the embeddings go to decode_step.c, which runs every layer in one OpenMP region and returns
-the final hidden states. Every other step (prefill, mixed, larger batches) runs models/llama.py's
-forward. Both compute the same arithmetic; the C path only removes the per-op dispatch (about half of
-a batch-1 token's time on a 2-core CPU).
+A step it takes skips the layer-by-layer forward: the embeddings go to decode_step.c, which runs every
+layer in one OpenMP region and returns the final hidden states. It takes pure decode steps of at most
+`max_rows` requests (one new token each), and steps with prompt rows (prefill, chunked prefill, mixed with
+decode rows) of at most `max_prompt_tokens` tokens unless a projection is int4 (whose C kernel is for
+decode batches; larger products dequantize to float32, quant/int4_cpu.py). Other steps run
+models/llama.py's forward. Both compute the same arithmetic; the C path only removes the per-op dispatch
+(about half of a batch-1 token's time on a 2-core CPU) and, for prompt steps, the other threads' waits
+while the host dispatches the ~10 OpenMP regions per layer.
 
 It applies on the CPU to float32 models with a float32 K/V cache in the torch backend's head-major
 layout, with projections that are layers/panel_linear.py's PanelLinear (float32), quant/int8_cpu.py's
@@ -37,6 +40,9 @@ logger = logging.getLogger("tokenmill")
 #   fp32   42/19 128/44 155/67 183/111 227/156 252/202
 # Larger batches are unmeasured and keep the layer-by-layer forward.
 MAX_ROWS = 64
+# Most tokens a step with prompt rows may have to take the C decoder (its scratch grows ~35 KB a token
+# for SmolLM2-135M); the engine's default step budget (max_num_batched_tokens) is 2048.
+MAX_PROMPT_TOKENS = 4096
 
 
 class DecodeStepUnsupported(ValueError):
@@ -98,13 +104,23 @@ class LlamaDecodeStep:
     def __init__(self, model: nn.Module) -> None:
         self.kernel = build_decode_step(model)
         self.max_rows = MAX_ROWS
+        int4 = any(isinstance(m, Int4GroupLinear) for m in model.layers.modules())
+        self.max_prompt_tokens = 0 if int4 else MAX_PROMPT_TOKENS
 
     def takes(self, meta: AttentionMetadata) -> bool:
-        return meta.num_reqs <= self.max_rows and meta.num_tokens == meta.num_reqs and meta.seq_len_bound is None
+        if meta.seq_len_bound is not None:
+            return False
+        if meta.num_tokens == meta.num_reqs:  # pure decode
+            return meta.num_reqs <= self.max_rows
+        return meta.num_tokens <= self.max_prompt_tokens
 
     def __call__(self, embeddings: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """embeddings [R, hidden] of the step's tokens (one per request, overwritten) -> final hidden states."""
-        return self.kernel.run(embeddings, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+        """embeddings [T, hidden] of the step's tokens (overwritten) -> final hidden states."""
+        q_lens = meta.scratch.get("q_lens")
+        if q_lens is None:
+            q_lens = meta.scratch["q_lens"] = torch.tensor(meta.query_lens_list, dtype=torch.int64)
+        return self.kernel.run(embeddings, positions, meta.slot_mapping, meta.query_start_loc[:-1], q_lens,
+                               meta.seq_lens, meta.block_tables)
 
 
 def attach_decode_step(model: nn.Module) -> bool:
@@ -114,5 +130,7 @@ def attach_decode_step(model: nn.Module) -> bool:
     except ValueError as exc:  # DecodeStepUnsupported, or a layout DecodeStepModel does not take
         logger.info("decode steps run layer by layer: %s", exc)
         return False
-    logger.info("decode steps of up to %d requests run through the one-call C decoder", model.decode_step.max_rows)
+    step = model.decode_step
+    prompts = f", steps with prompt rows of up to {step.max_prompt_tokens} tokens" if step.max_prompt_tokens else ""
+    logger.info("decode steps of up to %d requests%s run through the one-call C decoder", step.max_rows, prompts)
     return True

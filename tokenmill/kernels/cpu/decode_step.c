@@ -1,10 +1,11 @@
-/* A whole Llama decoder forward for a decode step (one new token per request, up to a few dozen) in one
- * call: every layer's norms, projections, rotary, K/V write and paged attention, inside one OpenMP
- * parallel region with barriers between the phases.
+/* A whole Llama decoder forward for one engine step in one call: every layer's norms, projections, rotary,
+ * K/V write and paged attention, inside one OpenMP parallel region with barriers between the phases. A step
+ * is decode rows (one new token per request), prompt chunks (several rows per request), or both.
  *
  * Why: at one token a layer's weights take ~120 us to stream (int8), while running it as ~15 torch /
  * ctypes calls costs about as much again in dispatch, allocation and thread-pool fork/join. Here the
- * threads stay in one region for the whole step and meet at ~10 barriers per layer.
+ * threads stay in one region for the whole step and meet at ~10 barriers per layer. A prompt step gains
+ * less, but still the host work between the ~10 regions per layer, during which the other threads wait.
  *
  * Arithmetic, per layer, row by row (as models/llama.py computes it):
  *   residual += previous sublayer output (layer 0: residual = embeddings)
@@ -18,14 +19,17 @@
  * Hadamard blocks in the same pass) or W4A16 int4 (int4_dot.h: 4-bit weight groups, each group of 32
  * inputs quantized to 16 bits on its own) as the tm_linear says.
  *
- * Work split: projections by panels (float32, int8; PANELS_PER_GRAB at a time, dynamic) or blocks of
- * INT4_CHANNELS output channels (static: each thread streams its half of every weight), attention by
- * (request, KV head) tasks or, with fewer tasks than 2 per thread, by block-aligned ranges of each one's
- * positions merged after (split-K); the per-row phases by rows.
+ * Work split: projections by panels (float32, int8; PANELS_PER_GRAB at a time, dynamic, over row chunks
+ * whose quantized or float input stays in L2, as int8_gemm.c and f32_gemm.c block them) or blocks of
+ * INT4_CHANNELS output channels (static: each thread streams its half of every weight). Attention of a pure
+ * decode step by (request, KV head) tasks or, with fewer tasks than 2 per thread, by block-aligned ranges
+ * of each one's positions merged after (split-K); of any other step by prefill_tile.h's (request, KV head,
+ * query block) tasks, decode rows included. The per-row phases by rows.
  *
  * Invariants: all float tensors but the K/V caches (rows of kv_type, kv_cache.h) are float32 and contiguous;
- * head_dim % 8 == 0; positions index the rotary tables; slots[r] is the cache slot of row r's new token
- * and seq_lens[r] counts it; the K/V caches have the head-major layout of kv_cache.h.
+ * head_dim % 8 == 0; positions index the rotary tables; slots[t] is the cache slot of row t's token; request
+ * r owns rows q_starts[r] .. + q_lens[r] - 1 (in order, together all rows), the last q_lens[r] of its
+ * seq_lens[r] positions; the K/V caches have the head-major layout of kv_cache.h.
  */
 #include <omp.h>
 #include <stdint.h>
@@ -37,6 +41,7 @@
 #include "int4_dot.h"
 #include "int8_panels.h"
 #include "int8_quantize.h"
+#include "prefill_tile.h"
 #include "row_ops.h"
 #include "work_split.h"
 
@@ -96,19 +101,45 @@ static inline void prepare_row(const tm_linear *l, const float *x_row, int64_t m
                           qr->group_sum + m * g_stride);
 }
 
+static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+/* Bytes of a projection's input rows kept in L2 while every panel passes over them (int8_gemm.c's and
+ * f32_gemm.c's blocking): more rows are taken in chunks of this many bytes. Steps of up to
+ * UNCHUNKED_ROWS rows (decode batches) take all rows at once: their weights stream from memory once. */
+#define ROW_CHUNK_BYTES (192 * 1024)
+#define UNCHUNKED_ROWS 64
+
+/* Rows per chunk of `bytes_per_row` for a step of num_rows rows: a multiple of `tile` rows (at least one). */
+static inline int64_t rows_per_chunk(int64_t bytes_per_row, int64_t tile, int64_t num_rows) {
+    if (num_rows <= UNCHUNKED_ROWS) return num_rows > 0 ? num_rows : 1;
+    const int64_t rows = ROW_CHUNK_BYTES / bytes_per_row / tile * tile;
+    return rows < tile ? tile : rows;
+}
+
 /* y [num_rows, n] = x [num_rows, k] (row stride k) through l; x already prepared (prepare_row) for int8 and int4.
- * A worksharing loop: every thread of the region must call it. */
+ * A worksharing loop: every thread of the region must call it; it ends with a barrier. */
 static void linear_phase(const tm_linear *l, float *y, const float *x, const quantized_rows *qr, int64_t num_rows) {
     const int64_t n = l->n;
     if (l->format == TM_FLOAT32) {
-#pragma omp for schedule(dynamic, PANELS_PER_GRAB)
-        for (int64_t p = 0; p < num_panels(n); ++p)
-            panel_rows(y, n, x, l->k, (const float *)l->weight, l->bias, n, l->k, num_rows, p);
+        const int64_t chunk = rows_per_chunk(l->k * (int64_t)sizeof(float), PANEL_ROWS, num_rows);
+        for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
+            const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
+#pragma omp for schedule(dynamic, PANELS_PER_GRAB) nowait
+            for (int64_t p = 0; p < num_panels(n); ++p)
+                panel_rows(y + m0 * n, n, x + m0 * l->k, l->k, (const float *)l->weight, l->bias, n, l->k, rows, p);
+        }
+#pragma omp barrier
     } else if (l->format == TM_INT8) {
-#pragma omp for schedule(dynamic, PANELS_PER_GRAB)
-        for (int64_t p = 0; p < int8_num_panels(n); ++p)
-            int8_panel_rows(y, n, qr->u, qr->k_pad, qr->low, qr->step, (const int8_t *)l->weight, l->scale, l->rowsum,
-                            l->bias, n, l->k, num_rows, p, l->levels);
+        /* whole tiles of either int8 tile (5 rows, or 4 paired) */
+        const int64_t chunk = rows_per_chunk(round_up(l->k, K_ALIGN), I8_TILE_ROWS * I8_PAIRED_ROWS, num_rows);
+        for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
+            const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
+#pragma omp for schedule(dynamic, PANELS_PER_GRAB) nowait
+            for (int64_t p = 0; p < int8_num_panels(n); ++p)
+                int8_panel_rows(y + m0 * n, n, qr->u + m0 * qr->k_pad, qr->k_pad, qr->low + m0, qr->step + m0,
+                                (const int8_t *)l->weight, l->scale, l->rowsum, l->bias, n, l->k, rows, p, l->levels);
+        }
+#pragma omp barrier
     } else {
 #pragma omp for schedule(static)
         for (int64_t n0 = 0; n0 < n; n0 += INT4_CHANNELS) {
@@ -122,29 +153,39 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
     }
 }
 
-static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
-
 /* hidden: in, the embeddings of the step's tokens [num_rows, hidden]; out, the final normed hidden
- * states. Row r is request r: its new token at positions[r], cache slot slots[r], attending over
- * seq_lens[r] positions through block_tables[r * table_stride ...].
+ * states. Row t's token sits at positions[t] and writes its K/V to cache slot slots[t]. Request r (of
+ * num_reqs) owns rows q_starts[r] .. + q_lens[r] - 1, attending over its seq_lens[r] positions through
+ * block_tables[r * table_stride ...].
  * phase_seconds: NULL, or [TM_NUM_PHASES] to which each phase's wall time is added (thread 0's clock between
  * the barriers that end the phases).
  * Returns 0; 1 when scratch memory could not be allocated; 2 when head_dim % 8 != 0 (hidden untouched). */
-int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, const int64_t *slots,
-                   const int64_t *seq_lens, const int64_t *block_tables, int64_t table_stride, int64_t num_rows,
-                   int num_threads, double *phase_seconds) {
-    const int64_t R = num_rows, H = m->hidden, D = m->head_dim, I = m->intermediate;
+int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, const int64_t *slots, int64_t num_rows,
+                   const int64_t *q_starts, const int64_t *q_lens, const int64_t *seq_lens, const int64_t *block_tables,
+                   int64_t table_stride, int64_t num_reqs, int num_threads, double *phase_seconds) {
+    const int64_t R = num_rows, N = num_reqs, H = m->hidden, D = m->head_dim, I = m->intermediate;
     const int64_t num_heads = m->num_heads, num_kv_heads = m->num_kv_heads, group = num_heads / num_kv_heads;
     const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D, qkv_n = q_size + 2 * kv_size;
     if (D % LANES != 0) return 2;
     int64_t max_seq = 1;
-    for (int64_t r = 0; r < R; ++r) max_seq = seq_lens[r] > max_seq ? seq_lens[r] : max_seq;
+    for (int64_t r = 0; r < N; ++r) max_seq = seq_lens[r] > max_seq ? seq_lens[r] : max_seq;
+    const int pure_decode = R == N; /* every request has one row */
     int64_t max_k = H > I ? H : I;
     max_k = max_k > q_size ? max_k : q_size;
     const int64_t k_pad = round_up(max_k, K_ALIGN);
-    const int64_t per_thread = round_up(group * max_seq + max_k, 16); /* scores, then rotation scratch */
+    /* Per thread: the attention's scratch (decode scores, or a prefill_tile.h block's), then the rotation's. */
+    const int64_t attention_scratch = pure_decode ? group * max_seq : prefill_scratch_floats(group, D);
+    const int64_t per_thread = round_up(attention_scratch + max_k, 16);
     /* Split-K attention (fewer than 2 (request, KV head) tasks per thread): ranges per (request, KV head). */
-    const int64_t max_splits = (2 * (int64_t)num_threads + R * num_kv_heads - 1) / (R * num_kv_heads);
+    const int64_t max_splits = pure_decode ? (2 * (int64_t)num_threads + N * num_kv_heads - 1) / (N * num_kv_heads) : 0;
+    /* Any other step: prefill_tile.h's tasks. */
+    const int64_t num_tasks = pure_decode ? 0 : prefill_num_tasks(q_lens, N, num_kv_heads);
+    attention_task *tasks = NULL;
+    if (num_tasks > 0) {
+        tasks = (attention_task *)malloc((size_t)num_tasks * sizeof(attention_task));
+        if (tasks == NULL) return 1;
+        prefill_tasks(tasks, q_lens, N, num_kv_heads);
+    }
 
     /* One allocation, 64-byte aligned pieces (sizes in floats, each a multiple of 16). */
     const int64_t sizes[] = {R * H /* residual */, R * max_k /* x */, R * qkv_n, R * q_size /* q */,
@@ -156,7 +197,10 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
     int64_t total = 0;
     for (int i = 0; i < num_pieces; ++i) total += round_up(sizes[i], 16);
     float *arena = (float *)aligned_alloc(64, (size_t)total * sizeof(float));
-    if (arena == NULL) return 1;
+    if (arena == NULL) {
+        free(tasks);
+        return 1;
+    }
     float *piece[12];
     int64_t offset = 0;
     for (int i = 0; i < num_pieces; offset += round_up(sizes[i], 16), ++i) piece[i] = arena + offset;
@@ -168,8 +212,8 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
 
 #pragma omp parallel num_threads(num_threads)
     {
-        float *scores = thread_scratch + per_thread * omp_get_thread_num();
-        float *rotation_scratch = scores + group * max_seq;
+        float *scores = thread_scratch + per_thread * omp_get_thread_num(); /* the attention's scratch */
+        float *rotation_scratch = scores + attention_scratch;
         const int timing = phase_seconds != NULL && omp_get_thread_num() == 0;
         double mark = timing ? omp_get_wtime() : 0.0;
 /* After a worksharing loop's closing barrier: the time since the previous mark goes to `phase`. */
@@ -209,14 +253,24 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
             }
             END_PHASE(TM_PHASE_ROTARY_KV)
 
-            /* Enough (request, KV head) tasks: one each. Fewer (a few long rows): each one's positions
-             * split into block-aligned ranges over the threads, merged after (split-K). Same values on
-             * every thread, so every thread runs the same loops. */
-            if (R * num_kv_heads >= 2 * (int64_t)omp_get_num_threads()) {
+            /* A pure decode step with enough (request, KV head) tasks: one each. Fewer (a few long rows): each
+             * one's positions split into block-aligned ranges over the threads, merged after (split-K). Any
+             * other step: prefill_tile.h's query-block tasks. Same values on every thread, so every thread
+             * runs the same loops. */
+            if (!pure_decode) {
 #pragma omp for schedule(dynamic, 1)
-                for (int64_t task = 0; task < R * num_kv_heads; ++task) {
+                for (int64_t i = 0; i < num_tasks; ++i) {
+                    const attention_task *t = &tasks[i];
+                    const int64_t r = t->req, first = q_starts[r] * q_size;
+                    attend_block(attn + first, q + first, q_size, ly->k_cache, ly->v_cache, (int)m->kv_type,
+                                 block_tables + r * table_stride, seq_lens[r], q_lens[r], t, num_heads, group,
+                                 m->num_blocks, m->block_size, D, m->attn_scale, scores);
+                }
+            } else if (N * num_kv_heads >= 2 * (int64_t)omp_get_num_threads()) {
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t task = 0; task < N * num_kv_heads; ++task) {
                     const int64_t r = task / num_kv_heads, h = task % num_kv_heads;
-                    const int64_t offset = r * q_size + h * group * D;
+                    const int64_t offset = q_starts[r] * q_size + h * group * D;
                     attend_one(attn + offset, q + offset, ly->k_cache, ly->v_cache, (int)m->kv_type,
                                block_tables + r * table_stride,
                                seq_lens[r], group, h, m->num_blocks, m->block_size, D, m->attn_scale, scores);
@@ -224,7 +278,7 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
             } else {
                 const int64_t splits = max_splits, part_stride = D + 2;
 #pragma omp for schedule(dynamic, 1)
-                for (int64_t task = 0; task < R * num_kv_heads * splits; ++task) {
+                for (int64_t task = 0; task < N * num_kv_heads * splits; ++task) {
                     const int64_t r = task / (num_kv_heads * splits), h = task / splits % num_kv_heads;
                     const int64_t s = task % splits, seq_len = seq_lens[r];
                     const int64_t seq_blocks = (seq_len + m->block_size - 1) / m->block_size;
@@ -235,15 +289,15 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
                         for (int64_t g = 0; g < group; ++g) part[g * part_stride + D + 1] = 0.0f; /* empty */
                         continue;
                     }
-                    attend_range(part, q + r * q_size + h * group * D, ly->k_cache, ly->v_cache, (int)m->kv_type,
+                    attend_range(part, q + q_starts[r] * q_size + h * group * D, ly->k_cache, ly->v_cache, (int)m->kv_type,
                                  block_tables + r * table_stride, start, end < seq_len ? end : seq_len, group, h,
                                  m->num_blocks, m->block_size, D, m->attn_scale, scores);
                 }
 #pragma omp for schedule(static)
-                for (int64_t t = 0; t < R * num_heads; ++t) {
+                for (int64_t t = 0; t < N * num_heads; ++t) {
                     const int64_t r = t / num_heads, hq = t % num_heads, h = hq / group, g = hq % group;
                     const float *first = partials + ((r * num_kv_heads + h) * splits * group + g) * part_stride;
-                    combine_ranges(attn + r * q_size + hq * D, first, splits, group * part_stride, D, m->attn_scale);
+                    combine_ranges(attn + q_starts[r] * q_size + hq * D, first, splits, group * part_stride, D, m->attn_scale);
                 }
             }
 
@@ -287,5 +341,6 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
 #undef END_PHASE
     }
     free(arena);
+    free(tasks);
     return 0;
 }

@@ -1,4 +1,5 @@
-"""ctypes binding of decode_step.c: a whole Llama decoder forward for a decode step in one call.
+"""ctypes binding of decode_step.c: a whole Llama decoder forward for one engine step in one call (decode
+rows, prompt chunks or both).
 
 The caller describes the model once (DecodeStepModel: pointers to every layer's weights and K/V cache,
 kept alive by the object) and then runs steps with per-step tensors. Tensors are float32 (float32
@@ -52,8 +53,8 @@ def _lib() -> ctypes.CDLL | None:
     lib = load_kernel_library("decode_step")
     if lib is None:
         return None
-    lib.tm_decode_step.argtypes = [ctypes.POINTER(_Model), _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_int,
-                                   _ptr]
+    lib.tm_decode_step.argtypes = [ctypes.POINTER(_Model), _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
+                                   ctypes.c_int, _ptr]
     lib.tm_decode_step.restype = ctypes.c_int
     return lib
 
@@ -200,24 +201,30 @@ class DecodeStepModel:
         return out
 
     def run(
-        self, hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor,
-        block_tables: torch.Tensor,
+        self, hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, q_starts: torch.Tensor,
+        q_lens: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
     ) -> torch.Tensor:
-        """hidden [R, hidden] float32 (the embeddings of the step's tokens, one per request; overwritten)
-        -> the final normed hidden states, in place. positions, slots, seq_lens: [R] int64; block_tables:
-        [R, max_blocks] int64 contiguous."""
-        num_rows = hidden.shape[0]
+        """hidden [T, hidden] float32 (the embeddings of the step's tokens; overwritten) -> the final normed
+        hidden states, in place. positions, slots: [T] int64, per row. q_starts, q_lens, seq_lens: [N] int64,
+        per request: request r owns rows q_starts[r] .. + q_lens[r] - 1 (the requests' rows in order, together
+        all T), the last q_lens[r] of its seq_lens[r] positions. block_tables: [N, max_blocks] int64
+        contiguous."""
+        num_rows, num_reqs = hidden.shape[0], q_lens.shape[0]
         _checked(hidden, torch.float32, "hidden")
         if hidden.shape != (num_rows, self.hidden_size):
-            raise ValueError(f"decode step: hidden must be [R, {self.hidden_size}], got {tuple(hidden.shape)}")
-        for t, what in ((positions, "positions"), (slots, "slots"), (seq_lens, "seq_lens"), (block_tables, "block_tables")):
+            raise ValueError(f"decode step: hidden must be [T, {self.hidden_size}], got {tuple(hidden.shape)}")
+        for t, what, rows in ((positions, "positions", num_rows), (slots, "slots", num_rows),
+                              (q_starts, "q_starts", num_reqs), (q_lens, "q_lens", num_reqs),
+                              (seq_lens, "seq_lens", num_reqs), (block_tables, "block_tables", num_reqs)):
             _checked(t, torch.int64, what)
-            if t.shape[0] != num_rows:
-                raise ValueError(f"decode step: {what} must have {num_rows} rows, got {t.shape[0]}")
+            if t.shape[0] != rows:
+                raise ValueError(f"decode step: {what} must have {rows} rows, got {t.shape[0]}")
+        if int(q_lens.sum()) != num_rows:
+            raise ValueError(f"decode step: q_lens must add up to the {num_rows} rows, got {int(q_lens.sum())}")
         status = _lib().tm_decode_step(
-            ctypes.byref(self._model), hidden.data_ptr(), positions.data_ptr(), slots.data_ptr(), seq_lens.data_ptr(),
-            block_tables.data_ptr(), block_tables.shape[1], num_rows, torch.get_num_threads(),
-            None if self.phase_seconds is None else self.phase_seconds.data_ptr())
+            ctypes.byref(self._model), hidden.data_ptr(), positions.data_ptr(), slots.data_ptr(), num_rows,
+            q_starts.data_ptr(), q_lens.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+            num_reqs, torch.get_num_threads(), None if self.phase_seconds is None else self.phase_seconds.data_ptr())
         if status == 1:
             raise MemoryError("decode step: no memory for the step's scratch buffers")
         if status != 0:
