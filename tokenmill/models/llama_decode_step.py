@@ -9,10 +9,10 @@ models/llama.py's forward. Both compute the same arithmetic; the C path only rem
 (about half of a batch-1 token's time on a 2-core CPU) and, for prompt steps, the other threads' waits
 while the host dispatches the ~10 OpenMP regions per layer.
 
-It applies on the CPU to float32 models with a float32 K/V cache in the torch backend's head-major
-layout, with projections that are layers/panel_linear.py's PanelLinear (float32), quant/int8_cpu.py's
-Int8DynamicLinear or quant/int4_cpu.py's Int4GroupLinear; anything else (plain float32 Linears,
-fp8, bf16, the triton backend, no C compiler) keeps the layer-by-layer forward.
+It applies on the CPU to float32 models with a float32, float16 or int8 K/V cache (kernels/cpu/kv_cache.py)
+in the torch backend's head-major layout, with projections that are layers/panel_linear.py's PanelLinear
+(float32), quant/int8_cpu.py's Int8DynamicLinear or quant/int4_cpu.py's Int4GroupLinear; anything else
+(plain float32 Linears, fp8, bf16, the triton backend, no C compiler) keeps the layer-by-layer forward.
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ class LinearWeights:
     [ceil(n / 16), k, 16]. Int8 (quant/int8_cpu.py's pair-budget weights): weight panels int8
     [ceil(n / 16), ceil(k / 4), 16, 4], row_sums int32 and scale float32 padded to whole panels, and the
     Hadamard block the input is rotated by (0: none), and the activations' bits (8 or 7). Int4
-    (quant/int4_cpu.py's groups): weight packed uint8 [n_pad, k / 2], scale and group_min float16 [n_pad / 4, k / 32, 4]."""
+    (quant/int4_cpu.py's groups): weight packed uint8 [n_pad, k / 2], scale and group_min float16
+    [n_pad / 4, k / 32, 4]."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
