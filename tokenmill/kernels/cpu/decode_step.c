@@ -177,7 +177,8 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
     const int64_t attention_scratch = pure_decode ? group * max_seq : prefill_scratch_floats(group, D);
     const int64_t per_thread = round_up(attention_scratch + max_k, 16);
     /* Split-K attention (fewer than 2 (request, KV head) tasks per thread): ranges per (request, KV head). */
-    const int64_t max_splits = pure_decode ? (2 * (int64_t)num_threads + N * num_kv_heads - 1) / (N * num_kv_heads) : 0;
+    const int64_t max_splits =
+        pure_decode ? (2 * (int64_t)num_threads + N * num_kv_heads - 1) / (N * num_kv_heads) : 0;
     /* Any other step: prefill_tile.h's tasks. */
     const int64_t num_tasks = pure_decode ? 0 : prefill_num_tasks(q_lens, N, num_kv_heads);
     attention_task *tasks = NULL;
@@ -289,15 +290,16 @@ int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, c
                         for (int64_t g = 0; g < group; ++g) part[g * part_stride + D + 1] = 0.0f; /* empty */
                         continue;
                     }
-                    attend_range(part, q + q_starts[r] * q_size + h * group * D, ly->k_cache, ly->v_cache, (int)m->kv_type,
-                                 block_tables + r * table_stride, start, end < seq_len ? end : seq_len, group, h,
-                                 m->num_blocks, m->block_size, D, m->attn_scale, scores);
+                    attend_range(part, q + q_starts[r] * q_size + h * group * D, ly->k_cache, ly->v_cache,
+                                 (int)m->kv_type, block_tables + r * table_stride, start, end < seq_len ? end : seq_len,
+                                 group, h, m->num_blocks, m->block_size, D, m->attn_scale, scores);
                 }
 #pragma omp for schedule(static)
                 for (int64_t t = 0; t < N * num_heads; ++t) {
                     const int64_t r = t / num_heads, hq = t % num_heads, h = hq / group, g = hq % group;
                     const float *first = partials + ((r * num_kv_heads + h) * splits * group + g) * part_stride;
-                    combine_ranges(attn + q_starts[r] * q_size + hq * D, first, splits, group * part_stride, D, m->attn_scale);
+                    combine_ranges(attn + q_starts[r] * q_size + hq * D, first, splits, group * part_stride, D,
+                                   m->attn_scale);
                 }
             }
 
