@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from tokenmill.kernels.cpu.int8_gemm import (
+    ACTIVATION_LEVELS,
     int8_gemm_available,
     int8_panels_gemm,
     pack_int8_panels,
@@ -129,7 +130,7 @@ class Int8DynamicLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rotation_block: int | None = None,
                  activation_bits: int = 8) -> None:
         super().__init__()
-        if activation_bits not in (8, 7):
+        if activation_bits not in ACTIVATION_LEVELS:
             raise ValueError(f"int8 activation_bits must be 8 or 7, got {activation_bits}")
         self.activation_bits = activation_bits
         if weight.device.type != "cpu":
