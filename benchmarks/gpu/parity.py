@@ -75,7 +75,7 @@ def _median_ms(fn: Any) -> float:
 
 def fp8_linear_check(device: torch.device) -> dict[str, Any]:
     """FP8 weights on the 8B layer shapes: error against bf16, and M=1 timings (weight bandwidth)."""
-    from tokenmill.kernels.fp8_gemm import w8a16_gemm
+    from tokenmill.kernels.triton.fp8_gemm import w8a16_gemm
     from tokenmill.quant.fp8 import dequantize_weight, quantize_weight, scaled_mm
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -103,7 +103,7 @@ def fp8_linear_check(device: torch.device) -> dict[str, Any]:
 
 def _m1_timings(w: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> dict[str, float]:
     """One-row GEMM timings (decode at batch 1) and the weight bandwidth each reaches."""
-    from tokenmill.kernels.fp8_gemm import w8a16_gemm
+    from tokenmill.kernels.triton.fp8_gemm import w8a16_gemm
     from tokenmill.quant.fp8 import scaled_mm
 
     q, scale = quantized

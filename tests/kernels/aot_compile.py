@@ -19,7 +19,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from tokenmill.kernels import activation, fp8_gemm, paged_attention, rmsnorm, rope_kv
+from tokenmill.kernels.triton import activation, fp8_gemm, paged_attention, rmsnorm, rope_kv
 
 TARGET = GPUTarget("cuda", 90, 32)
 INT_ARGS = ("num_splits", "M", "N", "K", "k_per_split")

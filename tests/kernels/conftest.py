@@ -9,11 +9,11 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 
 if not HAS_CUDA:
-    import tokenmill.kernels
+    import tokenmill.kernels.triton
 
-    if not tokenmill.kernels.INTERPRET:
+    if not tokenmill.kernels.triton.INTERPRET:
         raise RuntimeError(
-            "tokenmill.kernels was imported before tests/kernels/triton_mode.py could select Triton's "
+            "tokenmill.kernels.triton was imported before tests/kernels/triton_mode.py could select Triton's "
             "interpreter (tests/conftest.py calls it first); without CUDA, set TRITON_INTERPRET=1"
         )
 

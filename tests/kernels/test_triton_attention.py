@@ -17,7 +17,7 @@ from tests.kernels.test_torch_attention import _metadata, _reference
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.attention.triton_backend import TritonAttentionBackend
-from tokenmill.kernels.paged_attention import decode_attention
+from tokenmill.kernels.triton.paged_attention import decode_attention
 
 TILE = 16
 

@@ -11,8 +11,8 @@ from tests.kernels.conftest import HAS_CUDA
 from tests.kernels.test_torch_attention import _metadata
 from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.attention.triton_backend import TritonAttentionBackend
-from tokenmill.kernels.fp8_gemm import w8a16_gemm
-from tokenmill.kernels.rmsnorm import rms_norm
+from tokenmill.kernels.triton.fp8_gemm import w8a16_gemm
+from tokenmill.kernels.triton.rmsnorm import rms_norm
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.quant.fp8 import dequantize_weight, quantize_weight
@@ -122,7 +122,7 @@ def test_w8a16_gemm_matches_dequantized(device, m, n, k, split_k, per_channel) -
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_silu_and_mul_matches_torch(device, dtype) -> None:
-    from tokenmill.kernels.activation import silu_and_mul
+    from tokenmill.kernels.triton.activation import silu_and_mul
     from tokenmill.layers.activation import SiluAndMul
 
     x = (torch.randn(5, 2 * 3000, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
@@ -132,7 +132,7 @@ def test_silu_and_mul_matches_torch(device, dtype) -> None:
 
 
 def test_quantize_rows_fp8_matches_torch(device) -> None:
-    from tokenmill.kernels.fp8_gemm import quantize_rows_fp8
+    from tokenmill.kernels.triton.fp8_gemm import quantize_rows_fp8
     from tokenmill.quant.fp8 import quantize_per_token
 
     x = torch.randn(5, 1000, generator=torch.Generator().manual_seed(2)) * torch.tensor([1e-3, 1, 10, 100, 0]).unsqueeze(1)

@@ -29,10 +29,10 @@ def select_interpreter_if_no_cuda() -> None:
         import triton.language  # noqa: F401
 
         import tokenmill.attention.triton_backend  # noqa: F401
-        import tokenmill.kernels.activation  # noqa: F401
-        import tokenmill.kernels.fp8_gemm  # noqa: F401
-        import tokenmill.kernels.rmsnorm  # noqa: F401
-        import tokenmill.kernels.rope_kv  # noqa: F401
+        import tokenmill.kernels.triton.activation  # noqa: F401
+        import tokenmill.kernels.triton.fp8_gemm  # noqa: F401
+        import tokenmill.kernels.triton.rmsnorm  # noqa: F401
+        import tokenmill.kernels.triton.rope_kv  # noqa: F401
     finally:
         if saved is None:
             del os.environ["TRITON_INTERPRET"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.kernels.paged_attention import (
+from tokenmill.kernels.triton.paged_attention import (
     decode_attention,
     decode_num_splits,
     decode_partials,
@@ -29,7 +29,7 @@ from tokenmill.kernels.paged_attention import (
     prefill_attention,
     prefill_tiles,
 )
-from tokenmill.kernels.rope_kv import rope_and_write_kv
+from tokenmill.kernels.triton.rope_kv import rope_and_write_kv
 
 
 @dataclass

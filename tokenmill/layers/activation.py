@@ -18,7 +18,7 @@ class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "triton":
-            from tokenmill.kernels.activation import silu_and_mul
+            from tokenmill.kernels.triton.activation import silu_and_mul
 
             return silu_and_mul(x)
         if self.kernel == "cpu" and use_c_kernel(x):

@@ -25,7 +25,7 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.kernel == "triton":
-            from tokenmill.kernels.rmsnorm import rms_norm
+            from tokenmill.kernels.triton.rmsnorm import rms_norm
 
             out = rms_norm(x, self.weight, self.eps, residual)
             return out if residual is None else (out, residual)

@@ -49,7 +49,7 @@ def scaled_mm(
     """x [M, K] (bf16/fp16) @ dequant(weight [N, K], scale [N])^T through torch._scaled_mm with
     row-wise scales (per-token activations, per-channel weights)."""
     if x.is_cuda:
-        from tokenmill.kernels.fp8_gemm import quantize_rows_fp8
+        from tokenmill.kernels.triton.fp8_gemm import quantize_rows_fp8
 
         xq, x_scale = quantize_rows_fp8(x)  # one kernel instead of five
     else:
@@ -75,7 +75,7 @@ class Fp8Linear(nn.Module):
         return cls(q, scale, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from tokenmill.kernels.fp8_gemm import MAX_M, w8a16_gemm
+        from tokenmill.kernels.triton.fp8_gemm import MAX_M, w8a16_gemm
 
         x2 = x.reshape(-1, self.in_features)
         if x2.stride(1) != 1:

@@ -49,7 +49,7 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" else "torch"
     if name == "triton":
         try:
-            from tokenmill import kernels
+            from tokenmill.kernels import triton as kernels
         except ImportError as exc:
             raise ValueError(f"attention_backend='triton' needs the triton package ({exc})") from exc
         if device.type != "cuda" and not kernels.INTERPRET:

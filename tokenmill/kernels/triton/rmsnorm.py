@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.kernels import check_device, tl, triton
+from tokenmill.kernels.triton import check_device, tl, triton
 
 
 @triton.jit

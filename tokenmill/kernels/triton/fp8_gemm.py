@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.kernels import check_device, compute_dtype, dot_precision, tl, triton
+from tokenmill.kernels.triton import check_device, compute_dtype, dot_precision, tl, triton
 
 MAX_M = 16  # rows handled by one tile; larger batches use torch._scaled_mm
 

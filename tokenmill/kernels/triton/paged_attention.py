@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.kernels import check_device, compute_dtype, dot_precision, tl, triton
+from tokenmill.kernels.triton import check_device, compute_dtype, dot_precision, tl, triton
 
 _LOG2E = 1.4426950408889634
 

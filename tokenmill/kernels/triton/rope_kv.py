@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.kernels import check_device, tl, triton
+from tokenmill.kernels.triton import check_device, tl, triton
 
 FP8_E4M3_MAX = 448.0
 
