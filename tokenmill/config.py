@@ -53,6 +53,12 @@ class ModelConfig:
                        "panels for the C GEMM (faster than torch's at every batch size; the C decoder needs it "
                        "for float32); false: torch's GEMM on the plain weights"),
     )
+    kernels: str = field(
+        default="auto",
+        metadata=_help("CPU kernel family: auto (the execution plan times the correct candidates on this machine and "
+                       "model and runs the fastest; cached), c (our C kernels wherever one exists) or torch "
+                       "(torch/oneDNN ops only: no C kernel, no C decoder); for tests and A/B runs"),
+    )
     huge_pages: bool = field(
         default=True,
         metadata=_help("on the CPU, keep the weights and the KV cache in 2 MiB transparent huge pages "
@@ -73,6 +79,8 @@ class ModelConfig:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantization not in ("none", "int8", "int4", "fp8"):
             raise ValueError(f"quantization must be none, int8, int4 or fp8, got {self.quantization!r}")
+        if self.kernels not in ("auto", "c", "torch"):
+            raise ValueError(f"kernels must be auto, c or torch, got {self.kernels!r}")
         if self.int8_activation_bits not in (8, 7):
             raise ValueError(f"int8_activation_bits must be 8 or 7, got {self.int8_activation_bits}")
         if self.max_model_len is not None and self.max_model_len < 1:

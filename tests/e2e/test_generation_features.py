@@ -10,7 +10,7 @@ from tokenmill import LLM, SamplingParams
 
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint) -> LLM:
-    return LLM(model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=32 << 20)
+    return LLM(dtype="float32", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=32 << 20)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_prompt_logprobs_match_hf(llm: LLM, prompt: list[int], tiny_checkpoint, 
     with torch.no_grad():
         ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0], dim=-1)
     if chunk is not None:
-        llm = LLM(model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=32 << 20,
+        llm = LLM(dtype="float32", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=32 << 20,
                   max_num_batched_tokens=chunk, enable_chunked_prefill=True)
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3), use_tqdm=False)[0]
     assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None

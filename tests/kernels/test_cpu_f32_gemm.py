@@ -103,15 +103,16 @@ def test_panel_linear_layer() -> None:
 
 
 def test_model_packing(tiny_checkpoint: Any) -> None:
-    """The engine packs every float32 projection and the (untied) lm_head; panel_gemm=False keeps the
-    plain layers. A tied table is stored once: the embedding reads its rows from the lm_head's panels."""
+    """With the C kernel family forced, the engine packs every float32 projection and the (untied) lm_head;
+    panel_gemm=False keeps the plain layers. A tied table is stored once: the embedding reads its rows from
+    the lm_head's panels."""
     from tokenmill import LLM
     from tokenmill.layers.linear import Embedding, Linear
     from tokenmill.layers.panel_linear import pack_float32_model
 
     path = str(tiny_checkpoint("llama"))
-    plain = LLM(model=path, kv_cache_memory=16 << 20, panel_gemm=False).engine.core.model
-    packed = LLM(model=path, kv_cache_memory=16 << 20).engine.core.model
+    plain = LLM(dtype="float32", model=path, kv_cache_memory=16 << 20, panel_gemm=False).engine.core.model
+    packed = LLM(dtype="float32", model=path, kv_cache_memory=16 << 20, kernels="c").engine.core.model
     assert type(plain.layers[0].mlp.down_proj) is Linear and plain.logits_head is None
     layer = packed.layers[0]
     assert all(isinstance(m, PanelLinear) for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,

@@ -37,7 +37,7 @@ def test_compiled_matches_hf_and_eager(arch: str, tiny_checkpoint) -> None:
     expected = hf_greedy(hf_model, AutoTokenizer.from_pretrained(path), prompts, MAX_TOKENS, NUM_LOGPROBS)
 
     # Chunks of 48 tokens: steps mix prefill chunks and decode rows at many different token counts.
-    llm = LLM(model=str(path), block_size=8, kv_cache_memory=16 << 20, max_num_batched_tokens=48, compile=True)
+    llm = LLM(dtype="float32", model=str(path), block_size=8, kv_cache_memory=16 << 20, max_num_batched_tokens=48, compile=True)
     graphs_after_startup = _num_graphs()
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=NUM_LOGPROBS)
     outputs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -48,7 +48,7 @@ def test_compiled_matches_hf_and_eager(arch: str, tiny_checkpoint) -> None:
     check_matches_hf(expected, outputs, "tokenmill --compile")
     assert single.token_ids == outputs[3].token_ids
 
-    eager = LLM(model=str(path), block_size=8, kv_cache_memory=16 << 20, max_num_batched_tokens=48)
+    eager = LLM(dtype="float32", model=str(path), block_size=8, kv_cache_memory=16 << 20, max_num_batched_tokens=48)
     eager_ids = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
     assert eager_ids == [o.token_ids for o in outputs]
 
@@ -58,7 +58,7 @@ def test_compile_is_rejected_with_the_triton_backend(tiny_checkpoint) -> None:
 
     from tokenmill.worker.compile import compile_model
 
-    model = LLM(model=str(tiny_checkpoint("llama")), kv_cache_memory=4 << 20).engine.core.model
+    model = LLM(dtype="float32", model=str(tiny_checkpoint("llama")), kv_cache_memory=4 << 20).engine.core.model
     model.layers[0].self_attn.attn.backend = SimpleNamespace(name="triton")  # only the name is checked
     with pytest.raises(ValueError, match="torch attention backend"):
         compile_model(model)

@@ -27,7 +27,7 @@ def setup(tiny_checkpoint):
 
 
 def _run(path: str, prompts: list[list[int]], **engine_args) -> tuple[LLM, list[list[int]]]:
-    llm = LLM(model=path, block_size=8, **engine_args)
+    llm = LLM(dtype="float32", model=path, block_size=8, **engine_args)
     outputs = llm.generate(prompts, PARAMS, use_tqdm=False)
     return llm, [o.outputs[0].token_ids for o in outputs]
 
@@ -46,7 +46,7 @@ def test_chunked_prefill(setup) -> None:
 
 def test_prefix_hits(setup) -> None:
     path, prompts, expected = setup
-    llm = LLM(model=path, block_size=8, kv_cache_memory=16 << 20)
+    llm = LLM(dtype="float32", model=path, block_size=8, kv_cache_memory=16 << 20)
     # First the request that fills the cache, then the two that share its 40-token prefix.
     first = llm.generate([prompts[0]], PARAMS, use_tqdm=False)[0]
     assert first.num_cached_tokens == 0

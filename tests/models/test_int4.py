@@ -23,9 +23,9 @@ pytestmark = pytest.mark.skipif(not int4_gemm_available(), reason="C kernels not
 @pytest.fixture(scope="module")
 def engines(default_loaded: Any) -> dict[str, LLMEngine]:
     return {
-        "fp32": LLMEngine(EngineConfig.from_kwargs(num_blocks=256), default_loaded),
+        "fp32": LLMEngine(EngineConfig.from_kwargs(dtype="float32", num_blocks=256), default_loaded),
         # float16 K/V (rounding-sized) rather than auto's int8, so that only the weights' path differs from fp32
-        "int4": LLMEngine(EngineConfig.from_kwargs(num_blocks=256, quantization="int4", quantize_lm_head=False,
+        "int4": LLMEngine(EngineConfig.from_kwargs(dtype="float32", num_blocks=256, quantization="int4", quantize_lm_head=False,
                                                    kv_cache_dtype="float16"), default_loaded),
     }
 
@@ -60,7 +60,7 @@ def test_greedy_decode_follows_fp32(engines: dict[str, LLMEngine]) -> None:
 
 
 def test_int4_engine_quantizes_the_lm_head_to_int8_by_default(default_loaded: Any) -> None:
-    engine = LLMEngine(EngineConfig.from_kwargs(num_blocks=64, quantization="int4"), default_loaded)
+    engine = LLMEngine(EngineConfig.from_kwargs(dtype="float32", num_blocks=64, quantization="int4"), default_loaded)
     assert isinstance(engine.core.model.logits_head, Int8DynamicLinear)
     with pytest.raises(ValueError, match="int4"):
         EngineConfig.from_kwargs(quantization="int5")

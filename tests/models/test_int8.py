@@ -169,7 +169,7 @@ def test_smoothing_fold_keeps_the_model_function(tiny_checkpoint: Any) -> None:
     from tokenmill.quant.smooth import _prefill_metadata, input_channel_maxima, smooth_model
 
     loaded = load_model(tiny_checkpoint("qwen2"))  # qwen2 has q/k/v biases
-    model = EngineCore(EngineConfig.from_kwargs(num_blocks=64, panel_gemm=False), loaded).model
+    model = EngineCore(EngineConfig.from_kwargs(dtype="float32", num_blocks=64, panel_gemm=False), loaded).model
     ids = list(range(5, 45))
 
     def run() -> torch.Tensor:
@@ -215,13 +215,13 @@ def test_int8_engine_meets_the_quality_targets(default_loaded: Any, activation_b
     from tokenmill.sampling_params import SamplingParams
 
     bench = _quality_benchmark()
-    fp32 = LLMEngine(EngineConfig.from_kwargs(num_blocks=256), default_loaded)
+    fp32 = LLMEngine(EngineConfig.from_kwargs(dtype="float32", num_blocks=256), default_loaded)
     greedy = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     reference = [o.outputs[0].token_ids for o in _run(fp32, bench.PROMPTS, greedy)]
     forced = [fp32.tokenizer.encode(p) + ref for p, ref in zip(bench.PROMPTS, reference)]
     scoring = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
     fp32_nll = _mean_nll(_run(fp32, [bench.PERPLEXITY_TEXT], scoring)[0])
-    int8 = LLMEngine(EngineConfig.from_kwargs(num_blocks=256, quantization="int8",
+    int8 = LLMEngine(EngineConfig.from_kwargs(dtype="float32", num_blocks=256, quantization="int8",
                                               int8_activation_bits=activation_bits), default_loaded)
     hits = []
     for out, ref in zip(_run(int8, forced, scoring), reference):

@@ -30,7 +30,7 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(kv_cache_memory=256 << 20)
+    return LLM(dtype="float32", kv_cache_memory=256 << 20)
 
 
 @pytest.fixture(scope="module")

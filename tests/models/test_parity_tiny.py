@@ -17,8 +17,10 @@ def _prompts(vocab_size: int) -> list[list[int]]:
     return [torch.randint(3, vocab_size, (n,), generator=gen).tolist() for n in (1, 5, 17, 33, 64, 100)]
 
 
+@pytest.mark.parametrize("kernels", ["auto", "c", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_tiny_model_matches_hf(arch: str, tiny_checkpoint) -> None:
+def test_tiny_model_matches_hf(arch: str, kernels: str, tiny_checkpoint) -> None:
+    """Every kernel family keeps float32 parity: the plan's choice (auto), and each family forced."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = tiny_checkpoint(arch)
@@ -27,7 +29,7 @@ def test_tiny_model_matches_hf(arch: str, tiny_checkpoint) -> None:
     prompts = _prompts(hf_model.config.vocab_size)
     expected = hf_greedy(hf_model, tokenizer, prompts, MAX_TOKENS, NUM_LOGPROBS)
 
-    llm = LLM(model=str(path), block_size=8, kv_cache_memory=16 << 20)
+    llm = LLM(dtype="float32", model=str(path), block_size=8, kv_cache_memory=16 << 20, kernels=kernels)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=NUM_LOGPROBS)
     outputs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
 

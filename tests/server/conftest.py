@@ -94,6 +94,7 @@ def run_server(engine: LLMEngine, *, api_key: str | None = None, max_queue: int 
 
 
 def small_engine(loaded: Any, **kwargs: Any) -> LLMEngine:
+    kwargs.setdefault("dtype", "float32")  # HF parity; the machine-dependent default has its own tests
     config = EngineConfig.from_kwargs(num_blocks=kwargs.pop("num_blocks", 512), **kwargs)
     return LLMEngine(config, loaded)
 

@@ -26,7 +26,7 @@ def client(server: LiveServer) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def offline_greedy() -> dict[str, str]:
-    llm = LLM(num_blocks=256)
+    llm = LLM(dtype="float32", num_blocks=256)
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)
     return {p: o.outputs[0].text for p, o in zip(PROMPTS, outs)}
 

@@ -27,7 +27,12 @@ CUDA = torch.device("cuda")
 
 
 def test_dtype_and_backend_defaults_follow_the_device() -> None:
-    assert resolve_dtype("auto", CPU) == torch.float32
+    from tokenmill.worker.capabilities import detect_capabilities
+
+    native_bf16 = detect_capabilities().native_bf16
+    assert resolve_dtype("auto", CPU) == (torch.bfloat16 if native_bf16 else torch.float32)
+    assert resolve_dtype("auto", CPU, "int8") == torch.float32  # the C int8 / int4 kernels take float32
+    assert resolve_dtype("float32", CPU) == torch.float32
     assert resolve_dtype("auto", CUDA) == torch.bfloat16
     assert resolve_dtype("float16", CPU) == torch.float16
     assert resolve_attention_backend("auto", CPU) == "torch"

@@ -69,11 +69,12 @@ class AttentionBackend(Protocol):
         head_dim], are passed too so a backend may use them directly). Returns [num_tokens, num_heads, head_dim]."""
 
 
-def get_attention_backend(name: str) -> AttentionBackend:
+def get_attention_backend(name: str, use_c_kernels: bool = True) -> AttentionBackend:
+    """use_c_kernels: False keeps the torch backend on torch ops (the `--kernels torch` family)."""
     if name == "torch":
         from tokenmill.attention.torch_backend import TorchAttentionBackend
 
-        return TorchAttentionBackend()
+        return TorchAttentionBackend(use_c_kernels)
     if name == "triton":
         from tokenmill.attention.triton_backend import TritonAttentionBackend
 

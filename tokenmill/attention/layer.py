@@ -52,9 +52,11 @@ class Attention(nn.Module):
         Always eager: it follows per-step Python plans in `meta`."""
         if self.kv_cache is None:
             raise RuntimeError("Attention.kv_cache is not bound; the model runner binds it before execution")
+        dtype = q.dtype
         if self.backend.fuses_rotary:
+            # May return the query in another dtype (the CPU backend runs 16-bit models' attention in float32).
             q = self.backend.rotary_and_write_kv(q, k, v, cos_sin, self.kv_cache, meta)
         else:
             self.backend.write_kv(k, v, self.kv_cache, meta)
         out = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale)
-        return out.reshape(out.shape[0], -1)
+        return out.reshape(out.shape[0], -1).to(dtype)

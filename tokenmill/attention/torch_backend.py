@@ -147,6 +147,13 @@ class TorchAttentionBackend:
         # back to torch ops itself for tensors they do not take.
         self.fuses_rotary = self.use_c_kernels
 
+    def _upcasts(self, query: torch.Tensor) -> bool:
+        """A bfloat16/float16 model's attention runs in the float32 C kernels: the fused q/k/v rows are
+        converted once (rotary_and_write_kv), the cache stores a 16-bit or int8 type, and Attention casts
+        the output back. Needs the C prefill kernel too, so that forward() never mixes the float32 query
+        with the caller's 16-bit key/value in the torch path."""
+        return self.use_c_prefill and query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] % 8 == 0
+
     def _uses_c_decode(self, query: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> bool:
         return (self.use_c_kernels and query.device.type == "cpu" and kv_cache[0].dtype in KV_DTYPES
                 and query.dtype == torch.float32 and query.shape[-1] % 8 == 0)
@@ -161,12 +168,15 @@ class TorchAttentionBackend:
         row_stride = _fused_qkv_row_stride(query, key, value)
         cos, sin = cos_sin
         cache_dtype = kv_cache[0].dtype
-        c_takes = (c_applies(cos) and c_applies(sin) and query.dtype == torch.float32
+        c_takes = (c_applies(cos) and c_applies(sin) and query.device.type == "cpu"
+                   and (query.dtype == torch.float32 or self._upcasts(query))
                    and all(t.is_contiguous() and t.device.type == "cpu" for t in kv_cache)
                    and cache_dtype in KV_DTYPES and (cache_dtype == torch.float32 or query.shape[2] % 8 == 0))
         if row_stride is not None and c_takes:
             width = (query.shape[1] + 2 * key.shape[1]) * query.shape[2]
             qkv = query.as_strided((query.shape[0], width), (row_stride, 1))
+            if qkv.dtype != torch.float32:  # one conversion of the fused rows; the C kernels then run as for float32
+                qkv = qkv.float()
             return rotary_write_kv(qkv, query.shape[1], key.shape[1], query.shape[2], cos, sin, kv_cache,
                                    meta.slot_mapping)
         query, rotated_key = RotaryEmbedding.apply(cos_sin, query, key)

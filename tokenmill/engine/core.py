@@ -27,7 +27,9 @@ from tokenmill.worker.device import (
     resolve_dtype,
     resolve_kv_cache_dtype,
 )
+from tokenmill.worker.capabilities import detect_capabilities
 from tokenmill.worker.model_runner import KVCacheSpec, ModelRunner
+from tokenmill.worker.planner import finish_plan, new_or_cached_plan, plan_model, plan_steps
 from tokenmill.worker.runner_output import ModelRunnerOutput
 
 logger = logging.getLogger("tokenmill")
@@ -59,7 +61,7 @@ class EngineCore:
         self.config = config
         self.timer = step_timer
         self.device = resolve_device(config.model.device)
-        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device, config.model.quantization)
         backend = resolve_attention_backend(config.cache.attention_backend, self.device)
         check_quantization(config, self.device, backend)
         if config.parallel.num_threads is not None:
@@ -67,10 +69,15 @@ class EngineCore:
         hf_config = loaded.hf_config
         self.max_model_len = resolve_max_model_len(config, hf_config)
 
+        on_cpu = self.device.type == "cpu"
+        family = config.model.kernels if on_cpu and not config.parallel.compile else "torch"
+        if on_cpu:
+            logger.info("machine: %s", detect_capabilities().summary())
         model_cls = resolve_model_class(hf_config)
         # Parameters start uninitialised, in the compute dtype on the device: the checkpoint fills them.
         with torch.device(self.device), default_dtype(self.dtype):
-            model = model_cls(hf_config, get_attention_backend(backend), self.max_model_len, self.dtype, self.device)
+            model = model_cls(hf_config, get_attention_backend(backend, use_c_kernels=family != "torch"),
+                              self.max_model_len, self.dtype, self.device)
         model = model.to(self.dtype)
         model.load_weights(loaded.state_dict)
         if config.model.quantization == "fp8":
@@ -90,10 +97,13 @@ class EngineCore:
 
             replaced = quantize_model_int4(model, quantize_lm_head=config.model.quantize_lm_head)
             logger.info("int4 W4A16: %d projections quantized", replaced)
-        if config.model.panel_gemm and self.device.type == "cpu" and not config.parallel.compile:
-            from tokenmill.layers.panel_linear import pack_float32_model
-
-            logger.info("float32 panel GEMM: %d projections packed", pack_float32_model(model))
+        kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, backend, config.model.quantization)
+        # The execution plan (worker/plan.py): CPU kernels chosen by timing them here, or read from its cache.
+        self.plan = None if not on_cpu or config.parallel.compile else new_or_cached_plan(config, model, kv_dtype)
+        use_c_decoder = config.model.fused_decode and family != "torch" and self.plan is not None
+        if self.plan is not None:
+            plan_model(model, self.plan, family, keep_panels=use_c_decoder and config.model.panel_gemm,
+                       panels=config.model.panel_gemm)
         huge_pages = config.model.huge_pages and self.device.type == "cpu"
         if huge_pages:  # before anything holds raw weight pointers (the C decoder, attached below)
             from tokenmill.worker.huge_pages import weight_arena
@@ -107,7 +117,7 @@ class EngineCore:
         kv_spec = KVCacheSpec(
             num_layers=len(model.attention_layers), num_kv_heads=layer0.num_kv_heads,
             head_dim=layer0.head_dim, block_size=config.cache.block_size,
-            dtype=resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, backend, config.model.quantization),
+            dtype=kv_dtype,
         )
         num_blocks = num_kv_blocks(config.cache, kv_spec.bytes_per_block, self.device)
         self.capacity = describe_capacity(num_blocks, kv_spec.block_size, kv_spec.bytes_per_block, self.max_model_len)
@@ -123,10 +133,14 @@ class EngineCore:
             from tokenmill.worker.compile import compile_model
 
             compile_model(model)
-        elif config.model.fused_decode and self.device.type == "cpu" and hasattr(model, "decode_step"):
-            from tokenmill.models.llama_decode_step import attach_decode_step
+        elif use_c_decoder and hasattr(model, "decode_step"):
+            from tokenmill.models.llama_decode_step import attach_decode_step, describe_decode_step
 
-            attach_decode_step(model)
+            if attach_decode_step(model):
+                plan_steps(model, self.plan, family, num_blocks, kv_spec.block_size)
+                describe_decode_step(model)
+        if self.plan is not None:
+            finish_plan(self.plan)
         self.kv_cache_manager = KVCacheManager(num_blocks, kv_spec.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
         self.last_step = StepStats()

@@ -46,7 +46,7 @@ class LLMEngine:
     ) -> None:
         from tokenmill.worker.device import resolve_device, resolve_dtype
 
-        dtype = resolve_dtype(config.model.dtype, resolve_device(config.model.device))
+        dtype = resolve_dtype(config.model.dtype, resolve_device(config.model.device), config.model.quantization)
         loaded = loaded or load_model(config.model.model, dtype=dtype)
         self.config = config
         self.tokenizer = loaded.tokenizer

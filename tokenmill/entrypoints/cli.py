@@ -96,6 +96,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """Starts the engine (building or reading the execution plan) and prints the plan: every operation,
+    bucket, chosen kernel and each candidate's measured time."""
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs(args)))
+    plan = engine.core.plan
+    if plan is None:
+        print("no execution plan: it is built for CPU engines without --compile", file=sys.stderr)
+        return 1
+    print(plan.table())
+    return 0
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from tokenmill.config import EngineConfig
     from tokenmill.engine.llm_engine import LLMEngine
@@ -157,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat, max_tokens=512)
     add_engine_args(chat)
     chat.set_defaults(func=_cmd_chat)
+
+    plan = sub.add_parser("plan", help="print the execution plan: the kernel chosen for each operation on this "
+                                       "machine and the time of every candidate (built once, then cached)")
+    add_engine_args(plan)
+    plan.set_defaults(func=_cmd_plan)
 
     from tokenmill.entrypoints.bench_cli import add_bench_parser
     from tokenmill.entrypoints.openai.launcher import add_serve_parser

@@ -118,7 +118,9 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.rotary = RotaryEmbedding(_head_dim(cfg), max_positions, rope_parameters(cfg), dtype, device)
+        # On the CPU the tables stay float32 whatever the model's dtype: the C kernels rotate in float32.
+        rotary_dtype = torch.float32 if torch.device(device).type == "cpu" else dtype
+        self.rotary = RotaryEmbedding(_head_dim(cfg), max_positions, rope_parameters(cfg), rotary_dtype, device)
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, backend) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, layer_kernel_for(backend))

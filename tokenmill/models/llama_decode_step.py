@@ -27,6 +27,7 @@ from tokenmill.kernels.cpu.decode_step import DecodeStepModel, LayerWeights, Lin
 from tokenmill.kernels.cpu.kv_cache import KV_DTYPES
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.panel_linear import PanelLinear
+from tokenmill.layers.planned_linear import PlannedLinear
 from tokenmill.quant.int4_cpu import Int4GroupLinear
 from tokenmill.quant.int8_cpu import Int8DynamicLinear
 
@@ -50,6 +51,11 @@ class DecodeStepUnsupported(ValueError):
 
 
 def _linear_weights(module: nn.Module, name: str) -> LinearWeights:
+    if isinstance(module, PlannedLinear):  # the execution plan's routes: the C decoder reads the panels
+        panels = module.impl_of(PanelLinear)
+        if panels is None:
+            raise DecodeStepUnsupported(f"{name} runs {module.kernels} and keeps no float32 panels")
+        module = panels
     if isinstance(module, Int4GroupLinear):
         return LinearWeights(module.packed, module.bias, scale=module.group_scale, group_min=module.group_min,
                              features=(module.out_features, module.in_features))
@@ -130,7 +136,14 @@ def attach_decode_step(model: nn.Module) -> bool:
     except ValueError as exc:  # DecodeStepUnsupported, or a layout DecodeStepModel does not take
         logger.info("decode steps run layer by layer: %s", exc)
         return False
+    return True
+
+
+def describe_decode_step(model: nn.Module) -> None:
+    """Logs which steps the C decoder takes (after the execution plan set its step sizes)."""
     step = model.decode_step
+    if step is None:
+        logger.info("every step runs layer by layer (the execution plan timed the C decoder slower)")
+        return
     prompts = f", steps with prompt rows of up to {step.max_prompt_tokens} tokens" if step.max_prompt_tokens else ""
     logger.info("decode steps of up to %d requests%s run through the one-call C decoder", step.max_rows, prompts)
-    return True

@@ -26,9 +26,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, quantization: str = "none") -> torch.dtype:
+    """`auto`: bfloat16 on a GPU, and on a CPU that multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16,
+    where oneDNN's bf16 products run 3-17x its float32 ones at prefill sizes); float32 on other CPUs, where
+    bf16 is emulated and slower, and under the CPU's int8/int4 quantization (its C kernels take float32
+    activations). float32 is the dtype with token-exact HF parity."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        if quantization in ("int8", "int4"):
+            return torch.float32
+        from tokenmill.worker.capabilities import detect_capabilities
+
+        return torch.bfloat16 if detect_capabilities().native_bf16 else torch.float32
     return _DTYPES[name]
 
 
@@ -74,7 +84,11 @@ QUANTIZED_AUTO_KV_DTYPE = torch.int8
 def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, backend: str, quantization: str = "none") -> torch.dtype:
     """The KV cache element type for kv_cache_dtype `name` under compute dtype `dtype`."""
     if name == "auto":
-        return QUANTIZED_AUTO_KV_DTYPE if quantization in ("int8", "int4") and backend == "torch" else dtype
+        if quantization in ("int8", "int4") and backend == "torch":
+            return QUANTIZED_AUTO_KV_DTYPE
+        # A 16-bit model's attention runs in the float32 C kernels (attention/torch_backend.py), which read
+        # float16 but not bfloat16 rows; float16 keeps 3 more mantissa bits than bfloat16.
+        return torch.float16 if dtype == torch.bfloat16 and backend == "torch" else dtype
     if name == "fp8":
         if backend != "triton":
             raise ValueError("kv_cache_dtype='fp8' needs the triton attention backend")

@@ -1,0 +1,103 @@
+"""The execution plan (worker/plan.py, worker/planner.py): cached under a key of everything its timings
+depend on, applied without timing when cached, and every forced kernel family computes the same model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.models.utils import check_logprobs_close
+from tokenmill import LLM, SamplingParams
+from tokenmill.layers.linear import Linear
+from tokenmill.layers.panel_linear import PanelLinear
+from tokenmill.layers.planned_linear import PlannedLinear
+from tokenmill.worker import plan as plan_module
+from tokenmill.worker.plan import Choice, ExecutionPlan, choose, load_plan, plan_path, routes_from_choices, save_plan
+
+
+@pytest.fixture()
+def plan_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache root of this test's own (the default model's converted GGUF is not needed here)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path / "tokenmill"
+
+
+def _engine_plan(path: str, block_size: int = 8) -> ExecutionPlan:
+    return LLM(dtype="float32", model=path, block_size=block_size, kv_cache_memory=16 << 20).engine.core.plan
+
+
+def test_plan_is_cached_and_keyed(tiny_checkpoint: Any, plan_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tiny_checkpoint("llama"))
+    first = _engine_plan(path)
+    assert not first.cached and first.choices
+    assert plan_path(plan_cache, first.key).is_file()
+    operations = {c.operation for c in first.choices}
+    assert {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"} <= operations
+    assert all(c.kernel in c.seconds for c in first.choices)
+
+    second = _engine_plan(path)  # same machine, model and settings: read back, nothing timed
+    assert second.cached and second.key == first.key
+    assert [(c.operation, c.rows, c.kernel) for c in second.choices] == [
+        (c.operation, c.rows, c.kernel) for c in first.choices]
+
+    other = _engine_plan(path, block_size=16)  # a setting the step timings depend on: a new key
+    assert not other.cached and other.key != first.key
+
+    # Another machine (CPU flags, threads or torch version change the capabilities' key): rebuilt.
+    monkeypatch.setattr("tokenmill.worker.capabilities.MachineCapabilities.cache_key", lambda self: "another cpu")
+    moved = _engine_plan(path)
+    assert not moved.cached and moved.key != first.key
+
+
+def test_a_plan_file_of_another_key_is_not_used(tmp_path: Path) -> None:
+    plan = ExecutionPlan(key="key a", machine="m", choices=[Choice("o_proj", 1, "torch_fp32", {"torch_fp32": 1e-3})])
+    save_plan(tmp_path, plan)
+    assert load_plan(tmp_path, "key a").choices == plan.choices
+    plan_path(tmp_path, "key b").write_text(plan_path(tmp_path, "key a").read_text())  # a stale or copied file
+    assert load_plan(tmp_path, "key b") is None
+    plan_path(tmp_path, "key a").write_text("{not json")
+    assert load_plan(tmp_path, "key a") is None
+
+
+def test_choice_prefers_the_first_candidate_within_the_margin(monkeypatch: pytest.MonkeyPatch) -> None:
+    times = {"c": 1.02, "torch": 1.0}
+    monkeypatch.setattr(plan_module, "median_time", lambda fns, **_: {k: times[k] for k in fns})
+    assert choose("op", 1, {"c": lambda: None, "torch": lambda: None}).kernel == "c"
+    times["c"] = 1.2
+    chosen = choose("op", 1, {"c": lambda: None, "torch": lambda: None})
+    assert chosen.kernel == "torch" and chosen.runner_up_ratio() == 1.0
+
+
+def test_routes_merge_equal_neighbours_and_planned_linear_dispatches_by_rows() -> None:
+    choices = [Choice("o", r, k, {k: 1.0}) for r, k in ((1, "c"), (16, "c"), (64, "t"), (256, "t"), (2048, "c"))]
+    assert routes_from_choices(choices) == [(16, "c"), (256, "t"), (2048, "c")]
+    torch.manual_seed(0)
+    plain = Linear(24, 40, bias=True)
+    plain.weight.data.normal_(), plain.bias.data.normal_()
+    panels = PanelLinear(plain.weight, plain.bias)
+    planned = PlannedLinear([(16, panels), (256, plain)], ["c_f32_panels", "torch_fp32"])
+    for rows, used in ((3, panels), (16, panels), (17, plain), (300, plain)):
+        x = torch.randn(rows, 24)
+        assert torch.equal(planned(x), used(x))
+        torch.testing.assert_close(planned(x), x @ plain.weight.t() + plain.bias, rtol=1e-5, atol=1e-5)
+    assert planned.impl_of(PanelLinear) is panels
+
+
+def test_forced_families_agree_in_bfloat16(tiny_checkpoint: Any, plan_cache: Path) -> None:
+    """bf16 products (oneDNN) with the C attention (family c) and with torch's attention (family torch):
+    greedy sequences may part only where each pick is in the other's top-k (bf16's tolerance)."""
+    path = str(tiny_checkpoint("llama"))
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (1, 9, 40)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
+    results = {}
+    for kernels in ("c", "torch"):
+        llm = LLM(dtype="bfloat16", model=path, block_size=8, kv_cache_memory=16 << 20, kernels=kernels)
+        outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        results[kernels] = [(o.token_ids, [{t: lp.logprob for t, lp in pos.items()} for pos in o.logprobs])
+                            for o in outs]
+    assert results["c"][0][0], "nothing generated"
+    check_logprobs_close(outputs_0=results["c"], outputs_1=results["torch"], name_0="c", name_1="torch")

@@ -1,0 +1,276 @@
+"""Builds (or reads from the cache) the execution plan of a Llama-family model and applies it.
+
+Two halves, as the engine starts (worker/plan.py lists the operations and candidates):
+  plan_model   after loading and quantization: times the projection and lm_head candidates and installs
+               the chosen kernels (a PlannedLinear where row-count buckets disagree);
+  plan_steps   once the KV cache is bound: times whole steps through the one-call C decoder against layer by
+               layer and sets the step sizes the C decoder takes (or removes it).
+A cached plan is applied without timing anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.config import EngineConfig
+from tokenmill.kernels.cpu.f32_gemm import f32_panels_available
+from tokenmill.layers.linear import Linear
+from tokenmill.layers.panel_linear import PanelEmbedding, PanelLinear
+from tokenmill.layers.planned_linear import PlannedLinear
+from tokenmill.loader.cache import resolve_cache_dir
+from tokenmill.quant.projections import QUANTIZED_PROJECTIONS
+from tokenmill.worker.capabilities import detect_capabilities
+from tokenmill.worker.plan import (
+    DECODE_STEP_BUCKETS,
+    LOGIT_BUCKETS,
+    PROMPT_STEP_TOKENS,
+    ROW_BUCKETS,
+    STEP_CONTEXT,
+    Choice,
+    ExecutionPlan,
+    choose,
+    filter_family,
+    load_plan,
+    module_signature,
+    plan_key,
+    routes_from_choices,
+    save_plan,
+)
+
+logger = logging.getLogger("tokenmill")
+
+_TORCH_NAMES = {torch.float32: "torch_fp32", torch.bfloat16: "torch_bf16", torch.float16: "torch_fp16"}
+
+
+class TorchLogitsHead(nn.Module):
+    """logits = h W^T through torch, as (W h^T)^T (transposed; MKL float32 ran it ~1.7x faster than h W^T at
+    decode batch sizes on the AVX2 machine) or as h W^T (F.linear): two candidates of the plan."""
+
+    def __init__(self, weight: torch.Tensor, transposed: bool = True) -> None:
+        super().__init__()
+        self.weight = weight
+        self.transposed = transposed
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            return torch.mm(self.weight, hidden.t()).t().contiguous()
+        return torch.nn.functional.linear(hidden, self.weight)
+
+
+def _projection_candidates(module: nn.Module, panels_ok: bool) -> dict[str, Callable[[], nn.Module]]:
+    """Builders of every correct implementation of this projection (the module itself among them)."""
+    if type(module) is not Linear:  # int8 / int4 / fp8 modules: their own kernel is the candidate
+        return {_quantized_name(module): lambda: module}
+    weight = module.weight
+    candidates: dict[str, Callable[[], nn.Module]] = {}  # in order of preference (plan.TIE_MARGIN)
+    if panels_ok and weight.dtype == torch.float32 and weight.device.type == "cpu":
+        candidates["c_f32_panels"] = lambda: PanelLinear(weight, module.bias)
+    candidates[_TORCH_NAMES[weight.dtype]] = lambda: module
+    return candidates
+
+
+def _quantized_name(module: nn.Module) -> str:
+    name = type(module).__name__
+    return {"Int8DynamicLinear": "c_int8_panels", "Int4GroupLinear": "c_int4"}.get(name, name)
+
+
+def _head_candidates(model: nn.Module, panels_ok: bool) -> dict[str, Callable[[], nn.Module]]:
+    if model.logits_head is not None:  # a quantized head (quant/int8_cpu.py)
+        head = model.logits_head
+        return {_quantized_name(head): lambda: head}
+    weight = model.lm_head.weight
+    candidates: dict[str, Callable[[], nn.Module]] = {}  # in order of preference (plan.TIE_MARGIN)
+    if panels_ok and weight.dtype == torch.float32 and weight.device.type == "cpu":
+        candidates["c_f32_panels"] = lambda: PanelLinear(weight, model.lm_head.bias)
+    torch_name = _TORCH_NAMES[weight.dtype]
+    candidates[torch_name] = lambda: TorchLogitsHead(weight)
+    candidates[torch_name + "_linear"] = lambda: TorchLogitsHead(weight, transposed=False)
+    return candidates
+
+
+def _time_product(operation: str, buckets: tuple[int, ...], modules: dict[str, nn.Module],
+                  dtype: torch.dtype) -> list[Choice]:
+    in_features = next(iter(modules.values())).in_features
+    choices = []
+    for rows in buckets:
+        x = torch.randn(rows, in_features).to(dtype)
+        choices.append(choose(operation, rows, {name: (lambda m=m: m(x)) for name, m in modules.items()}))
+    return choices
+
+
+def _layer_projections(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, module) of every decoder projection."""
+    found = []
+    for layer in model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in QUANTIZED_PROJECTIONS:
+                if hasattr(parent, name):
+                    found.append((parent, name, getattr(parent, name)))
+    return found
+
+
+def _install(modules: dict[str, nn.Module], routes: list[tuple[int, str]]) -> nn.Module:
+    if len(routes) == 1:
+        return modules[routes[0][1]]
+    return PlannedLinear([(m, modules[k]) for m, k in routes], [k for _, k in routes])
+
+
+def new_or_cached_plan(config: EngineConfig, model: nn.Module, kv_dtype: torch.dtype) -> ExecutionPlan:
+    """The cached plan of this machine, model and configuration, or an empty one to build."""
+    caps = detect_capabilities()
+    m = config.model
+    settings = {"dtype": str(next(model.parameters()).dtype), "quantization": m.quantization,
+                "activation_bits": m.int8_activation_bits, "quantize_lm_head": m.quantize_lm_head,
+                "kernels": m.kernels, "panel_gemm": m.panel_gemm, "fused_decode": m.fused_decode,
+                "huge_pages": m.huge_pages, "kv_dtype": str(kv_dtype), "block_size": config.cache.block_size}
+    key = plan_key(caps, module_signature(model), settings)
+    cached = load_plan(resolve_cache_dir(None), key)
+    if cached is not None:
+        logger.info("execution plan: read from the cache (%d choices)", len(cached.choices))
+        return cached
+    logger.info("execution plan: timing the candidate kernels on this machine (once; cached after)")
+    return ExecutionPlan(key=key, machine=caps.summary())
+
+
+def finish_plan(plan: ExecutionPlan) -> None:
+    """Caches a newly built plan and logs the plan once."""
+    if not plan.cached:
+        save_plan(resolve_cache_dir(None), plan)
+    logger.info("%s", plan.table())
+
+
+@torch.no_grad()
+def plan_model(model: nn.Module, plan: ExecutionPlan, family: str, keep_panels: bool, panels: bool = True) -> None:
+    """Times (unless `plan` came from the cache) and installs the projection and lm_head kernels.
+    keep_panels: also keep float32 panels where torch won (the C decoder reads them); panels: False leaves
+    the C panel GEMM out of the candidates (`--panel-gemm false`)."""
+    panels_ok = panels and f32_panels_available() and family != "torch"
+    start = time.perf_counter()
+    projections = _layer_projections(model)
+    dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
+    for name in QUANTIZED_PROJECTIONS:
+        group = [(parent, attr, module) for parent, attr, module in projections if attr == name]
+        if not group:
+            continue
+        if not plan.cached:
+            builders = filter_family(_projection_candidates(group[0][2], panels_ok), family)
+            logger.info("plan: timing %s (%s)", name, ", ".join(builders))
+            modules = {k: b() for k, b in builders.items()}
+            plan.choices.extend(_time_product(name, ROW_BUCKETS, modules, _input_dtype(group[0][2], dtype)))
+        routes = routes_from_choices(plan.for_operation(name))
+        chosen = {k for _, k in routes}
+        for parent, attr, module in group:
+            builders = _projection_candidates(module, panels_ok)
+            if not chosen <= set(builders):
+                raise ValueError(f"the execution plan chose {sorted(chosen - set(builders))} for {name}, which "
+                                 "cannot be built here")
+            built = {k: builders[k]() for k in chosen}
+            installed = _install(built, routes)
+            if keep_panels and "c_f32_panels" in builders and "c_f32_panels" not in chosen:
+                # torch won every bucket, but the C decoder reads float32 panels: they ride along in a route
+                # for zero rows, which forward never takes.
+                installed = PlannedLinear([(0, builders["c_f32_panels"]()), *[(m, built[k]) for m, k in routes]],
+                                          ["c_f32_panels", *[k for _, k in routes]])
+            setattr(parent, attr, installed)
+    _plan_head(model, plan, family, panels_ok, dtype)
+    plan.build_seconds += 0.0 if plan.cached else time.perf_counter() - start
+
+
+def _input_dtype(module: nn.Module, model_dtype: torch.dtype) -> torch.dtype:
+    return module.weight.dtype if type(module) is Linear else model_dtype
+
+
+def _plan_head(model: nn.Module, plan: ExecutionPlan, family: str, panels_ok: bool, dtype: torch.dtype) -> None:
+    builders = _head_candidates(model, panels_ok)
+    if not plan.cached:
+        timed = filter_family(builders, family)
+        logger.info("plan: timing lm_head (%s)", ", ".join(timed))
+        modules = {k: b() for k, b in timed.items()}
+        plan.choices.extend(_time_product("lm_head", LOGIT_BUCKETS, modules, dtype))
+    routes = routes_from_choices(plan.for_operation("lm_head"))
+    if model.logits_head is not None:  # quantized: its own kernel, nothing to install
+        return
+    built = {k: builders[k]() for _, k in routes}
+    head = _install(built, routes)
+    if isinstance(head, TorchLogitsHead) and head.transposed:
+        return  # compute_logits' own torch path
+    model.logits_head = head
+    if isinstance(head, PanelLinear):  # panels only: the plain weight is dropped, the panels replace it
+        tied = model.embed_tokens.weight is model.lm_head.weight
+        model.lm_head = head
+        if tied:
+            model.embed_tokens = PanelEmbedding(head)
+
+
+def _synthetic_step(num_reqs: int, q_len: int, context: int, block_size: int, vocab: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """A step of num_reqs requests, each with q_len new tokens ending a context of `context` tokens, all
+    reading the same blocks 1.. (block 0 may be the null block)."""
+    blocks = torch.arange(1, -(-context // block_size) + 1, dtype=torch.int64)
+    tables = blocks.repeat(num_reqs, 1)
+    positions = torch.arange(context - q_len, context, dtype=torch.int64).repeat(num_reqs)
+    slots = (blocks[positions // block_size] * block_size + positions % block_size)
+    meta = AttentionMetadata(
+        num_tokens=num_reqs * q_len, block_size=block_size,
+        query_start_loc=torch.arange(num_reqs + 1, dtype=torch.int64) * q_len,
+        seq_lens=torch.full((num_reqs,), context, dtype=torch.int64), block_tables=tables, slot_mapping=slots,
+        query_lens_list=[q_len] * num_reqs, seq_lens_list=[context] * num_reqs)
+    ids = torch.randint(0, vocab, (num_reqs * q_len,), dtype=torch.int64)
+    return ids, positions, meta
+
+
+def _step_buckets(num_blocks: int, block_size: int) -> list[tuple[str, int, int, int]]:
+    """(operation, bucket, requests, new tokens each) of the timed steps that fit the cache's blocks."""
+    if -(-max(STEP_CONTEXT + 1, PROMPT_STEP_TOKENS) // block_size) + 1 > num_blocks:
+        return []
+    return [("decode_step", r, r, 1) for r in DECODE_STEP_BUCKETS] + [
+        ("prompt_step", PROMPT_STEP_TOKENS, 1, PROMPT_STEP_TOKENS)]
+
+
+@torch.no_grad()
+def plan_steps(model: nn.Module, plan: ExecutionPlan, family: str, num_blocks: int, block_size: int) -> None:
+    """With model.decode_step set (the C decoder took the model): times steps through it and layer by layer
+    (unless cached), then keeps it for the step sizes where it won, or removes it."""
+    step = model.decode_step
+    if step is None:
+        return
+    if not plan.cached:
+        start = time.perf_counter()
+        for operation, bucket, reqs, q_len in _step_buckets(num_blocks, block_size):
+            context = STEP_CONTEXT + 1 if q_len == 1 else q_len
+            ids, positions, meta = _synthetic_step(reqs, q_len, context, block_size, model.config.vocab_size)
+            if not step.takes(meta):
+                continue
+            logger.info("plan: timing %s of %d %s", operation, bucket, "requests" if q_len == 1 else "tokens")
+
+            def run(use_c: bool, ids: torch.Tensor = ids, positions: torch.Tensor = positions,
+                    meta: AttentionMetadata = meta) -> Any:
+                model.decode_step = step if use_c else None
+                try:
+                    return model(ids, positions, meta)
+                finally:
+                    model.decode_step = step
+
+            fns = filter_family({"c_decoder": lambda: run(True), "layers": lambda: run(False)}, family)
+            plan.choices.append(choose(operation, bucket, fns))
+        plan.build_seconds += time.perf_counter() - start
+    decode = plan.for_operation("decode_step")
+    max_rows = 0
+    for c in decode:  # the C decoder takes decode batches up to the first bucket it lost
+        if c.kernel != "c_decoder":
+            break
+        max_rows = c.rows if c is not decode[-1] else step.max_rows
+    prompt = plan.for_operation("prompt_step")
+    step.max_rows = max_rows
+    if prompt and prompt[0].kernel != "c_decoder":
+        step.max_prompt_tokens = 0
+    if step.max_rows == 0 and step.max_prompt_tokens == 0:
+        model.decode_step = None
