@@ -23,10 +23,10 @@ pytestmark = pytest.mark.skipif(not int4_gemm_available(), reason="C kernels not
 @pytest.fixture(scope="module")
 def engines(default_loaded: Any) -> dict[str, LLMEngine]:
     return {
-        "fp32": LLMEngine(EngineConfig.from_kwargs(dtype="float32", num_blocks=256), default_loaded),
+        "fp32": LLMEngine(EngineConfig.from_kwargs(dtype="float32", num_blocks=256, kernels="c"), default_loaded),
         # float16 K/V (rounding-sized) rather than auto's int8, so that only the weights' path differs from fp32
-        "int4": LLMEngine(EngineConfig.from_kwargs(dtype="float32", num_blocks=256, quantization="int4", quantize_lm_head=False,
-                                                   kv_cache_dtype="float16"), default_loaded),
+        "int4": LLMEngine(EngineConfig.from_kwargs(dtype="float32", num_blocks=256, quantization="int4",
+                                                   quantize_lm_head=False, kv_cache_dtype="float16"), default_loaded),
     }
 
 
