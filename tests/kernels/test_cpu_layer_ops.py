@@ -19,6 +19,49 @@ pytestmark = pytest.mark.skipif(not layer_ops.layer_ops_available(), reason="C k
 TOL = {"atol": 2e-5, "rtol": 2e-5}
 
 
+# One bf16 rounding step of a value of magnitude up to ~8: the kernel and torch may round a float32 result that
+# differs in its last bits to neighbouring bf16 values.
+BF16_TOL = {"atol": 2 ** -4, "rtol": 2 ** -7}
+
+
+@pytest.mark.parametrize("num_rows", [1, 5, 70])
+@pytest.mark.parametrize("x_dtype, with_residual", [(torch.float32, False), (torch.bfloat16, False),
+                                                     (torch.bfloat16, True)])
+def test_bf16_rms_norm_keeps_a_float32_residual(num_rows: int, x_dtype: torch.dtype, with_residual: bool) -> None:
+    """A bf16 model's norm (the first layer's x is the float32 embedding, later ones bf16 sublayer outputs):
+    the residual stream stays float32 and is updated in place; the output is bf16 of the float32 norm."""
+    gen = torch.Generator().manual_seed(num_rows)
+    x = (torch.randn(num_rows, 576, generator=gen) * 3).to(x_dtype)
+    residual = torch.randn(num_rows, 576, generator=gen) if with_residual else None
+    norm = RMSNorm(576, 1e-5, "cpu")
+    norm.weight.data = torch.randn(576, generator=torch.Generator().manual_seed(1)).bfloat16()
+    total = x.float() + residual if with_residual else x.float()
+    expected = (total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.float()).bfloat16()
+    if residual is None:
+        out = norm(x)
+    else:
+        out, new_residual = norm(x, residual)
+        assert new_residual.data_ptr() == residual.data_ptr() and new_residual.dtype == torch.float32
+        torch.testing.assert_close(new_residual, total, atol=0, rtol=0)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), **BF16_TOL)
+    # The torch path (no C kernel) gives the same dtypes: bf16 output, float32 residual.
+    reference = RMSNorm(576, 1e-5, "torch")
+    reference.weight.data = norm.weight.data
+    ref_out = reference(x) if residual is None else reference(x, total - x.float())[0]
+    assert ref_out.dtype == torch.bfloat16
+    torch.testing.assert_close(ref_out.float(), expected.float(), **BF16_TOL)
+
+
+@pytest.mark.parametrize("num_rows", [1, 70])
+def test_bf16_silu_and_mul_matches_torch(num_rows: int) -> None:
+    x = torch.randn(num_rows, 2 * 1536, generator=torch.Generator().manual_seed(num_rows)).bfloat16() * 4
+    gate, up = x.float().chunk(2, dim=-1)
+    out = SiluAndMul("cpu")(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), (torch.nn.functional.silu(gate) * up).bfloat16().float(), **BF16_TOL)
+
+
 @pytest.mark.parametrize("num_rows", [1, 5, 70])  # 70 takes the multi-threaded path
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_matches_torch(num_rows: int, with_residual: bool) -> None:

@@ -18,6 +18,7 @@ from tokenmill.engine.scheduler_output import EngineCoreOutput
 from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 from tokenmill.loader import LoadedModel
 from tokenmill.models.registry import resolve_model_class
+from tokenmill.worker.capabilities import detect_capabilities
 from tokenmill.worker.device import (
     check_quantization,
     cuda_graph_sizes,
@@ -27,7 +28,6 @@ from tokenmill.worker.device import (
     resolve_dtype,
     resolve_kv_cache_dtype,
 )
-from tokenmill.worker.capabilities import detect_capabilities
 from tokenmill.worker.model_runner import KVCacheSpec, ModelRunner
 from tokenmill.worker.planner import finish_plan, new_or_cached_plan, plan_model, plan_steps
 from tokenmill.worker.runner_output import ModelRunnerOutput

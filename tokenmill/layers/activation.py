@@ -23,5 +23,8 @@ class SiluAndMul(nn.Module):
             return silu_and_mul(x)
         if self.kernel == "cpu" and use_c_kernel(x):
             return c_ops.silu_and_mul(x)
+        if self.kernel == "cpu" and c_ops.applies_bf16(x) and c_ops.layer_ops_available() \
+                and not torch.compiler.is_compiling():
+            return c_ops.silu_and_mul_bf16(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

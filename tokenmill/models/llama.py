@@ -12,12 +12,12 @@ from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
 from tokenmill.attention.layer import Attention
+from tokenmill.kernels.cpu.layer_ops import layer_ops_available as c_layer_ops_available
 from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.kernel_choice import LayerKernel, layer_kernel_for
 from tokenmill.layers.linear import Embedding, Linear
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
-
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 
@@ -124,6 +124,10 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, backend) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, layer_kernel_for(backend))
+        # A bfloat16 model on the CPU's C kernels keeps the residual stream in float32: the norms' C kernel adds
+        # each sublayer's bf16 output into it and returns bf16 for the next product (no torch conversions).
+        self.float32_residual = (dtype == torch.bfloat16 and layer_kernel_for(backend) == "cpu"
+                                 and c_layer_ops_available())
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -144,6 +148,8 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.embed_tokens(input_ids)
         if self.decode_step is not None and self.decode_step.takes(meta):
             return self.decode_step(hidden, positions, meta)
+        if self.float32_residual:
+            hidden = hidden.float()
         cos_sin = self.rotary.cos_sin(positions)
         residual = None
         for layer in self.layers:

@@ -94,8 +94,8 @@ def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, backend: str, quantiza
             raise ValueError("kv_cache_dtype='fp8' needs the triton attention backend")
         return torch.float8_e4m3fn
     if name == "int8":
-        if backend != "torch" or dtype != torch.float32:
-            raise ValueError("kv_cache_dtype='int8' needs the torch attention backend and float32 compute (the CPU)")
+        if backend != "torch":
+            raise ValueError("kv_cache_dtype='int8' needs the torch attention backend (the CPU)")
         return torch.int8
     chosen = {"float32": torch.float32, "float16": torch.float16}[name]
     if chosen != dtype and backend != "torch":

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from tokenmill.worker.capabilities import MachineCapabilities
@@ -81,8 +80,8 @@ class ExecutionPlan:
 
     def table(self) -> str:
         """Markdown: operation, bucket, chosen kernel, each candidate's time."""
-        lines = [f"Execution plan ({'cached' if self.cached else f'built in {self.build_seconds:.1f} s'}); "
-                 f"machine: {self.machine}", "",
+        built = "cached" if self.cached else f"built in {self.build_seconds:.1f} s"
+        lines = [f"Execution plan ({built}); machine: {self.machine}", "",
                  "| operation | rows | chosen | candidates (ms) |", "|---|---|---|---|"]
         for c in self.choices:
             times = ", ".join(f"{k} {v * 1e3:.3f}" for k, v in sorted(c.seconds.items(), key=lambda kv: kv[1]))

@@ -102,7 +102,7 @@ def _time_product(operation: str, buckets: tuple[int, ...], modules: dict[str, n
     choices = []
     for rows in buckets:
         x = torch.randn(rows, in_features).to(dtype)
-        choices.append(choose(operation, rows, {name: (lambda m=m: m(x)) for name, m in modules.items()}))
+        choices.append(choose(operation, rows, {name: (lambda m=m, x=x: m(x)) for name, m in modules.items()}))
     return choices
 
 

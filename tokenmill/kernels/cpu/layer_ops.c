@@ -1,10 +1,12 @@
 /* The small per-token operations of a Llama decoder layer, each fused into one call: on the CPU at
  * decode batch sizes a layer's time outside its GEMMs is mostly torch dispatch (~50 small ops per
- * layer); these replace ~40 of them. All tensors are float32, rows contiguous.
+ * layer); these replace ~40 of them. Tensors are float32, rows contiguous, except in the _bf16 variants, which
+ * read and write a bfloat16 model's activations (bf16.h) while the residual stream and arithmetic stay float32.
  *
  * Rows are independent, so large batches split rows across the OpenMP pool (torch's libgomp); small
  * ones run on the calling thread, where a parallel region would cost more than the work.
  */
+#include "bf16.h"
 #include "kv_cache.h"
 #include "row_ops.h"
 
@@ -27,12 +29,47 @@ void tm_rms_norm(float *out, const float *x, float *residual, const float *weigh
     }
 }
 
+/* As tm_rms_norm, for a bf16 model: out is bf16; x is bf16 (x_bf16 != 0) or float32; residual (float32, or
+ * NULL) += x first and is what gets normalized. weight is float32 (the bf16 weight's exact values). */
+void tm_rms_norm_bf16(uint16_t *out, const void *x, int x_bf16, float *residual, const float *weight, float eps,
+                      int64_t num_rows, int64_t hidden, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (num_rows >= PARALLEL_MIN_ROWS)
+    for (int64_t t = 0; t < num_rows; ++t) {
+        float row[hidden];
+        const float *src = row;
+        if (x_bf16)
+            bf16_row_to_f32(row, (const uint16_t *)x + t * hidden, hidden);
+        else
+            src = (const float *)x + t * hidden;
+        if (residual != NULL) {
+            float *res = residual + t * hidden;
+#pragma omp simd
+            for (int64_t i = 0; i < hidden; ++i) res[i] += src[i];
+            src = res;
+        }
+        rms_norm_row(row, src, weight, eps, hidden);
+        f32_row_to_bf16(out + t * hidden, row, hidden);
+    }
+}
+
 /* out[t, j] = silu(x[t, j]) * x[t, width + j] for j < width (x: [num_rows, 2 * width]). */
 void tm_silu_and_mul(float *out, const float *x, int64_t num_rows, int64_t width, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if (num_rows >= PARALLEL_MIN_ROWS)
     for (int64_t t = 0; t < num_rows; ++t) {
         const float *gate = x + t * 2 * width;
         silu_mul_row(out + t * width, gate, gate + width, width);
+    }
+}
+
+/* As tm_silu_and_mul with bf16 x and out (float32 arithmetic). */
+void tm_silu_and_mul_bf16(uint16_t *out, const uint16_t *x, int64_t num_rows, int64_t width, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (num_rows >= PARALLEL_MIN_ROWS)
+    for (int64_t t = 0; t < num_rows; ++t) {
+        float gate[width], up[width];
+        bf16_row_to_f32(gate, x + t * 2 * width, width);
+        bf16_row_to_f32(up, x + t * 2 * width + width, width);
+        silu_mul_row(gate, gate, up, width);
+        f32_row_to_bf16(out + t * width, gate, width);
     }
 }
 

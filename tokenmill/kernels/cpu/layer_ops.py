@@ -1,7 +1,8 @@
 """ctypes bindings of layer_ops.c: fused RMSNorm (+ residual add), SiLU-and-mul, rotary + K/V write.
 
 Each function takes float32 CPU tensors; `applies()` says whether a tensor qualifies, and callers keep
-their torch path for everything else (other dtypes, no C compiler).
+their torch path for everything else (other dtypes, no C compiler). The *_bf16 variants serve bfloat16
+models: bf16 activations in and out, a float32 residual stream and float32 arithmetic (`applies_bf16()`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ def _lib() -> ctypes.CDLL | None:
     lib.tm_rms_norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _f32, _i64, _i64, _int]
     lib.tm_silu_and_mul.argtypes = [_ptr, _ptr, _i64, _i64, _int]
     lib.tm_rotary_write_kv.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _int, _ptr] + [_i64] * 5 + [_int]
-    for fn in (lib.tm_rms_norm, lib.tm_silu_and_mul, lib.tm_rotary_write_kv):
+    lib.tm_rms_norm_bf16.argtypes = [_ptr, _ptr, _int, _ptr, _ptr, _f32, _i64, _i64, _int]
+    lib.tm_silu_and_mul_bf16.argtypes = [_ptr, _ptr, _i64, _i64, _int]
+    for fn in (lib.tm_rms_norm, lib.tm_silu_and_mul, lib.tm_rotary_write_kv, lib.tm_rms_norm_bf16,
+               lib.tm_silu_and_mul_bf16):
         fn.restype = None
     return lib
 
@@ -37,6 +41,33 @@ def layer_ops_available() -> bool:
 def applies(x: torch.Tensor) -> bool:
     """x can go to these kernels: float32, on the CPU, contiguous."""
     return x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+
+
+def applies_bf16(x: torch.Tensor) -> bool:
+    """x can go to the *_bf16 kernels: bfloat16, on the CPU, contiguous."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous()
+
+
+def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """bf16 norm(x) * weight for a bf16 model; x bf16 or float32, weight float32, residual float32 (+= x in
+    place first, then normalized)."""
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    hidden = x.shape[-1]
+    _lib().tm_rms_norm_bf16(
+        out.data_ptr(), x.data_ptr(), int(x.dtype == torch.bfloat16),
+        None if residual is None else residual.data_ptr(), weight.data_ptr(), eps, x.numel() // hidden, hidden,
+        torch.get_num_threads())
+    return out
+
+
+def silu_and_mul_bf16(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :d]) * x[..., d:] of bf16 x, computed in float32, rounded to bf16."""
+    width = x.shape[-1] // 2
+    out = x.new_empty(*x.shape[:-1], width)
+    _lib().tm_silu_and_mul_bf16(out.data_ptr(), x.data_ptr(), x.numel() // x.shape[-1], width,
+                                torch.get_num_threads())
+    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
