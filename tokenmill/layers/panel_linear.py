@@ -14,6 +14,7 @@ import logging
 import torch
 from torch import nn
 
+from tokenmill.kernels.cpu.bf16_gemm import bf16_panels_linear, pack_bf16_panels
 from tokenmill.kernels.cpu.f32_gemm import f32_panels_available, pack_panels, panels_linear, weight_rows_from_panels
 from tokenmill.layers.linear import Embedding, Linear
 from tokenmill.quant.projections import projection_linears
@@ -39,6 +40,22 @@ class PanelLinear(nn.Module):
         if x2.stride(1) != 1:
             x2 = x2.contiguous()
         return panels_linear(x2, self.panels, self.out_features, self.bias).reshape(*x.shape[:-1], self.out_features)
+
+
+class Bf16PanelLinear(nn.Module):
+    """y = x W^T (+ b) for a bfloat16 W kept as 16-channel panels of input pairs (kernels/cpu/bf16_gemm.c: AMX
+    tiles or AVX512-BF16 where the CPU has them). Takes bf16 (or float32) x; returns bf16, float32 accumulation."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("panels", pack_bf16_panels(weight.detach()))
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        y = bf16_panels_linear(x2, self.panels, self.out_features, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 class PanelEmbedding(nn.Module):

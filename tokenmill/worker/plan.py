@@ -38,7 +38,7 @@ from tokenmill.worker.capabilities import MachineCapabilities
 
 logger = logging.getLogger("tokenmill")
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # bumped when the candidates or their kernels change
 ROW_BUCKETS = (1, 16, 64, 256, 2048)
 LOGIT_BUCKETS = (1, 16, 64, 256)
 DECODE_STEP_BUCKETS = (1, 16, 64)

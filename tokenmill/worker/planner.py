@@ -20,9 +20,10 @@ from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.config import EngineConfig
+from tokenmill.kernels.cpu.bf16_gemm import bf16_panels_available
 from tokenmill.kernels.cpu.f32_gemm import f32_panels_available
 from tokenmill.layers.linear import Linear
-from tokenmill.layers.panel_linear import PanelEmbedding, PanelLinear
+from tokenmill.layers.panel_linear import Bf16PanelLinear, PanelEmbedding, PanelLinear
 from tokenmill.layers.planned_linear import PlannedLinear
 from tokenmill.loader.cache import resolve_cache_dir
 from tokenmill.quant.projections import QUANTIZED_PROJECTIONS
@@ -73,6 +74,8 @@ def _projection_candidates(module: nn.Module, panels_ok: bool) -> dict[str, Call
     candidates: dict[str, Callable[[], nn.Module]] = {}  # in order of preference (plan.TIE_MARGIN)
     if panels_ok and weight.dtype == torch.float32 and weight.device.type == "cpu":
         candidates["c_f32_panels"] = lambda: PanelLinear(weight, module.bias)
+    if panels_ok and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and bf16_panels_available():
+        candidates["c_bf16_panels"] = lambda: Bf16PanelLinear(weight, module.bias)
     candidates[_TORCH_NAMES[weight.dtype]] = lambda: module
     return candidates
 
@@ -90,6 +93,8 @@ def _head_candidates(model: nn.Module, panels_ok: bool) -> dict[str, Callable[[]
     candidates: dict[str, Callable[[], nn.Module]] = {}  # in order of preference (plan.TIE_MARGIN)
     if panels_ok and weight.dtype == torch.float32 and weight.device.type == "cpu":
         candidates["c_f32_panels"] = lambda: PanelLinear(weight, model.lm_head.bias)
+    if panels_ok and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and bf16_panels_available():
+        candidates["c_bf16_panels"] = lambda: Bf16PanelLinear(weight, model.lm_head.bias)
     torch_name = _TORCH_NAMES[weight.dtype]
     candidates[torch_name] = lambda: TorchLogitsHead(weight)
     candidates[torch_name + "_linear"] = lambda: TorchLogitsHead(weight, transposed=False)

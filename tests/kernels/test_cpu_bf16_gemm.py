@@ -1,0 +1,41 @@
+"""The bf16 panel GEMM (kernels/cpu/bf16_gemm.c: AMX tiles, AVX512-BF16 or portable loops, whichever this CPU
+has) against float32 products of the same bf16 values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill.kernels.cpu.bf16_gemm import bf16_panels_available, bf16_panels_linear, pack_bf16_panels
+from tokenmill.layers.panel_linear import Bf16PanelLinear
+
+pytestmark = pytest.mark.skipif(not bf16_panels_available(), reason="C kernels not built (no compiler)")
+
+
+# rows: single rows, the vdpbf16ps tile (8) and its tails, whole and partial AMX blocks (16) and pairs of them,
+# and a row chunk boundary; k and n: multiples of the blocks, and not.
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 33, 64, 300])
+@pytest.mark.parametrize("k, n", [(64, 48), (576, 960), (100, 33), (40, 20)])
+def test_bf16_panels_match_float32_products(m: int, k: int, n: int) -> None:
+    gen = torch.Generator().manual_seed(m * 1000 + k + n)
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    bias = torch.randn(n, generator=gen)
+    panels = pack_bf16_panels(w)
+    exact = x.double() @ w.double().t() + bias.double()
+    y = bf16_panels_linear(x, panels, n, bias, out_dtype=torch.float32)
+    torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-4 * exact.abs().max().item())
+    y16 = bf16_panels_linear(x, panels, n, bias)
+    assert y16.dtype == torch.bfloat16
+    # bf16 rounding of (nearly) the same float32 sums: at most one step apart
+    torch.testing.assert_close(y16.float(), y.bfloat16().float(), rtol=2 ** -7, atol=1e-6)
+
+
+def test_bf16_panel_linear_module_and_float32_input() -> None:
+    w = torch.randn(70, 96).bfloat16()
+    layer = Bf16PanelLinear(w, None)
+    x = torch.randn(2, 5, 96)
+    out = layer(x)  # float32 input is rounded to bf16 first, as torch's bf16 product would see it
+    assert out.shape == (2, 5, 70) and out.dtype == torch.bfloat16
+    ref = (x.bfloat16().float().reshape(-1, 96) @ w.float().t()).bfloat16().reshape(2, 5, 70)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2 ** -7, atol=1e-6)

@@ -1,0 +1,60 @@
+/* bfloat16 matrix products against panel-packed weights (bf16_panels.h), for any number of rows, and the
+ * packing.
+ *
+ * Why: oneDNN's bf16 products (torch) carry a per-call cost that dominates at decode sizes, and a bf16
+ * model's one-call C decoder needs its own bf16 product; the execution plan (worker/plan.py) times this
+ * against torch's and keeps the faster per row-count bucket.
+ *
+ * Work split: rows in chunks whose activations stay in L2; inside a chunk the threads take PANELS_PER_GRAB
+ * panels at a time (work_split.h), in pairs over the chunk's rows (AMX: two 16-row blocks x two panels per
+ * pass where the CPU has AMX-BF16; vdpbf16ps or portable rows for the rest).
+ * Invariants: x is bf16 [m, x_stride] with x_stride >= bf16_k_pad(k) and zeros in columns k .. k_pad - 1;
+ * y is [m, n] float32 or bf16 (y_bf16); panels as bf16_panels.h; bias is float32 [n] or NULL.
+ */
+#include <omp.h>
+
+#include "bf16_panels.h"
+#include "work_split.h"
+
+/* 1 when bf16 products run on AMX tiles in this process (see bf16_amx_ready). */
+int tm_bf16_amx_ready(void) { return bf16_amx_ready(); }
+
+/* Rows in chunks whose activation block stays in L2 while every panel passes over it (as f32_gemm.c). */
+#define X_CHUNK_BYTES (256 * 1024)
+
+void tm_bf16_panels_gemm(void *y, int y_bf16, const uint16_t *x, int64_t x_stride, const uint16_t *panels,
+                         const float *bias, int64_t m, int64_t n, int64_t k, int num_threads) {
+    const int64_t np = bf16_num_panels(n), k_pad = bf16_k_pad(k), pairs = (np + 1) / 2;
+    const int use_amx = m >= 16 && bf16_amx_ready();
+    int64_t chunk = X_CHUNK_BYTES / (k_pad * 2) / 32 * 32;
+    chunk = chunk < 32 ? 32 : chunk;
+#pragma omp parallel num_threads(num_threads)
+    {
+#if TM_HAVE_AMX
+        if (use_amx) bf16_amx_load_config();
+#endif
+        for (int64_t m0 = 0; m0 < m; m0 += chunk) {
+            const int64_t rows = m - m0 < chunk ? m - m0 : chunk;
+#pragma omp for schedule(dynamic, PANELS_PER_GRAB / 2) nowait
+            for (int64_t q = 0; q < pairs; ++q)
+                bf16_panel_rows(y, y_bf16, n, x, x_stride, panels, bias, k_pad, m0, rows, 2 * q,
+                                2 * q + 1 < np ? 2 : 1, use_amx);
+        }
+#if TM_HAVE_AMX
+        if (use_amx) _tile_release();
+#endif
+    }
+}
+
+/* panels (bf16_panels.h) from w [n, k] bf16 (contiguous), zero past channel n and input k. */
+void tm_bf16_pack_panels(uint16_t *panels, const uint16_t *w, int64_t n, int64_t k, int num_threads) {
+    const int64_t np = bf16_num_panels(n), k_pad = bf16_k_pad(k);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t p = 0; p < np; ++p)
+        for (int64_t kp = 0; kp < k_pad / 2; ++kp)
+            for (int64_t j = 0; j < BF16_PANEL; ++j)
+                for (int64_t i = 0; i < 2; ++i) {
+                    const int64_t c = p * BF16_PANEL + j, col = 2 * kp + i;
+                    panels[((p * (k_pad / 2) + kp) * BF16_PANEL + j) * 2 + i] = c < n && col < k ? w[c * k + col] : 0;
+                }
+}

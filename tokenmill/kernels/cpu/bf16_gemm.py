@@ -1,0 +1,84 @@
+"""ctypes binding of bf16_gemm.c: bfloat16 products against weights packed in 16-channel panels of input pairs
+(bf16_panels.h; AMX tiles or AVX512-BF16 where the CPU has them, portable float32 loops elsewhere)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from tokenmill.kernels.cpu.build import load_kernel_library
+
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+
+PANEL, K_BLOCK = 16, 32  # bf16_panels.h
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    lib = load_kernel_library("bf16_gemm")
+    if lib is None:
+        return None
+    lib.tm_bf16_panels_gemm.argtypes = [_ptr, _int, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _int]
+    lib.tm_bf16_panels_gemm.restype = None
+    lib.tm_bf16_pack_panels.argtypes = [_ptr, _ptr, _i64, _i64, _int]
+    lib.tm_bf16_pack_panels.restype = None
+    lib.tm_bf16_amx_ready.argtypes = []
+    lib.tm_bf16_amx_ready.restype = _int
+    return lib
+
+
+def bf16_panels_available() -> bool:
+    return _lib() is not None
+
+
+def bf16_amx_ready() -> bool:
+    """Products of 16 or more rows run on AMX tiles in this process."""
+    return bool(_lib() is not None and _lib().tm_bf16_amx_ready())
+
+
+def k_pad(k: int) -> int:
+    return (k + K_BLOCK - 1) // K_BLOCK * K_BLOCK
+
+
+def bf16_panels_shape(n: int, k: int) -> tuple[int, int, int, int]:
+    return ((n + PANEL - 1) // PANEL, k_pad(k) // 2, PANEL, 2)
+
+
+def pack_bf16_panels(weight: torch.Tensor) -> torch.Tensor:
+    """weight [n, k] (rounded to bf16) -> panels [ceil(n / 16), k_pad / 2, 16, 2] bf16, zero past n and k."""
+    if weight.dim() != 2 or weight.device.type != "cpu":
+        raise ValueError(f"pack_bf16_panels: weight must be a CPU matrix, got {tuple(weight.shape)} on {weight.device}")
+    w = weight.detach().to(torch.bfloat16).contiguous()
+    n, k = w.shape
+    panels = torch.empty(bf16_panels_shape(n, k), dtype=torch.bfloat16)
+    _lib().tm_bf16_pack_panels(panels.data_ptr(), w.data_ptr(), n, k, torch.get_num_threads())
+    return panels
+
+
+def bf16_panels_linear(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None,
+                       out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x [M, K] (bf16, or float32 rounded to bf16) -> x W^T (+ bias) [M, n] in out_dtype (bfloat16 or float32),
+    accumulated in float32, for the weight W [n, K] packed into `panels`."""
+    if x.dim() != 2 or x.device.type != "cpu":
+        raise ValueError(f"bf16_panels_linear: x must be a CPU matrix, got {tuple(x.shape)} on {x.device}")
+    num_rows, k = x.shape
+    if tuple(panels.shape) != bf16_panels_shape(n, k) or panels.dtype != torch.bfloat16 or not panels.is_contiguous():
+        raise ValueError(f"bf16_panels_linear: panels must be contiguous bf16 {list(bf16_panels_shape(n, k))}, got "
+                         f"{panels.dtype} {tuple(panels.shape)}")
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"bf16_panels_linear: out_dtype must be bfloat16 or float32, got {out_dtype}")
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"bf16_panels_linear: bias must be contiguous float32 [{n}]")
+    kp = k_pad(k)
+    if x.dtype != torch.bfloat16 or x.stride(1) != 1 or kp != k:
+        padded = x.new_zeros(num_rows, kp, dtype=torch.bfloat16)
+        padded[:, :k] = x
+        x = padded
+    y = torch.empty(num_rows, n, dtype=out_dtype)
+    if num_rows:
+        _lib().tm_bf16_panels_gemm(y.data_ptr(), int(out_dtype == torch.bfloat16), x.data_ptr(), x.stride(0),
+                                   panels.data_ptr(), None if bias is None else bias.data_ptr(), num_rows, n, k,
+                                   torch.get_num_threads())
+    return y

@@ -1,0 +1,203 @@
+/* bfloat16 products against weights packed in 16-channel panels of input pairs, the layout both of the
+ * CPU's bf16 units read:
+ *
+ *   panels [num_panels(n), k_pad / 2, 16, 2] uint16: element (p, kp, j, i) = W[16 p + j, 2 kp + i],
+ *   zero past channel n and past input k; k_pad = k rounded up to BF16_K_BLOCK (32).
+ *
+ * One 64-byte row of a panel (16 channels x one input pair) is what AVX512-BF16's vdpbf16ps multiplies
+ * against a broadcast pair of activations, and 16 such rows (32 inputs) are one AMX B tile (16 x 64
+ * bytes, the VNNI layout tdpbf16ps reads), so one packing serves:
+ *   - bf16_panel_rows_dp: up to BF16_DP_ROWS rows x 16 channels with vdpbf16ps (decode batches, tails);
+ *   - bf16_panel_blocks_amx: 16-row blocks through AMX tiles (prompt rows), where the CPU has AMX-BF16 and
+ *     the kernel granted this process the tile state (bf16_amx_ready);
+ *   - a portable loop elsewhere (same products in float32, the compiler's vectors).
+ * Activations x are bf16 rows [m, x_stride] (x_stride >= k_pad, zero past k); products accumulate in
+ * float32. Results go to float32 or bf16 rows (y_bf16), plus an optional float32 bias.
+ */
+#ifndef TM_BF16_PANELS_H
+#define TM_BF16_PANELS_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include "bf16.h"
+
+#if defined(__AVX512BF16__) || defined(__AMX_BF16__)
+#include <immintrin.h>
+#endif
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define TM_HAVE_AMX 1
+#else
+#define TM_HAVE_AMX 0
+#endif
+
+#define BF16_PANEL 16
+#define BF16_K_BLOCK 32
+#define BF16_DP_ROWS 8
+
+static inline int64_t bf16_num_panels(int64_t n) { return (n + BF16_PANEL - 1) / BF16_PANEL; }
+static inline int64_t bf16_k_pad(int64_t k) { return (k + BF16_K_BLOCK - 1) / BF16_K_BLOCK * BF16_K_BLOCK; }
+
+/* acc [rows, 16] of channel block p written to y (row stride n), + bias, only channels < n. */
+static inline void bf16_store_block(void *y, int y_bf16, int64_t n, int64_t row0, int64_t rows, int64_t p,
+                                    const float *acc, int64_t acc_stride, const float *bias) {
+    const int64_t c0 = p * BF16_PANEL, width = n - c0 < BF16_PANEL ? n - c0 : BF16_PANEL;
+#if defined(__AVX512BF16__)
+    if (width == BF16_PANEL) {  /* a whole block: one vector per row (rounding as f32_to_bf16, denormals to 0) */
+        const __m512 b = bias != NULL ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps();
+        for (int64_t r = 0; r < rows; ++r) {
+            const __m512 v = _mm512_add_ps(_mm512_loadu_ps(acc + r * acc_stride), b);
+            if (y_bf16)
+                _mm256_storeu_si256((__m256i *)((uint16_t *)y + (row0 + r) * n + c0), (__m256i)_mm512_cvtneps_pbh(v));
+            else
+                _mm512_storeu_ps((float *)y + (row0 + r) * n + c0, v);
+        }
+        return;
+    }
+#endif
+    for (int64_t r = 0; r < rows; ++r) {
+        float row[BF16_PANEL];
+        for (int64_t j = 0; j < width; ++j) row[j] = acc[r * acc_stride + j] + (bias != NULL ? bias[c0 + j] : 0.0f);
+        if (y_bf16)
+            f32_row_to_bf16((uint16_t *)y + (row0 + r) * n + c0, row, width);
+        else
+            memcpy((float *)y + (row0 + r) * n + c0, row, (size_t)width * sizeof(float));
+    }
+}
+
+/* Rows row0 .. row0 + rows - 1 (rows <= BF16_DP_ROWS) of channel block p. */
+static inline void bf16_panel_rows_dp(void *y, int y_bf16, int64_t n, const uint16_t *x, int64_t x_stride,
+                                      const uint16_t *panels, const float *bias, int64_t k_pad, int64_t row0,
+                                      int64_t rows, int64_t p) {
+    const uint16_t *w = panels + p * (k_pad / 2) * 2 * BF16_PANEL;
+    float acc[BF16_DP_ROWS * BF16_PANEL];
+#if defined(__AVX512BF16__)
+    __m512 a[BF16_DP_ROWS];
+    for (int r = 0; r < BF16_DP_ROWS; ++r) a[r] = _mm512_setzero_ps();
+    for (int64_t kp = 0; kp < k_pad / 2; ++kp) {
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(w + kp * 2 * BF16_PANEL));
+        for (int64_t r = 0; r < rows; ++r) {
+            int32_t pair;
+            memcpy(&pair, x + (row0 + r) * x_stride + 2 * kp, sizeof(pair));
+            a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_set1_epi32(pair), wv);
+        }
+    }
+    for (int64_t r = 0; r < rows; ++r) _mm512_storeu_ps(acc + r * BF16_PANEL, a[r]);
+#else
+    memset(acc, 0, sizeof(acc));
+    for (int64_t kp = 0; kp < k_pad / 2; ++kp) {
+        const uint16_t *wk = w + kp * 2 * BF16_PANEL;
+        float w0[BF16_PANEL], w1[BF16_PANEL];
+        for (int j = 0; j < BF16_PANEL; ++j) {
+            w0[j] = bf16_to_f32(wk[2 * j]);
+            w1[j] = bf16_to_f32(wk[2 * j + 1]);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+            const float x0 = bf16_to_f32(x[(row0 + r) * x_stride + 2 * kp]);
+            const float x1 = bf16_to_f32(x[(row0 + r) * x_stride + 2 * kp + 1]);
+#pragma omp simd
+            for (int j = 0; j < BF16_PANEL; ++j) acc[r * BF16_PANEL + j] += x0 * w0[j] + x1 * w1[j];
+        }
+    }
+#endif
+    bf16_store_block(y, y_bf16, n, row0, rows, p, acc, BF16_PANEL, bias);
+}
+
+#if TM_HAVE_AMX
+/* The AMX tile configuration (64 bytes, palette 1) every thread loads before its tiles: tiles 0-3 hold four
+ * 16 x 16 float32 accumulators (2 row blocks x 2 channel blocks), 4-5 two 16-row x 32-input activation
+ * blocks, 6-7 two weight blocks (16 input pairs x 16 channels). */
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} bf16_tile_config;
+
+static inline void bf16_amx_load_config(void) {
+    bf16_tile_config cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; ++t) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* Rows row0 .. row0 + 16 * blocks - 1 of channel blocks p and, when two_panels, p + 1: each pass takes two
+ * 16-row blocks and both panels, so every activation tile feeds two products and every weight tile two. */
+static inline void bf16_panel_blocks_amx(void *y, int y_bf16, int64_t n, const uint16_t *x, int64_t x_stride,
+                                         const uint16_t *panels, const float *bias, int64_t k_pad, int64_t row0,
+                                         int64_t blocks, int64_t p, int two_panels) {
+    const int64_t panel_elems = (k_pad / 2) * 2 * BF16_PANEL;
+    const uint16_t *w0 = panels + p * panel_elems, *w1 = two_panels ? w0 + panel_elems : w0;
+    float acc[4][16 * BF16_PANEL];
+    const int64_t xs = x_stride * 2;  /* bytes */
+    for (int64_t b = 0; b < blocks; b += 2) {
+        const uint16_t *x0 = x + (row0 + 16 * b) * x_stride, *x1 = b + 1 < blocks ? x0 + 16 * x_stride : x0;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t kb = 0; kb < k_pad; kb += BF16_K_BLOCK) {
+            _tile_loadd(6, w0 + kb * BF16_PANEL, 64);
+            _tile_loadd(7, w1 + kb * BF16_PANEL, 64);
+            _tile_loadd(4, x0 + kb, xs);
+            _tile_loadd(5, x1 + kb, xs);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, acc[0], 64);
+        _tile_stored(1, acc[1], 64);
+        _tile_stored(2, acc[2], 64);
+        _tile_stored(3, acc[3], 64);
+        const int64_t r0 = row0 + 16 * b;
+        bf16_store_block(y, y_bf16, n, r0, 16, p, acc[0], BF16_PANEL, bias);
+        if (two_panels) bf16_store_block(y, y_bf16, n, r0, 16, p + 1, acc[1], BF16_PANEL, bias);
+        if (b + 1 < blocks) {
+            bf16_store_block(y, y_bf16, n, r0 + 16, 16, p, acc[2], BF16_PANEL, bias);
+            if (two_panels) bf16_store_block(y, y_bf16, n, r0 + 16, 16, p + 1, acc[3], BF16_PANEL, bias);
+        }
+    }
+}
+#endif
+
+/* 1 when this process may use AMX tiles here: built with AMX-BF16 and the kernel granted the tile state
+ * (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, once per process; torch asks the same for oneDNN). */
+static inline int bf16_amx_ready(void) {
+#if TM_HAVE_AMX
+    static int state = -1;
+    if (state < 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return state;
+#else
+    return 0;
+#endif
+}
+
+/* Rows row0 .. row0 + m - 1 of channel blocks p .. p + num - 1 (num 1 or 2): 16-row blocks through AMX when
+ * use_amx, the rest BF16_DP_ROWS at a time. A thread must have loaded the tile configuration
+ * (bf16_amx_load_config) before use_amx. */
+static inline void bf16_panel_rows(void *y, int y_bf16, int64_t n, const uint16_t *x, int64_t x_stride,
+                                   const uint16_t *panels, const float *bias, int64_t k_pad, int64_t row0, int64_t m,
+                                   int64_t p, int64_t num, int use_amx) {
+    int64_t done = 0;
+#if TM_HAVE_AMX
+    if (use_amx && m >= 16) {
+        bf16_panel_blocks_amx(y, y_bf16, n, x, x_stride, panels, bias, k_pad, row0, m / 16, p, num == 2);
+        done = m / 16 * 16;
+    }
+#else
+    (void)use_amx;
+#endif
+    for (int64_t q = p; q < p + num; ++q)
+        for (int64_t r = done; r < m; r += BF16_DP_ROWS) {
+            const int64_t rows = m - r < BF16_DP_ROWS ? m - r : BF16_DP_ROWS;
+            bf16_panel_rows_dp(y, y_bf16, n, x, x_stride, panels, bias, k_pad, row0 + r, rows, q);
+        }
+}
+
+#endif
