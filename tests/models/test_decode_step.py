@@ -106,7 +106,7 @@ def test_c_decoder_matches_hf(arch: str, tiny_checkpoint: Any, biased_checkpoint
     prompts = _prompts(hf_model.config.vocab_size, (1, 9, 30))
     expected = hf_greedy(hf_model, AutoTokenizer.from_pretrained(path), prompts, MAX_TOKENS, 5)
 
-    llm = LLM(dtype="float32", model=str(path), block_size=8, kv_cache_memory=16 << 20)
+    llm = LLM(dtype="float32", kernels="c", model=str(path), block_size=8, kv_cache_memory=16 << 20)
     with compared_with_layer_by_layer(_model(llm), rel_tol=1e-5) as rows:
         params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
         outputs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -120,7 +120,8 @@ def test_c_decoder_int8_agrees_with_layer_by_layer(tiny_checkpoint: Any, activat
     only float rounding (then a rare flipped level) separates them. A float32 K/V cache keeps this to the
     projections: on an int8 one (test_c_decoder_narrow_cache_agrees_with_layer_by_layer), a K level flipped
     by the rotary's float order then flips 7-bit activation levels downstream (measured: 2.8% at one step)."""
-    llm = LLM(dtype="float32", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20, quantization="int8",
+    llm = LLM(dtype="float32", kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20,
+              quantization="int8",
               int8_activation_bits=activation_bits, kv_cache_dtype="float32")
     model = _model(llm)
     assert model.decode_step is not None and model.decode_step.max_rows >= 6
@@ -141,7 +142,7 @@ def test_c_decoder_narrow_cache_agrees_with_layer_by_layer(
 ) -> None:
     """A float16 or int8 K/V cache in a float32 model: both paths write and read the same rounded K/V (int8:
     the same rows up to a level flipped by float rounding before the write)."""
-    llm = LLM(dtype="float32", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20,
+    llm = LLM(dtype="float32", kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20,
               kv_cache_dtype=kv_cache_dtype)
     model = _model(llm)
     assert model.layers[0].self_attn.attn.kv_cache[0].dtype == dtype and model.decode_step is not None
@@ -152,11 +153,26 @@ def test_c_decoder_narrow_cache_agrees_with_layer_by_layer(
     assert rows == [88, 6, 5, 4, 3, 2, 1, 1]
 
 
+def test_c_decoder_bf16_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None:
+    """bf16 weights (Bf16PanelLinear): the C decoder rounds each product's float32 input to bf16, layer by
+    layer the norms return bf16 (a float32 residual stream either way): bf16-rounding-sized differences."""
+    llm = LLM(dtype="bfloat16", kernels="c", model=str(tiny_checkpoint("llama")), block_size=8,
+              kv_cache_memory=16 << 20)
+    model = _model(llm)
+    assert model.decode_step is not None
+    prompts = _prompts(model.config.vocab_size, (2, 5, 8, 16, 17, 40))
+    with compared_with_layer_by_layer(model, rel_tol=2e-2) as rows:
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4, 5, 6, 8)]
+        llm.generate(prompts, params, use_tqdm=False)
+    assert rows == [88, 6, 5, 4, 3, 2, 1, 1]
+
+
 def test_c_decoder_int4_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None:
     """W4A16 groups: the decoder's projections are int4_gemm's arithmetic; only float rounding in the
     other ops (then a flipped 16-bit level) separates the two paths. Prompt steps stay layer by layer (the
     int4 kernel is for decode batches)."""
-    llm = LLM(dtype="float32", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20, quantization="int4")
+    llm = LLM(dtype="float32", kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20,
+              quantization="int4")
     model = _model(llm)
     assert isinstance(model.layers[0].mlp.down_proj, Int4GroupLinear)
     assert model.decode_step is not None
@@ -170,7 +186,7 @@ def test_c_decoder_int4_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None
 def test_steps_it_does_not_take(tiny_checkpoint: Any) -> None:
     """Decode steps of more requests than max_rows, and steps of more prompt tokens than max_prompt_tokens,
     run layer by layer."""
-    llm = LLM(dtype="float32", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20)
+    llm = LLM(dtype="float32", kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20)
     model = _model(llm)
     limit = model.decode_step.max_rows
     model.decode_step.max_prompt_tokens = 4 * (limit + 1) - 1  # one short of the prompts' step
@@ -196,7 +212,8 @@ def test_chunked_mixed_and_prefix_hit_steps(tiny_checkpoint: Any) -> None:
     shared = long[:24] + short  # shares long's first 3 blocks of 8
     expected = hf_greedy(hf_model, AutoTokenizer.from_pretrained(path), [short, long, shared], MAX_TOKENS, 5)
 
-    llm = LLM(dtype="float32", model=str(path), block_size=8, kv_cache_memory=16 << 20, max_num_batched_tokens=16,
+    llm = LLM(dtype="float32", kernels="c", model=str(path), block_size=8, kv_cache_memory=16 << 20,
+              max_num_batched_tokens=16,
               enable_prefix_caching=True)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
     with compared_with_layer_by_layer(_model(llm), rel_tol=1e-5) as rows:
@@ -208,16 +225,21 @@ def test_chunked_mixed_and_prefix_hit_steps(tiny_checkpoint: Any) -> None:
     assert rows[:3] == [16, 16, 15] and rows.count(5) == 1, rows
 
 
-def test_off_when_asked_or_not_float32(tiny_checkpoint: Any) -> None:
+def test_off_when_asked_or_torch_only(tiny_checkpoint: Any) -> None:
     path = str(tiny_checkpoint("llama"))
-    assert LLM(dtype="float32", model=path, kv_cache_memory=16 << 20, fused_decode=False).engine.core.model.decode_step is None
+
+    def decode_step(**kwargs: Any) -> Any:
+        return LLM(model=path, kv_cache_memory=16 << 20, **kwargs).engine.core.model.decode_step
+
+    assert decode_step(dtype="float32", kernels="c", fused_decode=False) is None
     # Float32 projections reach the C decoder packed in panels only.
-    assert LLM(dtype="float32", model=path, kv_cache_memory=16 << 20, panel_gemm=False).engine.core.model.decode_step is None
-    assert LLM(model=path, kv_cache_memory=16 << 20, dtype="bfloat16").engine.core.model.decode_step is None
+    assert decode_step(dtype="float32", kernels="c", panel_gemm=False) is None
+    assert decode_step(dtype="bfloat16", kernels="torch") is None
+    assert decode_step(dtype="bfloat16", kernels="c") is not None
 
 
 def test_kernel_rejects_bad_inputs(tiny_checkpoint: Any) -> None:
-    llm = LLM(dtype="float32", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20)
+    llm = LLM(dtype="float32", kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20)
     kernel = _model(llm).decode_step.kernel
     hidden = torch.zeros(2, kernel.hidden_size)
     ints, ones = torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.int64)
@@ -237,7 +259,7 @@ def test_kernel_rejects_bad_inputs(tiny_checkpoint: Any) -> None:
 
 
 def test_phase_clock_adds_every_phase_and_leaves_outputs_alone(tiny_checkpoint: Any) -> None:
-    llm = LLM(dtype="float32", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20)
+    llm = LLM(dtype="float32", kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20)
     kernel = _model(llm).decode_step.kernel
     prompts = _prompts(llm.engine.vocab_size, (5, 17, 9))
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)

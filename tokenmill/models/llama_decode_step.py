@@ -9,10 +9,12 @@ models/llama.py's forward. Both compute the same arithmetic; the C path only rem
 (about half of a batch-1 token's time on a 2-core CPU) and, for prompt steps, the other threads' waits
 while the host dispatches the ~10 OpenMP regions per layer.
 
-It applies on the CPU to float32 models with a float32, float16 or int8 K/V cache (kernels/cpu/kv_cache.py)
-in the torch backend's head-major layout, with projections that are layers/panel_linear.py's PanelLinear
-(float32), quant/int8_cpu.py's Int8DynamicLinear or quant/int4_cpu.py's Int4GroupLinear; anything else
-(plain float32 Linears, fp8, bf16, the triton backend, no C compiler) keeps the layer-by-layer forward.
+It applies on the CPU to float32 and bfloat16 models with a float32, float16 or int8 K/V cache
+(kernels/cpu/kv_cache.py) in the torch backend's head-major layout, with projections that are
+layers/panel_linear.py's PanelLinear (float32) or Bf16PanelLinear (bf16 weights; activations stay float32
+and are rounded to bf16 at each product's input), quant/int8_cpu.py's Int8DynamicLinear or quant/int4_cpu.py's
+Int4GroupLinear; anything else (plain Linears, fp8, the triton backend, no C compiler) keeps the
+layer-by-layer forward.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.kernels.cpu.decode_step import DecodeStepModel, LayerWeights, LinearWeights, decode_step_available
 from tokenmill.kernels.cpu.kv_cache import KV_DTYPES
 from tokenmill.layers.linear import Linear
-from tokenmill.layers.panel_linear import PanelLinear
+from tokenmill.layers.panel_linear import Bf16PanelLinear, PanelLinear
 from tokenmill.layers.planned_linear import PlannedLinear
 from tokenmill.quant.int4_cpu import Int4GroupLinear
 from tokenmill.quant.int8_cpu import Int8DynamicLinear
@@ -52,10 +54,12 @@ class DecodeStepUnsupported(ValueError):
 
 def _linear_weights(module: nn.Module, name: str) -> LinearWeights:
     if isinstance(module, PlannedLinear):  # the execution plan's routes: the C decoder reads the panels
-        panels = module.impl_of(PanelLinear)
+        panels = module.impl_of(PanelLinear) or module.impl_of(Bf16PanelLinear)
         if panels is None:
-            raise DecodeStepUnsupported(f"{name} runs {module.kernels} and keeps no float32 panels")
+            raise DecodeStepUnsupported(f"{name} runs {module.kernels} and keeps no panels")
         module = panels
+    if isinstance(module, Bf16PanelLinear):
+        return LinearWeights(module.panels, module.bias, features=(module.out_features, module.in_features))
     if isinstance(module, Int4GroupLinear):
         return LinearWeights(module.packed, module.bias, scale=module.group_scale, group_min=module.group_min,
                              features=(module.out_features, module.in_features))
@@ -69,6 +73,16 @@ def _linear_weights(module: nn.Module, name: str) -> LinearWeights:
         raise DecodeStepUnsupported(f"{name} is a plain {module.weight.dtype} Linear (the C decoder takes float32 "
                                     "projections packed in panels, layers/panel_linear.py)")
     raise DecodeStepUnsupported(f"{name} is a {type(module).__name__}")
+
+
+def _norm_weight(norm: nn.Module) -> torch.Tensor:
+    """A norm's weight as the float32 the C decoder reads (a bf16 model's: its exact values, converted once)."""
+    weight = norm.weight.detach()
+    if weight.dtype == torch.bfloat16:
+        return norm._float32_weight()
+    if weight.dtype != torch.float32:
+        raise DecodeStepUnsupported(f"the norm weights are {weight.dtype}")
+    return weight
 
 
 def build_decode_step(model: nn.Module) -> DecodeStepModel:
@@ -85,9 +99,9 @@ def build_decode_step(model: nn.Module) -> DecodeStepModel:
             raise DecodeStepUnsupported("the K/V cache is not bound yet")
         if attn.kv_cache[0].dtype not in KV_DTYPES or attn.kv_cache[0].device.type != "cpu":
             raise DecodeStepUnsupported(f"the K/V cache is {attn.kv_cache[0].dtype} on {attn.kv_cache[0].device}")
-        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in norms):
-            raise DecodeStepUnsupported("the norm weights are not float32 CPU tensors")
+        norms = (_norm_weight(layer.input_layernorm), _norm_weight(layer.post_attention_layernorm))
+        if any(w.device.type != "cpu" for w in norms):
+            raise DecodeStepUnsupported("the norm weights are not CPU tensors")
         layers.append(LayerWeights(
             input_norm=norms[0].detach(), post_norm=norms[1].detach(),
             qkv=_linear_weights(layer.self_attn.qkv_proj, f"layers.{i}.qkv_proj"),
@@ -100,7 +114,7 @@ def build_decode_step(model: nn.Module) -> DecodeStepModel:
     if rotary.cos.dtype != torch.float32:
         raise DecodeStepUnsupported(f"the rotary tables are {rotary.cos.dtype}")
     return DecodeStepModel(
-        layers, model.norm.weight.detach(), rotary.cos, rotary.sin, attn0.num_heads, attn0.num_kv_heads,
+        layers, _norm_weight(model.norm), rotary.cos, rotary.sin, attn0.num_heads, attn0.num_kv_heads,
         attn0.head_dim, float(model.norm.eps), float(attn0.scale))
 
 
@@ -125,8 +139,10 @@ class LlamaDecodeStep:
         q_lens = meta.scratch.get("q_lens")
         if q_lens is None:
             q_lens = meta.scratch["q_lens"] = torch.tensor(meta.query_lens_list, dtype=torch.int64)
-        return self.kernel.run(embeddings, positions, meta.slot_mapping, meta.query_start_loc[:-1], q_lens,
-                               meta.seq_lens, meta.block_tables)
+        dtype = embeddings.dtype  # a bf16 model's: the C decoder computes in float32 and returns its dtype
+        hidden = self.kernel.run(embeddings if dtype == torch.float32 else embeddings.float(), positions,
+                                 meta.slot_mapping, meta.query_start_loc[:-1], q_lens, meta.seq_lens, meta.block_tables)
+        return hidden if dtype == torch.float32 else hidden.to(dtype)
 
 
 def attach_decode_step(model: nn.Module) -> bool:

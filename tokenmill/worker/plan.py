@@ -9,7 +9,7 @@ that exist here: a C kernel that cannot be built for this CPU is simply not a ca
       int8: c_int8_panels; int4: c_int4 (its own rule inside: C kernel for decode rows, dequantized above)
   lm_head (the vocabulary projection), by sampled-row bucket (LOGIT_BUCKETS): the same families;
   whole steps, once the KV cache exists: decode steps of DECODE_STEP_BUCKETS requests and a prompt step
-      of PROMPT_STEP_TOKENS tokens: c_decoder (the one-call C forward, kernels/cpu/decode_step.c) | layers
+      of PROMPT_STEP_BUCKETS tokens (prompts of PROMPT_LEN tokens each): c_decoder (the one-call C forward, kernels/cpu/decode_step.c) | layers
       (layer by layer, with the projections chosen above).
 A row count between buckets runs the kernel of the next bucket up (beyond the last, the last's).
 
@@ -38,11 +38,12 @@ from tokenmill.worker.capabilities import MachineCapabilities
 
 logger = logging.getLogger("tokenmill")
 
-PLAN_VERSION = 2  # bumped when the candidates or their kernels change
+PLAN_VERSION = 3  # bumped when the candidates or their kernels change
 ROW_BUCKETS = (1, 16, 64, 256, 2048)
 LOGIT_BUCKETS = (1, 16, 64, 256)
 DECODE_STEP_BUCKETS = (1, 16, 64)
-PROMPT_STEP_TOKENS = 256
+PROMPT_STEP_BUCKETS = (256, 2048)  # 2048: the default max_num_batched_tokens
+PROMPT_LEN = 256  # tokens of each prompt in a timed prompt step
 STEP_CONTEXT = 256  # context length of each request in the timed decode steps
 KERNEL_FAMILIES = ("auto", "c", "torch")
 

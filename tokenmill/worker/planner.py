@@ -31,7 +31,8 @@ from tokenmill.worker.capabilities import detect_capabilities
 from tokenmill.worker.plan import (
     DECODE_STEP_BUCKETS,
     LOGIT_BUCKETS,
-    PROMPT_STEP_TOKENS,
+    PROMPT_LEN,
+    PROMPT_STEP_BUCKETS,
     ROW_BUCKETS,
     STEP_CONTEXT,
     Choice,
@@ -179,11 +180,12 @@ def plan_model(model: nn.Module, plan: ExecutionPlan, family: str, keep_panels: 
                                  "cannot be built here")
             built = {k: builders[k]() for k in chosen}
             installed = _install(built, routes)
-            if keep_panels and "c_f32_panels" in builders and "c_f32_panels" not in chosen:
-                # torch won every bucket, but the C decoder reads float32 panels: they ride along in a route
-                # for zero rows, which forward never takes.
-                installed = PlannedLinear([(0, builders["c_f32_panels"]()), *[(m, built[k]) for m, k in routes]],
-                                          ["c_f32_panels", *[k for _, k in routes]])
+            panels_kernel = next((k for k in ("c_f32_panels", "c_bf16_panels") if k in builders), None)
+            if keep_panels and panels_kernel is not None and panels_kernel not in chosen:
+                # torch won every bucket, but the C decoder reads the panels: they ride along in a route for
+                # zero rows, which forward never takes.
+                installed = PlannedLinear([(0, builders[panels_kernel]()), *[(m, built[k]) for m, k in routes]],
+                                          [panels_kernel, *[k for _, k in routes]])
             setattr(parent, attr, installed)
     _plan_head(model, plan, family, panels_ok, dtype)
     plan.build_seconds += 0.0 if plan.cached else time.perf_counter() - start
@@ -234,10 +236,10 @@ def _synthetic_step(num_reqs: int, q_len: int, context: int, block_size: int, vo
 
 def _step_buckets(num_blocks: int, block_size: int) -> list[tuple[str, int, int, int]]:
     """(operation, bucket, requests, new tokens each) of the timed steps that fit the cache's blocks."""
-    if -(-max(STEP_CONTEXT + 1, PROMPT_STEP_TOKENS) // block_size) + 1 > num_blocks:
+    if -(-max(STEP_CONTEXT + 1, PROMPT_LEN) // block_size) + 1 > num_blocks:
         return []
     return [("decode_step", r, r, 1) for r in DECODE_STEP_BUCKETS] + [
-        ("prompt_step", PROMPT_STEP_TOKENS, 1, PROMPT_STEP_TOKENS)]
+        ("prompt_step", tokens, max(1, tokens // PROMPT_LEN), min(tokens, PROMPT_LEN)) for tokens in PROMPT_STEP_BUCKETS]
 
 
 @torch.no_grad()
@@ -273,9 +275,14 @@ def plan_steps(model: nn.Module, plan: ExecutionPlan, family: str, num_blocks: i
         if c.kernel != "c_decoder":
             break
         max_rows = c.rows if c is not decode[-1] else step.max_rows
-    prompt = plan.for_operation("prompt_step")
     step.max_rows = max_rows
-    if prompt and prompt[0].kernel != "c_decoder":
-        step.max_prompt_tokens = 0
+    max_tokens = 0
+    prompt = plan.for_operation("prompt_step")
+    for c in prompt:  # prompt steps up to the first bucket it lost (the largest it won: its own limit)
+        if c.kernel != "c_decoder":
+            break
+        max_tokens = c.rows if c is not prompt[-1] else step.max_prompt_tokens
+    if prompt:
+        step.max_prompt_tokens = min(max_tokens, step.max_prompt_tokens)
     if step.max_rows == 0 and step.max_prompt_tokens == 0:
         model.decode_step = None

@@ -37,6 +37,7 @@
 #include <string.h>
 
 #include "attention_tile.h"
+#include "bf16_panels.h"
 #include "f32_panels.h"
 #include "int4_dot.h"
 #include "int8_panels.h"
@@ -45,7 +46,7 @@
 #include "row_ops.h"
 #include "work_split.h"
 
-enum { TM_FLOAT32 = 0, TM_INT8 = 1, TM_INT4 = 2 };
+enum { TM_FLOAT32 = 0, TM_INT8 = 1, TM_INT4 = 2, TM_BF16 = 3 };
 
 /* Phases of phase_seconds (decode_step.py's PHASES, same order): the per-row work (residual adds, norms,
  * activation quantization, silu * up), the projections, rotary + K/V write, attention. */
@@ -61,7 +62,7 @@ typedef struct {
     const float *bias;      /* [n] or NULL */
     int64_t n, k;
     int64_t rotation_block; /* int8: Hadamard block applied to the input, or 0 */
-    int64_t format;         /* TM_FLOAT32, TM_INT8 or TM_INT4 */
+    int64_t format;         /* TM_FLOAT32, TM_INT8, TM_INT4 or TM_BF16 (bf16_panels.h; input rows rounded to bf16) */
     int64_t levels;         /* int8: activation levels, 255 or 127 (int8_quantize.h) */
 } tm_linear;
 
@@ -96,7 +97,11 @@ static inline void prepare_row(const tm_linear *l, const float *x_row, int64_t m
     if (l->format == TM_INT8)
         qr->low[m] = quantize_row(x_row, l->k, l->rotation_block, scratch, qr->u + m * qr->k_pad, &qr->step[m],
                                   l->levels);
-    else if (l->format == TM_INT4)
+    else if (l->format == TM_BF16) {
+        uint16_t *row = (uint16_t *)qr->u + m * qr->k_pad;
+        f32_row_to_bf16(row, x_row, l->k);
+        for (int64_t i = l->k; i < bf16_k_pad(l->k); ++i) row[i] = 0;
+    } else if (l->format == TM_INT4)
         int4_quantize_row(x_row, l->k, (int16_t *)qr->u + m * qr->k_pad, qr->group_step + m * g_stride,
                           qr->group_sum + m * g_stride);
 }
@@ -140,6 +145,25 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
                                 (const int8_t *)l->weight, l->scale, l->rowsum, l->bias, n, l->k, rows, p, l->levels);
         }
 #pragma omp barrier
+    } else if (l->format == TM_BF16) {
+        /* AMX 16-row blocks where the CPU has them (each thread configures its tiles for the phase) */
+        const int use_amx = num_rows >= 16 && bf16_amx_ready();
+#if TM_HAVE_AMX
+        if (use_amx) bf16_amx_load_config();
+#endif
+        const int64_t np = bf16_num_panels(n), pairs = (np + 1) / 2, kp = bf16_k_pad(l->k);
+        const int64_t chunk = rows_per_chunk(qr->k_pad * 2, 32, num_rows);
+        for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
+            const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
+#pragma omp for schedule(dynamic, PANELS_PER_GRAB / 2) nowait
+            for (int64_t q = 0; q < pairs; ++q)
+                bf16_panel_rows(y, 0, n, (const uint16_t *)qr->u, qr->k_pad, (const uint16_t *)l->weight, l->bias, kp,
+                                m0, rows, 2 * q, 2 * q + 1 < np ? 2 : 1, use_amx);
+        }
+#pragma omp barrier
+#if TM_HAVE_AMX
+        if (use_amx) _tile_release();
+#endif
     } else {
 #pragma omp for schedule(static)
         for (int64_t n0 = 0; n0 < n; n0 += INT4_CHANNELS) {

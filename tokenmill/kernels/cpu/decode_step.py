@@ -4,7 +4,7 @@ rows, prompt chunks or both).
 The caller describes the model once (DecodeStepModel: pointers to every layer's weights and K/V cache,
 kept alive by the object) and then runs steps with per-step tensors. Tensors are float32 (float32
 weights in 16-channel panels, int8 weights with their int32 row sums, int4 weights with float16 group
-scales and minima) and contiguous; see decode_step.c for the arithmetic and the invariants.
+scales and minima, bf16 weights in panels of input pairs) and contiguous; see decode_step.c for the arithmetic and the invariants.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.kernels.cpu.bf16_gemm import bf16_panels_shape
 from tokenmill.kernels.cpu.build import load_kernel_library
 from tokenmill.kernels.cpu.f32_gemm import check_panels
 from tokenmill.kernels.cpu.int4_gemm import check_int4_weights
@@ -30,7 +31,7 @@ class _Linear(ctypes.Structure):
                 ("levels", _i64)]
 
 
-FLOAT32, INT8, INT4 = 0, 1, 2  # decode_step.c's tm_linear formats
+FLOAT32, INT8, INT4, BF16 = 0, 1, 2, 3  # decode_step.c's tm_linear formats
 # decode_step.c's phases (TM_PHASE_*), in order, as DecodeStepModel.phase_seconds reports them.
 PHASES = ("per-row work (norms, quantization, silu)", "projections", "rotary + K/V write", "attention")
 
@@ -70,7 +71,8 @@ class LinearWeights:
     [ceil(n / 16), ceil(k / 4), 16, 4], row_sums int32 and scale float32 padded to whole panels, and the
     Hadamard block the input is rotated by (0: none), and the activations' bits (8 or 7). Int4
     (quant/int4_cpu.py's groups): weight packed uint8 [n_pad, k / 2], scale and group_min float16
-    [n_pad / 4, k / 32, 4]."""
+    [n_pad / 4, k / 32, 4]. Bf16 (layers/panel_linear.py's Bf16PanelLinear): weight panels bf16
+    [ceil(n / 16), k_pad / 2, 16, 2] (kernels/cpu/bf16_panels.h)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
@@ -85,6 +87,8 @@ class LinearWeights:
     def format(self) -> int:
         if self.weight.dtype == torch.int8:
             return INT8
+        if self.weight.dtype == torch.bfloat16:
+            return BF16
         return INT4 if self.weight.dtype == torch.uint8 else FLOAT32
 
     @property
@@ -194,6 +198,13 @@ class DecodeStepModel:
             out.weight = self._ptr(lin.weight, torch.int8, f"{name} weight")
             out.rowsum = self._ptr(lin.row_sums, torch.int32, f"{name} row sums")
             out.scale = self._ptr(lin.scale, torch.float32, f"{name} scales")
+        elif lin.format == BF16:
+            if lin.rotation_block:
+                raise ValueError(f"decode step: bf16 {name} takes no rotation")
+            if tuple(lin.weight.shape) != bf16_panels_shape(n, k):
+                raise ValueError(f"decode step: bf16 {name} panels must be {list(bf16_panels_shape(n, k))}, got "
+                                 f"{tuple(lin.weight.shape)}")
+            out.weight = self._ptr(lin.weight, torch.bfloat16, f"{name} weight")
         else:
             if lin.rotation_block:
                 raise ValueError(f"decode step: float32 {name} takes no rotation")
