@@ -234,12 +234,16 @@ def _synthetic_step(num_reqs: int, q_len: int, context: int, block_size: int, vo
     return ids, positions, meta
 
 
-def _step_buckets(num_blocks: int, block_size: int) -> list[tuple[str, int, int, int]]:
-    """(operation, bucket, requests, new tokens each) of the timed steps that fit the cache's blocks."""
-    if -(-max(STEP_CONTEXT + 1, PROMPT_LEN) // block_size) + 1 > num_blocks:
+def _step_buckets(num_blocks: int, block_size: int, max_len: int) -> list[tuple[str, int, int, int, int]]:
+    """(operation, bucket, requests, new tokens each, context) of the timed steps, their contexts cut to the
+    model's length and the cache's blocks (every request reads the same blocks)."""
+    context = min(STEP_CONTEXT + 1, max_len, (num_blocks - 1) * block_size)
+    prompt_len = min(PROMPT_LEN, context)
+    if context < 2:
         return []
-    return [("decode_step", r, r, 1) for r in DECODE_STEP_BUCKETS] + [
-        ("prompt_step", tokens, max(1, tokens // PROMPT_LEN), min(tokens, PROMPT_LEN)) for tokens in PROMPT_STEP_BUCKETS]
+    return [("decode_step", r, r, 1, context) for r in DECODE_STEP_BUCKETS] + [
+        ("prompt_step", tokens, max(1, tokens // prompt_len), min(tokens, prompt_len), min(tokens, prompt_len))
+        for tokens in PROMPT_STEP_BUCKETS]
 
 
 @torch.no_grad()
@@ -251,8 +255,7 @@ def plan_steps(model: nn.Module, plan: ExecutionPlan, family: str, num_blocks: i
         return
     if not plan.cached:
         start = time.perf_counter()
-        for operation, bucket, reqs, q_len in _step_buckets(num_blocks, block_size):
-            context = STEP_CONTEXT + 1 if q_len == 1 else q_len
+        for operation, bucket, reqs, q_len, context in _step_buckets(num_blocks, block_size, model.rotary.cos.shape[0]):
             ids, positions, meta = _synthetic_step(reqs, q_len, context, block_size, model.config.vocab_size)
             if not step.takes(meta):
                 continue
