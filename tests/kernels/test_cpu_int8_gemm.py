@@ -88,8 +88,9 @@ def test_no_saturation_at_the_pair_budget(activation_bits: int) -> None:
 @pytest.mark.parametrize("activation_bits", [8, 7])
 def test_rows_do_not_depend_on_their_batch(activation_bits: int) -> None:
     """Bitwise: a row alone (the plain tile), in a tile (7 bits: the paired one), in a remainder and past a
-    row chunk (k = 8192 makes the chunk 20 rows, so 50 rows span three); k = 100 has an odd number of quads."""
-    for n, k in ((40, 96), (20, 8192), (24, 100)):
+    row chunk (k = 8192 makes the chunk 20 rows, so 50 rows span three); k = 100 has an odd number of quads.
+    On a CPU with AMX-INT8, 16-row blocks of k = 576 and 8192 (whole 64-input tiles) take the AMX tiles."""
+    for n, k in ((40, 96), (20, 8192), (24, 100), (48, 576)):
         gen = torch.Generator().manual_seed(k)
         q, scale = _budget_weights(n, k, gen), torch.rand(n, generator=gen)
         x = torch.randn(50, k, generator=gen)

@@ -48,6 +48,9 @@ class AttentionBackend(Protocol):
     # True when the backend rotates q/k itself while writing K/V (rotary_and_write_kv); Attention then
     # hands it un-rotated q/k and forward() must not rely on key/value.
     fuses_rotary: bool
+    # True when the backend runs its CPU C kernels (kernels/cpu/); the layers' small ops then take the C kernels
+    # too (layers/kernel_choice.py). False on the GPU and under the `--kernels torch` family.
+    use_c_kernels: bool
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                        dtype: torch.dtype | None = None) -> tuple[int, ...]:

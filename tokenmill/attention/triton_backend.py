@@ -45,6 +45,7 @@ class _StepPlan:
 class TritonAttentionBackend:
     name = "triton"
     fuses_rotary = True
+    use_c_kernels = False  # the GPU path: the layers take their Triton kernels
 
     def __init__(self, k_scale: float = 1.0, v_scale: float = 1.0, decode_block_n: int = 64,
                  prefill_block_m: int = 64, prefill_block_n: int = 64) -> None:

@@ -34,7 +34,9 @@ from typing import Any
 
 import torch
 
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+from tokenmill.worker.capabilities import ISA_FLAGS
+
+CPU_FLAGS = ISA_FLAGS
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, sample_s: float = 5e-3) -> float:

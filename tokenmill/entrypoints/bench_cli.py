@@ -20,6 +20,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
     args.engine_kwargs.setdefault("enable_prefix_caching", False)
     report = benchmark(args)
     path = write_json_report(report, "throughput", args.output_json)
+    print(f"machine: {report['machine']}")
     for name, result in report["results"].items():
         print(f"{name:>10}: {result['output_tok_per_s']:8.1f} output tok/s  {result['total_tok_per_s']:8.1f} total tok/s"
               f"  (median of {len(result['runs_s'])} runs: {result['median_s']:.2f} s)")
@@ -65,6 +66,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 1
     print_report(report)
     path = write_json_report(report, "serve", args.output_json)
+    print(f"machine (the client's): {report['machine']}")
     print(f"report: {path}")
     if args.print_json:
         print(json.dumps(report, indent=2))

@@ -16,7 +16,7 @@ def layer_kernel_for(backend: Any) -> LayerKernel:
     it uses its own C kernels (they were built); torch ops otherwise."""
     if backend.name == "triton":
         return "triton"
-    return "cpu" if getattr(backend, "use_c_kernels", False) else "torch"
+    return "cpu" if backend.use_c_kernels else "torch"
 
 
 def use_c_kernel(*tensors: torch.Tensor | None) -> bool:

@@ -40,6 +40,7 @@
 #include "bf16_panels.h"
 #include "f32_panels.h"
 #include "int4_dot.h"
+#include "int8_amx.h"
 #include "int8_panels.h"
 #include "int8_quantize.h"
 #include "prefill_tile.h"
@@ -135,16 +136,26 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
         }
 #pragma omp barrier
     } else if (l->format == TM_INT8) {
-        /* whole tiles of either int8 tile (5 rows, or 4 paired) */
-        const int64_t chunk = rows_per_chunk(round_up(l->k, K_ALIGN), I8_TILE_ROWS * I8_PAIRED_ROWS, num_rows);
+        /* whole tiles of every int8 tile: AMX row-block pairs (32 rows, where the CPU has AMX-INT8), the AVX2
+         * tile (5 rows) and the paired one (4) */
+        const int use_amx = num_rows >= 16 && int8_amx_fits(l->k) && bf16_amx_ready();
+#if TM_HAVE_AMX_INT8
+        if (use_amx) bf16_amx_load_config();
+#endif
+        const int64_t np = int8_num_panels(n), pairs = (np + 1) / 2;
+        const int64_t chunk = rows_per_chunk(round_up(l->k, K_ALIGN), 160 /* 32, 5 and 4 divide it */, num_rows);
         for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
             const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
-#pragma omp for schedule(dynamic, PANELS_PER_GRAB) nowait
-            for (int64_t p = 0; p < int8_num_panels(n); ++p)
-                int8_panel_rows(y + m0 * n, n, qr->u + m0 * qr->k_pad, qr->k_pad, qr->low + m0, qr->step + m0,
-                                (const int8_t *)l->weight, l->scale, l->rowsum, l->bias, n, l->k, rows, p, l->levels);
+#pragma omp for schedule(dynamic, PANELS_PER_GRAB / 2) nowait
+            for (int64_t q = 0; q < pairs; ++q)
+                int8_panel_rows_amx(y, n, qr->u, qr->k_pad, qr->low, qr->step, (const int8_t *)l->weight, l->scale,
+                                    l->rowsum, l->bias, n, l->k, m0, rows, 2 * q, 2 * q + 1 < np ? 2 : 1, l->levels,
+                                    use_amx);
         }
 #pragma omp barrier
+#if TM_HAVE_AMX_INT8
+        if (use_amx) _tile_release();
+#endif
     } else if (l->format == TM_BF16) {
         /* AMX 16-row blocks where the CPU has them (each thread configures its tiles for the phase) */
         const int use_amx = num_rows >= 16 && bf16_amx_ready();

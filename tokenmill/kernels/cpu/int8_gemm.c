@@ -15,6 +15,7 @@
 #include <omp.h>
 #include <string.h>
 
+#include "int8_amx.h"
 #include "int8_quantize.h"
 #include "int8_panels.h"
 #include "work_split.h"
@@ -35,9 +36,12 @@ int tm_int8_panels_gemm(float *y, const float *x, int64_t x_stride, int64_t rota
         return -1;
     }
     float *step = low + m;
-    int64_t chunk = U_CHUNK_BYTES / u_stride / I8_TILE_ROWS * I8_TILE_ROWS;
-    chunk = chunk < I8_TILE_ROWS ? I8_TILE_ROWS : chunk;
-    const int64_t np = int8_num_panels(n);
+    /* whole tiles of rows: AMX row-block pairs (32) and the AVX2 tile (5) */
+    const int64_t tile_rows = 160;
+    int64_t chunk = U_CHUNK_BYTES / u_stride / tile_rows * tile_rows;
+    chunk = chunk < tile_rows ? tile_rows : chunk;
+    const int64_t np = int8_num_panels(n), pairs = (np + 1) / 2;
+    const int use_amx = m >= 16 && int8_amx_fits(k) && bf16_amx_ready();
 #pragma omp parallel num_threads(num_threads)
     {
         float *scratch = step + m + (int64_t)omp_get_thread_num() * k;
@@ -46,13 +50,19 @@ int tm_int8_panels_gemm(float *y, const float *x, int64_t x_stride, int64_t rota
             low[r] = quantize_row(x + r * x_stride, k, rotation_block, scratch, u + r * u_stride, &step[r], levels);
             memset(u + r * u_stride + k, 0, (size_t)(u_stride - k));
         }
+#if TM_HAVE_AMX_INT8
+        if (use_amx) bf16_amx_load_config();
+#endif
         for (int64_t m0 = 0; m0 < m; m0 += chunk) {
             const int64_t rows = m - m0 < chunk ? m - m0 : chunk;
-#pragma omp for schedule(dynamic, PANELS_PER_GRAB) nowait
-            for (int64_t p = 0; p < np; ++p)
-                int8_panel_rows(y + m0 * n, n, u + m0 * u_stride, u_stride, low + m0, step + m0, panels, scale, rowsum,
-                                bias, n, k, rows, p, levels);
+#pragma omp for schedule(dynamic, PANELS_PER_GRAB / 2) nowait
+            for (int64_t q = 0; q < pairs; ++q)
+                int8_panel_rows_amx(y, n, u, u_stride, low, step, panels, scale, rowsum, bias, n, k, m0, rows, 2 * q,
+                                    2 * q + 1 < np ? 2 : 1, levels, use_amx);
         }
+#if TM_HAVE_AMX_INT8
+        if (use_amx) _tile_release();
+#endif
     }
     free(u);
     free(low);
