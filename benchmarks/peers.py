@@ -129,21 +129,20 @@ def prepare_models(work_dir: Path, llama_bin: Path | None) -> ModelFiles:
 # ---- servers --------------------------------------------------------------------------------------
 
 def server_command(engine: Engine, files: ModelFiles, port: int,
-                   vllm_python: str | None) -> tuple[list[str], dict[str, str]]:
+                   vllm: VllmInstall | None) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
     if engine.kind == "tokenmill":
         cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "--log-level", "WARNING", "serve",
                "--port", str(port), "--quantization", engine.weights, "--dtype", engine.dtype]
         return cmd, env
     if engine.kind == "vllm":
-        if vllm_python is None:
+        if vllm is None:
             raise ValueError("vllm engines need --vllm-python")
         # Both cores for the worker: vLLM-CPU otherwise reserves one for the front end.
         env.update(VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_KVCACHE_SPACE="4")
-        preload = vllm_ld_preload(vllm_python)
-        if preload:
-            env["LD_PRELOAD"] = preload
-        cmd = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(files.hf_dir),
+        if vllm.ld_preload:
+            env["LD_PRELOAD"] = vllm.ld_preload
+        cmd = [vllm.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(files.hf_dir),
                "--served-model-name", "smollm2", "--dtype", engine.weights, "--host", "127.0.0.1",
                "--port", str(port), "--max-model-len", "2048"]
         return cmd, env
@@ -156,23 +155,25 @@ def server_command(engine: Engine, files: ModelFiles, port: int,
 
 
 _TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4")
-VLLM_LD_PRELOAD: str | None = None  # set from --vllm-ld-preload
+@dataclass(frozen=True)
+class VllmInstall:
+    python: str  # the python of a venv with vllm-cpu
+    ld_preload: str  # LD_PRELOAD for its server
 
 
-def vllm_ld_preload(vllm_python: str) -> str:
-    """--vllm-ld-preload, else tcmalloc (Debian's libtcmalloc-minimal4) and the libiomp5 of vLLM's venv, as
-    vLLM-CPU's docs ask for, those that exist."""
-    if VLLM_LD_PRELOAD is not None:
-        return VLLM_LD_PRELOAD
-    venv = Path(vllm_python).resolve().parent.parent
+def default_vllm_ld_preload(vllm_python: str) -> str:
+    """tcmalloc (Debian's libtcmalloc-minimal4) and the libiomp5 of vLLM's venv, as vLLM-CPU's docs ask for,
+    those that exist."""
+    venv = Path(vllm_python).absolute().parent.parent  # not resolve(): the venv's python links out of it
     libs = [next((p for p in _TCMALLOC if Path(p).is_file()), None), *map(str, sorted(venv.glob("lib/libiomp5.so")))]
     return ":".join(p for p in libs if p)
 
 
 @contextmanager
-def engine_server(engine: Engine, files: ModelFiles, vllm_python: str | None, log_dir: Path) -> Iterator[ServerProcess]:
+def engine_server(engine: Engine, files: ModelFiles, vllm: VllmInstall | None, log_dir: Path
+                  ) -> Iterator[ServerProcess]:
     port = free_port()
-    cmd, env = server_command(engine, files, port, vllm_python)
+    cmd, env = server_command(engine, files, port, vllm)
     with running_server(engine.name, cmd, port, log_dir / f"{engine.name}.log", env, startup_timeout_s=600.0) as s:
         yield s
 
@@ -204,12 +205,12 @@ FIGURES: dict[str, Callable[[dict[str, Any]], dict[str, float | None]]] = {
 }
 
 
-def run_engine(engine: Engine, files: ModelFiles, scenarios: list[str], vllm_python: str | None,
+def run_engine(engine: Engine, files: ModelFiles, scenarios: list[str], vllm: VllmInstall | None,
                log_dir: Path, round_index: int) -> dict[str, Any]:
     """One server start: every scenario once. A server that fails to start or serve is recorded, not fatal."""
     out: dict[str, Any] = {"engine": engine.name, "scenarios": {}}
     try:
-        with engine_server(engine, files, vllm_python, log_dir) as server:
+        with engine_server(engine, files, vllm, log_dir) as server:
             out["startup_s"] = server.startup_s
             for i, name in enumerate(scenarios):
                 config = scenario_config(name, server.base_url, str(files.hf_dir), 2 if i == 0 else 0, round_index)
@@ -282,10 +283,10 @@ def markdown(report: dict[str, Any]) -> str:
                       if "output_tok_s" in w else "-"]
         if "serve" in scenarios:
             s = per.get("serve", {})
-            cells += [f"{s['p50_ttft_ms']:.0f} / {s['p99_ttft_ms']:.0f}{ratio('serve', s['p99_ttft_ms'], 'p99_ttft_ms')}"
-                      if "p99_ttft_ms" in s else "-",
-                      f"{s['p50_tpot_ms']:.0f} / {s['p99_tpot_ms']:.0f}{ratio('serve', s['p99_tpot_ms'], 'p99_tpot_ms')}"
-                      if "p99_tpot_ms" in s else "-"]
+            ttft, tpot = ratio("serve", s.get("p99_ttft_ms"), "p99_ttft_ms"), ratio("serve", s.get("p99_tpot_ms"),
+                                                                                          "p99_tpot_ms")
+            cells += [f"{s['p50_ttft_ms']:.0f} / {s['p99_ttft_ms']:.0f}{ttft}" if "p99_ttft_ms" in s else "-",
+                      f"{s['p50_tpot_ms']:.0f} / {s['p99_tpot_ms']:.0f}{tpot}" if "p99_tpot_ms" in s else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     errors = [f"- {r['engine']} (round {r['round']}): {r['error'][:400]}" for r in report["runs"] if "error" in r]
     lines += ["", f"Ratios in parentheses: against {report['baseline']} of the same run (for latencies, the p99)."]
@@ -327,9 +328,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global VLLM_LD_PRELOAD
     args = parse_args(argv)
-    VLLM_LD_PRELOAD = args.vllm_ld_preload
+    vllm = None if args.vllm_python is None else VllmInstall(
+        args.vllm_python,
+        args.vllm_ld_preload if args.vllm_ld_preload is not None else default_vllm_ld_preload(args.vllm_python))
     known = {e.name: e for e in ENGINES}
     engines = [known[n] for n in args.engines]
     files = prepare_models(args.work_dir, args.llama_cpp_bin)
@@ -348,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             shift = round_index % len(engines)
             for engine in engines[shift:] + engines[:shift]:
                 log(f"round {round_index + 1}/{args.rounds}: {engine.name}")
-                run = run_engine(engine, files, args.scenarios, args.vllm_python, Path(log_dir), round_index)
+                run = run_engine(engine, files, args.scenarios, vllm, Path(log_dir), round_index)
                 run["round"] = round_index
                 report["runs"].append(run)
                 report["summary"] = summarize(report["runs"], args.engines, args.scenarios)

@@ -43,7 +43,8 @@ class RMSNorm(nn.Module):
         return self._norm(residual), residual
 
     def _takes_bf16(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-        return (self.weight.dtype == torch.bfloat16 and c_ops.layer_ops_available() and not torch.compiler.is_compiling()
+        return (self.weight.dtype == torch.bfloat16 and c_ops.layer_ops_available()
+                and not torch.compiler.is_compiling()
                 and (c_ops.applies_bf16(x) or c_ops.applies(x)) and (residual is None or c_ops.applies(residual)))
 
     def _float32_weight(self) -> torch.Tensor:

@@ -9,7 +9,8 @@ that exist here: a C kernel that cannot be built for this CPU is simply not a ca
       int8: c_int8_panels; int4: c_int4 (its own rule inside: C kernel for decode rows, dequantized above)
   lm_head (the vocabulary projection), by sampled-row bucket (LOGIT_BUCKETS): the same families;
   whole steps, once the KV cache exists: decode steps of DECODE_STEP_BUCKETS requests and a prompt step
-      of PROMPT_STEP_BUCKETS tokens (prompts of PROMPT_LEN tokens each): c_decoder (the one-call C forward, kernels/cpu/decode_step.c) | layers
+      of PROMPT_STEP_BUCKETS tokens (prompts of PROMPT_LEN tokens each): c_decoder (the one-call C forward,
+      kernels/cpu/decode_step.c) | layers
       (layer by layer, with the projections chosen above).
 A row count between buckets runs the kernel of the next bucket up (beyond the last, the last's).
 

@@ -161,7 +161,7 @@ def plan_model(model: nn.Module, plan: ExecutionPlan, family: str, keep_panels: 
     panels_ok = panels and f32_panels_available() and family != "torch"
     start = time.perf_counter()
     projections = _layer_projections(model)
-    dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
+    dtype = next(model.parameters()).dtype  # the model's compute dtype (quantized layers keep buffers, not parameters)
     for name in QUANTIZED_PROJECTIONS:
         group = [(parent, attr, module) for parent, attr, module in projections if attr == name]
         if not group:
@@ -272,20 +272,22 @@ def plan_steps(model: nn.Module, plan: ExecutionPlan, family: str, num_blocks: i
             fns = filter_family({"c_decoder": lambda: run(True), "layers": lambda: run(False)}, family)
             plan.choices.append(choose(operation, bucket, fns))
         plan.build_seconds += time.perf_counter() - start
-    decode = plan.for_operation("decode_step")
-    max_rows = 0
-    for c in decode:  # the C decoder takes decode batches up to the first bucket it lost
-        if c.kernel != "c_decoder":
-            break
-        max_rows = c.rows if c is not decode[-1] else step.max_rows
-    step.max_rows = max_rows
-    max_tokens = 0
-    prompt = plan.for_operation("prompt_step")
-    for c in prompt:  # prompt steps up to the first bucket it lost (the largest it won: its own limit)
-        if c.kernel != "c_decoder":
-            break
-        max_tokens = c.rows if c is not prompt[-1] else step.max_prompt_tokens
-    if prompt:
-        step.max_prompt_tokens = min(max_tokens, step.max_prompt_tokens)
+    # Untimed kinds (no step fitted the cache) keep the decoder's own limits.
+    step.max_rows = _won_up_to(plan.for_operation("decode_step"), step.max_rows)
+    step.max_prompt_tokens = min(step.max_prompt_tokens,
+                                 _won_up_to(plan.for_operation("prompt_step"), step.max_prompt_tokens))
     if step.max_rows == 0 and step.max_prompt_tokens == 0:
         model.decode_step = None
+
+
+def _won_up_to(choices: list[Choice], own_limit: int) -> int:
+    """The step size the C decoder keeps: up to the first bucket it lost (the largest bucket it won; its own
+    limit when it won them all, or when nothing was timed)."""
+    if not choices:
+        return own_limit
+    limit = 0
+    for c in choices:
+        if c.kernel != "c_decoder":
+            break
+        limit = c.rows if c is not choices[-1] else own_limit
+    return limit

@@ -4,7 +4,8 @@ rows, prompt chunks or both).
 The caller describes the model once (DecodeStepModel: pointers to every layer's weights and K/V cache,
 kept alive by the object) and then runs steps with per-step tensors. Tensors are float32 (float32
 weights in 16-channel panels, int8 weights with their int32 row sums, int4 weights with float16 group
-scales and minima, bf16 weights in panels of input pairs) and contiguous; see decode_step.c for the arithmetic and the invariants.
+scales and minima, bf16 weights in panels of input pairs) and contiguous; see decode_step.c for the arithmetic
+and the invariants.
 """
 
 from __future__ import annotations

@@ -77,7 +77,8 @@ static inline void int8_panel_blocks_amx(float *y, int64_t y_stride, const uint8
         _tile_stored(3, acc[3], 64);
         int8_store_block(y + r0 * y_stride, y_stride, acc[0], low + r0, step + r0, scale, rowsum, bias, n, p, 16);
         if (two_panels)
-            int8_store_block(y + r0 * y_stride, y_stride, acc[1], low + r0, step + r0, scale, rowsum, bias, n, p + 1, 16);
+            int8_store_block(y + r0 * y_stride, y_stride, acc[1], low + r0, step + r0, scale, rowsum, bias, n, p + 1,
+                             16);
         if (b + 1 < blocks) {
             const int64_t r1 = r0 + 16;
             int8_store_block(y + r1 * y_stride, y_stride, acc[2], low + r1, step + r1, scale, rowsum, bias, n, p, 16);
