@@ -70,7 +70,9 @@ class EngineCore:
         self.max_model_len = resolve_max_model_len(config, hf_config)
 
         on_cpu = self.device.type == "cpu"
-        family = config.model.kernels if on_cpu and not config.parallel.compile else "torch"
+        # The CPU kernel family; on a GPU nothing of it applies. Under --compile the plan is not built (the
+        # compiled layers keep torch's products), but the eager attention between them keeps the C kernels.
+        family = config.model.kernels if on_cpu else "torch"
         if on_cpu:
             logger.info("machine: %s", detect_capabilities().summary())
         model_cls = resolve_model_class(hf_config)
