@@ -7,7 +7,7 @@ Machine ceilings, each the median of several timed repetitions at torch's curren
   counting the buffer's bytes once;
 - copy bandwidth (GB/s): `dst.copy_(src)` over such buffers, counting bytes read + bytes written
   (the write-allocate traffic a CPU may add is not counted).
-CPU identity comes from /proc/cpuinfo (model name and the SIMD flags that decide which kernels
+CPU identity comes from worker/capabilities.py (model name and the ISA flags that decide which kernels
 are fast) and sysfs (last-level cache size).
 
 Model costs (`ModelCosts.from_state_dict`), from the HF-named weights:
@@ -34,9 +34,7 @@ from typing import Any
 
 import torch
 
-from tokenmill.worker.capabilities import ISA_FLAGS
-
-CPU_FLAGS = ISA_FLAGS
+from tokenmill.worker.capabilities import ISA_FLAGS, detect_capabilities
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, sample_s: float = 5e-3) -> float:
@@ -76,17 +74,11 @@ def copy_bandwidth_gbps(nbytes: int, repeats: int) -> float:
 
 
 def cpu_info() -> dict[str, Any]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() not in fields:
-            fields[key.strip()] = value.strip()
-    flags = set(fields.get("flags", "").split())
+    caps = detect_capabilities()
     llc = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
     return {
-        "model_name": fields.get("model name", platform.processor()),
-        "flags": {flag: flag in flags for flag in CPU_FLAGS},
+        "model_name": caps.cpu_model,
+        "flags": {flag: caps.has(flag) for flag in ISA_FLAGS},
         "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "l3_cache": llc.read_text().strip() if llc.is_file() else None,
         "torch": torch.__version__, "platform": platform.platform(), "python": platform.python_version(),

@@ -35,7 +35,7 @@ class RMSNorm(nn.Module):
             out = c_ops.rms_norm(x, self.weight, self.eps, residual)
             return out if residual is None else (out, residual)
         if self.kernel == "cpu" and self._takes_bf16(x, residual):
-            out = c_ops.rms_norm_bf16(x, self._float32_weight(), self.eps, residual)
+            out = c_ops.rms_norm_bf16(x, self.float32_weight(), self.eps, residual)
             return out if residual is None else (out, residual)
         if residual is None:
             return self._norm(x)
@@ -47,7 +47,7 @@ class RMSNorm(nn.Module):
                 and not torch.compiler.is_compiling()
                 and (c_ops.applies_bf16(x) or c_ops.applies(x)) and (residual is None or c_ops.applies(residual)))
 
-    def _float32_weight(self) -> torch.Tensor:
+    def float32_weight(self) -> torch.Tensor:
         """The weight's exact values in float32, made once (after the checkpoint is loaded)."""
         cached = getattr(self, "_weight32", None)
         if cached is None:

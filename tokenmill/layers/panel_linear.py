@@ -83,10 +83,15 @@ def pack_float32_model(model: nn.Module) -> int:
     lm_head = getattr(model, "lm_head", None)
     if getattr(model, "logits_head", False) is None and type(lm_head) is Linear \
             and lm_head.weight.dtype == torch.float32 and lm_head.weight.device.type == "cpu":
-        tied = type(model.embed_tokens) is Embedding and model.embed_tokens.weight is lm_head.weight
-        head = PanelLinear(lm_head.weight, lm_head.bias)
-        model.lm_head = model.logits_head = head  # the plain weight is dropped: the panels replace it
-        if tied:
-            model.embed_tokens = PanelEmbedding(head)
+        use_panel_head(model, PanelLinear(lm_head.weight, lm_head.bias))
         packed += 1
     return packed
+
+
+def use_panel_head(model: nn.Module, head: PanelLinear) -> None:
+    """`head` (packed from model.lm_head's weight) becomes the vocabulary projection and lm_head itself: the plain
+    weight is dropped, the panels replace it; a tied embedding table then reads its rows from the panels."""
+    tied = type(model.embed_tokens) is Embedding and model.embed_tokens.weight is model.lm_head.weight
+    model.lm_head = model.logits_head = head
+    if tied:
+        model.embed_tokens = PanelEmbedding(head)

@@ -79,7 +79,7 @@ def _norm_weight(norm: nn.Module) -> torch.Tensor:
     """A norm's weight as the float32 the C decoder reads (a bf16 model's: its exact values, converted once)."""
     weight = norm.weight.detach()
     if weight.dtype == torch.bfloat16:
-        return norm._float32_weight()
+        return norm.float32_weight()
     if weight.dtype != torch.float32:
         raise DecodeStepUnsupported(f"the norm weights are {weight.dtype}")
     return weight

@@ -23,7 +23,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.kernels.cpu.bf16_gemm import bf16_panels_available
 from tokenmill.kernels.cpu.f32_gemm import f32_panels_available
 from tokenmill.layers.linear import Linear
-from tokenmill.layers.panel_linear import Bf16PanelLinear, PanelEmbedding, PanelLinear
+from tokenmill.layers.panel_linear import Bf16PanelLinear, PanelLinear, use_panel_head
 from tokenmill.layers.planned_linear import PlannedLinear
 from tokenmill.loader.cache import resolve_cache_dir
 from tokenmill.quant.projections import QUANTIZED_PROJECTIONS
@@ -67,17 +67,25 @@ class TorchLogitsHead(nn.Module):
         return torch.nn.functional.linear(hidden, self.weight)
 
 
+def _panel_candidates(weight: torch.Tensor, bias: torch.Tensor | None,
+                      panels_ok: bool) -> dict[str, Callable[[], nn.Module]]:
+    """Builders of the C panel kernel this weight's dtype has (none elsewhere): the preferred candidates."""
+    if not panels_ok or weight.device.type != "cpu":
+        return {}
+    if weight.dtype == torch.float32:
+        return {"c_f32_panels": lambda: PanelLinear(weight, bias)}
+    if weight.dtype == torch.bfloat16 and bf16_panels_available():
+        return {"c_bf16_panels": lambda: Bf16PanelLinear(weight, bias)}
+    return {}
+
+
 def _projection_candidates(module: nn.Module, panels_ok: bool) -> dict[str, Callable[[], nn.Module]]:
-    """Builders of every correct implementation of this projection (the module itself among them)."""
+    """Builders of every correct implementation of this projection (the module itself among them), in order of
+    preference (plan.TIE_MARGIN)."""
     if type(module) is not Linear:  # int8 / int4 / fp8 modules: their own kernel is the candidate
         return {_quantized_name(module): lambda: module}
-    weight = module.weight
-    candidates: dict[str, Callable[[], nn.Module]] = {}  # in order of preference (plan.TIE_MARGIN)
-    if panels_ok and weight.dtype == torch.float32 and weight.device.type == "cpu":
-        candidates["c_f32_panels"] = lambda: PanelLinear(weight, module.bias)
-    if panels_ok and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and bf16_panels_available():
-        candidates["c_bf16_panels"] = lambda: Bf16PanelLinear(weight, module.bias)
-    candidates[_TORCH_NAMES[weight.dtype]] = lambda: module
+    candidates = _panel_candidates(module.weight, module.bias, panels_ok)
+    candidates[_TORCH_NAMES[module.weight.dtype]] = lambda: module
     return candidates
 
 
@@ -91,11 +99,7 @@ def _head_candidates(model: nn.Module, panels_ok: bool) -> dict[str, Callable[[]
         head = model.logits_head
         return {_quantized_name(head): lambda: head}
     weight = model.lm_head.weight
-    candidates: dict[str, Callable[[], nn.Module]] = {}  # in order of preference (plan.TIE_MARGIN)
-    if panels_ok and weight.dtype == torch.float32 and weight.device.type == "cpu":
-        candidates["c_f32_panels"] = lambda: PanelLinear(weight, model.lm_head.bias)
-    if panels_ok and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and bf16_panels_available():
-        candidates["c_bf16_panels"] = lambda: Bf16PanelLinear(weight, model.lm_head.bias)
+    candidates = _panel_candidates(weight, model.lm_head.bias, panels_ok)  # in order of preference
     torch_name = _TORCH_NAMES[weight.dtype]
     candidates[torch_name] = lambda: TorchLogitsHead(weight)
     candidates[torch_name + "_linear"] = lambda: TorchLogitsHead(weight, transposed=False)
@@ -209,12 +213,10 @@ def _plan_head(model: nn.Module, plan: ExecutionPlan, family: str, panels_ok: bo
     head = _install(built, routes)
     if isinstance(head, TorchLogitsHead) and head.transposed:
         return  # compute_logits' own torch path
-    model.logits_head = head
-    if isinstance(head, PanelLinear):  # panels only: the plain weight is dropped, the panels replace it
-        tied = model.embed_tokens.weight is model.lm_head.weight
-        model.lm_head = head
-        if tied:
-            model.embed_tokens = PanelEmbedding(head)
+    if isinstance(head, PanelLinear):
+        use_panel_head(model, head)
+    else:
+        model.logits_head = head
 
 
 def _synthetic_step(num_reqs: int, q_len: int, context: int, block_size: int, vocab: int
