@@ -133,9 +133,11 @@ def test_rotary_and_write_kv_matches_torch_path(
     for fused_layout in (True, False):  # a fused qkv projection, and separate tensors (the torch fallback)
         q, k, v = views(qkv.clone()) if fused_layout else (t.clone() for t in views(qkv))
         cache = (torch.zeros(shape, dtype=kv_dtype), torch.zeros(shape, dtype=kv_dtype))
-        out_q = TorchAttentionBackend().rotary_and_write_kv(q, k, v, cos_sin, cache, meta)
+        out_q, out_k, out_v = TorchAttentionBackend().rotary_and_write_kv(q, k, v, cos_sin, cache, meta)
         torch.testing.assert_close(out_q, expected_q, **TOL)
         torch.testing.assert_close(k, expected_k, **TOL)  # key is rotated in place
+        torch.testing.assert_close(out_k, expected_k, **TOL)  # and returned with the value, for forward()
+        torch.testing.assert_close(out_v, v, **TOL)
         if kv_dtype == torch.int8:
             # V is bitwise the same input on both paths: the same int8 rows. K may differ in its last bit after
             # the rotation: at most one step of its row's scale.

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.attention.torch_backend import TorchAttentionBackend
+from tokenmill.attention.torch_backend import C_PREFILL_KERNEL, SDPA_KERNEL, TorchAttentionBackend, route_kernel
 from tokenmill.kernels.cpu.kv_cache import kv_values, quantize_kv_rows
 
 
@@ -90,6 +90,60 @@ def test_mixed_batch_matches_reference(
             k, v = _as_cached(k, kv_dtype), _as_cached(v, kv_dtype)
         expected = _reference(q[row : row + new], k, v, cached, scale)
         torch.testing.assert_close(out[row : row + new].double(), expected, atol=1e-5, rtol=1e-5)
+        row += new
+
+
+# The plan's routes by prompt length: torch's fused attention up to 16 rows, C up to 64, torch beyond.
+ROUTES = [(16, SDPA_KERNEL), (64, C_PREFILL_KERNEL), (2048, SDPA_KERNEL)]
+
+
+def test_route_kernel_takes_the_first_bound_that_holds() -> None:
+    assert [route_kernel(ROUTES, n) for n in (2, 16, 17, 64, 65, 5000)] == [
+        SDPA_KERNEL, SDPA_KERNEL, C_PREFILL_KERNEL, C_PREFILL_KERNEL, SDPA_KERNEL, SDPA_KERNEL]
+    assert route_kernel([], 100) == C_PREFILL_KERNEL
+    with pytest.raises(ValueError, match="unknown prompt attention kernels"):
+        TorchAttentionBackend().route_prompt_attention([(16, "magic")], torch.float32)
+
+
+@pytest.mark.skipif(not TorchAttentionBackend().use_c_prefill, reason="no C prefill kernel here")
+@pytest.mark.parametrize("sdpa_dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)], ids=["f32", "bf16"])
+def test_whole_prompts_follow_the_plan_routes(sdpa_dtype: torch.dtype, tol: float) -> None:
+    """Whole-context prompts go where ROUTES send them (torch's fused attention reads this step's own K/V, in
+    the model's dtype); prompts over a cached prefix and decode rows stay on the C kernels; one batch."""
+    plan = [(0, 7), (0, 70), (0, 1), (45, 38), (0, 40), (3, 17), (9, 1)]
+    block_size, num_heads, num_kv_heads, head_dim, kv_dtype = 8, 9, 3, 64, torch.float16
+    gen = torch.Generator().manual_seed(5)
+    backend = TorchAttentionBackend()
+    backend.route_prompt_attention(ROUTES, sdpa_dtype)
+    num_blocks = 64
+    shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim, kv_dtype)
+    kv_cache = (torch.zeros(shape, dtype=kv_dtype), torch.zeros(shape, dtype=kv_dtype))
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, contexts = [], []
+    for cached, new in plan:
+        blocks = [free.pop() for _ in range(-(-(cached + new) // block_size))]
+        tables.append(blocks)
+        k, v = (torch.randn(cached + new, num_kv_heads, head_dim, generator=gen) for _ in range(2))
+        contexts.append((k, v))
+        if cached:
+            backend.write_kv(k[:cached], v[:cached], kv_cache, _metadata([(0, cached)], [blocks], block_size))
+    meta = _metadata(plan, tables, block_size)
+    q = torch.randn(meta.num_tokens, num_heads, head_dim, generator=gen)
+    k_new = torch.cat([k[c:] for (c, _), (k, _) in zip(plan, contexts)])
+    v_new = torch.cat([v[c:] for (c, _), (_, v) in zip(plan, contexts)])
+    backend.write_kv(k_new, v_new, kv_cache, meta)
+    out = backend.forward(q, k_new, v_new, kv_cache, meta, head_dim**-0.5)
+    row = 0
+    for (cached, new), (k, v) in zip(plan, contexts):
+        to_sdpa = cached == 0 and new > 1 and route_kernel(ROUTES, new) == SDPA_KERNEL
+        if to_sdpa:  # the step's own K/V, in the model's dtype
+            qr, k, v = (t.to(sdpa_dtype).float() for t in (q[row : row + new], k, v))
+            atol = tol
+        else:  # read back from the float16 cache by the C kernels, in float32
+            qr, k, v = q[row : row + new], _as_cached(k, kv_dtype), _as_cached(v, kv_dtype)
+            atol = 1e-5
+        expected = _reference(qr, k, v, cached, head_dim**-0.5)
+        torch.testing.assert_close(out[row : row + new].double(), expected, atol=atol, rtol=atol)
         row += new
 
 

@@ -46,7 +46,7 @@ def test_rope_and_kv_write_match_torch(device, num_heads, num_kv_heads, head_dim
     skipped_slot = int(slots[1])
     slots[1] = -1  # a padding row: writes nothing
     meta.slot_mapping = slots.to(device)
-    out_q = TritonAttentionBackend().rotary_and_write_kv(q_d, k_d, v_d, (cos.to(device), sin.to(device)), cache, meta)
+    out_q, _, _ = TritonAttentionBackend().rotary_and_write_kv(q_d, k_d, v_d, (cos.to(device), sin.to(device)), cache, meta)
     assert out_q.data_ptr() == q_d.data_ptr()  # rotated in place
     torch.testing.assert_close(out_q.cpu(), q_ref, atol=1e-6, rtol=1e-6)
     flat_ref = [c.view(num_kv_heads, -1, head_dim) for c in ref_cache]

@@ -11,6 +11,7 @@ import torch
 
 from tests.models.utils import check_logprobs_close
 from tokenmill import LLM, SamplingParams
+from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.panel_linear import PanelLinear
 from tokenmill.layers.planned_linear import PlannedLinear
@@ -36,6 +37,9 @@ def test_plan_is_cached_and_keyed(tiny_checkpoint: Any, plan_cache: Path, monkey
     assert plan_path(plan_cache, first.key).is_file()
     operations = {c.operation for c in first.choices}
     assert {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"} <= operations
+    if TorchAttentionBackend().use_c_prefill:  # the C prefill kernel against torch's fused attention
+        assert {c.kernel for c in first.choices if c.operation == "prompt_attention"} <= {"c_paged", "torch_sdpa"}
+        assert len([c for c in first.choices if c.operation == "prompt_attention"]) == 2
     assert all(c.kernel in c.seconds for c in first.choices)
 
     second = _engine_plan(path)  # same machine, model and settings: read back, nothing timed

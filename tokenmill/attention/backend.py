@@ -45,8 +45,8 @@ class AttentionMetadata:
 
 class AttentionBackend(Protocol):
     name: str  # "torch" or "triton"; models pick their fused kernels by it
-    # True when the backend rotates q/k itself while writing K/V (rotary_and_write_kv); Attention then
-    # hands it un-rotated q/k and forward() must not rely on key/value.
+    # True when the backend rotates q/k itself while writing K/V (rotary_and_write_kv, which returns the
+    # q/k/v forward() then gets); Attention hands it un-rotated q/k.
     fuses_rotary: bool
     # True when the backend runs its CPU C kernels (kernels/cpu/); the layers' small ops then take the C kernels
     # too (layers/kernel_choice.py). False on the GPU and under the `--kernels torch` family.

@@ -54,8 +54,8 @@ class Attention(nn.Module):
             raise RuntimeError("Attention.kv_cache is not bound; the model runner binds it before execution")
         dtype = q.dtype
         if self.backend.fuses_rotary:
-            # May return the query in another dtype (the CPU backend runs 16-bit models' attention in float32).
-            q = self.backend.rotary_and_write_kv(q, k, v, cos_sin, self.kv_cache, meta)
+            # May return q/k/v in another dtype (the CPU backend runs 16-bit models' attention in float32).
+            q, k, v = self.backend.rotary_and_write_kv(q, k, v, cos_sin, self.kv_cache, meta)
         else:
             self.backend.write_kv(k, v, self.kv_cache, meta)
         out = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale)

@@ -13,7 +13,10 @@ With the C kernels (kernels/cpu/, built on first use when a C compiler is presen
 rotary embedding and the K/V write are one call (rotary_and_write_kv), decode rows (one query per
 request) are attended by a kernel that reads each request's blocks in place, and so are the rows of
 requests with several query rows (prefill chunks, prefill over a cached prefix), all in one call
-(kernels/cpu/prefill_attention.c; ~1.4x torch's fused CPU attention on 256-token prompts). Without
+(kernels/cpu/prefill_attention.c; ~1.4x torch's fused CPU attention on 256-token float32 prompts on an AVX2
+Zen 3). The execution plan may route a prompt whose whole context arrives in the step to torch's fused
+attention over the step's own rotated K/V in the model's dtype instead (route_prompt_attention; on an AMX
+Xeon bf16 ran 1.5-3.5x the C kernel). Without
 them, and as their reference (`use_c_kernels=False`), decode rows are batched into one padded
 attention over the gathered contexts, and each multi-row request runs one causal attention (torch's
 scaled_dot_product_attention); a request whose whole context arrives in this step attends to this
@@ -107,14 +110,54 @@ class _CPrefillPlan:
     block_tables: torch.Tensor  # [R, max_blocks], contiguous
 
 
-def _c_prefill_plan(meta: AttentionMetadata) -> _CPrefillPlan:
-    plan = meta.scratch.get("c_prefill")
-    if plan is None:
-        reqs = torch.tensor([i for i, q in enumerate(meta.query_lens_list) if q > 1], dtype=torch.int64)
-        plan = _CPrefillPlan(meta.query_start_loc[reqs], torch.tensor(meta.query_lens_list)[reqs],
-                             meta.seq_lens[reqs], meta.block_tables[reqs].contiguous())
-        meta.scratch["c_prefill"] = plan
-    return plan
+@dataclass
+class _PromptSplit:
+    """The requests with several query rows in a step, by the kernel that attends them; shared by all layers."""
+
+    sdpa: list[tuple[int, int]]  # (first row, rows) of whole-context requests routed to torch's fused attention
+    c_plan: _CPrefillPlan | None  # the others, for the C prefill kernel (None: there are none)
+
+
+def _prompt_split(meta: AttentionMetadata, routes: list[tuple[int, str]]) -> _PromptSplit:
+    split = meta.scratch.get("prompt_split")
+    if split is None:
+        starts = meta.query_start_loc.tolist()
+        sdpa, c_reqs = [], []
+        for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list, strict=True)):
+            if q_len == 1:
+                continue
+            if q_len == seq_len and route_kernel(routes, q_len) == SDPA_KERNEL:
+                sdpa.append((starts[i], q_len))
+            else:
+                c_reqs.append(i)
+        c_plan = None
+        if c_reqs:
+            reqs = torch.tensor(c_reqs, dtype=torch.int64)
+            c_plan = _CPrefillPlan(meta.query_start_loc[reqs], torch.tensor(meta.query_lens_list)[reqs],
+                                   meta.seq_lens[reqs], meta.block_tables[reqs].contiguous())
+        split = meta.scratch["prompt_split"] = _PromptSplit(sdpa, c_plan)
+    return split
+
+
+# The execution plan's kernels for the prompt rows of a request whose whole context is in the step
+# (worker/planner.py times them): the C prefill kernel over the paged cache, or torch's fused attention
+# over the step's own rotated K/V in the model's dtype (oneDNN; AMX tiles for bf16 where the CPU has them).
+C_PREFILL_KERNEL, SDPA_KERNEL = "c_paged", "torch_sdpa"
+
+
+def route_kernel(routes: list[tuple[int, str]], rows: int) -> str:
+    """The kernel of the first route whose bound holds rows (the last route's beyond them all); C without routes."""
+    for bound, kernel in routes:
+        if rows <= bound:
+            return kernel
+    return routes[-1][1] if routes else C_PREFILL_KERNEL
+
+
+def whole_context_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                            dtype: torch.dtype) -> torch.Tensor:
+    """Causal attention of a request whose whole context is its rows in this step, through torch's fused CPU
+    attention in `dtype`. query: [T, H, D], key/value: [T, Hkv, D] (rotated) -> [T, H, D] of `dtype`."""
+    return _causal(query.to(dtype), key.to(dtype).transpose(0, 1), value.to(dtype).transpose(0, 1), scale)
 
 
 def _fused_qkv_row_stride(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> int | None:
@@ -146,6 +189,19 @@ class TorchAttentionBackend:
         # Rotary is fused into the K/V write whenever the C kernels exist; rotary_and_write_kv falls
         # back to torch ops itself for tensors they do not take.
         self.fuses_rotary = self.use_c_kernels
+        # The plan's routes (max prompt rows, kernel) for whole-context prompt rows next to the C prefill kernel,
+        # and the dtype torch's fused attention runs in (route_prompt_attention); none: the C kernel for all.
+        self.prompt_routes: list[tuple[int, str]] = []
+        self.sdpa_dtype = torch.float32
+
+    def route_prompt_attention(self, routes: list[tuple[int, str]], dtype: torch.dtype) -> None:
+        """Takes the execution plan's choice for whole-context prompt rows (C_PREFILL_KERNEL or SDPA_KERNEL by
+        prompt length); dtype: the model's, which torch's fused attention runs in."""
+        unknown = {k for _, k in routes} - {C_PREFILL_KERNEL, SDPA_KERNEL}
+        if unknown:
+            raise ValueError(f"unknown prompt attention kernels {sorted(unknown)}")
+        self.prompt_routes = list(routes)
+        self.sdpa_dtype = dtype
 
     def _upcasts(self, query: torch.Tensor) -> bool:
         """A bfloat16/float16 model's attention runs in the float32 C kernels: the fused q/k/v rows are
@@ -161,8 +217,9 @@ class TorchAttentionBackend:
     def rotary_and_write_kv(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        """Rotates key in place and writes it and value into the cache; returns the rotated query.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotates key in place and writes it and value into the cache; returns the rotated query and key and
+        the value, float32 where a 16-bit model's attention runs in the float32 C kernels (_upcasts).
         query/key/value: [T, heads, D] views of one fused qkv projection ([T, (H + 2 Hkv) D] rows),
         which is what the C kernel takes; anything else goes through torch ops with the same effect."""
         row_stride = _fused_qkv_row_stride(query, key, value)
@@ -177,12 +234,16 @@ class TorchAttentionBackend:
             qkv = query.as_strided((query.shape[0], width), (row_stride, 1))
             if qkv.dtype != torch.float32:  # one conversion of the fused rows; the C kernels then run as for float32
                 qkv = qkv.float()
-            return rotary_write_kv(qkv, query.shape[1], key.shape[1], query.shape[2], cos, sin, kv_cache,
-                                   meta.slot_mapping)
+            num_heads, num_kv_heads, head_dim = query.shape[1], key.shape[1], query.shape[2]
+            query = rotary_write_kv(qkv, num_heads, num_kv_heads, head_dim, cos, sin, kv_cache, meta.slot_mapping)
+            k_start, kv_width = num_heads * head_dim, num_kv_heads * head_dim  # the rotated key is in qkv
+            key = qkv[:, k_start : k_start + kv_width].view(-1, num_kv_heads, head_dim)
+            value = qkv[:, k_start + kv_width : k_start + 2 * kv_width].view(-1, num_kv_heads, head_dim)
+            return query, key, value
         query, rotated_key = RotaryEmbedding.apply(cos_sin, query, key)
         key.copy_(rotated_key)
         self.write_kv(key, value, kv_cache, meta)
-        return query
+        return query, key, value
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                        dtype: torch.dtype | None = None) -> tuple[int, ...]:
@@ -215,9 +276,14 @@ class TorchAttentionBackend:
             return out
         if (self.use_c_prefill and self._uses_c_decode(query, kv_cache) and query.stride(1) == query.shape[2]
                 and query.stride(2) == 1):
-            plan = _c_prefill_plan(meta)
-            paged_prefill_attention(out, query, kv_cache, plan.rows, plan.query_lens, plan.seq_lens,
-                                    plan.block_tables, scale)
+            split = _prompt_split(meta, self.prompt_routes)
+            for start, rows in split.sdpa:
+                span = slice(start, start + rows)
+                out[span] = whole_context_attention(query[span], key[span], value[span], scale, self.sdpa_dtype)
+            plan = split.c_plan
+            if plan is not None:
+                paged_prefill_attention(out, query, kv_cache, plan.rows, plan.query_lens, plan.seq_lens,
+                                        plan.block_tables, scale)
             return out
         starts = meta.query_start_loc.tolist()
         for i, q_len in enumerate(meta.query_lens_list):

@@ -71,11 +71,12 @@ class TritonAttentionBackend:
     def rotary_and_write_kv(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        """Rotates query in place and writes rotated key and value into the cache; returns query."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotates query in place and writes rotated key and value into the cache; returns query and the
+        (un-rotated) key and value, which forward() does not read."""
         cos, sin = cos_sin
         rope_and_write_kv(query, key, value, cos, sin, meta.slot_mapping, *kv_cache, *self._scales(kv_cache[0]))
-        return query
+        return query, key, value
 
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -288,6 +288,7 @@ class AsyncEngine:
 
     def _step(self) -> list[RequestOutput]:
         engine = self.engine
+        start = time.perf_counter()
         try:
             outputs = engine.step()
         except Exception as exc:  # fail the requests in flight, keep serving
@@ -296,8 +297,8 @@ class AsyncEngine:
             return []
         core = engine.core
         if self.log_steps and core.last_step.num_scheduled_reqs:
-            logger.info("step: %d requests, %d tokens", core.last_step.num_scheduled_reqs,
-                        core.last_step.num_scheduled_tokens)
+            logger.info("step: %d requests, %d tokens, %.1f ms", core.last_step.num_scheduled_reqs,
+                        core.last_step.num_scheduled_tokens, 1000.0 * (time.perf_counter() - start))
         self._num_waiting = core.scheduler.num_waiting
         if self.metrics is not None:
             now = time.monotonic()

@@ -29,7 +29,7 @@ from tokenmill.worker.device import (
     resolve_kv_cache_dtype,
 )
 from tokenmill.worker.model_runner import KVCacheSpec, ModelRunner
-from tokenmill.worker.planner import finish_plan, new_or_cached_plan, plan_model, plan_steps
+from tokenmill.worker.planner import finish_plan, new_or_cached_plan, plan_attention, plan_model, plan_steps
 from tokenmill.worker.runner_output import ModelRunnerOutput
 
 logger = logging.getLogger("tokenmill")
@@ -106,6 +106,7 @@ class EngineCore:
         if self.plan is not None:
             plan_model(model, self.plan, family, keep_panels=use_c_decoder and config.model.panel_gemm,
                        panels=config.model.panel_gemm)
+            plan_attention(model, self.plan, family, kv_dtype, config.cache.block_size)
         huge_pages = config.model.huge_pages and self.device.type == "cpu"
         if huge_pages:  # before anything holds raw weight pointers (the C decoder, attached below)
             from tokenmill.worker.huge_pages import weight_arena

@@ -8,6 +8,9 @@ that exist here: a C kernel that cannot be built for this CPU is simply not a ca
       bfloat16 / float16: torch_bf16 / torch_fp16 (oneDNN; AMX tiles where the CPU has them)
       int8: c_int8_panels; int4: c_int4 (its own rule inside: C kernel for decode rows, dequantized above)
   lm_head (the vocabulary projection), by sampled-row bucket (LOGIT_BUCKETS): the same families;
+  prompt_attention, the causal attention of a prompt whose whole context is in the step, by its length
+      (PROMPT_ATTENTION_BUCKETS): c_paged (kernels/cpu/prefill_attention.c over the paged cache) | torch_sdpa
+      (torch's fused attention over the step's own K/V in the model's dtype; oneDNN);
   whole steps, once the KV cache exists: decode steps of DECODE_STEP_BUCKETS requests and a prompt step
       of PROMPT_STEP_BUCKETS tokens (prompts of PROMPT_LEN tokens each): c_decoder (the one-call C forward,
       kernels/cpu/decode_step.c) | layers
@@ -39,12 +42,13 @@ from tokenmill.worker.capabilities import MachineCapabilities
 
 logger = logging.getLogger("tokenmill")
 
-PLAN_VERSION = 4  # bumped when the candidates or their kernels change
+PLAN_VERSION = 5  # bumped when the candidates or their kernels change
 ROW_BUCKETS = (1, 16, 64, 256, 2048)
 LOGIT_BUCKETS = (1, 16, 64, 256)
 DECODE_STEP_BUCKETS = (1, 16, 64)
 PROMPT_STEP_BUCKETS = (256, 2048)  # 2048: the default max_num_batched_tokens
 PROMPT_LEN = 256  # tokens of each prompt in a timed prompt step
+PROMPT_ATTENTION_BUCKETS = (256, 2048)  # rows of one whole-context prompt whose attention is timed
 STEP_CONTEXT = 256  # context length of each request in the timed decode steps
 KERNEL_FAMILIES = ("auto", "c", "torch")
 

@@ -3,6 +3,8 @@
 Two halves, as the engine starts (worker/plan.py lists the operations and candidates):
   plan_model   after loading and quantization: times the projection and lm_head candidates and installs
                the chosen kernels (a PlannedLinear where row-count buckets disagree);
+  plan_attention  times the attention of whole-context prompts (C over the paged cache, torch's fused
+               attention) and routes the attention backend by prompt length;
   plan_steps   once the KV cache is bound: times whole steps through the one-call C decoder against layer by
                layer and sets the step sizes the C decoder takes (or removes it).
 A cached plan is applied without timing anything.
@@ -19,9 +21,11 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.attention.torch_backend import C_PREFILL_KERNEL, SDPA_KERNEL, whole_context_attention
 from tokenmill.config import EngineConfig
 from tokenmill.kernels.cpu.bf16_gemm import bf16_panels_available
 from tokenmill.kernels.cpu.f32_gemm import f32_panels_available
+from tokenmill.kernels.cpu.prefill_attention import paged_prefill_attention
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.panel_linear import Bf16PanelLinear, PanelLinear, use_panel_head
 from tokenmill.layers.planned_linear import PlannedLinear
@@ -31,6 +35,7 @@ from tokenmill.worker.capabilities import detect_capabilities
 from tokenmill.worker.plan import (
     DECODE_STEP_BUCKETS,
     LOGIT_BUCKETS,
+    PROMPT_ATTENTION_BUCKETS,
     PROMPT_LEN,
     PROMPT_STEP_BUCKETS,
     ROW_BUCKETS,
@@ -217,6 +222,40 @@ def _plan_head(model: nn.Module, plan: ExecutionPlan, family: str, panels_ok: bo
         use_panel_head(model, head)
     else:
         model.logits_head = head
+
+
+@torch.no_grad()
+def plan_attention(model: nn.Module, plan: ExecutionPlan, family: str, kv_dtype: torch.dtype, block_size: int) -> None:
+    """Times (unless cached) the attention of one whole-context prompt per PROMPT_ATTENTION_BUCKETS length through
+    the C prefill kernel and torch's fused attention, and routes the backend by prompt length. Backends without
+    the C prefill kernel (the GPU, `--kernels torch`, no compiler) have nothing to choose."""
+    layer = model.attention_layers[0]
+    backend = layer.backend
+    if not getattr(backend, "use_c_prefill", False):
+        return
+    dtype = next(model.parameters()).dtype
+    if not plan.cached:
+        start = time.perf_counter()
+        heads, kv_heads, head_dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
+        for rows in PROMPT_ATTENTION_BUCKETS:
+            rows = min(rows, model.rotary.cos.shape[0])
+            num_blocks = -(-rows // block_size)
+            shape = backend.kv_cache_shape(num_blocks, block_size, kv_heads, head_dim, kv_dtype)
+            cache = (torch.randn(shape).to(kv_dtype), torch.randn(shape).to(kv_dtype))
+            query, key, value = (torch.randn(rows, n, head_dim) for n in (heads, kv_heads, kv_heads))
+            out = torch.empty_like(query)
+            start_row, length = torch.zeros(1, dtype=torch.int64), torch.full((1,), rows, dtype=torch.int64)
+            table = torch.arange(num_blocks, dtype=torch.int64).unsqueeze(0)
+            fns = {
+                C_PREFILL_KERNEL: lambda o=out, q=query, c=cache, s=start_row, n=length, t=table: paged_prefill_attention(
+                    o, q, c, s, n, n, t, layer.scale),
+                SDPA_KERNEL: lambda o=out, q=query, k=key, v=value: o.copy_(
+                    whole_context_attention(q, k, v, layer.scale, dtype)),
+            }
+            logger.info("plan: timing prompt_attention of %d rows", rows)
+            plan.choices.append(choose("prompt_attention", rows, filter_family(fns, family)))
+        plan.build_seconds += time.perf_counter() - start
+    backend.route_prompt_attention(routes_from_choices(plan.for_operation("prompt_attention")), dtype)
 
 
 def _synthetic_step(num_reqs: int, q_len: int, context: int, block_size: int, vocab: int
