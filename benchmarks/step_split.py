@@ -1,6 +1,6 @@
 """Where W1's time goes by step kind: prefill steps (any step with a multi-token request) against pure
-decode steps, inside each kind the one-call C decoder against the rest (vocabulary projection, sampling,
-bookkeeping), and inside the C decoder its phases over all steps (decode_step.c's own clock: per-row work,
+decode steps, inside each kind the one-call C forward against the rest (vocabulary projection, sampling,
+bookkeeping), and inside the C forward its phases over all steps (step_forward.c's own clock: per-row work,
 projections, rotary + K/V write, attention). One engine per run, prefix caching off; the engine's model
 runner is wrapped in place, so the numbers include nothing but the steps themselves.
 
@@ -20,27 +20,24 @@ import torch
 from tokenmill import LLM, SamplingParams
 from tokenmill.bench.results import write_json_report
 from tokenmill.bench.throughput import make_workload
-from tokenmill.kernels.cpu.decode_step import PHASES
+from tokenmill.kernels.cpu.step_forward import PHASES
+from tokenmill.worker.c_step import CStepForward
 from tokenmill.worker.model_runner import ModelRunner
 
 
-class _TimedDecodeStep:
-    """The model's C decoder, adding the time of each call to seconds["decode: C decoder"] (pure decode
-    steps) or seconds["prefill: C decoder"] (steps with prompt rows)."""
+def _time_c_forward(c_step: CStepForward, seconds: dict[str, float]) -> None:
+    """Adds the time of each C forward call to seconds["decode: C forward"] (pure decode steps) or
+    seconds["prefill: C forward"] (steps with prompt rows)."""
+    inner = c_step.forward
 
-    def __init__(self, inner: Any, seconds: dict[str, float]) -> None:
-        self.inner = inner
-        self.seconds = seconds
-
-    def takes(self, meta: Any) -> bool:
-        return self.inner.takes(meta)
-
-    def __call__(self, embeddings: torch.Tensor, positions: torch.Tensor, meta: Any) -> Any:
+    def forward(input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
         kind = "decode" if meta.num_tokens == meta.num_reqs else "prefill"
         start = time.perf_counter()
-        out = self.inner(embeddings, positions, meta)
-        self.seconds[f"{kind}: C decoder"] += time.perf_counter() - start
+        out = inner(input_ids, positions, meta)
+        seconds[f"{kind}: C forward"] += time.perf_counter() - start
         return out
+
+    c_step.forward = forward
 
 
 def main() -> None:
@@ -63,7 +60,6 @@ def main() -> None:
     prompts = make_workload(args.num_prompts, args.input_len, args.output_len, engine.vocab_size, 0,
                             special_ids=special).prompts
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    model = engine.core.model
     seconds: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
 
@@ -80,10 +76,11 @@ def main() -> None:
 
     runner.execute = timed_execute
     kernel = None
-    if getattr(model, "decode_step", None) is not None:
-        kernel = model.decode_step.kernel
+    c_step = next((p for p in runner.step_paths if isinstance(p, CStepForward)), None)
+    if c_step is not None:
+        kernel = c_step.kernel
         kernel.phase_seconds = torch.zeros(len(PHASES), dtype=torch.float64)
-        model.decode_step = _TimedDecodeStep(model.decode_step, seconds)
+        _time_c_forward(c_step, seconds)
 
     llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     runs: list[dict[str, Any]] = []
@@ -96,7 +93,7 @@ def main() -> None:
         llm.generate(prompts, [params] * len(prompts), use_tqdm=False)
         if kernel is not None:
             for name, value in zip(PHASES, kernel.phase_seconds.tolist()):
-                seconds[f"C decoder phases, all steps: {name}"] = value
+                seconds[f"C forward phases, all steps: {name}"] = value
         runs.append({"total_s": time.perf_counter() - start, "seconds": dict(seconds), "steps": dict(counts)})
     median = {key: statistics.median(r["seconds"].get(key, 0.0) for r in runs) for key in runs[0]["seconds"]}
     total = statistics.median(r["total_s"] for r in runs)

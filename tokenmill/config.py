@@ -44,20 +44,20 @@ class ModelConfig:
     fused_decode: bool = field(
         default=True,
         metadata=_help("on the CPU in float32, run decode steps of up to 64 requests, and steps with prompt rows of up "
-                       "to 4096 tokens (not with int4 weights), through the one-call C decoder (every layer in one "
+                       "to 4096 tokens (not with int4 weights), through the one-call C forward (every layer in one "
                        "kernel call); false: layer by layer, as every other step runs"),
     )
     panel_gemm: bool = field(
         default=True,
         metadata=_help("on the CPU, keep float32 projections and the vocabulary projection packed in 16-channel "
-                       "panels for the C GEMM (faster than torch's at every batch size; the C decoder needs it "
+                       "panels for the C GEMM (faster than torch's at every batch size; the C forward needs it "
                        "for float32); false: torch's GEMM on the plain weights"),
     )
     kernels: str = field(
         default="auto",
         metadata=_help("CPU kernel family: auto (the execution plan times the correct candidates on this machine and "
                        "model and runs the fastest; cached), c (our C kernels wherever one exists) or torch "
-                       "(torch/oneDNN ops only: no C kernel, no C decoder); for tests and A/B runs"),
+                       "(torch/oneDNN ops only: no C kernel, no C forward); for tests and A/B runs"),
     )
     huge_pages: bool = field(
         default=True,

@@ -131,7 +131,7 @@ def test_linear_layer_both_paths(num_rows: int) -> None:
 
 
 def test_model_quantization_keeps_projections_it_cannot_pack() -> None:
-    """in_features not a multiple of 64: that projection stays float32 (and the C decoder reads it as such)."""
+    """in_features not a multiple of 64: that projection stays float32 (and the C forward reads it as such)."""
     block = torch.nn.Module()
     block.qkv_proj, block.down_proj, block.other = Linear(64, 24), Linear(96, 64), Linear(64, 8)
     for linear in (block.qkv_proj, block.down_proj, block.other):

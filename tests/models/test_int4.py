@@ -16,6 +16,7 @@ from tokenmill.layers.panel_linear import PanelLinear
 from tokenmill.quant.int4_cpu import Int4GroupLinear
 from tokenmill.quant.int8_cpu import Int8DynamicLinear
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.worker.c_step import CStepForward
 
 pytestmark = pytest.mark.skipif(not int4_gemm_available(), reason="C kernels not built (no compiler)")
 
@@ -38,7 +39,7 @@ def test_the_gguf_q4_1_weights_come_back_exactly(engines: dict[str, LLMEngine]) 
     for name, module in quantized.items():
         assert isinstance(fp32[name], PanelLinear)
         assert torch.equal(module.dequantized_weight(), fp32[name].unpacked_weight()), name
-    assert engines["int4"].core.model.decode_step is not None  # decode steps run the C decoder's int4 path
+    assert any(isinstance(p, CStepForward) for p in engines["int4"].core.runner.step_paths)  # C int4 decode steps
 
 
 def test_greedy_decode_follows_fp32(engines: dict[str, LLMEngine]) -> None:

@@ -1,4 +1,5 @@
-"""EngineCore: the model, its KV cache, and the schedule -> execute -> update loop."""
+"""EngineCore: the schedule -> execute -> update loop over the worker (worker/worker.py: the model, its plan and
+KV cache) and the scheduler."""
 
 from __future__ import annotations
 
@@ -6,45 +7,17 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
-
-from tokenmill.attention.backend import get_attention_backend
 from tokenmill.config import EngineConfig
-from tokenmill.engine.kv_budget import describe_capacity, num_kv_blocks
 from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.scheduler_output import EngineCoreOutput
 from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 from tokenmill.loader import LoadedModel
-from tokenmill.models.registry import resolve_model_class
-from tokenmill.worker.capabilities import detect_capabilities
-from tokenmill.worker.device import (
-    check_quantization,
-    cuda_graph_sizes,
-    default_dtype,
-    resolve_attention_backend,
-    resolve_device,
-    resolve_dtype,
-    resolve_kv_cache_dtype,
-)
-from tokenmill.worker.model_runner import KVCacheSpec, ModelRunner
-from tokenmill.worker.planner import finish_plan, new_or_cached_plan, plan_attention, plan_model, plan_steps
 from tokenmill.worker.runner_output import ModelRunnerOutput
+from tokenmill.worker.worker import Worker
 
 logger = logging.getLogger("tokenmill")
-
-
-def resolve_max_model_len(config: EngineConfig, hf_config: object) -> int:
-    model_len = int(getattr(hf_config, "max_position_embeddings", 0) or 2048)
-    window = getattr(hf_config, "sliding_window", None)
-    if window and getattr(hf_config, "use_sliding_window", True) is not False:
-        # Without sliding-window attention kernels, stay within the window where results are exact.
-        model_len = min(model_len, int(window))
-    asked = config.model.max_model_len
-    if asked is not None and asked > model_len:
-        raise ValueError(f"max_model_len={asked} exceeds the model's context length of {model_len} tokens")
-    return asked or model_len
 
 
 @dataclass(frozen=True)
@@ -60,91 +33,14 @@ class EngineCore:
     def __init__(self, config: EngineConfig, loaded: LoadedModel, step_timer: AnyStepTimer = NULL_TIMER) -> None:
         self.config = config
         self.timer = step_timer
-        self.device = resolve_device(config.model.device)
-        self.dtype = resolve_dtype(config.model.dtype, self.device, config.model.quantization)
-        backend = resolve_attention_backend(config.cache.attention_backend, self.device)
-        check_quantization(config, self.device, backend)
-        if config.parallel.num_threads is not None:
-            torch.set_num_threads(config.parallel.num_threads)
-        hf_config = loaded.hf_config
-        self.max_model_len = resolve_max_model_len(config, hf_config)
-
-        on_cpu = self.device.type == "cpu"
-        # The CPU kernel family; on a GPU nothing of it applies. Under --compile the plan is not built (the
-        # compiled layers keep torch's products), but the eager attention between them keeps the C kernels.
-        family = config.model.kernels if on_cpu else "torch"
-        if on_cpu:
-            logger.info("machine: %s", detect_capabilities().summary())
-        model_cls = resolve_model_class(hf_config)
-        # Parameters start uninitialised, in the compute dtype on the device: the checkpoint fills them.
-        with torch.device(self.device), default_dtype(self.dtype):
-            model = model_cls(hf_config, get_attention_backend(backend, use_c_kernels=family != "torch"),
-                              self.max_model_len, self.dtype, self.device)
-        model = model.to(self.dtype)
-        model.load_weights(loaded.state_dict)
-        if config.model.quantization == "fp8":
-            from tokenmill.quant.fp8 import quantize_model_fp8
-
-            quantize_model_fp8(model)
-        elif config.model.quantization == "int8":
-            from tokenmill.quant.int8_cpu import quantize_model_int8
-            from tokenmill.quant.smooth import CALIBRATION_TEXT
-
-            calibration_ids = loaded.tokenizer.encode(CALIBRATION_TEXT, add_special_tokens=True)
-            replaced = quantize_model_int8(model, calibration_ids, quantize_lm_head=config.model.quantize_lm_head,
-                                           activation_bits=config.model.int8_activation_bits)
-            logger.info("int8 W8A%d: %d projections quantized", config.model.int8_activation_bits, replaced)
-        elif config.model.quantization == "int4":
-            from tokenmill.quant.int4_cpu import quantize_model_int4
-
-            replaced = quantize_model_int4(model, quantize_lm_head=config.model.quantize_lm_head)
-            logger.info("int4 W4A16: %d projections quantized", replaced)
-        kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, backend, config.model.quantization)
-        # The execution plan (worker/plan.py): CPU kernels chosen by timing them here, or read from its cache.
-        self.plan = None if not on_cpu or config.parallel.compile else new_or_cached_plan(config, model, kv_dtype)
-        use_c_decoder = config.model.fused_decode and family != "torch" and self.plan is not None
-        if self.plan is not None:
-            plan_model(model, self.plan, family, keep_panels=use_c_decoder and config.model.panel_gemm,
-                       panels=config.model.panel_gemm)
-            plan_attention(model, self.plan, family, kv_dtype, config.cache.block_size)
-        huge_pages = config.model.huge_pages and self.device.type == "cpu"
-        if huge_pages:  # before anything holds raw weight pointers (the C decoder, attached below)
-            from tokenmill.worker.huge_pages import weight_arena
-
-            moved, advised = weight_arena(model)
-            logger.info("weights: %.0f MiB in one arena, %s", moved / 2**20,
-                        "2 MiB huge pages" if advised else "4 KiB pages (the OS refused huge pages)")
-        self.model = model.eval()
-
-        layer0 = model.attention_layers[0]
-        kv_spec = KVCacheSpec(
-            num_layers=len(model.attention_layers), num_kv_heads=layer0.num_kv_heads,
-            head_dim=layer0.head_dim, block_size=config.cache.block_size,
-            dtype=kv_dtype,
-        )
-        num_blocks = num_kv_blocks(config.cache, kv_spec.bytes_per_block, self.device)
-        self.capacity = describe_capacity(num_blocks, kv_spec.block_size, kv_spec.bytes_per_block, self.max_model_len)
-        logger.info(self.capacity)
-        self.runner = ModelRunner(
-            model, kv_spec, num_blocks, hf_config.vocab_size, self.device, config.model.seed,
-            max_model_len=self.max_model_len, cuda_graph_sizes=cuda_graph_sizes(config, self.device, backend),
-            step_timer=step_timer, huge_pages=huge_pages,
-        )
-        if step_timer.enabled and self.device.type == "cuda":
-            step_timer.sync = torch.cuda.synchronize
-        if config.parallel.compile:
-            from tokenmill.worker.compile import compile_model
-
-            compile_model(model)
-        elif use_c_decoder and hasattr(model, "decode_step"):
-            from tokenmill.models.llama_decode_step import attach_decode_step, describe_decode_step
-
-            if attach_decode_step(model):
-                plan_steps(model, self.plan, family, num_blocks, kv_spec.block_size)
-                describe_decode_step(model)
-        if self.plan is not None:
-            finish_plan(self.plan)
-        self.kv_cache_manager = KVCacheManager(num_blocks, kv_spec.block_size, config.cache.enable_prefix_caching)
+        # The model's lifecycle (weights, quantization, execution plan, KV cache, runner) is the worker's.
+        self.worker = Worker(config, loaded, step_timer)
+        self.device, self.dtype = self.worker.device, self.worker.dtype
+        self.max_model_len = self.worker.max_model_len
+        self.model, self.plan, self.runner = self.worker.model, self.worker.plan, self.worker.runner
+        self.capacity = self.worker.capacity
+        self.kv_cache_manager = KVCacheManager(self.worker.num_blocks, self.worker.block_size,
+                                               config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
         self.last_step = StepStats()
 

@@ -24,7 +24,7 @@ class PlannedLinear(nn.Module):
         self.in_features, self.out_features = first.in_features, first.out_features
 
     def impl_of(self, kind: type) -> nn.Module | None:
-        """The route module of this class, if one route holds it (the C decoder reads its weights)."""
+        """The route module of this class, if one route holds it (the C forward reads its weights)."""
         return next((m for m in self.impls if isinstance(m, kind)), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

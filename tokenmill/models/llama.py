@@ -135,9 +135,6 @@ class LlamaForCausalLM(nn.Module):
         # as it may be the embedding table) or the float32 panel product (layers/panel_linear.py, which
         # also becomes lm_head, and the embedding's source when tied).
         self.logits_head: nn.Module | None = None
-        # Runs the pure decode steps it takes in one C call (models/llama_decode_step.py); set by the
-        # engine once the K/V caches are bound.
-        self.decode_step: Any = None
 
     @property
     def attention_layers(self) -> list[Attention]:
@@ -146,8 +143,6 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden_size]."""
         hidden = self.embed_tokens(input_ids)
-        if self.decode_step is not None and self.decode_step.takes(meta):
-            return self.decode_step(hidden, positions, meta)
         if self.float32_residual:
             hidden = hidden.float()
         cos_sin = self.rotary.cos_sin(positions)

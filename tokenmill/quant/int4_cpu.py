@@ -6,7 +6,7 @@ w ~= d q + m. Every group holds its own minimum (q = 0) and, but for fp16 roundi
 (q = 15). A model whose weights already lie on that grid, such as a Q4_1 GGUF converted to float32
 (the embedded SmolLM2 file), gets back exactly its own weights: tests/quant/test_int4.py checks it.
 
-Activations: at up to FUSED_MAX_ROWS rows (decode steps), kernels/cpu/int4_gemm.c and the C decoder
+Activations: at up to FUSED_MAX_ROWS rows (decode steps), kernels/cpu/int4_gemm.c and the C forward
 quantize every group of 32 input values to 16 bits symmetrically over its own max |x| and multiply
 with vpmaddwd (int4_dot.h), so the weights' own rounding is the only error. (8-bit activation groups,
 llama.cpp's Q8 blocks, measured logprobs 0.5 nat off fp32 within 4 tokens on SmolLM2: its outlier

@@ -2,8 +2,8 @@
 
 Kernel: kernels/cpu/int8_gemm.c for every row count (decode steps, prefill chunks, the vocabulary
 projection): each row quantized per token in one pass, then u8 x s8 -> int32 products against weights
-packed in 16-channel panels (kernels/cpu/int8_panels.h), the same tiles inside the C decoder
-(kernels/cpu/decode_step.c). On the 2-core AVX2 machine they run the SmolLM2 projections at ~1.7x the
+packed in 16-channel panels (kernels/cpu/int8_panels.h), the same tiles inside the C forward
+(kernels/cpu/step_forward.c). On the 2-core AVX2 machine they run the SmolLM2 projections at ~1.7x the
 float32 panel GEMM and ~1.4x fbgemm's quantized linear with its per-token ops, which this module used
 for more than 16 rows before (benchmarks/panel_gemm.py), while torch._int_mm (no VNNI) and torch's packed
 weight-only int8/int4 kernels are many times slower than fp32 (benchmarks/README.md).

@@ -24,6 +24,7 @@ from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.engine.scheduler_output import ScheduledRequest
+from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 
 LARGEST_SIZE = 256
 
@@ -131,8 +132,13 @@ class DecodeCudaGraphs:
         return (bool(scheduled) and len(scheduled) <= self.sizes[-1]
                 and all(s.num_new_tokens == 1 for s in scheduled))
 
-    def run(self, scheduled: Sequence[ScheduledRequest]) -> torch.Tensor:
-        """Final hidden states [len(scheduled), hidden] of a pure-decode step (valid until the next run)."""
+    def run(self, scheduled: Sequence[ScheduledRequest], timer: AnyStepTimer = NULL_TIMER) -> torch.Tensor:
+        """Final hidden states [len(scheduled), hidden] of a pure-decode step (valid until the next run); input
+        staging and the replay are one "forward" section of the timer."""
+        with timer.section("forward"):
+            return self._run(scheduled)
+
+    def _run(self, scheduled: Sequence[ScheduledRequest]) -> torch.Tensor:
         n = len(scheduled)
         size = padded_size(n, self.sizes)
         assert size is not None

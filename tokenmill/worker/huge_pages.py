@@ -9,7 +9,7 @@ stop for the hardware prefetcher (benchmarks/huge_pages.py measures both). Most 
   attributes such as packed panels, also inside tuples and lists) into one 2 MiB-aligned arena advised
   MADV_HUGEPAGE, and repoints each tensor object in place (Tensor.set_), so every reference to it, tied
   weights included, sees the arena. Individual projections are 0.5-2 MiB, too small to sit in huge pages
-  by themselves. Must run before anything captures raw data pointers (the C decoder does, at attach).
+  by themselves. Must run before anything captures raw data pointers (the C forward does, at attach).
 - `huge_page_zeros(nbytes)` is a zero-filled byte tensor whose pages the OS maps on first touch, as
   huge pages: the KV cache, of which start-up writes nothing.
 

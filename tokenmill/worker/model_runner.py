@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,7 @@ from tokenmill.outputs import PositionLogprobs
 from tokenmill.worker.huge_pages import huge_page_zeros
 from tokenmill.worker.runner_output import ModelRunnerOutput
 from tokenmill.worker.sampler import Sampler, SamplingMetadata, compute_logprobs
+from tokenmill.worker.step_paths import WholeStepPath
 
 logger = logging.getLogger("tokenmill")
 
@@ -88,16 +90,19 @@ class ModelRunner:
         ]
         for layer, cache in zip(attention_layers, self.kv_caches, strict=True):
             layer.kv_cache = cache
-        self.cuda_graphs = None
+        # Whole-step fast paths (worker/step_paths.py), asked in order; a step none takes runs layer by layer.
+        self.step_paths: list[WholeStepPath] = []
         if cuda_graph_sizes:  # only on cuda with the triton backend (see worker/device.py)
             from tokenmill.worker.cuda_graphs import DecodeCudaGraphs
 
-            self.cuda_graphs = DecodeCudaGraphs(model, cuda_graph_sizes, kv_spec.block_size, max_model_len, device)
-            seconds = self.cuda_graphs.capture()
+            graphs = DecodeCudaGraphs(model, cuda_graph_sizes, kv_spec.block_size, max_model_len, device)
+            seconds = graphs.capture()
             logger.info("captured %d CUDA graphs for decode batch sizes %s in %.2f s",
                         len(cuda_graph_sizes), cuda_graph_sizes, seconds)
+            self.step_paths.append(graphs)
 
-    def _build_metadata(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def build_inputs(self, scheduled: Sequence[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The step as one flat batch: input ids [T], positions [T] and the attention metadata."""
         query_lens = [s.num_new_tokens for s in scheduled]
         seq_lens = [s.start_pos + s.num_new_tokens for s in scheduled]
         token_ids: list[int] = []
@@ -146,12 +151,12 @@ class ModelRunner:
         if not scheduled:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         timer = self.timer
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(scheduled):
-            with timer.section("forward"):  # input staging and replay together
-                hidden = self.cuda_graphs.run(scheduled)
+        path = next((p for p in self.step_paths if p.can_run(scheduled)), None)
+        if path is not None:
+            hidden = path.run(scheduled, timer)
         else:
             with timer.section("prepare_inputs"):
-                input_ids, positions, meta = self._build_metadata(scheduled)
+                input_ids, positions, meta = self.build_inputs(scheduled)
             with timer.section("forward"):
                 hidden = self.model(input_ids, positions, meta)
         with timer.section("sample"):

@@ -12,8 +12,8 @@ that exist here: a C kernel that cannot be built for this CPU is simply not a ca
       (PROMPT_ATTENTION_BUCKETS): c_paged (kernels/cpu/prefill_attention.c over the paged cache) | torch_sdpa
       (torch's fused attention over the step's own K/V in the model's dtype; oneDNN);
   whole steps, once the KV cache exists: decode steps of DECODE_STEP_BUCKETS requests and a prompt step
-      of PROMPT_STEP_BUCKETS tokens (prompts of PROMPT_LEN tokens each): c_decoder (the one-call C forward,
-      kernels/cpu/decode_step.c) | layers
+      of PROMPT_STEP_BUCKETS tokens (prompts of PROMPT_LEN tokens each): c_forward (the one-call C forward,
+      kernels/cpu/step_forward.c, worker/c_step.py) | layers
       (layer by layer, with the projections chosen above).
 A row count between buckets runs the kernel of the next bucket up (beyond the last, the last's).
 

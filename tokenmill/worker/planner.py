@@ -5,8 +5,8 @@ Two halves, as the engine starts (worker/plan.py lists the operations and candid
                the chosen kernels (a PlannedLinear where row-count buckets disagree);
   plan_attention  times the attention of whole-context prompts (C over the paged cache, torch's fused
                attention) and routes the attention backend by prompt length;
-  plan_steps   once the KV cache is bound: times whole steps through the one-call C decoder against layer by
-               layer and sets the step sizes the C decoder takes (or removes it).
+  plan_steps   once the KV cache is bound: times whole steps through the one-call C forward (worker/c_step.py)
+               against layer by layer and sets the step sizes it takes (or leaves it out).
 A cached plan is applied without timing anything.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +30,7 @@ from tokenmill.layers.panel_linear import Bf16PanelLinear, PanelLinear, use_pane
 from tokenmill.layers.planned_linear import PlannedLinear
 from tokenmill.loader.cache import resolve_cache_dir
 from tokenmill.quant.projections import QUANTIZED_PROJECTIONS
+from tokenmill.worker.c_step import CStepForward
 from tokenmill.worker.capabilities import detect_capabilities
 from tokenmill.worker.plan import (
     DECODE_STEP_BUCKETS,
@@ -52,6 +52,8 @@ from tokenmill.worker.plan import (
 )
 
 logger = logging.getLogger("tokenmill")
+
+C_FORWARD = "c_forward"  # the plan's name of the one-call C forward of a step
 
 _TORCH_NAMES = {torch.float32: "torch_fp32", torch.bfloat16: "torch_bf16", torch.float16: "torch_fp16"}
 
@@ -165,7 +167,7 @@ def finish_plan(plan: ExecutionPlan) -> None:
 @torch.no_grad()
 def plan_model(model: nn.Module, plan: ExecutionPlan, family: str, keep_panels: bool, panels: bool = True) -> None:
     """Times (unless `plan` came from the cache) and installs the projection and lm_head kernels.
-    keep_panels: also keep float32 panels where torch won (the C decoder reads them); panels: False leaves
+    keep_panels: also keep float32 panels where torch won (the C forward reads them); panels: False leaves
     the C panel GEMM out of the candidates (`--panel-gemm false`)."""
     panels_ok = panels and f32_panels_available() and family != "torch"
     start = time.perf_counter()
@@ -191,7 +193,7 @@ def plan_model(model: nn.Module, plan: ExecutionPlan, family: str, keep_panels: 
             installed = _install(built, routes)
             panels_kernel = next((k for k in ("c_f32_panels", "c_bf16_panels") if k in builders), None)
             if keep_panels and panels_kernel is not None and panels_kernel not in chosen:
-                # torch won every bucket, but the C decoder reads the panels: they ride along in a route for
+                # torch won every bucket, but the C forward reads the panels: they ride along in a route for
                 # zero rows, which forward never takes.
                 installed = PlannedLinear([(0, builders[panels_kernel]()), *[(m, built[k]) for m, k in routes]],
                                           [panels_kernel, *[k for _, k in routes]])
@@ -288,47 +290,36 @@ def _step_buckets(num_blocks: int, block_size: int, max_len: int) -> list[tuple[
 
 
 @torch.no_grad()
-def plan_steps(model: nn.Module, plan: ExecutionPlan, family: str, num_blocks: int, block_size: int) -> None:
-    """With model.decode_step set (the C decoder took the model): times steps through it and layer by layer
-    (unless cached), then keeps it for the step sizes where it won, or removes it."""
-    step = model.decode_step
-    if step is None:
-        return
+def plan_steps(model: nn.Module, c_step: CStepForward, plan: ExecutionPlan, family: str, num_blocks: int,
+               block_size: int) -> bool:
+    """Times steps through the C forward and layer by layer (unless cached), then sets the step sizes c_step
+    takes to those where it won; False when it won none (the runner then leaves it out)."""
     if not plan.cached:
         start = time.perf_counter()
         for operation, bucket, reqs, q_len, context in _step_buckets(num_blocks, block_size, model.rotary.cos.shape[0]):
             ids, positions, meta = _synthetic_step(reqs, q_len, context, block_size, model.config.vocab_size)
-            if not step.takes(meta):
+            if not c_step.takes(meta.num_reqs, meta.num_tokens):
                 continue
             logger.info("plan: timing %s of %d %s", operation, bucket, "requests" if q_len == 1 else "tokens")
-
-            def run(use_c: bool, ids: torch.Tensor = ids, positions: torch.Tensor = positions,
-                    meta: AttentionMetadata = meta) -> Any:
-                model.decode_step = step if use_c else None
-                try:
-                    return model(ids, positions, meta)
-                finally:
-                    model.decode_step = step
-
-            fns = filter_family({"c_decoder": lambda: run(True), "layers": lambda: run(False)}, family)
+            fns = filter_family({C_FORWARD: lambda ids=ids, p=positions, m=meta: c_step.forward(ids, p, m),
+                                 "layers": lambda ids=ids, p=positions, m=meta: model(ids, p, m)}, family)
             plan.choices.append(choose(operation, bucket, fns))
         plan.build_seconds += time.perf_counter() - start
-    # Untimed kinds (no step fitted the cache) keep the decoder's own limits.
-    step.max_rows = _won_up_to(plan.for_operation("decode_step"), step.max_rows)
-    step.max_prompt_tokens = min(step.max_prompt_tokens,
-                                 _won_up_to(plan.for_operation("prompt_step"), step.max_prompt_tokens))
-    if step.max_rows == 0 and step.max_prompt_tokens == 0:
-        model.decode_step = None
+    # Untimed kinds (no step fitted the cache) keep the C forward's own limits.
+    c_step.max_rows = _won_up_to(plan.for_operation("decode_step"), c_step.max_rows)
+    c_step.max_prompt_tokens = min(c_step.max_prompt_tokens,
+                                   _won_up_to(plan.for_operation("prompt_step"), c_step.max_prompt_tokens))
+    return c_step.max_rows > 0 or c_step.max_prompt_tokens > 0
 
 
 def _won_up_to(choices: list[Choice], own_limit: int) -> int:
-    """The step size the C decoder keeps: up to the first bucket it lost (the largest bucket it won; its own
+    """The step size the C forward keeps: up to the first bucket it lost (the largest bucket it won; its own
     limit when it won them all, or when nothing was timed)."""
     if not choices:
         return own_limit
     limit = 0
     for c in choices:
-        if c.kernel != "c_decoder":
+        if c.kernel != C_FORWARD:
             break
         limit = c.rows if c is not choices[-1] else own_limit
     return limit

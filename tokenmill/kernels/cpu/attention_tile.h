@@ -1,5 +1,5 @@
 /* Decode attention of one query row's heads over one KV head's paged cache, shared by
- * paged_attention.c and decode_step.c.
+ * paged_attention.c and step_forward.c.
  *
  * Cache layout and element types (kv_type: float32, float16 or int8 rows with a scale): kv_cache.h.
  * attend_one: scores of all positions (K read once), an exact softmax in float32, then the V-weighted

@@ -2,7 +2,7 @@
  * packing.
  *
  * Why: oneDNN's bf16 products (torch) carry a per-call cost that dominates at decode sizes, and a bf16
- * model's one-call C decoder needs its own bf16 product; the execution plan (worker/plan.py) times this
+ * model's one-call C forward needs its own bf16 product; the execution plan (worker/plan.py) times this
  * against torch's and keeps the faster per row-count bucket.
  *
  * Work split: rows in chunks whose activations stay in L2; inside a chunk the threads take PANELS_PER_GRAB

@@ -1,4 +1,4 @@
-/* W4A16 building blocks shared by int4_gemm.c and decode_step.c: quant/int4_cpu.py's group-wise 4-bit
+/* W4A16 building blocks shared by int4_gemm.c and step_forward.c: quant/int4_cpu.py's group-wise 4-bit
  * weights (GGUF's Q4_1 rule) against activations quantized to 16 bits per group.
  *
  * Weights: output channel n, group g of GROUP = 32 consecutive input channels, with an fp16 scale d and

@@ -1,4 +1,4 @@
-/* AMX-INT8 for int8_panels.h's products (int8_gemm.c, decode_step.c): the panels' [kq][16][4] layout is the
+/* AMX-INT8 for int8_panels.h's products (int8_gemm.c, step_forward.c): the panels' [kq][16][4] layout is the
  * VNNI order tdpbusd reads (a B tile: 16 quads x 16 channels x 4 bytes), and quantized rows u are A tiles
  * (16 rows x 64 inputs), so 16-row blocks multiply on the tiles, two row blocks x two panels a pass, with
  * the int32 sums exact: bit for bit those of the AVX2 tiles (u8 x s8 products, no int16 step to saturate),

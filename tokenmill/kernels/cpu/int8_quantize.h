@@ -1,5 +1,5 @@
 /* Per-token activation quantization for the W8A8 products (int8_panels.h), shared by int8_gemm.c and
- * decode_step.c, with an optional block Hadamard rotation:
+ * step_forward.c, with an optional block Hadamard rotation:
  *
  *   u[m, k] = round((x[m, k] - low[m]) / step[m]) in [0, L], low = min of the row, step = (max - min) / L
  *

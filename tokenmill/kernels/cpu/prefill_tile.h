@@ -1,6 +1,6 @@
 /* Causal attention of a block of prompt rows over the paged, head-major KV cache (attention_tile.h's
  * layout), read in place, flash-attention style: scores by chunks of PANEL positions, an online softmax,
- * never the whole score matrix. Shared by prefill_attention.c and decode_step.c.
+ * never the whole score matrix. Shared by prefill_attention.c and step_forward.c.
  *
  * A request's query rows 0 .. q_len - 1 sit at positions seq_len - q_len + j and see positions <= their
  * own, all of them already in the cache (the step's K/V are written first).

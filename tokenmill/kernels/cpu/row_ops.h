@@ -1,4 +1,4 @@
-/* Per-row pieces of a Llama decoder layer, shared by layer_ops.c and decode_step.c. float32, rows
+/* Per-row pieces of a Llama decoder layer, shared by layer_ops.c and step_forward.c. float32, rows
  * contiguous. */
 #ifndef TM_ROW_OPS_H
 #define TM_ROW_OPS_H

@@ -49,7 +49,7 @@
 
 enum { TM_FLOAT32 = 0, TM_INT8 = 1, TM_INT4 = 2, TM_BF16 = 3 };
 
-/* Phases of phase_seconds (decode_step.py's PHASES, same order): the per-row work (residual adds, norms,
+/* Phases of phase_seconds (step_forward.py's PHASES, same order): the per-row work (residual adds, norms,
  * activation quantization, silu * up), the projections, rotary + K/V write, attention. */
 enum { TM_PHASE_ROWS = 0, TM_PHASE_PROJECTIONS = 1, TM_PHASE_ROTARY_KV = 2, TM_PHASE_ATTENTION = 3, TM_NUM_PHASES = 4 };
 
@@ -195,7 +195,7 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
  * phase_seconds: NULL, or [TM_NUM_PHASES] to which each phase's wall time is added (thread 0's clock between
  * the barriers that end the phases).
  * Returns 0; 1 when scratch memory could not be allocated; 2 when head_dim % 8 != 0 (hidden untouched). */
-int tm_decode_step(const tm_model *m, float *hidden, const int64_t *positions, const int64_t *slots, int64_t num_rows,
+int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, const int64_t *slots, int64_t num_rows,
                    const int64_t *q_starts, const int64_t *q_lens, const int64_t *seq_lens, const int64_t *block_tables,
                    int64_t table_stride, int64_t num_reqs, int num_threads, double *phase_seconds) {
     const int64_t R = num_rows, N = num_reqs, H = m->hidden, D = m->head_dim, I = m->intermediate;

@@ -1,6 +1,6 @@
-"""The one-call C decoder (models/llama_decode_step.py, kernels/cpu/decode_step.c): which steps it
-takes (decode, prompt, chunked and mixed), that it computes what the layer-by-layer forward computes, and
-HF parity through it."""
+"""The one-call C forward of a step (worker/c_step.py, kernels/cpu/step_forward.c), a whole-step path of the
+runner: which steps it takes (decode, prompt, chunked and mixed), that it computes what the layer-by-layer
+forward computes, and HF parity through it."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import torch
 
 from tests.models.utils import check_matches_hf, hf_greedy
 from tokenmill import LLM, SamplingParams
-from tokenmill.kernels.cpu.decode_step import PHASES, decode_step_available
+from tokenmill.kernels.cpu.step_forward import PHASES, step_forward_available
 from tokenmill.models.llama import LlamaForCausalLM
 from tokenmill.quant.int4_cpu import Int4GroupLinear
 from tokenmill.quant.int8_cpu import Int8DynamicLinear
+from tokenmill.worker.c_step import CStepForward
 
-pytestmark = pytest.mark.skipif(not decode_step_available(), reason="no C compiler for the CPU kernels")
+pytestmark = pytest.mark.skipif(not step_forward_available(), reason="no C compiler for the CPU kernels")
 
 MAX_TOKENS = 10
 
@@ -33,42 +34,34 @@ def _model(llm: LLM) -> LlamaForCausalLM:
     return llm.engine.core.model
 
 
+def _c_step(llm: LLM) -> CStepForward | None:
+    """The runner's C whole-step path, None when it has none."""
+    return next((p for p in llm.engine.core.runner.step_paths if isinstance(p, CStepForward)), None)
+
+
 @contextmanager
-def compared_with_layer_by_layer(model: LlamaForCausalLM, rel_tol: float) -> Iterator[list[int]]:
-    """Every step the C decoder takes also runs layer by layer (first, so both read the same K/V cache;
+def compared_with_layer_by_layer(llm: LLM, rel_tol: float) -> Iterator[list[int]]:
+    """Every step the C forward takes also runs layer by layer (first, so both read the same K/V cache;
     both write the step's K/V to the same slots); their final hidden states must agree within rel_tol
     of the largest value. Yields the row counts of the steps compared."""
-    decode_step, original_forward = model.decode_step, model.forward
+    c_step, model = _c_step(llm), _model(llm)
+    assert c_step is not None
     rows: list[int] = []
-    step_input_ids: list[torch.Tensor] = []
-
-    class Compared:
-        def takes(self, meta: Any) -> bool:
-            return decode_step.takes(meta)
-
-        def __call__(self, embeddings: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
-            model.decode_step = None
-            try:
-                reference = original_forward(step_input_ids[-1], positions, meta)
-            finally:
-                model.decode_step = self
-            got = decode_step(embeddings, positions, meta)
-            error = (got - reference).abs().max()
-            assert error <= rel_tol * reference.abs().max(), (meta.seq_lens_list, error)
-            rows.append(got.shape[0])
-            return got
+    c_forward = c_step.forward
 
     def forward(input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
-        step_input_ids.append(input_ids)
-        return original_forward(input_ids, positions, meta)
+        reference = model(input_ids, positions, meta)
+        got = c_forward(input_ids, positions, meta)
+        error = (got - reference).abs().max()
+        assert error <= rel_tol * reference.abs().max(), (meta.seq_lens_list, error)
+        rows.append(got.shape[0])
+        return got
 
-    model.forward = forward
-    model.decode_step = Compared()
+    c_step.forward = forward  # an instance attribute: run() calls it
     try:
         yield rows
     finally:
-        model.decode_step = decode_step
-        del model.forward
+        del c_step.forward
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +90,8 @@ def biased_checkpoint(tiny_checkpoint: Any, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "biased-llama", "biased-qwen2"])
-def test_c_decoder_matches_hf(arch: str, tiny_checkpoint: Any, biased_checkpoint: Any) -> None:
-    """Greedy tokens and logprobs equal to HF with every step in the C decoder."""
+def test_c_forward_matches_hf(arch: str, tiny_checkpoint: Any, biased_checkpoint: Any) -> None:
+    """Greedy tokens and logprobs equal to HF with every step in the C forward."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = biased_checkpoint(arch.removeprefix("biased-")) if arch.startswith("biased-") else tiny_checkpoint(arch)
@@ -107,28 +100,28 @@ def test_c_decoder_matches_hf(arch: str, tiny_checkpoint: Any, biased_checkpoint
     expected = hf_greedy(hf_model, AutoTokenizer.from_pretrained(path), prompts, MAX_TOKENS, 5)
 
     llm = LLM(dtype="float32", kernels="c", model=str(path), block_size=8, kv_cache_memory=16 << 20)
-    with compared_with_layer_by_layer(_model(llm), rel_tol=1e-5) as rows:
+    with compared_with_layer_by_layer(llm, rel_tol=1e-5) as rows:
         params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
         outputs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
-    check_matches_hf(expected, outputs, "tokenmill C decoder")
+    check_matches_hf(expected, outputs, "tokenmill C forward")
     assert rows == [1 + 9 + 30] + [3] * (MAX_TOKENS - 1)  # the prompts' step, then every decode step
 
 
 @pytest.mark.parametrize("activation_bits", [8, 7])
-def test_c_decoder_int8_agrees_with_layer_by_layer(tiny_checkpoint: Any, activation_bits: int) -> None:
+def test_c_forward_int8_agrees_with_layer_by_layer(tiny_checkpoint: Any, activation_bits: int) -> None:
     """W8A8 or W8A7 (rotated inputs): the same quantized arithmetic; both quantize the same activations, so
     only float rounding (then a rare flipped level) separates them. A float32 K/V cache keeps this to the
-    projections: on an int8 one (test_c_decoder_narrow_cache_agrees_with_layer_by_layer), a K level flipped
+    projections: on an int8 one (test_c_forward_narrow_cache_agrees_with_layer_by_layer), a K level flipped
     by the rotary's float order then flips 7-bit activation levels downstream (measured: 2.8% at one step)."""
     llm = LLM(dtype="float32", kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20,
               quantization="int8",
               int8_activation_bits=activation_bits, kv_cache_dtype="float32")
     model = _model(llm)
-    assert model.decode_step is not None and model.decode_step.max_rows >= 6
+    assert _c_step(llm) is not None and _c_step(llm).max_rows >= 6
     assert {m.activation_bits for m in model.layers.modules() if isinstance(m, Int8DynamicLinear)} == {activation_bits}
     assert model.logits_head.activation_bits == 8  # the vocabulary projection keeps 8 bits
     prompts = _prompts(model.config.vocab_size, (2, 5, 8, 16, 17, 40))
-    with compared_with_layer_by_layer(model, rel_tol=1e-2) as rows:
+    with compared_with_layer_by_layer(llm, rel_tol=1e-2) as rows:
         # Staggered lengths: steps of 6, 5, ... 1 requests (1 row: split-K attention; more: a task per KV head).
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4, 5, 6, 8)]
         llm.generate(prompts, params, use_tqdm=False)
@@ -137,7 +130,7 @@ def test_c_decoder_int8_agrees_with_layer_by_layer(tiny_checkpoint: Any, activat
 
 @pytest.mark.parametrize("kv_cache_dtype, dtype, rel_tol", [("float16", torch.float16, 1e-4),
                                                             ("int8", torch.int8, 1e-3)])
-def test_c_decoder_narrow_cache_agrees_with_layer_by_layer(
+def test_c_forward_narrow_cache_agrees_with_layer_by_layer(
     tiny_checkpoint: Any, kv_cache_dtype: str, dtype: torch.dtype, rel_tol: float,
 ) -> None:
     """A float16 or int8 K/V cache in a float32 model: both paths write and read the same rounded K/V (int8:
@@ -145,29 +138,29 @@ def test_c_decoder_narrow_cache_agrees_with_layer_by_layer(
     llm = LLM(dtype="float32", kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20,
               kv_cache_dtype=kv_cache_dtype)
     model = _model(llm)
-    assert model.layers[0].self_attn.attn.kv_cache[0].dtype == dtype and model.decode_step is not None
+    assert model.layers[0].self_attn.attn.kv_cache[0].dtype == dtype and _c_step(llm) is not None
     prompts = _prompts(model.config.vocab_size, (2, 5, 8, 16, 17, 40))
-    with compared_with_layer_by_layer(model, rel_tol=rel_tol) as rows:
+    with compared_with_layer_by_layer(llm, rel_tol=rel_tol) as rows:
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4, 5, 6, 8)]
         llm.generate(prompts, params, use_tqdm=False)
     assert rows == [88, 6, 5, 4, 3, 2, 1, 1]
 
 
-def test_c_decoder_bf16_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None:
-    """bf16 weights (Bf16PanelLinear): the C decoder rounds each product's float32 input to bf16, layer by
+def test_c_forward_bf16_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None:
+    """bf16 weights (Bf16PanelLinear): the C forward rounds each product's float32 input to bf16, layer by
     layer the norms return bf16 (a float32 residual stream either way): bf16-rounding-sized differences."""
     llm = LLM(dtype="bfloat16", kernels="c", model=str(tiny_checkpoint("llama")), block_size=8,
               kv_cache_memory=16 << 20)
     model = _model(llm)
-    assert model.decode_step is not None
+    assert _c_step(llm) is not None
     prompts = _prompts(model.config.vocab_size, (2, 5, 8, 16, 17, 40))
-    with compared_with_layer_by_layer(model, rel_tol=2e-2) as rows:
+    with compared_with_layer_by_layer(llm, rel_tol=2e-2) as rows:
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4, 5, 6, 8)]
         llm.generate(prompts, params, use_tqdm=False)
     assert rows == [88, 6, 5, 4, 3, 2, 1, 1]
 
 
-def test_c_decoder_int4_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None:
+def test_c_forward_int4_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None:
     """W4A16 groups: the decoder's projections are int4_gemm's arithmetic; only float rounding in the
     other ops (then a flipped 16-bit level) separates the two paths. Prompt steps stay layer by layer (the
     int4 kernel is for decode batches)."""
@@ -175,9 +168,9 @@ def test_c_decoder_int4_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None
               quantization="int4")
     model = _model(llm)
     assert isinstance(model.layers[0].mlp.down_proj, Int4GroupLinear)
-    assert model.decode_step is not None
+    assert _c_step(llm) is not None
     prompts = _prompts(model.config.vocab_size, (2, 5, 8, 16, 17, 40))
-    with compared_with_layer_by_layer(model, rel_tol=1e-3) as rows:
+    with compared_with_layer_by_layer(llm, rel_tol=1e-3) as rows:
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4, 5, 6, 8)]
         llm.generate(prompts, params, use_tqdm=False)
     assert rows == [6, 5, 4, 3, 2, 1, 1]
@@ -188,9 +181,10 @@ def test_steps_it_does_not_take(tiny_checkpoint: Any) -> None:
     run layer by layer."""
     llm = LLM(dtype="float32", kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20)
     model = _model(llm)
-    limit = model.decode_step.max_rows
-    model.decode_step.max_prompt_tokens = 4 * (limit + 1) - 1  # one short of the prompts' step
-    with compared_with_layer_by_layer(model, rel_tol=1e-5) as rows:
+    c_step = _c_step(llm)
+    limit = c_step.max_rows
+    c_step.max_prompt_tokens = 4 * (limit + 1) - 1  # one short of the prompts' step
+    with compared_with_layer_by_layer(llm, rel_tol=1e-5) as rows:
         prompts = _prompts(model.config.vocab_size, (4,) * (limit + 1))
         # limit + 1 requests decode together for 2 steps; then limit of them for 2 more.
         params = [SamplingParams(temperature=0.0, max_tokens=3 if i == 0 else 5, ignore_eos=True)
@@ -216,10 +210,10 @@ def test_chunked_mixed_and_prefix_hit_steps(tiny_checkpoint: Any) -> None:
               max_num_batched_tokens=16,
               enable_prefix_caching=True)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
-    with compared_with_layer_by_layer(_model(llm), rel_tol=1e-5) as rows:
+    with compared_with_layer_by_layer(llm, rel_tol=1e-5) as rows:
         outputs = [o.outputs[0] for o in llm.generate([short, long], params, use_tqdm=False)]
         outputs += [o.outputs[0] for o in llm.generate([shared], params, use_tqdm=False)]
-    check_matches_hf(expected, outputs, "tokenmill C decoder, chunked and prefix-hit steps")
+    check_matches_hf(expected, outputs, "tokenmill C forward, chunked and prefix-hit steps")
     # short's 5 rows and long's first 11, then long's chunks of 15 and 14 beside short's decode row (mixed),
     # then decode steps; shared's step computes its 5 uncached tokens only.
     assert rows[:3] == [16, 16, 15] and rows.count(5) == 1, rows
@@ -228,19 +222,19 @@ def test_chunked_mixed_and_prefix_hit_steps(tiny_checkpoint: Any) -> None:
 def test_off_when_asked_or_torch_only(tiny_checkpoint: Any) -> None:
     path = str(tiny_checkpoint("llama"))
 
-    def decode_step(**kwargs: Any) -> Any:
-        return LLM(model=path, kv_cache_memory=16 << 20, **kwargs).engine.core.model.decode_step
+    def c_step(**kwargs: Any) -> CStepForward | None:
+        return _c_step(LLM(model=path, kv_cache_memory=16 << 20, **kwargs))
 
-    assert decode_step(dtype="float32", kernels="c", fused_decode=False) is None
-    # Float32 projections reach the C decoder packed in panels only.
-    assert decode_step(dtype="float32", kernels="c", panel_gemm=False) is None
-    assert decode_step(dtype="bfloat16", kernels="torch") is None
-    assert decode_step(dtype="bfloat16", kernels="c") is not None
+    assert c_step(dtype="float32", kernels="c", fused_decode=False) is None
+    # Float32 projections reach the C forward packed in panels only.
+    assert c_step(dtype="float32", kernels="c", panel_gemm=False) is None
+    assert c_step(dtype="bfloat16", kernels="torch") is None
+    assert c_step(dtype="bfloat16", kernels="c") is not None
 
 
 def test_kernel_rejects_bad_inputs(tiny_checkpoint: Any) -> None:
     llm = LLM(dtype="float32", kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20)
-    kernel = _model(llm).decode_step.kernel
+    kernel = _c_step(llm).kernel
     hidden = torch.zeros(2, kernel.hidden_size)
     ints, ones = torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.int64)
     tables = torch.zeros(2, 3, dtype=torch.int64)
@@ -260,7 +254,7 @@ def test_kernel_rejects_bad_inputs(tiny_checkpoint: Any) -> None:
 
 def test_phase_clock_adds_every_phase_and_leaves_outputs_alone(tiny_checkpoint: Any) -> None:
     llm = LLM(dtype="float32", kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20)
-    kernel = _model(llm).decode_step.kernel
+    kernel = _c_step(llm).kernel
     prompts = _prompts(llm.engine.vocab_size, (5, 17, 9))
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     untimed = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]

@@ -1,6 +1,7 @@
-"""Steps of a Llama-family model through the one-call C decoder (kernels/cpu/decode_step.c).
+"""The one-call C forward of a whole step of a Llama-family model (kernels/cpu/step_forward.c), as one of the
+runner's whole-step paths (worker/step_paths.py, beside CUDA graphs).
 
-A step it takes skips the layer-by-layer forward: the embeddings go to decode_step.c, which runs every
+A step it takes skips the layer-by-layer forward: the embeddings go to step_forward.c, which runs every
 layer in one OpenMP region and returns the final hidden states. It takes pure decode steps of at most
 `max_rows` requests (one new token each), and steps with prompt rows (prefill, chunked prefill, mixed with
 decode rows) of at most `max_prompt_tokens` tokens unless a projection is int4 (whose C kernel is for
@@ -20,13 +21,16 @@ layer-by-layer forward.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.kernels.cpu.decode_step import DecodeStepModel, LayerWeights, LinearWeights, decode_step_available
+from tokenmill.engine.scheduler_output import ScheduledRequest
+from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 from tokenmill.kernels.cpu.kv_cache import KV_DTYPES
+from tokenmill.kernels.cpu.step_forward import LayerWeights, LinearWeights, StepForwardKernel, step_forward_available
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.panel_linear import Bf16PanelLinear, PanelLinear
 from tokenmill.layers.planned_linear import PlannedLinear
@@ -35,28 +39,28 @@ from tokenmill.quant.int8_cpu import Int8DynamicLinear
 
 logger = logging.getLogger("tokenmill")
 
-# Most requests a step may have to take the C decoder. Measured on the 2-core AVX2 machine, SmolLM2-135M,
-# decode tok/s of the C decoder against layer by layer in the same process (benchmarks/decode_step_ab.py;
+# Most requests a step may have to take the C forward. Measured on the 2-core AVX2 machine, SmolLM2-135M,
+# decode tok/s of the C forward against layer by layer in the same process (benchmarks/step_forward_ab.py;
 # at commit 65fcaa1, before the panel kernels, which both paths now share):
 #   rows     1      4      8     16     32     64
 #   int8   88/43 231/130    -  277/196 308/223 348/272
 #   fp32   42/19 128/44 155/67 183/111 227/156 252/202
 # Larger batches are unmeasured and keep the layer-by-layer forward.
 MAX_ROWS = 64
-# Most tokens a step with prompt rows may have to take the C decoder (its scratch grows ~35 KB a token
+# Most tokens a step with prompt rows may have to take the C forward (its scratch grows ~35 KB a token
 # for SmolLM2-135M); the engine's default step budget (max_num_batched_tokens) is 2048.
 MAX_PROMPT_TOKENS = 4096
 
 
-class DecodeStepUnsupported(ValueError):
-    """The model cannot run through the C decoder; the reason says why."""
+class CStepUnsupported(ValueError):
+    """The model cannot run through the C forward; the reason says why."""
 
 
 def _linear_weights(module: nn.Module, name: str) -> LinearWeights:
-    if isinstance(module, PlannedLinear):  # the execution plan's routes: the C decoder reads the panels
+    if isinstance(module, PlannedLinear):  # the execution plan's routes: the C forward reads the panels
         panels = module.impl_of(PanelLinear) or module.impl_of(Bf16PanelLinear)
         if panels is None:
-            raise DecodeStepUnsupported(f"{name} runs {module.kernels} and keeps no panels")
+            raise CStepUnsupported(f"{name} runs {module.kernels} and keeps no panels")
         module = panels
     if isinstance(module, Bf16PanelLinear):
         return LinearWeights(module.panels, module.bias, features=(module.out_features, module.in_features))
@@ -70,38 +74,38 @@ def _linear_weights(module: nn.Module, name: str) -> LinearWeights:
     if isinstance(module, PanelLinear):
         return LinearWeights(module.panels, module.bias, features=(module.out_features, module.in_features))
     if type(module) is Linear:
-        raise DecodeStepUnsupported(f"{name} is a plain {module.weight.dtype} Linear (the C decoder takes float32 "
+        raise CStepUnsupported(f"{name} is a plain {module.weight.dtype} Linear (the C forward takes float32 "
                                     "projections packed in panels, layers/panel_linear.py)")
-    raise DecodeStepUnsupported(f"{name} is a {type(module).__name__}")
+    raise CStepUnsupported(f"{name} is a {type(module).__name__}")
 
 
 def _norm_weight(norm: nn.Module) -> torch.Tensor:
-    """A norm's weight as the float32 the C decoder reads (a bf16 model's: its exact values, converted once)."""
+    """A norm's weight as the float32 the C forward reads (a bf16 model's: its exact values, converted once)."""
     weight = norm.weight.detach()
     if weight.dtype == torch.bfloat16:
         return norm.float32_weight()
     if weight.dtype != torch.float32:
-        raise DecodeStepUnsupported(f"the norm weights are {weight.dtype}")
+        raise CStepUnsupported(f"the norm weights are {weight.dtype}")
     return weight
 
 
-def build_decode_step(model: nn.Module) -> DecodeStepModel:
-    """The C decoder's view of `model` (a LlamaForCausalLM whose K/V caches are bound); raises
-    DecodeStepUnsupported when it cannot take this model."""
-    if not decode_step_available():
-        raise DecodeStepUnsupported("the C decode-step kernel is not available (no C compiler?)")
+def build_step_kernel(model: nn.Module) -> StepForwardKernel:
+    """The C forward's view of `model` (a LlamaForCausalLM whose K/V caches are bound); raises
+    CStepUnsupported when it cannot take this model."""
+    if not step_forward_available():
+        raise CStepUnsupported("the C step-forward kernel is not available (no C compiler?)")
     layers = []
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn.attn
         if attn.backend.name != "torch":
-            raise DecodeStepUnsupported(f"the attention backend is {attn.backend.name}")
+            raise CStepUnsupported(f"the attention backend is {attn.backend.name}")
         if attn.kv_cache is None:
-            raise DecodeStepUnsupported("the K/V cache is not bound yet")
+            raise CStepUnsupported("the K/V cache is not bound yet")
         if attn.kv_cache[0].dtype not in KV_DTYPES or attn.kv_cache[0].device.type != "cpu":
-            raise DecodeStepUnsupported(f"the K/V cache is {attn.kv_cache[0].dtype} on {attn.kv_cache[0].device}")
+            raise CStepUnsupported(f"the K/V cache is {attn.kv_cache[0].dtype} on {attn.kv_cache[0].device}")
         norms = (_norm_weight(layer.input_layernorm), _norm_weight(layer.post_attention_layernorm))
         if any(w.device.type != "cpu" for w in norms):
-            raise DecodeStepUnsupported("the norm weights are not CPU tensors")
+            raise CStepUnsupported("the norm weights are not CPU tensors")
         layers.append(LayerWeights(
             input_norm=norms[0].detach(), post_norm=norms[1].detach(),
             qkv=_linear_weights(layer.self_attn.qkv_proj, f"layers.{i}.qkv_proj"),
@@ -112,54 +116,63 @@ def build_decode_step(model: nn.Module) -> DecodeStepModel:
     attn0 = model.layers[0].self_attn.attn
     rotary = model.rotary
     if rotary.cos.dtype != torch.float32:
-        raise DecodeStepUnsupported(f"the rotary tables are {rotary.cos.dtype}")
-    return DecodeStepModel(
+        raise CStepUnsupported(f"the rotary tables are {rotary.cos.dtype}")
+    return StepForwardKernel(
         layers, _norm_weight(model.norm), rotary.cos, rotary.sin, attn0.num_heads, attn0.num_kv_heads,
         attn0.head_dim, float(model.norm.eps), float(attn0.scale))
 
 
-class LlamaDecodeStep:
-    """Runs the pure decode steps it takes (`takes`) through the C decoder."""
+StepInputs = Callable[[Sequence[ScheduledRequest]], tuple[torch.Tensor, torch.Tensor, AttentionMetadata]]
 
-    def __init__(self, model: nn.Module) -> None:
-        self.kernel = build_decode_step(model)
+
+class CStepForward:
+    """The steps it can run (`can_run`: pure decode steps of up to max_rows requests, steps with prompt rows of
+    up to max_prompt_tokens tokens) through the C forward; `build_inputs` is the runner's flat-batch builder."""
+
+    def __init__(self, model: nn.Module, build_inputs: StepInputs) -> None:
+        self.model = model
+        self.kernel = build_step_kernel(model)
+        self.build_inputs = build_inputs
         self.max_rows = MAX_ROWS
         int4 = any(isinstance(m, Int4GroupLinear) for m in model.layers.modules())
         self.max_prompt_tokens = 0 if int4 else MAX_PROMPT_TOKENS
 
-    def takes(self, meta: AttentionMetadata) -> bool:
-        if meta.seq_len_bound is not None:
-            return False
-        if meta.num_tokens == meta.num_reqs:  # pure decode
-            return meta.num_reqs <= self.max_rows
-        return meta.num_tokens <= self.max_prompt_tokens
+    def can_run(self, scheduled: Sequence[ScheduledRequest]) -> bool:
+        num_tokens = sum(s.num_new_tokens for s in scheduled)
+        return self.takes(len(scheduled), num_tokens)
 
-    def __call__(self, embeddings: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """embeddings [T, hidden] of the step's tokens (overwritten) -> final hidden states."""
+    def takes(self, num_reqs: int, num_tokens: int) -> bool:
+        if num_tokens == num_reqs:  # pure decode
+            return num_reqs <= self.max_rows
+        return num_tokens <= self.max_prompt_tokens
+
+    def run(self, scheduled: Sequence[ScheduledRequest], timer: AnyStepTimer = NULL_TIMER) -> torch.Tensor:
+        """The step's final hidden states [T, hidden] (what the model's forward returns)."""
+        with timer.section("prepare_inputs"):
+            inputs = self.build_inputs(scheduled)
+        with timer.section("forward"):
+            return self.forward(*inputs)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The model's forward for one step, through the C kernel (it must take the step: `takes`)."""
+        embeddings = self.model.embed_tokens(input_ids)
         q_lens = meta.scratch.get("q_lens")
         if q_lens is None:
             q_lens = meta.scratch["q_lens"] = torch.tensor(meta.query_lens_list, dtype=torch.int64)
-        dtype = embeddings.dtype  # a bf16 model's: the C decoder computes in float32 and returns its dtype
+        dtype = embeddings.dtype  # a bf16 model's: the C forward computes in float32 and returns its dtype
         hidden = self.kernel.run(embeddings if dtype == torch.float32 else embeddings.float(), positions,
                                  meta.slot_mapping, meta.query_start_loc[:-1], q_lens, meta.seq_lens, meta.block_tables)
         return hidden if dtype == torch.float32 else hidden.to(dtype)
 
+    def describe(self) -> str:
+        prompts = f", steps with prompt rows of up to {self.max_prompt_tokens} tokens" if self.max_prompt_tokens else ""
+        return f"decode steps of up to {self.max_rows} requests{prompts} run through the one-call C forward"
 
-def attach_decode_step(model: nn.Module) -> bool:
-    """Gives `model` a LlamaDecodeStep when the C decoder can take it; logs the outcome either way."""
+
+def build_c_step(model: nn.Module, build_inputs: StepInputs) -> CStepForward | None:
+    """The C whole-step path for `model` (its K/V caches bound), or None when it cannot take the model (logged)."""
     try:
-        model.decode_step = LlamaDecodeStep(model)
-    except ValueError as exc:  # DecodeStepUnsupported, or a layout DecodeStepModel does not take
-        logger.info("decode steps run layer by layer: %s", exc)
-        return False
-    return True
-
-
-def describe_decode_step(model: nn.Module) -> None:
-    """Logs which steps the C decoder takes (after the execution plan set its step sizes)."""
-    step = model.decode_step
-    if step is None:
-        logger.info("every step runs layer by layer (the execution plan timed the C decoder slower)")
-        return
-    prompts = f", steps with prompt rows of up to {step.max_prompt_tokens} tokens" if step.max_prompt_tokens else ""
-    logger.info("decode steps of up to %d requests%s run through the one-call C decoder", step.max_rows, prompts)
+        return CStepForward(model, build_inputs)
+    except ValueError as exc:  # CStepUnsupported, or a layout StepForwardKernel does not take
+        logger.info("every step runs layer by layer: %s", exc)
+        return None

@@ -1,10 +1,10 @@
-"""ctypes binding of decode_step.c: a whole Llama decoder forward for one engine step in one call (decode
+"""ctypes binding of step_forward.c: a whole Llama decoder forward for one engine step in one call (decode
 rows, prompt chunks or both).
 
-The caller describes the model once (DecodeStepModel: pointers to every layer's weights and K/V cache,
+The caller describes the model once (StepForwardKernel: pointers to every layer's weights and K/V cache,
 kept alive by the object) and then runs steps with per-step tensors. Tensors are float32 (float32
 weights in 16-channel panels, int8 weights with their int32 row sums, int4 weights with float16 group
-scales and minima, bf16 weights in panels of input pairs) and contiguous; see decode_step.c for the arithmetic
+scales and minima, bf16 weights in panels of input pairs) and contiguous; see step_forward.c for the arithmetic
 and the invariants.
 """
 
@@ -32,8 +32,8 @@ class _Linear(ctypes.Structure):
                 ("levels", _i64)]
 
 
-FLOAT32, INT8, INT4, BF16 = 0, 1, 2, 3  # decode_step.c's tm_linear formats
-# decode_step.c's phases (TM_PHASE_*), in order, as DecodeStepModel.phase_seconds reports them.
+FLOAT32, INT8, INT4, BF16 = 0, 1, 2, 3  # step_forward.c's tm_linear formats
+# step_forward.c's phases (TM_PHASE_*), in order, as StepForwardKernel.phase_seconds reports them.
 PHASES = ("per-row work (norms, quantization, silu)", "projections", "rotary + K/V write", "attention")
 
 
@@ -52,16 +52,16 @@ class _Model(ctypes.Structure):
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
-    lib = load_kernel_library("decode_step")
+    lib = load_kernel_library("step_forward")
     if lib is None:
         return None
-    lib.tm_decode_step.argtypes = [ctypes.POINTER(_Model), _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
+    lib.tm_step_forward.argtypes = [ctypes.POINTER(_Model), _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
                                    ctypes.c_int, _ptr]
-    lib.tm_decode_step.restype = ctypes.c_int
+    lib.tm_step_forward.restype = ctypes.c_int
     return lib
 
 
-def decode_step_available() -> bool:
+def step_forward_available() -> bool:
     return _lib() is not None
 
 
@@ -117,8 +117,8 @@ def _checked(t: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
     return t
 
 
-class DecodeStepModel:
-    """The model as decode_step.c reads it. Holds every tensor it points to, so the pointers stay valid
+class StepForwardKernel:
+    """The model as step_forward.c reads it. Holds every tensor it points to, so the pointers stay valid
     as long as this object lives; the tensors must not be reallocated (weights and caches never are)."""
 
     def __init__(
@@ -234,7 +234,7 @@ class DecodeStepModel:
                 raise ValueError(f"decode step: {what} must have {rows} rows, got {t.shape[0]}")
         if int(q_lens.sum()) != num_rows:
             raise ValueError(f"decode step: q_lens must add up to the {num_rows} rows, got {int(q_lens.sum())}")
-        status = _lib().tm_decode_step(
+        status = _lib().tm_step_forward(
             ctypes.byref(self._model), hidden.data_ptr(), positions.data_ptr(), slots.data_ptr(), num_rows,
             q_starts.data_ptr(), q_lens.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
             num_reqs, torch.get_num_threads(), None if self.phase_seconds is None else self.phase_seconds.data_ptr())

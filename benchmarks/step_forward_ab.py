@@ -1,4 +1,4 @@
-"""The one-call C decoder (fused_decode=True, the default) against layer-by-layer decode steps
+"""The one-call C forward of a step (worker/c_step.py) (fused_decode=True, the default) against layer-by-layer decode steps
 (fused_decode=False), in one process, interleaved: decode tok/s at several batch sizes.
 
 For each batch size R: R prompts of --input-len random tokens; decode tok/s = R x (output_len - 1) /
@@ -7,7 +7,7 @@ Each round runs both engines, alternating which goes first; medians over rounds 
 (fused / layer by layer) are printed and written as JSON. Greedy tokens of the first round are compared
 (float32: they must be equal; int8: reported, as float rounding may flip an 8-bit level).
 
-    .venv/bin/python benchmarks/decode_step_ab.py --quantization int8 --rows 1,4,16,64 --rounds 3
+    .venv/bin/python benchmarks/step_forward_ab.py --quantization int8 --rows 1,4,16,64 --rounds 3
 """
 
 from __future__ import annotations
