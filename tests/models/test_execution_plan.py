@@ -50,6 +50,11 @@ def test_plan_is_cached_and_keyed(tiny_checkpoint: Any, plan_cache: Path, monkey
     other = _engine_plan(path, block_size=16)  # a setting the step timings depend on: a new key
     assert not other.cached and other.key != first.key
 
+    # Changed C kernel sources: timed again.
+    monkeypatch.setattr("tokenmill.worker.planner.kernel_sources_digest", lambda: "changed kernels")
+    rebuilt = _engine_plan(path)
+    assert not rebuilt.cached and rebuilt.key != first.key
+
     # Another machine (CPU flags, threads or torch version change the capabilities' key): rebuilt.
     monkeypatch.setattr("tokenmill.worker.capabilities.MachineCapabilities.cache_key", lambda self: "another cpu")
     moved = _engine_plan(path)

@@ -19,7 +19,8 @@ A row count between buckets runs the kernel of the next bucket up (beyond the la
 
 The plan is cached as JSON under the tokenmill cache (plans/), keyed by everything its timings depend on:
 the machine (CPU model, ISA flags, torch threads, torch version), the model's shapes, dtype, quantization,
-KV cache dtype and block size, the kernel family, and PLAN_VERSION (bumped when kernels change). A second
+KV cache dtype and block size, the kernel family, a digest of the C kernels' sources, and PLAN_VERSION (bumped
+when the candidates change). A second
 start with the same key reads it and times nothing. `kernels` forces a family ("c" or "torch") for tests
 and A/B runs; an operation with no candidate of that family keeps the ones it has.
 """

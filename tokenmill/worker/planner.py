@@ -23,6 +23,7 @@ from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.attention.torch_backend import C_PREFILL_KERNEL, SDPA_KERNEL, whole_context_attention
 from tokenmill.config import EngineConfig
 from tokenmill.kernels.cpu.bf16_gemm import bf16_panels_available
+from tokenmill.kernels.cpu.build import kernel_sources_digest
 from tokenmill.kernels.cpu.f32_gemm import f32_panels_available
 from tokenmill.kernels.cpu.prefill_attention import paged_prefill_attention
 from tokenmill.layers.linear import Linear
@@ -147,7 +148,8 @@ def new_or_cached_plan(config: EngineConfig, model: nn.Module, kv_dtype: torch.d
     settings = {"dtype": str(next(model.parameters()).dtype), "quantization": m.quantization,
                 "activation_bits": m.int8_activation_bits, "quantize_lm_head": m.quantize_lm_head,
                 "kernels": m.kernels, "panel_gemm": m.panel_gemm, "fused_decode": m.fused_decode,
-                "huge_pages": m.huge_pages, "kv_dtype": str(kv_dtype), "block_size": config.cache.block_size}
+                "huge_pages": m.huge_pages, "kv_dtype": str(kv_dtype), "block_size": config.cache.block_size,
+                "c_kernels": kernel_sources_digest()}
     key = plan_key(caps, module_signature(model), settings)
     cached = load_plan(resolve_cache_dir(None), key)
     if cached is not None:

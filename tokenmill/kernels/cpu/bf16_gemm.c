@@ -25,23 +25,23 @@ int tm_bf16_amx_ready(void) { return bf16_amx_ready(); }
 void tm_bf16_panels_gemm(void *y, int y_bf16, const uint16_t *x, int64_t x_stride, const uint16_t *panels,
                          const float *bias, int64_t m, int64_t n, int64_t k, int num_threads) {
     const int64_t np = bf16_num_panels(n), k_pad = bf16_k_pad(k), pairs = (np + 1) / 2;
-    const int use_amx = m >= 16 && bf16_amx_ready();
+    const int amx_rows = bf16_amx_rows(m);
     int64_t chunk = X_CHUNK_BYTES / (k_pad * 2) / 32 * 32;
     chunk = chunk < 32 ? 32 : chunk;
 #pragma omp parallel num_threads(num_threads)
     {
 #if TM_HAVE_AMX
-        if (use_amx) bf16_amx_load_config();
+        if (amx_rows) bf16_amx_load_config_rows(amx_rows);
 #endif
         for (int64_t m0 = 0; m0 < m; m0 += chunk) {
             const int64_t rows = m - m0 < chunk ? m - m0 : chunk;
 #pragma omp for schedule(dynamic, PANELS_PER_GRAB / 2) nowait
             for (int64_t q = 0; q < pairs; ++q)
                 bf16_panel_rows(y, y_bf16, n, x, x_stride, panels, bias, k_pad, m0, rows, 2 * q,
-                                2 * q + 1 < np ? 2 : 1, use_amx);
+                                2 * q + 1 < np ? 2 : 1, amx_rows);
         }
 #if TM_HAVE_AMX
-        if (use_amx) _tile_release();
+        if (amx_rows) _tile_release();
 #endif
     }
 }

@@ -9,7 +9,9 @@
  * bytes, the VNNI layout tdpbf16ps reads), so one packing serves:
  *   - bf16_panel_rows_dp: up to BF16_DP_ROWS rows x 16 channels with vdpbf16ps (decode batches, tails);
  *   - bf16_panel_blocks_amx: 16-row blocks through AMX tiles (prompt rows), where the CPU has AMX-BF16 and
- *     the kernel granted this process the tile state (bf16_amx_ready);
+ *     the kernel granted this process the tile state (bf16_amx_ready); a product of BF16_AMX_MIN_ROWS to 15
+ *     rows (a decode batch) runs as one block of that many tile rows (bf16_amx_rows): the weight tiles then
+ *     feed every row at once, where vdpbf16ps issues one instruction per row and 32 inputs;
  *   - a portable loop elsewhere (same products in float32, the compiler's vectors).
  * Activations x are bf16 rows [m, x_stride] (x_stride >= k_pad, zero past k); products accumulate in
  * float32. Results go to float32 or bf16 rows (y_bf16), plus an optional float32 bias.
@@ -36,6 +38,10 @@
 #define BF16_PANEL 16
 #define BF16_K_BLOCK 32
 #define BF16_DP_ROWS 8
+/* Fewest rows a product runs on AMX tiles (fewer: vdpbf16ps rows). Measured on the AMX Xeon (SmolLM2-135M bf16
+ * decode steps): the C forward's projections took 9.95 ms at 1 row, 11.8 at 2, 16.5 at 5 and 19.0 at 8 through
+ * vdpbf16ps rows, 10.9 at 16 rows on the tiles. */
+#define BF16_AMX_MIN_ROWS 1
 
 static inline int64_t bf16_num_panels(int64_t n) { return (n + BF16_PANEL - 1) / BF16_PANEL; }
 static inline int64_t bf16_k_pad(int64_t k) { return (k + BF16_K_BLOCK - 1) / BF16_K_BLOCK * BF16_K_BLOCK; }
@@ -115,15 +121,42 @@ typedef struct {
     uint8_t rows[16];
 } bf16_tile_config;
 
-static inline void bf16_amx_load_config(void) {
+/* block_rows (1..16): the rows of the accumulator and activation tiles (0-5); the weight tiles keep 16. */
+static inline void bf16_amx_load_config_rows(int block_rows) {
     bf16_tile_config cfg;
     memset(&cfg, 0, sizeof(cfg));
     cfg.palette_id = 1;
     for (int t = 0; t < 8; ++t) {
-        cfg.rows[t] = 16;
+        cfg.rows[t] = (uint8_t)(t < 6 ? block_rows : 16);
         cfg.colsb[t] = 64;
     }
     _tile_loadconfig(&cfg);
+}
+
+static inline void bf16_amx_load_config(void) { bf16_amx_load_config_rows(16); }
+
+/* One block of block_rows (<= 16) rows row0 .. of channel blocks p and, when two_panels, p + 1 (tiles configured
+ * for block_rows: bf16_amx_load_config_rows). */
+static inline void bf16_panel_block_amx_partial(void *y, int y_bf16, int64_t n, const uint16_t *x, int64_t x_stride,
+                                                const uint16_t *panels, const float *bias, int64_t k_pad,
+                                                int64_t row0, int64_t block_rows, int64_t p, int two_panels) {
+    const int64_t panel_elems = (k_pad / 2) * 2 * BF16_PANEL;
+    const uint16_t *w0 = panels + p * panel_elems, *w1 = two_panels ? w0 + panel_elems : w0;
+    const uint16_t *x0 = x + row0 * x_stride;
+    float acc[2][16 * BF16_PANEL];
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t kb = 0; kb < k_pad; kb += BF16_K_BLOCK) {
+        _tile_loadd(6, w0 + kb * BF16_PANEL, 64);
+        _tile_loadd(7, w1 + kb * BF16_PANEL, 64);
+        _tile_loadd(4, x0 + kb, x_stride * 2);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+    }
+    _tile_stored(0, acc[0], 64);
+    _tile_stored(1, acc[1], 64);
+    bf16_store_block(y, y_bf16, n, row0, block_rows, p, acc[0], BF16_PANEL, bias);
+    if (two_panels) bf16_store_block(y, y_bf16, n, row0, block_rows, p + 1, acc[1], BF16_PANEL, bias);
 }
 
 /* Rows row0 .. row0 + 16 * blocks - 1 of channel blocks p and, when two_panels, p + 1: each pass takes two
@@ -136,7 +169,12 @@ static inline void bf16_panel_blocks_amx(void *y, int y_bf16, int64_t n, const u
     float acc[4][16 * BF16_PANEL];
     const int64_t xs = x_stride * 2;  /* bytes */
     for (int64_t b = 0; b < blocks; b += 2) {
-        const uint16_t *x0 = x + (row0 + 16 * b) * x_stride, *x1 = b + 1 < blocks ? x0 + 16 * x_stride : x0;
+        if (b + 1 == blocks) { /* an odd last block: on its own, not paired with a copy of itself */
+            bf16_panel_block_amx_partial(y, y_bf16, n, x, x_stride, panels, bias, k_pad, row0 + 16 * b, 16, p,
+                                         two_panels);
+            break;
+        }
+        const uint16_t *x0 = x + (row0 + 16 * b) * x_stride, *x1 = x0 + 16 * x_stride;
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
@@ -158,10 +196,8 @@ static inline void bf16_panel_blocks_amx(void *y, int y_bf16, int64_t n, const u
         const int64_t r0 = row0 + 16 * b;
         bf16_store_block(y, y_bf16, n, r0, 16, p, acc[0], BF16_PANEL, bias);
         if (two_panels) bf16_store_block(y, y_bf16, n, r0, 16, p + 1, acc[1], BF16_PANEL, bias);
-        if (b + 1 < blocks) {
-            bf16_store_block(y, y_bf16, n, r0 + 16, 16, p, acc[2], BF16_PANEL, bias);
-            if (two_panels) bf16_store_block(y, y_bf16, n, r0 + 16, 16, p + 1, acc[3], BF16_PANEL, bias);
-        }
+        bf16_store_block(y, y_bf16, n, r0 + 16, 16, p, acc[2], BF16_PANEL, bias);
+        if (two_panels) bf16_store_block(y, y_bf16, n, r0 + 16, 16, p + 1, acc[3], BF16_PANEL, bias);
     }
 }
 #endif
@@ -178,20 +214,31 @@ static inline int bf16_amx_ready(void) {
 #endif
 }
 
-/* Rows row0 .. row0 + m - 1 of channel blocks p .. p + num - 1 (num 1 or 2): 16-row blocks through AMX when
- * use_amx, the rest BF16_DP_ROWS at a time. A thread must have loaded the tile configuration
- * (bf16_amx_load_config) before use_amx. */
+/* The tile rows a product of m rows runs with: 16 (blocks of 16 rows, the rest vdpbf16ps rows) from 16 rows, m
+ * itself from BF16_AMX_MIN_ROWS (one partial block), 0 below that or without AMX (vdpbf16ps or portable rows).
+ * Every thread that multiplies loads bf16_amx_load_config_rows(this) first when it is not 0. */
+static inline int bf16_amx_rows(int64_t m) {
+    if (!bf16_amx_ready() || m < BF16_AMX_MIN_ROWS) return 0;
+    return m >= 16 ? 16 : (int)m;
+}
+
+/* Rows row0 .. row0 + m - 1 of channel blocks p .. p + num - 1 (num 1 or 2) with tiles of amx_rows rows
+ * (bf16_amx_rows of the whole product; the thread loaded that configuration): 16-row blocks through AMX and
+ * the rest BF16_DP_ROWS at a time, or all m rows as one partial block when amx_rows == m < 16. */
 static inline void bf16_panel_rows(void *y, int y_bf16, int64_t n, const uint16_t *x, int64_t x_stride,
                                    const uint16_t *panels, const float *bias, int64_t k_pad, int64_t row0, int64_t m,
-                                   int64_t p, int64_t num, int use_amx) {
+                                   int64_t p, int64_t num, int amx_rows) {
     int64_t done = 0;
 #if TM_HAVE_AMX
-    if (use_amx && m >= 16) {
+    if (amx_rows == 16 && m >= 16) {
         bf16_panel_blocks_amx(y, y_bf16, n, x, x_stride, panels, bias, k_pad, row0, m / 16, p, num == 2);
         done = m / 16 * 16;
+    } else if (amx_rows > 0 && amx_rows < 16 && m == amx_rows) {
+        bf16_panel_block_amx_partial(y, y_bf16, n, x, x_stride, panels, bias, k_pad, row0, m, p, num == 2);
+        done = m;
     }
 #else
-    (void)use_amx;
+    (void)amx_rows;
 #endif
     for (int64_t q = p; q < p + num; ++q)
         for (int64_t r = done; r < m; r += BF16_DP_ROWS) {

@@ -50,6 +50,14 @@ def _compiler_version(compiler: str) -> str:
 
 
 @functools.cache
+def kernel_sources_digest() -> str:
+    """A digest of every C source and header here: part of the execution plan's key, so that changed kernels
+    are timed again."""
+    sources = sorted(Path(__file__).parent.glob("*.[ch]"))
+    return hashlib.sha256("\0".join(f"{p.name}\0{p.read_text()}" for p in sources).encode()).hexdigest()[:16]
+
+
+@functools.cache
 def load_kernel_library(name: str) -> ctypes.CDLL | None:
     """`name`.c beside this file, built for this machine; None when it cannot be built."""
     source = Path(__file__).with_name(f"{name}.c")

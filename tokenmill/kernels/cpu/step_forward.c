@@ -158,9 +158,9 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
 #endif
     } else if (l->format == TM_BF16) {
         /* AMX 16-row blocks where the CPU has them (each thread configures its tiles for the phase) */
-        const int use_amx = num_rows >= 16 && bf16_amx_ready();
+        const int amx_rows = bf16_amx_rows(num_rows);
 #if TM_HAVE_AMX
-        if (use_amx) bf16_amx_load_config();
+        if (amx_rows) bf16_amx_load_config_rows(amx_rows);
 #endif
         const int64_t np = bf16_num_panels(n), pairs = (np + 1) / 2, kp = bf16_k_pad(l->k);
         const int64_t chunk = rows_per_chunk(qr->k_pad * 2, 32, num_rows);
@@ -169,11 +169,11 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
 #pragma omp for schedule(dynamic, PANELS_PER_GRAB / 2) nowait
             for (int64_t q = 0; q < pairs; ++q)
                 bf16_panel_rows(y, 0, n, (const uint16_t *)qr->u, qr->k_pad, (const uint16_t *)l->weight, l->bias, kp,
-                                m0, rows, 2 * q, 2 * q + 1 < np ? 2 : 1, use_amx);
+                                m0, rows, 2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows);
         }
 #pragma omp barrier
 #if TM_HAVE_AMX
-        if (use_amx) _tile_release();
+        if (amx_rows) _tile_release();
 #endif
     } else {
 #pragma omp for schedule(static)
