@@ -12,9 +12,9 @@ from tokenmill.layers.panel_linear import Bf16PanelLinear
 pytestmark = pytest.mark.skipif(not bf16_panels_available(), reason="C kernels not built (no compiler)")
 
 
-# rows: single rows, the vdpbf16ps tile (8) and its tails, whole and partial AMX blocks (16) and pairs of them,
-# and a row chunk boundary; k and n: multiples of the blocks, and not.
-@pytest.mark.parametrize("m", [1, 7, 16, 17, 33, 64, 300])
+# rows: single rows and partial AMX blocks (1-15 tile rows; vdpbf16ps rows without AMX), whole 16-row blocks, pairs
+# of them and an odd last one, a row chunk boundary; k and n: multiples of the blocks, and not.
+@pytest.mark.parametrize("m", [1, 2, 7, 15, 16, 17, 33, 48, 64, 300])
 @pytest.mark.parametrize("k, n", [(64, 48), (576, 960), (100, 33), (40, 20)])
 def test_bf16_panels_match_float32_products(m: int, k: int, n: int) -> None:
     gen = torch.Generator().manual_seed(m * 1000 + k + n)
@@ -39,3 +39,12 @@ def test_bf16_panel_linear_module_and_float32_input() -> None:
     assert out.shape == (2, 5, 70) and out.dtype == torch.bfloat16
     ref = (x.bfloat16().float().reshape(-1, 96) @ w.float().t()).bfloat16().reshape(2, 5, 70)
     torch.testing.assert_close(out.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
+
+
+def test_bf16_panel_linear_can_write_float32_logits() -> None:
+    """The vocabulary projection's candidate writes its float32 sums directly (the sampler's dtype)."""
+    w = torch.randn(300, 64).bfloat16()
+    x = torch.randn(3, 64).bfloat16()
+    logits = Bf16PanelLinear(w, None, torch.float32)(x)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits.double(), x.double() @ w.double().t(), rtol=1e-5, atol=1e-4)

@@ -44,17 +44,19 @@ class PanelLinear(nn.Module):
 
 class Bf16PanelLinear(nn.Module):
     """y = x W^T (+ b) for a bfloat16 W kept as 16-channel panels of input pairs (kernels/cpu/bf16_gemm.c: AMX
-    tiles or AVX512-BF16 where the CPU has them). Takes bf16 (or float32) x; returns bf16, float32 accumulation."""
+    tiles or AVX512-BF16 where the CPU has them). Takes bf16 (or float32) x; returns out_dtype (bf16, or float32
+    for the vocabulary projection, whose logits the sampler takes in float32), float32 accumulation."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.out_dtype = out_dtype
         self.register_buffer("panels", pack_bf16_panels(weight.detach()))
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        y = bf16_panels_linear(x2, self.panels, self.out_features, self.bias)
+        y = bf16_panels_linear(x2, self.panels, self.out_features, self.bias, out_dtype=self.out_dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 

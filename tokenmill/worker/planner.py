@@ -75,15 +75,17 @@ class TorchLogitsHead(nn.Module):
         return torch.nn.functional.linear(hidden, self.weight)
 
 
-def _panel_candidates(weight: torch.Tensor, bias: torch.Tensor | None,
-                      panels_ok: bool) -> dict[str, Callable[[], nn.Module]]:
-    """Builders of the C panel kernel this weight's dtype has (none elsewhere): the preferred candidates."""
+def _panel_candidates(weight: torch.Tensor, bias: torch.Tensor | None, panels_ok: bool,
+                      head: bool = False) -> dict[str, Callable[[], nn.Module]]:
+    """Builders of the C panel kernel this weight's dtype has (none elsewhere): the preferred candidates. head:
+    the vocabulary projection, whose bf16 product writes float32 logits directly (no bf16 rounding, no copy)."""
     if not panels_ok or weight.device.type != "cpu":
         return {}
     if weight.dtype == torch.float32:
         return {"c_f32_panels": lambda: PanelLinear(weight, bias)}
     if weight.dtype == torch.bfloat16 and bf16_panels_available():
-        return {"c_bf16_panels": lambda: Bf16PanelLinear(weight, bias)}
+        out_dtype = torch.float32 if head else torch.bfloat16
+        return {"c_bf16_panels": lambda: Bf16PanelLinear(weight, bias, out_dtype)}
     return {}
 
 
@@ -107,7 +109,7 @@ def _head_candidates(model: nn.Module, panels_ok: bool) -> dict[str, Callable[[]
         head = model.logits_head
         return {_quantized_name(head): lambda: head}
     weight = model.lm_head.weight
-    candidates = _panel_candidates(weight, model.lm_head.bias, panels_ok)  # in order of preference
+    candidates = _panel_candidates(weight, model.lm_head.bias, panels_ok, head=True)  # in order of preference
     torch_name = _TORCH_NAMES[weight.dtype]
     candidates[torch_name] = lambda: TorchLogitsHead(weight)
     candidates[torch_name + "_linear"] = lambda: TorchLogitsHead(weight, transposed=False)
