@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.worker.huge_pages import HUGE_PAGE, huge_page_zeros, weight_arena
+from tokenmill.worker.huge_pages import HUGE_PAGE, prefaulted_zeros, weight_arena
 
 
 class _Holder(nn.Module):
@@ -46,10 +47,21 @@ def test_weight_arena_moves_every_tensor_and_keeps_values_views_and_ties() -> No
     assert torch.equal(holder.parts[0], view_of_packed + 1)
 
 
-def test_huge_page_zeros_is_aligned_and_zero() -> None:
-    buf = huge_page_zeros(3 * HUGE_PAGE + 5)
-    assert buf.dtype == torch.uint8 and buf.numel() == 3 * HUGE_PAGE + 5
-    assert buf.data_ptr() % HUGE_PAGE == 0 and int(buf.count_nonzero()) == 0
+@pytest.mark.parametrize("huge", [True, False])
+@pytest.mark.parametrize("size", [3 * HUGE_PAGE + 5, 20 * HUGE_PAGE + 4097])  # the second is probed (> 8 pages)
+def test_prefaulted_zeros_is_zero_and_every_page_is_mapped(huge: bool, size: int) -> None:
+    rss_before = _rss_bytes()
+    buf, _ = prefaulted_zeros(size, huge)
+    if size > 10 * HUGE_PAGE:  # mapped now, not at first use: the resident set grows by the buffer's size
+        assert _rss_bytes() - rss_before >= size * 0.9
+    assert buf.dtype == torch.uint8 and buf.numel() == size and int(buf.count_nonzero()) == 0
+    if huge:
+        assert buf.data_ptr() % HUGE_PAGE == 0
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
 
 
 def test_engine_outputs_identical_with_and_without_huge_pages(tiny_checkpoint) -> None:

@@ -10,8 +10,12 @@ stop for the hardware prefetcher (benchmarks/huge_pages.py measures both). Most 
   MADV_HUGEPAGE, and repoints each tensor object in place (Tensor.set_), so every reference to it, tied
   weights included, sees the arena. Individual projections are 0.5-2 MiB, too small to sit in huge pages
   by themselves. Must run before anything captures raw data pointers (the C forward does, at attach).
-- `huge_page_zeros(nbytes)` is a zero-filled byte tensor whose pages the OS maps on first touch, as
-  huge pages: the KV cache, of which start-up writes nothing.
+- `prefaulted_zeros(nbytes, huge_pages)` is a zero-filled byte tensor (the KV cache) whose every page is mapped
+  at start-up, so that no step ever stalls on a page fault. Mapping a huge page can cost far more than zeroing
+  it: with THP defrag "madvise" the kernel compacts memory first (measured on the AMX Xeon VM: 5.4 ms per
+  2 MiB page, 5.9 s for a 2.2 GiB cache, against 0.26 s in 4 KiB pages; faulted during serving, one decode
+  step that entered new blocks of every layer took 340 ms instead of 11). So the first pages are timed, and
+  where they are slow the rest of the buffer keeps 4 KiB pages.
 
 Where madvise is missing (not Linux) or refused (THP disabled) both still return correct memory, only
 without huge pages; weight_arena says which (EngineCore logs it).
@@ -22,11 +26,15 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import logging
 import sys
+import time
 
 import numpy as np
 import torch
 from torch import nn
+
+logger = logging.getLogger("tokenmill")
 
 HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
@@ -65,9 +73,43 @@ def _aligned_bytes(nbytes: int) -> tuple[torch.Tensor, bool]:
     return torch.from_numpy(view), advised
 
 
-def huge_page_zeros(nbytes: int) -> torch.Tensor:
-    """Zero-filled uint8 CPU tensor of nbytes, mapped as huge pages on first touch where the OS agrees."""
-    return _aligned_bytes(nbytes)[0]
+_MADV_NOHUGEPAGE = 15
+_PAGE = 4096
+# Time to map one 2 MiB page above which the KV cache keeps 4 KiB pages (zeroing 2 MiB takes ~0.2 ms).
+SLOW_HUGE_PAGE_S = 1e-3
+_PROBE_PAGES = 8
+
+
+def prefaulted_zeros(nbytes: int, huge_pages: bool) -> tuple[torch.Tensor, bool]:
+    """A zero-filled uint8 CPU tensor of nbytes with every page mapped now, and whether it sits in huge pages:
+    asked for (huge_pages), granted, and fast enough to map (the first _PROBE_PAGES are timed)."""
+    if not huge_pages:
+        buffer, advised = torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)), False
+    else:
+        buffer, advised = _aligned_bytes(nbytes)
+    array = buffer.numpy()
+    probe = 0
+    if advised and _huge_pages_slow is None and nbytes > _PROBE_PAGES * HUGE_PAGE:
+        probe = _PROBE_PAGES * HUGE_PAGE
+        start = time.perf_counter()
+        array[:probe:_PAGE] = 0
+        _judge_huge_pages((time.perf_counter() - start) / _PROBE_PAGES)
+    if advised and _huge_pages_slow:
+        fn = _madvise()
+        advised = fn is None or fn(array.ctypes.data + probe, nbytes - probe, _MADV_NOHUGEPAGE) != 0
+    array[::_PAGE] = 0  # maps every page (the OS zero-fills it); the values stay zeros
+    return buffer, advised
+
+
+_huge_pages_slow: bool | None = None  # this process's verdict, from the first buffer probed
+
+
+def _judge_huge_pages(seconds_per_page: float) -> None:
+    global _huge_pages_slow
+    _huge_pages_slow = seconds_per_page > SLOW_HUGE_PAGE_S
+    if _huge_pages_slow:
+        logger.info("mapping a 2 MiB page took %.1f ms here (THP defrag): the KV cache keeps 4 KiB pages",
+                    seconds_per_page * 1e3)
 
 
 def _module_tensors(model: nn.Module) -> list[torch.Tensor]:

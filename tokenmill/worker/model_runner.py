@@ -13,7 +13,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -22,7 +21,7 @@ from tokenmill.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 from tokenmill.kernels.cpu.kv_cache import kv_row_width
 from tokenmill.outputs import PositionLogprobs
-from tokenmill.worker.huge_pages import huge_page_zeros
+from tokenmill.worker.huge_pages import prefaulted_zeros
 from tokenmill.worker.runner_output import ModelRunnerOutput
 from tokenmill.worker.sampler import Sampler, SamplingMetadata, compute_logprobs
 from tokenmill.worker.step_paths import WholeStepPath
@@ -32,14 +31,13 @@ logger = logging.getLogger("tokenmill")
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, huge_pages: bool = False) -> torch.Tensor:
     """A zero-filled KV cache tensor. Slots are read before they are written only where attention
-    masks them out, so they must hold finite values: zeros. On CPU the memory comes from calloc via
-    numpy, so the OS hands out zero pages as they are first touched instead of start-up writing
-    gigabytes of zeros (huge_pages: 2 MiB ones, worker/huge_pages.py). Zero bytes are a zero of every
-    dtype, FP8 included."""
+    masks them out, so they must hold finite values: zeros. On CPU every page is mapped at start-up (the OS
+    zero-fills them: no step stalls on a page fault later), in 2 MiB pages where asked and cheap to map
+    (worker/huge_pages.py). Zero bytes are a zero of every dtype, FP8 included."""
     nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
     if device.type != "cpu":
         return torch.zeros(nbytes, dtype=torch.uint8, device=device).view(dtype).view(shape)
-    raw = huge_page_zeros(nbytes) if huge_pages else torch.from_numpy(np.zeros(nbytes, dtype=np.uint8))
+    raw, _ = prefaulted_zeros(nbytes, huge_pages)
     return raw.view(dtype).view(shape)
 
 
