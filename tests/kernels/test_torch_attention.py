@@ -109,8 +109,9 @@ def test_route_kernel_takes_the_first_bound_that_holds() -> None:
 @pytest.mark.parametrize("sdpa_dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)], ids=["f32", "bf16"])
 def test_whole_prompts_follow_the_plan_routes(sdpa_dtype: torch.dtype, tol: float) -> None:
     """Whole-context prompts go where ROUTES send them (torch's fused attention reads this step's own K/V, in
-    the model's dtype); prompts over a cached prefix and decode rows stay on the C kernels; one batch."""
-    plan = [(0, 7), (0, 70), (0, 1), (45, 38), (0, 40), (3, 17), (9, 1)]
+    the model's dtype; adjacent prompts of one length in one batched call); prompts over a cached prefix and decode
+    rows stay on the C kernels; one batch."""
+    plan = [(0, 7), (0, 5), (0, 5), (0, 70), (0, 70), (0, 1), (45, 38), (0, 40), (3, 17), (9, 1)]
     block_size, num_heads, num_kv_heads, head_dim, kv_dtype = 8, 9, 3, 64, torch.float16
     gen = torch.Generator().manual_seed(5)
     backend = TorchAttentionBackend()

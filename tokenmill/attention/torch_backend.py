@@ -114,7 +114,9 @@ class _CPrefillPlan:
 class _PromptSplit:
     """The requests with several query rows in a step, by the kernel that attends them; shared by all layers."""
 
-    sdpa: list[tuple[int, int]]  # (first row, rows) of whole-context requests routed to torch's fused attention
+    # (first row, rows each, prompts) of runs of adjacent whole-context requests of one length routed to torch's
+    # fused attention: each run is one batched call.
+    sdpa: list[tuple[int, int, int]]
     c_plan: _CPrefillPlan | None  # the others, for the C prefill kernel (None: there are none)
 
 
@@ -127,7 +129,10 @@ def _prompt_split(meta: AttentionMetadata, routes: list[tuple[int, str]]) -> _Pr
             if q_len == 1:
                 continue
             if q_len == seq_len and route_kernel(routes, q_len) == SDPA_KERNEL:
-                sdpa.append((starts[i], q_len))
+                if sdpa and sdpa[-1][1] == q_len and sdpa[-1][0] + q_len * sdpa[-1][2] == starts[i]:
+                    sdpa[-1] = (sdpa[-1][0], q_len, sdpa[-1][2] + 1)
+                else:
+                    sdpa.append((starts[i], q_len, 1))
             else:
                 c_reqs.append(i)
         c_plan = None
@@ -154,10 +159,19 @@ def route_kernel(routes: list[tuple[int, str]], rows: int) -> str:
 
 
 def whole_context_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                            dtype: torch.dtype) -> torch.Tensor:
-    """Causal attention of a request whose whole context is its rows in this step, through torch's fused CPU
-    attention in `dtype`. query: [T, H, D], key/value: [T, Hkv, D] (rotated) -> [T, H, D] of `dtype`."""
-    return _causal(query.to(dtype), key.to(dtype).transpose(0, 1), value.to(dtype).transpose(0, 1), scale)
+                            dtype: torch.dtype, num_prompts: int = 1) -> torch.Tensor:
+    """Causal attention of num_prompts back-to-back prompts of one length, each one's whole context its rows in
+    this step, through one call of torch's fused CPU attention in `dtype`. query: [T, H, D], key/value:
+    [T, Hkv, D] (rotated), T = num_prompts x length -> [T, H, D] of `dtype`."""
+    total, heads, dim = query.shape
+    length = total // num_prompts
+
+    def batched(t: torch.Tensor) -> torch.Tensor:  # [prompts, heads, length, dim]
+        return t.to(dtype).view(num_prompts, length, t.shape[1], dim).transpose(1, 2)
+
+    attn = F.scaled_dot_product_attention(batched(query), batched(key), batched(value), is_causal=True, scale=scale,
+                                          enable_gqa=True)
+    return attn.transpose(1, 2).reshape(total, heads, dim)
 
 
 def _fused_qkv_row_stride(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> int | None:
@@ -277,9 +291,10 @@ class TorchAttentionBackend:
         if (self.use_c_prefill and self._uses_c_decode(query, kv_cache) and query.stride(1) == query.shape[2]
                 and query.stride(2) == 1):
             split = _prompt_split(meta, self.prompt_routes)
-            for start, rows in split.sdpa:
-                span = slice(start, start + rows)
-                out[span] = whole_context_attention(query[span], key[span], value[span], scale, self.sdpa_dtype)
+            for start, rows, prompts in split.sdpa:
+                span = slice(start, start + rows * prompts)
+                out[span] = whole_context_attention(query[span], key[span], value[span], scale, self.sdpa_dtype,
+                                                    prompts)
             plan = split.c_plan
             if plan is not None:
                 paged_prefill_attention(out, query, kv_cache, plan.rows, plan.query_lens, plan.seq_lens,

@@ -5,8 +5,9 @@
  * and the same epilogue as int8_panel_tile. Rows past the last whole block take the AVX2 tiles.
  * Measured on the AMX Xeon, one thread, against the AVX2 tiles: 64 x 576 x 960 4.0x, 256 x 1536 x 576 7.1x,
  * 2048 x 576 x 3072 4.0x (same outputs).
+ * Fewer than 16 rows (decode batches) run as one partial block of that many tile rows, as bf16_panels.h's.
  * Needs k's quads in whole tiles (int8_amx_fits) and the tile configuration loaded (bf16_panels.h's
- * bf16_amx_load_config: 16 rows x 64 bytes per tile; C 0-3, A 4-5, B 6-7). */
+ * bf16_amx_load_config_rows: 64 bytes per tile row; C 0-3, A 4-5, B 6-7). */
 #ifndef TM_INT8_AMX_H
 #define TM_INT8_AMX_H
 
@@ -46,6 +47,35 @@ static inline void int8_store_block(float *y, int64_t y_stride, const int32_t *a
     }
 }
 
+/* One block of block_rows (<= 16) rows row0 .. of panels p and (two_panels) p + 1, the tiles configured for
+ * block_rows (bf16_amx_load_config_rows): a decode batch's rows, or an odd last 16-row block. */
+static inline void int8_panel_block_amx_partial(float *y, int64_t y_stride, const uint8_t *u, int64_t u_stride,
+                                                const float *low, const float *step, const int8_t *panels,
+                                                const float *scale, const int32_t *rowsum, const float *bias,
+                                                int64_t n, int64_t k, int64_t row0, int block_rows, int64_t p,
+                                                int two_panels) {
+    const int64_t kq = int8_quads(k), panel_bytes = kq * I8_PANEL * I8_QUAD;
+    const int8_t *w0 = panels + p * panel_bytes, *w1 = two_panels ? w0 + panel_bytes : w0;
+    const uint8_t *x0 = u + row0 * u_stride;
+    int32_t acc[2][16 * I8_PANEL];
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t kb = 0; kb < kq * I8_QUAD; kb += 64) {
+        _tile_loadd(6, w0 + kb * I8_PANEL, 64);
+        _tile_loadd(7, w1 + kb * I8_PANEL, 64);
+        _tile_loadd(4, x0 + kb, u_stride);
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 4, 7);
+    }
+    _tile_stored(0, acc[0], 64);
+    _tile_stored(1, acc[1], 64);
+    int8_store_block(y + row0 * y_stride, y_stride, acc[0], low + row0, step + row0, scale, rowsum, bias, n, p,
+                     block_rows);
+    if (two_panels)
+        int8_store_block(y + row0 * y_stride, y_stride, acc[1], low + row0, step + row0, scale, rowsum, bias, n, p + 1,
+                         block_rows);
+}
+
 /* Rows row0 .. row0 + 16 * blocks - 1 of panels p and (two_panels) p + 1: two row blocks x two panels a pass. */
 static inline void int8_panel_blocks_amx(float *y, int64_t y_stride, const uint8_t *u, int64_t u_stride,
                                          const float *low, const float *step, const int8_t *panels,
@@ -56,7 +86,12 @@ static inline void int8_panel_blocks_amx(float *y, int64_t y_stride, const uint8
     int32_t acc[4][16 * I8_PANEL];
     for (int64_t b = 0; b < blocks; b += 2) {
         const int64_t r0 = row0 + 16 * b;
-        const uint8_t *x0 = u + r0 * u_stride, *x1 = b + 1 < blocks ? x0 + 16 * u_stride : x0;
+        if (b + 1 == blocks) { /* an odd last block: on its own, not paired with a copy of itself */
+            int8_panel_block_amx_partial(y, y_stride, u, u_stride, low, step, panels, scale, rowsum, bias, n, k, r0,
+                                         16, p, two_panels);
+            break;
+        }
+        const uint8_t *x0 = u + r0 * u_stride, *x1 = x0 + 16 * u_stride;
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
@@ -79,13 +114,11 @@ static inline void int8_panel_blocks_amx(float *y, int64_t y_stride, const uint8
         if (two_panels)
             int8_store_block(y + r0 * y_stride, y_stride, acc[1], low + r0, step + r0, scale, rowsum, bias, n, p + 1,
                              16);
-        if (b + 1 < blocks) {
-            const int64_t r1 = r0 + 16;
-            int8_store_block(y + r1 * y_stride, y_stride, acc[2], low + r1, step + r1, scale, rowsum, bias, n, p, 16);
-            if (two_panels)
-                int8_store_block(y + r1 * y_stride, y_stride, acc[3], low + r1, step + r1, scale, rowsum, bias, n,
-                                 p + 1, 16);
-        }
+        const int64_t r1 = r0 + 16;
+        int8_store_block(y + r1 * y_stride, y_stride, acc[2], low + r1, step + r1, scale, rowsum, bias, n, p, 16);
+        if (two_panels)
+            int8_store_block(y + r1 * y_stride, y_stride, acc[3], low + r1, step + r1, scale, rowsum, bias, n, p + 1,
+                             16);
     }
 }
 #else
@@ -93,21 +126,37 @@ static inline void int8_panel_blocks_amx(float *y, int64_t y_stride, const uint8
 static inline int int8_amx_fits(int64_t k) { (void)k; return 0; }
 #endif
 
-/* Rows row0 .. row0 + m - 1 of panels p .. p + num - 1 (num 1 or 2): 16-row blocks on AMX tiles when use_amx
- * (the caller checked int8_amx_fits and loaded the tile configuration), the rest through int8_panel_rows. */
+/* The tile rows an int8 product of m rows and k inputs runs with (bf16_amx_rows; 0 where k's quads do not fill
+ * whole tiles or there is no AMX-INT8). */
+static inline int int8_amx_rows(int64_t m, int64_t k) {
+#if TM_HAVE_AMX_INT8
+    return int8_amx_fits(k) ? bf16_amx_rows(m) : 0;
+#else
+    (void)m, (void)k;
+    return 0;
+#endif
+}
+
+/* Rows row0 .. row0 + m - 1 of panels p .. p + num - 1 (num 1 or 2) with tiles of amx_rows rows (int8_amx_rows of
+ * the whole product; the caller loaded that configuration): 16-row blocks on the tiles, or all m rows as one
+ * partial block when amx_rows == m < 16; the rest through int8_panel_rows. */
 static inline void int8_panel_rows_amx(float *y, int64_t y_stride, const uint8_t *u, int64_t u_stride,
                                        const float *low, const float *step, const int8_t *panels, const float *scale,
                                        const int32_t *rowsum, const float *bias, int64_t n, int64_t k, int64_t row0,
-                                       int64_t m, int64_t p, int64_t num, int64_t levels, int use_amx) {
+                                       int64_t m, int64_t p, int64_t num, int64_t levels, int amx_rows) {
     int64_t done = 0;
 #if TM_HAVE_AMX_INT8
-    if (use_amx && m >= 16) {
+    if (amx_rows == 16 && m >= 16) {
         int8_panel_blocks_amx(y, y_stride, u, u_stride, low, step, panels, scale, rowsum, bias, n, k, row0, m / 16, p,
                               num == 2);
         done = m / 16 * 16;
+    } else if (amx_rows > 0 && amx_rows < 16 && m == amx_rows) {
+        int8_panel_block_amx_partial(y, y_stride, u, u_stride, low, step, panels, scale, rowsum, bias, n, k, row0,
+                                     (int)m, p, num == 2);
+        done = m;
     }
 #else
-    (void)use_amx;
+    (void)amx_rows;
 #endif
     if (done < m)
         for (int64_t q = p; q < p + num; ++q)

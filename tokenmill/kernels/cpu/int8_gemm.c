@@ -41,7 +41,7 @@ int tm_int8_panels_gemm(float *y, const float *x, int64_t x_stride, int64_t rota
     int64_t chunk = U_CHUNK_BYTES / u_stride / tile_rows * tile_rows;
     chunk = chunk < tile_rows ? tile_rows : chunk;
     const int64_t np = int8_num_panels(n), pairs = (np + 1) / 2;
-    const int use_amx = m >= 16 && int8_amx_fits(k) && bf16_amx_ready();
+    const int amx_rows = int8_amx_rows(m, k);
 #pragma omp parallel num_threads(num_threads)
     {
         float *scratch = step + m + (int64_t)omp_get_thread_num() * k;
@@ -51,17 +51,17 @@ int tm_int8_panels_gemm(float *y, const float *x, int64_t x_stride, int64_t rota
             memset(u + r * u_stride + k, 0, (size_t)(u_stride - k));
         }
 #if TM_HAVE_AMX_INT8
-        if (use_amx) bf16_amx_load_config();
+        if (amx_rows) bf16_amx_load_config_rows(amx_rows);
 #endif
         for (int64_t m0 = 0; m0 < m; m0 += chunk) {
             const int64_t rows = m - m0 < chunk ? m - m0 : chunk;
 #pragma omp for schedule(dynamic, PANELS_PER_GRAB / 2) nowait
             for (int64_t q = 0; q < pairs; ++q)
                 int8_panel_rows_amx(y, n, u, u_stride, low, step, panels, scale, rowsum, bias, n, k, m0, rows, 2 * q,
-                                    2 * q + 1 < np ? 2 : 1, levels, use_amx);
+                                    2 * q + 1 < np ? 2 : 1, levels, amx_rows);
         }
 #if TM_HAVE_AMX_INT8
-        if (use_amx) _tile_release();
+        if (amx_rows) _tile_release();
 #endif
     }
     free(u);

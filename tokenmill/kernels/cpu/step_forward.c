@@ -136,11 +136,11 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
         }
 #pragma omp barrier
     } else if (l->format == TM_INT8) {
-        /* whole tiles of every int8 tile: AMX row-block pairs (32 rows, where the CPU has AMX-INT8), the AVX2
-         * tile (5 rows) and the paired one (4) */
-        const int use_amx = num_rows >= 16 && int8_amx_fits(l->k) && bf16_amx_ready();
+        /* whole tiles of every int8 tile: AMX row blocks (16 rows, or one partial block of a decode batch, where
+         * the CPU has AMX-INT8), the AVX2 tile (5 rows) and the paired one (4) */
+        const int amx_rows = int8_amx_rows(num_rows, l->k);
 #if TM_HAVE_AMX_INT8
-        if (use_amx) bf16_amx_load_config();
+        if (amx_rows) bf16_amx_load_config_rows(amx_rows);
 #endif
         const int64_t np = int8_num_panels(n), pairs = (np + 1) / 2;
         const int64_t chunk = rows_per_chunk(round_up(l->k, K_ALIGN), 160 /* 32, 5 and 4 divide it */, num_rows);
@@ -150,11 +150,11 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
             for (int64_t q = 0; q < pairs; ++q)
                 int8_panel_rows_amx(y, n, qr->u, qr->k_pad, qr->low, qr->step, (const int8_t *)l->weight, l->scale,
                                     l->rowsum, l->bias, n, l->k, m0, rows, 2 * q, 2 * q + 1 < np ? 2 : 1, l->levels,
-                                    use_amx);
+                                    amx_rows);
         }
 #pragma omp barrier
 #if TM_HAVE_AMX_INT8
-        if (use_amx) _tile_release();
+        if (amx_rows) _tile_release();
 #endif
     } else if (l->format == TM_BF16) {
         /* AMX 16-row blocks where the CPU has them (each thread configures its tiles for the phase) */
