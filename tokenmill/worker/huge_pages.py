@@ -18,7 +18,7 @@ stop for the hardware prefetcher (benchmarks/huge_pages.py measures both). Most 
   where they are slow the rest of the buffer keeps 4 KiB pages.
 
 Where madvise is missing (not Linux) or refused (THP disabled) both still return correct memory, only
-without huge pages; weight_arena says which (EngineCore logs it).
+without huge pages; weight_arena says which (the worker logs it).
 """
 
 from __future__ import annotations
