@@ -20,7 +20,12 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.attention.torch_backend import C_PREFILL_KERNEL, SDPA_KERNEL, whole_context_attention
+from tokenmill.attention.torch_backend import (
+    C_PREFILL_KERNEL,
+    SDPA_KERNEL,
+    TorchAttentionBackend,
+    whole_context_attention,
+)
 from tokenmill.config import EngineConfig
 from tokenmill.kernels.cpu.bf16_gemm import bf16_panels_available
 from tokenmill.kernels.cpu.build import kernel_sources_digest
@@ -237,7 +242,7 @@ def plan_attention(model: nn.Module, plan: ExecutionPlan, family: str, kv_dtype:
     the C prefill kernel (the GPU, `--kernels torch`, no compiler) have nothing to choose."""
     layer = model.attention_layers[0]
     backend = layer.backend
-    if not getattr(backend, "use_c_prefill", False):
+    if not (isinstance(backend, TorchAttentionBackend) and backend.use_c_prefill):
         return
     dtype = next(model.parameters()).dtype
     if not plan.cached:
