@@ -264,3 +264,22 @@ def test_phase_clock_adds_every_phase_and_leaves_outputs_alone(tiny_checkpoint: 
     wall = time.perf_counter() - start
     assert timed == untimed
     assert bool((kernel.phase_seconds > 0).all()) and float(kernel.phase_seconds.sum()) < wall
+
+
+@pytest.mark.parametrize("dtype, quantization", [("float32", "none"), ("bfloat16", "none"), ("float32", "int8")])
+def test_row_chunks_do_not_change_the_result(tiny_checkpoint: Any, dtype: str, quantization: str) -> None:
+    """A prompt step of more than UNCHUNKED_ROWS rows takes its rows in chunks of row_chunk_bytes (3/8 of the L2):
+    every row's result is the same whatever the chunk size."""
+    from tokenmill.worker.planner import _synthetic_step
+
+    llm = LLM(dtype=dtype, kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20,
+              quantization=quantization)
+    c_step = _c_step(llm)
+    assert c_step is not None
+    ids, positions, meta = _synthetic_step(3, 50, 50, 8, llm.engine.vocab_size)
+    model_struct = c_step.kernel._model
+    outputs = []
+    for chunk_bytes in (model_struct.row_chunk_bytes, 1024, 64 << 20):
+        model_struct.row_chunk_bytes = chunk_bytes
+        outputs.append(c_step.forward(ids, positions, meta).clone())
+    assert all(torch.equal(outputs[0], o) for o in outputs[1:])

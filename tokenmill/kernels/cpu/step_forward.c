@@ -81,6 +81,7 @@ typedef struct {
     const tm_layer *layers;
     const float *final_norm;         /* [hidden] */
     const float *rope_cos, *rope_sin; /* [max_positions, head_dim] */
+    int64_t row_chunk_bytes;          /* rows_per_chunk's budget */
 } tm_model;
 
 /* Per-row input of a projection: for int8, row x quantized (and rotated) into u / low / step; for
@@ -109,25 +110,26 @@ static inline void prepare_row(const tm_linear *l, const float *x_row, int64_t m
 
 static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-/* Bytes of a projection's input rows kept in L2 while every panel passes over them (int8_gemm.c's and
- * f32_gemm.c's blocking): more rows are taken in chunks of this many bytes. Steps of up to
- * UNCHUNKED_ROWS rows (decode batches) take all rows at once: their weights stream from memory once. */
-#define ROW_CHUNK_BYTES (192 * 1024)
+/* A projection's input rows are kept in L2 while every panel passes over them (int8_gemm.c's and f32_gemm.c's
+ * blocking): more rows are taken in chunks of the model's row_chunk_bytes (half the core's L2, from the
+ * caller), each chunk streaming the weights once more. Steps of up to UNCHUNKED_ROWS rows (decode batches)
+ * take all rows at once: their weights stream from memory once. */
 #define UNCHUNKED_ROWS 64
 
 /* Rows per chunk of `bytes_per_row` for a step of num_rows rows: a multiple of `tile` rows (at least one). */
-static inline int64_t rows_per_chunk(int64_t bytes_per_row, int64_t tile, int64_t num_rows) {
+static inline int64_t rows_per_chunk(int64_t chunk_bytes, int64_t bytes_per_row, int64_t tile, int64_t num_rows) {
     if (num_rows <= UNCHUNKED_ROWS) return num_rows > 0 ? num_rows : 1;
-    const int64_t rows = ROW_CHUNK_BYTES / bytes_per_row / tile * tile;
+    const int64_t rows = chunk_bytes / bytes_per_row / tile * tile;
     return rows < tile ? tile : rows;
 }
 
 /* y [num_rows, n] = x [num_rows, k] (row stride k) through l; x already prepared (prepare_row) for int8 and int4.
  * A worksharing loop: every thread of the region must call it; it ends with a barrier. */
-static void linear_phase(const tm_linear *l, float *y, const float *x, const quantized_rows *qr, int64_t num_rows) {
+static void linear_phase(const tm_linear *l, float *y, const float *x, const quantized_rows *qr, int64_t num_rows,
+                         int64_t chunk_bytes) {
     const int64_t n = l->n;
     if (l->format == TM_FLOAT32) {
-        const int64_t chunk = rows_per_chunk(l->k * (int64_t)sizeof(float), PANEL_ROWS, num_rows);
+        const int64_t chunk = rows_per_chunk(chunk_bytes, l->k * (int64_t)sizeof(float), PANEL_ROWS, num_rows);
         for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
             const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
 #pragma omp for schedule(dynamic, PANELS_PER_GRAB) nowait
@@ -143,7 +145,8 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
         if (amx_rows) bf16_amx_load_config_rows(amx_rows);
 #endif
         const int64_t np = int8_num_panels(n), pairs = (np + 1) / 2;
-        const int64_t chunk = rows_per_chunk(round_up(l->k, K_ALIGN), 160 /* 32, 5 and 4 divide it */, num_rows);
+        const int64_t chunk =
+            rows_per_chunk(chunk_bytes, round_up(l->k, K_ALIGN), 160 /* 32, 5 and 4 divide it */, num_rows);
         for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
             const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
 #pragma omp for schedule(dynamic, PANELS_PER_GRAB / 2) nowait
@@ -163,7 +166,7 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
         if (amx_rows) bf16_amx_load_config_rows(amx_rows);
 #endif
         const int64_t np = bf16_num_panels(n), pairs = (np + 1) / 2, kp = bf16_k_pad(l->k);
-        const int64_t chunk = rows_per_chunk(qr->k_pad * 2, 32, num_rows);
+        const int64_t chunk = rows_per_chunk(chunk_bytes, qr->k_pad * 2, 32, num_rows);
         for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
             const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
 #pragma omp for schedule(dynamic, PANELS_PER_GRAB / 2) nowait
@@ -272,7 +275,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 prepare_row(&ly->qkv, x + r * H, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
-            linear_phase(&ly->qkv, qkv, x, &qr, R);
+            linear_phase(&ly->qkv, qkv, x, &qr, R, m->row_chunk_bytes);
             END_PHASE(TM_PHASE_PROJECTIONS)
 
 #pragma omp for schedule(static)
@@ -344,7 +347,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 for (int64_t r = 0; r < R; ++r) prepare_row(&ly->o, attn + r * q_size, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
-            linear_phase(&ly->o, out, attn, &qr, R);
+            linear_phase(&ly->o, out, attn, &qr, R, m->row_chunk_bytes);
             END_PHASE(TM_PHASE_PROJECTIONS)
 
 #pragma omp for schedule(static)
@@ -355,7 +358,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 prepare_row(&ly->gate_up, x + r * H, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
-            linear_phase(&ly->gate_up, gate_up, x, &qr, R);
+            linear_phase(&ly->gate_up, gate_up, x, &qr, R, m->row_chunk_bytes);
             END_PHASE(TM_PHASE_PROJECTIONS)
 
 #pragma omp for schedule(static)
@@ -365,7 +368,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 prepare_row(&ly->down, x + r * I, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
-            linear_phase(&ly->down, out, x, &qr, R);
+            linear_phase(&ly->down, out, x, &qr, R, m->row_chunk_bytes);
             END_PHASE(TM_PHASE_PROJECTIONS)
         }
 #pragma omp for schedule(static)

@@ -47,7 +47,11 @@ class _Model(ctypes.Structure):
                 ("head_dim", _i64), ("intermediate", _i64), ("num_blocks", _i64), ("block_size", _i64),
                 ("kv_type", _i64), ("eps", _f32), ("attn_scale", _f32), ("layers", ctypes.POINTER(_Layer)),
                 ("final_norm", _ptr),
-                ("rope_cos", _ptr), ("rope_sin", _ptr)]
+                ("rope_cos", _ptr), ("rope_sin", _ptr), ("row_chunk_bytes", _i64)]
+
+# Input-row bytes a projection keeps in L2 per pass over its weights when no L2 size is known (192 KiB: 3/8 of the
+# AVX2 Zen 3's 512 KiB, where it was tuned).
+DEFAULT_ROW_CHUNK_BYTES = 192 << 10
 
 
 @functools.cache
@@ -124,7 +128,10 @@ class StepForwardKernel:
     def __init__(
         self, layers: list[LayerWeights], final_norm: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
         num_heads: int, num_kv_heads: int, head_dim: int, eps: float, attn_scale: float,
+        row_chunk_bytes: int = DEFAULT_ROW_CHUNK_BYTES,
     ) -> None:
+        """row_chunk_bytes: input-row bytes of a projection kept in L2 while its weights pass (steps of more rows
+        take their rows in chunks, each streaming the weights again)."""
         if head_dim % 8:
             raise ValueError(f"decode step: head_dim must be a multiple of 8, got {head_dim}")
         self._keep: list[torch.Tensor] = []
@@ -164,7 +171,7 @@ class StepForwardKernel:
             attn_scale=attn_scale,
             layers=self._layers, final_norm=self._ptr(final_norm, torch.float32, "the final norm weight"),
             rope_cos=self._ptr(rope_cos, torch.float32, "the rotary cos table"),
-            rope_sin=self._ptr(rope_sin, torch.float32, "the rotary sin table"))
+            rope_sin=self._ptr(rope_sin, torch.float32, "the rotary sin table"), row_chunk_bytes=row_chunk_bytes)
         self.hidden_size = hidden
         self.max_positions = rope_cos.shape[0]
         # None, or float64 [len(PHASES)]: run() adds each phase's wall time (seconds) to it.
