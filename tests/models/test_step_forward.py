@@ -269,17 +269,25 @@ def test_phase_clock_adds_every_phase_and_leaves_outputs_alone(tiny_checkpoint: 
 @pytest.mark.parametrize("dtype, quantization", [("float32", "none"), ("bfloat16", "none"), ("float32", "int8")])
 def test_row_chunks_do_not_change_the_result(tiny_checkpoint: Any, dtype: str, quantization: str) -> None:
     """A prompt step of more than UNCHUNKED_ROWS rows takes its rows in chunks of row_chunk_bytes (3/8 of the L2):
-    every row's result is the same whatever the chunk size."""
+    every row's result is the same whatever the chunk size; bitwise in float32 and int8 (exact int32 sums), and
+    in bf16 up to float32 summation order (a row may fall in an AMX block with one chunk size and in the
+    vdpbf16ps tail with another)."""
     from tokenmill.worker.planner import _synthetic_step
 
     llm = LLM(dtype=dtype, kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20,
               quantization=quantization)
     c_step = _c_step(llm)
     assert c_step is not None
-    ids, positions, meta = _synthetic_step(3, 50, 50, 8, llm.engine.vocab_size)
+    # One request (_synthetic_step's requests share their blocks: several would race for the same slots).
+    ids, positions, meta = _synthetic_step(1, 150, 150, 8, llm.engine.vocab_size)
     model_struct = c_step.kernel._model
     outputs = []
     for chunk_bytes in (model_struct.row_chunk_bytes, 1024, 64 << 20):
         model_struct.row_chunk_bytes = chunk_bytes
         outputs.append(c_step.forward(ids, positions, meta).clone())
-    assert all(torch.equal(outputs[0], o) for o in outputs[1:])
+    for other in outputs[1:]:
+        if dtype == "bfloat16":
+            scale = outputs[0].abs().max().item()
+            torch.testing.assert_close(other.float(), outputs[0].float(), rtol=2e-2, atol=2e-2 * scale)
+        else:
+            assert torch.equal(outputs[0], other)

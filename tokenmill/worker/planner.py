@@ -272,7 +272,8 @@ def plan_attention(model: nn.Module, plan: ExecutionPlan, family: str, kv_dtype:
 def _synthetic_step(num_reqs: int, q_len: int, context: int, block_size: int, vocab: int
                     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """A step of num_reqs requests, each with q_len new tokens ending a context of `context` tokens, all
-    reading the same blocks 1.. (block 0 may be the null block)."""
+    reading the same blocks 1.. (block 0 may be the null block). For timing only: the requests' K/V writes
+    share slots, so with several requests what attention reads depends on which write lands last."""
     blocks = torch.arange(1, -(-context // block_size) + 1, dtype=torch.int64)
     tables = blocks.repeat(num_reqs, 1)
     positions = torch.arange(context - q_len, context, dtype=torch.int64).repeat(num_reqs)
