@@ -48,18 +48,13 @@ def _as_cached(t: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
     return t.to(kv_dtype).float()
 
 
-@KV_DTYPES
-@pytest.mark.parametrize("native", [True, False])
-@pytest.mark.parametrize("block_size", [4, 16])
-@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim",
-                         [(4, 4, 16), (9, 3, 64), (8, 2, 32), (6, 3, 40), (4, 1, 12)])
-@pytest.mark.parametrize("plan", [SHORT_PLAN, LONG_PLAN], ids=["short", "long"])
-def test_mixed_batch_matches_reference(
-    native: bool, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int, plan: list[tuple[int, int]],
-    kv_dtype: torch.dtype,
-) -> None:
-    gen = torch.Generator().manual_seed(block_size * 100 + num_heads)
-    backend = TorchAttentionBackend(use_c_kernels=native)
+def _attend(
+    backend: TorchAttentionBackend, plan: list[tuple[int, int]], block_size: int, num_heads: int, num_kv_heads: int,
+    head_dim: int, kv_dtype: torch.dtype, scale: float, gen: torch.Generator,
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """One step of `plan` ((cached prefix, new tokens) per request) through backend over random paged K/V, each
+    request's cached prefix written first as by earlier steps; returns the queries, every request's whole (K, V)
+    context and the attention output."""
     num_blocks = 64
     shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim, kv_dtype)
     kv_cache = (torch.zeros(shape, dtype=kv_dtype), torch.zeros(shape, dtype=kv_dtype))
@@ -73,15 +68,29 @@ def test_mixed_batch_matches_reference(
         v = torch.randn(total, num_kv_heads, head_dim, generator=gen)
         contexts.append((k, v))
         if cached:  # the prefix is already in the cache from earlier steps
-            meta = _metadata([(0, cached)], [blocks], block_size)
-            backend.write_kv(k[:cached], v[:cached], kv_cache, meta)
+            backend.write_kv(k[:cached], v[:cached], kv_cache, _metadata([(0, cached)], [blocks], block_size))
     meta = _metadata(plan, tables, block_size)
     q = torch.randn(meta.num_tokens, num_heads, head_dim, generator=gen)
     k_new = torch.cat([k[c:] for (c, _), (k, _) in zip(plan, contexts)])
     v_new = torch.cat([v[c:] for (c, _), (_, v) in zip(plan, contexts)])
     backend.write_kv(k_new, v_new, kv_cache, meta)
+    return q, contexts, backend.forward(q, k_new, v_new, kv_cache, meta, scale)
+
+
+@KV_DTYPES
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim",
+                         [(4, 4, 16), (9, 3, 64), (8, 2, 32), (6, 3, 40), (4, 1, 12)])
+@pytest.mark.parametrize("plan", [SHORT_PLAN, LONG_PLAN], ids=["short", "long"])
+def test_mixed_batch_matches_reference(
+    native: bool, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int, plan: list[tuple[int, int]],
+    kv_dtype: torch.dtype,
+) -> None:
+    gen = torch.Generator().manual_seed(block_size * 100 + num_heads)
+    backend = TorchAttentionBackend(use_c_kernels=native)
     scale = head_dim**-0.5
-    out = backend.forward(q, k_new, v_new, kv_cache, meta, scale)
+    q, contexts, out = _attend(backend, plan, block_size, num_heads, num_kv_heads, head_dim, kv_dtype, scale, gen)
     row = 0
     uses_c = native and head_dim % 8 == 0
     for (cached, new), (k, v) in zip(plan, contexts):
@@ -116,24 +125,8 @@ def test_whole_prompts_follow_the_plan_routes(sdpa_dtype: torch.dtype, tol: floa
     gen = torch.Generator().manual_seed(5)
     backend = TorchAttentionBackend()
     backend.route_prompt_attention(ROUTES, sdpa_dtype)
-    num_blocks = 64
-    shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim, kv_dtype)
-    kv_cache = (torch.zeros(shape, dtype=kv_dtype), torch.zeros(shape, dtype=kv_dtype))
-    free = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, contexts = [], []
-    for cached, new in plan:
-        blocks = [free.pop() for _ in range(-(-(cached + new) // block_size))]
-        tables.append(blocks)
-        k, v = (torch.randn(cached + new, num_kv_heads, head_dim, generator=gen) for _ in range(2))
-        contexts.append((k, v))
-        if cached:
-            backend.write_kv(k[:cached], v[:cached], kv_cache, _metadata([(0, cached)], [blocks], block_size))
-    meta = _metadata(plan, tables, block_size)
-    q = torch.randn(meta.num_tokens, num_heads, head_dim, generator=gen)
-    k_new = torch.cat([k[c:] for (c, _), (k, _) in zip(plan, contexts)])
-    v_new = torch.cat([v[c:] for (c, _), (_, v) in zip(plan, contexts)])
-    backend.write_kv(k_new, v_new, kv_cache, meta)
-    out = backend.forward(q, k_new, v_new, kv_cache, meta, head_dim**-0.5)
+    q, contexts, out = _attend(backend, plan, block_size, num_heads, num_kv_heads, head_dim, kv_dtype,
+                               head_dim**-0.5, gen)
     row = 0
     for (cached, new), (k, v) in zip(plan, contexts):
         to_sdpa = cached == 0 and new > 1 and route_kernel(ROUTES, new) == SDPA_KERNEL
