@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.attention.torch_backend import C_PREFILL_KERNEL, SDPA_KERNEL, TorchAttentionBackend, route_kernel
+from tokenmill.attention.torch_backend import (
+    AMX_KERNEL,
+    C_PREFILL_KERNEL,
+    SDPA_KERNEL,
+    TorchAttentionBackend,
+    max_rows_routed,
+    route_kernel,
+)
+from tokenmill.kernels.cpu.bf16_prompt_attention import bf16_prompt_attention_available
 from tokenmill.kernels.cpu.kv_cache import kv_values, quantize_kv_rows
 
 
@@ -112,25 +120,45 @@ def test_route_kernel_takes_the_first_bound_that_holds() -> None:
     assert route_kernel([], 100) == C_PREFILL_KERNEL
     with pytest.raises(ValueError, match="unknown prompt attention kernels"):
         TorchAttentionBackend().route_prompt_attention([(16, "magic")], torch.float32)
+    with pytest.raises(ValueError, match="for a bf16 model"):
+        TorchAttentionBackend().route_prompt_attention([(16, AMX_KERNEL)], torch.float32)
+
+
+# With our AMX kernel where the CPU has AMX-BF16 (a bf16 model's candidate): AMX up to 16 rows and from 65.
+AMX_ROUTES = [(16, AMX_KERNEL), (64, C_PREFILL_KERNEL), (2048, AMX_KERNEL)]
+
+
+def test_max_rows_routed_is_the_leading_run_of_one_kernel() -> None:
+    assert max_rows_routed(AMX_ROUTES, AMX_KERNEL, 8192) == 16
+    assert max_rows_routed([(256, AMX_KERNEL), (2048, AMX_KERNEL)], AMX_KERNEL, 8192) == 8192
+    assert max_rows_routed([(256, AMX_KERNEL), (2048, SDPA_KERNEL)], AMX_KERNEL, 8192) == 256
+    assert max_rows_routed(ROUTES, AMX_KERNEL, 8192) == 0
+    assert max_rows_routed([], AMX_KERNEL, 8192) == 0
+
+
+_AMX = pytest.mark.skipif(not bf16_prompt_attention_available(64), reason="no AMX-BF16 here")
 
 
 @pytest.mark.skipif(not TorchAttentionBackend().use_c_prefill, reason="no C prefill kernel here")
-@pytest.mark.parametrize("sdpa_dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)], ids=["f32", "bf16"])
-def test_whole_prompts_follow_the_plan_routes(sdpa_dtype: torch.dtype, tol: float) -> None:
-    """Whole-context prompts go where ROUTES send them (torch's fused attention reads this step's own K/V, in
-    the model's dtype; adjacent prompts of one length in one batched call); prompts over a cached prefix and decode
-    rows stay on the C kernels; one batch."""
+@pytest.mark.parametrize("routes, sdpa_dtype, tol", [
+    (ROUTES, torch.float32, 1e-5), (ROUTES, torch.bfloat16, 3e-2),
+    pytest.param(AMX_ROUTES, torch.bfloat16, 3e-2, marks=_AMX)], ids=["f32", "bf16", "amx"])
+def test_whole_prompts_follow_the_plan_routes(routes: list[tuple[int, str]], sdpa_dtype: torch.dtype,
+                                              tol: float) -> None:
+    """Whole-context prompts go where the routes send them (torch's fused attention and the AMX kernel read this
+    step's own K/V, in bf16 for a bf16 model; adjacent prompts of one length in one batched SDPA call, every AMX
+    prompt in one call); prompts over a cached prefix and decode rows stay on the C kernels; one batch."""
     plan = [(0, 7), (0, 5), (0, 5), (0, 70), (0, 70), (0, 1), (45, 38), (0, 40), (3, 17), (9, 1)]
     block_size, num_heads, num_kv_heads, head_dim, kv_dtype = 8, 9, 3, 64, torch.float16
     gen = torch.Generator().manual_seed(5)
     backend = TorchAttentionBackend()
-    backend.route_prompt_attention(ROUTES, sdpa_dtype)
+    backend.route_prompt_attention(routes, sdpa_dtype)
     q, contexts, out = _attend(backend, plan, block_size, num_heads, num_kv_heads, head_dim, kv_dtype,
                                head_dim**-0.5, gen)
     row = 0
     for (cached, new), (k, v) in zip(plan, contexts):
-        to_sdpa = cached == 0 and new > 1 and route_kernel(ROUTES, new) == SDPA_KERNEL
-        if to_sdpa:  # the step's own K/V, in the model's dtype
+        own_rows = cached == 0 and new > 1 and route_kernel(routes, new) in (SDPA_KERNEL, AMX_KERNEL)
+        if own_rows:  # the step's own K/V, in the model's dtype
             qr, k, v = (t.to(sdpa_dtype).float() for t in (q[row : row + new], k, v))
             atol = tol
         else:  # read back from the float16 cache by the C kernels, in float32

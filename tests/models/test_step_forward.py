@@ -14,6 +14,7 @@ import torch
 
 from tests.models.utils import check_matches_hf, hf_greedy
 from tokenmill import LLM, SamplingParams
+from tokenmill.kernels.cpu.bf16_prompt_attention import bf16_prompt_attention_available
 from tokenmill.kernels.cpu.step_forward import PHASES, step_forward_available
 from tokenmill.models.llama import LlamaForCausalLM
 from tokenmill.quant.int4_cpu import Int4GroupLinear
@@ -146,11 +147,36 @@ def test_c_forward_narrow_cache_agrees_with_layer_by_layer(
     assert rows == [88, 6, 5, 4, 3, 2, 1, 1]
 
 
-def test_c_forward_bf16_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None:
+@pytest.fixture(scope="module")
+def head64_checkpoint(tiny_checkpoint: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A tiny Llama whose heads have 64 dims (2 query heads, 1 KV head), the AMX attention's shape; the tiny
+    checkpoints' have 16."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    base = tiny_checkpoint("llama")
+    cfg = AutoConfig.from_pretrained(base)
+    cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 128, 2, 1, 64
+    torch.manual_seed(6)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("head64-llama")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(base).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny", "head64"])
+def test_c_forward_bf16_agrees_with_layer_by_layer(tiny_checkpoint: Any, head64_checkpoint: Any,
+                                                   checkpoint: str) -> None:
     """bf16 weights (Bf16PanelLinear): the C forward rounds each product's float32 input to bf16, layer by
-    layer the norms return bf16 (a float32 residual stream either way): bf16-rounding-sized differences."""
-    llm = LLM(dtype="bfloat16", kernels="c", model=str(tiny_checkpoint("llama")), block_size=8,
-              kv_cache_memory=16 << 20)
+    layer the norms return bf16 (a float32 residual stream either way): bf16-rounding-sized differences. With
+    64-dim heads on an AMX CPU the whole prompts (in mixed steps too) attend on AMX tiles where the plan says so,
+    in both paths."""
+    path = tiny_checkpoint("llama") if checkpoint == "tiny" else head64_checkpoint
+    llm = LLM(dtype="bfloat16", kernels="c", model=str(path), block_size=8, kv_cache_memory=16 << 20)
     model = _model(llm)
     assert _c_step(llm) is not None
     prompts = _prompts(model.config.vocab_size, (2, 5, 8, 16, 17, 40))
@@ -291,3 +317,25 @@ def test_row_chunks_do_not_change_the_result(tiny_checkpoint: Any, dtype: str, q
             torch.testing.assert_close(other.float(), outputs[0].float(), rtol=2e-2, atol=2e-2 * scale)
         else:
             assert torch.equal(outputs[0], other)
+
+
+@pytest.mark.skipif(not bf16_prompt_attention_available(64), reason="no AMX-BF16 here")
+def test_amx_prompt_attention_agrees_with_the_float32_kernel(head64_checkpoint: Any) -> None:
+    """A bf16 model's whole-context prompt attends on AMX tiles (q/k/v and probabilities rounded to bf16) when
+    amx_attention_max_rows covers it, else in the float32 tile kernel: bf16-rounding-sized differences; a prompt
+    longer than the bound keeps the float32 kernel (bitwise the same as with the bound 0)."""
+    from tokenmill.worker.planner import _synthetic_step
+
+    llm = LLM(dtype="bfloat16", kernels="c", model=str(head64_checkpoint), block_size=8, kv_cache_memory=16 << 20)
+    c_step = _c_step(llm)
+    assert c_step is not None
+    ids, positions, meta = _synthetic_step(1, 150, 150, 8, llm.engine.vocab_size)
+    model_struct = c_step.kernel._model
+    outputs = {}
+    for bound in (0, 149, 150):
+        model_struct.amx_attention_max_rows = bound
+        outputs[bound] = c_step.forward(ids, positions, meta).clone()
+    assert torch.equal(outputs[0], outputs[149])
+    assert not torch.equal(outputs[0], outputs[150])
+    scale = outputs[0].abs().max().item()
+    torch.testing.assert_close(outputs[150], outputs[0], rtol=2e-2, atol=2e-2 * scale)

@@ -15,8 +15,9 @@ request) are attended by a kernel that reads each request's blocks in place, and
 requests with several query rows (prefill chunks, prefill over a cached prefix), all in one call
 (kernels/cpu/prefill_attention.c; ~1.4x torch's fused CPU attention on 256-token float32 prompts on an AVX2
 Zen 3). The execution plan may route a prompt whose whole context arrives in the step to torch's fused
-attention over the step's own rotated K/V in the model's dtype instead (route_prompt_attention; on an AMX
-Xeon bf16 ran 1.5-3.5x the C kernel). Without
+attention over the step's own rotated K/V in the model's dtype instead, or, for a bf16 model on a CPU with
+AMX-BF16, to our bf16 kernel on AMX tiles over the same rows (kernels/cpu/bf16_prompt_attention.c)
+(route_prompt_attention; on an AMX Xeon bf16 SDPA ran 1.5-3.5x the C kernel, the AMX kernel 1.5-1.6x SDPA). Without
 them, and as their reference (`use_c_kernels=False`), decode rows are batched into one padded
 attention over the gathered contexts, and each multi-row request runs one causal attention (torch's
 scaled_dot_product_attention); a request whose whole context arrives in this step attends to this
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.kernels.cpu.bf16_prompt_attention import bf16_prompt_attention
 from tokenmill.kernels.cpu.kv_cache import KV_DTYPES, kv_row_width, kv_values, quantize_kv_rows
 from tokenmill.kernels.cpu.layer_ops import applies as c_applies
 from tokenmill.kernels.cpu.layer_ops import layer_ops_available, rotary_write_kv
@@ -117,6 +119,7 @@ class _PromptSplit:
     # (first row, rows each, prompts) of runs of adjacent whole-context requests of one length routed to torch's
     # fused attention: each run is one batched call.
     sdpa: list[tuple[int, int, int]]
+    amx: tuple[list[int], list[int]]  # (first rows, lengths) of the whole-context requests routed to AMX_KERNEL
     c_plan: _CPrefillPlan | None  # the others, for the C prefill kernel (None: there are none)
 
 
@@ -124,11 +127,15 @@ def _prompt_split(meta: AttentionMetadata, routes: list[tuple[int, str]]) -> _Pr
     split = meta.scratch.get("prompt_split")
     if split is None:
         starts = meta.query_start_loc.tolist()
-        sdpa, c_reqs = [], []
+        sdpa, c_reqs, amx_starts, amx_lens = [], [], [], []
         for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list, strict=True)):
             if q_len == 1:
                 continue
-            if q_len == seq_len and route_kernel(routes, q_len) == SDPA_KERNEL:
+            kernel = route_kernel(routes, q_len) if q_len == seq_len else C_PREFILL_KERNEL
+            if kernel == AMX_KERNEL:
+                amx_starts.append(starts[i])
+                amx_lens.append(q_len)
+            elif kernel == SDPA_KERNEL:
                 if sdpa and sdpa[-1][1] == q_len and sdpa[-1][0] + q_len * sdpa[-1][2] == starts[i]:
                     sdpa[-1] = (sdpa[-1][0], q_len, sdpa[-1][2] + 1)
                 else:
@@ -140,14 +147,16 @@ def _prompt_split(meta: AttentionMetadata, routes: list[tuple[int, str]]) -> _Pr
             reqs = torch.tensor(c_reqs, dtype=torch.int64)
             c_plan = _CPrefillPlan(meta.query_start_loc[reqs], torch.tensor(meta.query_lens_list)[reqs],
                                    meta.seq_lens[reqs], meta.block_tables[reqs].contiguous())
-        split = meta.scratch["prompt_split"] = _PromptSplit(sdpa, c_plan)
+        split = meta.scratch["prompt_split"] = _PromptSplit(sdpa, (amx_starts, amx_lens), c_plan)
     return split
 
 
 # The execution plan's kernels for the prompt rows of a request whose whole context is in the step
-# (worker/planner.py times them): the C prefill kernel over the paged cache, or torch's fused attention
-# over the step's own rotated K/V in the model's dtype (oneDNN; AMX tiles for bf16 where the CPU has them).
-C_PREFILL_KERNEL, SDPA_KERNEL = "c_paged", "torch_sdpa"
+# (worker/planner.py times them): the C prefill kernel over the paged cache, torch's fused attention over the
+# step's own rotated K/V in the model's dtype (oneDNN; AMX tiles for bf16 where the CPU has them), or, for a bf16
+# model, our AMX-BF16 kernel over the same rows (kernels/cpu/bf16_prompt_attention.c; the C forward follows
+# this route too: max_rows_routed).
+C_PREFILL_KERNEL, SDPA_KERNEL, AMX_KERNEL = "c_paged", "torch_sdpa", "c_amx"
 
 
 def route_kernel(routes: list[tuple[int, str]], rows: int) -> str:
@@ -156,6 +165,17 @@ def route_kernel(routes: list[tuple[int, str]], rows: int) -> str:
         if rows <= bound:
             return kernel
     return routes[-1][1] if routes else C_PREFILL_KERNEL
+
+
+def max_rows_routed(routes: list[tuple[int, str]], kernel: str, limit: int) -> int:
+    """The largest n such that every prompt of 1 .. n rows routes to `kernel` (route_kernel), at most limit: the
+    first routes' bound while they name it, limit when they all do, 0 when the first does not."""
+    bound = 0
+    for route_bound, route in routes:
+        if route != kernel:
+            return bound
+        bound = route_bound
+    return limit if routes else 0
 
 
 def whole_context_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
@@ -209,11 +229,13 @@ class TorchAttentionBackend:
         self.sdpa_dtype = torch.float32
 
     def route_prompt_attention(self, routes: list[tuple[int, str]], dtype: torch.dtype) -> None:
-        """Takes the execution plan's choice for whole-context prompt rows (C_PREFILL_KERNEL or SDPA_KERNEL by
-        prompt length); dtype: the model's, which torch's fused attention runs in."""
-        unknown = {k for _, k in routes} - {C_PREFILL_KERNEL, SDPA_KERNEL}
+        """Takes the execution plan's choice for whole-context prompt rows (C_PREFILL_KERNEL, SDPA_KERNEL or
+        AMX_KERNEL by prompt length); dtype: the model's, which torch's fused attention runs in."""
+        unknown = {k for _, k in routes} - {C_PREFILL_KERNEL, SDPA_KERNEL, AMX_KERNEL}
         if unknown:
             raise ValueError(f"unknown prompt attention kernels {sorted(unknown)}")
+        if dtype != torch.bfloat16 and any(k == AMX_KERNEL for _, k in routes):
+            raise ValueError(f"{AMX_KERNEL} attends in bf16: it is for a bf16 model, not {dtype}")
         self.prompt_routes = list(routes)
         self.sdpa_dtype = dtype
 
@@ -295,6 +317,8 @@ class TorchAttentionBackend:
                 span = slice(start, start + rows * prompts)
                 out[span] = whole_context_attention(query[span], key[span], value[span], scale, self.sdpa_dtype,
                                                     prompts)
+            if split.amx[0]:
+                bf16_prompt_attention(out, query, key, value, split.amx[0], split.amx[1], scale)
             plan = split.c_plan
             if plan is not None:
                 paged_prefill_attention(out, query, kv_cache, plan.rows, plan.query_lens, plan.seq_lens,

@@ -27,10 +27,13 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.attention.torch_backend import AMX_KERNEL, TorchAttentionBackend, max_rows_routed
 from tokenmill.engine.scheduler_output import ScheduledRequest
 from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
+from tokenmill.kernels.cpu.bf16_prompt_attention import AMX_ATTENTION_MAX_KEYS, bf16_prompt_attention_available
 from tokenmill.kernels.cpu.kv_cache import KV_DTYPES
 from tokenmill.kernels.cpu.step_forward import (
+    BF16,
     DEFAULT_ROW_CHUNK_BYTES,
     LayerWeights,
     LinearWeights,
@@ -126,7 +129,16 @@ def build_step_kernel(model: nn.Module) -> StepForwardKernel:
         raise CStepUnsupported(f"the rotary tables are {rotary.cos.dtype}")
     return StepForwardKernel(
         layers, _norm_weight(model.norm), rotary.cos, rotary.sin, attn0.num_heads, attn0.num_kv_heads,
-        attn0.head_dim, float(model.norm.eps), float(attn0.scale), row_chunk_bytes=_row_chunk_bytes())
+        attn0.head_dim, float(model.norm.eps), float(attn0.scale), row_chunk_bytes=_row_chunk_bytes(),
+        amx_attention_max_rows=_amx_attention_max_rows(attn0.backend, layers, attn0.head_dim))
+
+
+def _amx_attention_max_rows(backend: TorchAttentionBackend, layers: list[LayerWeights], head_dim: int) -> int:
+    """The prompt lengths (1 .. this) whose whole-context attention the C forward runs on AMX tiles: where the
+    execution plan routed them to AMX_KERNEL (a bf16 model on a CPU with AMX-BF16); 0 elsewhere."""
+    if any(layer.qkv.format != BF16 for layer in layers) or not bf16_prompt_attention_available(head_dim):
+        return 0
+    return max_rows_routed(backend.prompt_routes, AMX_KERNEL, AMX_ATTENTION_MAX_KEYS)
 
 
 def _row_chunk_bytes() -> int:

@@ -21,6 +21,7 @@ from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.attention.torch_backend import (
+    AMX_KERNEL,
     C_PREFILL_KERNEL,
     SDPA_KERNEL,
     TorchAttentionBackend,
@@ -28,6 +29,7 @@ from tokenmill.attention.torch_backend import (
 )
 from tokenmill.config import EngineConfig
 from tokenmill.kernels.cpu.bf16_gemm import bf16_panels_available
+from tokenmill.kernels.cpu.bf16_prompt_attention import bf16_prompt_attention, bf16_prompt_attention_available
 from tokenmill.kernels.cpu.build import kernel_sources_digest
 from tokenmill.kernels.cpu.f32_gemm import f32_panels_available
 from tokenmill.kernels.cpu.prefill_attention import paged_prefill_attention
@@ -263,6 +265,9 @@ def plan_attention(model: nn.Module, plan: ExecutionPlan, family: str, kv_dtype:
                 SDPA_KERNEL: lambda o=out, q=query, k=key, v=value: o.copy_(
                     whole_context_attention(q, k, v, layer.scale, dtype)),
             }
+            if dtype == torch.bfloat16 and bf16_prompt_attention_available(head_dim):
+                fns[AMX_KERNEL] = lambda o=out, q=query, k=key, v=value, n=rows: bf16_prompt_attention(
+                    o, q, k, v, [0], [n], layer.scale)
             logger.info("plan: timing prompt_attention of %d rows", rows)
             plan.choices.append(choose("prompt_attention", rows, filter_family(fns, family)))
         plan.build_seconds += time.perf_counter() - start

@@ -28,6 +28,7 @@ void tm_bf16_panels_gemm(void *y, int y_bf16, const uint16_t *x, int64_t x_strid
     const int amx_rows = bf16_amx_rows(m);
     int64_t chunk = X_CHUNK_BYTES / (k_pad * 2) / 32 * 32;
     chunk = chunk < 32 ? 32 : chunk;
+    const bf16_out out = bf16_plain_out(y, y_bf16, n, bias);
 #pragma omp parallel num_threads(num_threads)
     {
 #if TM_HAVE_AMX
@@ -37,8 +38,7 @@ void tm_bf16_panels_gemm(void *y, int y_bf16, const uint16_t *x, int64_t x_strid
             const int64_t rows = m - m0 < chunk ? m - m0 : chunk;
 #pragma omp for schedule(dynamic, PANELS_PER_GRAB / 2) nowait
             for (int64_t q = 0; q < pairs; ++q)
-                bf16_panel_rows(y, y_bf16, n, x, x_stride, panels, bias, k_pad, m0, rows, 2 * q,
-                                2 * q + 1 < np ? 2 : 1, amx_rows);
+                bf16_panel_rows(&out, x, x_stride, panels, k_pad, m0, rows, 2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows);
         }
 #if TM_HAVE_AMX
         if (amx_rows) _tile_release();

@@ -14,11 +14,14 @@
  *     feed every row at once, where vdpbf16ps issues one instruction per row and 32 inputs;
  *   - a portable loop elsewhere (same products in float32, the compiler's vectors).
  * Activations x are bf16 rows [m, x_stride] (x_stride >= k_pad, zero past k); products accumulate in
- * float32. Results go to float32 or bf16 rows (y_bf16), plus an optional float32 bias.
+ * float32. Results go where a bf16_out says: float32 or bf16 rows (y_bf16), plus an optional float32 bias; or,
+ * for a fused gate/up projection, silu(gate) * up as bf16 rows (the down projection's input), each pass taking
+ * a gate panel and the up panel of the same channels.
  */
 #ifndef TM_BF16_PANELS_H
 #define TM_BF16_PANELS_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -45,6 +48,25 @@
 
 static inline int64_t bf16_num_panels(int64_t n) { return (n + BF16_PANEL - 1) / BF16_PANEL; }
 static inline int64_t bf16_k_pad(int64_t k) { return (k + BF16_K_BLOCK - 1) / BF16_K_BLOCK * BF16_K_BLOCK; }
+
+/* Where a product's float32 sums go. Plain (h == NULL): channel block p to y [rows, n] (float32, or bf16 when
+ * y_bf16), + bias. Fused gate/up (h != NULL): the pair's first panel p holds gate channels 16p .. 16p + 15 and its
+ * second (p + pair_step) the up channels of the same index; h[r * h_stride + 16p + j] = bf16(silu(gate) * up).
+ * A pair is panels p and p + pair_step (1: adjacent panels; a gate/up weight [gate; up] of I channels each: I / 16). */
+typedef struct {
+    void *y;
+    int y_bf16;
+    int64_t n;
+    const float *bias;
+    uint16_t *h;
+    int64_t h_stride;
+    int64_t pair_step;
+} bf16_out;
+
+static inline bf16_out bf16_plain_out(void *y, int y_bf16, int64_t n, const float *bias) {
+    const bf16_out o = {y, y_bf16, n, bias, NULL, 0, 1};
+    return o;
+}
 
 /* acc [rows, 16] of channel block p written to y (row stride n), + bias, only channels < n. */
 static inline void bf16_store_block(void *y, int y_bf16, int64_t n, int64_t row0, int64_t rows, int64_t p,
@@ -73,12 +95,34 @@ static inline void bf16_store_block(void *y, int y_bf16, int64_t n, int64_t row0
     }
 }
 
-/* Rows row0 .. row0 + rows - 1 (rows <= BF16_DP_ROWS) of channel block p. */
-static inline void bf16_panel_rows_dp(void *y, int y_bf16, int64_t n, const uint16_t *x, int64_t x_stride,
-                                      const uint16_t *panels, const float *bias, int64_t k_pad, int64_t row0,
-                                      int64_t rows, int64_t p) {
+/* h rows row0 .. + rows - 1, channels 16p .. 16p + 15 = bf16(silu(gate) * up), gate / up: acc rows of 16. */
+static inline void bf16_store_silu_mul(uint16_t *h, int64_t h_stride, int64_t row0, int64_t rows, int64_t p,
+                                       const float *gate, const float *up, int64_t acc_stride) {
+    for (int64_t r = 0; r < rows; ++r) {
+        float v[BF16_PANEL];
+        const float *g = gate + r * acc_stride, *u = up + r * acc_stride;
+#pragma omp simd
+        for (int j = 0; j < BF16_PANEL; ++j) v[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+        f32_row_to_bf16(h + (row0 + r) * h_stride + p * BF16_PANEL, v, BF16_PANEL);
+    }
+}
+
+/* The sums of rows row0 .. + rows - 1 for the pair starting at panel p: acc0 (panel p) and, when acc1 != NULL,
+ * acc1 (panel p + o->pair_step), rows acc_stride floats apart. */
+static inline void bf16_emit(const bf16_out *o, int64_t row0, int64_t rows, int64_t p, const float *acc0,
+                             const float *acc1, int64_t acc_stride) {
+    if (o->h != NULL) {
+        bf16_store_silu_mul(o->h, o->h_stride, row0, rows, p, acc0, acc1, acc_stride);
+        return;
+    }
+    bf16_store_block(o->y, o->y_bf16, o->n, row0, rows, p, acc0, acc_stride, o->bias);
+    if (acc1 != NULL) bf16_store_block(o->y, o->y_bf16, o->n, row0, rows, p + o->pair_step, acc1, acc_stride, o->bias);
+}
+
+/* acc [rows, 16] = rows row0 .. row0 + rows - 1 (rows <= BF16_DP_ROWS) of channel block p. */
+static inline void bf16_rows_dp(float *acc, const uint16_t *x, int64_t x_stride, const uint16_t *panels,
+                                int64_t k_pad, int64_t row0, int64_t rows, int64_t p) {
     const uint16_t *w = panels + p * (k_pad / 2) * 2 * BF16_PANEL;
-    float acc[BF16_DP_ROWS * BF16_PANEL];
 #if defined(__AVX512BF16__)
     __m512 a[BF16_DP_ROWS];
     for (int r = 0; r < BF16_DP_ROWS; ++r) a[r] = _mm512_setzero_ps();
@@ -92,7 +136,7 @@ static inline void bf16_panel_rows_dp(void *y, int y_bf16, int64_t n, const uint
     }
     for (int64_t r = 0; r < rows; ++r) _mm512_storeu_ps(acc + r * BF16_PANEL, a[r]);
 #else
-    memset(acc, 0, sizeof(acc));
+    memset(acc, 0, (size_t)rows * BF16_PANEL * sizeof(float));
     for (int64_t kp = 0; kp < k_pad / 2; ++kp) {
         const uint16_t *wk = w + kp * 2 * BF16_PANEL;
         float w0[BF16_PANEL], w1[BF16_PANEL];
@@ -108,7 +152,6 @@ static inline void bf16_panel_rows_dp(void *y, int y_bf16, int64_t n, const uint
         }
     }
 #endif
-    bf16_store_block(y, y_bf16, n, row0, rows, p, acc, BF16_PANEL, bias);
 }
 
 #if TM_HAVE_AMX
@@ -130,18 +173,21 @@ static inline void bf16_amx_load_config_rows(int block_rows) {
         cfg.rows[t] = (uint8_t)(t < 6 ? block_rows : 16);
         cfg.colsb[t] = 64;
     }
+    /* GCC 12 does not see _tile_loadconfig read cfg and may drop the stores above when block_rows is a
+     * constant (then ldtilecfg faults on an all-zero configuration): this barrier keeps them. */
+    __asm__ __volatile__("" : : "r"(&cfg) : "memory");
     _tile_loadconfig(&cfg);
 }
 
 static inline void bf16_amx_load_config(void) { bf16_amx_load_config_rows(16); }
 
-/* One block of block_rows (<= 16) rows row0 .. of channel blocks p and, when two_panels, p + 1 (tiles configured
- * for block_rows: bf16_amx_load_config_rows). */
-static inline void bf16_panel_block_amx_partial(void *y, int y_bf16, int64_t n, const uint16_t *x, int64_t x_stride,
-                                                const uint16_t *panels, const float *bias, int64_t k_pad,
-                                                int64_t row0, int64_t block_rows, int64_t p, int two_panels) {
+/* One block of block_rows (<= 16) rows row0 .. of the pair at panel p (both panels when two_panels; tiles
+ * configured for block_rows: bf16_amx_load_config_rows). */
+static inline void bf16_panel_block_amx_partial(const bf16_out *o, const uint16_t *x, int64_t x_stride,
+                                                const uint16_t *panels, int64_t k_pad, int64_t row0,
+                                                int64_t block_rows, int64_t p, int two_panels) {
     const int64_t panel_elems = (k_pad / 2) * 2 * BF16_PANEL;
-    const uint16_t *w0 = panels + p * panel_elems, *w1 = two_panels ? w0 + panel_elems : w0;
+    const uint16_t *w0 = panels + p * panel_elems, *w1 = two_panels ? w0 + o->pair_step * panel_elems : w0;
     const uint16_t *x0 = x + row0 * x_stride;
     float acc[2][16 * BF16_PANEL];
     _tile_zero(0);
@@ -155,23 +201,21 @@ static inline void bf16_panel_block_amx_partial(void *y, int y_bf16, int64_t n, 
     }
     _tile_stored(0, acc[0], 64);
     _tile_stored(1, acc[1], 64);
-    bf16_store_block(y, y_bf16, n, row0, block_rows, p, acc[0], BF16_PANEL, bias);
-    if (two_panels) bf16_store_block(y, y_bf16, n, row0, block_rows, p + 1, acc[1], BF16_PANEL, bias);
+    bf16_emit(o, row0, block_rows, p, acc[0], two_panels ? acc[1] : NULL, BF16_PANEL);
 }
 
-/* Rows row0 .. row0 + 16 * blocks - 1 of channel blocks p and, when two_panels, p + 1: each pass takes two
+/* Rows row0 .. row0 + 16 * blocks - 1 of the pair at panel p (both panels when two_panels): each pass takes two
  * 16-row blocks and both panels, so every activation tile feeds two products and every weight tile two. */
-static inline void bf16_panel_blocks_amx(void *y, int y_bf16, int64_t n, const uint16_t *x, int64_t x_stride,
-                                         const uint16_t *panels, const float *bias, int64_t k_pad, int64_t row0,
-                                         int64_t blocks, int64_t p, int two_panels) {
+static inline void bf16_panel_blocks_amx(const bf16_out *o, const uint16_t *x, int64_t x_stride,
+                                         const uint16_t *panels, int64_t k_pad, int64_t row0, int64_t blocks,
+                                         int64_t p, int two_panels) {
     const int64_t panel_elems = (k_pad / 2) * 2 * BF16_PANEL;
-    const uint16_t *w0 = panels + p * panel_elems, *w1 = two_panels ? w0 + panel_elems : w0;
+    const uint16_t *w0 = panels + p * panel_elems, *w1 = two_panels ? w0 + o->pair_step * panel_elems : w0;
     float acc[4][16 * BF16_PANEL];
     const int64_t xs = x_stride * 2;  /* bytes */
     for (int64_t b = 0; b < blocks; b += 2) {
         if (b + 1 == blocks) { /* an odd last block: on its own, not paired with a copy of itself */
-            bf16_panel_block_amx_partial(y, y_bf16, n, x, x_stride, panels, bias, k_pad, row0 + 16 * b, 16, p,
-                                         two_panels);
+            bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, row0 + 16 * b, 16, p, two_panels);
             break;
         }
         const uint16_t *x0 = x + (row0 + 16 * b) * x_stride, *x1 = x0 + 16 * x_stride;
@@ -194,10 +238,8 @@ static inline void bf16_panel_blocks_amx(void *y, int y_bf16, int64_t n, const u
         _tile_stored(2, acc[2], 64);
         _tile_stored(3, acc[3], 64);
         const int64_t r0 = row0 + 16 * b;
-        bf16_store_block(y, y_bf16, n, r0, 16, p, acc[0], BF16_PANEL, bias);
-        if (two_panels) bf16_store_block(y, y_bf16, n, r0, 16, p + 1, acc[1], BF16_PANEL, bias);
-        bf16_store_block(y, y_bf16, n, r0 + 16, 16, p, acc[2], BF16_PANEL, bias);
-        if (two_panels) bf16_store_block(y, y_bf16, n, r0 + 16, 16, p + 1, acc[3], BF16_PANEL, bias);
+        bf16_emit(o, r0, 16, p, acc[0], two_panels ? acc[1] : NULL, BF16_PANEL);
+        bf16_emit(o, r0 + 16, 16, p, acc[2], two_panels ? acc[3] : NULL, BF16_PANEL);
     }
 }
 #endif
@@ -222,29 +264,30 @@ static inline int bf16_amx_rows(int64_t m) {
     return m >= 16 ? 16 : (int)m;
 }
 
-/* Rows row0 .. row0 + m - 1 of channel blocks p .. p + num - 1 (num 1 or 2) with tiles of amx_rows rows
- * (bf16_amx_rows of the whole product; the thread loaded that configuration): 16-row blocks through AMX and
- * the rest BF16_DP_ROWS at a time, or all m rows as one partial block when amx_rows == m < 16. */
-static inline void bf16_panel_rows(void *y, int y_bf16, int64_t n, const uint16_t *x, int64_t x_stride,
-                                   const uint16_t *panels, const float *bias, int64_t k_pad, int64_t row0, int64_t m,
-                                   int64_t p, int64_t num, int amx_rows) {
+/* Rows row0 .. row0 + m - 1 of the pair at panel p (num 2: panels p and p + o->pair_step; 1: p alone) with tiles of
+ * amx_rows rows (bf16_amx_rows of the whole product; the thread loaded that configuration): 16-row blocks through
+ * AMX and the rest BF16_DP_ROWS at a time, or all m rows as one partial block when amx_rows == m < 16. */
+static inline void bf16_panel_rows(const bf16_out *o, const uint16_t *x, int64_t x_stride, const uint16_t *panels,
+                                   int64_t k_pad, int64_t row0, int64_t m, int64_t p, int64_t num, int amx_rows) {
     int64_t done = 0;
 #if TM_HAVE_AMX
     if (amx_rows == 16 && m >= 16) {
-        bf16_panel_blocks_amx(y, y_bf16, n, x, x_stride, panels, bias, k_pad, row0, m / 16, p, num == 2);
+        bf16_panel_blocks_amx(o, x, x_stride, panels, k_pad, row0, m / 16, p, num == 2);
         done = m / 16 * 16;
     } else if (amx_rows > 0 && amx_rows < 16 && m == amx_rows) {
-        bf16_panel_block_amx_partial(y, y_bf16, n, x, x_stride, panels, bias, k_pad, row0, m, p, num == 2);
+        bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, row0, m, p, num == 2);
         done = m;
     }
 #else
     (void)amx_rows;
 #endif
-    for (int64_t q = p; q < p + num; ++q)
-        for (int64_t r = done; r < m; r += BF16_DP_ROWS) {
-            const int64_t rows = m - r < BF16_DP_ROWS ? m - r : BF16_DP_ROWS;
-            bf16_panel_rows_dp(y, y_bf16, n, x, x_stride, panels, bias, k_pad, row0 + r, rows, q);
-        }
+    for (int64_t r = done; r < m; r += BF16_DP_ROWS) {
+        const int64_t rows = m - r < BF16_DP_ROWS ? m - r : BF16_DP_ROWS;
+        float acc[2][BF16_DP_ROWS * BF16_PANEL];
+        bf16_rows_dp(acc[0], x, x_stride, panels, k_pad, row0 + r, rows, p);
+        if (num == 2) bf16_rows_dp(acc[1], x, x_stride, panels, k_pad, row0 + r, rows, p + o->pair_step);
+        bf16_emit(o, row0 + r, rows, p, acc[0], num == 2 ? acc[1] : NULL, BF16_PANEL);
+    }
 }
 
 #endif

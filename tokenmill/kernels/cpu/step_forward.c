@@ -14,10 +14,16 @@
  *   residual += a W_o^T (+ b);  x = rmsnorm(residual) * post_norm
  *   h = silu(x W_gate^T) * (x W_up^T);  out = h W_down^T
  * and finally hidden = rmsnorm(residual + out) * final_norm.
+ * A bf16 model's MLP runs fused where it can (fused_mlp): the gate/up product writes bf16 silu(gate) * up, the down
+ * projection's input, instead of float32 gate and up rows.
  * A projection is float32 in 16-channel panels (f32_panels.h), W8A8 int8 in 16-channel panels
  * (int8_panels.h; each input row quantized per token by int8_quantize.h, down_proj's input rotated by
  * Hadamard blocks in the same pass) or W4A16 int4 (int4_dot.h: 4-bit weight groups, each group of 32
  * inputs quantized to 16 bits on its own) as the tm_linear says.
+ *
+ * A prompt whose whole context is in the step (no cached prefix) and that has at most amx_attention_max_rows rows
+ * attends on AMX-BF16 tiles instead (bf16_attention_amx.h: its q/k/v rounded to bf16 from the step's rotated rows;
+ * set for a bf16 model where the execution plan chose that kernel).
  *
  * Work split: projections by panels (float32, int8; PANELS_PER_GRAB at a time, dynamic, over row chunks
  * whose quantized or float input stays in L2, as int8_gemm.c and f32_gemm.c block them) or blocks of
@@ -37,6 +43,7 @@
 #include <string.h>
 
 #include "attention_tile.h"
+#include "bf16_attention_amx.h"
 #include "bf16_panels.h"
 #include "f32_panels.h"
 #include "int4_dot.h"
@@ -82,6 +89,8 @@ typedef struct {
     const float *final_norm;         /* [hidden] */
     const float *rope_cos, *rope_sin; /* [max_positions, head_dim] */
     int64_t row_chunk_bytes;          /* rows_per_chunk's budget */
+    int64_t amx_attention_max_rows;   /* prompts of up to this many rows whose whole context is in the step attend
+                                         on AMX-BF16 tiles (bf16_attention_amx.h; a bf16 model's); 0: never */
 } tm_model;
 
 /* Per-row input of a projection: for int8, row x quantized (and rotated) into u / low / step; for
@@ -167,12 +176,13 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
 #endif
         const int64_t np = bf16_num_panels(n), pairs = (np + 1) / 2, kp = bf16_k_pad(l->k);
         const int64_t chunk = rows_per_chunk(chunk_bytes, qr->k_pad * 2, 32, num_rows);
+        const bf16_out out = bf16_plain_out(y, 0, n, l->bias);
         for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
             const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
 #pragma omp for schedule(dynamic, PANELS_PER_GRAB / 2) nowait
             for (int64_t q = 0; q < pairs; ++q)
-                bf16_panel_rows(y, 0, n, (const uint16_t *)qr->u, qr->k_pad, (const uint16_t *)l->weight, l->bias, kp,
-                                m0, rows, 2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows);
+                bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->k_pad, (const uint16_t *)l->weight, kp, m0, rows,
+                                2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows);
         }
 #pragma omp barrier
 #if TM_HAVE_AMX
@@ -189,6 +199,39 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
                     for (int64_t j = n0; j < n0 + INT4_CHANNELS && j < n; ++j) y[m * n + j] += l->bias[j];
         }
     }
+}
+
+/* 1 when a layer's MLP runs fused (gate_up_silu_phase): bf16 gate/up and down projections, no gate/up bias, the
+ * intermediate size in whole 32-input blocks (so the down projection reads no padding). */
+static inline int fused_mlp(const tm_layer *ly, int64_t intermediate) {
+    return ly->gate_up.format == TM_BF16 && ly->down.format == TM_BF16 && ly->gate_up.bias == NULL &&
+           intermediate % BF16_K_BLOCK == 0;
+}
+
+/* h [num_rows, h_stride] bf16 = silu(x W_gate^T) * (x W_up^T), the down projection's input, for a fused MLP
+ * (fused_mlp): each pass takes a gate panel and the up panel of the same channels (I / 16 panels apart in
+ * gate_up's [gate; up] packing) and writes their product, so the float32 gate/up rows are never stored.
+ * x: qr's bf16 rows (prepare_row). A worksharing loop like linear_phase (ends with a barrier). */
+static void gate_up_silu_phase(const tm_linear *l, uint16_t *h, int64_t h_stride, const quantized_rows *qr,
+                               int64_t num_rows, int64_t chunk_bytes) {
+    const int amx_rows = bf16_amx_rows(num_rows);
+#if TM_HAVE_AMX
+    if (amx_rows) bf16_amx_load_config_rows(amx_rows);
+#endif
+    const int64_t half = bf16_num_panels(l->n) / 2, kp = bf16_k_pad(l->k);
+    const bf16_out out = {NULL, 0, l->n, NULL, h, h_stride, half};
+    const int64_t chunk = rows_per_chunk(chunk_bytes, qr->k_pad * 2, 32, num_rows);
+    for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
+        const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
+#pragma omp for schedule(dynamic, PANELS_PER_GRAB / 2) nowait
+        for (int64_t q = 0; q < half; ++q)
+            bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->k_pad, (const uint16_t *)l->weight, kp, m0, rows, q, 2,
+                            amx_rows);
+    }
+#pragma omp barrier
+#if TM_HAVE_AMX
+    if (amx_rows) _tile_release();
+#endif
 }
 
 /* hidden: in, the embeddings of the step's tokens [num_rows, hidden]; out, the final normed hidden
@@ -217,13 +260,58 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
     /* Split-K attention (fewer than 2 (request, KV head) tasks per thread): ranges per (request, KV head). */
     const int64_t max_splits =
         pure_decode ? (2 * (int64_t)num_threads + N * num_kv_heads - 1) / (N * num_kv_heads) : 0;
-    /* Any other step: prefill_tile.h's tasks. */
-    const int64_t num_tasks = pure_decode ? 0 : prefill_num_tasks(q_lens, N, num_kv_heads);
+    /* Any other step: whole-context prompts on AMX tiles (amx_*: per request its packed K/V offset, or -1), the
+     * rest prefill_tile.h's tasks (tile_q_lens: q_lens with the AMX prompts' set to 0). */
+    int64_t *amx_offsets = NULL, *tile_q_lens = NULL, *amx_tasks = NULL, num_amx_tasks = 0, amx_packed = 0;
+    int64_t amx_max_t = 0;
+    if (!pure_decode && m->amx_attention_max_rows > 0) {
+        amx_offsets = (int64_t *)malloc((size_t)N * 2 * sizeof(int64_t));
+        if (amx_offsets == NULL) return 1;
+        tile_q_lens = amx_offsets + N;
+        for (int64_t r = 0; r < N; ++r) {
+            const int amx = q_lens[r] > 1 && q_lens[r] == seq_lens[r] && q_lens[r] <= m->amx_attention_max_rows &&
+                            amx_attention_fits(D, q_lens[r]);
+            amx_offsets[r] = amx ? amx_packed : -1;
+            tile_q_lens[r] = amx ? 0 : q_lens[r];
+            if (amx) {
+                amx_packed += num_kv_heads * amx_packed_kv_elems(q_lens[r], D);
+                num_amx_tasks += num_heads * ((q_lens[r] + 15) / 16);
+                amx_max_t = q_lens[r] > amx_max_t ? q_lens[r] : amx_max_t;
+            }
+        }
+    }
+    const int64_t num_tasks = pure_decode ? 0 : prefill_num_tasks(tile_q_lens ? tile_q_lens : q_lens, N, num_kv_heads);
     attention_task *tasks = NULL;
     if (num_tasks > 0) {
         tasks = (attention_task *)malloc((size_t)num_tasks * sizeof(attention_task));
-        if (tasks == NULL) return 1;
-        prefill_tasks(tasks, q_lens, N, num_kv_heads);
+        if (tasks == NULL) {
+            free(amx_offsets);
+            return 1;
+        }
+        prefill_tasks(tasks, tile_q_lens ? tile_q_lens : q_lens, N, num_kv_heads);
+    }
+    /* AMX tasks (request, query head, first row), the query blocks that see the most keys first; the packed K/V
+     * and each thread's scratch in one allocation. */
+    uint16_t *amx_kv = NULL;
+    char *amx_scratch = NULL;
+    const int64_t amx_scratch_bytes = num_amx_tasks ? amx_attention_scratch_bytes(amx_max_t, D) : 0;
+    if (num_amx_tasks > 0) {
+        amx_tasks = (int64_t *)malloc((size_t)num_amx_tasks * 3 * sizeof(int64_t));
+        amx_kv = (uint16_t *)aligned_alloc(64, (size_t)(round_up(amx_packed * 2, 64) + amx_scratch_bytes * num_threads));
+        if (amx_tasks == NULL || amx_kv == NULL) {
+            free(amx_offsets), free(tasks), free(amx_tasks), free(amx_kv);
+            return 1;
+        }
+        amx_scratch = (char *)amx_kv + round_up(amx_packed * 2, 64);
+        int64_t n = 0;
+        for (int64_t b = (amx_max_t + 15) / 16 - 1; b >= 0; --b)
+            for (int64_t r = 0; r < N; ++r)
+                if (amx_offsets[r] >= 0 && b * 16 < q_lens[r])
+                    for (int64_t h = 0; h < num_heads; ++h, ++n) {
+                        amx_tasks[3 * n] = r;
+                        amx_tasks[3 * n + 1] = h;
+                        amx_tasks[3 * n + 2] = b * 16;
+                    }
     }
 
     /* One allocation, 64-byte aligned pieces (sizes in floats, each a multiple of 16). */
@@ -237,7 +325,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
     for (int i = 0; i < num_pieces; ++i) total += round_up(sizes[i], 16);
     float *arena = (float *)aligned_alloc(64, (size_t)total * sizeof(float));
     if (arena == NULL) {
-        free(tasks);
+        free(tasks), free(amx_offsets), free(amx_tasks), free(amx_kv);
         return 1;
     }
     float *piece[12];
@@ -297,6 +385,29 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
              * other step: prefill_tile.h's query-block tasks. Same values on every thread, so every thread
              * runs the same loops. */
             if (!pure_decode) {
+#if TM_HAVE_AMX_ATTENTION
+                if (num_amx_tasks > 0) {
+                    bf16_amx_load_config_rows(16);
+#pragma omp for schedule(dynamic, 1)
+                    for (int64_t j = 0; j < N * num_kv_heads; ++j) {
+                        const int64_t r = j / num_kv_heads, h = j % num_kv_heads;
+                        if (amx_offsets[r] < 0) continue;
+                        const float *k_rows = qkv + q_starts[r] * qkv_n + q_size + h * D;
+                        amx_pack_kv(amx_kv + amx_offsets[r] + h * amx_packed_kv_elems(q_lens[r], D), k_rows, qkv_n,
+                                    k_rows + kv_size, qkv_n, 0, q_lens[r], D);
+                    }
+                    void *scratch = amx_scratch + amx_scratch_bytes * omp_get_thread_num();
+#pragma omp for schedule(dynamic, 1) nowait
+                    for (int64_t j = 0; j < num_amx_tasks; ++j) {
+                        const int64_t r = amx_tasks[3 * j], h = amx_tasks[3 * j + 1], row0 = amx_tasks[3 * j + 2];
+                        const int64_t t = q_lens[r], first = q_starts[r] * q_size + h * D;
+                        amx_attend_rows(attn + first, q_size, 0, q + first, q_size, 0,
+                                        amx_kv + amx_offsets[r] + (h / group) * amx_packed_kv_elems(t, D), t, row0,
+                                        t - row0 < 16 ? t - row0 : 16, D, m->attn_scale, scratch);
+                    }
+                    _tile_release();
+                }
+#endif
 #pragma omp for schedule(dynamic, 1)
                 for (int64_t i = 0; i < num_tasks; ++i) {
                     const attention_task *t = &tasks[i];
@@ -358,6 +469,14 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 prepare_row(&ly->gate_up, x + r * H, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
+            if (fused_mlp(ly, I)) { /* silu(gate) * up in bf16 straight into x's memory, the down projection's input */
+                gate_up_silu_phase(&ly->gate_up, (uint16_t *)x, qr.k_pad, &qr, R, m->row_chunk_bytes);
+                quantized_rows h_rows = qr;
+                h_rows.u = (uint8_t *)x;
+                linear_phase(&ly->down, out, NULL, &h_rows, R, m->row_chunk_bytes);
+                END_PHASE(TM_PHASE_PROJECTIONS)
+                continue;
+            }
             linear_phase(&ly->gate_up, gate_up, x, &qr, R, m->row_chunk_bytes);
             END_PHASE(TM_PHASE_PROJECTIONS)
 
@@ -381,6 +500,6 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
 #undef END_PHASE
     }
     free(arena);
-    free(tasks);
+    free(tasks), free(amx_offsets), free(amx_tasks), free(amx_kv);
     return 0;
 }

@@ -47,7 +47,8 @@ class _Model(ctypes.Structure):
                 ("head_dim", _i64), ("intermediate", _i64), ("num_blocks", _i64), ("block_size", _i64),
                 ("kv_type", _i64), ("eps", _f32), ("attn_scale", _f32), ("layers", ctypes.POINTER(_Layer)),
                 ("final_norm", _ptr),
-                ("rope_cos", _ptr), ("rope_sin", _ptr), ("row_chunk_bytes", _i64)]
+                ("rope_cos", _ptr), ("rope_sin", _ptr), ("row_chunk_bytes", _i64),
+                ("amx_attention_max_rows", _i64)]
 
 # Input-row bytes a projection keeps in L2 per pass over its weights when no L2 size is known (192 KiB: 3/8 of the
 # AVX2 Zen 3's 512 KiB, where it was tuned).
@@ -128,12 +129,16 @@ class StepForwardKernel:
     def __init__(
         self, layers: list[LayerWeights], final_norm: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
         num_heads: int, num_kv_heads: int, head_dim: int, eps: float, attn_scale: float,
-        row_chunk_bytes: int = DEFAULT_ROW_CHUNK_BYTES,
+        row_chunk_bytes: int = DEFAULT_ROW_CHUNK_BYTES, amx_attention_max_rows: int = 0,
     ) -> None:
         """row_chunk_bytes: input-row bytes of a projection kept in L2 while its weights pass (steps of more rows
-        take their rows in chunks, each streaming the weights again)."""
+        take their rows in chunks, each streaming the weights again). amx_attention_max_rows: prompts of up to this many
+        rows whose whole context is in the step attend in bf16 on AMX tiles (kernels/cpu/bf16_attention_amx.h; for a
+        bf16 model where the plan chose it); 0: the float32 kernels for all."""
         if head_dim % 8:
             raise ValueError(f"decode step: head_dim must be a multiple of 8, got {head_dim}")
+        if amx_attention_max_rows and any(layer.qkv.format != BF16 for layer in layers):
+            raise ValueError("decode step: AMX attention is for a bf16 model (bf16 projections)")
         self._keep: list[torch.Tensor] = []
         hidden = final_norm.shape[0]
         intermediate = layers[0].down.shape[1]
@@ -171,7 +176,8 @@ class StepForwardKernel:
             attn_scale=attn_scale,
             layers=self._layers, final_norm=self._ptr(final_norm, torch.float32, "the final norm weight"),
             rope_cos=self._ptr(rope_cos, torch.float32, "the rotary cos table"),
-            rope_sin=self._ptr(rope_sin, torch.float32, "the rotary sin table"), row_chunk_bytes=row_chunk_bytes)
+            rope_sin=self._ptr(rope_sin, torch.float32, "the rotary sin table"), row_chunk_bytes=row_chunk_bytes,
+            amx_attention_max_rows=amx_attention_max_rows)
         self.hidden_size = hidden
         self.max_positions = rope_cos.shape[0]
         # None, or float64 [len(PHASES)]: run() adds each phase's wall time (seconds) to it.

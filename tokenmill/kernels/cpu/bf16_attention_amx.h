@@ -1,0 +1,239 @@
+/* Causal self-attention of a prompt whose whole context is in the step (no cached prefix), on AMX-BF16 tiles:
+ * bf16 operands, float32 scores, softmax and accumulation. Shared by bf16_prompt_attention.c (the layer-by-layer
+ * path's candidate) and step_forward.c (a bf16 model's one-call forward).
+ *
+ * Two phases, so that threads can split the work finely:
+ *   1. amx_pack_kv: per (prompt, KV head), the prompt's K and V rows rounded to bf16 into the layouts the tiles
+ *      read (zero past the prompt's length):
+ *        K^T: [key block of 16][d block of 32][16 input pairs][16 keys][2]   (a B tile per (key block, d block))
+ *        V:   [key block of 32][d block of 16][16 key pairs][16 dims][2]    (a B tile per (key block, d block))
+ *   2. amx_attend_rows: one task = (prompt, query head, block of 16 query rows). Scores S = Q K^T for the keys
+ *      the block can see (whole tiles of 16; the diagonal tile masked), an exact softmax per row in float32
+ *      (AVX-512: one row of a score tile is one vector), P rounded to bf16, O = P V on four accumulator tiles
+ *      (64 dims) at a time, then O / sum written as float32 or bf16.
+ * The score and probability rows of a block stay in the thread's scratch (amx_attention_scratch_bytes): the
+ * whole prompt's keys at once, which bounds the prompt at AMX_ATTENTION_MAX_KEYS.
+ *
+ * Tiles: the configuration of bf16_amx_load_config_rows(16) (tiles 0-3 accumulators, 4-5 A, 6-7 B; 16 rows x
+ * 64 bytes each); the caller loads it on every thread first.
+ * Invariants: head_dim % 32 == 0 and <= AMX_ATTENTION_MAX_DIM; rows of q, k, v, out are head-contiguous with the
+ * given row strides (elements); row t of a prompt sees keys 0 .. t.
+ */
+#ifndef TM_BF16_ATTENTION_AMX_H
+#define TM_BF16_ATTENTION_AMX_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "bf16_panels.h"
+
+#define AMX_ATTENTION_MAX_DIM 256
+#define AMX_ATTENTION_MAX_KEYS 8192
+
+static inline int64_t amx_keys16(int64_t t) { return (t + 15) / 16 * 16; }
+static inline int64_t amx_keys32(int64_t t) { return (t + 31) / 32 * 32; }
+
+/* bf16 elements of one (prompt of t tokens, KV head)'s packed K^T plus V (amx_pack_kv's layout). */
+static inline int64_t amx_packed_kv_elems(int64_t t, int64_t head_dim) {
+    return amx_keys16(t) * head_dim + amx_keys32(t) * head_dim;
+}
+
+/* Per-thread scratch bytes of amx_attend_rows for prompts of up to max_t tokens (64-byte multiples). */
+static inline int64_t amx_attention_scratch_bytes(int64_t max_t, int64_t head_dim) {
+    const int64_t keys = amx_keys32(max_t) + 32; /* amx_attend_rows' row stride */
+    return (16 * keys * 4 /* scores */ + 16 * keys * 2 /* probabilities */ + 16 * head_dim * 2 /* Q block */ +
+            16 * head_dim * 4 /* output block */ + 63) / 64 * 64;
+}
+
+#if TM_HAVE_AMX && defined(__AVX512F__)
+/* 2^x per lane for x <= 0 (scores in base-2 units minus their row maximum): 2^n 2^f with n = round(x), |f| <= 1/2,
+ * 2^f by a degree-5 polynomial (relative error ~2e-7, far below the bf16 rounding of the probabilities that
+ * follows), scaled by vscalefps; below -126 gives 0. */
+static inline __m512 amx_exp2_16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.3333558146e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108665e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650696e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718056e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* 16 elements of a row at element i as bf16: copied (src_bf16) or rounded from float32 (nearest even). */
+static inline __m256i amx_load16_bf16(const void *row, int64_t i, int src_bf16) {
+    if (src_bf16) return _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i));
+    return (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps((const float *)row + i));
+}
+
+/* Packs the t rows of one KV head (k + j * k_stride, v + j * v_stride; head_dim elements each, bf16 or float32
+ * as src_bf16) into packed [amx_packed_kv_elems(t, head_dim)]: K^T first, then V. */
+static void amx_pack_kv(uint16_t *packed, const void *k, int64_t k_stride, const void *v, int64_t v_stride,
+                        int src_bf16, int64_t t, int64_t head_dim) {
+    const int64_t esize = src_bf16 ? 2 : 4, kb16 = amx_keys16(t) / 16, kb32 = amx_keys32(t) / 32;
+    const int64_t d32 = head_dim / 32, d16 = head_dim / 16;
+    uint16_t *kt = packed, *vt = packed + amx_keys16(t) * head_dim;
+    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(16));
+    /* K^T: a key's 32 inputs of a d block are 16 input pairs (32-bit lanes), scattered down its column. */
+    for (int64_t kb = 0; kb < kb16; ++kb)
+        for (int64_t n = 0; n < 16; ++n) {
+            const int64_t key = kb * 16 + n;
+            const char *row = (const char *)k + key * k_stride * esize;
+            for (int64_t db = 0; db < d32; ++db) {
+                uint32_t *tile = (uint32_t *)(kt + (kb * d32 + db) * 512);  /* [16 pairs][16 keys] of pairs */
+                __m512i pairs = _mm512_setzero_si512();
+                if (key < t)
+                    pairs = _mm512_inserti64x4(_mm512_castsi256_si512(amx_load16_bf16(row, db * 32, src_bf16)),
+                                               amx_load16_bf16(row, db * 32 + 16, src_bf16), 1);
+                _mm512_i32scatter_epi32(tile + n, column, pairs, 4);
+            }
+        }
+    /* V: two keys' rows interleaved element by element into 32-bit pairs. */
+    for (int64_t kb = 0; kb < kb32; ++kb)
+        for (int64_t i = 0; i < 16; ++i) {
+            const int64_t key = kb * 32 + 2 * i;
+            const char *row0 = (const char *)v + key * v_stride * esize, *row1 = row0 + v_stride * esize;
+            for (int64_t db = 0; db < d16; ++db) {
+                const __m512i a = key < t ? _mm512_cvtepu16_epi32(amx_load16_bf16(row0, db * 16, src_bf16))
+                                          : _mm512_setzero_si512();
+                const __m512i b = key + 1 < t ? _mm512_cvtepu16_epi32(amx_load16_bf16(row1, db * 16, src_bf16))
+                                              : _mm512_setzero_si512();
+                _mm512_storeu_si512(vt + (kb * d16 + db) * 512 + i * 32, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+            }
+        }
+}
+
+/* Query rows row0 .. row0 + rows - 1 (rows <= 16) of one query head of a prompt of t tokens: q rows at
+ * q + j * q_stride (head_dim elements, bf16 or float32 as src_bf16), over packed (amx_pack_kv of the head's KV
+ * head); out rows at out + j * out_stride, float32 or bf16 (out_bf16). scratch: amx_attention_scratch_bytes(t). */
+static void amx_attend_rows(void *out, int64_t out_stride, int out_bf16, const void *q, int64_t q_stride,
+                            int src_bf16, const uint16_t *packed, int64_t t, int64_t row0, int64_t rows,
+                            int64_t head_dim, float scale, void *scratch) {
+    const int64_t keys = row0 + rows, key_blocks = amx_keys16(keys) / 16, keys32 = amx_keys32(keys);
+    const int64_t s_stride = amx_keys32(t) + 32 /* off 4 KiB multiples: rows in distinct L1 sets */, d32 = head_dim / 32, d16 = head_dim / 16;
+    const int64_t esize = src_bf16 ? 2 : 4;
+    float *s = (float *)scratch;
+    uint16_t *p = (uint16_t *)(s + 16 * s_stride);
+    uint16_t *qb = p + 16 * s_stride;
+    float *ob = (float *)(qb + 16 * head_dim);
+    const uint16_t *kt = packed, *vt = packed + amx_keys16(t) * head_dim;
+
+    for (int64_t r = 0; r < 16; ++r) {
+        const char *row = (const char *)q + (row0 + r) * q_stride * esize;
+        for (int64_t d = 0; d < head_dim; d += 16)
+            _mm256_storeu_si256((__m256i *)(qb + r * head_dim + d),
+                                r < rows ? amx_load16_bf16(row, d, src_bf16) : _mm256_setzero_si256());
+    }
+    /* S = Q K^T, four key blocks per pass (accumulators 0-3): the TDPs of one accumulator form a chain, so four
+     * chains keep the unit busy. head_dim 64: Q's two input blocks stay in tiles 4 and 5 throughout. */
+    if (d32 == 2) {
+        _tile_loadd(4, qb, head_dim * 2);
+        _tile_loadd(5, qb + 32, head_dim * 2);
+    }
+    for (int64_t kb = 0; kb < key_blocks; kb += 4) {
+        const int64_t nk = key_blocks - kb < 4 ? key_blocks - kb : 4;
+        const uint16_t *k0 = kt + kb * d32 * 512;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        if (d32 == 2) {
+/* Key block j's two input blocks into accumulator acc (tiles 6, 7 hold its K). */
+#define TM_S_BLOCK(acc, j)                        \
+    _tile_loadd(6, k0 + (2 * (j)) * 512, 64);     \
+    _tile_loadd(7, k0 + (2 * (j) + 1) * 512, 64); \
+    _tile_dpbf16ps(acc, 4, 6);                    \
+    _tile_dpbf16ps(acc, 5, 7);
+            TM_S_BLOCK(0, 0)
+            if (nk > 1) { TM_S_BLOCK(1, 1) }
+            if (nk > 2) { TM_S_BLOCK(2, 2) }
+            if (nk > 3) { TM_S_BLOCK(3, 3) }
+#undef TM_S_BLOCK
+        } else {
+            for (int64_t db = 0; db < d32; ++db) {
+                _tile_loadd(4, qb + db * 32, head_dim * 2);
+                _tile_loadd(6, k0 + db * 512, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                if (nk > 1) { _tile_loadd(7, k0 + (d32 + db) * 512, 64); _tile_dpbf16ps(1, 4, 7); }
+                if (nk > 2) { _tile_loadd(6, k0 + (2 * d32 + db) * 512, 64); _tile_dpbf16ps(2, 4, 6); }
+                if (nk > 3) { _tile_loadd(7, k0 + (3 * d32 + db) * 512, 64); _tile_dpbf16ps(3, 4, 7); }
+            }
+        }
+        _tile_stored(0, s + kb * 16, s_stride * 4);
+        if (nk > 1) _tile_stored(1, s + (kb + 1) * 16, s_stride * 4);
+        if (nk > 2) _tile_stored(2, s + (kb + 2) * 16, s_stride * 4);
+        if (nk > 3) _tile_stored(3, s + (kb + 3) * 16, s_stride * 4);
+    }
+    /* Exact softmax per row over keys 0 .. row0 + r (causal); P zero past them, to keys32. */
+    float inv_sum[16];
+    const float scale2 = scale * 1.44269504088896341f; /* e^(s scale) = 2^(s scale2) */
+    const __m512 vscale = _mm512_set1_ps(scale2);
+    for (int64_t r = 0; r < rows; ++r) {
+        float *sr = s + r * s_stride;
+        uint16_t *pr = p + r * s_stride;
+        const int64_t seen = row0 + r + 1;
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        int64_t j = 0;
+        for (; j + 16 <= seen; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sr + j));
+        const __mmask16 tail = (__mmask16)((1u << (seen - j)) - 1u);
+        if (seen > j) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, sr + j));
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax) * scale2);
+        __m512 vsum = _mm512_setzero_ps();
+        for (j = 0; j < keys32; j += 16) {
+            const int64_t left = seen - j;
+            const __mmask16 valid = left >= 16 ? (__mmask16)0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
+            const __m512 e = _mm512_maskz_mov_ps(valid, amx_exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vscale, m)));
+            vsum = _mm512_add_ps(vsum, e);
+            _mm256_storeu_si256((__m256i *)(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
+        }
+        inv_sum[r] = 1.0f / _mm512_reduce_add_ps(vsum);
+    }
+    for (int64_t r = rows; r < 16; ++r) memset(p + r * s_stride, 0, (size_t)keys32 * 2);
+    /* O = P V, four 16-dim accumulators at a time. */
+    for (int64_t d0 = 0; d0 < d16; d0 += 4) {
+        const int64_t nd = d16 - d0 < 4 ? d16 - d0 : 4;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t kb = 0; kb < keys32 / 32; ++kb) {
+            _tile_loadd(4, p + kb * 32, s_stride * 2);
+            const uint16_t *vb = vt + (kb * d16 + d0) * 512;
+            _tile_loadd(6, vb, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            if (nd > 1) { _tile_loadd(7, vb + 512, 64); _tile_dpbf16ps(1, 4, 7); }
+            if (nd > 2) { _tile_loadd(6, vb + 1024, 64); _tile_dpbf16ps(2, 4, 6); }
+            if (nd > 3) { _tile_loadd(7, vb + 1536, 64); _tile_dpbf16ps(3, 4, 7); }
+        }
+        _tile_stored(0, ob + d0 * 16, head_dim * 4);
+        if (nd > 1) _tile_stored(1, ob + (d0 + 1) * 16, head_dim * 4);
+        if (nd > 2) _tile_stored(2, ob + (d0 + 2) * 16, head_dim * 4);
+        if (nd > 3) _tile_stored(3, ob + (d0 + 3) * 16, head_dim * 4);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+        const __m512 inv = _mm512_set1_ps(inv_sum[r]);
+        for (int64_t d = 0; d < head_dim; d += 16) {
+            const __m512 o = _mm512_mul_ps(_mm512_loadu_ps(ob + r * head_dim + d), inv);
+            if (out_bf16)
+                _mm256_storeu_si256((__m256i *)((uint16_t *)out + (row0 + r) * out_stride + d), (__m256i)_mm512_cvtneps_pbh(o));
+            else
+                _mm512_storeu_ps((float *)out + (row0 + r) * out_stride + d, o);
+        }
+    }
+}
+#define TM_HAVE_AMX_ATTENTION 1
+#else
+#define TM_HAVE_AMX_ATTENTION 0
+#endif
+
+/* 1 when amx_attend_rows runs here for head_dim and prompts of t tokens. */
+static inline int amx_attention_fits(int64_t head_dim, int64_t t) {
+    return TM_HAVE_AMX_ATTENTION && bf16_amx_ready() && head_dim % 32 == 0 && head_dim <= AMX_ATTENTION_MAX_DIM &&
+           t <= AMX_ATTENTION_MAX_KEYS;
+}
+
+#endif
