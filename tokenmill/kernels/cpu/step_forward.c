@@ -141,7 +141,7 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
         const int64_t chunk = rows_per_chunk(chunk_bytes, l->k * (int64_t)sizeof(float), PANEL_ROWS, num_rows);
         for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
             const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
-#pragma omp for schedule(dynamic, PANELS_PER_GRAB) nowait
+#pragma omp for schedule(guided, PANELS_PER_GRAB) nowait
             for (int64_t p = 0; p < num_panels(n); ++p)
                 panel_rows(y + m0 * n, n, x + m0 * l->k, l->k, (const float *)l->weight, l->bias, n, l->k, rows, p);
         }
@@ -158,7 +158,7 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
             rows_per_chunk(chunk_bytes, round_up(l->k, K_ALIGN), 160 /* 32, 5 and 4 divide it */, num_rows);
         for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
             const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
-#pragma omp for schedule(dynamic, PANELS_PER_GRAB / 2) nowait
+#pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
             for (int64_t q = 0; q < pairs; ++q)
                 int8_panel_rows_amx(y, n, qr->u, qr->k_pad, qr->low, qr->step, (const int8_t *)l->weight, l->scale,
                                     l->rowsum, l->bias, n, l->k, m0, rows, 2 * q, 2 * q + 1 < np ? 2 : 1, l->levels,
@@ -179,7 +179,7 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
         const bf16_out out = bf16_plain_out(y, 0, n, l->bias);
         for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
             const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
-#pragma omp for schedule(dynamic, PANELS_PER_GRAB / 2) nowait
+#pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
             for (int64_t q = 0; q < pairs; ++q)
                 bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->k_pad, (const uint16_t *)l->weight, kp, m0, rows,
                                 2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows);
@@ -223,7 +223,7 @@ static void gate_up_silu_phase(const tm_linear *l, uint16_t *h, int64_t h_stride
     const int64_t chunk = rows_per_chunk(chunk_bytes, qr->k_pad * 2, 32, num_rows);
     for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
         const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
-#pragma omp for schedule(dynamic, PANELS_PER_GRAB / 2) nowait
+#pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
         for (int64_t q = 0; q < half; ++q)
             bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->k_pad, (const uint16_t *)l->weight, kp, m0, rows, q, 2,
                             amx_rows);
