@@ -38,7 +38,8 @@ void tm_bf16_panels_gemm(void *y, int y_bf16, const uint16_t *x, int64_t x_strid
             const int64_t rows = m - m0 < chunk ? m - m0 : chunk;
 #pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
             for (int64_t q = 0; q < pairs; ++q)
-                bf16_panel_rows(&out, x, x_stride, panels, k_pad, m0, rows, 2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows);
+                bf16_panel_rows(&out, x, x_stride, panels, k_pad, m0, rows, 2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows,
+                                q + 1 < pairs ? 2 * q + 2 : -1);
         }
 #if TM_HAVE_AMX
         if (amx_rows) _tile_release();

@@ -155,6 +155,35 @@ static inline void bf16_rows_dp(float *acc, const uint16_t *x, int64_t x_stride,
 }
 
 #if TM_HAVE_AMX
+/* Software prefetch of the next pair's weights (into L2) spread over a pass's k steps: AMX tile loads that miss
+ * to memory stall the tile unit one after another, and the hardware prefetcher starts late on each new pair. */
+typedef struct {
+    const char *w0, *w1;    /* the next pair's two panels (w1 NULL: one panel), or w0 NULL: nothing to prefetch */
+    int64_t bytes, offset;  /* per panel; prefetched so far */
+    int64_t per_step;       /* lines of each panel per k step */
+} bf16_prefetch;
+
+static inline bf16_prefetch bf16_prefetch_pair(const bf16_out *o, const uint16_t *panels, int64_t k_pad,
+                                               int64_t next_p, int two_panels, int64_t steps) {
+    const int64_t panel_elems = (k_pad / 2) * 2 * BF16_PANEL, bytes = panel_elems * 2;
+    bf16_prefetch pf = {NULL, NULL, bytes, 0, 0};
+    if (next_p < 0 || steps <= 0) return pf;
+    pf.w0 = (const char *)(panels + next_p * panel_elems);
+    pf.w1 = two_panels ? pf.w0 + o->pair_step * bytes : NULL;
+    pf.per_step = (bytes / 64 + steps - 1) / steps;
+    return pf;
+}
+
+static inline void bf16_prefetch_step(bf16_prefetch *pf) {
+    if (pf->w0 == NULL) return;
+    for (int64_t i = 0; i < pf->per_step && pf->offset < pf->bytes; ++i, pf->offset += 64) {
+        _mm_prefetch(pf->w0 + pf->offset, _MM_HINT_T1);
+        if (pf->w1 != NULL) _mm_prefetch(pf->w1 + pf->offset, _MM_HINT_T1);
+    }
+}
+#endif
+
+#if TM_HAVE_AMX
 /* The AMX tile configuration (64 bytes, palette 1) every thread loads before its tiles: tiles 0-3 hold four
  * 16 x 16 float32 accumulators (2 row blocks x 2 channel blocks), 4-5 two 16-row x 32-input activation
  * blocks, 6-7 two weight blocks (16 input pairs x 16 channels). */
@@ -185,7 +214,8 @@ static inline void bf16_amx_load_config(void) { bf16_amx_load_config_rows(16); }
  * configured for block_rows: bf16_amx_load_config_rows). */
 static inline void bf16_panel_block_amx_partial(const bf16_out *o, const uint16_t *x, int64_t x_stride,
                                                 const uint16_t *panels, int64_t k_pad, int64_t row0,
-                                                int64_t block_rows, int64_t p, int two_panels) {
+                                                int64_t block_rows, int64_t p, int two_panels, int64_t next_p) {
+    bf16_prefetch pf = bf16_prefetch_pair(o, panels, k_pad, next_p, two_panels, k_pad / BF16_K_BLOCK);
     const int64_t panel_elems = (k_pad / 2) * 2 * BF16_PANEL;
     const uint16_t *w0 = panels + p * panel_elems, *w1 = two_panels ? w0 + o->pair_step * panel_elems : w0;
     const uint16_t *x0 = x + row0 * x_stride;
@@ -193,6 +223,7 @@ static inline void bf16_panel_block_amx_partial(const bf16_out *o, const uint16_
     _tile_zero(0);
     _tile_zero(1);
     for (int64_t kb = 0; kb < k_pad; kb += BF16_K_BLOCK) {
+        bf16_prefetch_step(&pf);
         _tile_loadd(6, w0 + kb * BF16_PANEL, 64);
         _tile_loadd(7, w1 + kb * BF16_PANEL, 64);
         _tile_loadd(4, x0 + kb, x_stride * 2);
@@ -208,14 +239,16 @@ static inline void bf16_panel_block_amx_partial(const bf16_out *o, const uint16_
  * 16-row blocks and both panels, so every activation tile feeds two products and every weight tile two. */
 static inline void bf16_panel_blocks_amx(const bf16_out *o, const uint16_t *x, int64_t x_stride,
                                          const uint16_t *panels, int64_t k_pad, int64_t row0, int64_t blocks,
-                                         int64_t p, int two_panels) {
+                                         int64_t p, int two_panels, int64_t next_p) {
+    bf16_prefetch pf = bf16_prefetch_pair(o, panels, k_pad, next_p, two_panels, blocks / 2 * (k_pad / BF16_K_BLOCK));
     const int64_t panel_elems = (k_pad / 2) * 2 * BF16_PANEL;
     const uint16_t *w0 = panels + p * panel_elems, *w1 = two_panels ? w0 + o->pair_step * panel_elems : w0;
     float acc[4][16 * BF16_PANEL];
     const int64_t xs = x_stride * 2;  /* bytes */
     for (int64_t b = 0; b < blocks; b += 2) {
         if (b + 1 == blocks) { /* an odd last block: on its own, not paired with a copy of itself */
-            bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, row0 + 16 * b, 16, p, two_panels);
+            bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, row0 + 16 * b, 16, p, two_panels,
+                                         pf.w0 != NULL && pf.offset < pf.bytes ? next_p : -1);
             break;
         }
         const uint16_t *x0 = x + (row0 + 16 * b) * x_stride, *x1 = x0 + 16 * x_stride;
@@ -224,6 +257,7 @@ static inline void bf16_panel_blocks_amx(const bf16_out *o, const uint16_t *x, i
         _tile_zero(2);
         _tile_zero(3);
         for (int64_t kb = 0; kb < k_pad; kb += BF16_K_BLOCK) {
+            bf16_prefetch_step(&pf);
             _tile_loadd(6, w0 + kb * BF16_PANEL, 64);
             _tile_loadd(7, w1 + kb * BF16_PANEL, 64);
             _tile_loadd(4, x0 + kb, xs);
@@ -266,20 +300,22 @@ static inline int bf16_amx_rows(int64_t m) {
 
 /* Rows row0 .. row0 + m - 1 of the pair at panel p (num 2: panels p and p + o->pair_step; 1: p alone) with tiles of
  * amx_rows rows (bf16_amx_rows of the whole product; the thread loaded that configuration): 16-row blocks through
- * AMX and the rest BF16_DP_ROWS at a time, or all m rows as one partial block when amx_rows == m < 16. */
+ * AMX and the rest BF16_DP_ROWS at a time, or all m rows as one partial block when amx_rows == m < 16. next_p: the
+ * first panel of the pair this thread likely takes next (its weights are prefetched on the AMX path), or -1. */
 static inline void bf16_panel_rows(const bf16_out *o, const uint16_t *x, int64_t x_stride, const uint16_t *panels,
-                                   int64_t k_pad, int64_t row0, int64_t m, int64_t p, int64_t num, int amx_rows) {
+                                   int64_t k_pad, int64_t row0, int64_t m, int64_t p, int64_t num, int amx_rows,
+                                   int64_t next_p) {
     int64_t done = 0;
 #if TM_HAVE_AMX
     if (amx_rows == 16 && m >= 16) {
-        bf16_panel_blocks_amx(o, x, x_stride, panels, k_pad, row0, m / 16, p, num == 2);
+        bf16_panel_blocks_amx(o, x, x_stride, panels, k_pad, row0, m / 16, p, num == 2, next_p);
         done = m / 16 * 16;
     } else if (amx_rows > 0 && amx_rows < 16 && m == amx_rows) {
-        bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, row0, m, p, num == 2);
+        bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, row0, m, p, num == 2, next_p);
         done = m;
     }
 #else
-    (void)amx_rows;
+    (void)amx_rows, (void)next_p;
 #endif
     for (int64_t r = done; r < m; r += BF16_DP_ROWS) {
         const int64_t rows = m - r < BF16_DP_ROWS ? m - r : BF16_DP_ROWS;

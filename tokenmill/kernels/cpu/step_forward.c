@@ -182,7 +182,7 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
 #pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
             for (int64_t q = 0; q < pairs; ++q)
                 bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->k_pad, (const uint16_t *)l->weight, kp, m0, rows,
-                                2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows);
+                                2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows, q + 1 < pairs ? 2 * q + 2 : -1);
         }
 #pragma omp barrier
 #if TM_HAVE_AMX
@@ -226,7 +226,7 @@ static void gate_up_silu_phase(const tm_linear *l, uint16_t *h, int64_t h_stride
 #pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
         for (int64_t q = 0; q < half; ++q)
             bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->k_pad, (const uint16_t *)l->weight, kp, m0, rows, q, 2,
-                            amx_rows);
+                            amx_rows, q + 1 < half ? q + 1 : -1);
     }
 #pragma omp barrier
 #if TM_HAVE_AMX
