@@ -8,7 +8,8 @@
  * Work split: rows in chunks whose activations stay in L2; inside a chunk the threads take PANELS_PER_GRAB
  * panels at a time (work_split.h), in pairs over the chunk's rows (AMX: two 16-row blocks x two panels per
  * pass where the CPU has AMX-BF16; vdpbf16ps or portable rows for the rest).
- * Invariants: x is bf16 [m, x_stride] with x_stride >= bf16_k_pad(k) and zeros in columns k .. k_pad - 1;
+ * Invariants: x is bf16 [m, x_stride] with x_stride >= bf16_k_pad(k) and zeros in columns k .. k_pad - 1, readable
+ * up to a whole number of 16-row blocks when rows_padded (bf16_panel_rows);
  * y is [m, n] float32 or bf16 (y_bf16); panels as bf16_panels.h; bias is float32 [n] or NULL.
  */
 #include <omp.h>
@@ -22,8 +23,8 @@ int tm_bf16_amx_ready(void) { return bf16_amx_ready(); }
 /* Rows in chunks whose activation block stays in L2 while every panel passes over it (as f32_gemm.c). */
 #define X_CHUNK_BYTES (256 * 1024)
 
-void tm_bf16_panels_gemm(void *y, int y_bf16, const uint16_t *x, int64_t x_stride, const uint16_t *panels,
-                         const float *bias, int64_t m, int64_t n, int64_t k, int num_threads) {
+void tm_bf16_panels_gemm(void *y, int y_bf16, const uint16_t *x, int64_t x_stride, int rows_padded,
+                         const uint16_t *panels, const float *bias, int64_t m, int64_t n, int64_t k, int num_threads) {
     const int64_t np = bf16_num_panels(n), k_pad = bf16_k_pad(k), pairs = (np + 1) / 2;
     const int amx_rows = bf16_amx_rows(m);
     int64_t chunk = X_CHUNK_BYTES / (k_pad * 2) / 32 * 32;
@@ -39,7 +40,7 @@ void tm_bf16_panels_gemm(void *y, int y_bf16, const uint16_t *x, int64_t x_strid
 #pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
             for (int64_t q = 0; q < pairs; ++q)
                 bf16_panel_rows(&out, x, x_stride, panels, k_pad, m0, rows, 2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows,
-                                q + 1 < pairs ? 2 * q + 2 : -1);
+                                q + 1 < pairs ? 2 * q + 2 : -1, rows_padded);
         }
 #if TM_HAVE_AMX
         if (amx_rows) _tile_release();

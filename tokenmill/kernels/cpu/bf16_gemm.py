@@ -20,7 +20,7 @@ def _lib() -> ctypes.CDLL | None:
     lib = load_kernel_library("bf16_gemm")
     if lib is None:
         return None
-    lib.tm_bf16_panels_gemm.argtypes = [_ptr, _int, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _int]
+    lib.tm_bf16_panels_gemm.argtypes = [_ptr, _int, _ptr, _i64, _int, _ptr, _ptr, _i64, _i64, _i64, _int]
     lib.tm_bf16_panels_gemm.restype = None
     lib.tm_bf16_pack_panels.argtypes = [_ptr, _ptr, _i64, _i64, _int]
     lib.tm_bf16_pack_panels.restype = None
@@ -72,13 +72,16 @@ def bf16_panels_linear(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torc
     if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n,) or not bias.is_contiguous()):
         raise ValueError(f"bf16_panels_linear: bias must be contiguous float32 [{n}]")
     kp = k_pad(k)
-    if x.dtype != torch.bfloat16 or x.stride(1) != 1 or kp != k:
-        padded = x.new_zeros(num_rows, kp, dtype=torch.bfloat16)
-        padded[:, :k] = x
+    # From 16 rows on, the AMX path runs the last num_rows % 16 rows as one more whole 16-row block: the rows are
+    # padded to whole blocks (in the same copy when x needs one anyway; never read back).
+    rows = -(-num_rows // 16) * 16 if num_rows >= 16 else num_rows
+    if x.dtype != torch.bfloat16 or x.stride(1) != 1 or kp != k or rows != num_rows:
+        padded = x.new_zeros(rows, kp, dtype=torch.bfloat16)
+        padded[:num_rows, :k] = x
         x = padded
     y = torch.empty(num_rows, n, dtype=out_dtype)
     if num_rows:
-        _lib().tm_bf16_panels_gemm(y.data_ptr(), int(out_dtype == torch.bfloat16), x.data_ptr(), x.stride(0),
+        _lib().tm_bf16_panels_gemm(y.data_ptr(), int(out_dtype == torch.bfloat16), x.data_ptr(), x.stride(0), 1,
                                    panels.data_ptr(), None if bias is None else bias.data_ptr(), num_rows, n, k,
                                    torch.get_num_threads())
     return y

@@ -210,8 +210,9 @@ static inline void bf16_amx_load_config_rows(int block_rows) {
 
 static inline void bf16_amx_load_config(void) { bf16_amx_load_config_rows(16); }
 
-/* One block of block_rows (<= 16) rows row0 .. of the pair at panel p (both panels when two_panels; tiles
- * configured for block_rows: bf16_amx_load_config_rows). */
+/* One block of block_rows (<= 16) rows row0 .. of the pair at panel p (both panels when two_panels), with tiles
+ * configured for block_rows (bf16_amx_load_config_rows), or for 16 rows when x holds 16 readable rows from row0
+ * (the results of the rows past block_rows are dropped). */
 static inline void bf16_panel_block_amx_partial(const bf16_out *o, const uint16_t *x, int64_t x_stride,
                                                 const uint16_t *panels, int64_t k_pad, int64_t row0,
                                                 int64_t block_rows, int64_t p, int two_panels, int64_t next_p) {
@@ -300,22 +301,29 @@ static inline int bf16_amx_rows(int64_t m) {
 
 /* Rows row0 .. row0 + m - 1 of the pair at panel p (num 2: panels p and p + o->pair_step; 1: p alone) with tiles of
  * amx_rows rows (bf16_amx_rows of the whole product; the thread loaded that configuration): 16-row blocks through
- * AMX and the rest BF16_DP_ROWS at a time, or all m rows as one partial block when amx_rows == m < 16. next_p: the
- * first panel of the pair this thread likely takes next (its weights are prefetched on the AMX path), or -1. */
+ * AMX and the rest BF16_DP_ROWS at a time, or all m rows as one partial block when amx_rows == m < 16. rows_padded:
+ * x is readable up to the next whole 16-row block (whatever those rows hold: only the first rows' results are
+ * kept), so the last m % 16 rows run as one more 16-row block on the tiles instead of vdpbf16ps rows (at 14 rows
+ * those cost as much as ~128 rows on the tiles). next_p: the first panel of the pair this thread likely takes next
+ * (its weights are prefetched on the AMX path), or -1. */
 static inline void bf16_panel_rows(const bf16_out *o, const uint16_t *x, int64_t x_stride, const uint16_t *panels,
                                    int64_t k_pad, int64_t row0, int64_t m, int64_t p, int64_t num, int amx_rows,
-                                   int64_t next_p) {
+                                   int64_t next_p, int rows_padded) {
     int64_t done = 0;
 #if TM_HAVE_AMX
-    if (amx_rows == 16 && m >= 16) {
-        bf16_panel_blocks_amx(o, x, x_stride, panels, k_pad, row0, m / 16, p, num == 2, next_p);
+    if (amx_rows == 16 && (m >= 16 || rows_padded)) {
+        if (m >= 16) bf16_panel_blocks_amx(o, x, x_stride, panels, k_pad, row0, m / 16, p, num == 2, next_p);
         done = m / 16 * 16;
+        if (rows_padded && done < m) { /* a 16-row block of which the first m - done rows are kept */
+            bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, row0 + done, m - done, p, num == 2, next_p);
+            done = m;
+        }
     } else if (amx_rows > 0 && amx_rows < 16 && m == amx_rows) {
         bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, row0, m, p, num == 2, next_p);
         done = m;
     }
 #else
-    (void)amx_rows, (void)next_p;
+    (void)amx_rows, (void)next_p, (void)rows_padded;
 #endif
     for (int64_t r = done; r < m; r += BF16_DP_ROWS) {
         const int64_t rows = m - r < BF16_DP_ROWS ? m - r : BF16_DP_ROWS;

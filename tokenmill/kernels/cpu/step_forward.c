@@ -125,11 +125,15 @@ static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to
  * take all rows at once: their weights stream from memory once. */
 #define UNCHUNKED_ROWS 64
 
-/* Rows per chunk of `bytes_per_row` for a step of num_rows rows: a multiple of `tile` rows (at least one). */
+/* Rows per chunk of `bytes_per_row` for a step of num_rows rows: a multiple of `tile` rows (at least one), the
+ * chunks as even as that allows (270 rows in budgets of 256: 160 + 110, not 256 + 14, whose small remainder would
+ * stream every weight once more for a few rows, on the slow tail path). */
 static inline int64_t rows_per_chunk(int64_t chunk_bytes, int64_t bytes_per_row, int64_t tile, int64_t num_rows) {
     if (num_rows <= UNCHUNKED_ROWS) return num_rows > 0 ? num_rows : 1;
-    const int64_t rows = chunk_bytes / bytes_per_row / tile * tile;
-    return rows < tile ? tile : rows;
+    int64_t rows = chunk_bytes / bytes_per_row / tile * tile;
+    rows = rows < tile ? tile : rows;
+    const int64_t chunks = (num_rows + rows - 1) / rows;
+    return round_up((num_rows + chunks - 1) / chunks, tile);
 }
 
 /* y [num_rows, n] = x [num_rows, k] (row stride k) through l; x already prepared (prepare_row) for int8 and int4.
@@ -175,14 +179,14 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
         if (amx_rows) bf16_amx_load_config_rows(amx_rows);
 #endif
         const int64_t np = bf16_num_panels(n), pairs = (np + 1) / 2, kp = bf16_k_pad(l->k);
-        const int64_t chunk = rows_per_chunk(chunk_bytes, qr->k_pad * 2, 32, num_rows);
+        const int64_t chunk = rows_per_chunk(chunk_bytes, kp * 2, 32, num_rows);
         const bf16_out out = bf16_plain_out(y, 0, n, l->bias);
         for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
             const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
 #pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
             for (int64_t q = 0; q < pairs; ++q)
                 bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->k_pad, (const uint16_t *)l->weight, kp, m0, rows,
-                                2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows, q + 1 < pairs ? 2 * q + 2 : -1);
+                                2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows, q + 1 < pairs ? 2 * q + 2 : -1, 1);
         }
 #pragma omp barrier
 #if TM_HAVE_AMX
@@ -220,13 +224,13 @@ static void gate_up_silu_phase(const tm_linear *l, uint16_t *h, int64_t h_stride
 #endif
     const int64_t half = bf16_num_panels(l->n) / 2, kp = bf16_k_pad(l->k);
     const bf16_out out = {NULL, 0, l->n, NULL, h, h_stride, half};
-    const int64_t chunk = rows_per_chunk(chunk_bytes, qr->k_pad * 2, 32, num_rows);
+    const int64_t chunk = rows_per_chunk(chunk_bytes, kp * 2, 32, num_rows);
     for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
         const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
 #pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
         for (int64_t q = 0; q < half; ++q)
             bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->k_pad, (const uint16_t *)l->weight, kp, m0, rows, q, 2,
-                            amx_rows, q + 1 < half ? q + 1 : -1);
+                            amx_rows, q + 1 < half ? q + 1 : -1, 1);
     }
 #pragma omp barrier
 #if TM_HAVE_AMX
@@ -315,9 +319,12 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
     }
 
     /* One allocation, 64-byte aligned pieces (sizes in floats, each a multiple of 16). */
-    const int64_t sizes[] = {R * H /* residual */, R * max_k /* x */, R * qkv_n, R * q_size /* q */,
+    /* The bf16 inputs (u, and x when it holds a fused MLP's bf16 h rows) are readable up to whole 16-row blocks
+     * (bf16_panel_rows' rows_padded): R16 rows. */
+    const int64_t R16 = round_up(R, 16), x_floats = R * max_k > R16 * k_pad / 2 ? R * max_k : R16 * k_pad / 2;
+    const int64_t sizes[] = {R * H /* residual */, x_floats /* x */, R * qkv_n, R * q_size /* q */,
                              R * q_size /* attention out */, R * 2 * I /* gate_up */, R * H /* sublayer out */,
-                             2 * R /* low, step */, R * k_pad / 2 /* u: int8 bytes or int4's int16 */,
+                             2 * R /* low, step */, R16 * k_pad / 2 /* u: int8 bytes, int4's int16 or bf16 */,
                              per_thread * num_threads, R * num_heads * max_splits * (D + 2) /* attention partials */,
                              2 * R * k_pad / INT4_GROUP /* group_step, group_sum */};
     const int num_pieces = (int)(sizeof(sizes) / sizeof(sizes[0]));
