@@ -29,3 +29,18 @@ def test_release_then_compute_on_both_threads() -> None:
     worker.join()
     torch.testing.assert_close(results[0], expected, rtol=0, atol=0)
     assert release_openmp_pool()
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "10000"), ("250", "250")])
+def test_importing_tokenmill_shortens_the_openmp_spin_unless_set(preset: str | None, expected: str) -> None:
+    """`import tokenmill` sets GOMP_SPINCOUNT before torch loads libgomp, keeping a value the user set."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if preset is not None:
+        env["GOMP_SPINCOUNT"] = preset
+    code = "import os, tokenmill; print(os.environ['GOMP_SPINCOUNT'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
