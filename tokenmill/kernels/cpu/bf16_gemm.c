@@ -5,9 +5,10 @@
  * model's one-call C forward needs its own bf16 product; the execution plan (worker/plan.py) times this
  * against torch's and keeps the faster per row-count bucket.
  *
- * Work split: rows in chunks whose activations stay in L2; inside a chunk the threads take PANELS_PER_GRAB
- * panels at a time (work_split.h), in pairs over the chunk's rows (AMX: two 16-row blocks x two panels per
- * pass where the CPU has AMX-BF16; vdpbf16ps or portable rows for the rest).
+ * Work split: rows in chunks whose activations stay in L2; inside a chunk the threads take guided grabs of at least
+ * PANELS_PER_GRAB panels (work_split.h), in pairs over the chunk's rows (AMX: two 16-row blocks x two panels per
+ * pass where the CPU has AMX-BF16, the next pair's weights prefetched meanwhile; vdpbf16ps or portable rows for the
+ * rest).
  * Invariants: x is bf16 [m, x_stride] with x_stride >= bf16_k_pad(k) and zeros in columns k .. k_pad - 1, readable
  * up to a whole number of 16-row blocks when rows_padded (bf16_panel_rows);
  * y is [m, n] float32 or bf16 (y_bf16); panels as bf16_panels.h; bias is float32 [n] or NULL.

@@ -25,7 +25,7 @@
  * attends on AMX-BF16 tiles instead (bf16_attention_amx.h: its q/k/v rounded to bf16 from the step's rotated rows;
  * set for a bf16 model where the execution plan chose that kernel).
  *
- * Work split: projections by panels (float32, int8; PANELS_PER_GRAB at a time, dynamic, over row chunks
+ * Work split: projections by panels (float32, int8, bf16; guided grabs of PANELS_PER_GRAB, over row chunks
  * whose quantized or float input stays in L2, as int8_gemm.c and f32_gemm.c block them) or blocks of
  * INT4_CHANNELS output channels (static: each thread streams its half of every weight). Attention of a pure
  * decode step by (request, KV head) tasks or, with fewer tasks than 2 per thread, by block-aligned ranges
