@@ -85,6 +85,26 @@ def _attend(
     return q, contexts, backend.forward(q, k_new, v_new, kv_cache, meta, scale)
 
 
+@pytest.mark.skipif(not bf16_prompt_attention_available(64), reason="no AMX-BF16 here")
+def test_prompts_past_the_amx_kernels_longest_go_to_the_c_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole-context prompt routed to AMX_KERNEL but longer than it takes (AMX_ATTENTION_MAX_KEYS, here cut to 32)
+    attends in the C prefill kernel over the cache, in float32; shorter ones stay on AMX."""
+    from tokenmill.attention import torch_backend
+
+    monkeypatch.setattr(torch_backend, "AMX_ATTENTION_MAX_KEYS", 32)
+    plan = [(0, 40), (0, 20)]
+    block_size, num_heads, num_kv_heads, head_dim, kv_dtype = 8, 9, 3, 64, torch.float16
+    backend = TorchAttentionBackend()
+    backend.route_prompt_attention([(2048, AMX_KERNEL)], torch.bfloat16)
+    q, contexts, out = _attend(backend, plan, block_size, num_heads, num_kv_heads, head_dim, kv_dtype,
+                               head_dim**-0.5, torch.Generator().manual_seed(2))
+    (k40, v40), (k20, v20) = contexts
+    exact = _reference(q[:40], _as_cached(k40, kv_dtype), _as_cached(v40, kv_dtype), 0, head_dim**-0.5)
+    torch.testing.assert_close(out[:40].double(), exact, atol=1e-5, rtol=1e-5)  # the C kernel, float32
+    rounded = _reference(*(t.to(torch.bfloat16).float() for t in (q[40:], k20, v20)), 0, head_dim**-0.5)
+    torch.testing.assert_close(out[40:].double(), rounded, atol=3e-2, rtol=3e-2)  # AMX, bf16
+
+
 @KV_DTYPES
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("block_size", [4, 16])

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.kernels.cpu.bf16_prompt_attention import bf16_prompt_attention
+from tokenmill.kernels.cpu.bf16_prompt_attention import AMX_ATTENTION_MAX_KEYS, bf16_prompt_attention
 from tokenmill.kernels.cpu.kv_cache import KV_DTYPES, kv_row_width, kv_values, quantize_kv_rows
 from tokenmill.kernels.cpu.layer_ops import applies as c_applies
 from tokenmill.kernels.cpu.layer_ops import layer_ops_available, rotary_write_kv
@@ -132,6 +132,8 @@ def _prompt_split(meta: AttentionMetadata, routes: list[tuple[int, str]]) -> _Pr
             if q_len == 1:
                 continue
             kernel = route_kernel(routes, q_len) if q_len == seq_len else C_PREFILL_KERNEL
+            if kernel == AMX_KERNEL and q_len > AMX_ATTENTION_MAX_KEYS:  # past the AMX kernel's longest prompt
+                kernel = C_PREFILL_KERNEL
             if kernel == AMX_KERNEL:
                 amx_starts.append(starts[i])
                 amx_lens.append(q_len)
