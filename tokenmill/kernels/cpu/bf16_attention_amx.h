@@ -114,7 +114,8 @@ static void amx_attend_rows(void *out, int64_t out_stride, int out_bf16, const v
                             int src_bf16, const uint16_t *packed, int64_t t, int64_t row0, int64_t rows,
                             int64_t head_dim, float scale, void *scratch) {
     const int64_t keys = row0 + rows, key_blocks = amx_keys16(keys) / 16, keys32 = amx_keys32(keys);
-    const int64_t s_stride = amx_keys32(t) + 32 /* off 4 KiB multiples: rows in distinct L1 sets */, d32 = head_dim / 32, d16 = head_dim / 16;
+    /* Score and probability rows: padded off multiples of 4 KiB, so a tile's 16 rows fall in distinct L1 sets. */
+    const int64_t s_stride = amx_keys32(t) + 32, d32 = head_dim / 32, d16 = head_dim / 16;
     const int64_t esize = src_bf16 ? 2 : 4;
     float *s = (float *)scratch;
     uint16_t *p = (uint16_t *)(s + 16 * s_stride);
@@ -186,7 +187,8 @@ static void amx_attend_rows(void *out, int64_t out_stride, int out_bf16, const v
         for (j = 0; j < keys32; j += 16) {
             const int64_t left = seen - j;
             const __mmask16 valid = left >= 16 ? (__mmask16)0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
-            const __m512 e = _mm512_maskz_mov_ps(valid, amx_exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vscale, m)));
+            const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vscale, m);
+            const __m512 e = _mm512_maskz_mov_ps(valid, amx_exp2_16(x));
             vsum = _mm512_add_ps(vsum, e);
             _mm256_storeu_si256((__m256i *)(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
         }
@@ -219,7 +221,8 @@ static void amx_attend_rows(void *out, int64_t out_stride, int out_bf16, const v
         for (int64_t d = 0; d < head_dim; d += 16) {
             const __m512 o = _mm512_mul_ps(_mm512_loadu_ps(ob + r * head_dim + d), inv);
             if (out_bf16)
-                _mm256_storeu_si256((__m256i *)((uint16_t *)out + (row0 + r) * out_stride + d), (__m256i)_mm512_cvtneps_pbh(o));
+                _mm256_storeu_si256((__m256i *)((uint16_t *)out + (row0 + r) * out_stride + d),
+                                    (__m256i)_mm512_cvtneps_pbh(o));
             else
                 _mm512_storeu_ps((float *)out + (row0 + r) * out_stride + d, o);
         }

@@ -6,8 +6,8 @@
  *
  * Blocking: rows in chunks whose x block stays in L2 (X_CHUNK_BYTES); inside a chunk the threads take
  * guided grabs of at least PANELS_PER_GRAB panels (work_split.h: a long contiguous run first, then smaller grabs,
- * so a thread slowed by other load on its core does less), each panel over the chunk's rows in tiles of PANEL_ROWS. A panel (k * 64 bytes) is read from
- * L2 once per tile and from memory once per chunk.
+ * so a thread slowed by other load on its core does less), each panel over the chunk's rows in tiles of
+ * PANEL_ROWS. A panel (k * 64 bytes) is read from L2 once per tile and from memory once per chunk.
  * Invariants: x is [m, k] with row stride x_stride; y is [m, n] contiguous; panels is
  * [num_panels(n), k, PANEL]; bias is [n] or NULL.
  */

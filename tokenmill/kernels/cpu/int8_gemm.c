@@ -7,7 +7,8 @@
  * down_proj's weights), then the products run tile by tile.
  *
  * Blocking (as f32_gemm.c): rows in chunks whose quantized block stays in L2; inside a chunk the threads
- * take guided grabs of at least PANELS_PER_GRAB panels (work_split.h), each over the chunk's rows in tiles of I8_TILE_ROWS.
+ * take guided grabs of at least PANELS_PER_GRAB panels (work_split.h), each over the chunk's rows in tiles of
+ * I8_TILE_ROWS.
  * Invariants: x is [m, k] float32 with row stride x_stride; y is [m, n] contiguous; panels is
  * [int8_num_panels(n), int8_quads(k), I8_PANEL, I8_QUAD]; scale and rowsum are padded to whole panels;
  * rotation_block is 0 or a power of 2 dividing k; bias is [n] or NULL.
