@@ -7,10 +7,11 @@
  *      read (zero past the prompt's length):
  *        K^T: [key block of 16][d block of 32][16 input pairs][16 keys][2]   (a B tile per (key block, d block))
  *        V:   [key block of 32][d block of 16][16 key pairs][16 dims][2]    (a B tile per (key block, d block))
- *   2. amx_attend_rows: one task = (prompt, query head, block of 16 query rows). Scores S = Q K^T for the keys
- *      the block can see (whole tiles of 16; the diagonal tile masked), an exact softmax per row in float32
- *      (AVX-512: one row of a score tile is one vector), P rounded to bf16, O = P V on four accumulator tiles
- *      (64 dims) at a time, then O / sum written as float32 or bf16.
+ *   2. amx_attend_group: one task = (prompt, KV head, block of 16 query rows), for each of the KV head's query
+ *      heads: scores S = Q K^T for the keys the block can see (whole tiles of 16; the diagonal tile masked), an
+ *      exact softmax per row in float32 (AVX-512: one row of a score tile is one vector), P rounded to bf16,
+ *      O = P V on four accumulator tiles (64 dims) at a time, then O / sum written as float32 or bf16; one head's
+ *      scores run on the tiles while the previous head's softmax settles.
  * The score and probability rows of a block stay in the thread's scratch (amx_attention_scratch_bytes): the
  * whole prompt's keys at once, which bounds the prompt at AMX_ATTENTION_MAX_KEYS.
  *
@@ -39,11 +40,20 @@ static inline int64_t amx_packed_kv_elems(int64_t t, int64_t head_dim) {
     return amx_keys16(t) * head_dim + amx_keys32(t) * head_dim;
 }
 
-/* Per-thread scratch bytes of amx_attend_rows for prompts of up to max_t tokens (64-byte multiples). */
-static inline int64_t amx_attention_scratch_bytes(int64_t max_t, int64_t head_dim) {
-    const int64_t keys = amx_keys32(max_t) + 32; /* amx_attend_rows' row stride */
+/* Score and probability rows of a prompt of t tokens: padded off multiples of 4 KiB, so a tile's 16 rows fall in
+ * distinct L1 sets. */
+static inline int64_t amx_score_stride(int64_t t) { return amx_keys32(t) + 32; }
+
+/* Bytes of one query head's block buffers (amx_head_block) for prompts of up to max_t tokens (a multiple of 64). */
+static inline int64_t amx_head_block_bytes(int64_t max_t, int64_t head_dim) {
+    const int64_t keys = amx_score_stride(max_t);
     return (16 * keys * 4 /* scores */ + 16 * keys * 2 /* probabilities */ + 16 * head_dim * 2 /* Q block */ +
             16 * head_dim * 4 /* output block */ + 63) / 64 * 64;
+}
+
+/* Per-thread scratch bytes of amx_attend_group for prompts of up to max_t tokens: two head blocks in flight. */
+static inline int64_t amx_attention_scratch_bytes(int64_t max_t, int64_t head_dim) {
+    return 2 * amx_head_block_bytes(max_t, head_dim);
 }
 
 #if TM_HAVE_AMX && defined(__AVX512F__)
@@ -107,33 +117,43 @@ static void amx_pack_kv(uint16_t *packed, const void *k, int64_t k_stride, const
         }
 }
 
-/* Query rows row0 .. row0 + rows - 1 (rows <= 16) of one query head of a prompt of t tokens: q rows at
- * q + j * q_stride (head_dim elements, bf16 or float32 as src_bf16), over packed (amx_pack_kv of the head's KV
- * head); out rows at out + j * out_stride, float32 or bf16 (out_bf16). scratch: amx_attention_scratch_bytes(t). */
-static void amx_attend_rows(void *out, int64_t out_stride, int out_bf16, const void *q, int64_t q_stride,
-                            int src_bf16, const uint16_t *packed, int64_t t, int64_t row0, int64_t rows,
-                            int64_t head_dim, float scale, void *scratch) {
-    const int64_t keys = row0 + rows, key_blocks = amx_keys16(keys) / 16, keys32 = amx_keys32(keys);
-    /* Score and probability rows: padded off multiples of 4 KiB, so a tile's 16 rows fall in distinct L1 sets. */
-    const int64_t s_stride = amx_keys32(t) + 32, d32 = head_dim / 32, d16 = head_dim / 16;
-    const int64_t esize = src_bf16 ? 2 : 4;
-    float *s = (float *)scratch;
-    uint16_t *p = (uint16_t *)(s + 16 * s_stride);
-    uint16_t *qb = p + 16 * s_stride;
-    float *ob = (float *)(qb + 16 * head_dim);
-    const uint16_t *kt = packed, *vt = packed + amx_keys16(t) * head_dim;
+/* One query head's 16-row block in flight: its bf16 queries, float32 scores, bf16 probabilities (rows
+ * amx_score_stride apart), output sums and the rows' 1 / sum. Two of these per thread let one head's softmax finish
+ * while the tiles work on another's scores (amx_attend_group). */
+typedef struct {
+    float *s;
+    uint16_t *p, *qb;
+    float *ob;
+    float inv_sum[16];
+} amx_head_block;
 
+static inline amx_head_block amx_block_at(void *scratch, int64_t t, int64_t head_dim) {
+    const int64_t s_stride = amx_score_stride(t);
+    amx_head_block b;
+    b.s = (float *)scratch;
+    b.p = (uint16_t *)(b.s + 16 * s_stride);
+    b.qb = b.p + 16 * s_stride;
+    b.ob = (float *)(b.qb + 16 * head_dim);
+    return b;
+}
+
+/* Phase 1: the block's queries (rows row0 .. row0 + rows - 1 at q + j * q_stride) to bf16, then S = Q K^T for the
+ * keys the block can see, four key blocks per pass (accumulators 0-3: the TDPs of one accumulator form a chain, so
+ * four chains keep the unit busy; head_dim 64: Q's two input blocks stay in tiles 4 and 5 throughout). */
+static void amx_block_scores(amx_head_block *b, const void *q, int64_t q_stride, int src_bf16, const uint16_t *packed,
+                             int64_t t, int64_t row0, int64_t rows, int64_t head_dim) {
+    const int64_t key_blocks = amx_keys16(row0 + rows) / 16, s_stride = amx_score_stride(t), d32 = head_dim / 32;
+    const int64_t esize = src_bf16 ? 2 : 4;
+    const uint16_t *kt = packed;
     for (int64_t r = 0; r < 16; ++r) {
         const char *row = (const char *)q + (row0 + r) * q_stride * esize;
         for (int64_t d = 0; d < head_dim; d += 16)
-            _mm256_storeu_si256((__m256i *)(qb + r * head_dim + d),
+            _mm256_storeu_si256((__m256i *)(b->qb + r * head_dim + d),
                                 r < rows ? amx_load16_bf16(row, d, src_bf16) : _mm256_setzero_si256());
     }
-    /* S = Q K^T, four key blocks per pass (accumulators 0-3): the TDPs of one accumulator form a chain, so four
-     * chains keep the unit busy. head_dim 64: Q's two input blocks stay in tiles 4 and 5 throughout. */
     if (d32 == 2) {
-        _tile_loadd(4, qb, head_dim * 2);
-        _tile_loadd(5, qb + 32, head_dim * 2);
+        _tile_loadd(4, b->qb, head_dim * 2);
+        _tile_loadd(5, b->qb + 32, head_dim * 2);
     }
     for (int64_t kb = 0; kb < key_blocks; kb += 4) {
         const int64_t nk = key_blocks - kb < 4 ? key_blocks - kb : 4;
@@ -156,7 +176,7 @@ static void amx_attend_rows(void *out, int64_t out_stride, int out_bf16, const v
 #undef TM_S_BLOCK
         } else {
             for (int64_t db = 0; db < d32; ++db) {
-                _tile_loadd(4, qb + db * 32, head_dim * 2);
+                _tile_loadd(4, b->qb + db * 32, head_dim * 2);
                 _tile_loadd(6, k0 + db * 512, 64);
                 _tile_dpbf16ps(0, 4, 6);
                 if (nk > 1) { _tile_loadd(7, k0 + (d32 + db) * 512, 64); _tile_dpbf16ps(1, 4, 7); }
@@ -164,18 +184,22 @@ static void amx_attend_rows(void *out, int64_t out_stride, int out_bf16, const v
                 if (nk > 3) { _tile_loadd(7, k0 + (3 * d32 + db) * 512, 64); _tile_dpbf16ps(3, 4, 7); }
             }
         }
-        _tile_stored(0, s + kb * 16, s_stride * 4);
-        if (nk > 1) _tile_stored(1, s + (kb + 1) * 16, s_stride * 4);
-        if (nk > 2) _tile_stored(2, s + (kb + 2) * 16, s_stride * 4);
-        if (nk > 3) _tile_stored(3, s + (kb + 3) * 16, s_stride * 4);
+        _tile_stored(0, b->s + kb * 16, s_stride * 4);
+        if (nk > 1) _tile_stored(1, b->s + (kb + 1) * 16, s_stride * 4);
+        if (nk > 2) _tile_stored(2, b->s + (kb + 2) * 16, s_stride * 4);
+        if (nk > 3) _tile_stored(3, b->s + (kb + 3) * 16, s_stride * 4);
     }
-    /* Exact softmax per row over keys 0 .. row0 + r (causal); P zero past them, to keys32. */
-    float inv_sum[16];
+}
+
+/* Phase 2: an exact softmax per row over keys 0 .. row0 + r (causal), P rounded to bf16 and zero past them, to
+ * the block's last whole 32 keys. */
+static void amx_block_softmax(amx_head_block *b, int64_t t, int64_t row0, int64_t rows, float scale) {
+    const int64_t keys32 = amx_keys32(row0 + rows), s_stride = amx_score_stride(t);
     const float scale2 = scale * 1.44269504088896341f; /* e^(s scale) = 2^(s scale2) */
     const __m512 vscale = _mm512_set1_ps(scale2);
     for (int64_t r = 0; r < rows; ++r) {
-        float *sr = s + r * s_stride;
-        uint16_t *pr = p + r * s_stride;
+        float *sr = b->s + r * s_stride;
+        uint16_t *pr = b->p + r * s_stride;
         const int64_t seen = row0 + r + 1;
         __m512 vmax = _mm512_set1_ps(-INFINITY);
         int64_t j = 0;
@@ -192,10 +216,17 @@ static void amx_attend_rows(void *out, int64_t out_stride, int out_bf16, const v
             vsum = _mm512_add_ps(vsum, e);
             _mm256_storeu_si256((__m256i *)(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
         }
-        inv_sum[r] = 1.0f / _mm512_reduce_add_ps(vsum);
+        b->inv_sum[r] = 1.0f / _mm512_reduce_add_ps(vsum);
     }
-    for (int64_t r = rows; r < 16; ++r) memset(p + r * s_stride, 0, (size_t)keys32 * 2);
-    /* O = P V, four 16-dim accumulators at a time. */
+    for (int64_t r = rows; r < 16; ++r) memset(b->p + r * s_stride, 0, (size_t)keys32 * 2);
+}
+
+/* Phase 3: O = P V on four 16-dim accumulators at a time, then O / sum to out rows row0 .. (out + j * out_stride,
+ * float32 or bf16 as out_bf16). */
+static void amx_block_weighted(amx_head_block *b, void *out, int64_t out_stride, int out_bf16, const uint16_t *packed,
+                               int64_t t, int64_t row0, int64_t rows, int64_t head_dim) {
+    const int64_t keys32 = amx_keys32(row0 + rows), s_stride = amx_score_stride(t), d16 = head_dim / 16;
+    const uint16_t *vt = packed + amx_keys16(t) * head_dim;
     for (int64_t d0 = 0; d0 < d16; d0 += 4) {
         const int64_t nd = d16 - d0 < 4 ? d16 - d0 : 4;
         _tile_zero(0);
@@ -203,7 +234,7 @@ static void amx_attend_rows(void *out, int64_t out_stride, int out_bf16, const v
         _tile_zero(2);
         _tile_zero(3);
         for (int64_t kb = 0; kb < keys32 / 32; ++kb) {
-            _tile_loadd(4, p + kb * 32, s_stride * 2);
+            _tile_loadd(4, b->p + kb * 32, s_stride * 2);
             const uint16_t *vb = vt + (kb * d16 + d0) * 512;
             _tile_loadd(6, vb, 64);
             _tile_dpbf16ps(0, 4, 6);
@@ -211,15 +242,15 @@ static void amx_attend_rows(void *out, int64_t out_stride, int out_bf16, const v
             if (nd > 2) { _tile_loadd(6, vb + 1024, 64); _tile_dpbf16ps(2, 4, 6); }
             if (nd > 3) { _tile_loadd(7, vb + 1536, 64); _tile_dpbf16ps(3, 4, 7); }
         }
-        _tile_stored(0, ob + d0 * 16, head_dim * 4);
-        if (nd > 1) _tile_stored(1, ob + (d0 + 1) * 16, head_dim * 4);
-        if (nd > 2) _tile_stored(2, ob + (d0 + 2) * 16, head_dim * 4);
-        if (nd > 3) _tile_stored(3, ob + (d0 + 3) * 16, head_dim * 4);
+        _tile_stored(0, b->ob + d0 * 16, head_dim * 4);
+        if (nd > 1) _tile_stored(1, b->ob + (d0 + 1) * 16, head_dim * 4);
+        if (nd > 2) _tile_stored(2, b->ob + (d0 + 2) * 16, head_dim * 4);
+        if (nd > 3) _tile_stored(3, b->ob + (d0 + 3) * 16, head_dim * 4);
     }
     for (int64_t r = 0; r < rows; ++r) {
-        const __m512 inv = _mm512_set1_ps(inv_sum[r]);
+        const __m512 inv = _mm512_set1_ps(b->inv_sum[r]);
         for (int64_t d = 0; d < head_dim; d += 16) {
-            const __m512 o = _mm512_mul_ps(_mm512_loadu_ps(ob + r * head_dim + d), inv);
+            const __m512 o = _mm512_mul_ps(_mm512_loadu_ps(b->ob + r * head_dim + d), inv);
             if (out_bf16)
                 _mm256_storeu_si256((__m256i *)((uint16_t *)out + (row0 + r) * out_stride + d),
                                     (__m256i)_mm512_cvtneps_pbh(o));
@@ -228,12 +259,36 @@ static void amx_attend_rows(void *out, int64_t out_stride, int out_bf16, const v
         }
     }
 }
+
+/* Query rows row0 .. row0 + rows - 1 (rows <= 16) of the `heads` query heads that share one KV head of a prompt of
+ * t tokens (packed: amx_pack_kv of that KV head), head i's rows at q + i * head_dim + j * q_stride (bf16 or float32
+ * as src_bf16), its output at out + i * head_dim + j * out_stride (float32 or bf16 as out_bf16). Pipelined over the
+ * heads: head i + 1's scores run on the tiles between head i's softmax and its P V, so the vector stores of P have
+ * reached L1 when the tiles load them (and the tiles' score stores before the vector loads). scratch:
+ * amx_attention_scratch_bytes(t). */
+static void amx_attend_group(void *out, int64_t out_stride, int out_bf16, const void *q, int64_t q_stride,
+                             int src_bf16, const uint16_t *packed, int64_t t, int64_t row0, int64_t rows, int64_t heads,
+                             int64_t head_dim, float scale, void *scratch) {
+    const int64_t esize = src_bf16 ? 2 : 4, out_esize = out_bf16 ? 2 : 4;
+    amx_head_block blocks[2] = {amx_block_at(scratch, t, head_dim),
+                                amx_block_at((char *)scratch + amx_head_block_bytes(t, head_dim), t, head_dim)};
+    amx_block_scores(&blocks[0], q, q_stride, src_bf16, packed, t, row0, rows, head_dim);
+    for (int64_t i = 0; i < heads; ++i) {
+        amx_head_block *cur = &blocks[i & 1], *next = &blocks[(i + 1) & 1];
+        amx_block_softmax(cur, t, row0, rows, scale);
+        if (i + 1 < heads)
+            amx_block_scores(next, (const char *)q + (i + 1) * head_dim * esize, q_stride, src_bf16, packed, t, row0,
+                             rows, head_dim);
+        amx_block_weighted(cur, (char *)out + i * head_dim * out_esize, out_stride, out_bf16, packed, t, row0, rows,
+                           head_dim);
+    }
+}
 #define TM_HAVE_AMX_ATTENTION 1
 #else
 #define TM_HAVE_AMX_ATTENTION 0
 #endif
 
-/* 1 when amx_attend_rows runs here for head_dim and prompts of t tokens. */
+/* 1 when amx_attend_group runs here for head_dim and prompts of t tokens. */
 static inline int amx_attention_fits(int64_t head_dim, int64_t t) {
     return TM_HAVE_AMX_ATTENTION && bf16_amx_ready() && head_dim % 32 == 0 && head_dim <= AMX_ATTENTION_MAX_DIM &&
            t <= AMX_ATTENTION_MAX_KEYS;

@@ -2,8 +2,8 @@
  * the step's own rotated bf16 q/k/v rows: the layer-by-layer path's alternative to torch's fused attention for
  * a bf16 model, chosen by the execution plan (worker/plan.py) where it measures faster.
  *
- * Work split: phase 1 packs each (prompt, KV head)'s K and V (one task each); phase 2 runs (prompt, query head,
- * block of 16 query rows) tasks, the blocks that see the most keys first, dynamically.
+ * Work split: phase 1 packs each (prompt, KV head)'s K and V (one task each); phase 2 runs (prompt, KV head,
+ * block of 16 query rows) tasks, all the KV head's query heads in each, the blocks that see the most keys first, dynamically.
  * Invariants: q [T, num_heads * head_dim], k and v [T, num_kv_heads * head_dim] rows with the given row strides
  * (elements), bf16 or float32 (src_bf16; rounded to bf16 as read); out [T, num_heads * head_dim] rows of stride
  * out_stride, bf16 or float32 (out_bf16); prompt i owns rows starts[i] .. starts[i] + lens[i] - 1.
@@ -28,7 +28,7 @@ int tm_bf16_prompt_attention(void *out, int64_t out_stride, int out_bf16, const 
         if (!amx_attention_fits(head_dim, lens[i])) return 2;
         max_t = lens[i] > max_t ? lens[i] : max_t;
         packed_total += num_kv_heads * amx_packed_kv_elems(lens[i], head_dim);
-        num_tasks += num_heads * ((lens[i] + 15) / 16);
+        num_tasks += num_kv_heads * ((lens[i] + 15) / 16);
     }
     const int64_t scratch_bytes = amx_attention_scratch_bytes(max_t, head_dim);
     int64_t *offsets = malloc((size_t)num_prompts * sizeof(int64_t));
@@ -39,7 +39,7 @@ int tm_bf16_prompt_attention(void *out, int64_t out_stride, int out_bf16, const 
         free(offsets), free(tasks), free(packed), free(scratch);
         return 1;
     }
-    /* Tasks (prompt, head, first row), the last query blocks (most keys) first. */
+    /* Tasks (prompt, KV head, first row), the last query blocks (most keys) first. */
     int64_t n = 0, max_blocks = 0;
     for (int64_t i = 0, off = 0; i < num_prompts; ++i) {
         offsets[i] = off;
@@ -49,7 +49,7 @@ int tm_bf16_prompt_attention(void *out, int64_t out_stride, int out_bf16, const 
     for (int64_t b = max_blocks - 1; b >= 0; --b)
         for (int64_t i = 0; i < num_prompts; ++i)
             if (b * 16 < lens[i])
-                for (int64_t h = 0; h < num_heads; ++h, ++n) {
+                for (int64_t h = 0; h < num_kv_heads; ++h, ++n) {
                     tasks[3 * n] = i;
                     tasks[3 * n + 1] = h;
                     tasks[3 * n + 2] = b * 16;
@@ -71,10 +71,11 @@ int tm_bf16_prompt_attention(void *out, int64_t out_stride, int out_bf16, const 
         for (int64_t j = 0; j < num_tasks; ++j) {
             const int64_t i = tasks[3 * j], h = tasks[3 * j + 1], row0 = tasks[3 * j + 2], t = lens[i];
             const int64_t rows = t - row0 < 16 ? t - row0 : 16;
-            amx_attend_rows((char *)out + (starts[i] * out_stride + h * head_dim) * out_esize, out_stride, out_bf16,
-                            (const char *)q + (starts[i] * q_stride + h * head_dim) * esize, q_stride, src_bf16,
-                            packed + offsets[i] + (h / group) * amx_packed_kv_elems(t, head_dim), t, row0, rows,
-                            head_dim, scale, mine);
+            const int64_t first = h * group * head_dim; /* the KV head's first query head */
+            amx_attend_group((char *)out + (starts[i] * out_stride + first) * out_esize, out_stride, out_bf16,
+                             (const char *)q + (starts[i] * q_stride + first) * esize, q_stride, src_bf16,
+                             packed + offsets[i] + h * amx_packed_kv_elems(t, head_dim), t, row0, rows, group,
+                             head_dim, scale, mine);
         }
         _tile_release();
     }

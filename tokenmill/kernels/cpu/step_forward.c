@@ -240,7 +240,7 @@ static void gate_up_silu_phase(const tm_linear *l, uint16_t *h, int64_t h_stride
 
 /* The whole-context prompts of a step that attend on AMX tiles (bf16_attention_amx.h), planned before the step's
  * parallel region: per request its packed K/V offset (-1: not on AMX), q_lens with those prompts' set to 0 (what
- * prefill_tile.h's tasks take), and (request, query head, first row) tasks, the query blocks that see the most
+ * prefill_tile.h's tasks take), and (request, KV head, first row) tasks, the query blocks that see the most
  * keys first; the packed K/V and each thread's scratch in one allocation. */
 typedef struct {
     int64_t *offsets, *tile_q_lens; /* [N] each, one allocation */
@@ -274,7 +274,7 @@ static int plan_amx_prompts(amx_prompts *a, const int64_t *q_lens, const int64_t
         a->tile_q_lens[r] = on_amx ? 0 : t;
         if (on_amx) {
             packed += num_kv_heads * amx_packed_kv_elems(t, head_dim);
-            a->num_tasks += num_heads * ((t + 15) / 16);
+            a->num_tasks += num_kv_heads * ((t + 15) / 16);
             max_t = t > max_t ? t : max_t;
         }
     }
@@ -291,7 +291,7 @@ static int plan_amx_prompts(amx_prompts *a, const int64_t *q_lens, const int64_t
     for (int64_t b = (max_t + 15) / 16 - 1; b >= 0; --b)
         for (int64_t r = 0; r < num_reqs; ++r)
             if (a->offsets[r] >= 0 && b * 16 < q_lens[r])
-                for (int64_t h = 0; h < num_heads; ++h, ++n) {
+                for (int64_t h = 0; h < num_kv_heads; ++h, ++n) {
                     a->tasks[3 * n] = r;
                     a->tasks[3 * n + 1] = h;
                     a->tasks[3 * n + 2] = b * 16;
@@ -321,10 +321,10 @@ static void attend_amx_prompts(const amx_prompts *a, float *attn, const float *q
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t j = 0; j < a->num_tasks; ++j) {
         const int64_t r = a->tasks[3 * j], h = a->tasks[3 * j + 1], row0 = a->tasks[3 * j + 2];
-        const int64_t t = q_lens[r], first = q_starts[r] * q_size + h * head_dim;
-        amx_attend_rows(attn + first, q_size, 0, q + first, q_size, 0,
-                        a->kv + a->offsets[r] + (h / group) * amx_packed_kv_elems(t, head_dim), t, row0,
-                        t - row0 < 16 ? t - row0 : 16, head_dim, scale, scratch);
+        const int64_t t = q_lens[r], first = q_starts[r] * q_size + h * group * head_dim;
+        amx_attend_group(attn + first, q_size, 0, q + first, q_size, 0,
+                         a->kv + a->offsets[r] + h * amx_packed_kv_elems(t, head_dim), t, row0,
+                         t - row0 < 16 ? t - row0 : 16, group, head_dim, scale, scratch);
     }
     _tile_release();
 #else
