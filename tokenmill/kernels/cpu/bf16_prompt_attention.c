@@ -3,7 +3,8 @@
  * a bf16 model, chosen by the execution plan (worker/plan.py) where it measures faster.
  *
  * Work split: phase 1 packs each (prompt, KV head)'s K and V (one task each); phase 2 runs (prompt, KV head,
- * block of 16 query rows) tasks, all the KV head's query heads in each, the blocks that see the most keys first, dynamically.
+ * block of 16 query rows) tasks, all the KV head's query heads in each, the blocks that see the most keys first,
+ * dynamically.
  * Invariants: q [T, num_heads * head_dim], k and v [T, num_kv_heads * head_dim] rows with the given row strides
  * (elements), bf16 or float32 (src_bf16; rounded to bf16 as read); out [T, num_heads * head_dim] rows of stride
  * out_stride, bf16 or float32 (out_bf16); prompt i owns rows starts[i] .. starts[i] + lens[i] - 1.
