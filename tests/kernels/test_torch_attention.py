@@ -140,9 +140,8 @@ def test_route_kernel_takes_the_first_bound_that_holds() -> None:
     assert route_kernel([], 100) == C_PREFILL_KERNEL
     with pytest.raises(ValueError, match="unknown prompt attention kernels"):
         TorchAttentionBackend().route_prompt_attention([(16, "magic")], torch.float32)
-    with pytest.raises(ValueError, match="for a bf16 or quantized model"):
+    with pytest.raises(ValueError, match="for a bf16 model"):
         TorchAttentionBackend().route_prompt_attention([(16, AMX_KERNEL)], torch.float32)
-    TorchAttentionBackend().route_prompt_attention([(16, AMX_KERNEL)], torch.float32, bf16_ok=True)  # quantized
 
 
 # With our AMX kernel where the CPU has AMX-BF16 (a bf16 model's candidate): AMX up to 16 rows and from 65.

@@ -320,29 +320,6 @@ def test_row_chunks_do_not_change_the_result(tiny_checkpoint: Any, dtype: str, q
 
 
 @pytest.mark.skipif(not bf16_prompt_attention_available(64), reason="no AMX-BF16 here")
-def test_int8_model_times_amx_attention_and_its_c_forward_takes_it(head64_checkpoint: Any) -> None:
-    """A quantized (int8) float32 model offers the plan the AMX attention too (its bf16 rounding is below the int8
-    weights' and activations' error), and its C forward's whole-context prompts then attend on the tiles: close to
-    the float32 kernel's result, within bf16 rounding carried through int8 activation levels."""
-    from tokenmill.worker.planner import _synthetic_step
-
-    llm = LLM(dtype="float32", kernels="c", model=str(head64_checkpoint), block_size=8, kv_cache_memory=16 << 20,
-              quantization="int8", kv_cache_dtype="float32")
-    assert all("c_amx" in c.seconds for c in llm.engine.core.worker.plan.for_operation("prompt_attention"))
-    c_step = _c_step(llm)
-    assert c_step is not None
-    ids, positions, meta = _synthetic_step(1, 100, 100, 8, llm.engine.vocab_size)
-    model_struct = c_step.kernel._model
-    outputs = {}
-    for bound in (0, 100):
-        model_struct.amx_attention_max_rows = bound
-        outputs[bound] = c_step.forward(ids, positions, meta).clone()
-    assert not torch.equal(outputs[0], outputs[100])
-    scale = outputs[0].abs().max().item()
-    torch.testing.assert_close(outputs[100], outputs[0], rtol=5e-2, atol=5e-2 * scale)
-
-
-@pytest.mark.skipif(not bf16_prompt_attention_available(64), reason="no AMX-BF16 here")
 def test_amx_prompt_attention_agrees_with_the_float32_kernel(head64_checkpoint: Any) -> None:
     """A bf16 model's whole-context prompt attends on AMX tiles (q/k/v and probabilities rounded to bf16) when
     amx_attention_max_rows covers it, else in the float32 tile kernel: bf16-rounding-sized differences; a prompt

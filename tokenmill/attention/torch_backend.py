@@ -230,15 +230,14 @@ class TorchAttentionBackend:
         self.prompt_routes: list[tuple[int, str]] = []
         self.sdpa_dtype = torch.float32
 
-    def route_prompt_attention(self, routes: list[tuple[int, str]], dtype: torch.dtype, bf16_ok: bool = False) -> None:
+    def route_prompt_attention(self, routes: list[tuple[int, str]], dtype: torch.dtype) -> None:
         """Takes the execution plan's choice for whole-context prompt rows (C_PREFILL_KERNEL, SDPA_KERNEL or
-        AMX_KERNEL by prompt length); dtype: the model's, which torch's fused attention runs in. AMX_KERNEL attends
-        in bf16: for a bf16 model, or where bf16_ok (quantized weights)."""
+        AMX_KERNEL by prompt length); dtype: the model's, which torch's fused attention runs in."""
         unknown = {k for _, k in routes} - {C_PREFILL_KERNEL, SDPA_KERNEL, AMX_KERNEL}
         if unknown:
             raise ValueError(f"unknown prompt attention kernels {sorted(unknown)}")
-        if dtype != torch.bfloat16 and not bf16_ok and any(k == AMX_KERNEL for _, k in routes):
-            raise ValueError(f"{AMX_KERNEL} attends in bf16: it is for a bf16 or quantized model, not {dtype}")
+        if dtype != torch.bfloat16 and any(k == AMX_KERNEL for _, k in routes):
+            raise ValueError(f"{AMX_KERNEL} attends in bf16: it is for a bf16 model, not {dtype}")
         self.prompt_routes = list(routes)
         self.sdpa_dtype = dtype
 

@@ -238,12 +238,10 @@ def _plan_head(model: nn.Module, plan: ExecutionPlan, family: str, panels_ok: bo
 
 
 @torch.no_grad()
-def plan_attention(model: nn.Module, plan: ExecutionPlan, family: str, kv_dtype: torch.dtype, block_size: int,
-                   quantized: bool = False) -> None:
+def plan_attention(model: nn.Module, plan: ExecutionPlan, family: str, kv_dtype: torch.dtype, block_size: int) -> None:
     """Times (unless cached) the attention of one whole-context prompt per PROMPT_ATTENTION_BUCKETS length through
     the C prefill kernel and torch's fused attention, and routes the backend by prompt length. Backends without
-    the C prefill kernel (the GPU, `--kernels torch`, no compiler) have nothing to choose. Our AMX-BF16 kernel is a candidate for a bf16 model
-    and for a quantized one (`quantized`: int8/int4 weights, whose error bf16 attention does not add to)."""
+    the C prefill kernel (the GPU, `--kernels torch`, no compiler) have nothing to choose."""
     layer = model.attention_layers[0]
     backend = layer.backend
     if not (isinstance(backend, TorchAttentionBackend) and backend.use_c_prefill):
@@ -267,14 +265,13 @@ def plan_attention(model: nn.Module, plan: ExecutionPlan, family: str, kv_dtype:
                 SDPA_KERNEL: lambda o=out, q=query, k=key, v=value: o.copy_(
                     whole_context_attention(q, k, v, layer.scale, dtype)),
             }
-            if (dtype == torch.bfloat16 or quantized) and bf16_prompt_attention_available(head_dim):
+            if dtype == torch.bfloat16 and bf16_prompt_attention_available(head_dim):
                 fns[AMX_KERNEL] = lambda o=out, q=query, k=key, v=value, n=rows: bf16_prompt_attention(
                     o, q, k, v, [0], [n], layer.scale)
             logger.info("plan: timing prompt_attention of %d rows", rows)
             plan.choices.append(choose("prompt_attention", rows, filter_family(fns, family)))
         plan.build_seconds += time.perf_counter() - start
-    backend.route_prompt_attention(routes_from_choices(plan.for_operation("prompt_attention")), dtype,
-                                   bf16_ok=quantized)
+    backend.route_prompt_attention(routes_from_choices(plan.for_operation("prompt_attention")), dtype)
 
 
 def _synthetic_step(num_reqs: int, q_len: int, context: int, block_size: int, vocab: int

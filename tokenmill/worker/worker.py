@@ -73,8 +73,7 @@ class Worker:
         if self.plan is not None:
             plan_model(model, self.plan, family, keep_panels=use_c_forward and config.model.panel_gemm,
                        panels=config.model.panel_gemm)
-            plan_attention(model, self.plan, family, kv_dtype, config.cache.block_size,
-                           quantized=config.model.quantization not in (None, "none"))
+            plan_attention(model, self.plan, family, kv_dtype, config.cache.block_size)
         huge_pages = config.model.huge_pages and on_cpu
         if huge_pages:  # before anything holds raw weight pointers (the C forward, set up below)
             from tokenmill.worker.huge_pages import weight_arena

@@ -23,7 +23,7 @@
  *
  * A prompt whose whole context is in the step (no cached prefix) and that has at most amx_attention_max_rows rows
  * attends on AMX-BF16 tiles instead (bf16_attention_amx.h: its q/k/v rounded to bf16 from the step's rotated rows;
- * set for a bf16 or quantized model where the execution plan chose that kernel).
+ * set for a bf16 model where the execution plan chose that kernel).
  *
  * Work split: projections by panels (float32, int8, bf16; guided grabs of PANELS_PER_GRAB, over row chunks
  * whose quantized or float input stays in L2, as int8_gemm.c and f32_gemm.c block them) or blocks of
@@ -90,8 +90,7 @@ typedef struct {
     const float *rope_cos, *rope_sin; /* [max_positions, head_dim] */
     int64_t row_chunk_bytes;          /* rows_per_chunk's budget */
     int64_t amx_attention_max_rows;   /* prompts of up to this many rows whose whole context is in the step attend
-                                         on AMX-BF16 tiles (bf16_attention_amx.h; a bf16 or quantized model's);
-                                         0: never */
+                                         on AMX-BF16 tiles (bf16_attention_amx.h; a bf16 model's); 0: never */
 } tm_model;
 
 /* Per-row input of a projection: for int8, row x quantized (and rotated) into u / low / step; for

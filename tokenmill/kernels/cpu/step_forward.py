@@ -134,11 +134,11 @@ class StepForwardKernel:
         """row_chunk_bytes: input-row bytes of a projection kept in L2 while its weights pass (steps of more rows
         take their rows in chunks, each streaming the weights again). amx_attention_max_rows: prompts of up to this many
         rows whose whole context is in the step attend in bf16 on AMX tiles (kernels/cpu/bf16_attention_amx.h; for a
-        bf16 or quantized model where the plan chose it); 0: the float32 kernels for all."""
+        bf16 model where the plan chose it); 0: the float32 kernels for all."""
         if head_dim % 8:
             raise ValueError(f"decode step: head_dim must be a multiple of 8, got {head_dim}")
-        if amx_attention_max_rows and any(layer.qkv.format == FLOAT32 for layer in layers):
-            raise ValueError("decode step: AMX attention (bf16) is for a bf16 or quantized model, not float32")
+        if amx_attention_max_rows and any(layer.qkv.format != BF16 for layer in layers):
+            raise ValueError("decode step: AMX attention is for a bf16 model (bf16 projections)")
         self._keep: list[torch.Tensor] = []
         hidden = final_norm.shape[0]
         intermediate = layers[0].down.shape[1]
