@@ -24,7 +24,9 @@
 #define TM_BF16_ATTENTION_AMX_H
 
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bf16_panels.h"
@@ -54,6 +56,63 @@ static inline int64_t amx_head_block_bytes(int64_t max_t, int64_t head_dim) {
 /* Per-thread scratch bytes of amx_attend_group for prompts of up to max_t tokens: two head blocks in flight. */
 static inline int64_t amx_attention_scratch_bytes(int64_t max_t, int64_t head_dim) {
     return 2 * amx_head_block_bytes(max_t, head_dim);
+}
+
+
+/* The prompts of one call (bf16_prompt_attention.c) or step (step_forward.c) that attend on AMX tiles: per prompt
+ * its packed K/V offset (-1: not on AMX), (prompt, KV head, first row) tasks with the query blocks that see the
+ * most keys first, and the packed K/V then each thread's scratch in one allocation. */
+typedef struct {
+    int64_t *offsets; /* [num_prompts] */
+    int64_t *tasks;   /* [num_tasks, 3] */
+    int64_t num_tasks;
+    uint16_t *kv;     /* packed K/V, then the threads' scratch */
+    char *scratch;
+    int64_t scratch_bytes; /* per thread */
+} amx_prompt_plan;
+
+static void amx_free_prompt_plan(amx_prompt_plan *a) {
+    free(a->offsets), free(a->tasks), free(a->kv);
+    a->offsets = a->tasks = NULL;
+    a->kv = NULL;
+    a->num_tasks = 0;
+}
+
+/* Plans the prompts i with lens[i] > 0 (amx_attention_fits holds for each; 0: not on AMX). Returns 0, or 1 when
+ * memory could not be allocated (nothing left allocated). */
+static int amx_plan_prompts(amx_prompt_plan *a, const int64_t *lens, int64_t num_prompts, int64_t num_kv_heads,
+                            int64_t head_dim, int num_threads) {
+    int64_t packed = 0, max_t = 0;
+    a->offsets = (int64_t *)malloc((size_t)(num_prompts > 0 ? num_prompts : 1) * sizeof(int64_t));
+    if (a->offsets == NULL) return 1;
+    for (int64_t i = 0; i < num_prompts; ++i) {
+        a->offsets[i] = lens[i] > 0 ? packed : -1;
+        if (lens[i] > 0) {
+            packed += num_kv_heads * amx_packed_kv_elems(lens[i], head_dim);
+            a->num_tasks += num_kv_heads * ((lens[i] + 15) / 16);
+            max_t = lens[i] > max_t ? lens[i] : max_t;
+        }
+    }
+    if (a->num_tasks == 0) return 0;
+    const int64_t kv_bytes = (packed * 2 + 63) / 64 * 64;
+    a->scratch_bytes = amx_attention_scratch_bytes(max_t, head_dim);
+    a->tasks = (int64_t *)malloc((size_t)a->num_tasks * 3 * sizeof(int64_t));
+    a->kv = (uint16_t *)aligned_alloc(64, (size_t)(kv_bytes + a->scratch_bytes * num_threads));
+    if (a->tasks == NULL || a->kv == NULL) {
+        amx_free_prompt_plan(a);
+        return 1;
+    }
+    a->scratch = (char *)a->kv + kv_bytes;
+    int64_t n = 0;
+    for (int64_t b = (max_t + 15) / 16 - 1; b >= 0; --b)
+        for (int64_t i = 0; i < num_prompts; ++i)
+            if (lens[i] > 0 && b * 16 < lens[i])
+                for (int64_t h = 0; h < num_kv_heads; ++h, ++n) {
+                    a->tasks[3 * n] = i;
+                    a->tasks[3 * n + 1] = h;
+                    a->tasks[3 * n + 2] = b * 16;
+                }
+    return 0;
 }
 
 #if TM_HAVE_AMX && defined(__AVX512F__)
@@ -282,6 +341,37 @@ static void amx_attend_group(void *out, int64_t out_stride, int out_bf16, const 
         amx_block_weighted(cur, (char *)out + i * head_dim * out_esize, out_stride, out_bf16, packed, t, row0, rows,
                            head_dim);
     }
+}
+/* The planned prompts' attention, inside a parallel region (every thread calls it): each (prompt, KV head)'s K/V
+ * packed, then the tasks. Prompt i owns rows starts[i] .. + lens[i] - 1 of q [.., num_heads * head_dim], k and v
+ * [.., num_kv_heads * head_dim] (row strides in elements, bf16 or float32 as src_bf16) and out (float32 or bf16 as
+ * out_bf16). Leaves no barrier after the tasks. */
+static void amx_attend_prompts(const amx_prompt_plan *a, void *out, int64_t out_stride, int out_bf16, const void *q,
+                               int64_t q_stride, const void *k, int64_t k_stride, const void *v, int64_t v_stride,
+                               int src_bf16, const int64_t *starts, const int64_t *lens, int64_t num_prompts,
+                               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale) {
+    const int64_t group = num_heads / num_kv_heads, esize = src_bf16 ? 2 : 4, out_esize = out_bf16 ? 2 : 4;
+    bf16_amx_load_config_rows(16);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t j = 0; j < num_prompts * num_kv_heads; ++j) {
+        const int64_t i = j / num_kv_heads, h = j % num_kv_heads;
+        if (a->offsets[i] < 0) continue;
+        amx_pack_kv(a->kv + a->offsets[i] + h * amx_packed_kv_elems(lens[i], head_dim),
+                    (const char *)k + (starts[i] * k_stride + h * head_dim) * esize, k_stride,
+                    (const char *)v + (starts[i] * v_stride + h * head_dim) * esize, v_stride, src_bf16, lens[i],
+                    head_dim);
+    }
+    void *scratch = a->scratch + a->scratch_bytes * omp_get_thread_num();
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t j = 0; j < a->num_tasks; ++j) {
+        const int64_t i = a->tasks[3 * j], h = a->tasks[3 * j + 1], row0 = a->tasks[3 * j + 2], t = lens[i];
+        const int64_t first = h * group * head_dim; /* the KV head's first query head */
+        amx_attend_group((char *)out + (starts[i] * out_stride + first) * out_esize, out_stride, out_bf16,
+                         (const char *)q + (starts[i] * q_stride + first) * esize, q_stride, src_bf16,
+                         a->kv + a->offsets[i] + h * amx_packed_kv_elems(t, head_dim), t, row0,
+                         t - row0 < 16 ? t - row0 : 16, group, head_dim, scale, scratch);
+    }
+    _tile_release();
 }
 #define TM_HAVE_AMX_ATTENTION 1
 #else

@@ -24,63 +24,14 @@ int tm_bf16_prompt_attention(void *out, int64_t out_stride, int out_bf16, const 
                              const int64_t *starts, const int64_t *lens, int64_t num_prompts, int64_t num_heads,
                              int64_t num_kv_heads, int64_t head_dim, float scale, int num_threads) {
 #if TM_HAVE_AMX_ATTENTION
-    int64_t max_t = 1, packed_total = 0, num_tasks = 0;
-    for (int64_t i = 0; i < num_prompts; ++i) {
+    for (int64_t i = 0; i < num_prompts; ++i)
         if (!amx_attention_fits(head_dim, lens[i])) return 2;
-        max_t = lens[i] > max_t ? lens[i] : max_t;
-        packed_total += num_kv_heads * amx_packed_kv_elems(lens[i], head_dim);
-        num_tasks += num_kv_heads * ((lens[i] + 15) / 16);
-    }
-    const int64_t scratch_bytes = amx_attention_scratch_bytes(max_t, head_dim);
-    int64_t *offsets = malloc((size_t)num_prompts * sizeof(int64_t));
-    int64_t *tasks = malloc((size_t)(num_tasks > 0 ? num_tasks : 1) * 3 * sizeof(int64_t));
-    uint16_t *packed = aligned_alloc(64, (size_t)((packed_total * 2 + 63) / 64 * 64 + 64));
-    char *scratch = aligned_alloc(64, (size_t)(scratch_bytes * num_threads));
-    if (offsets == NULL || tasks == NULL || packed == NULL || scratch == NULL) {
-        free(offsets), free(tasks), free(packed), free(scratch);
-        return 1;
-    }
-    /* Tasks (prompt, KV head, first row), the last query blocks (most keys) first. */
-    int64_t n = 0, max_blocks = 0;
-    for (int64_t i = 0, off = 0; i < num_prompts; ++i) {
-        offsets[i] = off;
-        off += num_kv_heads * amx_packed_kv_elems(lens[i], head_dim);
-        max_blocks = (lens[i] + 15) / 16 > max_blocks ? (lens[i] + 15) / 16 : max_blocks;
-    }
-    for (int64_t b = max_blocks - 1; b >= 0; --b)
-        for (int64_t i = 0; i < num_prompts; ++i)
-            if (b * 16 < lens[i])
-                for (int64_t h = 0; h < num_kv_heads; ++h, ++n) {
-                    tasks[3 * n] = i;
-                    tasks[3 * n + 1] = h;
-                    tasks[3 * n + 2] = b * 16;
-                }
-    const int64_t group = num_heads / num_kv_heads, esize = src_bf16 ? 2 : 4, out_esize = out_bf16 ? 2 : 4;
+    amx_prompt_plan plan = {0};
+    if (amx_plan_prompts(&plan, lens, num_prompts, num_kv_heads, head_dim, num_threads) != 0) return 1;
 #pragma omp parallel num_threads(num_threads)
-    {
-        bf16_amx_load_config_rows(16);
-        void *mine = scratch + scratch_bytes * omp_get_thread_num();
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t j = 0; j < num_prompts * num_kv_heads; ++j) {
-            const int64_t i = j / num_kv_heads, h = j % num_kv_heads, t = lens[i];
-            amx_pack_kv(packed + offsets[i] + h * amx_packed_kv_elems(t, head_dim),
-                        (const char *)k + (starts[i] * k_stride + h * head_dim) * esize, k_stride,
-                        (const char *)v + (starts[i] * v_stride + h * head_dim) * esize, v_stride, src_bf16, t,
-                        head_dim);
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t j = 0; j < num_tasks; ++j) {
-            const int64_t i = tasks[3 * j], h = tasks[3 * j + 1], row0 = tasks[3 * j + 2], t = lens[i];
-            const int64_t rows = t - row0 < 16 ? t - row0 : 16;
-            const int64_t first = h * group * head_dim; /* the KV head's first query head */
-            amx_attend_group((char *)out + (starts[i] * out_stride + first) * out_esize, out_stride, out_bf16,
-                             (const char *)q + (starts[i] * q_stride + first) * esize, q_stride, src_bf16,
-                             packed + offsets[i] + h * amx_packed_kv_elems(t, head_dim), t, row0, rows, group,
-                             head_dim, scale, mine);
-        }
-        _tile_release();
-    }
-    free(offsets), free(tasks), free(packed), free(scratch);
+    amx_attend_prompts(&plan, out, out_stride, out_bf16, q, q_stride, k, k_stride, v, v_stride, src_bf16, starts, lens,
+                       num_prompts, num_heads, num_kv_heads, head_dim, scale);
+    amx_free_prompt_plan(&plan);
     return 0;
 #else
     (void)out, (void)out_stride, (void)out_bf16, (void)q, (void)q_stride, (void)k, (void)k_stride, (void)v;

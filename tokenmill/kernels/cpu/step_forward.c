@@ -238,99 +238,17 @@ static void gate_up_silu_phase(const tm_linear *l, uint16_t *h, int64_t h_stride
 #endif
 }
 
-/* The whole-context prompts of a step that attend on AMX tiles (bf16_attention_amx.h), planned before the step's
- * parallel region: per request its packed K/V offset (-1: not on AMX), q_lens with those prompts' set to 0 (what
- * prefill_tile.h's tasks take), and (request, KV head, first row) tasks, the query blocks that see the most
- * keys first; the packed K/V and each thread's scratch in one allocation. */
-typedef struct {
-    int64_t *offsets, *tile_q_lens; /* [N] each, one allocation */
-    int64_t *tasks;                 /* [num_tasks, 3] */
-    int64_t num_tasks;
-    uint16_t *kv;                   /* packed K/V, then the threads' scratch */
-    char *scratch;
-    int64_t scratch_bytes;          /* per thread */
-} amx_prompts;
-
-static void free_amx_prompts(amx_prompts *a) {
-    free(a->offsets), free(a->tasks), free(a->kv);
-    a->offsets = a->tile_q_lens = a->tasks = NULL;
-    a->kv = NULL;
-    a->num_tasks = 0;
-}
-
-/* Plans the prompts of up to max_rows rows (more than one) with no cached prefix that the AMX kernel takes; returns
- * 0, or 1 when memory could not be allocated (nothing left allocated). */
-static int plan_amx_prompts(amx_prompts *a, const int64_t *q_lens, const int64_t *seq_lens, int64_t num_reqs,
-                            int64_t max_rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                            int num_threads) {
-    int64_t packed = 0, max_t = 0;
-    a->offsets = (int64_t *)malloc((size_t)num_reqs * 2 * sizeof(int64_t));
-    if (a->offsets == NULL) return 1;
-    a->tile_q_lens = a->offsets + num_reqs;
+/* The step's prompts that attend on AMX tiles: the whole-context ones (no cached prefix) of 2 .. max_rows rows that
+ * the kernel takes. amx_lens [2 * num_reqs] (caller's): per request its length there or 0, then q_lens with those
+ * set to 0 (what prefill_tile.h's tasks take). */
+static void select_amx_prompts(int64_t *amx_lens, const int64_t *q_lens, const int64_t *seq_lens, int64_t num_reqs,
+                               int64_t max_rows, int64_t head_dim) {
     for (int64_t r = 0; r < num_reqs; ++r) {
         const int64_t t = q_lens[r];
         const int on_amx = t > 1 && t == seq_lens[r] && t <= max_rows && amx_attention_fits(head_dim, t);
-        a->offsets[r] = on_amx ? packed : -1;
-        a->tile_q_lens[r] = on_amx ? 0 : t;
-        if (on_amx) {
-            packed += num_kv_heads * amx_packed_kv_elems(t, head_dim);
-            a->num_tasks += num_kv_heads * ((t + 15) / 16);
-            max_t = t > max_t ? t : max_t;
-        }
+        amx_lens[r] = on_amx ? t : 0;
+        amx_lens[num_reqs + r] = on_amx ? 0 : t;
     }
-    if (a->num_tasks == 0) return 0;
-    a->scratch_bytes = amx_attention_scratch_bytes(max_t, head_dim);
-    a->tasks = (int64_t *)malloc((size_t)a->num_tasks * 3 * sizeof(int64_t));
-    a->kv = (uint16_t *)aligned_alloc(64, (size_t)(round_up(packed * 2, 64) + a->scratch_bytes * num_threads));
-    if (a->tasks == NULL || a->kv == NULL) {
-        free_amx_prompts(a);
-        return 1;
-    }
-    a->scratch = (char *)a->kv + round_up(packed * 2, 64);
-    int64_t n = 0;
-    for (int64_t b = (max_t + 15) / 16 - 1; b >= 0; --b)
-        for (int64_t r = 0; r < num_reqs; ++r)
-            if (a->offsets[r] >= 0 && b * 16 < q_lens[r])
-                for (int64_t h = 0; h < num_kv_heads; ++h, ++n) {
-                    a->tasks[3 * n] = r;
-                    a->tasks[3 * n + 1] = h;
-                    a->tasks[3 * n + 2] = b * 16;
-                }
-    return 0;
-}
-
-/* The AMX prompts' attention, inside the step's parallel region (every thread calls it): their K/V packed from the
- * step's rotated rows (qkv, row stride q_size + 2 kv_size), then the tasks into attn from q. Leaves no barrier
- * after the tasks (the caller's next worksharing loop ends with one). */
-static void attend_amx_prompts(const amx_prompts *a, float *attn, const float *q, const float *qkv,
-                               const int64_t *q_lens, const int64_t *q_starts, int64_t num_reqs, int64_t num_heads,
-                               int64_t num_kv_heads, int64_t head_dim, float scale) {
-#if TM_HAVE_AMX_ATTENTION
-    const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim, qkv_n = q_size + 2 * kv_size;
-    const int64_t group = num_heads / num_kv_heads;
-    bf16_amx_load_config_rows(16);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t j = 0; j < num_reqs * num_kv_heads; ++j) {
-        const int64_t r = j / num_kv_heads, h = j % num_kv_heads;
-        if (a->offsets[r] < 0) continue;
-        const float *k_rows = qkv + q_starts[r] * qkv_n + q_size + h * head_dim;
-        amx_pack_kv(a->kv + a->offsets[r] + h * amx_packed_kv_elems(q_lens[r], head_dim), k_rows, qkv_n,
-                    k_rows + kv_size, qkv_n, 0, q_lens[r], head_dim);
-    }
-    void *scratch = a->scratch + a->scratch_bytes * omp_get_thread_num();
-#pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t j = 0; j < a->num_tasks; ++j) {
-        const int64_t r = a->tasks[3 * j], h = a->tasks[3 * j + 1], row0 = a->tasks[3 * j + 2];
-        const int64_t t = q_lens[r], first = q_starts[r] * q_size + h * group * head_dim;
-        amx_attend_group(attn + first, q_size, 0, q + first, q_size, 0,
-                         a->kv + a->offsets[r] + h * amx_packed_kv_elems(t, head_dim), t, row0,
-                         t - row0 < 16 ? t - row0 : 16, group, head_dim, scale, scratch);
-    }
-    _tile_release();
-#else
-    (void)a, (void)attn, (void)q, (void)qkv, (void)q_lens, (void)q_starts, (void)num_reqs, (void)num_heads;
-    (void)num_kv_heads, (void)head_dim, (void)scale;
-#endif
 }
 
 /* hidden: in, the embeddings of the step's tokens [num_rows, hidden]; out, the final normed hidden
@@ -359,20 +277,26 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
     /* Split-K attention (fewer than 2 (request, KV head) tasks per thread): ranges per (request, KV head). */
     const int64_t max_splits =
         pure_decode ? (2 * (int64_t)num_threads + N * num_kv_heads - 1) / (N * num_kv_heads) : 0;
-    /* Any other step: whole-context prompts on AMX tiles where the model allows (amx), the rest prefill_tile.h's
-     * tasks (for the AMX prompts' requests, none). */
-    amx_prompts amx = {0};
-    if (!pure_decode && m->amx_attention_max_rows > 0 &&
-        plan_amx_prompts(&amx, q_lens, seq_lens, N, m->amx_attention_max_rows, num_heads, num_kv_heads, D,
-                         num_threads) != 0)
-        return 1;
-    const int64_t *task_q_lens = amx.tile_q_lens != NULL ? amx.tile_q_lens : q_lens;
+    /* Any other step: whole-context prompts on AMX tiles where the model allows (amx_lens, amx), the rest
+     * prefill_tile.h's tasks (for the AMX prompts' requests, none). */
+    int64_t *amx_lens = NULL;
+    amx_prompt_plan amx = {0};
+    if (!pure_decode && m->amx_attention_max_rows > 0) {
+        amx_lens = (int64_t *)malloc((size_t)N * 2 * sizeof(int64_t));
+        if (amx_lens == NULL) return 1;
+        select_amx_prompts(amx_lens, q_lens, seq_lens, N, m->amx_attention_max_rows, D);
+        if (amx_plan_prompts(&amx, amx_lens, N, num_kv_heads, D, num_threads) != 0) {
+            free(amx_lens);
+            return 1;
+        }
+    }
+    const int64_t *task_q_lens = amx_lens != NULL ? amx_lens + N : q_lens;
     const int64_t num_tasks = pure_decode ? 0 : prefill_num_tasks(task_q_lens, N, num_kv_heads);
     attention_task *tasks = NULL;
     if (num_tasks > 0) {
         tasks = (attention_task *)malloc((size_t)num_tasks * sizeof(attention_task));
         if (tasks == NULL) {
-            free_amx_prompts(&amx);
+            amx_free_prompt_plan(&amx), free(amx_lens);
             return 1;
         }
         prefill_tasks(tasks, task_q_lens, N, num_kv_heads);
@@ -392,8 +316,8 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
     for (int i = 0; i < num_pieces; ++i) total += round_up(sizes[i], 16);
     float *arena = (float *)aligned_alloc(64, (size_t)total * sizeof(float));
     if (arena == NULL) {
-        free(tasks);
-        free_amx_prompts(&amx);
+        free(tasks), free(amx_lens);
+        amx_free_prompt_plan(&amx);
         return 1;
     }
     float *piece[12];
@@ -453,9 +377,11 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
              * other step: prefill_tile.h's query-block tasks. Same values on every thread, so every thread
              * runs the same loops. */
             if (!pure_decode) {
-                if (amx.num_tasks > 0)
-                    attend_amx_prompts(&amx, attn, q, qkv, q_lens, q_starts, N, num_heads, num_kv_heads, D,
-                                       m->attn_scale);
+#if TM_HAVE_AMX_ATTENTION
+                if (amx.num_tasks > 0) /* q from the rotated queries, k and v from the step's fused rows */
+                    amx_attend_prompts(&amx, attn, q_size, 0, q, q_size, qkv + q_size, qkv_n, qkv + q_size + kv_size,
+                                       qkv_n, 0, q_starts, amx_lens, N, num_heads, num_kv_heads, D, m->attn_scale);
+#endif
 #pragma omp for schedule(dynamic, 1)
                 for (int64_t i = 0; i < num_tasks; ++i) {
                     const attention_task *t = &tasks[i];
@@ -548,7 +474,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
 #undef END_PHASE
     }
     free(arena);
-    free(tasks);
-    free_amx_prompts(&amx);
+    free(tasks), free(amx_lens);
+    amx_free_prompt_plan(&amx);
     return 0;
 }
