@@ -48,7 +48,8 @@ PLAN_VERSION = 9  # bumped when the candidates or their kernels change
 ROW_BUCKETS = (1, 16, 64, 256, 2048)
 LOGIT_BUCKETS = (1, 16, 64, 256)
 DECODE_STEP_BUCKETS = (1, 16, 64)
-PROMPT_STEP_BUCKETS = (256, 512, 1024, 2048)  # 2048: the default max_num_batched_tokens; between: where the C forward stops winning
+# 2048: the default max_num_batched_tokens; the ones between find where the C forward stops winning.
+PROMPT_STEP_BUCKETS = (256, 512, 1024, 2048)
 PROMPT_LEN = 256  # tokens of each prompt in a timed prompt step
 PROMPT_ATTENTION_BUCKETS = (256, 2048)  # rows of one whole-context prompt whose attention is timed
 STEP_CONTEXT = 256  # context length of each request in the timed decode steps
