@@ -47,6 +47,15 @@ static inline void int8_store_block(float *y, int64_t y_stride, const int32_t *a
     }
 }
 
+/* Rows r0 .. r0 + rows - 1 of panel p (acc0) and, when acc1 != NULL, panel p + 1 (acc1) to y. */
+static inline void int8_store_pair(float *y, int64_t y_stride, const int32_t *acc0, const int32_t *acc1,
+                                   const float *low, const float *step, const float *scale, const int32_t *rowsum,
+                                   const float *bias, int64_t n, int64_t p, int64_t r0, int rows) {
+    int8_store_block(y + r0 * y_stride, y_stride, acc0, low + r0, step + r0, scale, rowsum, bias, n, p, rows);
+    if (acc1 != NULL)
+        int8_store_block(y + r0 * y_stride, y_stride, acc1, low + r0, step + r0, scale, rowsum, bias, n, p + 1, rows);
+}
+
 /* One block of block_rows (<= 16) rows row0 .. of panels p and (two_panels) p + 1, the tiles configured for
  * block_rows (bf16_amx_load_config_rows): a decode batch's rows, or an odd last 16-row block. */
 static inline void int8_panel_block_amx_partial(float *y, int64_t y_stride, const uint8_t *u, int64_t u_stride,
@@ -69,11 +78,8 @@ static inline void int8_panel_block_amx_partial(float *y, int64_t y_stride, cons
     }
     _tile_stored(0, acc[0], 64);
     _tile_stored(1, acc[1], 64);
-    int8_store_block(y + row0 * y_stride, y_stride, acc[0], low + row0, step + row0, scale, rowsum, bias, n, p,
-                     block_rows);
-    if (two_panels)
-        int8_store_block(y + row0 * y_stride, y_stride, acc[1], low + row0, step + row0, scale, rowsum, bias, n, p + 1,
-                         block_rows);
+    int8_store_pair(y, y_stride, acc[0], two_panels ? acc[1] : NULL, low, step, scale, rowsum, bias, n, p, row0,
+                    block_rows);
 }
 
 /* Rows row0 .. row0 + 16 * blocks - 1 of panels p and (two_panels) p + 1: two row blocks x two panels a pass. */
@@ -110,15 +116,9 @@ static inline void int8_panel_blocks_amx(float *y, int64_t y_stride, const uint8
         _tile_stored(1, acc[1], 64);
         _tile_stored(2, acc[2], 64);
         _tile_stored(3, acc[3], 64);
-        int8_store_block(y + r0 * y_stride, y_stride, acc[0], low + r0, step + r0, scale, rowsum, bias, n, p, 16);
-        if (two_panels)
-            int8_store_block(y + r0 * y_stride, y_stride, acc[1], low + r0, step + r0, scale, rowsum, bias, n, p + 1,
-                             16);
-        const int64_t r1 = r0 + 16;
-        int8_store_block(y + r1 * y_stride, y_stride, acc[2], low + r1, step + r1, scale, rowsum, bias, n, p, 16);
-        if (two_panels)
-            int8_store_block(y + r1 * y_stride, y_stride, acc[3], low + r1, step + r1, scale, rowsum, bias, n, p + 1,
-                             16);
+        int8_store_pair(y, y_stride, acc[0], two_panels ? acc[1] : NULL, low, step, scale, rowsum, bias, n, p, r0, 16);
+        int8_store_pair(y, y_stride, acc[2], two_panels ? acc[3] : NULL, low, step, scale, rowsum, bias, n, p, r0 + 16,
+                        16);
     }
 }
 #else
