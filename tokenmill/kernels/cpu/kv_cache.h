@@ -66,6 +66,28 @@ static inline __attribute__((always_inline)) v8 load_kv8(const void *base, int64
     return *(const v8 *)((const float *)base + i);
 }
 
+#if defined(__AVX512F__)
+/* 16 floats (zmm), for the AVX-512 tiles of attention_tile.h; aligned(4) as v8. */
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+#define LANES16 16
+
+/* Elements i .. i + 15 of a cache tile (or row) as float32, unscaled (load_kv8's, 16 at once). */
+static inline __attribute__((always_inline)) v16 load_kv16(const void *base, int64_t i, int kv_type) {
+    if (kv_type == KV_F16)
+        return (v16)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i)));
+    if (kv_type == KV_I8) {
+        const __m128i q = _mm_loadu_si128((const __m128i *)((const int8_t *)base + i));
+        return (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+    }
+    return *(const v16 *)((const float *)base + i);
+}
+
+/* lo + hi halves of a v16, as a v8. */
+static inline __attribute__((always_inline)) v8 fold16(v16 a) {
+    return (v8)_mm256_add_ps(_mm512_castps512_ps256((__m512)a), (__m256)_mm512_extractf64x4_pd((__m512d)a, 1));
+}
+#endif
+
 /* The factor of the row whose first element is element `row` of base: the int8 scale, else 1. */
 static inline __attribute__((always_inline)) float kv_row_scale(const void *base, int64_t row, int64_t head_dim,
                                                                int kv_type) {
