@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenmill.kernels.cpu.bf16_gemm import bf16_panels_available, bf16_panels_linear, pack_bf16_panels
+from tokenmill.kernels.cpu.bf16_gemm import (
+    bf16_panels_argmax,
+    bf16_panels_available,
+    bf16_panels_linear,
+    pack_bf16_panels,
+)
 from tokenmill.layers.panel_linear import Bf16PanelLinear
 
 pytestmark = pytest.mark.skipif(not bf16_panels_available(), reason="C kernels not built (no compiler)")
@@ -48,3 +53,26 @@ def test_bf16_panel_linear_can_write_float32_logits() -> None:
     logits = Bf16PanelLinear(w, None, torch.float32)(x)
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits.double(), x.double() @ w.double().t(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 64])
+@pytest.mark.parametrize("n, bias", [(1000, False), (333, True), (17, True)])
+def test_bf16_panels_argmax_is_argmax_of_the_float32_products(m: int, n: int, bias: bool) -> None:
+    """The greedy vocabulary projection: the same ids as argmax over bf16_panels_linear's float32 output, ties
+    (duplicate weight rows, in different panels and pairs) going to the lowest channel as torch's max does."""
+    gen = torch.Generator().manual_seed(m * 7 + n)
+    k = 96
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    w[n - 1] = w[n // 2] = w[3]  # equal channels: equal sums
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    x[0] = w[3].float() * 4  # row 0's largest value is the tied one
+    b = torch.randn(n, generator=gen) if bias else None
+    if b is not None:
+        b[n - 1] = b[n // 2] = b[3]
+    panels = pack_bf16_panels(w)
+    logits = bf16_panels_linear(x, panels, n, b, out_dtype=torch.float32)
+    ids = bf16_panels_argmax(x, panels, n, b)
+    assert ids.dtype == torch.int64 and ids.shape == (m,)
+    assert torch.equal(ids, logits.max(dim=-1).indices)
+    assert ids[0].item() == 3
+    assert torch.equal(Bf16PanelLinear(w, b, torch.float32).greedy_ids(x), ids)

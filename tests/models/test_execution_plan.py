@@ -110,3 +110,38 @@ def test_forced_families_agree_in_bfloat16(tiny_checkpoint: Any, plan_cache: Pat
                             for o in outs]
     assert results["c"][0][0], "nothing generated"
     check_logprobs_close(outputs_0=results["c"], outputs_1=results["torch"], name_0="c", name_1="torch")
+
+
+def test_greedy_ids_from_the_vocabulary_projection_match_the_sampler(tiny_checkpoint: Any, plan_cache: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 model's greedy rows take their ids from the head's fused argmax (no logits); the tokens are those the
+    sampler picks from the logits, and requests with logprobs (which need the logits) still get them."""
+    from tokenmill.models.llama import LlamaForCausalLM
+
+    path = str(tiny_checkpoint("llama"))
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (1, 9, 40)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    llm = LLM(dtype="bfloat16", model=path, block_size=8, kv_cache_memory=16 << 20)
+    calls = []
+    fused = LlamaForCausalLM.greedy_token_ids
+
+    def counted(self: LlamaForCausalLM, hidden: torch.Tensor) -> torch.Tensor | None:
+        ids = fused(self, hidden)
+        calls.append(ids is not None)
+        return ids
+
+    monkeypatch.setattr(LlamaForCausalLM, "greedy_token_ids", counted)
+    with_fused = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    if not any(calls):
+        pytest.skip("the plan put no bf16 panel kernel on the vocabulary projection here")
+    monkeypatch.setattr(LlamaForCausalLM, "greedy_token_ids", lambda self, hidden: None)
+    from_logits = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    assert with_fused == from_logits and with_fused[0]
+    calls.clear()
+    monkeypatch.setattr(LlamaForCausalLM, "greedy_token_ids", counted)
+    with_logprobs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2),
+                                 use_tqdm=False)
+    assert not calls  # logprobs need the logits: the sampler's path
+    assert [o.outputs[0].token_ids for o in with_logprobs] == from_logits
+    assert all(len(o.outputs[0].logprobs) == 12 for o in with_logprobs)

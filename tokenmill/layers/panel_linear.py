@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from tokenmill.kernels.cpu.bf16_gemm import bf16_panels_linear, pack_bf16_panels
+from tokenmill.kernels.cpu.bf16_gemm import bf16_panels_argmax, bf16_panels_linear, pack_bf16_panels
 from tokenmill.kernels.cpu.f32_gemm import f32_panels_available, pack_panels, panels_linear, weight_rows_from_panels
 from tokenmill.layers.linear import Embedding, Linear
 from tokenmill.quant.projections import projection_linears
@@ -58,6 +58,11 @@ class Bf16PanelLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         y = bf16_panels_linear(x2, self.panels, self.out_features, self.bias, out_dtype=self.out_dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def greedy_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """argmax over the output channels of forward(x) in float32 for x [M, in_features] -> [M] int64, without
+        the [M, out_features] products (the same sums, so the same ids as argmax of float32 forward's)."""
+        return bf16_panels_argmax(x, self.panels, self.out_features, self.bias)
 
 
 class PanelEmbedding(nn.Module):

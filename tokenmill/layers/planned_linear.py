@@ -27,12 +27,12 @@ class PlannedLinear(nn.Module):
         """The route module of this class, if one route holds it (the C forward reads its weights)."""
         return next((m for m in self.impls if isinstance(m, kind)), None)
 
+    def route(self, rows: int) -> nn.Module:
+        """The module that multiplies `rows` rows."""
+        return next((impl for max_rows, impl in zip(self.max_rows, self.impls) if rows <= max_rows), self.impls[-1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        for max_rows, impl in zip(self.max_rows, self.impls):
-            if rows <= max_rows:
-                return impl(x)
-        return self.impls[-1](x)
+        return self.route(x.numel() // self.in_features)(x)
 
     def extra_repr(self) -> str:
         bounds = [f"<={m}: {k}" for m, k in zip(self.max_rows[:-1], self.kernels)] + [f"more: {self.kernels[-1]}"]

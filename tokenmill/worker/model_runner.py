@@ -168,13 +168,21 @@ class ModelRunner:
         prompt_plans = self._prompt_logprobs_rows(scheduled, row_starts)
         prompt_rows = [r for plan in prompt_plans for r in plan.rows]
         rows = torch.tensor(sample_rows + prompt_rows, dtype=torch.int64).to(hidden.device)
-        logits = self.model.compute_logits(hidden[rows]).float()
-
         sampled: list[list[int]] = [[] for _ in scheduled]
         logprobs: list[list[PositionLogprobs] | None] = [None] * len(scheduled)
+        metadata = None
         if sampling:
             requests = [scheduled[i].request for i in sampling]
             metadata = SamplingMetadata.from_requests(requests, self.vocab_size, self.device, self.generator)
+            if metadata.argmax_only and not prompt_plans:  # greedy: the ids straight from the vocabulary projection
+                ids = self.model.greedy_token_ids(hidden[rows])
+                if ids is not None:
+                    for i, token in zip(sampling, ids.tolist()):
+                        sampled[i] = [token]
+                    return ModelRunnerOutput(req_ids=[s.req_id for s in scheduled], sampled_token_ids=sampled,
+                                             logprobs=logprobs, prompt_logprobs={})
+        logits = self.model.compute_logits(hidden[rows]).float()
+        if metadata is not None:
             result = self.sampler(logits[: len(sampling)], metadata)
             for j, i in enumerate(sampling):
                 sampled[i] = [result.sampled_token_ids[j]]

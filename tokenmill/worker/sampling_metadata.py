@@ -52,6 +52,13 @@ class SamplingMetadata:
     num_logprobs: list[int | None] = field(default_factory=list)  # per row
     max_num_logprobs: int | None = None  # None when no row asks for logprobs
 
+    @property
+    def argmax_only(self) -> bool:
+        """Every row takes the argmax of its raw logits: greedy, nothing changes the logits first, no logprobs (so
+        the vocabulary projection may hand over the argmax without the logits)."""
+        return (self.all_greedy and self.max_num_logprobs is None and self.logit_bias is None
+                and self.min_tokens_mask is None and self.repetition_penalty is None and self.additive_penalty is None)
+
     @classmethod
     def from_requests(
         cls,

@@ -101,6 +101,8 @@ typedef struct {
     float *step;  /* [num_rows] */
     float *group_step, *group_sum; /* [num_rows, k_pad / 32] each */
     int64_t k_pad;
+    int64_t bf16_stride; /* bf16: u's x_stride (bf16_panels.h): k_pad (rows), or BF16_TILED where the products run
+                            on AMX tiles (blocks of each projection's own k_pad) */
 } quantized_rows;
 
 static inline void prepare_row(const tm_linear *l, const float *x_row, int64_t m, quantized_rows *qr, float *scratch) {
@@ -108,11 +110,9 @@ static inline void prepare_row(const tm_linear *l, const float *x_row, int64_t m
     if (l->format == TM_INT8)
         qr->low[m] = quantize_row(x_row, l->k, l->rotation_block, scratch, qr->u + m * qr->k_pad, &qr->step[m],
                                   l->levels);
-    else if (l->format == TM_BF16) {
-        uint16_t *row = (uint16_t *)qr->u + m * qr->k_pad;
-        f32_row_to_bf16(row, x_row, l->k);
-        for (int64_t i = l->k; i < bf16_k_pad(l->k); ++i) row[i] = 0;
-    } else if (l->format == TM_INT4)
+    else if (l->format == TM_BF16)
+        bf16_store_x_row((uint16_t *)qr->u, qr->bf16_stride, bf16_k_pad(l->k), m, x_row, l->k);
+    else if (l->format == TM_INT4)
         int4_quantize_row(x_row, l->k, (int16_t *)qr->u + m * qr->k_pad, qr->group_step + m * g_stride,
                           qr->group_sum + m * g_stride);
 }
@@ -185,8 +185,8 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
             const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
 #pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
             for (int64_t q = 0; q < pairs; ++q)
-                bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->k_pad, (const uint16_t *)l->weight, kp, m0, rows,
-                                2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows, q + 1 < pairs ? 2 * q + 2 : -1, 1);
+                bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->bf16_stride, (const uint16_t *)l->weight, kp, m0,
+                                rows, 2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows, q + 1 < pairs ? 2 * q + 2 : -1, 1);
         }
 #pragma omp barrier
 #if TM_HAVE_AMX
@@ -212,25 +212,26 @@ static inline int fused_mlp(const tm_layer *ly, int64_t intermediate) {
            intermediate % BF16_K_BLOCK == 0;
 }
 
-/* h [num_rows, h_stride] bf16 = silu(x W_gate^T) * (x W_up^T), the down projection's input, for a fused MLP
+/* h bf16 (h_stride: qr's bf16_stride, rows of qr's k_pad or tiles of h_k_pad) = silu(x W_gate^T) * (x W_up^T), the
+ * down projection's input [num_rows, h_k_pad], for a fused MLP
  * (fused_mlp): each pass takes a gate panel and the up panel of the same channels (I / 16 panels apart in
  * gate_up's [gate; up] packing) and writes their product, so the float32 gate/up rows are never stored.
  * x: qr's bf16 rows (prepare_row). A worksharing loop like linear_phase (ends with a barrier). */
-static void gate_up_silu_phase(const tm_linear *l, uint16_t *h, int64_t h_stride, const quantized_rows *qr,
-                               int64_t num_rows, int64_t chunk_bytes) {
+static void gate_up_silu_phase(const tm_linear *l, uint16_t *h, int64_t h_stride, int64_t h_k_pad,
+                               const quantized_rows *qr, int64_t num_rows, int64_t chunk_bytes) {
     const int amx_rows = bf16_amx_rows(num_rows);
 #if TM_HAVE_AMX
     if (amx_rows) bf16_amx_load_config_rows(amx_rows);
 #endif
     const int64_t half = bf16_num_panels(l->n) / 2, kp = bf16_k_pad(l->k);
-    const bf16_out out = {NULL, 0, l->n, NULL, h, h_stride, half};
+    const bf16_out out = {NULL, 0, l->n, NULL, h, h_stride, h_k_pad, half, NULL, NULL};
     const int64_t chunk = rows_per_chunk(chunk_bytes, kp * 2, 32, num_rows);
     for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
         const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
 #pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
         for (int64_t q = 0; q < half; ++q)
-            bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->k_pad, (const uint16_t *)l->weight, kp, m0, rows, q, 2,
-                            amx_rows, q + 1 < half ? q + 1 : -1, 1);
+            bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->bf16_stride, (const uint16_t *)l->weight, kp, m0,
+                            rows, q, 2, amx_rows, q + 1 < half ? q + 1 : -1, 1);
     }
 #pragma omp barrier
 #if TM_HAVE_AMX
@@ -326,7 +327,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
     float *residual = piece[0], *x = piece[1], *qkv = piece[2], *q = piece[3], *attn = piece[4], *gate_up = piece[5];
     float *out = piece[6], *thread_scratch = piece[9], *partials = piece[10];
     quantized_rows qr = {(uint8_t *)piece[8], piece[7], piece[7] + R, piece[11], piece[11] + R * k_pad / INT4_GROUP,
-                         k_pad};
+                         k_pad, bf16_amx_rows(R) ? BF16_TILED : k_pad};
     const int64_t slots_per_head = m->num_blocks * m->block_size;
 
 #pragma omp parallel num_threads(num_threads)
@@ -444,7 +445,8 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
             }
             END_PHASE(TM_PHASE_ROWS)
             if (fused_mlp(ly, I)) { /* silu(gate) * up in bf16 straight into x's memory, the down projection's input */
-                gate_up_silu_phase(&ly->gate_up, (uint16_t *)x, qr.k_pad, &qr, R, m->row_chunk_bytes);
+                gate_up_silu_phase(&ly->gate_up, (uint16_t *)x, qr.bf16_stride, bf16_k_pad(I), &qr, R,
+                                   m->row_chunk_bytes);
                 quantized_rows h_rows = qr;
                 h_rows.u = (uint8_t *)x;
                 linear_phase(&ly->down, out, NULL, &h_rows, R, m->row_chunk_bytes);
