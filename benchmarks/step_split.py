@@ -30,10 +30,11 @@ def _time_c_forward(c_step: CStepForward, seconds: dict[str, float]) -> None:
     seconds["prefill: C forward"] (steps with prompt rows)."""
     inner = c_step.forward
 
-    def forward(input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
+    def forward(input_ids: torch.Tensor, positions: torch.Tensor, meta: Any,
+                keep_rows: torch.Tensor | None = None) -> torch.Tensor:
         kind = "decode" if meta.num_tokens == meta.num_reqs else "prefill"
         start = time.perf_counter()
-        out = inner(input_ids, positions, meta)
+        out = inner(input_ids, positions, meta, keep_rows)
         seconds[f"{kind}: C forward"] += time.perf_counter() - start
         return out
 

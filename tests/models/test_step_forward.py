@@ -44,16 +44,19 @@ def _c_step(llm: LLM) -> CStepForward | None:
 def compared_with_layer_by_layer(llm: LLM, rel_tol: float) -> Iterator[list[int]]:
     """Every step the C forward takes also runs layer by layer (first, so both read the same K/V cache;
     both write the step's K/V to the same slots); their final hidden states must agree within rel_tol
-    of the largest value. Yields the row counts of the steps compared."""
+    of the largest value (on the rows the runner asked the C forward for). Yields the row counts of the steps
+    compared."""
     c_step, model = _c_step(llm), _model(llm)
     assert c_step is not None
     rows: list[int] = []
     c_forward = c_step.forward
 
-    def forward(input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
+    def forward(input_ids: torch.Tensor, positions: torch.Tensor, meta: Any,
+                keep_rows: torch.Tensor | None = None) -> torch.Tensor:
         reference = model(input_ids, positions, meta)
-        got = c_forward(input_ids, positions, meta)
-        error = (got - reference).abs().max()
+        got = c_forward(input_ids, positions, meta, keep_rows)
+        kept = slice(None) if keep_rows is None else keep_rows
+        error = (got[kept] - reference[kept]).abs().max() if got[kept].numel() else 0.0
         assert error <= rel_tol * reference.abs().max(), (meta.seq_lens_list, error)
         rows.append(got.shape[0])
         return got
@@ -339,3 +342,31 @@ def test_amx_prompt_attention_agrees_with_the_float32_kernel(head64_checkpoint: 
     assert not torch.equal(outputs[0], outputs[150])
     scale = outputs[0].abs().max().item()
     torch.testing.assert_close(outputs[150], outputs[0], rtol=2e-2, atol=2e-2 * scale)
+
+
+@pytest.mark.parametrize("dtype, quantization", [("float32", "none"), ("bfloat16", "none"), ("float32", "int8")])
+def test_kept_rows_match_the_full_forward(tiny_checkpoint: Any, dtype: str, quantization: str) -> None:
+    """keep_rows (the rows the runner reads: a prompt's last row): the last layer runs only those rows past its
+    attention, and they come out as the whole step computes them; no kept row at all is a step that only writes
+    K/V. Malformed keep_rows are refused."""
+    from tokenmill.worker.planner import _synthetic_step
+
+    llm = LLM(dtype=dtype, kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20,
+              quantization=quantization)
+    c_step = _c_step(llm)
+    assert c_step is not None
+    ids, positions, meta = _synthetic_step(1, 150, 150, 8, llm.engine.vocab_size)
+    full = c_step.forward(ids, positions, meta).clone()
+    scale = full.abs().max().item()
+    for keep in ([149], [0, 1, 70, 149], [5]):
+        rows = torch.tensor(keep, dtype=torch.int64)
+        got = c_step.forward(ids, positions, meta, keep_rows=rows)
+        if dtype == "bfloat16":  # a kept row may run in another AMX block shape than in the whole step
+            torch.testing.assert_close(got[rows].float(), full[rows].float(), rtol=2e-2, atol=2e-2 * scale)
+        else:
+            torch.testing.assert_close(got[rows], full[rows], rtol=1e-5, atol=1e-5 * scale)
+    c_step.forward(ids, positions, meta, keep_rows=torch.zeros(0, dtype=torch.int64))  # K/V only
+    torch.testing.assert_close(c_step.forward(ids, positions, meta), full, rtol=0, atol=0)
+    for bad in ([3, 3], [7, 2], [150], [-1]):
+        with pytest.raises(ValueError, match="keep_rows"):
+            c_step.forward(ids, positions, meta, keep_rows=torch.tensor(bad, dtype=torch.int64))

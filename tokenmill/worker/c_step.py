@@ -172,22 +172,29 @@ class CStepForward:
             return num_reqs <= self.max_rows
         return num_tokens <= self.max_prompt_tokens
 
-    def run(self, scheduled: Sequence[ScheduledRequest], timer: AnyStepTimer = NULL_TIMER) -> torch.Tensor:
-        """The step's final hidden states [T, hidden] (what the model's forward returns)."""
+    def run(self, scheduled: Sequence[ScheduledRequest], timer: AnyStepTimer = NULL_TIMER,
+            rows: Sequence[int] | None = None) -> torch.Tensor:
+        """The step's final hidden states [T, hidden] (what the model's forward returns); with `rows`, only those
+        rows' (the others undefined)."""
         with timer.section("prepare_inputs"):
             inputs = self.build_inputs(scheduled)
+            keep = None if rows is None or len(rows) == inputs[0].shape[0] else torch.tensor(rows, dtype=torch.int64)
         with timer.section("forward"):
-            return self.forward(*inputs)
+            return self.forward(*inputs, keep_rows=keep)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """The model's forward for one step, through the C kernel (it must take the step: `takes`)."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                keep_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's forward for one step, through the C kernel (it must take the step: `takes`). keep_rows:
+        None, or the rows (ascending) whose hidden states the caller reads; the others are then undefined (the last
+        layer skips them past its attention)."""
         embeddings = self.model.embed_tokens(input_ids)
         q_lens = meta.scratch.get("q_lens")
         if q_lens is None:
             q_lens = meta.scratch["q_lens"] = torch.tensor(meta.query_lens_list, dtype=torch.int64)
         dtype = embeddings.dtype  # a bf16 model's: the C forward computes in float32 and returns its dtype
         hidden = self.kernel.run(embeddings if dtype == torch.float32 else embeddings.float(), positions,
-                                 meta.slot_mapping, meta.query_start_loc[:-1], q_lens, meta.seq_lens, meta.block_tables)
+                                 meta.slot_mapping, meta.query_start_loc[:-1], q_lens, meta.seq_lens, meta.block_tables,
+                                 keep_rows)
         return hidden if dtype == torch.float32 else hidden.to(dtype)
 
     def describe(self) -> str:

@@ -132,9 +132,10 @@ class DecodeCudaGraphs:
         return (bool(scheduled) and len(scheduled) <= self.sizes[-1]
                 and all(s.num_new_tokens == 1 for s in scheduled))
 
-    def run(self, scheduled: Sequence[ScheduledRequest], timer: AnyStepTimer = NULL_TIMER) -> torch.Tensor:
-        """Final hidden states [len(scheduled), hidden] of a pure-decode step (valid until the next run); input
-        staging and the replay are one "forward" section of the timer."""
+    def run(self, scheduled: Sequence[ScheduledRequest], timer: AnyStepTimer = NULL_TIMER,
+            rows: Sequence[int] | None = None) -> torch.Tensor:
+        """Final hidden states [len(scheduled), hidden] of a pure-decode step (valid until the next run; every row,
+        whatever `rows` asks); input staging and the replay are one "forward" section of the timer."""
         with timer.section("forward"):
             return self._run(scheduled)
 

@@ -149,24 +149,27 @@ class ModelRunner:
         if not scheduled:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         timer = self.timer
+        row_starts = list(itertools.accumulate((s.num_new_tokens for s in scheduled), initial=0))
+        sampling = [i for i, s in enumerate(scheduled) if s.samples]
+        prompt_plans = self._prompt_logprobs_rows(scheduled, row_starts)
+        sample_rows = [row_starts[i + 1] - 1 for i in sampling]
+        prompt_rows = [r for plan in prompt_plans for r in plan.rows]
         path = next((p for p in self.step_paths if p.can_run(scheduled)), None)
-        if path is not None:
-            hidden = path.run(scheduled, timer)
+        if path is not None:  # only the rows read below need their hidden states
+            hidden = path.run(scheduled, timer, sorted(set(sample_rows + prompt_rows)))
         else:
             with timer.section("prepare_inputs"):
                 input_ids, positions, meta = self.build_inputs(scheduled)
             with timer.section("forward"):
                 hidden = self.model(input_ids, positions, meta)
         with timer.section("sample"):
-            return self._sample(scheduled, hidden)
+            return self._sample(scheduled, hidden, sampling, sample_rows, prompt_plans, prompt_rows)
 
-    def _sample(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor) -> ModelRunnerOutput:
-        """Logits for the rows that sample (and prompt-logprob rows) -> sampled tokens and logprobs."""
-        row_starts = list(itertools.accumulate((s.num_new_tokens for s in scheduled), initial=0))
-        sampling = [i for i, s in enumerate(scheduled) if s.samples]
-        sample_rows = [row_starts[i + 1] - 1 for i in sampling]
-        prompt_plans = self._prompt_logprobs_rows(scheduled, row_starts)
-        prompt_rows = [r for plan in prompt_plans for r in plan.rows]
+    def _sample(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor, sampling: list[int],
+                sample_rows: list[int], prompt_plans: list[_PromptLogprobsRows], prompt_rows: list[int]
+                ) -> ModelRunnerOutput:
+        """Logits for the rows that sample (request indices `sampling`, their last rows `sample_rows`) and the
+        prompt-logprob rows -> sampled tokens and logprobs."""
         rows = torch.tensor(sample_rows + prompt_rows, dtype=torch.int64).to(hidden.device)
         sampled: list[list[int]] = [[] for _ in scheduled]
         logprobs: list[list[PositionLogprobs] | None] = [None] * len(scheduled)

@@ -24,6 +24,8 @@ class WholeStepPath(Protocol):
     def can_run(self, scheduled: Sequence[ScheduledRequest]) -> bool:
         """True when this path takes the step (its requests and their new tokens)."""
 
-    def run(self, scheduled: Sequence[ScheduledRequest], timer: AnyStepTimer = NULL_TIMER) -> torch.Tensor:
+    def run(self, scheduled: Sequence[ScheduledRequest], timer: AnyStepTimer = NULL_TIMER,
+            rows: Sequence[int] | None = None) -> torch.Tensor:
         """The step's final hidden states [num_tokens, hidden_size], as the model's forward returns them; its time
-        goes to the timer's "prepare_inputs" and "forward" sections (engine/step_timer.py)."""
+        goes to the timer's "prepare_inputs" and "forward" sections (engine/step_timer.py). rows: None, or the rows
+        (ascending) the caller reads from the result; a path may leave the others undefined."""

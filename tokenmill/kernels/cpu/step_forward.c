@@ -256,12 +256,16 @@ static void select_amx_prompts(int64_t *amx_lens, const int64_t *q_lens, const i
  * states. Row t's token sits at positions[t] and writes its K/V to cache slot slots[t]. Request r (of
  * num_reqs) owns rows q_starts[r] .. + q_lens[r] - 1, attending over its seq_lens[r] positions through
  * block_tables[r * table_stride ...].
+ * keep_rows: NULL (num_keep < 0: every row), or the num_keep rows, ascending, whose final hidden states the caller
+ * reads (a prompt's last row, where it samples): the last layer takes only those rows past its attention (every
+ * row's K/V is still written), and hidden's other rows are left undefined.
  * phase_seconds: NULL, or [TM_NUM_PHASES] to which each phase's wall time is added (thread 0's clock between
  * the barriers that end the phases).
  * Returns 0; 1 when scratch memory could not be allocated; 2 when head_dim % 8 != 0 (hidden untouched). */
 int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, const int64_t *slots, int64_t num_rows,
                    const int64_t *q_starts, const int64_t *q_lens, const int64_t *seq_lens, const int64_t *block_tables,
-                   int64_t table_stride, int64_t num_reqs, int num_threads, double *phase_seconds) {
+                   int64_t table_stride, int64_t num_reqs, const int64_t *keep_rows, int64_t num_keep,
+                   int num_threads, double *phase_seconds) {
     const int64_t R = num_rows, N = num_reqs, H = m->hidden, D = m->head_dim, I = m->intermediate;
     const int64_t num_heads = m->num_heads, num_kv_heads = m->num_kv_heads, group = num_heads / num_kv_heads;
     const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D, qkv_n = q_size + 2 * kv_size;
@@ -335,6 +339,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
         float *scores = thread_scratch + per_thread * omp_get_thread_num(); /* the attention's scratch */
         float *rotation_scratch = scores + attention_scratch;
         const int timing = phase_seconds != NULL && omp_get_thread_num() == 0;
+        int64_t rows = R; /* the rows past attention: R, in the last layer num_keep when keep_rows is given */
         double mark = timing ? omp_get_wtime() : 0.0;
 /* After a worksharing loop's closing barrier: the time since the previous mark goes to `phase`. */
 #define END_PHASE(phase)                         \
@@ -428,16 +433,28 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
             }
 
             END_PHASE(TM_PHASE_ATTENTION)
+            if (l == m->num_layers - 1 && keep_rows != NULL) {
+                /* Only the kept rows go on: their residual and attention rows move to rows 0 .. num_keep - 1, in
+                 * order (ascending, so row keep_rows[i] >= i is read before anything overwrites it). */
+#pragma omp single
+                for (int64_t i = 0; i < num_keep; ++i) {
+                    if (keep_rows[i] == i) continue;
+                    memcpy(residual + i * H, residual + keep_rows[i] * H, (size_t)H * sizeof(float));
+                    memcpy(attn + i * q_size, attn + keep_rows[i] * q_size, (size_t)q_size * sizeof(float));
+                }
+                rows = num_keep;
+                if (rows == 0) break; /* the same on every thread */
+            }
             if (ly->o.format != TM_FLOAT32) {
 #pragma omp for schedule(static)
-                for (int64_t r = 0; r < R; ++r) prepare_row(&ly->o, attn + r * q_size, r, &qr, rotation_scratch);
+                for (int64_t r = 0; r < rows; ++r) prepare_row(&ly->o, attn + r * q_size, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
-            linear_phase(&ly->o, out, attn, &qr, R, m->row_chunk_bytes);
+            linear_phase(&ly->o, out, attn, &qr, rows, m->row_chunk_bytes);
             END_PHASE(TM_PHASE_PROJECTIONS)
 
 #pragma omp for schedule(static)
-            for (int64_t r = 0; r < R; ++r) {
+            for (int64_t r = 0; r < rows; ++r) {
                 float *res = residual + r * H;
                 for (int64_t i = 0; i < H; ++i) res[i] += out[r * H + i];
                 rms_norm_row(x + r * H, res, ly->post_norm, m->eps, H);
@@ -445,32 +462,32 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
             }
             END_PHASE(TM_PHASE_ROWS)
             if (fused_mlp(ly, I)) { /* silu(gate) * up in bf16 straight into x's memory, the down projection's input */
-                gate_up_silu_phase(&ly->gate_up, (uint16_t *)x, qr.bf16_stride, bf16_k_pad(I), &qr, R,
+                gate_up_silu_phase(&ly->gate_up, (uint16_t *)x, qr.bf16_stride, bf16_k_pad(I), &qr, rows,
                                    m->row_chunk_bytes);
                 quantized_rows h_rows = qr;
                 h_rows.u = (uint8_t *)x;
-                linear_phase(&ly->down, out, NULL, &h_rows, R, m->row_chunk_bytes);
+                linear_phase(&ly->down, out, NULL, &h_rows, rows, m->row_chunk_bytes);
                 END_PHASE(TM_PHASE_PROJECTIONS)
                 continue;
             }
-            linear_phase(&ly->gate_up, gate_up, x, &qr, R, m->row_chunk_bytes);
+            linear_phase(&ly->gate_up, gate_up, x, &qr, rows, m->row_chunk_bytes);
             END_PHASE(TM_PHASE_PROJECTIONS)
 
 #pragma omp for schedule(static)
-            for (int64_t r = 0; r < R; ++r) {
+            for (int64_t r = 0; r < rows; ++r) {
                 const float *gate = gate_up + r * 2 * I;
                 silu_mul_row(x + r * I, gate, gate + I, I);
                 prepare_row(&ly->down, x + r * I, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
-            linear_phase(&ly->down, out, x, &qr, R, m->row_chunk_bytes);
+            linear_phase(&ly->down, out, x, &qr, rows, m->row_chunk_bytes);
             END_PHASE(TM_PHASE_PROJECTIONS)
         }
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < R; ++r) {
+        for (int64_t r = 0; r < rows; ++r) {
             float *res = residual + r * H;
             for (int64_t i = 0; i < H; ++i) res[i] += out[r * H + i];
-            rms_norm_row(hidden + r * H, res, m->final_norm, m->eps, H);
+            rms_norm_row(hidden + (keep_rows != NULL ? keep_rows[r] : r) * H, res, m->final_norm, m->eps, H);
         }
         END_PHASE(TM_PHASE_ROWS)
 #undef END_PHASE

@@ -61,7 +61,7 @@ def _lib() -> ctypes.CDLL | None:
     if lib is None:
         return None
     lib.tm_step_forward.argtypes = [ctypes.POINTER(_Model), _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
-                                   ctypes.c_int, _ptr]
+                                   _ptr, _i64, ctypes.c_int, _ptr]
     lib.tm_step_forward.restype = ctypes.c_int
     return lib
 
@@ -228,13 +228,14 @@ class StepForwardKernel:
 
     def run(
         self, hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, q_starts: torch.Tensor,
-        q_lens: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+        q_lens: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, keep_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden [T, hidden] float32 (the embeddings of the step's tokens; overwritten) -> the final normed
         hidden states, in place. positions, slots: [T] int64, per row. q_starts, q_lens, seq_lens: [N] int64,
         per request: request r owns rows q_starts[r] .. + q_lens[r] - 1 (the requests' rows in order, together
         all T), the last q_lens[r] of its seq_lens[r] positions. block_tables: [N, max_blocks] int64
-        contiguous."""
+        contiguous. keep_rows: None, or the rows (int64, strictly ascending) whose hidden states the caller reads:
+        the last layer runs only those past its attention, and the other rows of the result are undefined."""
         num_rows, num_reqs = hidden.shape[0], q_lens.shape[0]
         _checked(hidden, torch.float32, "hidden")
         if hidden.shape != (num_rows, self.hidden_size):
@@ -247,10 +248,17 @@ class StepForwardKernel:
                 raise ValueError(f"decode step: {what} must have {rows} rows, got {t.shape[0]}")
         if int(q_lens.sum()) != num_rows:
             raise ValueError(f"decode step: q_lens must add up to the {num_rows} rows, got {int(q_lens.sum())}")
+        if keep_rows is not None:
+            _checked(keep_rows, torch.int64, "keep_rows")
+            if keep_rows.dim() != 1 or (keep_rows.numel() and (
+                    int(keep_rows[0]) < 0 or int(keep_rows[-1]) >= num_rows or bool((keep_rows.diff() <= 0).any()))):
+                raise ValueError(f"decode step: keep_rows must be strictly ascending rows in [0, {num_rows})")
         status = _lib().tm_step_forward(
             ctypes.byref(self._model), hidden.data_ptr(), positions.data_ptr(), slots.data_ptr(), num_rows,
             q_starts.data_ptr(), q_lens.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
-            num_reqs, torch.get_num_threads(), None if self.phase_seconds is None else self.phase_seconds.data_ptr())
+            num_reqs, None if keep_rows is None else keep_rows.data_ptr(),
+            -1 if keep_rows is None else keep_rows.numel(), torch.get_num_threads(),
+            None if self.phase_seconds is None else self.phase_seconds.data_ptr())
         if status == 1:
             raise MemoryError("decode step: no memory for the step's scratch buffers")
         if status != 0:
