@@ -30,6 +30,7 @@
 #include <string.h>
 
 #include "bf16_panels.h"
+#include "exp2_16.h"
 
 #define AMX_ATTENTION_MAX_DIM 256
 #define AMX_ATTENTION_MAX_KEYS 8192
@@ -116,22 +117,6 @@ static int amx_plan_prompts(amx_prompt_plan *a, const int64_t *lens, int64_t num
 }
 
 #if TM_HAVE_AMX && defined(__AVX512F__)
-/* 2^x per lane for x <= 0 (scores in base-2 units minus their row maximum): 2^n 2^f with n = round(x), |f| <= 1/2,
- * 2^f by a degree-5 polynomial (relative error ~2e-7, far below the bf16 rounding of the probabilities that
- * follows), scaled by vscalefps; below -126 gives 0. */
-static inline __m512 amx_exp2_16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
-    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(1.3333558146e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108665e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650696e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718056e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* 16 elements of a row at element i as bf16: copied (src_bf16) or rounded from float32 (nearest even). */
 static inline __m256i amx_load16_bf16(const void *row, int64_t i, int src_bf16) {
     if (src_bf16) return _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i));
@@ -271,7 +256,7 @@ static void amx_block_softmax(amx_head_block *b, int64_t t, int64_t row0, int64_
             const int64_t left = seen - j;
             const __mmask16 valid = left >= 16 ? (__mmask16)0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
             const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vscale, m);
-            const __m512 e = _mm512_maskz_mov_ps(valid, amx_exp2_16(x));
+            const __m512 e = _mm512_maskz_mov_ps(valid, exp2_16(x));
             vsum = _mm512_add_ps(vsum, e);
             _mm256_storeu_si256((__m256i *)(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
         }
