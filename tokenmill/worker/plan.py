@@ -44,7 +44,7 @@ from tokenmill.worker.capabilities import MachineCapabilities
 
 logger = logging.getLogger("tokenmill")
 
-PLAN_VERSION = 9  # bumped when the candidates or their kernels change
+PLAN_VERSION = 10  # bumped when the candidates or their kernels change
 ROW_BUCKETS = (1, 16, 64, 256, 2048)
 LOGIT_BUCKETS = (1, 16, 64, 256)
 DECODE_STEP_BUCKETS = (1, 16, 64)

@@ -316,7 +316,10 @@ def plan_steps(model: nn.Module, c_step: CStepForward, plan: ExecutionPlan, fami
             if not c_step.takes(meta.num_reqs, meta.num_tokens):
                 continue
             logger.info("plan: timing %s of %d %s", operation, bucket, "requests" if q_len == 1 else "tokens")
-            fns = filter_family({C_FORWARD: lambda ids=ids, p=positions, m=meta: c_step.forward(ids, p, m),
+            # As the runner runs it: the C forward's last layer takes only the rows that sample (each request's
+            # last row; every row at a decode step), the layer-by-layer forward every row.
+            keep = None if q_len == 1 else torch.arange(q_len - 1, reqs * q_len, q_len)
+            fns = filter_family({C_FORWARD: lambda ids=ids, p=positions, m=meta, k=keep: c_step.forward(ids, p, m, k),
                                  "layers": lambda ids=ids, p=positions, m=meta: model(ids, p, m)}, family)
             plan.choices.append(choose(operation, bucket, fns))
         plan.build_seconds += time.perf_counter() - start
