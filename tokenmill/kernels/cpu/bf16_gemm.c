@@ -44,13 +44,16 @@ static void panels_product(const bf16_out *out, const uint16_t *x, int64_t x_str
 #if TM_HAVE_AMX
         if (amx_rows) bf16_amx_load_config_rows(amx_rows);
 #endif
+        bf16_pending pend;
+        pend.blocks = 0;
         for (int64_t m0 = 0; m0 < m; m0 += chunk) {
             const int64_t rows = m - m0 < chunk ? m - m0 : chunk;
 #pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
             for (int64_t q = 0; q < pairs; ++q)
                 bf16_panel_rows(&mine, x, x_stride, panels, k_pad, m0, rows, 2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows,
-                                q + 1 < pairs ? 2 * q + 2 : -1, rows_padded);
+                                q + 1 < pairs ? 2 * q + 2 : -1, rows_padded, &pend);
         }
+        bf16_flush(&pend);
 #if TM_HAVE_AMX
         if (amx_rows) _tile_release();
 #endif

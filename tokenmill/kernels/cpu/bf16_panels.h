@@ -195,6 +195,32 @@ static inline void bf16_emit(const bf16_out *o, int64_t row0, int64_t rows, int6
     if (acc1 != NULL) bf16_store_block(o->y, o->y_bf16, o->n, row0, rows, p + o->pair_step, acc1, acc_stride, o->bias);
 }
 
+/* A pass's sums on the AMX path waiting to be written (deferred emit): a pass stores its tiles here only after
+ * issuing the next pass's tile products, and writes the previous pass's sums (bf16_flush) while the tile unit runs
+ * them, so that the vector work of bf16_emit (bias, conversion, silu, argmax) overlaps the products instead of
+ * following them. Measured on the AMX Xeon (K = 576, N = 3072, 2 threads): 2.1 -> 2.75 TF/s at 2048 rows.
+ * Each thread keeps one (zeroed: nothing pending) and calls bf16_flush before the barrier that publishes its
+ * outputs. Emits of different passes write disjoint outputs (argmax: order-free), so deferring reorders nothing. */
+typedef struct {
+    float acc[4][16 * BF16_PANEL]; /* blocks == 2: [row block 0: panel p, second panel; row block 1: ...] */
+    const bf16_out *o;
+    int64_t row0, rows, p;         /* rows: of a single block (blocks == 1); 16 each when blocks == 2 */
+    int blocks;                    /* 0: nothing pending */
+    int two_panels;
+} __attribute__((aligned(64))) bf16_pending;
+
+static inline void bf16_flush(bf16_pending *pd) {
+    if (pd->blocks == 0) return;
+    const int two = pd->two_panels;
+    if (pd->blocks == 2) {
+        bf16_emit(pd->o, pd->row0, 16, pd->p, pd->acc[0], two ? pd->acc[1] : NULL, BF16_PANEL);
+        bf16_emit(pd->o, pd->row0 + 16, 16, pd->p, pd->acc[2], two ? pd->acc[3] : NULL, BF16_PANEL);
+    } else {
+        bf16_emit(pd->o, pd->row0, pd->rows, pd->p, pd->acc[0], two ? pd->acc[1] : NULL, BF16_PANEL);
+    }
+    pd->blocks = 0;
+}
+
 /* acc [rows, 16] = rows row0 .. row0 + rows - 1 (rows <= BF16_DP_ROWS) of channel block p. */
 static inline void bf16_rows_dp(float *acc, const uint16_t *x, int64_t x_stride, const uint16_t *panels,
                                 int64_t k_pad, int64_t row0, int64_t rows, int64_t p) {
@@ -291,12 +317,12 @@ static inline void bf16_amx_load_config(void) { bf16_amx_load_config_rows(16); }
  * (the results of the rows past block_rows are dropped). */
 static inline void bf16_panel_block_amx_partial(const bf16_out *o, const uint16_t *x, int64_t x_stride,
                                                 const uint16_t *panels, int64_t k_pad, int64_t row0,
-                                                int64_t block_rows, int64_t p, int two_panels, int64_t next_p) {
+                                                int64_t block_rows, int64_t p, int two_panels, int64_t next_p,
+                                                bf16_pending *pd) {
     bf16_prefetch pf = bf16_prefetch_pair(o, panels, k_pad, next_p, two_panels, k_pad / BF16_K_BLOCK);
     const int64_t panel_elems = (k_pad / 2) * 2 * BF16_PANEL;
     const uint16_t *w0 = panels + p * panel_elems, *w1 = two_panels ? w0 + o->pair_step * panel_elems : w0;
     const int64_t xs = bf16_tile_stride(x_stride); /* bytes */
-    float acc[2][16 * BF16_PANEL];
     _tile_zero(0);
     _tile_zero(1);
     for (int64_t kb = 0; kb < k_pad; kb += BF16_K_BLOCK) {
@@ -307,25 +333,25 @@ static inline void bf16_panel_block_amx_partial(const bf16_out *o, const uint16_
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
     }
-    _tile_stored(0, acc[0], 64);
-    _tile_stored(1, acc[1], 64);
-    bf16_emit(o, row0, block_rows, p, acc[0], two_panels ? acc[1] : NULL, BF16_PANEL);
+    bf16_flush(pd); /* while the tiles compute */
+    _tile_stored(0, pd->acc[0], 64);
+    _tile_stored(1, pd->acc[1], 64);
+    pd->o = o, pd->row0 = row0, pd->rows = block_rows, pd->p = p, pd->blocks = 1, pd->two_panels = two_panels;
 }
 
 /* Rows row0 .. row0 + 16 * blocks - 1 of the pair at panel p (both panels when two_panels): each pass takes two
  * 16-row blocks and both panels, so every activation tile feeds two products and every weight tile two. */
 static inline void bf16_panel_blocks_amx(const bf16_out *o, const uint16_t *x, int64_t x_stride,
                                          const uint16_t *panels, int64_t k_pad, int64_t row0, int64_t blocks,
-                                         int64_t p, int two_panels, int64_t next_p) {
+                                         int64_t p, int two_panels, int64_t next_p, bf16_pending *pd) {
     bf16_prefetch pf = bf16_prefetch_pair(o, panels, k_pad, next_p, two_panels, blocks / 2 * (k_pad / BF16_K_BLOCK));
     const int64_t panel_elems = (k_pad / 2) * 2 * BF16_PANEL;
     const uint16_t *w0 = panels + p * panel_elems, *w1 = two_panels ? w0 + o->pair_step * panel_elems : w0;
-    float acc[4][16 * BF16_PANEL];
     const int64_t xs = bf16_tile_stride(x_stride); /* bytes */
     for (int64_t b = 0; b < blocks; b += 2) {
         if (b + 1 == blocks) { /* an odd last block: on its own, not paired with a copy of itself */
             bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, row0 + 16 * b, 16, p, two_panels,
-                                         pf.w0 != NULL && pf.offset < pf.bytes ? next_p : -1);
+                                         pf.w0 != NULL && pf.offset < pf.bytes ? next_p : -1, pd);
             break;
         }
         const uint16_t *x0 = x + bf16_x_index(x_stride, k_pad, row0 + 16 * b, 0);
@@ -345,13 +371,12 @@ static inline void bf16_panel_blocks_amx(const bf16_out *o, const uint16_t *x, i
             _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
         }
-        _tile_stored(0, acc[0], 64);
-        _tile_stored(1, acc[1], 64);
-        _tile_stored(2, acc[2], 64);
-        _tile_stored(3, acc[3], 64);
-        const int64_t r0 = row0 + 16 * b;
-        bf16_emit(o, r0, 16, p, acc[0], two_panels ? acc[1] : NULL, BF16_PANEL);
-        bf16_emit(o, r0 + 16, 16, p, acc[2], two_panels ? acc[3] : NULL, BF16_PANEL);
+        bf16_flush(pd); /* while the tiles compute */
+        _tile_stored(0, pd->acc[0], 64);
+        _tile_stored(1, pd->acc[1], 64);
+        _tile_stored(2, pd->acc[2], 64);
+        _tile_stored(3, pd->acc[3], 64);
+        pd->o = o, pd->row0 = row0 + 16 * b, pd->rows = 32, pd->p = p, pd->blocks = 2, pd->two_panels = two_panels;
     }
 }
 #endif
@@ -382,25 +407,27 @@ static inline int bf16_amx_rows(int64_t m) {
  * x is readable up to the next whole 16-row block (whatever those rows hold: only the first rows' results are
  * kept), so the last m % 16 rows run as one more 16-row block on the tiles instead of vdpbf16ps rows (at 14 rows
  * those cost as much as ~128 rows on the tiles). next_p: the first panel of the pair this thread likely takes next
- * (its weights are prefetched on the AMX path), or -1. */
+ * (its weights are prefetched on the AMX path), or -1. pd: the thread's deferred emit (bf16_pending), which may
+ * still hold the last AMX pass's sums on return: the caller flushes it before anyone reads the outputs. */
 static inline void bf16_panel_rows(const bf16_out *o, const uint16_t *x, int64_t x_stride, const uint16_t *panels,
                                    int64_t k_pad, int64_t row0, int64_t m, int64_t p, int64_t num, int amx_rows,
-                                   int64_t next_p, int rows_padded) {
+                                   int64_t next_p, int rows_padded, bf16_pending *pd) {
     int64_t done = 0;
 #if TM_HAVE_AMX
     if (amx_rows == 16 && (m >= 16 || rows_padded)) {
-        if (m >= 16) bf16_panel_blocks_amx(o, x, x_stride, panels, k_pad, row0, m / 16, p, num == 2, next_p);
+        if (m >= 16) bf16_panel_blocks_amx(o, x, x_stride, panels, k_pad, row0, m / 16, p, num == 2, next_p, pd);
         done = m / 16 * 16;
         if (rows_padded && done < m) { /* a 16-row block of which the first m - done rows are kept */
-            bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, row0 + done, m - done, p, num == 2, next_p);
+            bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, row0 + done, m - done, p, num == 2, next_p,
+                                         pd);
             done = m;
         }
     } else if (amx_rows > 0 && amx_rows < 16 && m == amx_rows) {
-        bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, row0, m, p, num == 2, next_p);
+        bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, row0, m, p, num == 2, next_p, pd);
         done = m;
     }
 #else
-    (void)amx_rows, (void)next_p, (void)rows_padded;
+    (void)amx_rows, (void)next_p, (void)rows_padded, (void)pd;
 #endif
     for (int64_t r = done; r < m; r += BF16_DP_ROWS) {
         const int64_t rows = m - r < BF16_DP_ROWS ? m - r : BF16_DP_ROWS;

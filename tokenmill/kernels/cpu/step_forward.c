@@ -181,13 +181,17 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
         const int64_t np = bf16_num_panels(n), pairs = (np + 1) / 2, kp = bf16_k_pad(l->k);
         const int64_t chunk = rows_per_chunk(chunk_bytes, kp * 2, 32, num_rows);
         const bf16_out out = bf16_plain_out(y, 0, n, l->bias);
+        bf16_pending pend;
+        pend.blocks = 0;
         for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
             const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
 #pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
             for (int64_t q = 0; q < pairs; ++q)
                 bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->bf16_stride, (const uint16_t *)l->weight, kp, m0,
-                                rows, 2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows, q + 1 < pairs ? 2 * q + 2 : -1, 1);
+                                rows, 2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows, q + 1 < pairs ? 2 * q + 2 : -1, 1,
+                                &pend);
         }
+        bf16_flush(&pend);
 #pragma omp barrier
 #if TM_HAVE_AMX
         if (amx_rows) _tile_release();
@@ -226,13 +230,16 @@ static void gate_up_silu_phase(const tm_linear *l, uint16_t *h, int64_t h_stride
     const int64_t half = bf16_num_panels(l->n) / 2, kp = bf16_k_pad(l->k);
     const bf16_out out = {NULL, 0, l->n, NULL, h, h_stride, h_k_pad, half, NULL, NULL};
     const int64_t chunk = rows_per_chunk(chunk_bytes, kp * 2, 32, num_rows);
+    bf16_pending pend;
+    pend.blocks = 0;
     for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
         const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
 #pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
         for (int64_t q = 0; q < half; ++q)
             bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->bf16_stride, (const uint16_t *)l->weight, kp, m0,
-                            rows, q, 2, amx_rows, q + 1 < half ? q + 1 : -1, 1);
+                            rows, q, 2, amx_rows, q + 1 < half ? q + 1 : -1, 1, &pend);
     }
+    bf16_flush(&pend);
 #pragma omp barrier
 #if TM_HAVE_AMX
     if (amx_rows) _tile_release();
