@@ -84,7 +84,8 @@ static inline void bf16_store_x_row(uint16_t *x, int64_t x_stride, int64_t k_pad
 
 /* Where a product's float32 sums go. Greedy (best != NULL): each row's largest value (+ bias) and its channel, kept
  * in best / best_id [rows] (the calling thread's own; the lowest channel among equal values, as argmax).
- * Plain (h == NULL): channel block p to y [rows, n] (float32, or bf16 when y_bf16), + bias. Fused gate/up
+ * Plain (h == NULL): channel block p to y [rows, n] (float32, or bf16 when y_bf16), + bias; with accumulate (float32
+ * y only), added to what y holds (y += sums + bias: a residual stream that takes a projection's output). Fused gate/up
  * (h != NULL): the pair's first panel p holds gate channels 16p .. 16p + 15 and its second (p + pair_step) the up
  * channels of the same index; h's (r, 16p + j) (bf16_x_index of h_stride) = bf16(silu(gate) * up).
  * A pair is panels p and p + pair_step (1: adjacent panels; a gate/up weight [gate; up] of I channels each: I / 16). */
@@ -99,26 +100,29 @@ typedef struct {
     int64_t pair_step;
     float *best;
     int64_t *best_id;
+    int accumulate; /* plain float32 y: y += sums + bias */
 } bf16_out;
 
 static inline bf16_out bf16_plain_out(void *y, int y_bf16, int64_t n, const float *bias) {
-    const bf16_out o = {y, y_bf16, n, bias, NULL, 0, 0, 1, NULL, NULL};
+    const bf16_out o = {y, y_bf16, n, bias, NULL, 0, 0, 1, NULL, NULL, 0};
     return o;
 }
 
-/* acc [rows, 16] of channel block p written to y (row stride n), + bias, only channels < n. */
+/* acc [rows, 16] of channel block p written to y (row stride n), + bias, only channels < n; accumulate (float32 y):
+ * added to y's values, as y + (acc + bias). */
 static inline void bf16_store_block(void *y, int y_bf16, int64_t n, int64_t row0, int64_t rows, int64_t p,
-                                    const float *acc, int64_t acc_stride, const float *bias) {
+                                    const float *acc, int64_t acc_stride, const float *bias, int accumulate) {
     const int64_t c0 = p * BF16_PANEL, width = n - c0 < BF16_PANEL ? n - c0 : BF16_PANEL;
 #if defined(__AVX512BF16__)
     if (width == BF16_PANEL) {  /* a whole block: one vector per row (rounding as f32_to_bf16, denormals to 0) */
         const __m512 b = bias != NULL ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps();
         for (int64_t r = 0; r < rows; ++r) {
             const __m512 v = _mm512_add_ps(_mm512_loadu_ps(acc + r * acc_stride), b);
+            float *dst = (float *)y + (row0 + r) * n + c0;
             if (y_bf16)
                 _mm256_storeu_si256((__m256i *)((uint16_t *)y + (row0 + r) * n + c0), (__m256i)_mm512_cvtneps_pbh(v));
             else
-                _mm512_storeu_ps((float *)y + (row0 + r) * n + c0, v);
+                _mm512_storeu_ps(dst, accumulate ? _mm512_add_ps(_mm512_loadu_ps(dst), v) : v);
         }
         return;
     }
@@ -126,10 +130,13 @@ static inline void bf16_store_block(void *y, int y_bf16, int64_t n, int64_t row0
     for (int64_t r = 0; r < rows; ++r) {
         float row[BF16_PANEL];
         for (int64_t j = 0; j < width; ++j) row[j] = acc[r * acc_stride + j] + (bias != NULL ? bias[c0 + j] : 0.0f);
+        float *dst = (float *)y + (row0 + r) * n + c0;
         if (y_bf16)
             f32_row_to_bf16((uint16_t *)y + (row0 + r) * n + c0, row, width);
+        else if (accumulate)
+            for (int64_t j = 0; j < width; ++j) dst[j] += row[j];
         else
-            memcpy((float *)y + (row0 + r) * n + c0, row, (size_t)width * sizeof(float));
+            memcpy(dst, row, (size_t)width * sizeof(float));
     }
 }
 
@@ -206,8 +213,9 @@ static inline void bf16_emit(const bf16_out *o, int64_t row0, int64_t rows, int6
         bf16_store_silu_mul(o->h, o->h_stride, o->h_k_pad, row0, rows, p, acc0, acc1, acc_stride);
         return;
     }
-    bf16_store_block(o->y, o->y_bf16, o->n, row0, rows, p, acc0, acc_stride, o->bias);
-    if (acc1 != NULL) bf16_store_block(o->y, o->y_bf16, o->n, row0, rows, p + o->pair_step, acc1, acc_stride, o->bias);
+    bf16_store_block(o->y, o->y_bf16, o->n, row0, rows, p, acc0, acc_stride, o->bias, o->accumulate);
+    if (acc1 != NULL)
+        bf16_store_block(o->y, o->y_bf16, o->n, row0, rows, p + o->pair_step, acc1, acc_stride, o->bias, o->accumulate);
 }
 
 /* A pass's sums on the AMX path waiting to be written (deferred emit): a pass stores its tiles here only after

@@ -136,10 +136,11 @@ static inline int64_t rows_per_chunk(int64_t chunk_bytes, int64_t bytes_per_row,
     return round_up((num_rows + chunks - 1) / chunks, tile);
 }
 
-/* y [num_rows, n] = x [num_rows, k] (row stride k) through l; x already prepared (prepare_row) for int8 and int4.
+/* y [num_rows, n] = x [num_rows, k] (row stride k) through l; x already prepared (prepare_row) for int8, int4 and
+ * bf16. accumulate (bf16 weights only, adds_into_residual): y += the product instead.
  * A worksharing loop: every thread of the region must call it; it ends with a barrier. */
 static void linear_phase(const tm_linear *l, float *y, const float *x, const quantized_rows *qr, int64_t num_rows,
-                         int64_t chunk_bytes) {
+                         int64_t chunk_bytes, int accumulate) {
     const int64_t n = l->n;
     if (l->format == TM_FLOAT32) {
         const int64_t chunk = rows_per_chunk(chunk_bytes, l->k * (int64_t)sizeof(float), PANEL_ROWS, num_rows);
@@ -180,7 +181,8 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
 #endif
         const int64_t np = bf16_num_panels(n), pairs = (np + 1) / 2, kp = bf16_k_pad(l->k);
         const int64_t chunk = rows_per_chunk(chunk_bytes, kp * 2, 32, num_rows);
-        const bf16_out out = bf16_plain_out(y, 0, n, l->bias);
+        bf16_out out = bf16_plain_out(y, 0, n, l->bias);
+        out.accumulate = accumulate;
         bf16_pending pend;
         pend.blocks = 0;
         for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
@@ -228,7 +230,7 @@ static void gate_up_silu_phase(const tm_linear *l, uint16_t *h, int64_t h_stride
     if (amx_rows) bf16_amx_load_config_rows(amx_rows);
 #endif
     const int64_t half = bf16_num_panels(l->n) / 2, kp = bf16_k_pad(l->k);
-    const bf16_out out = {NULL, 0, l->n, NULL, h, h_stride, h_k_pad, half, NULL, NULL};
+    const bf16_out out = {NULL, 0, l->n, NULL, h, h_stride, h_k_pad, half, NULL, NULL, 0};
     const int64_t chunk = rows_per_chunk(chunk_bytes, kp * 2, 32, num_rows);
     bf16_pending pend;
     pend.blocks = 0;
@@ -245,6 +247,11 @@ static void gate_up_silu_phase(const tm_linear *l, uint16_t *h, int64_t h_stride
     if (amx_rows) _tile_release();
 #endif
 }
+
+/* 1 when projection l adds its output straight into the residual stream (linear_phase's accumulate, bf16 weights):
+ * the float32 [rows, hidden] output is then never written and read back by the next per-row pass, which at
+ * prompt steps streams through L3 (2048 rows: 4.7 MB an array). */
+static inline int adds_into_residual(const tm_linear *l) { return l->format == TM_BF16; }
 
 /* The step's prompts that attend on AMX tiles: the whole-context ones (no cached prefix) of 2 .. max_rows rows that
  * the kernel takes. amx_lens [2 * num_reqs] (caller's): per request its length there or 0, then q_lens with those
@@ -362,13 +369,13 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 float *res = residual + r * H;
                 if (l == 0)
                     memcpy(res, hidden + r * H, (size_t)H * sizeof(float));
-                else
+                else if (!adds_into_residual(&m->layers[l - 1].down))
                     for (int64_t i = 0; i < H; ++i) res[i] += out[r * H + i];
                 rms_norm_row(x + r * H, res, ly->input_norm, m->eps, H);
                 prepare_row(&ly->qkv, x + r * H, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
-            linear_phase(&ly->qkv, qkv, x, &qr, R, m->row_chunk_bytes);
+            linear_phase(&ly->qkv, qkv, x, &qr, R, m->row_chunk_bytes, 0);
             END_PHASE(TM_PHASE_PROJECTIONS)
 
 #pragma omp for schedule(static)
@@ -457,13 +464,15 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 for (int64_t r = 0; r < rows; ++r) prepare_row(&ly->o, attn + r * q_size, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
-            linear_phase(&ly->o, out, attn, &qr, rows, m->row_chunk_bytes);
+            const int o_adds = adds_into_residual(&ly->o);
+            linear_phase(&ly->o, o_adds ? residual : out, attn, &qr, rows, m->row_chunk_bytes, o_adds);
             END_PHASE(TM_PHASE_PROJECTIONS)
 
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; ++r) {
                 float *res = residual + r * H;
-                for (int64_t i = 0; i < H; ++i) res[i] += out[r * H + i];
+                if (!o_adds)
+                    for (int64_t i = 0; i < H; ++i) res[i] += out[r * H + i];
                 rms_norm_row(x + r * H, res, ly->post_norm, m->eps, H);
                 prepare_row(&ly->gate_up, x + r * H, r, &qr, rotation_scratch);
             }
@@ -473,11 +482,11 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                                    m->row_chunk_bytes);
                 quantized_rows h_rows = qr;
                 h_rows.u = (uint8_t *)x;
-                linear_phase(&ly->down, out, NULL, &h_rows, rows, m->row_chunk_bytes);
+                linear_phase(&ly->down, residual, NULL, &h_rows, rows, m->row_chunk_bytes, 1);
                 END_PHASE(TM_PHASE_PROJECTIONS)
                 continue;
             }
-            linear_phase(&ly->gate_up, gate_up, x, &qr, rows, m->row_chunk_bytes);
+            linear_phase(&ly->gate_up, gate_up, x, &qr, rows, m->row_chunk_bytes, 0);
             END_PHASE(TM_PHASE_PROJECTIONS)
 
 #pragma omp for schedule(static)
@@ -487,13 +496,16 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 prepare_row(&ly->down, x + r * I, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
-            linear_phase(&ly->down, out, x, &qr, rows, m->row_chunk_bytes);
+            const int down_adds = adds_into_residual(&ly->down);
+            linear_phase(&ly->down, down_adds ? residual : out, x, &qr, rows, m->row_chunk_bytes, down_adds);
             END_PHASE(TM_PHASE_PROJECTIONS)
         }
+        const int last_down_adds = adds_into_residual(&m->layers[m->num_layers - 1].down);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
             float *res = residual + r * H;
-            for (int64_t i = 0; i < H; ++i) res[i] += out[r * H + i];
+            if (!last_down_adds)
+                for (int64_t i = 0; i < H; ++i) res[i] += out[r * H + i];
             rms_norm_row(hidden + (keep_rows != NULL ? keep_rows[r] : r) * H, res, m->final_norm, m->eps, H);
         }
         END_PHASE(TM_PHASE_ROWS)
