@@ -253,6 +253,12 @@ static void gate_up_silu_phase(const tm_linear *l, uint16_t *h, int64_t h_stride
  * prompt steps streams through L3 (2048 rows: 4.7 MB an array). */
 static inline int adds_into_residual(const tm_linear *l) { return l->format == TM_BF16; }
 
+/* Where a normed row for projection l goes: x's row when l reads float32 rows (TM_FLOAT32), else the thread's
+ * scratch row, which prepare_row reads at once from L1 (x's row would be written back through L2 and L3 unread). */
+static inline float *norm_row_for(const tm_linear *l, float *x_row, float *scratch_row) {
+    return l->format == TM_FLOAT32 ? x_row : scratch_row;
+}
+
 /* The step's prompts that attend on AMX tiles: the whole-context ones (no cached prefix) of 2 .. max_rows rows that
  * the kernel takes. amx_lens [2 * num_reqs] (caller's): per request its length there or 0, then q_lens with those
  * set to 0 (what prefill_tile.h's tasks take). */
@@ -290,9 +296,10 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
     int64_t max_k = H > I ? H : I;
     max_k = max_k > q_size ? max_k : q_size;
     const int64_t k_pad = round_up(max_k, K_ALIGN);
-    /* Per thread: the attention's scratch (decode scores, or a prefill_tile.h block's), then the rotation's. */
+    /* Per thread: the attention's scratch (decode scores, or a prefill_tile.h block's), the rotation's, then one
+     * normed row (norm_row_for). */
     const int64_t attention_scratch = pure_decode ? group * max_seq : prefill_scratch_floats(group, D);
-    const int64_t per_thread = round_up(attention_scratch + max_k, 16);
+    const int64_t per_thread = round_up(attention_scratch + max_k + H, 16);
     /* Split-K attention (fewer than 2 (request, KV head) tasks per thread): ranges per (request, KV head). */
     const int64_t max_splits =
         pure_decode ? (2 * (int64_t)num_threads + N * num_kv_heads - 1) / (N * num_kv_heads) : 0;
@@ -351,7 +358,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
 #pragma omp parallel num_threads(num_threads)
     {
         float *scores = thread_scratch + per_thread * omp_get_thread_num(); /* the attention's scratch */
-        float *rotation_scratch = scores + attention_scratch;
+        float *rotation_scratch = scores + attention_scratch, *norm_row = rotation_scratch + max_k;
         const int timing = phase_seconds != NULL && omp_get_thread_num() == 0;
         int64_t rows = R; /* the rows past attention: R, in the last layer num_keep when keep_rows is given */
         double mark = timing ? omp_get_wtime() : 0.0;
@@ -371,8 +378,9 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                     memcpy(res, hidden + r * H, (size_t)H * sizeof(float));
                 else if (!adds_into_residual(&m->layers[l - 1].down))
                     for (int64_t i = 0; i < H; ++i) res[i] += out[r * H + i];
-                rms_norm_row(x + r * H, res, ly->input_norm, m->eps, H);
-                prepare_row(&ly->qkv, x + r * H, r, &qr, rotation_scratch);
+                float *normed = norm_row_for(&ly->qkv, x + r * H, norm_row);
+                rms_norm_row(normed, res, ly->input_norm, m->eps, H);
+                prepare_row(&ly->qkv, normed, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
             linear_phase(&ly->qkv, qkv, x, &qr, R, m->row_chunk_bytes, 0);
@@ -473,8 +481,9 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 float *res = residual + r * H;
                 if (!o_adds)
                     for (int64_t i = 0; i < H; ++i) res[i] += out[r * H + i];
-                rms_norm_row(x + r * H, res, ly->post_norm, m->eps, H);
-                prepare_row(&ly->gate_up, x + r * H, r, &qr, rotation_scratch);
+                float *normed = norm_row_for(&ly->gate_up, x + r * H, norm_row);
+                rms_norm_row(normed, res, ly->post_norm, m->eps, H);
+                prepare_row(&ly->gate_up, normed, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
             if (fused_mlp(ly, I)) { /* silu(gate) * up in bf16 straight into x's memory, the down projection's input */
