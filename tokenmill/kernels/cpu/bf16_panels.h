@@ -118,11 +118,12 @@ static inline void bf16_store_block(void *y, int y_bf16, int64_t n, int64_t row0
         const __m512 b = bias != NULL ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps();
         for (int64_t r = 0; r < rows; ++r) {
             const __m512 v = _mm512_add_ps(_mm512_loadu_ps(acc + r * acc_stride), b);
-            float *dst = (float *)y + (row0 + r) * n + c0;
-            if (y_bf16)
+            if (y_bf16) {
                 _mm256_storeu_si256((__m256i *)((uint16_t *)y + (row0 + r) * n + c0), (__m256i)_mm512_cvtneps_pbh(v));
-            else
+            } else {
+                float *dst = (float *)y + (row0 + r) * n + c0;
                 _mm512_storeu_ps(dst, accumulate ? _mm512_add_ps(_mm512_loadu_ps(dst), v) : v);
+            }
         }
         return;
     }
@@ -130,10 +131,12 @@ static inline void bf16_store_block(void *y, int y_bf16, int64_t n, int64_t row0
     for (int64_t r = 0; r < rows; ++r) {
         float row[BF16_PANEL];
         for (int64_t j = 0; j < width; ++j) row[j] = acc[r * acc_stride + j] + (bias != NULL ? bias[c0 + j] : 0.0f);
-        float *dst = (float *)y + (row0 + r) * n + c0;
-        if (y_bf16)
+        if (y_bf16) {
             f32_row_to_bf16((uint16_t *)y + (row0 + r) * n + c0, row, width);
-        else if (accumulate)
+            continue;
+        }
+        float *dst = (float *)y + (row0 + r) * n + c0;
+        if (accumulate)
             for (int64_t j = 0; j < width; ++j) dst[j] += row[j];
         else
             memcpy(dst, row, (size_t)width * sizeof(float));
@@ -225,22 +228,17 @@ static inline void bf16_emit(const bf16_out *o, int64_t row0, int64_t rows, int6
  * Each thread keeps one (zeroed: nothing pending) and calls bf16_flush before the barrier that publishes its
  * outputs. Emits of different passes write disjoint outputs (argmax: order-free), so deferring reorders nothing. */
 typedef struct {
-    float acc[4][16 * BF16_PANEL]; /* blocks == 2: [row block 0: panel p, second panel; row block 1: ...] */
+    float acc[4][16 * BF16_PANEL]; /* per row block i: acc[2i] (panel p), acc[2i + 1] (the pair's second panel) */
     const bf16_out *o;
-    int64_t row0, rows, p;         /* rows: of a single block (blocks == 1); 16 each when blocks == 2 */
-    int blocks;                    /* 0: nothing pending */
+    int64_t row0, rows, p;         /* rows: of each block (16 when blocks == 2) */
+    int blocks;                    /* 0: nothing pending; row block i starts at row0 + 16 i */
     int two_panels;
 } __attribute__((aligned(64))) bf16_pending;
 
 static inline void bf16_flush(bf16_pending *pd) {
-    if (pd->blocks == 0) return;
-    const int two = pd->two_panels;
-    if (pd->blocks == 2) {
-        bf16_emit(pd->o, pd->row0, 16, pd->p, pd->acc[0], two ? pd->acc[1] : NULL, BF16_PANEL);
-        bf16_emit(pd->o, pd->row0 + 16, 16, pd->p, pd->acc[2], two ? pd->acc[3] : NULL, BF16_PANEL);
-    } else {
-        bf16_emit(pd->o, pd->row0, pd->rows, pd->p, pd->acc[0], two ? pd->acc[1] : NULL, BF16_PANEL);
-    }
+    for (int i = 0; i < pd->blocks; ++i)
+        bf16_emit(pd->o, pd->row0 + 16 * i, pd->rows, pd->p, pd->acc[2 * i], pd->two_panels ? pd->acc[2 * i + 1] : NULL,
+                  BF16_PANEL);
     pd->blocks = 0;
 }
 
@@ -399,7 +397,7 @@ static inline void bf16_panel_blocks_amx(const bf16_out *o, const uint16_t *x, i
         _tile_stored(1, pd->acc[1], 64);
         _tile_stored(2, pd->acc[2], 64);
         _tile_stored(3, pd->acc[3], 64);
-        pd->o = o, pd->row0 = row0 + 16 * b, pd->rows = 32, pd->p = p, pd->blocks = 2, pd->two_panels = two_panels;
+        pd->o = o, pd->row0 = row0 + 16 * b, pd->rows = 16, pd->p = p, pd->blocks = 2, pd->two_panels = two_panels;
     }
 }
 #endif

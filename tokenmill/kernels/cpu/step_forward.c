@@ -486,12 +486,13 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 prepare_row(&ly->gate_up, normed, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
+            const int down_adds = adds_into_residual(&ly->down);
             if (fused_mlp(ly, I)) { /* silu(gate) * up in bf16 straight into x's memory, the down projection's input */
                 gate_up_silu_phase(&ly->gate_up, (uint16_t *)x, qr.bf16_stride, bf16_k_pad(I), &qr, rows,
                                    m->row_chunk_bytes);
                 quantized_rows h_rows = qr;
                 h_rows.u = (uint8_t *)x;
-                linear_phase(&ly->down, residual, NULL, &h_rows, rows, m->row_chunk_bytes, 1);
+                linear_phase(&ly->down, down_adds ? residual : out, NULL, &h_rows, rows, m->row_chunk_bytes, down_adds);
                 END_PHASE(TM_PHASE_PROJECTIONS)
                 continue;
             }
@@ -505,7 +506,6 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 prepare_row(&ly->down, x + r * I, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
-            const int down_adds = adds_into_residual(&ly->down);
             linear_phase(&ly->down, down_adds ? residual : out, x, &qr, rows, m->row_chunk_bytes, down_adds);
             END_PHASE(TM_PHASE_PROJECTIONS)
         }
