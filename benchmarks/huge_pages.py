@@ -29,10 +29,10 @@ def decode_step_ms(llm: LLM, prompts: list[list[int]], decode_tokens: int) -> fl
     runner = llm.engine.core.runner
     times: list[float] = []
 
-    def timed(scheduler_output: Any) -> Any:
+    def timed(scheduled: Any) -> Any:
         start = time.perf_counter()
-        out = ModelRunner.execute(runner, scheduler_output)
-        if all(s.num_new_tokens == 1 for s in scheduler_output.scheduled):
+        out = ModelRunner.execute(runner, scheduled)
+        if all(s.num_new_tokens == 1 for s in scheduled):
             times.append(time.perf_counter() - start)
         return out
 

@@ -67,10 +67,10 @@ def main() -> None:
     runner = engine.core.runner
     execute = ModelRunner.execute
 
-    def timed_execute(scheduler_output: Any) -> Any:
-        kind = "decode" if all(s.num_new_tokens == 1 for s in scheduler_output.scheduled) else "prefill"
+    def timed_execute(scheduled: Any) -> Any:
+        kind = "decode" if all(s.num_new_tokens == 1 for s in scheduled) else "prefill"
         start = time.perf_counter()
-        out = execute(runner, scheduler_output)
+        out = execute(runner, scheduled)
         seconds[kind] += time.perf_counter() - start
         counts[kind] += 1
         return out

@@ -55,11 +55,11 @@ def test_failing_step_fails_its_requests_not_the_engine(llm: LLM, monkeypatch) -
     real_execute = runner.execute
     calls = {"n": 0}
 
-    def fail_once(scheduler_output):
+    def fail_once(scheduled):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected kernel failure")
-        return real_execute(scheduler_output)
+        return real_execute(scheduled)
 
     monkeypatch.setattr(runner, "execute", fail_once)
     failed = llm.generate(["one", "two"], GOOD, use_tqdm=False)

@@ -9,11 +9,10 @@ import torch
 from tests.kernels.test_torch_attention import _metadata
 from tests.kernels.test_triton_attention import _on
 from tokenmill.attention.triton_backend import TritonAttentionBackend
-from tokenmill.engine.request import Request
-from tokenmill.engine.scheduler_output import ScheduledRequest
 from tokenmill.models.llama import LlamaForCausalLM
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.cuda_graphs import DecodeCudaGraphs
+from tokenmill.worker.request_states import RequestState, StepRequest
 
 BLOCK = 8
 
@@ -70,7 +69,7 @@ def test_padded_replay_matches_eager_decode(device) -> None:
     graphs.capture()  # runs only padding rows: must leave the cache untouched
     for (k0, v0), (k1, v1) in zip(caches, graph_caches):
         assert not torch.equal(k0, k1)  # the eager decode wrote its new rows into `caches`
-    scheduled = [ScheduledRequest(Request(f"r{i}", p, SamplingParams()), n, 1, t)
+    scheduled = [StepRequest(RequestState(f"r{i}", list(p), list(p), SamplingParams(), None, list(t)), n, 1)
                  for i, (p, n, t) in enumerate(zip(prompts, lengths, tables))]
     assert graphs.can_run(scheduled)
     replayed = graphs.run(scheduled)  # 3 requests padded to the bucket of 4

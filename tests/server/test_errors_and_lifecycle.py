@@ -115,10 +115,10 @@ def test_engine_failure_fails_only_that_request(tiny_loaded: Any) -> None:
     original = runner.execute
     poison = 4242
 
-    def execute(scheduler_output: Any) -> Any:
-        if any(poison in s.token_ids for s in scheduler_output.scheduled):
+    def execute(scheduled: Any) -> Any:
+        if any(poison in s.token_ids for s in scheduled):
             raise RuntimeError("injected kernel failure")
-        return original(scheduler_output)
+        return original(scheduled)
 
     runner.execute = execute
     with run_server(engine) as live:

@@ -8,8 +8,6 @@ import pytest
 import torch
 
 from tokenmill.config import CacheConfig, EngineConfig, ModelConfig
-from tokenmill.engine.request import Request
-from tokenmill.engine.scheduler_output import ScheduledRequest
 from tokenmill.quant.fp8 import FP8_MAX, dequantize_weight, quantize_per_token, quantize_weight
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.cuda_graphs import capture_sizes, fill_decode_inputs, padded_size
@@ -21,6 +19,7 @@ from tokenmill.worker.device import (
     resolve_dtype,
     resolve_kv_cache_dtype,
 )
+from tokenmill.worker.request_states import RequestState, StepRequest
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -87,9 +86,9 @@ def test_graph_sizes_and_padding_buckets() -> None:
     assert cuda_graph_sizes(EngineConfig.from_kwargs(max_num_seqs=16), CUDA, "triton") == [1, 2, 4, 8, 16]
 
 
-def _decode(req_id: str, tokens: list[int], block_ids: list[int]) -> ScheduledRequest:
-    request = Request(req_id, tokens, SamplingParams(max_tokens=4))
-    return ScheduledRequest(request, start_pos=len(tokens) - 1, num_new_tokens=1, block_ids=block_ids)
+def _decode(req_id: str, tokens: list[int], block_ids: list[int]) -> StepRequest:
+    state = RequestState(req_id, list(tokens), list(tokens), SamplingParams(max_tokens=4), None, list(block_ids))
+    return StepRequest(state, start_pos=len(tokens) - 1, num_new_tokens=1)
 
 
 def test_fill_decode_inputs_pads_with_inert_rows() -> None:

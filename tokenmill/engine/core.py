@@ -1,5 +1,6 @@
 """EngineCore: the schedule -> execute -> update loop over the worker (worker/worker.py: the model, its plan and
-KV cache) and the scheduler."""
+KV cache) and the scheduler. What crosses to the worker each step is plain data (worker/step_input.py), built by
+the WorkerMirror from the scheduler's output."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.scheduler_output import EngineCoreOutput
 from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
+from tokenmill.engine.worker_mirror import WorkerMirror
 from tokenmill.loader import LoadedModel
 from tokenmill.worker.runner_output import ModelRunnerOutput
 from tokenmill.worker.worker import Worker
@@ -42,6 +44,7 @@ class EngineCore:
         self.kv_cache_manager = KVCacheManager(self.worker.num_blocks, self.worker.block_size,
                                                config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
+        self.mirror = WorkerMirror()
         self.last_step = StepStats()
 
     def add_request(self, request: Request) -> None:
@@ -61,8 +64,9 @@ class EngineCore:
             len(scheduler_output.scheduled), scheduler_output.num_scheduled_tokens,
             len(scheduler_output.preempted_req_ids),
         )
+        step_input = self.mirror.step_input(scheduler_output)
         try:
-            runner_output = self.runner.execute(scheduler_output)
+            runner_output = self.worker.execute(step_input)
         except Exception:
             # A failing step fails its own requests ("error"), never the engine.
             failed = [s.req_id for s in scheduler_output.scheduled]

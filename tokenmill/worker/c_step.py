@@ -28,7 +28,6 @@ from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.attention.torch_backend import AMX_KERNEL, TorchAttentionBackend, max_rows_routed
-from tokenmill.engine.scheduler_output import ScheduledRequest
 from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 from tokenmill.kernels.cpu.bf16_prompt_attention import AMX_ATTENTION_MAX_KEYS, bf16_prompt_attention_available
 from tokenmill.kernels.cpu.kv_cache import KV_DTYPES
@@ -46,6 +45,7 @@ from tokenmill.layers.planned_linear import PlannedLinear
 from tokenmill.quant.int4_cpu import Int4GroupLinear
 from tokenmill.quant.int8_cpu import Int8DynamicLinear
 from tokenmill.worker.capabilities import detect_capabilities
+from tokenmill.worker.request_states import StepRequest
 
 logger = logging.getLogger("tokenmill")
 
@@ -148,7 +148,7 @@ def _row_chunk_bytes() -> int:
     return l2_kib * 1024 * 3 // 8 if l2_kib > 0 else DEFAULT_ROW_CHUNK_BYTES
 
 
-StepInputs = Callable[[Sequence[ScheduledRequest]], tuple[torch.Tensor, torch.Tensor, AttentionMetadata]]
+StepInputs = Callable[[Sequence[StepRequest]], tuple[torch.Tensor, torch.Tensor, AttentionMetadata]]
 
 
 class CStepForward:
@@ -163,7 +163,7 @@ class CStepForward:
         int4 = any(isinstance(m, Int4GroupLinear) for m in model.layers.modules())
         self.max_prompt_tokens = 0 if int4 else MAX_PROMPT_TOKENS
 
-    def can_run(self, scheduled: Sequence[ScheduledRequest]) -> bool:
+    def can_run(self, scheduled: Sequence[StepRequest]) -> bool:
         num_tokens = sum(s.num_new_tokens for s in scheduled)
         return self.takes(len(scheduled), num_tokens)
 
@@ -172,7 +172,7 @@ class CStepForward:
             return num_reqs <= self.max_rows
         return num_tokens <= self.max_prompt_tokens
 
-    def run(self, scheduled: Sequence[ScheduledRequest], timer: AnyStepTimer = NULL_TIMER,
+    def run(self, scheduled: Sequence[StepRequest], timer: AnyStepTimer = NULL_TIMER,
             rows: Sequence[int] | None = None) -> torch.Tensor:
         """The step's final hidden states [T, hidden] (what the model's forward returns); with `rows`, only those
         rows' (the others undefined)."""

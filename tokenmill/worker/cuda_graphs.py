@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.engine.scheduler_output import ScheduledRequest
 from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
+from tokenmill.worker.request_states import StepRequest
 
 LARGEST_SIZE = 256
 
@@ -47,7 +47,7 @@ def padded_size(num_reqs: int, sizes: Sequence[int]) -> int | None:
 
 
 def fill_decode_inputs(
-    scheduled: Sequence[ScheduledRequest], size: int, block_size: int, ints: np.ndarray, tables: np.ndarray
+    scheduled: Sequence[StepRequest], size: int, block_size: int, ints: np.ndarray, tables: np.ndarray
 ) -> int:
     """Writes one decode step into host staging arrays; returns the block-table width used.
 
@@ -58,7 +58,7 @@ def fill_decode_inputs(
     n = len(scheduled)
     positions = [s.start_pos for s in scheduled]
     width = max(len(s.block_ids) for s in scheduled)
-    ints[0, :n] = [s.request.all_token_ids[p] for s, p in zip(scheduled, positions)]
+    ints[0, :n] = [s.state.all_token_ids[p] for s, p in zip(scheduled, positions)]
     ints[1, :n] = positions
     ints[2, :n] = [p + 1 for p in positions]
     ints[3, :n] = [s.block_ids[p // block_size] * block_size + p % block_size for s, p in zip(scheduled, positions)]
@@ -128,18 +128,18 @@ class DecodeCudaGraphs:
     def _replay(self, size: int) -> None:
         self.graphs[size].replay()
 
-    def can_run(self, scheduled: Sequence[ScheduledRequest]) -> bool:
+    def can_run(self, scheduled: Sequence[StepRequest]) -> bool:
         return (bool(scheduled) and len(scheduled) <= self.sizes[-1]
                 and all(s.num_new_tokens == 1 for s in scheduled))
 
-    def run(self, scheduled: Sequence[ScheduledRequest], timer: AnyStepTimer = NULL_TIMER,
+    def run(self, scheduled: Sequence[StepRequest], timer: AnyStepTimer = NULL_TIMER,
             rows: Sequence[int] | None = None) -> torch.Tensor:
         """Final hidden states [len(scheduled), hidden] of a pure-decode step (valid until the next run; every row,
         whatever `rows` asks); input staging and the replay are one "forward" section of the timer."""
         with timer.section("forward"):
             return self._run(scheduled)
 
-    def _run(self, scheduled: Sequence[ScheduledRequest]) -> torch.Tensor:
+    def _run(self, scheduled: Sequence[StepRequest]) -> torch.Tensor:
         n = len(scheduled)
         size = padded_size(n, self.sizes)
         assert size is not None

@@ -1,4 +1,4 @@
-"""SchedulerOutput -> flat tensors -> model -> logits -> sampler -> ModelRunnerOutput.
+"""A step's requests (worker/request_states.py) -> flat tensors -> model -> logits -> sampler -> ModelRunnerOutput.
 
 The only place where requests become tensors. Per step it builds input_ids, positions,
 query_start_loc, seq_lens, block_tables and slot_mapping once, runs the model over the flat batch,
@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 from tokenmill.kernels.cpu.kv_cache import kv_row_width
 from tokenmill.outputs import PositionLogprobs
 from tokenmill.worker.huge_pages import prefaulted_zeros
+from tokenmill.worker.request_states import StepRequest
 from tokenmill.worker.runner_output import ModelRunnerOutput
 from tokenmill.worker.sampler import Sampler, SamplingMetadata, compute_logprobs
 from tokenmill.worker.step_paths import WholeStepPath
@@ -99,7 +99,7 @@ class ModelRunner:
                         len(cuda_graph_sizes), cuda_graph_sizes, seconds)
             self.step_paths.append(graphs)
 
-    def build_inputs(self, scheduled: Sequence[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def build_inputs(self, scheduled: Sequence[StepRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """The step as one flat batch: input ids [T], positions [T] and the attention metadata."""
         query_lens = [s.num_new_tokens for s in scheduled]
         seq_lens = [s.start_pos + s.num_new_tokens for s in scheduled]
@@ -127,11 +127,11 @@ class ModelRunner:
         return torch.tensor(token_ids, dtype=torch.int64, device=dev), positions.to(dev), meta
 
     @staticmethod
-    def _prompt_logprobs_rows(scheduled: list[ScheduledRequest], row_starts: list[int]) -> list[_PromptLogprobsRows]:
+    def _prompt_logprobs_rows(scheduled: list[StepRequest], row_starts: list[int]) -> list[_PromptLogprobsRows]:
         plans = []
         for s, row0 in zip(scheduled, row_starts):
-            k = s.request.sampling_params.prompt_logprobs
-            num_prompt = s.request.num_prompt_tokens
+            k = s.state.sampling_params.prompt_logprobs
+            num_prompt = s.state.num_prompt_tokens
             if k is None or s.start_pos >= num_prompt:
                 continue
             # Row for position p predicts prompt token p + 1; the last prompt position predicts output.
@@ -139,13 +139,12 @@ class ModelRunner:
             positions = range(s.start_pos, last)
             plans.append(_PromptLogprobsRows(
                 s.req_id, s.start_pos, [row0 + p - s.start_pos for p in positions],
-                [s.request.all_token_ids[p + 1] for p in positions], k,
+                [s.state.all_token_ids[p + 1] for p in positions], k,
             ))
         return plans
 
     @torch.inference_mode()
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        scheduled = scheduler_output.scheduled
+    def execute(self, scheduled: list[StepRequest]) -> ModelRunnerOutput:
         if not scheduled:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         timer = self.timer
@@ -165,7 +164,7 @@ class ModelRunner:
         with timer.section("sample"):
             return self._sample(scheduled, hidden, sampling, sample_rows, prompt_plans, prompt_rows)
 
-    def _sample(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor, sampling: list[int],
+    def _sample(self, scheduled: list[StepRequest], hidden: torch.Tensor, sampling: list[int],
                 sample_rows: list[int], prompt_plans: list[_PromptLogprobsRows], prompt_rows: list[int]
                 ) -> ModelRunnerOutput:
         """Logits for the rows that sample (request indices `sampling`, their last rows `sample_rows`) and the
@@ -175,7 +174,7 @@ class ModelRunner:
         logprobs: list[list[PositionLogprobs] | None] = [None] * len(scheduled)
         metadata = None
         if sampling:
-            requests = [scheduled[i].request for i in sampling]
+            requests = [scheduled[i].state for i in sampling]
             metadata = SamplingMetadata.from_requests(requests, self.vocab_size, self.device, self.generator)
             if metadata.argmax_only and not prompt_plans:  # greedy: the ids straight from the vocabulary projection
                 ids = self.model.greedy_token_ids(hidden[rows])

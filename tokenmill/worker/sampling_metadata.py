@@ -12,12 +12,29 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
+from typing import Protocol
 
 import torch
 
-from tokenmill.engine.request import Request
+from tokenmill.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
+
+
+class SamplingRequest(Protocol):
+    """What sampling reads of a request: the worker's RequestState (worker/request_states.py), or the engine's
+    Request."""
+
+    @property
+    def sampling_params(self) -> SamplingParams: ...
+    @property
+    def eos_token_id(self) -> int | None: ...
+    @property
+    def all_token_ids(self) -> list[int]: ...
+    @property
+    def output_token_ids(self) -> list[int]: ...
+    @property
+    def num_output_tokens(self) -> int: ...
 
 
 @dataclass
@@ -62,7 +79,7 @@ class SamplingMetadata:
     @classmethod
     def from_requests(
         cls,
-        requests: Sequence[Request],
+        requests: Sequence[SamplingRequest],
         vocab_size: int,
         device: torch.device,
         global_generator: torch.Generator | None = None,
@@ -156,7 +173,9 @@ def _logit_bias(params: list, vocab_size: int, device: torch.device) -> TokenUpd
     return _triples(rows, tokens, values, vocab_size, device)
 
 
-def _min_tokens_mask(requests: Sequence[Request], vocab_size: int, device: torch.device) -> TokenUpdates | None:
+def _min_tokens_mask(
+    requests: Sequence[SamplingRequest], vocab_size: int, device: torch.device
+) -> TokenUpdates | None:
     rows: list[int] = []
     tokens: list[int] = []
     for row, req in enumerate(requests):
@@ -192,7 +211,9 @@ def _unique_pairs(
     return keys // vocab_size, keys % vocab_size, counts
 
 
-def _repetition_penalty(requests: Sequence[Request], vocab_size: int, device: torch.device) -> TokenUpdates | None:
+def _repetition_penalty(
+    requests: Sequence[SamplingRequest], vocab_size: int, device: torch.device
+) -> TokenUpdates | None:
     penalties = [r.sampling_params.repetition_penalty for r in requests]
     if all(p == 1.0 for p in penalties):
         return None
@@ -205,7 +226,9 @@ def _repetition_penalty(requests: Sequence[Request], vocab_size: int, device: to
     return TokenUpdates(rows, tokens, row_penalty[rows])
 
 
-def _additive_penalty(requests: Sequence[Request], vocab_size: int, device: torch.device) -> TokenUpdates | None:
+def _additive_penalty(
+    requests: Sequence[SamplingRequest], vocab_size: int, device: torch.device
+) -> TokenUpdates | None:
     """OpenAI presence/frequency penalties: subtract frequency * count + presence * (count > 0)."""
     freq = [r.sampling_params.frequency_penalty for r in requests]
     pres = [r.sampling_params.presence_penalty for r in requests]

@@ -16,15 +16,15 @@ from typing import Protocol
 
 import torch
 
-from tokenmill.engine.scheduler_output import ScheduledRequest
 from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
+from tokenmill.worker.request_states import StepRequest
 
 
 class WholeStepPath(Protocol):
-    def can_run(self, scheduled: Sequence[ScheduledRequest]) -> bool:
+    def can_run(self, scheduled: Sequence[StepRequest]) -> bool:
         """True when this path takes the step (its requests and their new tokens)."""
 
-    def run(self, scheduled: Sequence[ScheduledRequest], timer: AnyStepTimer = NULL_TIMER,
+    def run(self, scheduled: Sequence[StepRequest], timer: AnyStepTimer = NULL_TIMER,
             rows: Sequence[int] | None = None) -> torch.Tensor:
         """The step's final hidden states [num_tokens, hidden_size], as the model's forward returns them; its time
         goes to the timer's "prepare_inputs" and "forward" sections (engine/step_timer.py). rows: None, or the rows

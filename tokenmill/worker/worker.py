@@ -1,6 +1,8 @@
 """Worker: owns the model's lifecycle on one device. Builds the model and loads its weights, quantizes it,
 resolves the execution plan (worker/plan.py: timed here once, or read from its cache) and applies it, sizes
 and binds the KV cache, and sets up the model runner with its whole-step fast paths (worker/step_paths.py).
+Each step arrives as plain data (`execute(StepInput)`, worker/step_input.py): the worker keeps its own state of the
+requests it holds (worker/request_states.py) and never sees the engine's Request objects.
 
 The plan is resolved once, here, and held here (`plan`); the layers and the attention backend read the kernels
 it installed, and it is logged once. On a GPU, and under --compile, there is no plan: the GPU's kernels are
@@ -32,6 +34,9 @@ from tokenmill.worker.device import (
 from tokenmill.worker.model_runner import KVCacheSpec, ModelRunner
 from tokenmill.worker.plan import ExecutionPlan
 from tokenmill.worker.planner import finish_plan, new_or_cached_plan, plan_attention, plan_model, plan_steps
+from tokenmill.worker.request_states import RequestStates
+from tokenmill.worker.runner_output import ModelRunnerOutput
+from tokenmill.worker.step_input import StepInput
 
 logger = logging.getLogger("tokenmill")
 
@@ -106,6 +111,12 @@ class Worker:
             self._add_c_step(family)
         if self.plan is not None:
             finish_plan(self.plan)
+        self.requests = RequestStates()
+
+    def execute(self, step: StepInput) -> ModelRunnerOutput:
+        """Runs one step: its message applied to the held requests first, so that a step that fails still leaves
+        them as the engine believes they are (the engine then finishes the step's requests, and drops them)."""
+        return self.runner.execute(self.requests.apply(step))
 
     def _build_model(self, config: EngineConfig, loaded: LoadedModel, backend: str, family: str) -> torch.nn.Module:
         """The model in the compute dtype on the device, its weights loaded and quantized as configured."""
