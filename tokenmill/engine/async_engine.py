@@ -117,6 +117,7 @@ class AsyncEngine:
         self._commands.put(_STOP)
         await asyncio.to_thread(thread.join)
         self._thread = None
+        self.engine.close()  # the other tensor-parallel ranks, if any
         # Deliveries scheduled by the thread's last iteration run before this point; anything
         # still open now can never get an output.
         self._fail_open_streams(EngineDeadError("the engine was shut down"))

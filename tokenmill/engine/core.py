@@ -1,6 +1,7 @@
 """EngineCore: the schedule -> execute -> update loop over the worker (worker/worker.py: the model, its plan and
 KV cache) and the scheduler. What crosses to the worker each step is plain data (worker/step_input.py), built by
-the WorkerMirror from the scheduler's output."""
+the WorkerMirror from the scheduler's output. Under tensor parallelism the engine's worker is rank 0 of a
+WorkerGroup (distributed/worker_group.py): each step goes to the other ranks first, then runs here."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tokenmill.config import EngineConfig
+from tokenmill.distributed.communicator import SINGLE
+from tokenmill.distributed.worker_group import WorkerGroup
 from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
@@ -36,7 +39,12 @@ class EngineCore:
         self.config = config
         self.timer = step_timer
         # The model's lifecycle (weights, quantization, execution plan, KV cache, runner) is the worker's.
-        self.worker = Worker(config, loaded, step_timer)
+        self.workers = WorkerGroup(config) if config.parallel.tensor_parallel_size > 1 else None
+        try:
+            self.worker = Worker(config, loaded, step_timer, self.workers.comm if self.workers else SINGLE)
+        except BaseException:
+            self.close()
+            raise
         self.device, self.dtype = self.worker.device, self.worker.dtype
         self.max_model_len = self.worker.max_model_len
         self.model, self.plan, self.runner = self.worker.model, self.worker.plan, self.worker.runner
@@ -46,6 +54,11 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
         self.mirror = WorkerMirror()
         self.last_step = StepStats()
+
+    def close(self) -> None:
+        """Stops the other tensor-parallel ranks, if any (idempotent)."""
+        if self.workers is not None:
+            self.workers.close()
 
     def add_request(self, request: Request) -> None:
         request.max_model_len = self.max_model_len
@@ -66,6 +79,8 @@ class EngineCore:
         )
         step_input = self.mirror.step_input(scheduler_output)
         try:
+            if self.workers is not None:
+                self.workers.send(step_input)
             runner_output = self.worker.execute(step_input)
         except Exception:
             # A failing step fails its own requests ("error"), never the engine.

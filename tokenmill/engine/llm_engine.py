@@ -40,14 +40,19 @@ def _generation_eos_ids(loaded: LoadedModel) -> set[int]:
     return ids
 
 
+def load_engine_model(config: EngineConfig) -> LoadedModel:
+    """The checkpoint of config.model, loaded in the compute dtype the config resolves to."""
+    from tokenmill.worker.device import resolve_device, resolve_dtype
+
+    dtype = resolve_dtype(config.model.dtype, resolve_device(config.model.device), config.model.quantization)
+    return load_model(config.model.model, dtype=dtype)
+
+
 class LLMEngine:
     def __init__(
         self, config: EngineConfig, loaded: LoadedModel | None = None, step_timer: AnyStepTimer = NULL_TIMER
     ) -> None:
-        from tokenmill.worker.device import resolve_device, resolve_dtype
-
-        dtype = resolve_dtype(config.model.dtype, resolve_device(config.model.device), config.model.quantization)
-        loaded = loaded or load_model(config.model.model, dtype=dtype)
+        loaded = loaded or load_engine_model(config)
         self.config = config
         self.tokenizer = loaded.tokenizer
         self.hf_config = loaded.hf_config
@@ -60,6 +65,10 @@ class LLMEngine:
         self.core = EngineCore(config, loaded, step_timer)
         self.max_model_len = self.core.max_model_len
         self.output_processor = OutputProcessor(self.tokenizer)
+
+    def close(self) -> None:
+        """Releases what outlives a step: the other tensor-parallel ranks' processes, if any (idempotent)."""
+        self.core.close()
 
     # -- input ---------------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: Prompt, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:

@@ -1,6 +1,12 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) over one flat batch of tokens.
 
 Weights use HF names; q/k/v and gate/up are merged into one GEMM each at load time.
+
+Tensor parallelism (`tp`, distributed/communicator.py): a rank holds its share of every weight (distributed/
+sharding.py): query/KV heads and the MLP's intermediate channels column-parallel in qkv_proj and gate_up_proj, the
+same row-parallel in o_proj and down_proj, whose partial outputs are summed over the ranks (one all-reduce each), and
+a share of the vocabulary in the embedding (looked up where held, then summed) and lm_head (logits gathered). Norms,
+residual stream and rotary tables are whole on every rank. A row-parallel bias is added by rank 0 only.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
 from tokenmill.attention.layer import Attention
+from tokenmill.distributed.communicator import SINGLE, Communicator
+from tokenmill.distributed.sharding import even_share, shard_heads
 from tokenmill.kernels.cpu.layer_ops import layer_ops_available as c_layer_ops_available
 from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.kernel_choice import LayerKernel, layer_kernel_for
@@ -29,10 +37,12 @@ def _head_dim(cfg: Any) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: Any, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: Any, backend: AttentionBackend, tp: Communicator = SINGLE) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.shard = shard_heads(cfg.num_attention_heads, num_kv_heads, tp.rank, tp.world_size)
+        self.num_heads = len(self.shard.q_slots)  # this rank's (pads included)
+        self.num_kv_heads = len(self.shard.kv_heads)
         self.head_dim = _head_dim(cfg)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -55,17 +65,20 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: Any, kernel: LayerKernel = "torch") -> None:
+    def __init__(self, cfg: Any, kernel: LayerKernel = "torch", tp: Communicator = SINGLE) -> None:
         super().__init__()
         bias = bool(getattr(cfg, "mlp_bias", False))
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=bias)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.tp = tp
+        self.channels = even_share(cfg.intermediate_size, tp.world_size, tp.rank)  # [start, end) of this rank's
+        width = self.channels[1] - self.channels[0]
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * width, bias=bias)
+        self.down_proj = Linear(width, cfg.hidden_size, bias=bias)
         self.act = SiluAndMul(kernel)
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}; Llama-family models use silu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(self.act(self.gate_up_proj(x))))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -79,13 +92,14 @@ class LlamaDecoderLayer(nn.Module):
     parameters.
     """
 
-    def __init__(self, cfg: Any, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: Any, backend: AttentionBackend, tp: Communicator = SINGLE) -> None:
         super().__init__()
         kernel = layer_kernel_for(backend)
+        self.tp = tp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernel)
-        self.self_attn = LlamaAttention(cfg, backend)
+        self.self_attn = LlamaAttention(cfg, backend, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernel)
-        self.mlp = LlamaMLP(cfg, kernel)
+        self.mlp = LlamaMLP(cfg, kernel, tp)
 
     def forward(
         self, cos_sin: CosSin, hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
@@ -108,29 +122,34 @@ class LlamaDecoderLayer(nn.Module):
 
     def post_attention(self, attn_out: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """o_proj GEMM -> residual add + RMSNorm -> MLP: (MLP output, residual stream)."""
-        hidden = self.self_attn.o_proj(attn_out)
+        hidden = self.tp.all_reduce(self.self_attn.o_proj(attn_out))
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
 
 class LlamaForCausalLM(nn.Module):
     def __init__(
-        self, cfg: Any, backend: AttentionBackend, max_positions: int, dtype: torch.dtype, device: torch.device
+        self, cfg: Any, backend: AttentionBackend, max_positions: int, dtype: torch.dtype, device: torch.device,
+        tp: Communicator = SINGLE,
     ) -> None:
         super().__init__()
         self.config = cfg
+        self.tp = tp
+        self.vocab = even_share(cfg.vocab_size, tp.world_size, tp.rank)  # [start, end) of the rows held here
+        self.vocab_sizes = [b - a for a, b in (even_share(cfg.vocab_size, tp.world_size, r)
+                                               for r in range(tp.world_size))]
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         # On the CPU the tables stay float32 whatever the model's dtype: the C kernels rotate in float32.
         rotary_dtype = torch.float32 if torch.device(device).type == "cpu" else dtype
         self.rotary = RotaryEmbedding(_head_dim(cfg), max_positions, rope_parameters(cfg), rotary_dtype, device)
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, backend) for _ in range(cfg.num_hidden_layers))
+        self.embed_tokens = Embedding(self.vocab[1] - self.vocab[0], cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, backend, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, layer_kernel_for(backend))
         # A bfloat16 model on the CPU's C kernels keeps the residual stream in float32: the norms' C kernel adds
         # each sublayer's bf16 output into it and returns bf16 for the next product (no torch conversions).
         self.float32_residual = (dtype == torch.bfloat16 and layer_kernel_for(backend) == "cpu"
                                  and c_layer_ops_available())
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, self.vocab[1] - self.vocab[0], bias=False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # A replacement of lm_head for compute_logits: quantized (quant/int8_cpu.py; lm_head itself stays,
@@ -144,7 +163,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden_size]."""
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed(input_ids)
         if self.float32_residual:
             hidden = hidden.float()
         cos_sin = self.rotary.cos_sin(positions)
@@ -153,15 +172,28 @@ class LlamaForCausalLM(nn.Module):
             hidden, residual = layer(cos_sin, hidden, residual, meta)
         return self.norm(hidden, residual)[0]
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embeddings of input_ids [T] -> [T, hidden_size]: under tensor parallelism each rank looks up the ids
+        in its share of the vocabulary (zeros elsewhere) and the ranks' rows are summed."""
+        if not self.tp.is_parallel:
+            return self.embed_tokens(input_ids)
+        start, end = self.vocab
+        held = (input_ids >= start) & (input_ids < end)
+        rows = self.embed_tokens((input_ids - start).clamp_(0, end - start - 1))
+        return self.tp.all_reduce(rows * held.unsqueeze(-1).to(rows.dtype))
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.logits_head is not None:
-            return self.logits_head(hidden)
-        # W @ h^T runs the vocab-wide GEMM ~1.7x faster than h @ W^T on CPU at decode batch sizes.
-        return torch.mm(self.lm_head.weight, hidden.t()).t().contiguous()
+            logits = self.logits_head(hidden)
+        else:  # W @ h^T runs the vocab-wide GEMM ~1.7x faster than h @ W^T on CPU at decode batch sizes.
+            logits = torch.mm(self.lm_head.weight, hidden.t()).t().contiguous()
+        return self.tp.all_gather_last(logits, self.vocab_sizes)
 
     def greedy_token_ids(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """argmax of compute_logits(hidden).float() per row [T] (int64), where the vocabulary projection that
         compute_logits runs for these rows can give it without the logits (bit for bit the same ids); else None."""
+        if self.tp.is_parallel:  # each rank holds a share of the vocabulary: the logits must be gathered first
+            return None
         head = self.logits_head
         if isinstance(head, PlannedLinear):
             head = head.route(hidden.shape[0])
@@ -183,6 +215,19 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"checkpoint is missing weight {name!r}")
             return hf.pop(name)
 
+        heads_dim = _head_dim(self.config)
+
+        def head_rows(w: torch.Tensor, heads: list[int | None]) -> torch.Tensor:
+            """The rows of w [heads * head_dim, ...] of the given global heads, in order; zero rows for pads."""
+            blocks = w.view(-1, heads_dim, *w.shape[1:])
+            return torch.cat([blocks[h] if h is not None else torch.zeros_like(blocks[0]) for h in heads])
+
+        def head_cols(w: torch.Tensor, heads: list[int | None]) -> torch.Tensor:
+            return head_rows(w.t(), heads).t().contiguous()
+
+        def rank0_only(t: torch.Tensor) -> torch.Tensor:  # a row-parallel layer's bias, added once
+            return t if self.tp.rank == 0 else torch.zeros_like(t)
+
         def put(name: str, tensor: torch.Tensor) -> None:
             param = own[name]
             if param.shape != tensor.shape:
@@ -193,29 +238,36 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             attn = layer.self_attn
-            put(f"layers.{i}.self_attn.qkv_proj.weight", torch.cat(
-                [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
+            q_slots, kv_heads = attn.shard.q_slots, list(attn.shard.kv_heads)
+
+            def qkv(kind: str, p: str = p, q_slots: list = q_slots, kv_heads: list = kv_heads) -> torch.Tensor:
+                return torch.cat([head_rows(take(p + f"self_attn.q_proj.{kind}"), q_slots),
+                                  head_rows(take(p + f"self_attn.k_proj.{kind}"), kv_heads),
+                                  head_rows(take(p + f"self_attn.v_proj.{kind}"), kv_heads)])
+
+            put(f"layers.{i}.self_attn.qkv_proj.weight", qkv("weight"))
             if attn.qkv_proj.bias is not None:
-                put(f"layers.{i}.self_attn.qkv_proj.bias", torch.cat(
-                    [take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
-            put(f"layers.{i}.self_attn.o_proj.weight", take(p + "self_attn.o_proj.weight"))
+                put(f"layers.{i}.self_attn.qkv_proj.bias", qkv("bias"))
+            put(f"layers.{i}.self_attn.o_proj.weight", head_cols(take(p + "self_attn.o_proj.weight"), q_slots))
             if attn.o_proj.bias is not None:
-                put(f"layers.{i}.self_attn.o_proj.bias", take(p + "self_attn.o_proj.bias"))
+                put(f"layers.{i}.self_attn.o_proj.bias", rank0_only(take(p + "self_attn.o_proj.bias")))
+            c0, c1 = layer.mlp.channels
             put(f"layers.{i}.mlp.gate_up_proj.weight", torch.cat(
-                [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
-            put(f"layers.{i}.mlp.down_proj.weight", take(p + "mlp.down_proj.weight"))
+                [take(p + "mlp.gate_proj.weight")[c0:c1], take(p + "mlp.up_proj.weight")[c0:c1]]))
+            put(f"layers.{i}.mlp.down_proj.weight", take(p + "mlp.down_proj.weight")[:, c0:c1].contiguous())
             if layer.mlp.down_proj.bias is not None:
                 put(f"layers.{i}.mlp.gate_up_proj.bias", torch.cat(
-                    [take(p + "mlp.gate_proj.bias"), take(p + "mlp.up_proj.bias")]))
-                put(f"layers.{i}.mlp.down_proj.bias", take(p + "mlp.down_proj.bias"))
+                    [take(p + "mlp.gate_proj.bias")[c0:c1], take(p + "mlp.up_proj.bias")[c0:c1]]))
+                put(f"layers.{i}.mlp.down_proj.bias", rank0_only(take(p + "mlp.down_proj.bias")))
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 put(f"layers.{i}.{norm}.weight", take(p + f"{norm}.weight"))
-        put("embed_tokens.weight", take("model.embed_tokens.weight"))
+        v0, v1 = self.vocab
+        put("embed_tokens.weight", take("model.embed_tokens.weight")[v0:v1])
         put("norm.weight", take("model.norm.weight"))
         if self.tie_word_embeddings:
             hf.pop("lm_head.weight", None)
         else:
-            put("lm_head.weight", take("lm_head.weight"))
+            put("lm_head.weight", take("lm_head.weight")[v0:v1])
         leftover = [k for k in hf if "rotary_emb" not in k]
         if leftover:
             raise ValueError(f"checkpoint has unexpected weights: {leftover[:5]}")

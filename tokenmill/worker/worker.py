@@ -4,6 +4,10 @@ and binds the KV cache, and sets up the model runner with its whole-step fast pa
 Each step arrives as plain data (`execute(StepInput)`, worker/step_input.py): the worker keeps its own state of the
 requests it holds (worker/request_states.py) and never sees the engine's Request objects.
 
+Under tensor parallelism (`tp`, a world of more than one rank) the worker holds its rank's share of the model
+(models/llama.py) and every rank runs every step; the steps run layer by layer (the one-call C forward has no
+all-reduce), with torch's products (no execution plan: its timings would be each rank's alone).
+
 The plan is resolved once, here, and held here (`plan`); the layers and the attention backend read the kernels
 it installed, and it is logged once. On a GPU, and under --compile, there is no plan: the GPU's kernels are
 Triton's, and compiled layers keep torch's products.
@@ -17,6 +21,7 @@ import torch
 
 from tokenmill.attention.backend import get_attention_backend
 from tokenmill.config import EngineConfig
+from tokenmill.distributed.communicator import SINGLE, Communicator
 from tokenmill.engine.kv_budget import describe_capacity, num_kv_blocks
 from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 from tokenmill.loader import LoadedModel
@@ -54,7 +59,9 @@ def resolve_max_model_len(config: EngineConfig, hf_config: object) -> int:
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel, step_timer: AnyStepTimer = NULL_TIMER) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel, step_timer: AnyStepTimer = NULL_TIMER,
+                 tp: Communicator = SINGLE) -> None:
+        self.tp = tp
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device, config.model.quantization)
         backend = resolve_attention_backend(config.cache.attention_backend, self.device)
@@ -73,7 +80,8 @@ class Worker:
         model = self._build_model(config, loaded, backend, family)
         kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, backend, config.model.quantization)
         self.plan: ExecutionPlan | None = (
-            None if not on_cpu or config.parallel.compile else new_or_cached_plan(config, model, kv_dtype))
+            None if not on_cpu or config.parallel.compile or tp.is_parallel
+            else new_or_cached_plan(config, model, kv_dtype))
         use_c_forward = config.model.fused_decode and family != "torch" and self.plan is not None
         if self.plan is not None:
             plan_model(model, self.plan, family, keep_panels=use_c_forward and config.model.panel_gemm,
@@ -91,7 +99,8 @@ class Worker:
         layer0 = model.attention_layers[0]
         kv_spec = KVCacheSpec(num_layers=len(model.attention_layers), num_kv_heads=layer0.num_kv_heads,
                               head_dim=layer0.head_dim, block_size=config.cache.block_size, dtype=kv_dtype)
-        self.num_blocks = num_kv_blocks(config.cache, kv_spec.bytes_per_block, self.device)
+        # Every rank must hold the same blocks (the one scheduler hands them out): the smallest budget wins.
+        self.num_blocks = tp.min_int(num_kv_blocks(config.cache, kv_spec.bytes_per_block, self.device))
         self.block_size = kv_spec.block_size
         self.capacity = describe_capacity(self.num_blocks, kv_spec.block_size, kv_spec.bytes_per_block,
                                           self.max_model_len)
@@ -124,7 +133,7 @@ class Worker:
         # Parameters start uninitialised, in the compute dtype on the device: the checkpoint fills them.
         with torch.device(self.device), default_dtype(self.dtype):
             model = model_cls(loaded.hf_config, get_attention_backend(backend, use_c_kernels=family != "torch"),
-                              self.max_model_len, self.dtype, self.device)
+                              self.max_model_len, self.dtype, self.device, tp=self.tp)
         model = model.to(self.dtype)
         model.load_weights(loaded.state_dict)
         quantization = config.model.quantization

@@ -1,0 +1,74 @@
+"""Tensor parallelism (distributed/): TP = 2 and 3 give TP = 1's greedy tokens and top-5 logprobs within 1e-4 in
+float32 (ranks as processes over gloo), on tiny checkpoints (uneven head shares, replicated KV heads, q/k/v bias)
+and on the default model's parity prompts; no rank process outlives the engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.models.test_parity_default import CHATS, PLAIN_PROMPTS
+from tokenmill import LLM, SamplingParams
+from tokenmill.config import ParallelConfig
+from tokenmill.distributed.sharding import even_share, shard_heads
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5)
+TINY_PROMPTS = ["The quick brown fox", "Once upon a time there", [5, 17, 300, 42, 9, 1000, 7]]
+
+
+def _generate(model: str | None, tp: int, prompts: list) -> tuple[list, list]:
+    with LLM(model=model, tensor_parallel_size=tp, dtype="float32", max_model_len=256,
+             kv_cache_memory=32 << 20) as llm:
+        outs = llm.generate(prompts, PARAMS, use_tqdm=False)
+        processes = llm.engine.core.workers.processes if llm.engine.core.workers else []
+    assert not any(p.is_alive() for p in processes), "a rank process outlived close()"
+    return [o.outputs[0].token_ids for o in outs], [o.outputs[0].logprobs for o in outs]
+
+
+def _assert_same(expected: tuple[list, list], got: tuple[list, list]) -> None:
+    assert got[0] == expected[0]
+    for want_seq, got_seq in zip(expected[1], got[1], strict=True):
+        for want, have in zip(want_seq, got_seq, strict=True):
+            assert set(want) == set(have)  # the same top-5 tokens (and the sampled one)
+            for token, lp in want.items():
+                assert abs(have[token].logprob - lp.logprob) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_models_match_one_rank(tiny_checkpoint, arch: str) -> None:
+    model = str(tiny_checkpoint(arch))  # 4 query heads, 2 KV heads: TP = 3 splits a KV group over two ranks
+    expected = _generate(model, 1, TINY_PROMPTS)
+    for tp in (2, 3):
+        _assert_same(expected, _generate(model, tp, TINY_PROMPTS))
+
+
+def test_default_model_parity_prompts_match_one_rank() -> None:
+    with LLM(dtype="float32", kv_cache_memory=64 << 20) as llm:
+        tok = llm.tokenizer
+        prompts = [tok.encode(p) for p in PLAIN_PROMPTS] + [
+            tok.encode(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+                       add_special_tokens=False) for c in CHATS]
+    expected = _generate(None, 1, prompts)
+    for tp in (2, 3):  # 9 query / 3 KV heads: TP = 2 shares KV head 1 between the ranks
+        _assert_same(expected, _generate(None, tp, prompts))
+
+
+@pytest.mark.parametrize("heads, kv_heads, world", [(9, 3, 2), (9, 3, 3), (4, 2, 3), (8, 1, 2), (32, 8, 4), (6, 6, 4)])
+def test_head_shares_cover_every_query_head_once(heads: int, kv_heads: int, world: int) -> None:
+    group = heads // kv_heads
+    seen: list[int] = []
+    for rank in range(world):
+        shard = shard_heads(heads, kv_heads, rank, world)
+        assert len(shard.q_slots) == len(shard.kv_heads) * group
+        for i, h in enumerate(shard.q_slots):
+            if h is not None:
+                assert h // group == shard.kv_heads[i // group]  # the slot reads its own KV head
+                seen.append(h)
+    assert sorted(seen) == list(range(heads))
+
+
+def test_even_shares_and_bad_sizes() -> None:
+    assert [even_share(10, 3, r) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        ParallelConfig(tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="attention heads"):
+        shard_heads(4, 2, 0, 5)

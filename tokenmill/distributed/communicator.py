@@ -1,0 +1,83 @@
+"""Collectives between the tensor-parallel ranks, over torch.distributed: gloo on the CPU, NCCL on CUDA.
+
+One Communicator per process (torch.distributed's default group); SINGLE stands for a world of one, where every
+collective is the identity. Reductions of a 16-bit tensor run in float32 (gloo sums what it is given, and a bf16 sum
+of partial products would round at every rank). `busy_s` adds up the time spent in collectives (waiting for the other
+ranks included): benchmarks/tensor_parallel.py reports it per step.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+class Communicator:
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.busy_s = 0.0
+
+    @property
+    def is_parallel(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of x over the ranks (x itself in a world of one)."""
+        if self.world_size == 1:
+            return x
+        start = time.perf_counter()
+        total = x.float() if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" else x.clone()
+        dist.all_reduce(total)
+        self.busy_s += time.perf_counter() - start
+        return total.to(x.dtype)
+
+    def all_gather_last(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """The ranks' x [..., sizes[rank]] joined along the last dimension, in rank order."""
+        if self.world_size == 1:
+            return x
+        start = time.perf_counter()
+        width = max(sizes)
+        padded = x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded.contiguous())
+        self.busy_s += time.perf_counter() - start
+        return torch.cat([p[..., :n] for p, n in zip(parts, sizes, strict=True)], dim=-1)
+
+    def min_int(self, value: int) -> int:
+        """The smallest of the ranks' values."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+    def broadcast_object(self, obj: Any = None) -> Any:
+        """Rank 0's obj on every rank (pickled)."""
+        if self.world_size == 1:
+            return obj
+        start = time.perf_counter()
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        self.busy_s += time.perf_counter() - start
+        return box[0]
+
+
+SINGLE = Communicator(0, 1)
+
+
+def init_communicator(rank: int, world_size: int, master_addr: str, master_port: int, backend: str,
+                      timeout_s: float) -> Communicator:
+    """Joins (rank 0: opens) the rendezvous at master_addr:master_port; a collective that waits longer than timeout_s
+    for a rank fails instead of hanging."""
+    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    return Communicator(rank, world_size)
+
+
+def close_communicator() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,105 @@
+"""Tensor-parallel ranks as processes: rank 0 is the engine's own worker (in the engine process, as vLLM's
+uniprocess executor for one rank); ranks 1 .. N - 1 are spawned processes that each load the checkpoint, build their
+share of the model (worker/worker.py with their Communicator) and run every step rank 0 broadcasts to them.
+
+Per step rank 0 broadcasts the step's plain-data message (worker/step_input.py) and then runs it itself; the ranks
+meet in the model's collectives. A broadcast of None tells the ranks to exit. Ranks 1 .. N - 1 compute the same
+sampled tokens as rank 0 (the same gathered logits and generator seeds) and drop them: rank 0's are the step's.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import socket
+
+import torch
+
+from tokenmill.config import EngineConfig
+from tokenmill.distributed.communicator import Communicator, close_communicator, init_communicator
+from tokenmill.worker.step_input import StepInput
+
+logger = logging.getLogger("tokenmill")
+
+MASTER_ADDR = "127.0.0.1"
+# A collective that waits longer than this for a rank fails (the rank died or hangs) instead of blocking forever.
+COLLECTIVE_TIMEOUT_S = 120.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((MASTER_ADDR, 0))
+        return s.getsockname()[1]
+
+
+def threads_per_rank(config: EngineConfig) -> int:
+    """Intra-op threads of each rank: --num-threads, else the cores shared out over the ranks (at least one)."""
+    if config.parallel.num_threads is not None:
+        return config.parallel.num_threads
+    return max(1, (os.cpu_count() or 1) // config.parallel.tensor_parallel_size)
+
+
+def _backend(config: EngineConfig) -> str:
+    from tokenmill.worker.device import resolve_device
+
+    return "nccl" if resolve_device(config.model.device).type == "cuda" else "gloo"
+
+
+def _run_rank(config: EngineConfig, rank: int, world_size: int, port: int) -> None:
+    """A spawned rank's life: join the group, build its worker, run steps until rank 0 broadcasts None."""
+    from tokenmill.engine.llm_engine import load_engine_model
+    from tokenmill.worker.worker import Worker
+
+    torch.set_num_threads(threads_per_rank(config))
+    comm = init_communicator(rank, world_size, MASTER_ADDR, port, _backend(config), COLLECTIVE_TIMEOUT_S)
+    try:
+        worker = Worker(config, load_engine_model(config), tp=comm)
+        while True:
+            step: StepInput | None = comm.broadcast_object()
+            if step is None:
+                return
+            worker.execute(step)
+    finally:
+        close_communicator()
+
+
+class WorkerGroup:
+    """Starts ranks 1 .. N - 1 and opens rank 0's Communicator (`comm`) for the engine's own worker."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        world_size = config.parallel.tensor_parallel_size
+        port = _free_port()
+        ctx = multiprocessing.get_context("spawn")
+        self.processes = [
+            ctx.Process(target=_run_rank, args=(config, rank, world_size, port), name=f"tokenmill-tp{rank}",
+                        daemon=True)
+            for rank in range(1, world_size)
+        ]
+        for process in self.processes:
+            process.start()
+        torch.set_num_threads(threads_per_rank(config))
+        self.comm: Communicator = init_communicator(0, world_size, MASTER_ADDR, port, _backend(config),
+                                                    COLLECTIVE_TIMEOUT_S)
+        self.closed = False
+        logger.info("tensor parallelism: %d ranks (%s), %d threads each", world_size, _backend(config),
+                    threads_per_rank(config))
+
+    def send(self, step: StepInput) -> None:
+        """Hands the step to ranks 1 .. N - 1 (rank 0 runs it next, in the caller)."""
+        self.comm.broadcast_object(step)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stops the ranks (they exit after the broadcast) and closes the group; kills a rank that does not exit."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.comm.broadcast_object(None)
+        finally:
+            for process in self.processes:
+                process.join(timeout_s)
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+            close_communicator()
