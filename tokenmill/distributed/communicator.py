@@ -2,8 +2,9 @@
 
 One Communicator per process (torch.distributed's default group); SINGLE stands for a world of one, where every
 collective is the identity. Reductions of a 16-bit tensor run in float32 (gloo sums what it is given, and a bf16 sum
-of partial products would round at every rank). `busy_s` adds up the time spent in collectives (waiting for the other
-ranks included): benchmarks/tensor_parallel.py reports it per step.
+of partial products would round at every rank). Ranks on one machine sum through shared memory where the tensor fits
+(distributed/shm_all_reduce.py, `enable_shared_memory`), else through gloo. `busy_s` adds up the time spent in
+collectives (waiting for the other ranks included): benchmarks/tensor_parallel.py reports it per step.
 """
 
 from __future__ import annotations
@@ -15,11 +16,25 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tokenmill.distributed.shm_all_reduce import ShmAllReduce, shm_all_reduce_available
+
 
 class Communicator:
-    def __init__(self, rank: int, world_size: int) -> None:
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, rank: int, world_size: int, timeout_s: float = 120.0) -> None:
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         self.busy_s = 0.0
+        self.shm: ShmAllReduce | None = None
+
+    def enable_shared_memory(self, capacity: int) -> bool:
+        """Collective (every rank calls it): sums of up to `capacity` float32 elements go through shared memory from
+        now on, where this machine allows (same host: every rank of one group is on it). Returns whether they do."""
+        if self.world_size == 1 or self.shm is not None:
+            return self.shm is not None
+        usable = torch.tensor([int(shm_all_reduce_available())], dtype=torch.int64)
+        dist.all_reduce(usable, op=dist.ReduceOp.MIN)  # all or none
+        if usable.item():
+            self.shm = ShmAllReduce(self.rank, self.world_size, capacity, self.timeout_s)
+        return self.shm is not None
 
     @property
     def is_parallel(self) -> bool:
@@ -31,20 +46,42 @@ class Communicator:
             return x
         start = time.perf_counter()
         total = x.float() if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" else x.clone()
-        dist.all_reduce(total)
+        total = total.contiguous()
+        if self.shm is not None and self.shm.fits(total):
+            self.shm.all_reduce_(total)
+        else:
+            dist.all_reduce(total)
         self.busy_s += time.perf_counter() - start
         return total.to(x.dtype)
 
     def all_gather_last(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """The ranks' x [..., sizes[rank]] joined along the last dimension, in rank order."""
+        """The ranks' x [..., sizes[rank]] joined along the last dimension, in rank order; float32 under tensor
+        parallelism (the ranks' products may differ in output dtype: each rank plans its own kernels)."""
         if self.world_size == 1:
             return x
         start = time.perf_counter()
+        x = x.float()
         width = max(sizes)
         padded = x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded.contiguous())
         self.busy_s += time.perf_counter() - start
+        return torch.cat([p[..., :n] for p, n in zip(parts, sizes, strict=True)], dim=-1)
+
+    def gather_last_to_first(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
+        """On rank 0 the ranks' x [..., sizes[rank]] joined along the last dimension in rank order (float32, as
+        all_gather_last); None on the other ranks."""
+        if self.world_size == 1:
+            return x
+        start = time.perf_counter()
+        x = x.float()
+        width = max(sizes)
+        padded = (x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)] if self.rank == 0 else None
+        dist.gather(padded, parts, dst=0)
+        self.busy_s += time.perf_counter() - start
+        if parts is None:
+            return None
         return torch.cat([p[..., :n] for p, n in zip(parts, sizes, strict=True)], dim=-1)
 
     def min_int(self, value: int) -> int:
@@ -75,7 +112,7 @@ def init_communicator(rank: int, world_size: int, master_addr: str, master_port:
     for a rank fails instead of hanging."""
     dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=timeout_s))
-    return Communicator(rank, world_size)
+    return Communicator(rank, world_size, timeout_s)
 
 
 def close_communicator() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 from tqdm.auto import tqdm
 
@@ -38,7 +38,7 @@ class LLM:
         """Stops the other tensor-parallel ranks' processes, if any (idempotent); generate() cannot run after."""
         self.engine.close()
 
-    def __enter__(self) -> LLM:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -127,10 +127,12 @@ def build_step_kernel(model: nn.Module) -> StepForwardKernel:
     rotary = model.rotary
     if rotary.cos.dtype != torch.float32:
         raise CStepUnsupported(f"the rotary tables are {rotary.cos.dtype}")
+    if model.tp.is_parallel and model.tp.shm is None:
+        raise CStepUnsupported("tensor-parallel ranks without a shared-memory all-reduce")
     return StepForwardKernel(
         layers, _norm_weight(model.norm), rotary.cos, rotary.sin, attn0.num_heads, attn0.num_kv_heads,
         attn0.head_dim, float(model.norm.eps), float(attn0.scale), row_chunk_bytes=_row_chunk_bytes(),
-        amx_attention_max_rows=_amx_attention_max_rows(attn0.backend, layers, attn0.head_dim))
+        amx_attention_max_rows=_amx_attention_max_rows(attn0.backend, layers, attn0.head_dim), tp_shm=model.tp.shm)
 
 
 def _amx_attention_max_rows(backend: TorchAttentionBackend, layers: list[LayerWeights], head_dim: int) -> int:
@@ -187,7 +189,7 @@ class CStepForward:
         """The model's forward for one step, through the C kernel (it must take the step: `takes`). keep_rows:
         None, or the rows (ascending) whose hidden states the caller reads; the others are then undefined (the last
         layer skips them past its attention)."""
-        embeddings = self.model.embed_tokens(input_ids)
+        embeddings = self.model.embed(input_ids)  # the vocabulary-parallel lookup under tensor parallelism
         q_lens = meta.scratch.get("q_lens")
         if q_lens is None:
             q_lens = meta.scratch["q_lens"] = torch.tensor(meta.query_lens_list, dtype=torch.int64)

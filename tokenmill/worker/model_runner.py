@@ -183,7 +183,10 @@ class ModelRunner:
                         sampled[i] = [token]
                     return ModelRunnerOutput(req_ids=[s.req_id for s in scheduled], sampled_token_ids=sampled,
                                              logprobs=logprobs, prompt_logprobs={})
-        logits = self.model.compute_logits(hidden[rows]).float()
+        logits = self.model.compute_logits(hidden[rows])
+        if logits is None:  # a tensor-parallel rank other than 0: rank 0 samples for all
+            return ModelRunnerOutput(req_ids=[s.req_id for s in scheduled], sampled_token_ids=sampled)
+        logits = logits.float()
         if metadata is not None:
             result = self.sampler(logits[: len(sampling)], metadata)
             for j, i in enumerate(sampling):

@@ -5,8 +5,9 @@ Each step arrives as plain data (`execute(StepInput)`, worker/step_input.py): th
 requests it holds (worker/request_states.py) and never sees the engine's Request objects.
 
 Under tensor parallelism (`tp`, a world of more than one rank) the worker holds its rank's share of the model
-(models/llama.py) and every rank runs every step; the steps run layer by layer (the one-call C forward has no
-all-reduce), with torch's products (no execution plan: its timings would be each rank's alone).
+(models/llama.py) and every rank runs every step. Each rank plans its own share's products; the one-call C forward
+sums the row-parallel outputs through the ranks' shared memory, and takes every step it can (whole steps are not
+timed under tensor parallelism: the timing runs would meet the other ranks' collectives out of order).
 
 The plan is resolved once, here, and held here (`plan`); the layers and the attention backend read the kernels
 it installed, and it is logged once. On a GPU, and under --compile, there is no plan: the GPU's kernels are
@@ -72,6 +73,8 @@ class Worker:
         self.max_model_len = resolve_max_model_len(config, hf_config)
 
         on_cpu = self.device.type == "cpu"
+        if on_cpu and tp.is_parallel:  # the largest sum: a step's rows of hidden states
+            tp.enable_shared_memory(config.scheduler.max_num_batched_tokens * int(hf_config.hidden_size))
         # The CPU kernel family; on a GPU nothing of it applies. Under --compile the plan is not built (the
         # compiled layers keep torch's products), but the eager attention between them keeps the C kernels.
         family = config.model.kernels if on_cpu else "torch"
@@ -80,8 +83,7 @@ class Worker:
         model = self._build_model(config, loaded, backend, family)
         kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, backend, config.model.quantization)
         self.plan: ExecutionPlan | None = (
-            None if not on_cpu or config.parallel.compile or tp.is_parallel
-            else new_or_cached_plan(config, model, kv_dtype))
+            None if not on_cpu or config.parallel.compile else new_or_cached_plan(config, model, kv_dtype, tp))
         use_c_forward = config.model.fused_decode and family != "torch" and self.plan is not None
         if self.plan is not None:
             plan_model(model, self.plan, family, keep_panels=use_c_forward and config.model.panel_gemm,
@@ -164,6 +166,12 @@ class Worker:
             return
         c_step = build_c_step(self.model, self.runner.build_inputs)
         if c_step is None:
+            return
+        if self.tp.is_parallel:
+            # Timing whole steps would run the ranks' collectives out of step with each other: the C forward takes
+            # every step it can (it won every step size the plans of one rank timed on both machines seen).
+            self.runner.step_paths.append(c_step)
+            logger.info("%s", c_step.describe())
             return
         if not plan_steps(self.model, c_step, self.plan, family, self.num_blocks, self.block_size):
             logger.info("every step runs layer by layer (the execution plan timed the C forward slower)")

@@ -48,6 +48,7 @@
 #include "f32_panels.h"
 #include "int4_dot.h"
 #include "int8_amx.h"
+#include "shm_all_reduce.h"
 #include "int8_panels.h"
 #include "int8_quantize.h"
 #include "prefill_tile.h"
@@ -91,6 +92,13 @@ typedef struct {
     int64_t row_chunk_bytes;          /* rows_per_chunk's budget */
     int64_t amx_attention_max_rows;   /* prompts of up to this many rows whose whole context is in the step attend
                                          on AMX-BF16 tiles (bf16_attention_amx.h; a bf16 model's); 0: never */
+    /* Tensor parallelism (tp_world > 1): this rank's share of the model; o and down are row-parallel, their
+     * outputs summed over the ranks (shm_all_reduce.h, segment tp_segment of tp_capacity floats per slot) before
+     * the residual add. tp_seq: the all-reduce counter this rank shares with its Python side. */
+    char *tp_segment;
+    int64_t tp_rank, tp_world, tp_capacity;
+    uint64_t *tp_seq;
+    double tp_timeout_s;
 } tm_model;
 
 /* Per-row input of a projection: for int8, row x quantized (and rotated) into u / low / step; for
@@ -251,7 +259,9 @@ static void gate_up_silu_phase(const tm_linear *l, uint16_t *h, int64_t h_stride
 /* 1 when projection l adds its output straight into the residual stream (linear_phase's accumulate, bf16 weights):
  * the float32 [rows, hidden] output is then never written and read back by the next per-row pass, which at
  * prompt steps streams through L3 (2048 rows: 4.7 MB an array). */
-static inline int adds_into_residual(const tm_linear *l) { return l->format == TM_BF16; }
+static inline int adds_into_residual(const tm_model *m, const tm_linear *l) {
+    return l->format == TM_BF16 && m->tp_world <= 1; /* a rank's partial output is summed over the ranks first */
+}
 
 /* Where a normed row for projection l goes: x's row when l reads float32 rows (TM_FLOAT32), else the thread's
  * scratch row, which prepare_row reads at once from L1 (x's row would be written back through L2 and L3 unread). */
@@ -281,7 +291,8 @@ static void select_amx_prompts(int64_t *amx_lens, const int64_t *q_lens, const i
  * row's K/V is still written), and hidden's other rows are left undefined.
  * phase_seconds: NULL, or [TM_NUM_PHASES] to which each phase's wall time is added (thread 0's clock between
  * the barriers that end the phases).
- * Returns 0; 1 when scratch memory could not be allocated; 2 when head_dim % 8 != 0 (hidden untouched). */
+ * Returns 0; 1 when scratch memory could not be allocated; 2 when head_dim % 8 != 0 (hidden untouched); 3 when a
+ * tensor-parallel all-reduce failed (a rank did not arrive within tp_timeout_s, or the rows exceed tp_capacity). */
 int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, const int64_t *slots, int64_t num_rows,
                    const int64_t *q_starts, const int64_t *q_lens, const int64_t *seq_lens, const int64_t *block_tables,
                    int64_t table_stride, int64_t num_reqs, const int64_t *keep_rows, int64_t num_keep,
@@ -354,6 +365,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
     quantized_rows qr = {(uint8_t *)piece[8], piece[7], piece[7] + R, piece[11], piece[11] + R * k_pad / INT4_GROUP,
                          k_pad, bf16_amx_rows(R) ? BF16_TILED : k_pad};
     const int64_t slots_per_head = m->num_blocks * m->block_size;
+    int tp_failed = 0; /* an all-reduce failed (a rank did not arrive in time): the later ones are skipped */
 
 #pragma omp parallel num_threads(num_threads)
     {
@@ -369,6 +381,16 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
         phase_seconds[phase] += now_ - mark;     \
         mark = now_;                             \
     }
+/* Tensor parallelism: buf (count floats, a row-parallel projection's partial output) becomes its sum over the
+ * ranks, by one thread while the others wait at the single's closing barrier. */
+#define TP_SUM(buf, count)                                                                                      \
+    if (m->tp_world > 1) {                                                                                      \
+        _Pragma("omp single") if (!tp_failed) {                                                                 \
+            *m->tp_seq += 1;                                                                                    \
+            tp_failed = shm_all_reduce(m->tp_segment, (int)m->tp_rank, (int)m->tp_world, m->tp_capacity, (buf), \
+                                       (count), *m->tp_seq, m->tp_timeout_s) != 0;                              \
+        }                                                                                                       \
+    }
         for (int64_t l = 0; l < m->num_layers; ++l) {
             const tm_layer *ly = &m->layers[l];
 #pragma omp for schedule(static)
@@ -376,7 +398,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 float *res = residual + r * H;
                 if (l == 0)
                     memcpy(res, hidden + r * H, (size_t)H * sizeof(float));
-                else if (!adds_into_residual(&m->layers[l - 1].down))
+                else if (!adds_into_residual(m, &m->layers[l - 1].down))
                     for (int64_t i = 0; i < H; ++i) res[i] += out[r * H + i];
                 float *normed = norm_row_for(&ly->qkv, x + r * H, norm_row);
                 rms_norm_row(normed, res, ly->input_norm, m->eps, H);
@@ -472,9 +494,10 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 for (int64_t r = 0; r < rows; ++r) prepare_row(&ly->o, attn + r * q_size, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
-            const int o_adds = adds_into_residual(&ly->o);
+            const int o_adds = adds_into_residual(m, &ly->o);
             linear_phase(&ly->o, o_adds ? residual : out, attn, &qr, rows, m->row_chunk_bytes, o_adds);
             END_PHASE(TM_PHASE_PROJECTIONS)
+            TP_SUM(out, rows * H)
 
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; ++r) {
@@ -486,7 +509,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 prepare_row(&ly->gate_up, normed, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
-            const int down_adds = adds_into_residual(&ly->down);
+            const int down_adds = adds_into_residual(m, &ly->down);
             if (fused_mlp(ly, I)) { /* silu(gate) * up in bf16 straight into x's memory, the down projection's input */
                 gate_up_silu_phase(&ly->gate_up, (uint16_t *)x, qr.bf16_stride, bf16_k_pad(I), &qr, rows,
                                    m->row_chunk_bytes);
@@ -494,6 +517,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 h_rows.u = (uint8_t *)x;
                 linear_phase(&ly->down, down_adds ? residual : out, NULL, &h_rows, rows, m->row_chunk_bytes, down_adds);
                 END_PHASE(TM_PHASE_PROJECTIONS)
+                TP_SUM(out, rows * H)
                 continue;
             }
             linear_phase(&ly->gate_up, gate_up, x, &qr, rows, m->row_chunk_bytes, 0);
@@ -508,8 +532,9 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
             END_PHASE(TM_PHASE_ROWS)
             linear_phase(&ly->down, down_adds ? residual : out, x, &qr, rows, m->row_chunk_bytes, down_adds);
             END_PHASE(TM_PHASE_PROJECTIONS)
+            TP_SUM(out, rows * H)
         }
-        const int last_down_adds = adds_into_residual(&m->layers[m->num_layers - 1].down);
+        const int last_down_adds = adds_into_residual(m, &m->layers[m->num_layers - 1].down);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
             float *res = residual + r * H;
@@ -519,9 +544,10 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
         }
         END_PHASE(TM_PHASE_ROWS)
 #undef END_PHASE
+#undef TP_SUM
     }
     free(arena);
     free(tasks), free(amx_lens);
     amx_free_prompt_plan(&amx);
-    return 0;
+    return tp_failed ? 3 : 0;
 }

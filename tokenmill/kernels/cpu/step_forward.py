@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.distributed.shm_all_reduce import ShmAllReduce
 from tokenmill.kernels.cpu.bf16_gemm import bf16_panels_shape
 from tokenmill.kernels.cpu.build import load_kernel_library
 from tokenmill.kernels.cpu.f32_gemm import check_panels
@@ -48,7 +49,8 @@ class _Model(ctypes.Structure):
                 ("kv_type", _i64), ("eps", _f32), ("attn_scale", _f32), ("layers", ctypes.POINTER(_Layer)),
                 ("final_norm", _ptr),
                 ("rope_cos", _ptr), ("rope_sin", _ptr), ("row_chunk_bytes", _i64),
-                ("amx_attention_max_rows", _i64)]
+                ("amx_attention_max_rows", _i64), ("tp_segment", _ptr), ("tp_rank", _i64), ("tp_world", _i64),
+                ("tp_capacity", _i64), ("tp_seq", _ptr), ("tp_timeout_s", ctypes.c_double)]
 
 # Input-row bytes a projection keeps in L2 per pass over its weights when no L2 size is known (192 KiB: 3/8 of the
 # AVX2 Zen 3's 512 KiB, where it was tuned).
@@ -130,6 +132,7 @@ class StepForwardKernel:
         self, layers: list[LayerWeights], final_norm: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
         num_heads: int, num_kv_heads: int, head_dim: int, eps: float, attn_scale: float,
         row_chunk_bytes: int = DEFAULT_ROW_CHUNK_BYTES, amx_attention_max_rows: int = 0,
+        tp_shm: ShmAllReduce | None = None,
     ) -> None:
         """row_chunk_bytes: input-row bytes of a projection kept in L2 while its weights pass (steps of more rows
         take their rows in chunks, each streaming the weights again). amx_attention_max_rows: prompts of up to this many
@@ -177,7 +180,12 @@ class StepForwardKernel:
             layers=self._layers, final_norm=self._ptr(final_norm, torch.float32, "the final norm weight"),
             rope_cos=self._ptr(rope_cos, torch.float32, "the rotary cos table"),
             rope_sin=self._ptr(rope_sin, torch.float32, "the rotary sin table"), row_chunk_bytes=row_chunk_bytes,
-            amx_attention_max_rows=amx_attention_max_rows)
+            amx_attention_max_rows=amx_attention_max_rows, tp_world=1)
+        if tp_shm is not None:  # a tensor-parallel rank: row-parallel outputs summed through shared memory
+            self._tp_shm = tp_shm
+            self._model.tp_segment, self._model.tp_rank = tp_shm.address, tp_shm.rank
+            self._model.tp_world, self._model.tp_capacity = tp_shm.world_size, tp_shm.capacity
+            self._model.tp_seq, self._model.tp_timeout_s = tp_shm.seq.data_ptr(), tp_shm.timeout_s
         self.hidden_size = hidden
         self.max_positions = rope_cos.shape[0]
         # None, or float64 [len(PHASES)]: run() adds each phase's wall time (seconds) to it.
@@ -261,6 +269,8 @@ class StepForwardKernel:
             None if self.phase_seconds is None else self.phase_seconds.data_ptr())
         if status == 1:
             raise MemoryError("decode step: no memory for the step's scratch buffers")
+        if status == 3:
+            raise TimeoutError("decode step: a tensor-parallel rank did not reach an all-reduce in time")
         if status != 0:
             raise RuntimeError(f"decode step kernel failed with status {status}")
         return hidden

@@ -1,0 +1,81 @@
+"""The tensor-parallel ranks' all-reduce through shared memory (kernels/cpu/shm_all_reduce.c), for ranks on one
+machine: a cache-line handshake where gloo makes socket round trips (measured by benchmarks/tensor_parallel.py).
+
+The segment is a file under /dev/shm that rank 0 creates and every rank maps; once all have mapped it (a gloo
+barrier), rank 0 unlinks the name, so nothing is left behind whatever happens to the processes later.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+from tokenmill.kernels.cpu.build import load_kernel_library
+
+_SHM_DIR = "/dev/shm"
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    lib = load_kernel_library("shm_all_reduce")
+    if lib is None:
+        return None
+    lib.tm_shm_segment_bytes.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.tm_shm_segment_bytes.restype = ctypes.c_int64
+    lib.tm_shm_all_reduce.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
+                                      ctypes.c_int64, ctypes.c_uint64, ctypes.c_double]
+    lib.tm_shm_all_reduce.restype = ctypes.c_int
+    return lib
+
+
+def shm_all_reduce_available() -> bool:
+    return _lib() is not None and os.path.isdir(_SHM_DIR)
+
+
+class ShmAllReduce:
+    """Sums float32 CPU tensors of up to `capacity` elements over the ranks; made collectively (every rank calls the
+    constructor, after torch.distributed is initialised)."""
+
+    def __init__(self, rank: int, world_size: int, capacity: int, timeout_s: float) -> None:
+        lib = _lib()
+        if lib is None:
+            raise RuntimeError("the shared-memory all-reduce kernel is not available (no C compiler?)")
+        self.rank, self.world_size, self.capacity, self.timeout_s = rank, world_size, capacity, timeout_s
+        nbytes = lib.tm_shm_segment_bytes(world_size, capacity)
+        name = None
+        if rank == 0:
+            fd, name = tempfile.mkstemp(prefix="tokenmill-tp-", dir=_SHM_DIR)
+            os.ftruncate(fd, nbytes)  # zero-filled: every control line starts at sequence 0
+            os.close(fd)
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        with open(box[0], "r+b") as f:
+            self._map = mmap.mmap(f.fileno(), nbytes)
+        dist.barrier()  # every rank has mapped it: the name can go
+        if rank == 0:
+            os.unlink(box[0])
+        self._segment = torch.frombuffer(self._map, dtype=torch.uint8)
+        self.address = self._segment.data_ptr()
+        # The calls so far; the C forward (kernels/cpu/step_forward.c) counts its own all-reduces in it too.
+        self.seq = torch.zeros(1, dtype=torch.int64)
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and x.numel() <= self.capacity
+
+    def all_reduce_(self, x: torch.Tensor) -> None:
+        """x (it must fit) becomes the sum of the ranks' x, the same bits on every rank."""
+        self.seq += 1
+        seq = int(self.seq.item())
+        code = _lib().tm_shm_all_reduce(self.address, self.rank, self.world_size, self.capacity, x.data_ptr(),
+                                        x.numel(), seq, self.timeout_s)
+        if code == 2:
+            raise TimeoutError(f"a tensor-parallel rank did not reach all-reduce {seq} within "
+                               f"{self.timeout_s:.0f} s")
+        if code != 0:
+            raise ValueError(f"all-reduce of {x.numel()} elements exceeds the segment's {self.capacity}")

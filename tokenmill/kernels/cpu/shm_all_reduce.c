@@ -1,0 +1,23 @@
+/* All-reduce (sum) of float32 vectors between the tensor-parallel ranks of one machine, through a shared memory
+ * segment every rank maps (distributed/shm_all_reduce.py), with no system call on the way: the latency of a
+ * cache-line handshake instead of gloo's socket round trips.
+ *
+ * Segment: `world` control lines (64 bytes each, rank r's holding the sequence number of its last arrival), then two
+ * buffer sets (by the parity of the sequence number), each of `world` slots of `capacity` floats.
+ * One call, number seq (1, 2, ... the same on every rank, every rank making the same calls in the same order):
+ *   1. copy x into this rank's slot of set seq % 2, then publish seq in this rank's control line (release);
+ *   2. wait until every rank has published seq (acquire);
+ *   3. x = the slots summed in rank order (so every rank gets the same bits).
+ * A slot of set seq % 2 is written again only at call seq + 2, which no rank starts before every rank has arrived at
+ * seq + 1, i.e. has finished reading set seq % 2 at step 3 of call seq.
+ */
+#include "shm_all_reduce.h"
+
+/* Bytes of the segment for world ranks and capacity floats per slot. */
+int64_t tm_shm_segment_bytes(int world, int64_t capacity) { return shm_segment_bytes(world, capacity); }
+
+/* Returns 0; 1 when n > capacity (nothing done); 2 when some rank did not arrive within timeout_s (x unchanged). */
+int tm_shm_all_reduce(char *segment, int rank, int world, int64_t capacity, float *x, int64_t n, uint64_t seq,
+                      double timeout_s) {
+    return shm_all_reduce(segment, rank, world, capacity, x, n, seq, timeout_s);
+}

@@ -1,0 +1,63 @@
+/* The shared-memory all-reduce of the tensor-parallel ranks on one machine (shm_all_reduce.c exports it to Python;
+ * step_forward.c calls it between a layer's row-parallel projection and its residual add). */
+#ifndef TM_SHM_ALL_REDUCE_H
+#define TM_SHM_ALL_REDUCE_H
+
+#include <sched.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#define CONTROL_LINE 64
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+static inline double shm_now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* Bytes of the segment for world ranks and capacity floats per slot. */
+static inline int64_t shm_segment_bytes(int world, int64_t capacity) {
+    return (int64_t)world * CONTROL_LINE + 2 * (int64_t)world * capacity * (int64_t)sizeof(float);
+}
+
+/* Returns 0; 1 when n > capacity (nothing done); 2 when some rank did not arrive within timeout_s (x unchanged). */
+static int shm_all_reduce(char *segment, int rank, int world, int64_t capacity, float *x, int64_t n, uint64_t seq,
+                          double timeout_s) {
+    if (n > capacity) return 1;
+    float *set = (float *)(segment + (int64_t)world * CONTROL_LINE) + (int64_t)(seq % 2) * world * capacity;
+    memcpy(set + (int64_t)rank * capacity, x, (size_t)n * sizeof(float));
+    __atomic_store_n((uint64_t *)(segment + rank * CONTROL_LINE), seq, __ATOMIC_RELEASE);
+    double deadline = 0.0;
+    for (int r = 0; r < world; ++r) {
+        const uint64_t *line = (const uint64_t *)(segment + r * CONTROL_LINE);
+        for (int64_t spins = 0; __atomic_load_n(line, __ATOMIC_ACQUIRE) < seq; ++spins) {
+            if (spins < 4096) {
+                CPU_RELAX();
+                continue;
+            }
+            sched_yield(); /* a rank that shares a core with this one gets it */
+            if (spins % 1024 == 0) {
+                const double t = shm_now_s();
+                if (deadline == 0.0) deadline = t + timeout_s;
+                else if (t > deadline) return 2;
+            }
+        }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        float total = set[i];
+        for (int r = 1; r < world; ++r) total += set[(int64_t)r * capacity + i];
+        x[i] = total;
+    }
+    return 0;
+}
+
+#endif
