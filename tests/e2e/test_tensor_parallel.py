@@ -5,6 +5,7 @@ and on the default model's parity prompts; no rank process outlives the engine."
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.models.test_parity_default import CHATS, PLAIN_PROMPTS
 from tokenmill import LLM, SamplingParams
@@ -16,11 +17,13 @@ TINY_PROMPTS = ["The quick brown fox", "Once upon a time there", [5, 17, 300, 42
 
 
 def _generate(model: str | None, tp: int, prompts: list) -> tuple[list, list]:
+    threads = torch.get_num_threads()
     with LLM(model=model, tensor_parallel_size=tp, dtype="float32", max_model_len=256,
              kv_cache_memory=32 << 20) as llm:
         outs = llm.generate(prompts, PARAMS, use_tqdm=False)
         processes = llm.engine.core.workers.processes if llm.engine.core.workers else []
     assert not any(p.is_alive() for p in processes), "a rank process outlived close()"
+    assert torch.get_num_threads() == threads, "the engine's thread count was not given back"
     return [o.outputs[0].token_ids for o in outs], [o.outputs[0].logprobs for o in outs]
 
 

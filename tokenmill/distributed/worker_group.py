@@ -78,6 +78,7 @@ class WorkerGroup:
         ]
         for process in self.processes:
             process.start()
+        self._engine_threads = torch.get_num_threads()  # process-wide: given back at close()
         torch.set_num_threads(threads_per_rank(config))
         self.comm: Communicator = init_communicator(0, world_size, MASTER_ADDR, port, _backend(config),
                                                     COLLECTIVE_TIMEOUT_S)
@@ -103,3 +104,4 @@ class WorkerGroup:
                     process.kill()
                     process.join()
             close_communicator()
+            torch.set_num_threads(self._engine_threads)
