@@ -1,16 +1,27 @@
 """Tensor parallelism (distributed/): TP = 2 and 3 give TP = 1's greedy tokens and top-5 logprobs within 1e-4 in
-float32 (ranks as processes over gloo), on tiny checkpoints (uneven head shares, replicated KV heads, q/k/v bias)
-and on the default model's parity prompts; no rank process outlives the engine."""
+float32 (ranks as processes over gloo and shared memory), on tiny checkpoints (uneven head shares, replicated KV
+heads, q/k/v bias) and on the default model's parity prompts; no rank process outlives the engine; a rank killed
+with SIGKILL stops the engine within seconds (offline: WorkerGroupDied; serving: errors, /health 503, exit status
+non-zero, no orphan)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
 import pytest
 import torch
 
 from tests.models.test_parity_default import CHATS, PLAIN_PROMPTS
 from tokenmill import LLM, SamplingParams
+from tokenmill.bench.server_process import free_port
 from tokenmill.config import ParallelConfig
 from tokenmill.distributed.sharding import even_share, shard_heads
+from tokenmill.distributed.worker_group import WorkerGroupDied
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5)
 TINY_PROMPTS = ["The quick brown fox", "Once upon a time there", [5, 17, 300, 42, 9, 1000, 7]]
@@ -75,3 +86,74 @@ def test_even_shares_and_bad_sizes() -> None:
         ParallelConfig(tensor_parallel_size=0)
     with pytest.raises(ValueError, match="attention heads"):
         shard_heads(4, 2, 0, 5)
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an exited child no one reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def test_a_killed_rank_stops_the_engine_without_orphans(tiny_checkpoint) -> None:
+    llm = LLM(model=str(tiny_checkpoint("llama")), tensor_parallel_size=2, dtype="float32", max_model_len=128,
+              kv_cache_memory=16 << 20)
+    rank1 = llm.engine.core.workers.processes[0]
+    assert len(llm.generate("warm up", PARAMS, use_tqdm=False)[0].outputs[0].token_ids) == 16
+    os.kill(rank1.pid, signal.SIGKILL)
+    rank1.join(10)
+    start = time.monotonic()
+    with pytest.raises(WorkerGroupDied):
+        llm.generate("after the loss", PARAMS, use_tqdm=False)
+    assert time.monotonic() - start < 10
+    llm.close()
+    assert not rank1.is_alive()
+
+
+def test_server_with_a_killed_rank_answers_503_and_exits_nonzero(tiny_checkpoint, tmp_path) -> None:
+    port = free_port()
+    cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--model", str(tiny_checkpoint("llama")),
+           "--tensor-parallel-size", "2", "--dtype", "float32", "--max-model-len", "128", "--port", str(port),
+           "--kv-cache-memory", str(16 << 20)]
+    log = (tmp_path / "server.log").open("wb")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        body = {"prompt": "hello", "max_tokens": 4}
+        assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
+        children = _children(server.pid)
+        ranks = [pid for pid in children if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]
+        assert len(ranks) == 1, "rank 1's process not found"
+        os.kill(ranks[0], signal.SIGKILL)
+        failed = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert failed.status_code >= 500 and "error" in failed.json()
+        try:  # /health says 503 until the server is gone
+            assert httpx.get(url + "/health", timeout=5).status_code == 503
+        except httpx.HTTPError:
+            pass
+        assert server.wait(timeout=30) != 0
+        time.sleep(1)
+        assert not any(_running(pid) for pid in children), "a process of the server outlived it"
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        log.close()

@@ -57,6 +57,8 @@ class ShmAllReduce:
         dist.broadcast_object_list(box, src=0)
         with open(box[0], "r+b") as f:
             self._map = mmap.mmap(f.fileno(), nbytes)
+        # This rank's process id after its sequence number: a rank waiting on this one fails at once if it dies.
+        self._map[rank * 64 + 8 : rank * 64 + 16] = os.getpid().to_bytes(8, "little")
         dist.barrier()  # every rank has mapped it: the name can go
         if rank == 0:
             os.unlink(box[0])
@@ -77,5 +79,7 @@ class ShmAllReduce:
         if code == 2:
             raise TimeoutError(f"a tensor-parallel rank did not reach all-reduce {seq} within "
                                f"{self.timeout_s:.0f} s")
+        if code == 3:
+            raise RuntimeError(f"a tensor-parallel rank's process is gone (all-reduce {seq})")
         if code != 0:
             raise ValueError(f"all-reduce of {x.numel()} elements exceeds the segment's {self.capacity}")

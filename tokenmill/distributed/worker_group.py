@@ -9,9 +9,11 @@ sampled tokens as rank 0 (the same gathered logits and generator seeds) and drop
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 
 import torch
@@ -21,6 +23,11 @@ from tokenmill.distributed.communicator import Communicator, close_communicator,
 from tokenmill.worker.step_input import StepInput
 
 logger = logging.getLogger("tokenmill")
+
+class WorkerGroupDied(RuntimeError):
+    """A tensor-parallel rank died, hung past the collective timeout, or a step failed part-way: the ranks'
+    collectives can no longer be matched, so the engine stops (its requests end with an error)."""
+
 
 MASTER_ADDR = "127.0.0.1"
 # A collective that waits longer than this for a rank fails (the rank died or hangs) instead of blocking forever.
@@ -46,11 +53,21 @@ def _backend(config: EngineConfig) -> str:
     return "nccl" if resolve_device(config.model.device).type == "cuda" else "gloo"
 
 
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the engine process dies, however it dies (no orphan rank)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the rank still exits when its collectives fail
+
+
 def _run_rank(config: EngineConfig, rank: int, world_size: int, port: int) -> None:
     """A spawned rank's life: join the group, build its worker, run steps until rank 0 broadcasts None."""
     from tokenmill.engine.llm_engine import load_engine_model
     from tokenmill.worker.worker import Worker
 
+    _die_with_parent()
     torch.set_num_threads(threads_per_rank(config))
     comm = init_communicator(rank, world_size, MASTER_ADDR, port, _backend(config), COLLECTIVE_TIMEOUT_S)
     try:
@@ -87,8 +104,15 @@ class WorkerGroup:
                     threads_per_rank(config))
 
     def send(self, step: StepInput) -> None:
-        """Hands the step to ranks 1 .. N - 1 (rank 0 runs it next, in the caller)."""
+        """Hands the step to ranks 1 .. N - 1 (rank 0 runs it next, in the caller); WorkerGroupDied when a rank's
+        process is gone."""
+        self.check_alive()
         self.comm.broadcast_object(step)
+
+    def check_alive(self) -> None:
+        dead = [p for p in self.processes if not p.is_alive()]
+        if dead:
+            raise WorkerGroupDied(", ".join(f"tensor-parallel rank {p.name} exited with {p.exitcode}" for p in dead))
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stops the ranks (they exit after the broadcast) and closes the group; kills a rank that does not exit."""
@@ -96,7 +120,10 @@ class WorkerGroup:
             return
         self.closed = True
         try:
-            self.comm.broadcast_object(None)
+            if all(p.is_alive() for p in self.processes):
+                self.comm.broadcast_object(None)
+        except RuntimeError as exc:  # a rank hung or died meanwhile: it is killed below
+            logger.warning("tensor-parallel ranks could not be told to stop (%s); killing them", exc)
         finally:
             for process in self.processes:
                 process.join(timeout_s)

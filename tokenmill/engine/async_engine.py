@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from tokenmill.distributed.worker_group import WorkerGroupDied
 from tokenmill.engine.llm_engine import LLMEngine, ProcessedPrompt, Prompt
 from tokenmill.engine.metrics import EngineMetrics
 from tokenmill.engine.openmp_pool import release_openmp_pool
@@ -292,6 +293,8 @@ class AsyncEngine:
         start = time.perf_counter()
         try:
             outputs = engine.step()
+        except WorkerGroupDied:
+            raise  # the engine cannot run another step: the thread dies, the server reports it and exits
         except Exception as exc:  # fail the requests in flight, keep serving
             logger.exception("engine step failed; failing the requests in flight")
             self._reset_after_failure(exc)

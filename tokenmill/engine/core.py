@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from tokenmill.config import EngineConfig
 from tokenmill.distributed.communicator import SINGLE
-from tokenmill.distributed.worker_group import WorkerGroup
+from tokenmill.distributed.worker_group import WorkerGroup, WorkerGroupDied
 from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
@@ -82,7 +82,10 @@ class EngineCore:
             if self.workers is not None:
                 self.workers.send(step_input)
             runner_output = self.worker.execute(step_input)
-        except Exception:
+        except Exception as exc:
+            if self.workers is not None:
+                # The ranks may be part-way through different collectives: nothing can run on this group again.
+                raise WorkerGroupDied(f"a tensor-parallel step failed: {exc}") from exc
             # A failing step fails its own requests ("error"), never the engine.
             failed = [s.req_id for s in scheduler_output.scheduled]
             logger.exception("model execution failed; finishing %d request(s) with an error", len(failed))

@@ -35,10 +35,25 @@ class GracefulServer(uvicorn.Server):
         self.engine = engine
         self.drain_timeout = drain_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.engine_died = False  # the engine thread died: the server stopped itself, the process exits non-zero
 
     async def serve(self, sockets: list | None = None) -> None:
         self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
+        watch = asyncio.create_task(self._watch_engine())
+        try:
+            await super().serve(sockets)
+        finally:
+            watch.cancel()
+
+    async def _watch_engine(self, period_s: float = 0.5) -> None:
+        """Stops the server when the engine thread has died (a tensor-parallel rank lost, an internal error): its
+        requests already ended with an error and /health answered 503; a supervisor restarts the process."""
+        while not self.should_exit:
+            await asyncio.sleep(period_s)
+            if self.engine.dead_error is not None:
+                logger.error("the engine died (%s): stopping the server", self.engine.dead_error)
+                self.engine_died = True
+                self.should_exit = True
 
     def handle_exit(self, sig: int, frame: object) -> None:
         if not self.should_exit and self._loop is not None:
@@ -110,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     freeze_startup_objects()
     logger.info("serving %s on http://%s:%d/v1", served_model_name(args), args.host, args.port)
     server.run()
-    return 0
+    return 1 if server.engine_died else 0
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:

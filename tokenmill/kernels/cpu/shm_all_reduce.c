@@ -2,7 +2,8 @@
  * segment every rank maps (distributed/shm_all_reduce.py), with no system call on the way: the latency of a
  * cache-line handshake instead of gloo's socket round trips.
  *
- * Segment: `world` control lines (64 bytes each, rank r's holding the sequence number of its last arrival), then two
+ * Segment: `world` control lines (64 bytes each, rank r's holding the sequence number of its last arrival, then its
+ * process id, which a rank waiting on it checks: a rank that died fails the call at once), then two
  * buffer sets (by the parity of the sequence number), each of `world` slots of `capacity` floats.
  * One call, number seq (1, 2, ... the same on every rank, every rank making the same calls in the same order):
  *   1. copy x into this rank's slot of set seq % 2, then publish seq in this rank's control line (release);
@@ -16,7 +17,8 @@
 /* Bytes of the segment for world ranks and capacity floats per slot. */
 int64_t tm_shm_segment_bytes(int world, int64_t capacity) { return shm_segment_bytes(world, capacity); }
 
-/* Returns 0; 1 when n > capacity (nothing done); 2 when some rank did not arrive within timeout_s (x unchanged). */
+/* Returns 0; 1 when n > capacity (nothing done); 2 when some rank did not arrive within timeout_s, 3 when a rank's
+ * process is gone (x unchanged). */
 int tm_shm_all_reduce(char *segment, int rank, int world, int64_t capacity, float *x, int64_t n, uint64_t seq,
                       double timeout_s) {
     return shm_all_reduce(segment, rank, world, capacity, x, n, seq, timeout_s);

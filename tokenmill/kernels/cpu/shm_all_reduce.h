@@ -3,7 +3,9 @@
 #ifndef TM_SHM_ALL_REDUCE_H
 #define TM_SHM_ALL_REDUCE_H
 
+#include <errno.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -29,7 +31,8 @@ static inline int64_t shm_segment_bytes(int world, int64_t capacity) {
     return (int64_t)world * CONTROL_LINE + 2 * (int64_t)world * capacity * (int64_t)sizeof(float);
 }
 
-/* Returns 0; 1 when n > capacity (nothing done); 2 when some rank did not arrive within timeout_s (x unchanged). */
+/* Returns 0; 1 when n > capacity (nothing done); 2 when some rank did not arrive within timeout_s, 3 when a rank's
+ * process is gone (x unchanged). */
 static int shm_all_reduce(char *segment, int rank, int world, int64_t capacity, float *x, int64_t n, uint64_t seq,
                           double timeout_s) {
     if (n > capacity) return 1;
@@ -49,6 +52,8 @@ static int shm_all_reduce(char *segment, int rank, int world, int64_t capacity, 
                 const double t = shm_now_s();
                 if (deadline == 0.0) deadline = t + timeout_s;
                 else if (t > deadline) return 2;
+                const int64_t pid = *(const volatile int64_t *)(segment + r * CONTROL_LINE + 8);
+                if (pid > 0 && kill((pid_t)pid, 0) != 0 && errno == ESRCH) return 3; /* that rank is gone */
             }
         }
     }

@@ -292,7 +292,8 @@ static void select_amx_prompts(int64_t *amx_lens, const int64_t *q_lens, const i
  * phase_seconds: NULL, or [TM_NUM_PHASES] to which each phase's wall time is added (thread 0's clock between
  * the barriers that end the phases).
  * Returns 0; 1 when scratch memory could not be allocated; 2 when head_dim % 8 != 0 (hidden untouched); 3 when a
- * tensor-parallel all-reduce failed (a rank did not arrive within tp_timeout_s, or the rows exceed tp_capacity). */
+ * tensor-parallel all-reduce failed (a rank died, or did not arrive within tp_timeout_s, or the rows exceed
+ * tp_capacity). */
 int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, const int64_t *slots, int64_t num_rows,
                    const int64_t *q_starts, const int64_t *q_lens, const int64_t *seq_lens, const int64_t *block_tables,
                    int64_t table_stride, int64_t num_reqs, const int64_t *keep_rows, int64_t num_keep,

@@ -270,7 +270,7 @@ class StepForwardKernel:
         if status == 1:
             raise MemoryError("decode step: no memory for the step's scratch buffers")
         if status == 3:
-            raise TimeoutError("decode step: a tensor-parallel rank did not reach an all-reduce in time")
+            raise RuntimeError("decode step: a tensor-parallel all-reduce failed (a rank died or did not arrive in time)")
         if status != 0:
             raise RuntimeError(f"decode step kernel failed with status {status}")
         return hidden
