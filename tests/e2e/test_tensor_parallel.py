@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -125,8 +126,8 @@ def test_server_with_a_killed_rank_answers_503_and_exits_nonzero(tiny_checkpoint
     cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--model", str(tiny_checkpoint("llama")),
            "--tensor-parallel-size", "2", "--dtype", "float32", "--max-model-len", "128", "--port", str(port),
            "--kv-cache-memory", str(16 << 20)]
-    log = (tmp_path / "server.log").open("wb")
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    with (tmp_path / "server.log").open("wb") as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
@@ -140,7 +141,7 @@ def test_server_with_a_killed_rank_answers_503_and_exits_nonzero(tiny_checkpoint
         body = {"prompt": "hello", "max_tokens": 4}
         assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
         children = _children(server.pid)
-        ranks = [pid for pid in children if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]
+        ranks = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(ranks) == 1, "rank 1's process not found"
         os.kill(ranks[0], signal.SIGKILL)
         failed = httpx.post(url + "/v1/completions", json=body, timeout=60)
@@ -156,4 +157,3 @@ def test_server_with_a_killed_rank_answers_503_and_exits_nonzero(tiny_checkpoint
         if server.poll() is None:
             server.kill()
             server.wait()
-        log.close()
