@@ -144,6 +144,14 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = field(default=1, metadata=_help("number of tensor-parallel ranks"))
+    nnodes: int = field(default=1, metadata=_help("machines the tensor-parallel ranks span (torchrun's meaning)"))
+    node_rank: int = field(
+        default=0, metadata=_help("this machine's index among --nnodes: 0 runs the engine (and serves), the others "
+                                  "run their share of the ranks only"))
+    master_addr: str = field(default="127.0.0.1", metadata=_help("address node 0 listens on for the ranks"))
+    master_port: int | None = field(
+        default=None, metadata=_help("port node 0 listens on for the ranks (needed with --nnodes > 1; else a free "
+                                     "one)"))
     num_threads: int | None = field(default=None, metadata=_help("CPU intra-op threads (default: all cores)"))
     compile: bool = field(
         default=False,
@@ -154,6 +162,13 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes), got node_rank={self.node_rank}, nnodes={self.nnodes}")
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be a multiple of "
+                             f"nnodes={self.nnodes} (the same number of ranks on every node)")
+        if self.nnodes > 1 and self.master_port is None:
+            raise ValueError("nnodes > 1 needs master_port (and master_addr: node 0's address)")
         if self.tensor_parallel_size > 1 and self.compile:
             raise ValueError("compile does not work with tensor_parallel_size > 1 yet (the layers' all-reduces)")
         if self.num_threads is not None and self.num_threads < 1:

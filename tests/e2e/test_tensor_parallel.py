@@ -87,6 +87,12 @@ def test_even_shares_and_bad_sizes() -> None:
         ParallelConfig(tensor_parallel_size=0)
     with pytest.raises(ValueError, match="attention heads"):
         shard_heads(4, 2, 0, 5)
+    with pytest.raises(ValueError, match="multiple of nnodes"):
+        ParallelConfig(tensor_parallel_size=3, nnodes=2, master_port=29500)
+    with pytest.raises(ValueError, match="master_port"):
+        ParallelConfig(tensor_parallel_size=2, nnodes=2, node_rank=1)
+    with pytest.raises(ValueError, match="node_rank"):
+        ParallelConfig(tensor_parallel_size=2, nnodes=2, node_rank=2, master_port=29500)
 
 
 def _running(pid: int) -> bool:

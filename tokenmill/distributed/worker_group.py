@@ -2,6 +2,11 @@
 uniprocess executor for one rank); ranks 1 .. N - 1 are spawned processes that each load the checkpoint, build their
 share of the model (worker/worker.py with their Communicator) and run every step rank 0 broadcasts to them.
 
+Over several machines (--nnodes M, torchrun's meaning) each node holds N / M consecutive ranks: node 0 the engine
+(rank 0) and its local ranks (WorkerGroup), every other node only its ranks (run_node: the first in the node's
+process, the rest spawned), all meeting at --master-addr:--master-port over gloo (set GLOO_SOCKET_IFNAME to the
+interface the nodes reach each other on).
+
 Per step rank 0 broadcasts the step's plain-data message (worker/step_input.py) and then runs it itself; the ranks
 meet in the model's collectives. A broadcast of None tells the ranks to exit. Ranks 1 .. N - 1 compute the same
 sampled tokens as rank 0 (the same gathered logits and generator seeds) and drop them: rank 0's are the step's.
@@ -29,22 +34,37 @@ class WorkerGroupDied(RuntimeError):
     collectives can no longer be matched, so the engine stops (its requests end with an error)."""
 
 
-MASTER_ADDR = "127.0.0.1"
 # A collective that waits longer than this for a rank fails (the rank died or hangs) instead of blocking forever.
 COLLECTIVE_TIMEOUT_S = 120.0
 
 
-def _free_port() -> int:
+def _free_port(addr: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((MASTER_ADDR, 0))
+        s.bind((addr, 0))
         return s.getsockname()[1]
+
+
+def _local_ranks(config: EngineConfig) -> range:
+    """The global ranks this node holds."""
+    per_node = config.parallel.tensor_parallel_size // config.parallel.nnodes
+    return range(config.parallel.node_rank * per_node, (config.parallel.node_rank + 1) * per_node)
+
+
+def _spawn_ranks(config: EngineConfig, ranks: range, port: int) -> list[multiprocessing.Process]:
+    ctx = multiprocessing.get_context("spawn")
+    processes = [ctx.Process(target=_run_rank, args=(config, rank, port), name=f"tokenmill-tp{rank}", daemon=True)
+                 for rank in ranks]
+    for process in processes:
+        process.start()
+    return processes
 
 
 def threads_per_rank(config: EngineConfig) -> int:
     """Intra-op threads of each rank: --num-threads, else the cores shared out over the ranks (at least one)."""
     if config.parallel.num_threads is not None:
         return config.parallel.num_threads
-    return max(1, (os.cpu_count() or 1) // config.parallel.tensor_parallel_size)
+    per_node = config.parallel.tensor_parallel_size // config.parallel.nnodes
+    return max(1, (os.cpu_count() or 1) // per_node)
 
 
 def _backend(config: EngineConfig) -> str:
@@ -62,14 +82,16 @@ def _die_with_parent() -> None:
         pass  # not Linux: the rank still exits when its collectives fail
 
 
-def _run_rank(config: EngineConfig, rank: int, world_size: int, port: int) -> None:
-    """A spawned rank's life: join the group, build its worker, run steps until rank 0 broadcasts None."""
+def _run_rank(config: EngineConfig, rank: int, port: int, spawned: bool = True) -> None:
+    """A rank's life other than rank 0's: join the group, build its worker, run steps until rank 0 broadcasts None."""
     from tokenmill.engine.llm_engine import load_engine_model
     from tokenmill.worker.worker import Worker
 
-    _die_with_parent()
+    if spawned:
+        _die_with_parent()
     torch.set_num_threads(threads_per_rank(config))
-    comm = init_communicator(rank, world_size, MASTER_ADDR, port, _backend(config), COLLECTIVE_TIMEOUT_S)
+    comm = init_communicator(rank, config.parallel.tensor_parallel_size, config.parallel.master_addr, port,
+                             _backend(config), COLLECTIVE_TIMEOUT_S)
     try:
         worker = Worker(config, load_engine_model(config), tp=comm)
         while True:
@@ -85,23 +107,16 @@ class WorkerGroup:
     """Starts ranks 1 .. N - 1 and opens rank 0's Communicator (`comm`) for the engine's own worker."""
 
     def __init__(self, config: EngineConfig) -> None:
-        world_size = config.parallel.tensor_parallel_size
-        port = _free_port()
-        ctx = multiprocessing.get_context("spawn")
-        self.processes = [
-            ctx.Process(target=_run_rank, args=(config, rank, world_size, port), name=f"tokenmill-tp{rank}",
-                        daemon=True)
-            for rank in range(1, world_size)
-        ]
-        for process in self.processes:
-            process.start()
+        world_size, parallel = config.parallel.tensor_parallel_size, config.parallel
+        port = parallel.master_port if parallel.master_port is not None else _free_port(parallel.master_addr)
+        self.processes = _spawn_ranks(config, _local_ranks(config)[1:], port)
         self._engine_threads = torch.get_num_threads()  # process-wide: given back at close()
         torch.set_num_threads(threads_per_rank(config))
-        self.comm: Communicator = init_communicator(0, world_size, MASTER_ADDR, port, _backend(config),
+        self.comm: Communicator = init_communicator(0, world_size, parallel.master_addr, port, _backend(config),
                                                     COLLECTIVE_TIMEOUT_S)
         self.closed = False
-        logger.info("tensor parallelism: %d ranks (%s), %d threads each", world_size, _backend(config),
-                    threads_per_rank(config))
+        logger.info("tensor parallelism: %d ranks on %d node(s) (%s), %d threads each", world_size, parallel.nnodes,
+                    _backend(config), threads_per_rank(config))
 
     def send(self, step: StepInput) -> None:
         """Hands the step to ranks 1 .. N - 1 (rank 0 runs it next, in the caller); WorkerGroupDied when a rank's
@@ -132,3 +147,28 @@ class WorkerGroup:
                     process.join()
             close_communicator()
             torch.set_num_threads(self._engine_threads)
+
+
+def run_node(config: EngineConfig) -> int:
+    """A node other than node 0 (--node-rank > 0): runs its ranks until node 0's engine stops them. Returns the exit
+    status: 0 when stopped by the engine, 1 when a rank failed (the engine is gone, or a collective timed out)."""
+    ranks = _local_ranks(config)
+    port = config.parallel.master_port
+    assert port is not None  # ParallelConfig requires it with nnodes > 1
+    logger.info("node %d of %d: tensor-parallel ranks %d-%d, waiting for node 0 at %s:%d", config.parallel.node_rank,
+                config.parallel.nnodes, ranks[0], ranks[-1], config.parallel.master_addr, port)
+    processes = _spawn_ranks(config, ranks[1:], port)
+    status = 0
+    try:
+        _run_rank(config, ranks[0], port, spawned=False)
+    except Exception:
+        logger.exception("tensor-parallel rank %d failed", ranks[0])
+        status = 1
+    finally:
+        for process in processes:
+            process.join(COLLECTIVE_TIMEOUT_S)
+            if process.is_alive():
+                process.kill()
+                process.join()
+            status = status or (1 if process.exitcode else 0)
+    return status

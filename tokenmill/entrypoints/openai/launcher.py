@@ -121,6 +121,12 @@ def freeze_startup_objects() -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if getattr(args, "node_rank", None):  # a node other than node 0: tensor-parallel ranks only, no server
+        from tokenmill.config import EngineConfig
+        from tokenmill.distributed.worker_group import run_node
+        from tokenmill.entrypoints.cli import engine_kwargs
+
+        return run_node(EngineConfig.from_kwargs(**engine_kwargs(args)))
     server = build_server(args)
     freeze_startup_objects()
     logger.info("serving %s on http://%s:%d/v1", served_model_name(args), args.host, args.port)
