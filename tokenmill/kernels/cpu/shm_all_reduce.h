@@ -36,6 +36,7 @@ static inline int64_t shm_segment_bytes(int world, int64_t capacity) {
 static int shm_all_reduce(char *segment, int rank, int world, int64_t capacity, float *x, int64_t n, uint64_t seq,
                           double timeout_s) {
     if (n > capacity) return 1;
+    if (world < 2) return 0;
     float *set = (float *)(segment + (int64_t)world * CONTROL_LINE) + (int64_t)(seq % 2) * world * capacity;
     memcpy(set + (int64_t)rank * capacity, x, (size_t)n * sizeof(float));
     __atomic_store_n((uint64_t *)(segment + rank * CONTROL_LINE), seq, __ATOMIC_RELEASE);
@@ -57,10 +58,13 @@ static int shm_all_reduce(char *segment, int rank, int world, int64_t capacity, 
             }
         }
     }
-    for (int64_t i = 0; i < n; ++i) {
-        float total = set[i];
-        for (int r = 1; r < world; ++r) total += set[(int64_t)r * capacity + i];
-        x[i] = total;
+    /* x = ((slot 0 + slot 1) + slot 2) + ...: one pass per slot, each a plain vectorized loop; the same order of
+     * additions on every rank. */
+    const float *first = set, *second = set + capacity;
+    for (int64_t i = 0; i < n; ++i) x[i] = first[i] + second[i];
+    for (int r = 2; r < world; ++r) {
+        const float *slot = set + (int64_t)r * capacity;
+        for (int64_t i = 0; i < n; ++i) x[i] += slot[i];
     }
     return 0;
 }
