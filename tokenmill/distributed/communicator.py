@@ -9,6 +9,7 @@ collectives (waiting for the other ranks included): benchmarks/tensor_parallel.p
 
 from __future__ import annotations
 
+import pickle
 import time
 from datetime import timedelta
 from typing import Any
@@ -60,13 +61,25 @@ class Communicator:
         if self.world_size == 1:
             return x
         start = time.perf_counter()
-        x = x.float()
-        width = max(sizes)
-        padded = x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded.contiguous())
+        parts = self._gathered(x, sizes, everywhere=True)
         self.busy_s += time.perf_counter() - start
         return torch.cat([p[..., :n] for p, n in zip(parts, sizes, strict=True)], dim=-1)
+
+    def _gathered(self, x: torch.Tensor, sizes: list[int], everywhere: bool) -> list[torch.Tensor] | None:
+        """Every rank's x padded to max(sizes) along the last dimension, float32, in rank order; None on ranks other
+        than 0 when not `everywhere`. Through shared memory where it fits (then on every rank), else gloo."""
+        x = x.float()
+        width = max(sizes)
+        padded = (x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))).contiguous()
+        if self.shm is not None and padded.numel() <= self.shm.capacity:
+            return list(self.shm.all_gather(padded).view(self.world_size, *padded.shape))
+        if everywhere:
+            parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+            dist.all_gather(parts, padded)
+            return parts
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)] if self.rank == 0 else None
+        dist.gather(padded, gathered, dst=0)
+        return gathered
 
     def gather_last_to_first(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
         """On rank 0 the ranks' x [..., sizes[rank]] joined along the last dimension in rank order (float32, as
@@ -74,13 +87,9 @@ class Communicator:
         if self.world_size == 1:
             return x
         start = time.perf_counter()
-        x = x.float()
-        width = max(sizes)
-        padded = (x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))).contiguous()
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)] if self.rank == 0 else None
-        dist.gather(padded, parts, dst=0)
+        parts = self._gathered(x, sizes, everywhere=False)
         self.busy_s += time.perf_counter() - start
-        if parts is None:
+        if self.rank != 0 or parts is None:
             return None
         return torch.cat([p[..., :n] for p, n in zip(parts, sizes, strict=True)], dim=-1)
 
@@ -97,6 +106,12 @@ class Communicator:
         if self.world_size == 1:
             return obj
         start = time.perf_counter()
+        if self.shm is not None:  # the bytes through shared memory; gloo only for what does not fit a slot
+            data = self.shm.broadcast_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if self.rank == 0
+                                            else None)
+            if data is not None:
+                self.busy_s += time.perf_counter() - start
+                return obj if self.rank == 0 else pickle.loads(data)
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         self.busy_s += time.perf_counter() - start
