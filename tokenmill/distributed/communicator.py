@@ -55,39 +55,26 @@ class Communicator:
         self.busy_s += time.perf_counter() - start
         return total.to(x.dtype)
 
-    def all_gather_last(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """The ranks' x [..., sizes[rank]] joined along the last dimension, in rank order; float32 under tensor
-        parallelism (the ranks' products may differ in output dtype: each rank plans its own kernels)."""
-        if self.world_size == 1:
-            return x
-        start = time.perf_counter()
-        parts = self._gathered(x, sizes, everywhere=True)
-        self.busy_s += time.perf_counter() - start
-        return torch.cat([p[..., :n] for p, n in zip(parts, sizes, strict=True)], dim=-1)
-
-    def _gathered(self, x: torch.Tensor, sizes: list[int], everywhere: bool) -> list[torch.Tensor] | None:
-        """Every rank's x padded to max(sizes) along the last dimension, float32, in rank order; None on ranks other
-        than 0 when not `everywhere`. Through shared memory where it fits (then on every rank), else gloo."""
+    def _gathered(self, x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor] | None:
+        """Every rank's x padded to max(sizes) along the last dimension, float32 (the ranks' products may differ in
+        output dtype: each rank plans its own kernels), in rank order: on rank 0 (on every rank where it went through
+        shared memory, when it fits a slot), else None. Shared memory where it fits, else gloo."""
         x = x.float()
         width = max(sizes)
         padded = (x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))).contiguous()
         if self.shm is not None and padded.numel() <= self.shm.capacity:
             return list(self.shm.all_gather(padded).view(self.world_size, *padded.shape))
-        if everywhere:
-            parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-            dist.all_gather(parts, padded)
-            return parts
         gathered = [torch.empty_like(padded) for _ in range(self.world_size)] if self.rank == 0 else None
         dist.gather(padded, gathered, dst=0)
         return gathered
 
     def gather_last_to_first(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
-        """On rank 0 the ranks' x [..., sizes[rank]] joined along the last dimension in rank order (float32, as
-        all_gather_last); None on the other ranks."""
+        """On rank 0 the ranks' x [..., sizes[rank]] joined along the last dimension in rank order, in float32; None on
+        the other ranks (x itself in a world of one)."""
         if self.world_size == 1:
             return x
         start = time.perf_counter()
-        parts = self._gathered(x, sizes, everywhere=False)
+        parts = self._gathered(x, sizes)
         self.busy_s += time.perf_counter() - start
         if self.rank != 0 or parts is None:
             return None

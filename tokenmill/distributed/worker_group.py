@@ -8,8 +8,8 @@ process, the rest spawned), all meeting at --master-addr:--master-port over gloo
 interface the nodes reach each other on).
 
 Per step rank 0 broadcasts the step's plain-data message (worker/step_input.py) and then runs it itself; the ranks
-meet in the model's collectives. A broadcast of None tells the ranks to exit. Ranks 1 .. N - 1 compute the same
-sampled tokens as rank 0 (the same gathered logits and generator seeds) and drop them: rank 0's are the step's.
+meet in the model's collectives, and only rank 0 gets the logits and samples (the others learn the sampled tokens
+from the next step's message). A broadcast of None tells the ranks to exit.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from tokenmill.distributed.communicator import Communicator, close_communicator,
 from tokenmill.worker.step_input import StepInput
 
 logger = logging.getLogger("tokenmill")
+
 
 class WorkerGroupDied(RuntimeError):
     """A tensor-parallel rank died, hung past the collective timeout, or a step failed part-way: the ranks'
@@ -112,8 +113,15 @@ class WorkerGroup:
         self.processes = _spawn_ranks(config, _local_ranks(config)[1:], port)
         self._engine_threads = torch.get_num_threads()  # process-wide: given back at close()
         torch.set_num_threads(threads_per_rank(config))
-        self.comm: Communicator = init_communicator(0, world_size, parallel.master_addr, port, _backend(config),
-                                                    COLLECTIVE_TIMEOUT_S)
+        try:
+            self.comm: Communicator = init_communicator(0, world_size, parallel.master_addr, port, _backend(config),
+                                                        COLLECTIVE_TIMEOUT_S)
+        except BaseException:
+            for process in self.processes:
+                process.kill()
+                process.join()
+            torch.set_num_threads(self._engine_threads)
+            raise
         self.closed = False
         logger.info("tensor parallelism: %d ranks on %d node(s) (%s), %d threads each", world_size, parallel.nnodes,
                     _backend(config), threads_per_rank(config))

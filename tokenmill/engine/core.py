@@ -38,10 +38,11 @@ class EngineCore:
     def __init__(self, config: EngineConfig, loaded: LoadedModel, step_timer: AnyStepTimer = NULL_TIMER) -> None:
         self.config = config
         self.timer = step_timer
-        # The model's lifecycle (weights, quantization, execution plan, KV cache, runner) is the worker's.
         if config.parallel.node_rank != 0:
             raise ValueError("node_rank > 0 runs tensor-parallel ranks only (`tokenmill serve --node-rank R`), "
                              "not an engine")
+        # The model's lifecycle (weights, quantization, execution plan, KV cache, runner) is the worker's; under
+        # tensor parallelism the engine's worker is rank 0 of the group.
         self.workers = WorkerGroup(config) if config.parallel.tensor_parallel_size > 1 else None
         try:
             self.worker = Worker(config, loaded, step_timer, self.workers.comm if self.workers else SINGLE)

@@ -5,9 +5,10 @@ Each step arrives as plain data (`execute(StepInput)`, worker/step_input.py): th
 requests it holds (worker/request_states.py) and never sees the engine's Request objects.
 
 Under tensor parallelism (`tp`, a world of more than one rank) the worker holds its rank's share of the model
-(models/llama.py) and every rank runs every step. Each rank plans its own share's products; the one-call C forward
-sums the row-parallel outputs through the ranks' shared memory, and takes every step it can (whole steps are not
-timed under tensor parallelism: the timing runs would meet the other ranks' collectives out of order).
+(models/llama.py) and every rank runs every step. Each rank plans its own share's products; where the ranks share a
+machine the one-call C forward sums the row-parallel outputs through their shared memory and takes every step it can
+(whole steps are not timed under tensor parallelism: the timing runs would meet the other ranks' collectives out of
+order); across machines the steps run layer by layer.
 
 The plan is resolved once, here, and held here (`plan`); the layers and the attention backend read the kernels
 it installed, and it is logged once. On a GPU, and under --compile, there is no plan: the GPU's kernels are
