@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import socket
 import statistics
 import time
 
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from tokenmill.bench.results import write_json_report
+from tokenmill.bench.server_process import free_port
 from tokenmill.distributed.shm_all_reduce import ShmAllReduce
 from tokenmill.worker.capabilities import detect_capabilities
 
@@ -52,9 +52,7 @@ def main() -> None:
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     print(f"machine: {detect_capabilities().summary()}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = multiprocessing.get_context("spawn")
     out: multiprocessing.Queue = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(r, args.world, port, args.calls, args.rounds, out))

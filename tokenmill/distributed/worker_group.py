@@ -45,9 +45,13 @@ def _free_port(addr: str) -> int:
         return s.getsockname()[1]
 
 
+def _ranks_per_node(config: EngineConfig) -> int:
+    return config.parallel.tensor_parallel_size // config.parallel.nnodes
+
+
 def _local_ranks(config: EngineConfig) -> range:
     """The global ranks this node holds."""
-    per_node = config.parallel.tensor_parallel_size // config.parallel.nnodes
+    per_node = _ranks_per_node(config)
     return range(config.parallel.node_rank * per_node, (config.parallel.node_rank + 1) * per_node)
 
 
@@ -60,12 +64,20 @@ def _spawn_ranks(config: EngineConfig, ranks: range, port: int) -> list[multipro
     return processes
 
 
+def _stop(processes: list[multiprocessing.Process], timeout_s: float) -> None:
+    """Waits up to timeout_s for each process to exit, then kills it."""
+    for process in processes:
+        process.join(timeout_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
 def threads_per_rank(config: EngineConfig) -> int:
     """Intra-op threads of each rank: --num-threads, else the cores shared out over the ranks (at least one)."""
     if config.parallel.num_threads is not None:
         return config.parallel.num_threads
-    per_node = config.parallel.tensor_parallel_size // config.parallel.nnodes
-    return max(1, (os.cpu_count() or 1) // per_node)
+    return max(1, (os.cpu_count() or 1) // _ranks_per_node(config))
 
 
 def _backend(config: EngineConfig) -> str:
@@ -117,9 +129,7 @@ class WorkerGroup:
             self.comm: Communicator = init_communicator(0, world_size, parallel.master_addr, port, _backend(config),
                                                         COLLECTIVE_TIMEOUT_S)
         except BaseException:
-            for process in self.processes:
-                process.kill()
-                process.join()
+            _stop(self.processes, 0.0)
             torch.set_num_threads(self._engine_threads)
             raise
         self.closed = False
@@ -148,11 +158,7 @@ class WorkerGroup:
         except RuntimeError as exc:  # a rank hung or died meanwhile: it is killed below
             logger.warning("tensor-parallel ranks could not be told to stop (%s); killing them", exc)
         finally:
-            for process in self.processes:
-                process.join(timeout_s)
-                if process.is_alive():
-                    process.kill()
-                    process.join()
+            _stop(self.processes, timeout_s)
             close_communicator()
             torch.set_num_threads(self._engine_threads)
 
@@ -173,10 +179,5 @@ def run_node(config: EngineConfig) -> int:
         logger.exception("tensor-parallel rank %d failed", ranks[0])
         status = 1
     finally:
-        for process in processes:
-            process.join(COLLECTIVE_TIMEOUT_S)
-            if process.is_alive():
-                process.kill()
-                process.join()
-            status = status or (1 if process.exitcode else 0)
-    return status
+        _stop(processes, COLLECTIVE_TIMEOUT_S)
+    return 1 if status or any(p.exitcode for p in processes) else 0

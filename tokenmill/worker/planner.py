@@ -153,16 +153,15 @@ def _install(modules: dict[str, nn.Module], routes: list[tuple[int, str]]) -> nn
 
 def new_or_cached_plan(config: EngineConfig, model: nn.Module, kv_dtype: torch.dtype,
                        tp: Communicator = SINGLE) -> ExecutionPlan:
-    """The cached plan of this machine, model and configuration (a tensor-parallel rank's: its share, its threads),
-    or an empty one to build."""
+    """The cached plan of this machine (its key carries torch's thread count), model and configuration (a
+    tensor-parallel rank's: its share), or an empty one to build."""
     caps = detect_capabilities()
     m = config.model
     settings = {"dtype": str(next(model.parameters()).dtype), "quantization": m.quantization,
                 "activation_bits": m.int8_activation_bits, "quantize_lm_head": m.quantize_lm_head,
                 "kernels": m.kernels, "panel_gemm": m.panel_gemm, "fused_decode": m.fused_decode,
                 "huge_pages": m.huge_pages, "kv_dtype": str(kv_dtype), "block_size": config.cache.block_size,
-                "c_kernels": kernel_sources_digest(), "tensor_parallel": [tp.rank, tp.world_size],
-                "threads": torch.get_num_threads()}
+                "c_kernels": kernel_sources_digest(), "tensor_parallel": [tp.rank, tp.world_size]}
     key = plan_key(caps, module_signature(model), settings)
     cached = load_plan(resolve_cache_dir(None), key)
     if cached is not None:

@@ -48,10 +48,10 @@
 #include "f32_panels.h"
 #include "int4_dot.h"
 #include "int8_amx.h"
-#include "shm_all_reduce.h"
 #include "int8_panels.h"
 #include "int8_quantize.h"
 #include "prefill_tile.h"
+#include "shm_all_reduce.h"
 #include "row_ops.h"
 #include "work_split.h"
 
