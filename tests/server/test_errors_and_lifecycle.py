@@ -179,7 +179,8 @@ def test_startup_objects_are_frozen_out_of_the_collector() -> None:
     survivor = [object()]
     try:
         frozen = freeze_startup_objects()
-        assert frozen == gc.get_freeze_count() > 0
+        # Other threads left by earlier tests may free frozen objects meanwhile, which lowers the count.
+        assert 0 < gc.get_freeze_count() <= frozen
         assert not any(obj is survivor for obj in gc.get_objects())  # frozen objects are not tracked anymore
     finally:
         gc.unfreeze()
