@@ -144,6 +144,9 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = field(default=1, metadata=_help("number of tensor-parallel ranks"))
+    data_parallel_size: int = field(
+        default=1, metadata=_help("engine replicas behind one server (`tokenmill serve`), each in its own process "
+                                  "with its share of the cores; requests routed by prompt prefix, then by load"))
     nnodes: int = field(default=1, metadata=_help("machines the tensor-parallel ranks span (torchrun's meaning)"))
     node_rank: int = field(
         default=0, metadata=_help("this machine's index among --nnodes: 0 runs the engine (and serves), the others "
@@ -162,6 +165,10 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        if self.data_parallel_size > 1 and self.nnodes > 1:
+            raise ValueError("data_parallel_size > 1 runs on one machine; it does not combine with nnodes > 1 yet")
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"node_rank must be in [0, nnodes), got node_rank={self.node_rank}, nnodes={self.nnodes}")
         if self.tensor_parallel_size % self.nnodes:

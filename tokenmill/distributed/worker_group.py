@@ -86,7 +86,7 @@ def _backend(config: EngineConfig) -> str:
     return "nccl" if resolve_device(config.model.device).type == "cuda" else "gloo"
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: this process gets SIGKILL when the engine process dies, however it dies (no orphan rank)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -101,7 +101,7 @@ def _run_rank(config: EngineConfig, rank: int, port: int, spawned: bool = True) 
     from tokenmill.worker.worker import Worker
 
     if spawned:
-        _die_with_parent()
+        die_with_parent()
     torch.set_num_threads(threads_per_rank(config))
     comm = init_communicator(rank, config.parallel.tensor_parallel_size, config.parallel.master_addr, port,
                              _backend(config), COLLECTIVE_TIMEOUT_S)

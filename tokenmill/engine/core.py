@@ -41,6 +41,9 @@ class EngineCore:
         if config.parallel.node_rank != 0:
             raise ValueError("node_rank > 0 runs tensor-parallel ranks only (`tokenmill serve --node-rank R`), "
                              "not an engine")
+        if config.parallel.data_parallel_size > 1:
+            raise ValueError("data_parallel_size > 1 runs replicas behind the server (`tokenmill serve "
+                             "--data-parallel-size D`); one engine is one replica")
         # The model's lifecycle (weights, quantization, execution plan, KV cache, runner) is the worker's; under
         # tensor parallelism the engine's worker is rank 0 of the group.
         self.workers = WorkerGroup(config) if config.parallel.tensor_parallel_size > 1 else None

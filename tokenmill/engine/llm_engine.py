@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.core import EngineCore
+from tokenmill.engine.input_processor import InputProcessor, ProcessedPrompt, Prompt
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
@@ -19,25 +18,7 @@ from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger("tokenmill")
 
-Prompt = str | Sequence[int]
-
-
-@dataclass(frozen=True)
-class ProcessedPrompt:
-    """A tokenized, validated prompt (text is None when the caller gave token ids)."""
-
-    text: str | None
-    token_ids: list[int]
-
-
-def _generation_eos_ids(loaded: LoadedModel) -> set[int]:
-    ids: set[int] = set()
-    for source in (loaded.generation_config.get("eos_token_id"), getattr(loaded.hf_config, "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, (list, tuple)):
-            ids.update(int(t) for t in source)
-    return ids
+__all__ = ["LLMEngine", "ProcessedPrompt", "Prompt", "load_engine_model"]
 
 
 def load_engine_model(config: EngineConfig) -> LoadedModel:
@@ -54,16 +35,12 @@ class LLMEngine:
     ) -> None:
         loaded = loaded or load_engine_model(config)
         self.config = config
-        self.tokenizer = loaded.tokenizer
-        self.hf_config = loaded.hf_config
-        self.vocab_size = int(loaded.hf_config.vocab_size)
-        self.eos_token_ids = _generation_eos_ids(loaded)
-        self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
-        if self.eos_token_id is None and self.eos_token_ids:
-            self.eos_token_id = min(self.eos_token_ids)
         self.timer = step_timer
         self.core = EngineCore(config, loaded, step_timer)
         self.max_model_len = self.core.max_model_len
+        self.inputs = InputProcessor(loaded, self.max_model_len)
+        self.tokenizer, self.hf_config, self.vocab_size = self.inputs.tokenizer, loaded.hf_config, self.inputs.vocab_size
+        self.eos_token_ids, self.eos_token_id = self.inputs.eos_token_ids, self.inputs.eos_token_id
         self.output_processor = OutputProcessor(self.tokenizer)
 
     def close(self) -> None:
@@ -72,35 +49,17 @@ class LLMEngine:
 
     # -- input ---------------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: Prompt, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt must not be empty")
-            return prompt, list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
-        token_ids = list(prompt)
-        if not token_ids:
-            raise ValueError("prompt must not be empty")
-        bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}")
-        return None, token_ids
+        return self.inputs.tokenize_prompt(prompt, add_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        if not messages:
-            raise ValueError("messages must not be empty")
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError("this model has no chat template; use generate() with a plain prompt")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.inputs.apply_chat_template(messages, add_generation_prompt)
 
     def process_inputs(
         self, prompt: Prompt, params: SamplingParams, add_special_tokens: bool = True
     ) -> ProcessedPrompt:
         """Tokenizes and validates a request without touching engine state (safe to call from any
         thread); raises ValueError naming the field on bad input."""
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        text, token_ids = self.tokenize_prompt(prompt, add_special_tokens)
-        self._check_params(params, len(token_ids))
-        return ProcessedPrompt(text, token_ids)
+        return self.inputs.process_inputs(prompt, params, add_special_tokens)
 
     def add_request(
         self, req_id: str, prompt: Prompt | ProcessedPrompt, params: SamplingParams, priority: int = 0,
@@ -131,24 +90,6 @@ class LLMEngine:
             self.core.abort_requests(added)
             self.output_processor.abort_request(req_id)
             raise
-
-    def _check_params(self, params: SamplingParams, num_prompt_tokens: int) -> None:
-        if num_prompt_tokens >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {num_prompt_tokens} tokens but the context length (max_model_len) is "
-                f"{self.max_model_len}; shorten the prompt"
-            )
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(params, name)
-            if value is not None and value > self.vocab_size:
-                raise ValueError(f"{name} must be <= the vocabulary size {self.vocab_size}, got {value}")
-        if params.logit_bias:
-            bad = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
-        bad_stop = [t for t in params.stop_token_ids or [] if t >= self.vocab_size]
-        if bad_stop:
-            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size}), got {bad_stop[:5]}")
 
     def abort_request(self, req_id: str) -> RequestOutput | None:
         children = self.output_processor.child_ids(req_id)

@@ -12,9 +12,12 @@ vllm:prompt_tokens_total / generation_...  -> tokenmill:prompt_tokens_total / ge
 vllm:prefix_cache_queries / _hits (tokens) -> tokenmill:prefix_cache_queries_total / _hits_total
 vllm:num_preemptions                       -> tokenmill:num_preemptions_total
 vllm:request_success{finished_reason}      -> tokenmill:request_success_total{finished_reason}
-plus tokenmill:engine_steps_total and tokenmill:step_num_requests (requests batched per step).
+plus tokenmill:engine_steps_total and tokenmill:step_num_requests (requests batched per step), and with
+--data-parallel-size > 1, per replica (label `replica`): tokenmill:dp_routed_requests_total,
+tokenmill:dp_prefix_cache_hits_total and tokenmill:dp_num_requests_running.
 
-All methods run on the engine thread; prometheus-client's collectors are thread-safe for the
+The record methods run on one thread at a time (the engine thread; the event loop for a data-parallel engine);
+prometheus-client's collectors are thread-safe for the
 scraping side. Each EngineMetrics owns its registry, so several engines (tests) never collide.
 """
 
@@ -22,11 +25,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from tokenmill.engine.core import StepStats
 from tokenmill.outputs import FINISH_REASONS, RequestOutput
+
+if TYPE_CHECKING:
+    from tokenmill.engine.engine_loop import EngineStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -48,6 +54,7 @@ class _RequestTrack:
 class EngineMetrics:
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry()
+        self.model_name = model_name
         labels = ["model_name"]
         r = self.registry
 
@@ -86,24 +93,39 @@ class EngineMetrics:
         self._tracks: dict[str, _RequestTrack] = {}
         self._last_prefix = (0, 0)
 
+    def track_replicas(self, num_replicas: int) -> None:
+        """Adds the per-replica series of a data-parallel engine (label `replica`, "0" .. "D-1")."""
+        labels = ["model_name", "replica"]
+
+        def per_replica(kind: type, name: str, doc: str) -> list:
+            series = kind(name, doc, labels, registry=self.registry)
+            return [series.labels(self.model_name, str(i)) for i in range(num_replicas)]
+
+        self.replica_routed = per_replica(Counter, "tokenmill:dp_routed_requests", "Requests routed to each replica.")
+        self.replica_prefix_hits = per_replica(Counter, "tokenmill:dp_prefix_cache_hits",
+                                               "Prompt tokens found in each replica's prefix cache.")
+        self.replica_running = per_replica(Gauge, "tokenmill:dp_num_requests_running",
+                                           "Requests in each replica's running batch.")
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
     # -- engine thread ---------------------------------------------------------------------------
-    def record_step(self, step: StepStats, num_running: int, num_waiting: int, kv_usage: float,
-                    prefix_queries: int, prefix_hits: int) -> None:
+    def record_step(self, stats: EngineStats) -> None:
+        """The engine's state after a step or an abort (cumulative prefix counts: only their growth is added)."""
+        step = stats.step
         if step.num_scheduled_reqs:
             self.steps.inc()
             self.step_num_requests.observe(step.num_scheduled_reqs)
         if step.num_preempted_reqs:
             self.preemptions.inc(step.num_preempted_reqs)
-        self.num_running.set(num_running)
-        self.num_waiting.set(num_waiting)
-        self.kv_usage.set(kv_usage)
+        self.num_running.set(stats.num_running)
+        self.num_waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_usage)
         last_queries, last_hits = self._last_prefix
-        self.prefix_queries.inc(max(prefix_queries - last_queries, 0))
-        self.prefix_hits.inc(max(prefix_hits - last_hits, 0))
-        self._last_prefix = (prefix_queries, prefix_hits)
+        self.prefix_queries.inc(max(stats.prefix_queries - last_queries, 0))
+        self.prefix_hits.inc(max(stats.prefix_hits - last_hits, 0))
+        self._last_prefix = (stats.prefix_queries, stats.prefix_hits)
 
     def record_output(self, output: RequestOutput, now: float | None = None) -> None:
         """Call with every DELTA output of a request, in order (the final one last)."""

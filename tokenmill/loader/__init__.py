@@ -37,6 +37,7 @@ def load_model(
     cache_dir: str | None = None,
     *,
     tokenizer: str | os.PathLike[str] | None = None,
+    weights: bool = True,
 ) -> LoadedModel:
     """Load weights, config, tokenizer and generation defaults.
 
@@ -45,6 +46,7 @@ def load_model(
     cache_dir: where converted GGUF models are kept (default `$XDG_CACHE_HOME/tokenmill` or
         `~/.cache/tokenmill`).
     tokenizer: a directory holding the tokenizer to use instead of the model's own.
+    weights: False leaves `state_dict` empty (config, tokenizer and generation defaults only).
     """
     from tokenmill.loader.gguf import load_gguf_model
 
@@ -54,7 +56,7 @@ def load_model(
     if not model_path.exists():
         raise FileNotFoundError(f"model path {model_path} does not exist (expected an HF directory or a .gguf file)")
     if model_path.is_dir():
-        return load_hf_model(model_path, dtype, tokenizer=tokenizer)
+        return load_hf_model(model_path, dtype, tokenizer=tokenizer, weights=weights)
     if model_path.suffix.lower() == ".gguf":
-        return load_gguf_model(model_path, dtype, cache_dir=cache_dir, tokenizer=tokenizer)
+        return load_gguf_model(model_path, dtype, cache_dir=cache_dir, tokenizer=tokenizer, weights=weights)
     raise ValueError(f"cannot load {model_path}: expected an HF model directory or a .gguf file")

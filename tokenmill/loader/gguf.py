@@ -66,29 +66,31 @@ def load_gguf_model(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | None = None,
     tokenizer: str | Path | None = None,
+    weights: bool = True,
 ) -> LoadedModel:
-    """Load a GGUF through its cache entry, converting it first if this file was never seen."""
+    """Load a GGUF through its cache entry, converting it first if this file was never seen (without `weights`
+    the state dict stays empty)."""
     path = os.path.abspath(path)
     override = load_tokenizer(tokenizer) if tokenizer is not None else None
-    loaded = _load_through_cache(path, dtype, resolve_cache_dir(cache_dir))
+    loaded = _load_through_cache(path, dtype, resolve_cache_dir(cache_dir), weights)
     if override is not None:
         loaded.tokenizer = override
     return loaded
 
 
-def _load_through_cache(path: str, dtype: torch.dtype, cache_root: Path) -> LoadedModel:
+def _load_through_cache(path: str, dtype: torch.dtype, cache_root: Path, weights: bool = True) -> LoadedModel:
     entry = cache_root / "gguf" / f"{content_key(path, cache_root)}-v{CACHE_FORMAT_VERSION}"
     if not entry.is_dir() and not _writable(cache_root):
         logger.warning("cache directory %s is not writable; converting %s without caching", cache_root, path)
         with tempfile.TemporaryDirectory(prefix="tokenmill-") as tmp_dir:
             convert_gguf(path, tmp_dir)  # tensors stay mapped after the directory is removed
-            return load_hf_model(tmp_dir, dtype, source=path)
+            return load_hf_model(tmp_dir, dtype, source=path, weights=weights)
     for attempt in range(2):
         if not entry.is_dir():
             logger.info("converting %s into the cache at %s (once per file)", path, entry)
         build_atomically(entry, lambda out_dir: convert_gguf(path, out_dir))
         try:
-            return load_hf_model(entry, dtype, source=path)
+            return load_hf_model(entry, dtype, source=path, weights=weights)
         except Exception as exc:  # an entry damaged after publication: rebuild it once
             if attempt:
                 raise

@@ -38,8 +38,10 @@ def load_hf_model(
     dtype: torch.dtype = torch.float32,
     tokenizer: str | Path | None = None,
     source: str | None = None,
+    weights: bool = True,
 ) -> LoadedModel:
-    """Load an HF directory; `tokenizer` overrides where the tokenizer comes from, `source` the recorded path."""
+    """Load an HF directory; `tokenizer` overrides where the tokenizer comes from, `source` the recorded path;
+    without `weights` the state dict stays empty."""
     model_dir = Path(path)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(
@@ -49,7 +51,7 @@ def load_hf_model(
     hf_config = load_hf_config(model_dir)
     return LoadedModel(
         hf_config=hf_config,
-        state_dict=load_state_dict(model_dir, dtype, tie_word_embeddings=_is_tied(hf_config)),
+        state_dict=load_state_dict(model_dir, dtype, tie_word_embeddings=_is_tied(hf_config)) if weights else {},
         tokenizer=load_tokenizer(tokenizer if tokenizer is not None else model_dir),
         generation_config=load_generation_config(model_dir, hf_config),
         source=source if source is not None else str(model_dir),

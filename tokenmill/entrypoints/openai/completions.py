@@ -65,7 +65,7 @@ class _Job:
         return self.prompts[self.req_ids.index(req_id)]
 
     def decode(self, token_id: int) -> str:
-        return decode_token(self.ctx.engine.engine.tokenizer, token_id)
+        return decode_token(self.ctx.engine.inputs.tokenizer, token_id)
 
     def abort_all(self) -> None:
         for req_id in self.req_ids:
@@ -182,7 +182,7 @@ async def serve_completion(ctx: ServerContext, body: CompletionRequest, request:
 def _prompt_text(job: _Job, prompt: ProcessedPrompt) -> str:
     if prompt.text is not None:
         return prompt.text
-    return job.ctx.engine.engine.tokenizer.decode(prompt.token_ids)
+    return job.ctx.engine.inputs.tokenizer.decode(prompt.token_ids)
 
 
 def _completion_choice(job: _Job, body: CompletionRequest, choice: ChoiceState) -> CompletionChoice:

@@ -9,21 +9,21 @@ from dataclasses import dataclass
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.engine_client import EngineClient
 from tokenmill.engine.llm_engine import ProcessedPrompt
 from tokenmill.entrypoints.openai.inputs import RequestError, param_of_value_error
 
 
 @dataclass
 class ServerContext:
-    engine: AsyncEngine
+    engine: EngineClient  # AsyncEngine, or DataParallelEngine under --data-parallel-size > 1
     model_name: str
     api_key: str | None = None
     retry_after_s: int = 1  # Retry-After sent with 429
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.engine.inputs.max_model_len
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -38,7 +38,7 @@ class ServerContext:
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         try:
-            return self.engine.engine.apply_chat_template(messages, add_generation_prompt)
+            return self.engine.inputs.apply_chat_template(messages, add_generation_prompt)
         except ValueError as exc:
             raise RequestError(str(exc), "messages") from None
         except Exception as exc:  # noqa: BLE001 - template errors (raise_exception) are the caller's fault

@@ -22,6 +22,7 @@ from pathlib import Path
 import uvicorn
 
 from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.engine_client import EngineClient
 
 logger = logging.getLogger("tokenmill")
 
@@ -30,7 +31,7 @@ _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class GracefulServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, drain_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, engine: EngineClient, drain_timeout: float) -> None:
         super().__init__(config)
         self.engine = engine
         self.drain_timeout = drain_timeout
@@ -92,15 +93,21 @@ def served_model_name(args: argparse.Namespace) -> str:
 
 def build_server(args: argparse.Namespace) -> GracefulServer:
     from tokenmill.config import EngineConfig
+    from tokenmill.engine.data_parallel import DataParallelEngine
     from tokenmill.engine.llm_engine import LLMEngine
     from tokenmill.engine.metrics import EngineMetrics
     from tokenmill.entrypoints.cli import engine_kwargs
     from tokenmill.entrypoints.openai.server import ServerContext, build_app
 
     name = served_model_name(args)
-    engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs(args)))
-    async_engine = AsyncEngine(engine, max_queue=args.max_queue, metrics=EngineMetrics(name),
-                               log_steps=args.log_steps)
+    config = EngineConfig.from_kwargs(**engine_kwargs(args))
+    async_engine: EngineClient
+    if config.parallel.data_parallel_size > 1:
+        async_engine = DataParallelEngine(config, max_queue=args.max_queue, metrics=EngineMetrics(name),
+                                          log_steps=args.log_steps)
+    else:
+        async_engine = AsyncEngine(LLMEngine(config), max_queue=args.max_queue, metrics=EngineMetrics(name),
+                                   log_steps=args.log_steps)
     api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or None
     app = build_app(ServerContext(async_engine, name, api_key=api_key))
     config = uvicorn.Config(

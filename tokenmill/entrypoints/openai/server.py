@@ -140,17 +140,17 @@ def build_app(ctx: ServerContext) -> FastAPI:
             add_special = False
         else:
             text, add_special = body.prompt, body.add_special_tokens
-        tokens = ctx.engine.engine.tokenizer.encode(text, add_special_tokens=add_special)
+        tokens = ctx.engine.inputs.tokenizer.encode(text, add_special_tokens=add_special)
         return {"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": list(tokens)}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
         ctx.check_model(body.model)
-        vocab_size = ctx.engine.engine.vocab_size
+        vocab_size = ctx.engine.inputs.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab_size]
         if bad:
             raise RequestError(f"token ids must be in [0, {vocab_size}), got {bad[:5]}", "tokens")
-        return {"prompt": ctx.engine.engine.tokenizer.decode(body.tokens)}
+        return {"prompt": ctx.engine.inputs.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, request: Request) -> Response:

@@ -1,0 +1,158 @@
+"""Data-parallel replicas (`tokenmill serve --data-parallel-size 2`, engine/data_parallel.py): each replica a process
+with its own engine; greedy outputs equal one engine's, under concurrency too; requests sharing a prompt prefix land
+on one replica, whose prefix cache then hits, while unrelated ones spread (read from /metrics); SIGTERM stops every
+replica (exit 0); a replica killed with SIGKILL gives errors, /health 503, a non-zero exit and no orphan process."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.test_tensor_parallel import _children, _running
+from tokenmill import LLM, SamplingParams
+from tokenmill.bench.server_process import free_port
+
+MAX_TOKENS = 6
+ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory", str(32 << 20)]
+
+
+@contextmanager
+def _dp_server(model: str, log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--model", model, "--data-parallel-size", "2",
+           "--port", str(port), *ENGINE_ARGS]
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the server did not come up:\n" + log_path.read_text()[-3000:])
+        yield url, server
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def _replica_pids(server_pid: int) -> list[int]:
+    return [pid for pid in _children(server_pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def _complete(url: str, prompt: list[int]) -> list[int]:
+    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True, "logprobs": 1}
+    response = httpx.post(url + "/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["logprobs"]["tokens"]
+
+
+def _metric(text: str, name: str, replica: int) -> float:
+    match = re.search(rf'^{re.escape(name)}\{{[^}}]*replica="{replica}"\}} (\S+)$', text, re.MULTILINE)
+    assert match, f"{name} for replica {replica} missing from /metrics"
+    return float(match.group(1))
+
+
+def test_replicas_route_by_prefix_and_match_one_engine(tiny_checkpoint, tmp_path) -> None:
+    model = str(tiny_checkpoint("llama"))
+    rng = random.Random(0)
+    system = [rng.randrange(1000, 40000) for _ in range(64)]  # four full KV blocks
+    shared = [system + [rng.randrange(1000, 40000) for _ in range(5)] for _ in range(6)]
+    unrelated = [[rng.randrange(1000, 40000) for _ in range(40)] for _ in range(8)]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
+    with LLM(model=model, dtype="float32", max_model_len=256, kv_cache_memory=32 << 20) as llm:
+        expected = [[llm.engine.tokenizer.decode([t]) for t in out.outputs[0].token_ids]
+                    for out in llm.generate(shared + unrelated, params, use_tqdm=False)]
+    with _dp_server(model, tmp_path / "server.log") as (url, server):
+        assert len(_replica_pids(server.pid)) == 2
+        for i, prompt in enumerate(shared):  # one at a time: each finds the previous ones' blocks cached
+            assert _complete(url, prompt) == expected[i]
+        metrics = httpx.get(url + "/metrics").text
+        routed = [_metric(metrics, "tokenmill:dp_routed_requests_total", r) for r in (0, 1)]
+        hits = [_metric(metrics, "tokenmill:dp_prefix_cache_hits_total", r) for r in (0, 1)]
+        holder = routed.index(6.0)
+        assert routed[1 - holder] == 0.0
+        assert hits[holder] >= 5 * 64 and hits[1 - holder] == 0.0
+        for i, prompt in enumerate(unrelated):
+            assert _complete(url, prompt) == expected[len(shared) + i]
+        metrics = httpx.get(url + "/metrics").text
+        assert [_metric(metrics, "tokenmill:dp_routed_requests_total", r) for r in (0, 1)] == [7.0, 7.0]
+        # Concurrent clients: every answer is still one engine's.
+        prompts = shared + unrelated
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda p: _complete(url, p), prompts * 2))
+        assert got == expected * 2
+        metrics = httpx.get(url + "/metrics").text
+        assert min(_metric(metrics, "tokenmill:dp_routed_requests_total", r) for r in (0, 1)) >= 14
+        assert re.search(r'^tokenmill:num_requests_running\{[^}]*\} 0\.0$', metrics, re.MULTILINE)
+        children = _children(server.pid)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        time.sleep(0.5)
+        assert not any(_running(pid) for pid in children), "a process of the server outlived it"
+
+
+def _stream_and_kill(url: str, pid: int) -> str:
+    """Streams a long completion, killing `pid` at its first chunk; returns how it ended ("done", "error", "cut")."""
+    body = {"prompt": [1, 2, 3, 4], "max_tokens": 240, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {") and pid:
+                    os.kill(pid, signal.SIGKILL)
+                    pid = 0
+                if '"error"' in line:
+                    return "error"
+                if line == "data: [DONE]":
+                    return "done"
+    except httpx.HTTPError:
+        pass
+    return "cut"
+
+
+def test_a_killed_replica_gives_errors_503_and_a_nonzero_exit(tiny_checkpoint, tmp_path) -> None:
+    with _dp_server(str(tiny_checkpoint("llama")), tmp_path / "server.log") as (url, server):
+        assert len(_complete(url, [5, 6, 7, 8])) == MAX_TOKENS
+        children = _children(server.pid)
+        replicas = _replica_pids(server.pid)
+        assert len(replicas) == 2
+        # Whichever replica serves the stream, it ends in an error.
+        assert _stream_and_kill(url, replicas[0]) in ("error", "cut")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # /health says 503 until the server is gone
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 503:
+                    failed = httpx.post(url + "/v1/completions", json={"prompt": [9, 10], "max_tokens": 2},
+                                        timeout=60)
+                    assert failed.status_code == 503 and "error" in failed.json()
+                    break
+            except httpx.HTTPError:
+                break  # the server was already gone
+            time.sleep(0.05)
+        assert server.wait(timeout=60) != 0
+        time.sleep(1)
+        assert not any(_running(pid) for pid in children), "a process of the server outlived it"
+
+
+def test_offline_engines_refuse_data_parallelism() -> None:
+    with pytest.raises(ValueError, match="data_parallel_size"):
+        LLM(data_parallel_size=2)

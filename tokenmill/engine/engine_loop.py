@@ -1,0 +1,161 @@
+"""EngineLoop: the life of whatever owns an LLMEngine while serving — the engine thread of an AsyncEngine, or a
+data-parallel replica's process (engine/replica.py).
+
+Each turn it applies the queued commands (adds and aborts; it blocks for one when the engine is idle), then runs one
+step when requests are unfinished, and hands every result to its listener: acceptances, outputs with the engine's
+state after them (EngineStats), and requests failed by a step. Everything it sends is plain data, so a listener may
+forward it over a pipe.
+
+Invariants:
+- every AddRequest gets exactly one accepted() call (error None, or the ValueError the engine raised);
+- every accepted request gets exactly one finished output through delivered(), or its id in one failed() call;
+- a step that raises fails the requests the engine holds (failed()) and the loop goes on, except WorkerGroupDied
+  (a tensor-parallel rank is lost): that, and anything raised outside a step, ends run() with the exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tokenmill.distributed.worker_group import WorkerGroupDied
+from tokenmill.engine.core import StepStats
+from tokenmill.engine.input_processor import ProcessedPrompt
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger("tokenmill")
+
+
+class EngineStepError(RuntimeError):
+    """The engine failed while running this request (HTTP 500); other requests go on."""
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    req_id: str
+    prompt: ProcessedPrompt
+    params: SamplingParams
+    priority: int
+    arrival_time: float  # time.monotonic() of the caller (one clock for every process of the machine)
+    ticket: int  # echoed in accepted(): which submission this answers
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    req_id: str
+
+
+STOP = "stop"  # a string, not a sentinel object: it must survive pickling
+
+Command = AddRequest | AbortRequest | str
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's state after a step or an abort (what metrics and routing read)."""
+
+    step: StepStats = field(default_factory=StepStats)  # what the step ran (empty after an abort)
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    prefix_queries: int = 0  # cumulative, in tokens
+    prefix_hits: int = 0
+
+
+class LoopListener(Protocol):
+    def accepted(self, ticket: int, error: ValueError | None) -> None: ...
+
+    def delivered(self, outputs: list[RequestOutput], stats: EngineStats) -> None: ...
+
+    def failed(self, req_ids: list[str], error: BaseException) -> None: ...
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, next_command: Callable[[bool], Command | None], listener: LoopListener,
+                 *, log_steps: bool = False) -> None:
+        """next_command(block) returns the next command, or None when none is queued and block is False."""
+        self.engine = engine
+        self.next_command = next_command
+        self.listener = listener
+        self.log_steps = log_steps
+
+    def run(self) -> None:
+        """Serves commands until STOP; raises whatever stops the engine for good."""
+        engine = self.engine
+        while True:
+            if self._drain_commands(block=not engine.has_unfinished_requests()):
+                return
+            if engine.has_unfinished_requests():
+                outputs = self._step()
+                if outputs is not None:
+                    self.listener.delivered(outputs, self.stats())
+
+    def stats(self, step: StepStats | None = None) -> EngineStats:
+        """The engine's state now; `step` (default: the last step's) is what it ran."""
+        core = self.engine.core
+        kv = core.kv_cache_manager
+        return EngineStats(core.last_step if step is None else step, core.scheduler.num_running, core.scheduler.num_waiting, kv.usage,
+                           kv.prefix_cache_queries, kv.prefix_cache_hits)
+
+    def _drain_commands(self, block: bool) -> bool:
+        """Applies queued adds and aborts; True when asked to stop."""
+        while True:
+            command = self.next_command(block)
+            if command is None:
+                return False
+            block = False
+            if command == STOP:
+                return True
+            if isinstance(command, AbortRequest):
+                self._abort(command.req_id)
+            else:
+                self._add(command)
+
+    def _add(self, command: AddRequest) -> None:
+        try:
+            self.engine.add_request(command.req_id, command.prompt, command.params, priority=command.priority,
+                                    arrival_time=command.arrival_time)
+        except ValueError as exc:
+            self.listener.accepted(command.ticket, exc)
+            return
+        self.listener.accepted(command.ticket, None)
+
+    def _abort(self, req_id: str) -> None:
+        final = self.engine.abort_request(req_id)
+        if final is not None:
+            self.listener.delivered([final], self.stats(StepStats()))
+
+    def _step(self) -> list[RequestOutput] | None:
+        """One engine step's outputs; None when the step failed (its requests were failed instead)."""
+        engine = self.engine
+        start = time.perf_counter()
+        try:
+            outputs = engine.step()
+        except WorkerGroupDied:
+            raise  # the engine cannot run another step: the owner reports it and stops
+        except Exception as exc:  # fail the requests in flight, keep serving
+            logger.exception("engine step failed; failing the requests in flight")
+            self._reset_after_failure(exc)
+            return None
+        last = engine.core.last_step
+        if self.log_steps and last.num_scheduled_reqs:
+            logger.info("step: %d requests, %d tokens, %.1f ms", last.num_scheduled_reqs, last.num_scheduled_tokens,
+                        1000.0 * (time.perf_counter() - start))
+        return outputs
+
+    def _reset_after_failure(self, exc: Exception) -> None:
+        """Aborts everything the engine holds; their callers get EngineStepError instead of output."""
+        req_ids = list(self.engine.output_processor.requests)
+        for req_id in req_ids:
+            try:
+                self.engine.abort_request(req_id)
+            except Exception:
+                logger.exception("could not abort %s after a failed step", req_id)
+        while self.engine.core.has_unfinished_requests():  # let the scheduler drop the aborted requests
+            self.engine.core.step()
+        self.listener.failed(req_ids, EngineStepError(f"engine step failed: {exc}"))
