@@ -146,7 +146,10 @@ class ParallelConfig:
     tensor_parallel_size: int = field(default=1, metadata=_help("number of tensor-parallel ranks"))
     data_parallel_size: int = field(
         default=1, metadata=_help("engine replicas behind one server (`tokenmill serve`), each in its own process "
-                                  "with its share of the cores; requests routed by prompt prefix, then by load"))
+                                  "with its share of the cores; requests routed by --data-parallel-routing"))
+    data_parallel_routing: str = field(
+        default="prefix", metadata=_help("prefix: to the replica holding the longest cached prefix of the prompt unless "
+                                         "it is much busier, else the least busy; load: always the least busy"))
     nnodes: int = field(default=1, metadata=_help("machines the tensor-parallel ranks span (torchrun's meaning)"))
     node_rank: int = field(
         default=0, metadata=_help("this machine's index among --nnodes: 0 runs the engine (and serves), the others "
@@ -167,6 +170,8 @@ class ParallelConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        if self.data_parallel_routing not in ("prefix", "load"):
+            raise ValueError(f"data_parallel_routing must be prefix or load, got {self.data_parallel_routing!r}")
         if self.data_parallel_size > 1 and self.nnodes > 1:
             raise ValueError("data_parallel_size > 1 runs on one machine; it does not combine with nnodes > 1 yet")
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:

@@ -17,7 +17,14 @@ import pytest
 from fastapi import FastAPI, Request  # module level: the route annotations are resolved from here
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tokenmill.bench.serve import ServeBenchConfig, ServerError, arrival_delays, benchmark, load_default_tokenizer
+from tokenmill.bench.serve import (
+    ServeBenchConfig,
+    ServerError,
+    arrival_delays,
+    benchmark,
+    load_default_tokenizer,
+    random_requests,
+)
 from tokenmill.bench.serve_metrics import parse_goodput, parse_percentiles
 
 MODEL = "fake-model"
@@ -217,6 +224,18 @@ def test_arrival_delays() -> None:
     assert delays[0] == 0.0 and delays == sorted(delays)
     assert delays[-1] / 4000 == pytest.approx(1 / 20.0, rel=0.1)
     assert arrival_delays(50, 5.0, 0.5, 3) == arrival_delays(50, 5.0, 0.5, 3)
+
+
+def test_shared_prefix_prompts(tokenizer: Any) -> None:
+    config = ServeBenchConfig(num_prompts=6, input_len=20, prefix_len=50, num_prefixes=2)
+    requests = random_requests(tokenizer, config, 6, 0)
+    ids = [tokenizer.encode(r.prompt, add_special_tokens=False) for r in requests]
+    assert [r.prompt_len for r in requests] == [len(i) for i in ids]
+    assert all(68 <= len(i) <= 72 for i in ids)
+    assert ids[0][:45] == ids[2][:45] == ids[4][:45] and ids[1][:45] == ids[3][:45]
+    assert ids[0][:45] != ids[1][:45] and ids[0][50:] != ids[2][50:]
+    with pytest.raises(ValueError, match="num_prefixes"):
+        ServeBenchConfig(prefix_len=10, num_prefixes=0)
 
 
 @pytest.mark.parametrize("items", [["ttft"], ["foo:3"], ["ttft:x"], ["e2el:-1"]])

@@ -65,6 +65,14 @@ def test_the_picture_of_a_cache_is_bounded_by_its_blocks() -> None:
     assert router.matched_blocks(block_hashes(old, 16)) == [0, 0]
 
 
+def test_load_routing_ignores_prefixes() -> None:
+    rng = random.Random(4)
+    router = PrefixRouter(2, block_size=16, capacity_blocks=1000, balance_limit=32, by_prefix=False)
+    system = _prompt(rng, 64)
+    assert [router.route(system + [i], [0, 0]) for i in range(4)] == [0, 1, 0, 1]
+    assert router.routed_by_prefix == 0
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError):
         PrefixRouter(0, 16, 10, 1)

@@ -44,6 +44,10 @@ class ServeBenchConfig:
     input_len: int = 256
     output_len: int = 128
     input_len_range: tuple[int, int] | None = None  # uniform LOW..HIGH, overrides input_len
+    # Shared prefixes (vLLM's prefix_repetition dataset): with prefix_len > 0 every prompt starts with one of
+    # num_prefixes random prefixes of prefix_len tokens (in turn), followed by its own input_len tokens.
+    prefix_len: int = 0
+    num_prefixes: int = 1
     output_len_range: tuple[int, int] | None = None
     max_concurrency: int | None = None
     seed: int = 0
@@ -61,6 +65,9 @@ class ServeBenchConfig:
             raise ValueError(f"request_rate must be > 0 (inf for all at once), got {self.request_rate}")
         if not self.burstiness > 0:
             raise ValueError(f"burstiness must be > 0, got {self.burstiness}")
+        if self.prefix_len < 0 or self.num_prefixes < 1:
+            raise ValueError(f"prefix_len must be >= 0 and num_prefixes >= 1, got {self.prefix_len} and "
+                             f"{self.num_prefixes}")
         for name in ("num_prompts", "input_len", "output_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -158,9 +165,15 @@ def random_requests(tokenizer: Any, config: ServeBenchConfig, num: int, seed: in
     in_lens = lengths(config.input_len, config.input_len_range)
     out_lens = lengths(config.output_len, config.output_len_range)
     allowed = allowed_token_ids(tokenizer)
+    prefixes = [exact_length_prompt(tokenizer, rng, allowed, config.prefix_len)[0] + " "
+                for _ in range(config.num_prefixes)] if config.prefix_len else [""]
     requests = []
-    for n_in, n_out in zip(in_lens, out_lens, strict=True):
+    for i, (n_in, n_out) in enumerate(zip(in_lens, out_lens, strict=True)):
         text, length = exact_length_prompt(tokenizer, rng, allowed, n_in)
+        prefix = prefixes[i % len(prefixes)]
+        if prefix:
+            text = prefix + text
+            length = len(tokenizer.encode(text, add_special_tokens=False))
         requests.append(SampleRequest(text, length, n_out))
     return requests
 

@@ -77,7 +77,8 @@ class DataParallelEngine(EngineClient):
         super().__init__(InputProcessor(loaded, min(info.max_model_len for info in infos)), max_queue=max_queue,
                          metrics=metrics)
         self.router = PrefixRouter(num_replicas, infos[0].block_size, min(info.num_blocks for info in infos),
-                                   balance_limit=BALANCE_LIMIT)
+                                   balance_limit=BALANCE_LIMIT,
+                                   by_prefix=config.parallel.data_parallel_routing == "prefix")
         self._replica_of: dict[str, int] = {}  # request in flight -> the replica it was routed to
         self.loads = [0] * num_replicas  # requests in flight per replica
         self.replica_stats = [EngineStats() for _ in range(num_replicas)]
@@ -85,7 +86,8 @@ class DataParallelEngine(EngineClient):
         self._stopping = False
         if metrics is not None:
             metrics.track_replicas(num_replicas)
-        logger.info("data parallelism: %d replicas, CPUs %s, %s threads each", num_replicas,
+        logger.info("data parallelism: %d replicas, routed by %s, CPUs %s, %s threads each", num_replicas,
+                    config.parallel.data_parallel_routing,
                     [cpus or "any" for cpus in shares], [replica_threads(config, c) for c in shares])
 
     # -- lifecycle -------------------------------------------------------------------------------

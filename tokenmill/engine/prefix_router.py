@@ -29,15 +29,18 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
 
 
 class PrefixRouter:
-    def __init__(self, num_replicas: int, block_size: int, capacity_blocks: int, balance_limit: int) -> None:
+    def __init__(self, num_replicas: int, block_size: int, capacity_blocks: int, balance_limit: int,
+                 by_prefix: bool = True) -> None:
         """capacity_blocks: the KV blocks one replica holds (its picture is bounded by it); balance_limit: how many
-        more requests in flight the best-matching replica may have than the least busy one and still be chosen."""
+        more requests in flight the best-matching replica may have than the least busy one and still be chosen;
+        by_prefix False: always the least busy (--data-parallel-routing load)."""
         if num_replicas < 1 or block_size < 1 or capacity_blocks < 1 or balance_limit < 0:
             raise ValueError("PrefixRouter needs num_replicas, block_size, capacity_blocks >= 1 and balance_limit >= 0")
         self.num_replicas = num_replicas
         self.block_size = block_size
         self.capacity_blocks = capacity_blocks
         self.balance_limit = balance_limit
+        self.by_prefix = by_prefix
         self._blocks: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(num_replicas)]
         self.routed = [0] * num_replicas  # requests sent to each replica so far
         self.routed_by_prefix = 0  # of them, those sent where a prefix matched
@@ -56,7 +59,7 @@ class PrefixRouter:
         """The replica for a prompt, given each replica's requests in flight; records the prompt's blocks there."""
         if len(loads) != self.num_replicas:
             raise ValueError(f"expected {self.num_replicas} loads, got {len(loads)}")
-        hashes = block_hashes(token_ids, self.block_size)
+        hashes = block_hashes(token_ids, self.block_size) if self.by_prefix else []
         matches = self.matched_blocks(hashes)
         least_load = min(loads)
 

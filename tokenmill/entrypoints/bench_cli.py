@@ -54,6 +54,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         base_url=args.base_url, endpoint=args.endpoint, model=args.model, api_key=args.api_key,
         request_rate=args.request_rate, burstiness=args.burstiness, num_prompts=args.num_prompts,
         input_len=args.input_len, output_len=args.output_len, input_len_range=parse_range(args.input_len_range),
+        prefix_len=args.prefix_len, num_prefixes=args.num_prefixes,
         output_len_range=parse_range(args.output_len_range), max_concurrency=args.max_concurrency, seed=args.seed,
         tokenizer=args.tokenizer, goodput_slos_ms=parse_goodput(args.goodput),
         percentiles=parse_percentiles(args.percentiles), warmup=args.warmup,
@@ -93,6 +94,9 @@ def _add_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--input-len", type=int, default=256, help="prompt length in tokens")
     sv.add_argument("--output-len", type=int, default=128, help="tokens generated per request (ignore_eos)")
     sv.add_argument("--input-len-range", default=None, help="LOW:HIGH uniform prompt lengths (overrides --input-len)")
+    sv.add_argument("--prefix-len", type=int, default=0,
+                    help="shared prefix tokens before each prompt's own --input-len tokens (default: 0, none)")
+    sv.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prefixes, used in turn")
     sv.add_argument("--output-len-range", default=None, help="LOW:HIGH uniform output lengths (overrides --output-len)")
     sv.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: no limit)")
     sv.add_argument("--seed", type=int, default=0, help="seed of the prompts and the arrival times")
