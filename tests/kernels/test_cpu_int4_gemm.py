@@ -4,11 +4,14 @@ within the 16-bit activation rounding bound, and the linear layer's two paths.""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from tokenmill.kernels.cpu.int4_gemm import int4_dequantize, int4_gemm, int4_gemm_available
 from tokenmill.layers.linear import Linear
+from tokenmill.models.interface import Projection
 from tokenmill.quant.int4_cpu import (
     FUSED_MAX_ROWS,
     Int4GroupLinear,
@@ -136,8 +139,12 @@ def test_model_quantization_keeps_projections_it_cannot_pack() -> None:
     block.qkv_proj, block.down_proj, block.other = Linear(64, 24), Linear(96, 64), Linear(64, 8)
     for linear in (block.qkv_proj, block.down_proj, block.other):
         torch.nn.init.normal_(linear.weight)
-    model = torch.nn.Module()
-    model.layer = block
-    assert quantize_model_int4(model) == 1
+
+    class OneLayer:  # the part of the causal-LM interface (models/interface.py) the quantizer reads
+        def decoder_layers(self) -> list:
+            return [SimpleNamespace(projections=(Projection("qkv_proj", block, "qkv_proj"),
+                                                 Projection("down_proj", block, "down_proj")))]
+
+    assert quantize_model_int4(OneLayer()) == 1
     assert isinstance(block.qkv_proj, Int4GroupLinear)
     assert type(block.down_proj) is Linear and type(block.other) is Linear

@@ -130,16 +130,21 @@ def test_fp8_per_token_activation_scales() -> None:
     torch.testing.assert_close(q.float() * scale, x, rtol=2**-4, atol=0)
 
 
-def test_quantize_model_fp8_replaces_linears_but_lm_head() -> None:
+def test_quantize_model_fp8_replaces_the_projections_but_not_the_vocab_projection(tiny_checkpoint) -> None:
+    from tokenmill.engine.llm_engine import LLMEngine
     from tokenmill.layers.linear import Linear
+    from tokenmill.models.interface import CausalLM
     from tokenmill.quant.fp8 import Fp8Linear, quantize_model_fp8
 
-    model = torch.nn.Module()
-    model.block = torch.nn.Module()
-    model.block.proj = Linear(32, 16, bias=True)
-    model.lm_head = Linear(32, 100)
-    for p in model.parameters():
-        p.data.normal_()
-    assert quantize_model_fp8(model) == 1
-    assert isinstance(model.block.proj, Fp8Linear) and isinstance(model.lm_head, Linear)
-    assert model.block.proj.weight.dtype == torch.float8_e4m3fn and model.block.proj.bias.shape == (16,)
+    config = EngineConfig.from_kwargs(model=str(tiny_checkpoint("qwen2")), dtype="float32", num_blocks=8,
+                                      kernels="torch", panel_gemm=False, fused_decode=False)
+    model = LLMEngine(config).core.model
+    assert isinstance(model, CausalLM)
+    slots = [slot for part in model.decoder_layers() for slot in part.projections]
+    assert quantize_model_fp8(model) == len(slots) == 4 * len(model.decoder_layers())
+    assert all(isinstance(slot.module, Fp8Linear) for slot in slots)
+    assert type(model.vocab_projection) is Linear
+    qkv = model.decoder_layers()[0].projection("qkv_proj").module
+    assert qkv.weight.dtype == torch.float8_e4m3fn and qkv.bias is not None  # qwen2: q/k/v biases kept
+
+

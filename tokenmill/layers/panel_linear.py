@@ -16,8 +16,9 @@ from torch import nn
 
 from tokenmill.kernels.cpu.bf16_gemm import bf16_panels_argmax, bf16_panels_linear, pack_bf16_panels
 from tokenmill.kernels.cpu.f32_gemm import f32_panels_available, pack_panels, panels_linear, weight_rows_from_panels
-from tokenmill.layers.linear import Embedding, Linear
-from tokenmill.quant.projections import projection_linears
+from tokenmill.layers.linear import Linear
+from tokenmill.models.interface import CausalLM
+from tokenmill.quant.projections import float_projections
 
 logger = logging.getLogger("tokenmill")
 
@@ -76,29 +77,27 @@ class PanelEmbedding(nn.Module):
         return weight_rows_from_panels(self.head.panels, ids, self.head.out_features)
 
 
-def pack_float32_model(model: nn.Module) -> int:
+def pack_float32_model(model: CausalLM) -> int:
     """Float32 CPU projections (and lm_head, when the model has no logits_head yet) -> PanelLinear.
     Returns how many were packed; 0 when the C kernel is not available."""
     if not f32_panels_available():
         logger.info("no C compiler: float32 projections keep torch's GEMM")
         return 0
     packed = 0
-    for _, parent, name, child in projection_linears(model):
+    for _, slot in float_projections(model):
+        child = slot.module
         if child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
-            setattr(parent, name, PanelLinear(child.weight, child.bias))
+            slot.replace(PanelLinear(child.weight, child.bias))
             packed += 1
-    lm_head = getattr(model, "lm_head", None)
-    if getattr(model, "logits_head", False) is None and type(lm_head) is Linear \
-            and lm_head.weight.dtype == torch.float32 and lm_head.weight.device.type == "cpu":
-        use_panel_head(model, PanelLinear(lm_head.weight, lm_head.bias))
+    head = model.vocab_projection
+    if model.logits_head is None and type(head) is Linear \
+            and head.weight.dtype == torch.float32 and head.weight.device.type == "cpu":
+        use_panel_head(model, PanelLinear(head.weight, head.bias))
         packed += 1
     return packed
 
 
-def use_panel_head(model: nn.Module, head: PanelLinear) -> None:
-    """`head` (packed from model.lm_head's weight) becomes the vocabulary projection and lm_head itself: the plain
-    weight is dropped, the panels replace it; a tied embedding table then reads its rows from the panels."""
-    tied = type(model.embed_tokens) is Embedding and model.embed_tokens.weight is model.lm_head.weight
-    model.lm_head = model.logits_head = head
-    if tied:
-        model.embed_tokens = PanelEmbedding(head)
+def use_panel_head(model: CausalLM, head: PanelLinear) -> None:
+    """`head` (packed from the model's vocabulary projection) replaces it; a tied embedding table then reads its rows
+    from the panels."""
+    model.use_packed_vocab_projection(head, PanelEmbedding)

@@ -7,10 +7,13 @@ sharding.py): query/KV heads and the MLP's intermediate channels column-parallel
 same row-parallel in o_proj and down_proj, whose partial outputs are summed over the ranks (one all-reduce each), and
 a share of the vocabulary in the embedding (looked up where held, then summed) and lm_head (logits gathered). Norms,
 residual stream and rotary tables are whole on every rank. A row-parallel bias is added by rank 0 only.
+
+Code outside models/ sees LlamaForCausalLM through the causal-LM interface (models/interface.py) only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +31,7 @@ from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.panel_linear import Bf16PanelLinear
 from tokenmill.layers.planned_linear import PlannedLinear
 from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
+from tokenmill.models.interface import DecoderLayerParts, Projection
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 
@@ -157,9 +161,34 @@ class LlamaForCausalLM(nn.Module):
         # also becomes lm_head, and the embedding's source when tied).
         self.logits_head: nn.Module | None = None
 
+    # -- the causal-LM interface (models/interface.py) ---------------------------------------------
+    def decoder_layers(self) -> list[DecoderLayerParts]:
+        return [DecoderLayerParts(
+            layer, layer.self_attn.attn, layer.input_layernorm, layer.post_attention_layernorm,
+            (Projection("qkv_proj", layer.self_attn, "qkv_proj"), Projection("o_proj", layer.self_attn, "o_proj"),
+             Projection("gate_up_proj", layer.mlp, "gate_up_proj"), Projection("down_proj", layer.mlp, "down_proj")),
+        ) for layer in self.layers]
+
     @property
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.layers]
+
+    @property
+    def final_norm(self) -> RMSNorm:
+        return self.norm
+
+    @property
+    def vocab_projection(self) -> nn.Module:
+        return self.lm_head
+
+    def use_packed_vocab_projection(self, head: nn.Module,
+                                    embedding_from: Callable[[nn.Module], nn.Module]) -> None:
+        """`head` (packed from vocab_projection's weight) becomes the vocabulary projection and lm_head itself: the
+        plain weight is dropped; a tied embedding table then reads its rows from it (embedding_from(head))."""
+        tied = type(self.embed_tokens) is Embedding and self.embed_tokens.weight is self.lm_head.weight
+        self.lm_head = self.logits_head = head
+        if tied:
+            self.embed_tokens = embedding_from(head)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden_size]."""

@@ -12,8 +12,13 @@ lm_head stays in the model dtype (the vocab projection is the most sensitive lay
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from tokenmill.models.interface import CausalLM
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -87,16 +92,12 @@ class Fp8Linear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def quantize_model_fp8(model: nn.Module, per_channel: bool = True, skip: tuple[str, ...] = ("lm_head",)) -> int:
-    """Replaces every tokenmill Linear (except names in `skip`) by an Fp8Linear, in place, freeing
-    the original weights. Returns the number of layers replaced."""
-    from tokenmill.layers.linear import Linear
+def quantize_model_fp8(model: CausalLM, per_channel: bool = True) -> int:
+    """Replaces every decoder projection (models/interface.py) that is a tokenmill Linear by an Fp8Linear, in place,
+    freeing the original weights; the vocabulary projection stays. Returns the number of layers replaced."""
+    from tokenmill.quant.projections import float_projections
 
-    # Names only: each bf16 weight is freed as soon as its replacement exists (peak: one layer extra).
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, Linear) and name.rsplit(".", 1)[-1] not in skip]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Fp8Linear.from_linear(getattr(parent, child), per_channel))
-    return len(names)
+    slots = [slot for _, slot in float_projections(model)]
+    for slot in slots:  # each weight is freed as soon as its replacement exists (peak: one layer extra)
+        slot.replace(Fp8Linear.from_linear(slot.module, per_channel))
+    return len(slots)

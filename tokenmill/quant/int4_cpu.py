@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from tokenmill.kernels.cpu.int4_gemm import check_int4_weights, int4_dequantize, int4_gemm, int4_gemm_available
-from tokenmill.quant.projections import projection_linears
+from tokenmill.quant.projections import float_projections
 
 logger = logging.getLogger("tokenmill")
 
@@ -116,11 +116,12 @@ def quantize_model_int4(model: nn.Module, quantize_lm_head: bool = False) -> int
     stay float32, logged); returns how many. quantize_lm_head: the vocabulary projection goes through
     quant/int8_cpu.py's int8 head (counted in the result)."""
     replaced, kept = 0, []
-    for parent_name, parent, name, child in projection_linears(model):
+    for label, slot in float_projections(model):
+        child = slot.module
         if child.weight.shape[1] % 64:
-            kept.append(f"{parent_name}.{name}")
+            kept.append(label)
             continue
-        setattr(parent, name, Int4GroupLinear(child.weight, child.bias))
+        slot.replace(Int4GroupLinear(child.weight, child.bias))
         replaced += 1
     if kept:
         logger.warning("int4: %d projections stay float32 (in_features not a multiple of 64), e.g. %s",

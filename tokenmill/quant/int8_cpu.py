@@ -66,7 +66,7 @@ from tokenmill.kernels.cpu.int8_gemm import (
     padded_channels,
     padded_row_sums,
 )
-from tokenmill.quant.projections import projection_linears
+from tokenmill.quant.projections import float_projections
 
 # Projections whose input is rotated by a block Hadamard matrix at runtime, and the block size.
 ROTATED_PROJECTIONS = ("qkv_proj", "gate_up_proj", "down_proj")
@@ -186,10 +186,10 @@ def quantize_model_int8(
 
         smooth_model(model, input_channel_maxima(model, calibration_ids))
     replaced = 0
-    for _, parent, name, child in projection_linears(model):
-        block = ROTATION_BLOCK if name in ROTATED_PROJECTIONS else None
-        setattr(parent, name, Int8DynamicLinear(child.weight, child.bias, rotation_block=block,
-                                                activation_bits=activation_bits))
+    for _, slot in float_projections(model):
+        child = slot.module
+        block = ROTATION_BLOCK if slot.name in ROTATED_PROJECTIONS else None
+        slot.replace(Int8DynamicLinear(child.weight, child.bias, rotation_block=block, activation_bits=activation_bits))
         replaced += 1
     if quantize_lm_head:
         attach_int8_logits_head(model)
@@ -201,7 +201,7 @@ def attach_int8_logits_head(model: nn.Module) -> None:
     """From now on the model's compute_logits uses int8_logits_head(lm_head); lm_head itself stays."""
     if not hasattr(model, "logits_head"):
         raise ValueError(f"{type(model).__name__} has no logits_head to quantize the lm_head into")
-    model.logits_head = int8_logits_head(model.lm_head.weight)
+    model.logits_head = int8_logits_head(model.vocab_projection.weight)
 
 
 def int8_logits_head(lm_head_weight: torch.Tensor) -> Int8DynamicLinear:

@@ -1,18 +1,17 @@
-"""The decoder projections the CPU quantizers (int8_cpu.py, int4_cpu.py) replace, and where they sit."""
+"""The decoder projections the CPU quantizers (int8_cpu.py, int4_cpu.py) and the float32 packer
+(layers/panel_linear.py) replace: the projection slots of the causal-LM interface (models/interface.py)."""
 
 from __future__ import annotations
 
-from torch import nn
-
 from tokenmill.layers.linear import Linear
+from tokenmill.models.interface import PROJECTIONS, CausalLM, Projection
 
-QUANTIZED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+QUANTIZED_PROJECTIONS = PROJECTIONS
 
 
-def projection_linears(model: nn.Module) -> list[tuple[str, nn.Module, str, Linear]]:
-    """(parent's name, parent, attribute, Linear) of every float Linear named in QUANTIZED_PROJECTIONS,
-    listed before any is replaced."""
-    names = set(QUANTIZED_PROJECTIONS)
-    return [(parent_name, parent, name, child)
-            for parent_name, parent in model.named_modules()
-            for name, child in parent.named_children() if name in names and isinstance(child, Linear)]
+def float_projections(model: CausalLM) -> list[tuple[str, Projection]]:
+    """(label "layers.<i>.<name>", slot) of every decoder projection that is a float Linear, listed before any is
+    replaced."""
+    return [(f"layers.{i}.{slot.name}", slot)
+            for i, part in enumerate(model.decoder_layers())
+            for slot in part.projections if isinstance(slot.module, Linear)]

@@ -4,8 +4,8 @@ LLM activations carry a few input channels far larger than the rest; quantizing 
 int8 wastes the range on those channels. For a projection y = W x we pick per-input-channel factors
 s and use y = (W diag(s)) (x / s): activation outliers shrink, the weight absorbs them. Here x / s is
 never computed at runtime: the 1/s is folded into whatever produces x:
-  qkv_proj     input = input_layernorm(h)        -> RMSNorm weight / s
-  gate_up_proj input = post_attention_layernorm  -> RMSNorm weight / s
+  qkv_proj     input = input norm(h)             -> RMSNorm weight / s
+  gate_up_proj input = post-attention norm(h)    -> RMSNorm weight / s
   o_proj       input = attention output, a mix of V rows -> V rows of qkv_proj (and bias) / s, with s
                shared by the query heads of one KV head (GQA)
   down_proj    input = silu(gate) * up           -> up rows of gate_up_proj (and bias) / s
@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.models.interface import CausalLM
+from tokenmill.quant.projections import float_projections
 
 # A short, varied calibration text: prose, a list, code and numbers.
 CALIBRATION_TEXT = """The history of computing is a story of people who wanted machines to do arithmetic for them.
@@ -55,8 +57,8 @@ def _prefill_metadata(num_tokens: int, block_size: int) -> AttentionMetadata:
 
 
 @torch.inference_mode()
-def input_channel_maxima(model: nn.Module, token_ids: Sequence[int], block_size: int = 16) -> dict[str, torch.Tensor]:
-    """Runs one prefill of `token_ids` and returns, per projection module name, max |input| per channel.
+def input_channel_maxima(model: CausalLM, token_ids: Sequence[int], block_size: int = 16) -> dict[str, torch.Tensor]:
+    """Runs one prefill of `token_ids` and returns, per projection ("layers.<i>.<name>"), max |input| per channel.
     Binds a temporary KV cache to the attention layers and restores their previous binding afterwards."""
     maxima: dict[str, torch.Tensor] = {}
     hooks = []
@@ -67,9 +69,8 @@ def input_channel_maxima(model: nn.Module, token_ids: Sequence[int], block_size:
             maxima[name] = torch.maximum(maxima[name], channel_max) if name in maxima else channel_max
         return hook
 
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
-            hooks.append(module.register_forward_pre_hook(record(name)))
+    for label, slot in float_projections(model):
+        hooks.append(slot.module.register_forward_pre_hook(record(label)))
     layers = model.attention_layers
     num_tokens = len(token_ids)
     meta = _prefill_metadata(num_tokens, block_size)
@@ -97,32 +98,33 @@ def _factors(act_max: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def smooth_model(model: nn.Module, maxima: dict[str, torch.Tensor]) -> None:
+def smooth_model(model: CausalLM, maxima: dict[str, torch.Tensor]) -> None:
     """Folds smoothing factors into the fp32 weights; the model computes the same function."""
-    for i, layer in enumerate(model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
+    for i, part in enumerate(model.decoder_layers()):
+        qkv, o, gate_up, down = (slot.module for slot in part.projections)
         prefix = f"layers.{i}."
-        # qkv_proj: input is input_layernorm's output.
-        s = _factors(maxima[prefix + "self_attn.qkv_proj"], attn.qkv_proj.weight)
-        layer.input_layernorm.weight.div_(s)
-        attn.qkv_proj.weight.mul_(s)
-        # gate_up_proj: input is post_attention_layernorm's output.
-        s = _factors(maxima[prefix + "mlp.gate_up_proj"], mlp.gate_up_proj.weight)
-        layer.post_attention_layernorm.weight.div_(s)
-        mlp.gate_up_proj.weight.mul_(s)
+        # qkv_proj: input is the input norm's output.
+        s = _factors(maxima[prefix + "qkv_proj"], qkv.weight)
+        part.input_norm.weight.div_(s)
+        qkv.weight.mul_(s)
+        # gate_up_proj: input is the post-attention norm's output.
+        s = _factors(maxima[prefix + "gate_up_proj"], gate_up.weight)
+        part.post_attention_norm.weight.div_(s)
+        gate_up.weight.mul_(s)
         # o_proj: input channel (head h, dim d) is V channel (kv head of h, d); one factor per KV channel.
+        attn = part.attention
         group = attn.num_heads // attn.num_kv_heads
-        per_q = _factors(maxima[prefix + "self_attn.o_proj"], attn.o_proj.weight)
+        per_q = _factors(maxima[prefix + "o_proj"], o.weight)
         per_kv = per_q.view(attn.num_kv_heads, group, attn.head_dim).amax(dim=1)  # [Hkv, D]
-        v_rows = slice(attn.q_size + attn.kv_size, attn.q_size + 2 * attn.kv_size)
-        attn.qkv_proj.weight[v_rows].div_(per_kv.reshape(-1, 1))
-        if attn.qkv_proj.bias is not None:
-            attn.qkv_proj.bias[v_rows].div_(per_kv.reshape(-1))
-        attn.o_proj.weight.mul_(per_kv.unsqueeze(1).expand(-1, group, -1).reshape(-1))
+        v_rows = slice(part.q_size + part.kv_size, part.q_size + 2 * part.kv_size)
+        qkv.weight[v_rows].div_(per_kv.reshape(-1, 1))
+        if qkv.bias is not None:
+            qkv.bias[v_rows].div_(per_kv.reshape(-1))
+        o.weight.mul_(per_kv.unsqueeze(1).expand(-1, group, -1).reshape(-1))
         # down_proj: input is silu(gate) * up; scale the up rows.
-        inter = mlp.down_proj.weight.shape[1]
-        s = _factors(maxima[prefix + "mlp.down_proj"], mlp.down_proj.weight)
-        mlp.gate_up_proj.weight[inter:].div_(s.unsqueeze(1))
-        if mlp.gate_up_proj.bias is not None:
-            mlp.gate_up_proj.bias[inter:].div_(s)
-        mlp.down_proj.weight.mul_(s)
+        inter = down.weight.shape[1]
+        s = _factors(maxima[prefix + "down_proj"], down.weight)
+        gate_up.weight[inter:].div_(s.unsqueeze(1))
+        if gate_up.bias is not None:
+            gate_up.bias[inter:].div_(s)
+        down.weight.mul_(s)

@@ -100,38 +100,36 @@ def _norm_weight(norm: nn.Module) -> torch.Tensor:
 
 
 def build_step_kernel(model: nn.Module) -> StepForwardKernel:
-    """The C forward's view of `model` (a LlamaForCausalLM whose K/V caches are bound); raises
+    """The C forward's view of `model` (a CausalLM, models/interface.py, whose K/V caches are bound); raises
     CStepUnsupported when it cannot take this model."""
     if not step_forward_available():
         raise CStepUnsupported("the C step-forward kernel is not available (no C compiler?)")
     layers = []
-    for i, layer in enumerate(model.layers):
-        attn = layer.self_attn.attn
+    parts = model.decoder_layers()
+    for i, part in enumerate(parts):
+        attn = part.attention
         if attn.backend.name != "torch":
             raise CStepUnsupported(f"the attention backend is {attn.backend.name}")
         if attn.kv_cache is None:
             raise CStepUnsupported("the K/V cache is not bound yet")
         if attn.kv_cache[0].dtype not in KV_DTYPES or attn.kv_cache[0].device.type != "cpu":
             raise CStepUnsupported(f"the K/V cache is {attn.kv_cache[0].dtype} on {attn.kv_cache[0].device}")
-        norms = (_norm_weight(layer.input_layernorm), _norm_weight(layer.post_attention_layernorm))
+        norms = (_norm_weight(part.input_norm), _norm_weight(part.post_attention_norm))
         if any(w.device.type != "cpu" for w in norms):
             raise CStepUnsupported("the norm weights are not CPU tensors")
+        weights = {p.name: _linear_weights(p.module, f"layers.{i}.{p.name}") for p in part.projections}
         layers.append(LayerWeights(
-            input_norm=norms[0].detach(), post_norm=norms[1].detach(),
-            qkv=_linear_weights(layer.self_attn.qkv_proj, f"layers.{i}.qkv_proj"),
-            o=_linear_weights(layer.self_attn.o_proj, f"layers.{i}.o_proj"),
-            gate_up=_linear_weights(layer.mlp.gate_up_proj, f"layers.{i}.gate_up_proj"),
-            down=_linear_weights(layer.mlp.down_proj, f"layers.{i}.down_proj"),
-            kv_cache=attn.kv_cache))
-    attn0 = model.layers[0].self_attn.attn
+            input_norm=norms[0].detach(), post_norm=norms[1].detach(), qkv=weights["qkv_proj"], o=weights["o_proj"],
+            gate_up=weights["gate_up_proj"], down=weights["down_proj"], kv_cache=attn.kv_cache))
+    attn0 = parts[0].attention
     rotary = model.rotary
     if rotary.cos.dtype != torch.float32:
         raise CStepUnsupported(f"the rotary tables are {rotary.cos.dtype}")
     if model.tp.is_parallel and model.tp.shm is None:
         raise CStepUnsupported("tensor-parallel ranks without a shared-memory all-reduce")
     return StepForwardKernel(
-        layers, _norm_weight(model.norm), rotary.cos, rotary.sin, attn0.num_heads, attn0.num_kv_heads,
-        attn0.head_dim, float(model.norm.eps), float(attn0.scale), row_chunk_bytes=_row_chunk_bytes(),
+        layers, _norm_weight(model.final_norm), rotary.cos, rotary.sin, attn0.num_heads, attn0.num_kv_heads,
+        attn0.head_dim, float(model.final_norm.eps), float(attn0.scale), row_chunk_bytes=_row_chunk_bytes(),
         amx_attention_max_rows=_amx_attention_max_rows(attn0.backend, layers, attn0.head_dim), tp_shm=model.tp.shm)
 
 
@@ -162,7 +160,8 @@ class CStepForward:
         self.kernel = build_step_kernel(model)
         self.build_inputs = build_inputs
         self.max_rows = MAX_ROWS
-        int4 = any(isinstance(m, Int4GroupLinear) for m in model.layers.modules())
+        int4 = any(isinstance(m, Int4GroupLinear) for part in model.decoder_layers() for p in part.projections
+                   for m in p.module.modules())
         self.max_prompt_tokens = 0 if int4 else MAX_PROMPT_TOKENS
 
     def can_run(self, scheduled: Sequence[StepRequest]) -> bool:

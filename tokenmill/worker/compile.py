@@ -42,8 +42,9 @@ def compile_model(model: nn.Module) -> float:
     them up; returns the seconds that took (also logged)."""
     import torch._dynamo
 
-    layers = list(model.layers)
-    backend = layers[0].self_attn.attn.backend
+    parts = model.decoder_layers()
+    layers = [part.layer for part in parts]
+    backend = parts[0].attention.backend
     if backend.name != "torch":
         raise ValueError(
             f"compile applies to the torch attention backend, not {backend.name!r} (which has its own fused "

@@ -38,7 +38,7 @@ from tokenmill.layers.linear import Linear
 from tokenmill.layers.panel_linear import Bf16PanelLinear, PanelLinear, use_panel_head
 from tokenmill.layers.planned_linear import PlannedLinear
 from tokenmill.loader.cache import resolve_cache_dir
-from tokenmill.quant.projections import QUANTIZED_PROJECTIONS
+from tokenmill.models.interface import PROJECTIONS, CausalLM, Projection
 from tokenmill.worker.c_step import CStepForward
 from tokenmill.worker.capabilities import detect_capabilities
 from tokenmill.worker.plan import (
@@ -116,8 +116,8 @@ def _head_candidates(model: nn.Module, panels_ok: bool) -> dict[str, Callable[[]
     if model.logits_head is not None:  # a quantized head (quant/int8_cpu.py)
         head = model.logits_head
         return {_quantized_name(head): lambda: head}
-    weight = model.lm_head.weight
-    candidates = _panel_candidates(weight, model.lm_head.bias, panels_ok, head=True)  # in order of preference
+    weight = model.vocab_projection.weight
+    candidates = _panel_candidates(weight, model.vocab_projection.bias, panels_ok, head=True)  # in order of preference
     torch_name = _TORCH_NAMES[weight.dtype]
     candidates[torch_name] = lambda: TorchLogitsHead(weight)
     candidates[torch_name + "_linear"] = lambda: TorchLogitsHead(weight, transposed=False)
@@ -134,15 +134,9 @@ def _time_product(operation: str, buckets: tuple[int, ...], modules: dict[str, n
     return choices
 
 
-def _layer_projections(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute, module) of every decoder projection."""
-    found = []
-    for layer in model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in QUANTIZED_PROJECTIONS:
-                if hasattr(parent, name):
-                    found.append((parent, name, getattr(parent, name)))
-    return found
+def _layer_projections(model: CausalLM) -> list[Projection]:
+    """Every decoder projection slot."""
+    return [p for part in model.decoder_layers() for p in part.projections]
 
 
 def _install(modules: dict[str, nn.Module], routes: list[tuple[int, str]]) -> nn.Module:
@@ -187,19 +181,19 @@ def plan_model(model: nn.Module, plan: ExecutionPlan, family: str, keep_panels: 
     start = time.perf_counter()
     projections = _layer_projections(model)
     dtype = next(model.parameters()).dtype  # the model's compute dtype (quantized layers keep buffers, not parameters)
-    for name in QUANTIZED_PROJECTIONS:
-        group = [(parent, attr, module) for parent, attr, module in projections if attr == name]
+    for name in PROJECTIONS:
+        group = [p for p in projections if p.name == name]
         if not group:
             continue
         if not plan.cached:
-            builders = filter_family(_projection_candidates(group[0][2], panels_ok), family)
+            builders = filter_family(_projection_candidates(group[0].module, panels_ok), family)
             logger.info("plan: timing %s (%s)", name, ", ".join(builders))
             modules = {k: b() for k, b in builders.items()}
-            plan.choices.extend(_time_product(name, ROW_BUCKETS, modules, _input_dtype(group[0][2], dtype)))
+            plan.choices.extend(_time_product(name, ROW_BUCKETS, modules, _input_dtype(group[0].module, dtype)))
         routes = routes_from_choices(plan.for_operation(name))
         chosen = {k for _, k in routes}
-        for parent, attr, module in group:
-            builders = _projection_candidates(module, panels_ok)
+        for slot in group:
+            builders = _projection_candidates(slot.module, panels_ok)
             if not chosen <= set(builders):
                 raise ValueError(f"the execution plan chose {sorted(chosen - set(builders))} for {name}, which "
                                  "cannot be built here")
@@ -211,7 +205,7 @@ def plan_model(model: nn.Module, plan: ExecutionPlan, family: str, keep_panels: 
                 # zero rows, which forward never takes.
                 installed = PlannedLinear([(0, builders[panels_kernel]()), *[(m, built[k]) for m, k in routes]],
                                           [panels_kernel, *[k for _, k in routes]])
-            setattr(parent, attr, installed)
+            slot.replace(installed)
     _plan_head(model, plan, family, panels_ok, dtype)
     plan.build_seconds += 0.0 if plan.cached else time.perf_counter() - start
 
