@@ -21,7 +21,7 @@ from tokenmill.worker.capabilities import detect_capabilities
 
 CHILD = r"""
 import json, sys, torch
-from tokenmill.attention import get_attention_backend
+from tokenmill.attention.backend import get_attention_backend
 from tokenmill.distributed.communicator import Communicator
 from tokenmill.loader import load_model
 from tokenmill.models.registry import resolve_model_class

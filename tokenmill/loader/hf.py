@@ -6,6 +6,7 @@ The GGUF loader converts into this same layout and loads its cache entries throu
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,10 +25,33 @@ _TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 _BASE_MODEL_PREFIXES = ("embed_tokens.", "layers.", "norm.")
 
 
+class CheckpointTensors(Mapping[str, torch.Tensor]):
+    """A checkpoint's tensors under HF names, memory-mapped in the dtype they are stored in. Read through [] a tensor
+    comes whole, floating point cast to `dtype`, contiguous; raw() gives the stored tensor, so that a caller keeping
+    only part of it (a tensor-parallel rank's shard) reads, and casts, only that part. Nothing is cached: each []
+    casts anew."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        self._tensors = tensors
+        self.dtype = dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return _cast(self._tensors[name], self.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def raw(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
 @dataclass
 class LoadedModel:
     hf_config: HFConfig  # `hf_config.to_hf_config()` is the transformers config
-    state_dict: dict[str, torch.Tensor]
+    state_dict: Mapping[str, torch.Tensor]  # CheckpointTensors (empty when loaded without weights)
     tokenizer: Tokenizer | PreTrainedTokenizerBase  # transformers' only for directories without tokenizer.json
     generation_config: dict[str, Any]
     source: str
@@ -51,7 +75,8 @@ def load_hf_model(
     hf_config = load_hf_config(model_dir)
     return LoadedModel(
         hf_config=hf_config,
-        state_dict=load_state_dict(model_dir, dtype, tie_word_embeddings=_is_tied(hf_config)) if weights else {},
+        state_dict=load_state_dict(model_dir, dtype, tie_word_embeddings=_is_tied(hf_config)) if weights
+        else CheckpointTensors({}, dtype),
         tokenizer=load_tokenizer(tokenizer if tokenizer is not None else model_dir),
         generation_config=load_generation_config(model_dir, hf_config),
         source=source if source is not None else str(model_dir),
@@ -87,8 +112,8 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_state_dict(model_dir: Path, dtype: torch.dtype, tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
-    """All tensors of all shards under HF names, floating ones cast to `dtype`, contiguous."""
+def load_state_dict(model_dir: Path, dtype: torch.dtype, tie_word_embeddings: bool) -> CheckpointTensors:
+    """All tensors of all shards under HF names, floating ones cast to `dtype` as they are read."""
     from safetensors.torch import load_file
 
     state_dict: dict[str, torch.Tensor] = {}
@@ -97,8 +122,7 @@ def load_state_dict(model_dir: Path, dtype: torch.dtype, tie_word_embeddings: bo
             if name in state_dict:
                 raise ValueError(f"tensor {name!r} appears in more than one weight file of {model_dir}")
             state_dict[name] = tensor
-    state_dict = normalize_names(state_dict, tie_word_embeddings)
-    return {name: _cast(t, dtype) for name, t in state_dict.items()}
+    return CheckpointTensors(normalize_names(state_dict, tie_word_embeddings), dtype)
 
 
 def normalize_names(state_dict: dict[str, torch.Tensor], tie_word_embeddings: bool) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ Code outside models/ sees LlamaForCausalLM through the causal-LM interface (mode
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -249,18 +249,22 @@ class LlamaForCausalLM(nn.Module):
         return per_rank[..., 1].gather(1, winner).squeeze(1).long()
 
     @torch.no_grad()
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load HF-named weights, merging q/k/v and gate/up. Every parameter must be covered."""
-        hf = dict(state_dict)
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load HF-named weights, merging q/k/v and gate/up. Every parameter must be covered. From a checkpoint
+        mapping with raw() (loader/hf.py: CheckpointTensors) only the share this rank keeps is read from each stored
+        tensor and cast (in the copy into the parameter): no rank materializes whole tensors."""
+        read = getattr(state_dict, "raw", state_dict.__getitem__)
+        remaining = set(state_dict)
         if self.tie_word_embeddings:  # .to(dtype) may have given each parameter its own storage: tie again
             self.lm_head.weight = self.embed_tokens.weight
         own = dict(self.named_parameters(remove_duplicate=True))
         loaded: set[str] = set()
 
         def take(name: str) -> torch.Tensor:
-            if name not in hf:
+            if name not in remaining:
                 raise ValueError(f"checkpoint is missing weight {name!r}")
-            return hf.pop(name)
+            remaining.discard(name)
+            return read(name)
 
         heads_dim = _head_dim(self.config)
 
@@ -312,10 +316,10 @@ class LlamaForCausalLM(nn.Module):
         put("embed_tokens.weight", take("model.embed_tokens.weight")[v0:v1])
         put("norm.weight", take("model.norm.weight"))
         if self.tie_word_embeddings:
-            hf.pop("lm_head.weight", None)
+            remaining.discard("lm_head.weight")
         else:
             put("lm_head.weight", take("lm_head.weight")[v0:v1])
-        leftover = [k for k in hf if "rotary_emb" not in k]
+        leftover = sorted(k for k in remaining if "rotary_emb" not in k)
         if leftover:
             raise ValueError(f"checkpoint has unexpected weights: {leftover[:5]}")
         missing = set(own) - loaded
