@@ -194,6 +194,16 @@ def test_smoothing_fold_keeps_the_model_function(tiny_checkpoint: Any) -> None:
     torch.testing.assert_close(run(), before, rtol=1e-4, atol=1e-4)
 
 
+def test_smoothing_leaves_unused_channels_alone() -> None:
+    """A channel whose weights are all zero (a tensor-parallel pad head slot) gets factor 1 whatever its input."""
+    from tokenmill.quant.smooth import _factors
+
+    weight = torch.randn(8, 4)
+    weight[:, 2] = 0.0
+    factors = _factors(torch.tensor([1.0, 4.0, 50.0, 0.5]), weight)
+    assert factors[2] == 1.0 and (factors[[0, 1, 3]] != 1.0).all()
+
+
 def _quality_benchmark() -> ModuleType:
     """benchmarks/quant_quality.py, for its prompts and perplexity text (the issue's measurement)."""
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "quant_quality.py"

@@ -188,7 +188,9 @@ def quantize_model_int8(
     replaced = 0
     for _, slot in float_projections(model):
         child = slot.module
-        block = ROTATION_BLOCK if slot.name in ROTATED_PROJECTIONS else None
+        # A tensor-parallel shard's width may not be a multiple of the block: that one stays unrotated.
+        rotate = slot.name in ROTATED_PROJECTIONS and child.weight.shape[1] % ROTATION_BLOCK == 0
+        block = ROTATION_BLOCK if rotate else None
         slot.replace(Int8DynamicLinear(child.weight, child.bias, rotation_block=block, activation_bits=activation_bits))
         replaced += 1
     if quantize_lm_head:
