@@ -25,6 +25,7 @@ import torch
 
 from benchmarks.gpu import report
 from benchmarks.gpu.parity import fp8_kv_check, fp8_linear_check, tiny_parity
+from benchmarks.gpu.tensor_parallel import tensor_parallel_check
 from benchmarks.gpu.workloads import (
     LLAMA3_8B,
     TINY_64,
@@ -178,6 +179,7 @@ def main() -> int:
     else:
         for name in ("fp8_linear", "fp8_kv", "cuda_graphs"):
             check.skip(name, "no CUDA device")
+    check.section("tensor_parallel", lambda: tensor_parallel_check(device), needs_s=40)
     check.section("ceilings", lambda: ceilings(device))
 
     shape = LLAMA3_8B if gpu else TINY_64

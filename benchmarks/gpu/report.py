@@ -101,6 +101,11 @@ def markdown(results: dict[str, Any]) -> str:
     parity = results.get("parity_tiny") or {}
     if parity:
         lines.append(f"HF greedy parity (tiny Llamas, float32): {'PASS' if parity.get('passed') else 'FAIL'}")
+    tp = results.get("tensor_parallel") or {}
+    if tp:
+        verdict = "skipped" if tp.get("passed") is None else "PASS" if tp["passed"] else "FAIL"
+        lines.append(f"Tensor parallel TP=2 vs TP=1 greedy (tiny Llama, float32, {tp.get('backend', '-')}): {verdict}"
+                     + (f" ({tp['skipped']})" if tp.get("skipped") else ""))
     for name in ("fp8_linear", "fp8_kv"):
         r = results.get(name)
         if r:

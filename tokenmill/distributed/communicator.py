@@ -21,8 +21,11 @@ from tokenmill.distributed.shm_all_reduce import ShmAllReduce, shm_all_reduce_av
 
 
 class Communicator:
-    def __init__(self, rank: int, world_size: int, timeout_s: float = 120.0) -> None:
+    def __init__(self, rank: int, world_size: int, timeout_s: float = 120.0,
+                 device: torch.device | None = None) -> None:
+        """device: where this rank's collective buffers live (its GPU under NCCL; the CPU under gloo)."""
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        self.device = device if device is not None else torch.device("cpu")
         self.busy_s = 0.0
         self.shm: ShmAllReduce | None = None
 
@@ -84,7 +87,7 @@ class Communicator:
         """The smallest of the ranks' values."""
         if self.world_size == 1:
             return value
-        t = torch.tensor([value], dtype=torch.int64)
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
 
@@ -109,12 +112,14 @@ SINGLE = Communicator(0, 1)
 
 
 def init_communicator(rank: int, world_size: int, master_addr: str, master_port: int, backend: str,
-                      timeout_s: float) -> Communicator:
+                      timeout_s: float, device: torch.device | None = None) -> Communicator:
     """Joins (rank 0: opens) the rendezvous at master_addr:master_port; a collective that waits longer than timeout_s
-    for a rank fails instead of hanging."""
+    for a rank fails instead of hanging. Under NCCL `device` is the rank's GPU, made the current device first."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=timeout_s))
-    return Communicator(rank, world_size, timeout_s)
+    return Communicator(rank, world_size, timeout_s, device)
 
 
 def close_communicator() -> None:

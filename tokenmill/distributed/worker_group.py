@@ -86,6 +86,17 @@ def _backend(config: EngineConfig) -> str:
     return "nccl" if resolve_device(config.model.device).type == "cuda" else "gloo"
 
 
+def rank_device(config: EngineConfig, rank: int) -> torch.device | None:
+    """A rank's GPU under NCCL: the node's GPU of its local rank (one GPU per rank); None on the CPU."""
+    if _backend(config) != "nccl":
+        return None
+    local_rank = rank % _ranks_per_node(config)
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(f"tensor-parallel rank {rank} needs GPU {local_rank} of this node, which has "
+                         f"{torch.cuda.device_count()}: NCCL needs one GPU per rank")
+    return torch.device("cuda", local_rank)
+
+
 def die_with_parent() -> None:
     """Linux: this process gets SIGKILL when the engine process dies, however it dies (no orphan rank)."""
     try:
@@ -104,7 +115,7 @@ def _run_rank(config: EngineConfig, rank: int, port: int, spawned: bool = True) 
         die_with_parent()
     torch.set_num_threads(threads_per_rank(config))
     comm = init_communicator(rank, config.parallel.tensor_parallel_size, config.parallel.master_addr, port,
-                             _backend(config), COLLECTIVE_TIMEOUT_S)
+                             _backend(config), COLLECTIVE_TIMEOUT_S, rank_device(config, rank))
     try:
         worker = Worker(config, load_engine_model(config), tp=comm)
         while True:
@@ -122,12 +133,13 @@ class WorkerGroup:
     def __init__(self, config: EngineConfig) -> None:
         world_size, parallel = config.parallel.tensor_parallel_size, config.parallel
         port = parallel.master_port if parallel.master_port is not None else _free_port(parallel.master_addr)
+        rank_device(config, _local_ranks(config)[-1])  # enough GPUs for every local rank, before any starts
         self.processes = _spawn_ranks(config, _local_ranks(config)[1:], port)
         self._engine_threads = torch.get_num_threads()  # process-wide: given back at close()
         torch.set_num_threads(threads_per_rank(config))
         try:
             self.comm: Communicator = init_communicator(0, world_size, parallel.master_addr, port, _backend(config),
-                                                        COLLECTIVE_TIMEOUT_S)
+                                                        COLLECTIVE_TIMEOUT_S, rank_device(config, 0))
         except BaseException:
             _stop(self.processes, 0.0)
             torch.set_num_threads(self._engine_threads)

@@ -112,8 +112,10 @@ def check_quantization(config: EngineConfig, device: torch.device, backend: str)
 
 
 def cuda_graph_sizes(config: EngineConfig, device: torch.device, backend: str) -> list[int]:
-    """Decode batch sizes to capture, or [] when graphs are off (CPU, torch backend, enforce_eager)."""
-    if device.type != "cuda" or backend != "triton" or config.model.enforce_eager:
+    """Decode batch sizes to capture, or [] when graphs are off (CPU, torch backend, enforce_eager, and under tensor
+    parallelism: the step's NCCL collectives are not captured into graphs yet)."""
+    if device.type != "cuda" or backend != "triton" or config.model.enforce_eager \
+            or config.parallel.tensor_parallel_size > 1:
         return []
     from tokenmill.worker.cuda_graphs import capture_sizes
 

@@ -65,6 +65,8 @@ class Worker:
                  tp: Communicator = SINGLE) -> None:
         self.tp = tp
         self.device = resolve_device(config.model.device)
+        if self.device.type == "cuda" and tp.is_parallel:  # this rank's own GPU (distributed/worker_group.py)
+            self.device = tp.device
         self.dtype = resolve_dtype(config.model.dtype, self.device, config.model.quantization)
         backend = resolve_attention_backend(config.cache.attention_backend, self.device)
         check_quantization(config, self.device, backend)
