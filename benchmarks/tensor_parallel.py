@@ -4,7 +4,8 @@ shared out (one thread per rank on a 2-core machine), the engines built in turn 
 TP = N it reports rank 0's time in collectives per step (broadcast of the step, all-reduces, the logits' gather,
 waiting for the other ranks included). Issue targets (2 cores): W1 at TP = 2 >= 0.9x TP = 1; batch-1 TPOT <= 1.15x.
 
-    .venv/bin/python benchmarks/tensor_parallel.py [--tp 2] [--rounds 3] [--output-len 64] [--dtype float32]
+    .venv/bin/python benchmarks/tensor_parallel.py [--model PATH] [--tp 2] [--rounds 3] [--output-len 64] \
+        [--dtype float32]
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tokenmill.worker.capabilities import detect_capabilities
 
 
 def _measure(tp: int, args: argparse.Namespace) -> dict[str, float]:
-    with LLM(tensor_parallel_size=tp, dtype=args.dtype, enable_prefix_caching=False) as llm:
+    with LLM(model=args.model, tensor_parallel_size=tp, dtype=args.dtype, enable_prefix_caching=False) as llm:
         engine = llm.engine
         special = set(getattr(llm.tokenizer, "all_special_ids", []) or []) | set(engine.eos_token_ids)
         prompts = make_workload(args.num_prompts, args.input_len, args.output_len, engine.vocab_size, 0,
@@ -61,6 +62,7 @@ def _measure(tp: int, args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded default model)")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="auto")
