@@ -67,7 +67,6 @@ def test_default_model_parity_prompts_match_one_rank() -> None:
         _assert_same(expected, _generate(None, tp, prompts))
 
 
-@pytest.mark.parametrize("heads, kv_heads, world", [(9, 3, 2), (9, 3, 3), (4, 2, 3), (8, 1, 2), (32, 8, 4), (6, 6, 4)])
 def _prompt_logprobs(tp: int, quantization: str) -> list[list[float]]:
     params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     with LLM(tensor_parallel_size=tp, dtype="float32", quantization=quantization, kv_cache_memory=64 << 20) as llm:
@@ -92,6 +91,7 @@ def test_quantized_shards_are_as_close_to_float32_as_one_rank(quantization: str)
     assert two <= 1.5 * one + 0.02, (one, two)
 
 
+@pytest.mark.parametrize("heads, kv_heads, world", [(9, 3, 2), (9, 3, 3), (4, 2, 3), (8, 1, 2), (32, 8, 4), (6, 6, 4)])
 def test_head_shares_cover_every_query_head_once(heads: int, kv_heads: int, world: int) -> None:
     group = heads // kv_heads
     seen: list[int] = []
