@@ -1,7 +1,7 @@
 """Data-parallel replicas (`tokenmill serve --data-parallel-size 2`, engine/data_parallel.py): each replica a process
 with its own engine; greedy outputs equal one engine's, under concurrency too; requests sharing a prompt prefix land
-on one replica, whose prefix cache then hits, while unrelated ones spread (read from /metrics); SIGTERM stops every
-replica (exit 0); a replica killed with SIGKILL gives errors, /health 503, a non-zero exit and no orphan process."""
+on one replica, whose prefix cache then hits, while unrelated ones spread (read from /metrics); Ctrl-C (SIGINT to
+the whole process group) stops every replica through the server (exit 0); a replica killed with SIGKILL gives errors, /health 503, a non-zero exit and no orphan process."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def _dp_server(model: str, log_path: Path) -> Iterator[tuple[str, subprocess.Pop
     cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--model", model, "--data-parallel-size", "2",
            "--port", str(port), *ENGINE_ARGS]
     with log_path.open("wb") as log:
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # Its own process group, as a shell gives a foreground job: Ctrl-C reaches every process of the group.
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
@@ -105,10 +106,11 @@ def test_replicas_route_by_prefix_and_match_one_engine(tiny_checkpoint, tmp_path
         assert min(_metric(metrics, "tokenmill:dp_routed_requests_total", r) for r in (0, 1)) >= 14
         assert re.search(r'^tokenmill:num_requests_running\{[^}]*\} 0\.0$', metrics, re.MULTILINE)
         children = _children(server.pid)
-        server.send_signal(signal.SIGTERM)
+        os.killpg(server.pid, signal.SIGINT)  # Ctrl-C: the replicas ignore it, the server drains and stops them
         assert server.wait(timeout=60) == 0
         time.sleep(0.5)
         assert not any(_running(pid) for pid in children), "a process of the server outlived it"
+        assert "stopped (" not in (tmp_path / "server.log").read_text()  # no replica died on its own
 
 
 def _stream_and_kill(url: str, pid: int) -> str:

@@ -98,7 +98,11 @@ def rank_device(config: EngineConfig, rank: int) -> torch.device | None:
 
 
 def die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when the engine process dies, however it dies (no orphan rank)."""
+    """For a process the engine spawned: it ignores SIGINT and SIGTERM, which a terminal's Ctrl-C or a supervisor
+    sends to the whole process group, so that the engine alone handles them (drains, then stops its children); and on
+    Linux it gets SIGKILL when its parent dies, however that dies (no orphan)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
