@@ -1,6 +1,7 @@
 """Tensor parallelism over two "machines": two network namespaces joined by a veth pair, node 0 (the engine, an
 offline LLM) in one and node 1 (`tokenmill serve --node-rank 1`, ranks only) in the other, gloo over that link.
-Greedy tokens and top-5 logprobs match one rank in float32, and node 1 exits cleanly when the engine closes. The
+Greedy tokens and top-5 logprobs match one rank in float32 (one rank a node, and two a node summing through shared
+memory within each node), and node 1 exits cleanly when the engine closes. The
 test creates and removes the namespaces itself; it skips where it may not (no root, no `ip`)."""
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from tokenmill import LLM, SamplingParams
 if __name__ == "__main__":
     model, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
-    with LLM(model=model, tensor_parallel_size=2, nnodes=2, node_rank=0, master_addr="{addr}", master_port=port,
+    with LLM(model=model, tensor_parallel_size={tp}, nnodes=2, node_rank=0, master_addr="{addr}", master_port=port,
              dtype="float32", max_model_len=128, kv_cache_memory=16 << 20) as llm:
         outs = llm.generate({prompts!r}, params, use_tqdm=False)
+        comm = llm.engine.core.worker.tp
+        assert (comm.shm is not None) == ({tp} > 2) and comm.spans_nodes == ({tp} > 2)
     result = [[o.outputs[0].token_ids, [{{str(t): lp.logprob for t, lp in pos.items()}} for pos in o.outputs[0].logprobs]]
               for o in outs]
     json.dump(result, open(out, "w"))
@@ -65,7 +68,9 @@ def two_hosts():
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 
 
-def test_two_nodes_over_a_veth_link_match_one_rank(tiny_checkpoint, two_hosts, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tp", [2, 4])
+def test_two_nodes_over_a_veth_link_match_one_rank(tiny_checkpoint, two_hosts, tmp_path: Path, tp: int) -> None:
+    """tp = 4: two ranks a node, which sum in shared memory within the node and over gloo between the nodes."""
     a, b, va, vb = two_hosts
     model = str(tiny_checkpoint("llama"))
     with LLM(model=model, dtype="float32", max_model_len=128, kv_cache_memory=16 << 20) as llm:
@@ -73,12 +78,12 @@ def test_two_nodes_over_a_veth_link_match_one_rank(tiny_checkpoint, two_hosts, t
                                                                                           use_tqdm=False)]
     port = "29517"
     script = tmp_path / "node0.py"
-    script.write_text(NODE0_SCRIPT.format(addr=f"{SUBNET}.1", prompts=PROMPTS))
+    script.write_text(NODE0_SCRIPT.format(addr=f"{SUBNET}.1", prompts=PROMPTS, tp=tp))
     out = tmp_path / "node0.json"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     node1 = subprocess.Popen(
         ["ip", "netns", "exec", b, "env", f"GLOO_SOCKET_IFNAME={vb}", sys.executable, "-m",
-         "tokenmill.entrypoints.cli", "serve", "--model", model, "--tensor-parallel-size", "2", "--nnodes", "2",
+         "tokenmill.entrypoints.cli", "serve", "--model", model, "--tensor-parallel-size", str(tp), "--nnodes", "2",
          "--node-rank", "1", "--master-addr", f"{SUBNET}.1", "--master-port", port, "--dtype", "float32",
          "--max-model-len", "128", "--kv-cache-memory", str(16 << 20)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -3,7 +3,8 @@
 One Communicator per process (torch.distributed's default group); SINGLE stands for a world of one, where every
 collective is the identity. Reductions of a 16-bit tensor run in float32 (gloo sums what it is given, and a bf16 sum
 of partial products would round at every rank). Ranks on one machine sum through shared memory where the tensor fits
-(distributed/shm_all_reduce.py, `enable_shared_memory`), else through gloo. `busy_s` adds up the time spent in
+(distributed/shm_all_reduce.py, `enable_shared_memory`), else through gloo; over several machines each node sums in
+shared memory and the nodes' first ranks sum those over gloo. `busy_s` adds up the time spent in
 collectives (waiting for the other ranks included): benchmarks/tensor_parallel.py reports it per step.
 """
 
@@ -27,17 +28,34 @@ class Communicator:
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         self.device = device if device is not None else torch.device("cpu")
         self.busy_s = 0.0
-        self.shm: ShmAllReduce | None = None
+        self.shm: ShmAllReduce | None = None  # over this node's ranks
+        self.leaders: Any = None  # over several nodes: the process group of each node's first rank
+        self.local_rank = rank
 
-    def enable_shared_memory(self, capacity: int) -> bool:
+    @property
+    def spans_nodes(self) -> bool:
+        """Shared memory reaches only this node's ranks: sums also cross nodes (over the leaders' gloo group)."""
+        return self.leaders is not None
+
+    def enable_shared_memory(self, capacity: int, ranks_per_node: int | None = None) -> bool:
         """Collective (every rank calls it): sums of up to `capacity` float32 elements go through shared memory from
-        now on, where this machine allows (same host: every rank of one group is on it). Returns whether they do."""
-        if self.world_size == 1 or self.shm is not None:
+        now on, where this machine allows. With ranks_per_node < world_size (consecutive ranks per node, torchrun's
+        layout) each node sums in shared memory and the nodes' first ranks over gloo. Returns whether they do."""
+        per_node = ranks_per_node or self.world_size
+        if self.world_size == 1 or self.shm is not None or per_node == 1:
             return self.shm is not None
+        nnodes = self.world_size // per_node
+        # Every rank creates every group, in the same order (torch.distributed's rule for new_group).
+        node_groups = [dist.new_group(list(range(n * per_node, (n + 1) * per_node))) for n in range(nnodes)]
+        leaders = dist.new_group([n * per_node for n in range(nnodes)]) if nnodes > 1 else None
         usable = torch.tensor([int(shm_all_reduce_available())], dtype=torch.int64)
         dist.all_reduce(usable, op=dist.ReduceOp.MIN)  # all or none
         if usable.item():
-            self.shm = ShmAllReduce(self.rank, self.world_size, capacity, self.timeout_s)
+            node = self.rank // per_node
+            self.local_rank = self.rank - node * per_node
+            self.shm = ShmAllReduce(self.local_rank, per_node, capacity, self.timeout_s,
+                                    group=node_groups[node] if nnodes > 1 else None, group_src=node * per_node)
+            self.leaders = leaders
         return self.shm is not None
 
     @property
@@ -52,7 +70,13 @@ class Communicator:
         total = x.float() if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" else x.clone()
         total = total.contiguous()
         if self.shm is not None and self.shm.fits(total):
-            self.shm.all_reduce_(total)
+            self.shm.all_reduce_(total)  # this node's sum
+            if self.leaders is not None:  # the nodes' sums over gloo, then back to every rank of the node
+                if self.local_rank == 0:
+                    dist.all_reduce(total, group=self.leaders)
+                else:
+                    total.zero_()
+                self.shm.all_reduce_(total)
         else:
             dist.all_reduce(total)
         self.busy_s += time.perf_counter() - start
@@ -65,7 +89,7 @@ class Communicator:
         x = x.float()
         width = max(sizes)
         padded = (x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))).contiguous()
-        if self.shm is not None and padded.numel() <= self.shm.capacity:
+        if self.shm is not None and not self.spans_nodes and padded.numel() <= self.shm.capacity:
             return list(self.shm.all_gather(padded).view(self.world_size, *padded.shape))
         gathered = [torch.empty_like(padded) for _ in range(self.world_size)] if self.rank == 0 else None
         dist.gather(padded, gathered, dst=0)
@@ -96,7 +120,7 @@ class Communicator:
         if self.world_size == 1:
             return obj
         start = time.perf_counter()
-        if self.shm is not None:  # the bytes through shared memory; gloo only for what does not fit a slot
+        if self.shm is not None and not self.spans_nodes:  # the bytes through shared memory; gloo beyond a slot
             data = self.shm.broadcast_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if self.rank == 0
                                             else None)
             if data is not None:

@@ -13,6 +13,7 @@ import functools
 import mmap
 import os
 import tempfile
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,10 +47,12 @@ def shm_all_reduce_available() -> bool:
 
 
 class ShmAllReduce:
-    """Sums float32 CPU tensors of up to `capacity` elements over the ranks; made collectively (every rank calls the
-    constructor, after torch.distributed is initialised)."""
+    """Sums float32 CPU tensors of up to `capacity` elements over the ranks of one machine; made collectively (every
+    rank of `group` calls the constructor, after torch.distributed is initialised). `rank` and `world_size` count
+    within the group, whose first member (global rank `group_src`) creates the segment; default: the whole world."""
 
-    def __init__(self, rank: int, world_size: int, capacity: int, timeout_s: float) -> None:
+    def __init__(self, rank: int, world_size: int, capacity: int, timeout_s: float, group: Any = None,
+                 group_src: int = 0) -> None:
         lib = _lib()
         if lib is None:
             raise RuntimeError("the shared-memory all-reduce kernel is not available (no C compiler?)")
@@ -61,12 +64,12 @@ class ShmAllReduce:
             os.ftruncate(fd, nbytes)  # zero-filled: every control line starts at sequence 0
             os.close(fd)
         box = [name]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=group_src, group=group)
         with open(box[0], "r+b") as f:
             self._map = mmap.mmap(f.fileno(), nbytes)
         # This rank's process id after its sequence number: a rank waiting on this one fails at once if it dies.
         self._map[rank * 64 + 8 : rank * 64 + 16] = os.getpid().to_bytes(8, "little")
-        dist.barrier()  # every rank has mapped it: the name can go
+        dist.barrier(group=group)  # every rank has mapped it: the name can go
         if rank == 0:
             os.unlink(box[0])
         self._segment = torch.frombuffer(self._map, dtype=torch.uint8)

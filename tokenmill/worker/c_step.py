@@ -125,8 +125,8 @@ def build_step_kernel(model: nn.Module) -> StepForwardKernel:
     rotary = model.rotary
     if rotary.cos.dtype != torch.float32:
         raise CStepUnsupported(f"the rotary tables are {rotary.cos.dtype}")
-    if model.tp.is_parallel and model.tp.shm is None:
-        raise CStepUnsupported("tensor-parallel ranks without a shared-memory all-reduce")
+    if model.tp.is_parallel and (model.tp.shm is None or model.tp.spans_nodes):
+        raise CStepUnsupported("tensor-parallel ranks without one shared-memory all-reduce over all of them")
     return StepForwardKernel(
         layers, _norm_weight(model.final_norm), rotary.cos, rotary.sin, attn0.num_heads, attn0.num_kv_heads,
         attn0.head_dim, float(model.final_norm.eps), float(attn0.scale), row_chunk_bytes=_row_chunk_bytes(),

@@ -76,8 +76,9 @@ class Worker:
         self.max_model_len = resolve_max_model_len(config, hf_config)
 
         on_cpu = self.device.type == "cpu"
-        if on_cpu and tp.is_parallel and config.parallel.nnodes == 1:  # the largest sum: a step's hidden rows
-            tp.enable_shared_memory(config.scheduler.max_num_batched_tokens * int(hf_config.hidden_size))
+        if on_cpu and tp.is_parallel:  # the largest sum: a step's hidden rows
+            tp.enable_shared_memory(config.scheduler.max_num_batched_tokens * int(hf_config.hidden_size),
+                                    tp.world_size // config.parallel.nnodes)
         # The CPU kernel family; on a GPU nothing of it applies. Under --compile the plan is not built (the
         # compiled layers keep torch's products), but the eager attention between them keeps the C kernels.
         family = config.model.kernels if on_cpu else "torch"
