@@ -92,17 +92,21 @@ def test_quantized_shards_are_as_close_to_float32_as_one_rank(quantization: str)
 
 
 @pytest.mark.parametrize("heads, kv_heads, world", [(9, 3, 2), (9, 3, 3), (4, 2, 3), (8, 1, 2), (32, 8, 4), (6, 6, 4)])
-def test_head_shares_cover_every_query_head_once(heads: int, kv_heads: int, world: int) -> None:
-    group = heads // kv_heads
-    seen: list[int] = []
+def test_head_shares_cover_every_query_head_and_row_once(heads: int, kv_heads: int, world: int) -> None:
+    """Every (query head, row) is attended by exactly one rank: a KV head's group held by n ranks is split by rows."""
+    group, rows = heads // kv_heads, 7
+    seen: dict[tuple[int, int], int] = {}
     for rank in range(world):
         shard = shard_heads(heads, kv_heads, rank, world)
-        assert len(shard.q_slots) == len(shard.kv_heads) * group
+        assert len(shard.q_slots) == len(shard.kv_heads) * group == len(shard.row_shares) * group
         for i, h in enumerate(shard.q_slots):
-            if h is not None:
-                assert h // group == shard.kv_heads[i // group]  # the slot reads its own KV head
-                seen.append(h)
-    assert sorted(seen) == list(range(heads))
+            assert h // group == shard.kv_heads[i // group]  # the slot reads its own KV head
+            index, parts = shard.row_shares[i // group]
+            for row in range(*even_share(rows, parts, index)):
+                seen[(h, row)] = seen.get((h, row), 0) + 1
+    assert seen == {(h, row): 1 for h in range(heads) for row in range(rows)}
+    assert shard_heads(9, 3, 0, 2).row_shares == [(0, 1), (0, 2)]
+    assert shard_heads(9, 3, 1, 2).row_shares == [(1, 2), (0, 1)]
 
 
 def test_even_shares_and_bad_sizes() -> None:

@@ -1,10 +1,12 @@
 """Which part of each weight a tensor-parallel rank holds (Megatron's split): attention heads, the MLP's
 intermediate channels and the vocabulary, each cut into contiguous shares as even as the counts allow.
 
-Heads: the query heads are shared out evenly; a rank holds the KV heads its query heads read (a KV head whose group
-spans two ranks is held, and computed, by both). The attention kernels take `group` query heads per KV head, so each
-held KV head gets its group's whole set of query slots, a slot whose head belongs to another rank being a pad: zero
-query weights and zero output-projection columns, so it adds nothing.
+Heads: the query heads are shared out evenly; a rank holds the KV heads its query heads read. The attention kernels
+take `group` query heads per KV head, so each held KV head comes with its group's whole set of query heads. A KV head
+whose group spans several ranks (its "sharers") is held by each of them, with all of its group's query heads, and
+its attention work is split by rows instead: sharer i of n attends the step's query rows even_share(rows, n, i) of
+that group and leaves the group's other rows zero, so that the row-parallel o_proj's all-reduce sums each row's
+group output from exactly one rank, and each rank reads a shared KV head's cache for its share of the rows only.
 """
 
 from __future__ import annotations
@@ -22,15 +24,24 @@ def even_share(n: int, parts: int, index: int) -> tuple[int, int]:
 @dataclass(frozen=True)
 class HeadShard:
     kv_heads: list[int]  # the global KV heads this rank holds, ascending
-    q_slots: list[int | None]  # per local query head (kv_heads[i] owns slots [i * group, (i + 1) * group)): the
-    # global query head it computes, or None for a pad
+    q_slots: list[int]  # per local query head (kv_heads[i] owns slots [i * group, (i + 1) * group)): its global head
+    row_shares: list[tuple[int, int]]  # per held KV head: (i, n): this rank is sharer i of n ((0, 1): its own)
+
+    @property
+    def splits_rows(self) -> bool:
+        return any(n > 1 for _, n in self.row_shares)
 
 
 def shard_heads(num_heads: int, num_kv_heads: int, rank: int, world_size: int) -> HeadShard:
     if world_size > num_heads:
         raise ValueError(f"tensor_parallel_size={world_size} exceeds the model's {num_heads} attention heads")
     group = num_heads // num_kv_heads
-    first, end = even_share(num_heads, world_size, rank)
+    ranges = [even_share(num_heads, world_size, r) for r in range(world_size)]
+    first, end = ranges[rank]
     kv_heads = list(range(first // group, (end - 1) // group + 1))
-    slots = [h if first <= h < end else None for kv in kv_heads for h in range(kv * group, (kv + 1) * group)]
-    return HeadShard(kv_heads, slots)
+    slots = [h for kv in kv_heads for h in range(kv * group, (kv + 1) * group)]
+    shares = []
+    for kv in kv_heads:
+        sharers = [r for r, (a, b) in enumerate(ranges) if a < (kv + 1) * group and kv * group < b]
+        shares.append((sharers.index(rank), len(sharers)))
+    return HeadShard(kv_heads, slots, shares)

@@ -54,6 +54,9 @@ class DecoderLayerParts:
     input_norm: nn.Module  # RMSNorm before qkv (weight, eps)
     post_attention_norm: nn.Module  # RMSNorm before gate_up
     projections: tuple[Projection, ...]  # in PROJECTIONS order
+    # Per KV head, (i, n): under tensor parallelism this rank attends only share i of n of a step's rows of that head's
+    # group and leaves the group's other rows zero (distributed/sharding.py); (0, 1) everywhere otherwise.
+    row_shares: tuple[tuple[int, int], ...] = ()
 
     def projection(self, name: str) -> Projection:
         return self.projections[PROJECTIONS.index(name)]

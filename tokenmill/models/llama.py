@@ -45,7 +45,7 @@ class LlamaAttention(nn.Module):
         super().__init__()
         num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.shard = shard_heads(cfg.num_attention_heads, num_kv_heads, tp.rank, tp.world_size)
-        self.num_heads = len(self.shard.q_slots)  # this rank's (pads included)
+        self.num_heads = len(self.shard.q_slots)  # this rank's: whole groups of its KV heads
         self.num_kv_heads = len(self.shard.kv_heads)
         self.head_dim = _head_dim(cfg)
         self.q_size = self.num_heads * self.head_dim
@@ -55,6 +55,20 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=bool(getattr(cfg, "attention_bias", False)))
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, backend)
+
+    def keep_own_rows(self, attn_out: torch.Tensor) -> torch.Tensor:
+        """attn_out [T, q_size] with, in each KV head group this rank shares with others, the rows another rank
+        attends set to zero (distributed/sharding.py): o_proj's all-reduce then adds each row's group once."""
+        if not self.shard.splits_rows:
+            return attn_out
+        rows = attn_out.shape[0]
+        groups = attn_out.view(rows, self.num_kv_heads, -1)
+        for i, (index, parts) in enumerate(self.shard.row_shares):
+            if parts > 1:
+                start, end = even_share(rows, parts, index)
+                groups[:start, i] = 0
+                groups[end:, i] = 0
+        return attn_out
 
     def project_qkv(
         self, cos_sin: CosSin, hidden: torch.Tensor
@@ -109,7 +123,7 @@ class LlamaDecoderLayer(nn.Module):
         self, cos_sin: CosSin, hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v, residual = self.pre_attention(cos_sin, hidden, residual)
-        attn_out = self.self_attn.attn.attend(q, k, v, meta, cos_sin)
+        attn_out = self.self_attn.keep_own_rows(self.self_attn.attn.attend(q, k, v, meta, cos_sin))
         return self.post_attention(attn_out, residual)
 
     def pre_attention(
@@ -167,6 +181,7 @@ class LlamaForCausalLM(nn.Module):
             layer, layer.self_attn.attn, layer.input_layernorm, layer.post_attention_layernorm,
             (Projection("qkv_proj", layer.self_attn, "qkv_proj"), Projection("o_proj", layer.self_attn, "o_proj"),
              Projection("gate_up_proj", layer.mlp, "gate_up_proj"), Projection("down_proj", layer.mlp, "down_proj")),
+            tuple(layer.self_attn.shard.row_shares),
         ) for layer in self.layers]
 
     @property
@@ -268,12 +283,12 @@ class LlamaForCausalLM(nn.Module):
 
         heads_dim = _head_dim(self.config)
 
-        def head_rows(w: torch.Tensor, heads: list[int | None]) -> torch.Tensor:
-            """The rows of w [heads * head_dim, ...] of the given global heads, in order; zero rows for pads."""
+        def head_rows(w: torch.Tensor, heads: list[int]) -> torch.Tensor:
+            """The rows of w [heads * head_dim, ...] of the given global heads, in order."""
             blocks = w.view(-1, heads_dim, *w.shape[1:])
-            return torch.cat([blocks[h] if h is not None else torch.zeros_like(blocks[0]) for h in heads])
+            return torch.cat([blocks[h] for h in heads])
 
-        def head_cols(w: torch.Tensor, heads: list[int | None]) -> torch.Tensor:
+        def head_cols(w: torch.Tensor, heads: list[int]) -> torch.Tensor:
             return head_rows(w.t(), heads).t().contiguous()
 
         def rank0_only(t: torch.Tensor) -> torch.Tensor:  # a row-parallel layer's bias, added once

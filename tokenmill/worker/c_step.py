@@ -130,7 +130,8 @@ def build_step_kernel(model: nn.Module) -> StepForwardKernel:
     return StepForwardKernel(
         layers, _norm_weight(model.final_norm), rotary.cos, rotary.sin, attn0.num_heads, attn0.num_kv_heads,
         attn0.head_dim, float(model.final_norm.eps), float(attn0.scale), row_chunk_bytes=_row_chunk_bytes(),
-        amx_attention_max_rows=_amx_attention_max_rows(attn0.backend, layers, attn0.head_dim), tp_shm=model.tp.shm)
+        amx_attention_max_rows=_amx_attention_max_rows(attn0.backend, layers, attn0.head_dim), tp_shm=model.tp.shm,
+        kv_row_shares=parts[0].row_shares)
 
 
 def _amx_attention_max_rows(backend: TorchAttentionBackend, layers: list[LayerWeights], head_dim: int) -> int:

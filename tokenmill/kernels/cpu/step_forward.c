@@ -99,7 +99,25 @@ typedef struct {
     int64_t tp_rank, tp_world, tp_capacity;
     uint64_t *tp_seq;
     double tp_timeout_s;
+    /* Per local KV head, (i, n): this rank is sharer i of n of that head's group, and attends only the step's rows
+     * row_share(rows, i, n) of it, the others left zero (distributed/sharding.py); NULL: every head is its own. */
+    const int64_t *kv_row_shares;
 } tm_model;
+
+/* [*start, *end): share i of n of `rows` rows, contiguous and differing by at most one (sharding.py's even_share). */
+static void row_share(int64_t rows, int64_t i, int64_t n, int64_t *start, int64_t *end) {
+    const int64_t base = rows / n, extra = rows % n;
+    *start = i * base + (i < extra ? i : extra);
+    *end = *start + base + (i < extra ? 1 : 0);
+}
+
+/* Whether this rank attends row `row` of local KV head h's group (of `rows` rows in the step). */
+static int owns_row(const tm_model *m, int64_t h, int64_t row, int64_t rows) {
+    if (m->kv_row_shares == NULL || m->kv_row_shares[2 * h + 1] <= 1) return 1;
+    int64_t start, end;
+    row_share(rows, m->kv_row_shares[2 * h], m->kv_row_shares[2 * h + 1], &start, &end);
+    return row >= start && row < end;
+}
 
 /* Per-row input of a projection: for int8, row x quantized (and rotated) into u / low / step; for
  * int4, into int16 groups (in the same buffer as u) with their group_step / group_sum. */
@@ -446,6 +464,10 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 for (int64_t task = 0; task < N * num_kv_heads; ++task) {
                     const int64_t r = task / num_kv_heads, h = task % num_kv_heads;
                     const int64_t offset = q_starts[r] * q_size + h * group * D;
+                    if (!owns_row(m, h, q_starts[r], R)) { /* another rank attends it: zero, summed once */
+                        memset(attn + offset, 0, (size_t)(group * D) * sizeof(float));
+                        continue;
+                    }
                     attend_one(attn + offset, q + offset, ly->k_cache, ly->v_cache, (int)m->kv_type,
                                block_tables + r * table_stride,
                                seq_lens[r], group, h, m->num_blocks, m->block_size, D, m->attn_scale, scores);
@@ -477,6 +499,14 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 }
             }
 
+            if (m->kv_row_shares != NULL && !(pure_decode && N * num_kv_heads >= 2 * (int64_t)omp_get_num_threads())) {
+                /* The paths above attended every row: zero the rows of shared groups another rank attends. */
+#pragma omp for schedule(static)
+                for (int64_t r = 0; r < R; ++r)
+                    for (int64_t h = 0; h < num_kv_heads; ++h)
+                        if (!owns_row(m, h, r, R)) memset(attn + r * q_size + h * group * D, 0,
+                                                          (size_t)(group * D) * sizeof(float));
+            }
             END_PHASE(TM_PHASE_ATTENTION)
             if (l == m->num_layers - 1 && keep_rows != NULL) {
                 /* Only the kept rows go on: their residual and attention rows move to rows 0 .. num_keep - 1, in

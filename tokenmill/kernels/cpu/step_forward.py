@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,7 @@ class _Model(ctypes.Structure):
                 ("final_norm", _ptr),
                 ("rope_cos", _ptr), ("rope_sin", _ptr), ("row_chunk_bytes", _i64),
                 ("amx_attention_max_rows", _i64), ("tp_segment", _ptr), ("tp_rank", _i64), ("tp_world", _i64),
-                ("tp_capacity", _i64), ("tp_seq", _ptr), ("tp_timeout_s", ctypes.c_double)]
+                ("tp_capacity", _i64), ("tp_seq", _ptr), ("tp_timeout_s", ctypes.c_double), ("kv_row_shares", _ptr)]
 
 # Input-row bytes a projection keeps in L2 per pass over its weights when no L2 size is known (192 KiB: 3/8 of the
 # AVX2 Zen 3's 512 KiB, where it was tuned).
@@ -132,12 +133,13 @@ class StepForwardKernel:
         self, layers: list[LayerWeights], final_norm: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
         num_heads: int, num_kv_heads: int, head_dim: int, eps: float, attn_scale: float,
         row_chunk_bytes: int = DEFAULT_ROW_CHUNK_BYTES, amx_attention_max_rows: int = 0,
-        tp_shm: ShmAllReduce | None = None,
+        tp_shm: ShmAllReduce | None = None, kv_row_shares: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         """row_chunk_bytes: input-row bytes of a projection kept in L2 while its weights pass (steps of more rows
         take their rows in chunks, each streaming the weights again). amx_attention_max_rows: prompts of up to this many
         rows whose whole context is in the step attend in bf16 on AMX tiles (kernels/cpu/bf16_attention_amx.h; for a
-        bf16 model where the plan chose it); 0: the float32 kernels for all."""
+        bf16 model where the plan chose it); 0: the float32 kernels for all. kv_row_shares: per KV head (i, n), this
+        rank attends only share i of n of the step's rows of that head's group (distributed/sharding.py)."""
         if head_dim % 8:
             raise ValueError(f"decode step: head_dim must be a multiple of 8, got {head_dim}")
         if amx_attention_max_rows and any(layer.qkv.format != BF16 for layer in layers):
@@ -186,6 +188,11 @@ class StepForwardKernel:
             self._model.tp_segment, self._model.tp_rank = tp_shm.address, tp_shm.rank
             self._model.tp_world, self._model.tp_capacity = tp_shm.world_size, tp_shm.capacity
             self._model.tp_seq, self._model.tp_timeout_s = tp_shm.seq.data_ptr(), tp_shm.timeout_s
+        if kv_row_shares is not None and any(n > 1 for _, n in kv_row_shares):
+            if len(kv_row_shares) != num_kv_heads:
+                raise ValueError(f"kv_row_shares has {len(kv_row_shares)} entries for {num_kv_heads} KV heads")
+            self._model.kv_row_shares = self._ptr(torch.tensor(kv_row_shares, dtype=torch.int64).reshape(-1),
+                                                   torch.int64, "the KV heads' row shares")
         self.hidden_size = hidden
         self.max_positions = rope_cos.shape[0]
         # None, or float64 [len(PHASES)]: run() adds each phase's wall time (seconds) to it.
