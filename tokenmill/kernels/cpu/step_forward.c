@@ -445,6 +445,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
              * one's positions split into block-aligned ranges over the threads, merged after (split-K). Any
              * other step: prefill_tile.h's query-block tasks. Same values on every thread, so every thread
              * runs the same loops. */
+            const int decode_tasks = pure_decode && N * num_kv_heads >= 2 * (int64_t)omp_get_num_threads();
             if (!pure_decode) {
 #if TM_HAVE_AMX_ATTENTION
                 if (amx.num_tasks > 0) /* q from the rotated queries, k and v from the step's fused rows */
@@ -459,7 +460,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                                  block_tables + r * table_stride, seq_lens[r], q_lens[r], t, num_heads, group,
                                  m->num_blocks, m->block_size, D, m->attn_scale, scores);
                 }
-            } else if (N * num_kv_heads >= 2 * (int64_t)omp_get_num_threads()) {
+            } else if (decode_tasks) {
 #pragma omp for schedule(dynamic, 1)
                 for (int64_t task = 0; task < N * num_kv_heads; ++task) {
                     const int64_t r = task / num_kv_heads, h = task % num_kv_heads;
@@ -499,8 +500,8 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 }
             }
 
-            if (m->kv_row_shares != NULL && !(pure_decode && N * num_kv_heads >= 2 * (int64_t)omp_get_num_threads())) {
-                /* The paths above attended every row: zero the rows of shared groups another rank attends. */
+            if (m->kv_row_shares != NULL && !decode_tasks) {
+                /* The other paths attended every row: zero the rows of shared groups another rank attends. */
 #pragma omp for schedule(static)
                 for (int64_t r = 0; r < R; ++r)
                     for (int64_t h = 0; h < num_kv_heads; ++h)
