@@ -111,12 +111,16 @@ static void row_share(int64_t rows, int64_t i, int64_t n, int64_t *start, int64_
     *end = *start + base + (i < extra ? 1 : 0);
 }
 
-/* Whether this rank attends row `row` of local KV head h's group (of `rows` rows in the step). */
-static int owns_row(const tm_model *m, int64_t h, int64_t row, int64_t rows) {
+/* Whether this rank attends any of rows [first, first + count) of local KV head h's group (of `rows` in the step). */
+static int owns_any_row(const tm_model *m, int64_t h, int64_t first, int64_t count, int64_t rows) {
     if (m->kv_row_shares == NULL || m->kv_row_shares[2 * h + 1] <= 1) return 1;
     int64_t start, end;
     row_share(rows, m->kv_row_shares[2 * h], m->kv_row_shares[2 * h + 1], &start, &end);
-    return row >= start && row < end;
+    return first < end && first + count > start;
+}
+
+static int owns_row(const tm_model *m, int64_t h, int64_t row, int64_t rows) {
+    return owns_any_row(m, h, row, 1, rows);
 }
 
 /* Per-row input of a projection: for int8, row x quantized (and rotated) into u / low / step; for
@@ -456,6 +460,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 for (int64_t i = 0; i < num_tasks; ++i) {
                     const attention_task *t = &tasks[i];
                     const int64_t r = t->req, first = q_starts[r] * q_size;
+                    if (!owns_any_row(m, t->kv_head, q_starts[r] + t->row0, t->rows, R)) continue; /* zeroed below */
                     attend_block(attn + first, q + first, q_size, ly->k_cache, ly->v_cache, (int)m->kv_type,
                                  block_tables + r * table_stride, seq_lens[r], q_lens[r], t, num_heads, group,
                                  m->num_blocks, m->block_size, D, m->attn_scale, scores);
