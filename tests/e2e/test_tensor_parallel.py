@@ -155,6 +155,47 @@ def test_a_killed_rank_stops_the_engine_without_orphans(tiny_checkpoint) -> None
     assert not rank1.is_alive()
 
 
+def test_ctrl_c_stops_a_tensor_parallel_server_cleanly(tiny_checkpoint, tmp_path) -> None:
+    """SIGINT to the server's whole process group (a terminal's Ctrl-C) mid-request: the ranks ignore it, the server
+    drains (the request finishes) and stops them, exit 0, nothing left."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--model", str(tiny_checkpoint("llama")),
+           "--tensor-parallel-size", "2", "--dtype", "float32", "--max-model-len", "128", "--port", str(port),
+           "--kv-cache-memory", str(16 << 20)]
+    with (tmp_path / "server.log").open("wb") as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        children = _children(server.pid)
+        assert children, "no rank process found"
+        # Ctrl-C while a request streams: it still finishes (the drain), then the server stops the ranks.
+        body = {"prompt": [1, 2, 3], "max_tokens": 100, "ignore_eos": True, "stream": True}
+        ending = None
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {") and ending is None:
+                    os.killpg(server.pid, signal.SIGINT)
+                    ending = "streaming"
+                if '"finish_reason":"length"' in line.replace(" ", "") or '"error"' in line:
+                    ending = "error" if '"error"' in line else "length"
+        assert ending == "length"
+        assert server.wait(timeout=60) == 0, (tmp_path / "server.log").read_text()[-2000:]
+        time.sleep(0.5)
+        assert not any(_running(pid) for pid in children), "a process of the server outlived it"
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
 def test_server_with_a_killed_rank_answers_503_and_exits_nonzero(tiny_checkpoint, tmp_path) -> None:
     port = free_port()
     cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--model", str(tiny_checkpoint("llama")),
