@@ -82,9 +82,9 @@ def _mean_abs_difference(a: list[list[float]], b: list[list[float]]) -> float:
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_quantized_shards_are_as_close_to_float32_as_one_rank(quantization: str) -> None:
     """Each rank quantizes (and, for int8, smooths) its own share; the sharded model must stay as good a quantization
-    of the float32 model as one rank's: prompt logprobs of the default model (9 query heads over 2 ranks: pad head
-    slots) against float32. Measured: int8 0.10 at TP = 1, 0.09 at TP = 2 (2.2 when a pad slot's smoothing factor
-    scaled its whole KV group); int4 0.043, 0.034."""
+    of the float32 model as one rank's: prompt logprobs of the default model (9 query heads over 2 ranks: a KV group
+    held by both) against float32. Measured: int8 0.10 at TP = 1, 0.09 at TP = 2 (2.2 when pad head slots' smoothing
+    factors scaled their whole KV group); int4 0.043, 0.034."""
     reference = _prompt_logprobs(1, "none")
     one = _mean_abs_difference(reference, _prompt_logprobs(1, quantization))
     two = _mean_abs_difference(reference, _prompt_logprobs(2, quantization))

@@ -195,7 +195,7 @@ def test_smoothing_fold_keeps_the_model_function(tiny_checkpoint: Any) -> None:
 
 
 def test_smoothing_leaves_unused_channels_alone() -> None:
-    """A channel whose weights are all zero (a tensor-parallel pad head slot) gets factor 1 whatever its input."""
+    """A channel whose weights are all zero (nothing reads it) gets factor 1 whatever its input."""
     from tokenmill.quant.smooth import _factors
 
     weight = torch.randn(8, 4)

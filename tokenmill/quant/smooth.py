@@ -92,9 +92,9 @@ def input_channel_maxima(model: CausalLM, token_ids: Sequence[int], block_size: 
 
 
 def _factors(act_max: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Per input channel of `weight`; 1 for a channel whose weights are all zero: it is unused (a tensor-parallel
-    rank's pad head slot, whose attention output is not zero) and its factor must not scale the channels it shares
-    one with (o_proj's factors are shared per KV head: a pad's would be the clamp, 100, for the whole group)."""
+    """Per input channel of `weight`; 1 for a channel whose weights are all zero: nothing reads it, and its factor
+    must not scale the channels it shares one with (o_proj's factors are shared per KV head: an unused channel's
+    would be the clamp, 100, for the whole group; tensor-parallel pad head slots once were such channels)."""
     w_max = weight.detach().float().abs().amax(dim=0)
     s = act_max.clamp_min(1e-5).pow(ALPHA) / w_max.clamp_min(1e-5).pow(1.0 - ALPHA)
     return torch.where(w_max > 0, s.clamp(1e-2, 1e2), torch.ones_like(s))
