@@ -292,7 +292,9 @@ def test_phase_clock_adds_every_phase_and_leaves_outputs_alone(tiny_checkpoint: 
     timed = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     wall = time.perf_counter() - start
     assert timed == untimed
-    assert bool((kernel.phase_seconds > 0).all()) and float(kernel.phase_seconds.sum()) < wall
+    single_rank = kernel.phase_seconds[:-1]  # the last phase, the tensor-parallel all-reduces, has none here
+    assert bool((single_rank > 0).all()) and kernel.phase_seconds[-1] == 0
+    assert float(kernel.phase_seconds.sum()) < wall
 
 
 @pytest.mark.parametrize("dtype, quantization", [("float32", "none"), ("bfloat16", "none"), ("float32", "int8")])

@@ -58,8 +58,12 @@
 enum { TM_FLOAT32 = 0, TM_INT8 = 1, TM_INT4 = 2, TM_BF16 = 3 };
 
 /* Phases of phase_seconds (step_forward.py's PHASES, same order): the per-row work (residual adds, norms,
- * activation quantization, silu * up), the projections, rotary + K/V write, attention. */
-enum { TM_PHASE_ROWS = 0, TM_PHASE_PROJECTIONS = 1, TM_PHASE_ROTARY_KV = 2, TM_PHASE_ATTENTION = 3, TM_NUM_PHASES = 4 };
+ * activation quantization, silu * up), the projections, rotary + K/V write, attention, and under tensor parallelism
+ * the all-reduces (waiting for the other ranks included). */
+enum {
+    TM_PHASE_ROWS = 0, TM_PHASE_PROJECTIONS = 1, TM_PHASE_ROTARY_KV = 2, TM_PHASE_ATTENTION = 3, TM_PHASE_ALL_REDUCE = 4,
+    TM_NUM_PHASES = 5
+};
 
 typedef struct {
     const void *weight;     /* float32 panels [num_panels(n), k, PANEL] (f32_panels.h); int8 panels
@@ -413,6 +417,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
             tp_failed = shm_all_reduce(m->tp_segment, (int)m->tp_rank, (int)m->tp_world, m->tp_capacity, (buf), \
                                        (count), *m->tp_seq, m->tp_timeout_s) != 0;                              \
         }                                                                                                       \
+        END_PHASE(TM_PHASE_ALL_REDUCE)                                                                          \
     }
         for (int64_t l = 0; l < m->num_layers; ++l) {
             const tm_layer *ly = &m->layers[l];

@@ -36,7 +36,8 @@ class _Linear(ctypes.Structure):
 
 FLOAT32, INT8, INT4, BF16 = 0, 1, 2, 3  # step_forward.c's tm_linear formats
 # step_forward.c's phases (TM_PHASE_*), in order, as StepForwardKernel.phase_seconds reports them.
-PHASES = ("per-row work (norms, quantization, silu)", "projections", "rotary + K/V write", "attention")
+PHASES = ("per-row work (norms, quantization, silu)", "projections", "rotary + K/V write", "attention",
+          "tensor-parallel all-reduces (waits included)")
 
 
 class _Layer(ctypes.Structure):
