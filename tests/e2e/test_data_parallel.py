@@ -11,7 +11,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,9 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_tensor_parallel import _children, _running
+from tests.e2e.served import children, running, serving, spawned_children
 from tokenmill import LLM, SamplingParams
-from tokenmill.bench.server_process import free_port
 
 MAX_TOKENS = 6
 ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory", str(32 << 20)]
@@ -30,34 +28,8 @@ ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "256", "--kv-cache-memor
 
 @contextmanager
 def _dp_server(model: str, log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--model", model, "--data-parallel-size", "2",
-           "--port", str(port), *ENGINE_ARGS]
-    with log_path.open("wb") as log:
-        # Its own process group, as a shell gives a foreground job: Ctrl-C reaches every process of the group.
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise AssertionError("the server did not come up:\n" + log_path.read_text()[-3000:])
-        yield url, server
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-
-
-def _replica_pids(server_pid: int) -> list[int]:
-    return [pid for pid in _children(server_pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    with serving(["--model", model, "--data-parallel-size", "2", *ENGINE_ARGS], log_path) as server:
+        yield server.base_url, server.proc
 
 
 def _complete(url: str, prompt: list[int]) -> list[int]:
@@ -84,7 +56,7 @@ def test_replicas_route_by_prefix_and_match_one_engine(tiny_checkpoint, tmp_path
         expected = [[llm.engine.tokenizer.decode([t]) for t in out.outputs[0].token_ids]
                     for out in llm.generate(shared + unrelated, params, use_tqdm=False)]
     with _dp_server(model, tmp_path / "server.log") as (url, server):
-        assert len(_replica_pids(server.pid)) == 2
+        assert len(spawned_children(server.pid)) == 2
         for i, prompt in enumerate(shared):  # one at a time: each finds the previous ones' blocks cached
             assert _complete(url, prompt) == expected[i]
         metrics = httpx.get(url + "/metrics").text
@@ -105,11 +77,11 @@ def test_replicas_route_by_prefix_and_match_one_engine(tiny_checkpoint, tmp_path
         metrics = httpx.get(url + "/metrics").text
         assert min(_metric(metrics, "tokenmill:dp_routed_requests_total", r) for r in (0, 1)) >= 14
         assert re.search(r'^tokenmill:num_requests_running\{[^}]*\} 0\.0$', metrics, re.MULTILINE)
-        children = _children(server.pid)
+        pids = children(server.pid)
         os.killpg(server.pid, signal.SIGINT)  # Ctrl-C: the replicas ignore it, the server drains and stops them
         assert server.wait(timeout=60) == 0
         time.sleep(0.5)
-        assert not any(_running(pid) for pid in children), "a process of the server outlived it"
+        assert not any(running(pid) for pid in pids), "a process of the server outlived it"
         assert "stopped (" not in (tmp_path / "server.log").read_text()  # no replica died on its own
 
 
@@ -134,8 +106,8 @@ def _stream_and_kill(url: str, pid: int) -> str:
 def test_a_killed_replica_gives_errors_503_and_a_nonzero_exit(tiny_checkpoint, tmp_path) -> None:
     with _dp_server(str(tiny_checkpoint("llama")), tmp_path / "server.log") as (url, server):
         assert len(_complete(url, [5, 6, 7, 8])) == MAX_TOKENS
-        children = _children(server.pid)
-        replicas = _replica_pids(server.pid)
+        pids = children(server.pid)
+        replicas = spawned_children(server.pid)
         assert len(replicas) == 2
         # Whichever replica serves the stream, it ends in an error.
         assert _stream_and_kill(url, replicas[0]) in ("error", "cut")
@@ -152,7 +124,7 @@ def test_a_killed_replica_gives_errors_503_and_a_nonzero_exit(tiny_checkpoint, t
             time.sleep(0.05)
         assert server.wait(timeout=60) != 0
         time.sleep(1)
-        assert not any(_running(pid) for pid in children), "a process of the server outlived it"
+        assert not any(running(pid) for pid in pids), "a process of the server outlived it"
 
 
 def test_offline_engines_refuse_data_parallelism() -> None:

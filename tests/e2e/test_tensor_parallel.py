@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
+from tests.e2e.served import children, running, serving, spawned_children
 from tests.models.test_parity_default import CHATS, PLAIN_PROMPTS
 from tokenmill import LLM, SamplingParams
-from tokenmill.bench.server_process import free_port
 from tokenmill.config import ParallelConfig
 from tokenmill.distributed.sharding import even_share, shard_heads
 from tokenmill.distributed.worker_group import WorkerGroupDied
@@ -123,23 +120,6 @@ def test_even_shares_and_bad_sizes() -> None:
         ParallelConfig(tensor_parallel_size=2, nnodes=2, node_rank=2, master_port=29500)
 
 
-def _running(pid: int) -> bool:
-    """The process exists and is not a zombie (an exited child no one reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
-    except FileNotFoundError:
-        return False
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except FileNotFoundError:
-        return []
-
-
 def test_a_killed_rank_stops_the_engine_without_orphans(tiny_checkpoint) -> None:
     llm = LLM(model=str(tiny_checkpoint("llama")), tensor_parallel_size=2, dtype="float32", max_model_len=128,
               kv_cache_memory=16 << 20)
@@ -155,68 +135,39 @@ def test_a_killed_rank_stops_the_engine_without_orphans(tiny_checkpoint) -> None
     assert not rank1.is_alive()
 
 
+SERVE_TP2 = ["--tensor-parallel-size", "2", "--dtype", "float32", "--max-model-len", "128",
+             "--kv-cache-memory", str(16 << 20)]
+
+
 def test_ctrl_c_stops_a_tensor_parallel_server_cleanly(tiny_checkpoint, tmp_path) -> None:
     """SIGINT to the server's whole process group (a terminal's Ctrl-C) mid-request: the ranks ignore it, the server
     drains (the request finishes) and stops them, exit 0, nothing left."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--model", str(tiny_checkpoint("llama")),
-           "--tensor-parallel-size", "2", "--dtype", "float32", "--max-model-len", "128", "--port", str(port),
-           "--kv-cache-memory", str(16 << 20)]
-    with (tmp_path / "server.log").open("wb") as log:
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        children = _children(server.pid)
-        assert children, "no rank process found"
+    with serving(["--model", str(tiny_checkpoint("llama")), *SERVE_TP2], tmp_path / "server.log") as server:
+        pids = children(server.proc.pid)
+        assert pids, "no rank process found"
         # Ctrl-C while a request streams: it still finishes (the drain), then the server stops the ranks.
         body = {"prompt": [1, 2, 3], "max_tokens": 100, "ignore_eos": True, "stream": True}
         ending = None
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+        with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=60) as response:
             for line in response.iter_lines():
                 if line.startswith("data: {") and ending is None:
-                    os.killpg(server.pid, signal.SIGINT)
+                    os.killpg(server.proc.pid, signal.SIGINT)
                     ending = "streaming"
                 if '"finish_reason":"length"' in line.replace(" ", "") or '"error"' in line:
                     ending = "error" if '"error"' in line else "length"
         assert ending == "length"
-        assert server.wait(timeout=60) == 0, (tmp_path / "server.log").read_text()[-2000:]
+        assert server.proc.wait(timeout=60) == 0, server.log_tail()
         time.sleep(0.5)
-        assert not any(_running(pid) for pid in children), "a process of the server outlived it"
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        assert not any(running(pid) for pid in pids), "a process of the server outlived it"
 
 
 def test_server_with_a_killed_rank_answers_503_and_exits_nonzero(tiny_checkpoint, tmp_path) -> None:
-    port = free_port()
-    cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--model", str(tiny_checkpoint("llama")),
-           "--tensor-parallel-size", "2", "--dtype", "float32", "--max-model-len", "128", "--port", str(port),
-           "--kv-cache-memory", str(16 << 20)]
-    with (tmp_path / "server.log").open("wb") as log:
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    with serving(["--model", str(tiny_checkpoint("llama")), *SERVE_TP2], tmp_path / "server.log") as server:
+        url = server.base_url
         body = {"prompt": "hello", "max_tokens": 4}
         assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
-        children = _children(server.pid)
-        ranks = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        pids = children(server.proc.pid)
+        ranks = spawned_children(server.proc.pid)
         assert len(ranks) == 1, "rank 1's process not found"
         os.kill(ranks[0], signal.SIGKILL)
         failed = httpx.post(url + "/v1/completions", json=body, timeout=60)
@@ -225,10 +176,6 @@ def test_server_with_a_killed_rank_answers_503_and_exits_nonzero(tiny_checkpoint
             assert httpx.get(url + "/health", timeout=5).status_code == 503
         except httpx.HTTPError:
             pass
-        assert server.wait(timeout=30) != 0
+        assert server.proc.wait(timeout=30) != 0
         time.sleep(1)
-        assert not any(_running(pid) for pid in children), "a process of the server outlived it"
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        assert not any(running(pid) for pid in pids), "a process of the server outlived it"
