@@ -47,12 +47,11 @@ def _checkpoint(dtype_name: str, out_dir: Path) -> Path:
     from safetensors.torch import save_file
 
     from tokenmill.loader import default_model_path, load_model
-    from tokenmill.loader.cache import CACHE_FORMAT_VERSION, content_key, resolve_cache_dir
+    from tokenmill.loader.cache import gguf_entry, resolve_cache_dir
 
     gguf = default_model_path()
     loaded = load_model(gguf, dtype=getattr(torch, dtype_name))  # converts the GGUF into the cache once
-    root = resolve_cache_dir(None)
-    entry = root / "gguf" / f"{content_key(gguf, root)}-v{CACHE_FORMAT_VERSION}"
+    entry = gguf_entry(gguf, resolve_cache_dir(None))
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         if (entry / name).is_file():
             (out_dir / name).write_bytes((entry / name).read_bytes())

@@ -99,12 +99,11 @@ def load_default_tokenizer() -> Any:
     """The default model's tokenizer without loading its weights: from the converted model's cache
     entry when there is one, else converted from the GGUF metadata (~1 s, nothing written)."""
     from tokenmill.loader import default_model_path, load_tokenizer
-    from tokenmill.loader.cache import CACHE_FORMAT_VERSION, content_key, resolve_cache_dir
+    from tokenmill.loader.cache import gguf_entry, resolve_cache_dir
     from tokenmill.loader.tokenizer import convert_gguf_tokenizer
 
     gguf = default_model_path()
-    root = resolve_cache_dir(None)
-    entry = root / "gguf" / f"{content_key(gguf, root)}-v{CACHE_FORMAT_VERSION}"
+    entry = gguf_entry(gguf, resolve_cache_dir(None))
     if (entry / "tokenizer.json").is_file():
         try:
             return load_tokenizer(entry)

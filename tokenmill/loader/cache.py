@@ -71,6 +71,11 @@ def content_key(path: str, cache_root: Path) -> str:
     return digest
 
 
+def gguf_entry(path: str, cache_root: Path) -> Path:
+    """The cache directory that holds (or will hold) the HF conversion of the GGUF file at `path`."""
+    return cache_root / "gguf" / f"{content_key(path, cache_root)}-v{CACHE_FORMAT_VERSION}"
+
+
 def build_atomically(final_dir: Path, build: Callable[[Path], None]) -> Path:
     """Create `final_dir` by running `build(tmp_dir)` and renaming; a no-op if it already exists."""
     if final_dir.is_dir():

@@ -24,7 +24,7 @@ import torch
 from tokenmill.loader.cache import (
     CACHE_FORMAT_VERSION,
     build_atomically,
-    content_key,
+    gguf_entry,
     remove_entry,
     resolve_cache_dir,
     write_json,
@@ -79,7 +79,7 @@ def load_gguf_model(
 
 
 def _load_through_cache(path: str, dtype: torch.dtype, cache_root: Path, weights: bool = True) -> LoadedModel:
-    entry = cache_root / "gguf" / f"{content_key(path, cache_root)}-v{CACHE_FORMAT_VERSION}"
+    entry = gguf_entry(path, cache_root)
     if not entry.is_dir() and not _writable(cache_root):
         logger.warning("cache directory %s is not writable; converting %s without caching", cache_root, path)
         with tempfile.TemporaryDirectory(prefix="tokenmill-") as tmp_dir:
