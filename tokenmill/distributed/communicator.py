@@ -45,16 +45,17 @@ class Communicator:
         if self.world_size == 1 or self.shm is not None or per_node == 1:
             return self.shm is not None
         nnodes = self.world_size // per_node
-        # Every rank creates every group, in the same order (torch.distributed's rule for new_group).
-        node_groups = [dist.new_group(list(range(n * per_node, (n + 1) * per_node))) for n in range(nnodes)]
-        leaders = dist.new_group([n * per_node for n in range(nnodes)]) if nnodes > 1 else None
+        node_groups, leaders = [None], None  # one node: the default group is the node's
+        if nnodes > 1:  # every rank creates every group, in the same order (torch.distributed's rule for new_group)
+            node_groups = [dist.new_group(list(range(n * per_node, (n + 1) * per_node))) for n in range(nnodes)]
+            leaders = dist.new_group([n * per_node for n in range(nnodes)])
         usable = torch.tensor([int(shm_all_reduce_available())], dtype=torch.int64)
         dist.all_reduce(usable, op=dist.ReduceOp.MIN)  # all or none
         if usable.item():
             node = self.rank // per_node
             self.local_rank = self.rank - node * per_node
-            self.shm = ShmAllReduce(self.local_rank, per_node, capacity, self.timeout_s,
-                                    group=node_groups[node] if nnodes > 1 else None, group_src=node * per_node)
+            self.shm = ShmAllReduce(self.local_rank, per_node, capacity, self.timeout_s, group=node_groups[node],
+                                    group_src=node * per_node)
             self.leaders = leaders
         return self.shm is not None
 
