@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from tokenmill.spec.config import SpeculativeConfig, parse_speculative_config
+
 GiB = 1 << 30
 
 
@@ -188,13 +190,35 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeOptions:
+    speculative_config: str | dict | None = field(
+        default=None,
+        metadata=_help('speculative decoding, as JSON (vLLM\'s): {"method": "ngram", "num_speculative_tokens": 4, '
+                       '"prompt_lookup_max": 4, "prompt_lookup_min": 1} or {"method": "draft_model", "model": PATH, '
+                       '"num_speculative_tokens": 4, "quantization": "int4"} ("model": "default" is the embedded '
+                       'model); optional "disable_by_batch_size", "min_acceptance_rate" (the governor)'))
+
+    def __post_init__(self) -> None:
+        self.spec  # noqa: B018 -- validates the JSON now, with a ValueError that says what is wrong
+
+    @property
+    def spec(self) -> SpeculativeConfig | None:
+        return parse_speculative_config(self.speculative_config)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeOptions = field(default_factory=SpeculativeOptions)
 
     def __post_init__(self) -> None:
+        spec = self.speculative.spec
+        if spec is not None and spec.method == "draft_model" and self.parallel.tensor_parallel_size > 1:
+            raise ValueError("a draft model does not work with tensor_parallel_size > 1 yet (the draft would need "
+                             "its own shards); use the ngram method or one rank")
         if self.parallel.compile and self.model.quantization != "none":
             # Panel-packed int8 weights (a ctypes kernel) and fp8 weights are opaque to dynamo.
             raise ValueError(
@@ -214,5 +238,6 @@ class EngineConfig:
         return cls(**{name: _PARTS[name](**values) for name, values in parts.items()})
 
 
-_PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
+_PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig,
+          "speculative": SpeculativeOptions}
 ENGINE_CONFIG_PARTS = _PARTS

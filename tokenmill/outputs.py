@@ -25,6 +25,13 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    # Speculative decoding: draft tokens verified for the request (all its samples) and how many were accepted.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return None if self.num_draft_tokens == 0 else self.num_accepted_tokens / self.num_draft_tokens
 
     @property
     def time_to_first_token(self) -> float | None:

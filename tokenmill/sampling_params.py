@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 
+from tokenmill.structured.params import StructuredOutputsParams
+
 # Temperatures below this are treated as greedy (argmax).
 _GREEDY_EPS = 1e-5
 
@@ -41,6 +43,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # The output must match this (JSON schema, regex, choice, EBNF grammar, JSON object): constrained decoding.
+    structured_outputs: StructuredOutputsParams | None = None
     # Set by the engine: eos ids that end generation (model's eos plus generation_config's).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -112,6 +116,11 @@ class SamplingParams:
             self.logit_bias = clean
         if not isinstance(self.output_kind, RequestOutputKind):
             fail("output_kind", f"must be a RequestOutputKind, got {self.output_kind!r}.")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                fail("structured_outputs", f"must be a StructuredOutputsParams, got {self.structured_outputs!r}.")
+            if self.min_tokens:  # the grammar alone decides where the output ends
+                fail("min_tokens", f"must be 0 with structured_outputs, got {self.min_tokens}.")
 
     @property
     def is_greedy(self) -> bool:

@@ -5,6 +5,7 @@ WorkerGroup (distributed/worker_group.py): each step goes to the other ranks fir
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from tokenmill.config import EngineConfig
 from tokenmill.distributed.communicator import SINGLE
 from tokenmill.distributed.worker_group import WorkerGroup, WorkerGroupDied
+from tokenmill.engine.input_processor import generation_eos_ids
 from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
@@ -19,6 +21,8 @@ from tokenmill.engine.scheduler_output import EngineCoreOutput
 from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 from tokenmill.engine.worker_mirror import WorkerMirror
 from tokenmill.loader import LoadedModel
+from tokenmill.spec.governor import SpeculationGovernor
+from tokenmill.structured.manager import StructuredOutputManager
 from tokenmill.worker.runner_output import ModelRunnerOutput
 from tokenmill.worker.worker import Worker
 
@@ -58,17 +62,28 @@ class EngineCore:
         self.capacity = self.worker.capacity
         self.kv_cache_manager = KVCacheManager(self.worker.num_blocks, self.worker.block_size,
                                                config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
+        spec = config.speculative.spec
+        self.governor = SpeculationGovernor(spec) if spec is not None else None
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len, self.governor)
         self.mirror = WorkerMirror()
         self.last_step = StepStats()
+        # Masks as wide as the logits (the model's vocabulary, which may exceed the tokenizer's); a grammar may end
+        # with any token that ends generation.
+        stop_ids = generation_eos_ids(loaded)
+        if getattr(loaded.tokenizer, "eos_token_id", None) is not None:
+            stop_ids.add(loaded.tokenizer.eos_token_id)
+        self.structured = StructuredOutputManager(loaded.tokenizer, int(loaded.hf_config.vocab_size), stop_ids)
 
     def close(self) -> None:
-        """Stops the other tensor-parallel ranks, if any (idempotent)."""
+        """Stops the other tensor-parallel ranks, if any, and the grammar compile thread (idempotent)."""
         if self.workers is not None:
             self.workers.close()
+        if getattr(self, "structured", None) is not None:
+            self.structured.close()
 
     def add_request(self, request: Request) -> None:
         request.max_model_len = self.max_model_len
+        self.structured.add_request(request)  # structured output: its grammar starts compiling
         self.scheduler.add_request(request)
 
     def abort_requests(self, req_ids: Iterable[str]) -> None:
@@ -79,12 +94,20 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         with self.timer.section("schedule"):
+            failed = self.structured.failed_requests()  # grammars that did not compile
+            if failed:
+                self.scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR)
             scheduler_output = self.scheduler.schedule()
+            if scheduler_output.is_empty and self.structured.num_compiling:
+                self.structured.wait_for_compiles(0.01)  # nothing runnable until a grammar is ready: don't spin
         self.last_step = StepStats(
             len(scheduler_output.scheduled), scheduler_output.num_scheduled_tokens,
             len(scheduler_output.preempted_req_ids),
         )
         step_input = self.mirror.step_input(scheduler_output)
+        grammar = self.structured.grammar_bitmask(scheduler_output.scheduled)
+        if grammar is not None:
+            step_input = dataclasses.replace(step_input, grammar=grammar)
         try:
             if self.workers is not None:
                 self.workers.send(step_input)

@@ -170,6 +170,7 @@ class DataParallelEngine(EngineClient):
     def _total_stats(self, step_of: EngineStats) -> EngineStats:
         """The replicas' state summed (KV usage: the mean), with the step one replica just ran."""
         stats = self.replica_stats
+        specs = [s.spec for s in stats if s.spec is not None]
         return EngineStats(step_of.step, sum(s.num_running for s in stats), sum(s.num_waiting for s in stats),
                            sum(s.kv_usage for s in stats) / len(stats), sum(s.prefix_queries for s in stats),
-                           sum(s.prefix_hits for s in stats))
+                           sum(s.prefix_hits for s in stats), sum(specs[1:], specs[0].copy()) if specs else None)

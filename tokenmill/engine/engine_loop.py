@@ -27,6 +27,7 @@ from tokenmill.engine.input_processor import ProcessedPrompt
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.spec.governor import SpecDecodingStats
 
 logger = logging.getLogger("tokenmill")
 
@@ -65,6 +66,7 @@ class EngineStats:
     kv_usage: float = 0.0
     prefix_queries: int = 0  # cumulative, in tokens
     prefix_hits: int = 0
+    spec: SpecDecodingStats | None = None  # cumulative speculative-decoding counts (None: no speculation)
 
 
 class LoopListener(Protocol):
@@ -99,8 +101,9 @@ class EngineLoop:
         """The engine's state now; `step` (default: the last step's) is what it ran."""
         core = self.engine.core
         kv = core.kv_cache_manager
-        return EngineStats(core.last_step if step is None else step, core.scheduler.num_running, core.scheduler.num_waiting, kv.usage,
-                           kv.prefix_cache_queries, kv.prefix_cache_hits)
+        spec = None if core.governor is None else core.governor.stats.copy()
+        return EngineStats(core.last_step if step is None else step, core.scheduler.num_running,
+                           core.scheduler.num_waiting, kv.usage, kv.prefix_cache_queries, kv.prefix_cache_hits, spec)
 
     def _drain_commands(self, block: bool) -> bool:
         """Applies queued adds and aborts; True when asked to stop."""

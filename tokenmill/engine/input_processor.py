@@ -13,6 +13,7 @@ from typing import Any
 
 from tokenmill.loader import LoadedModel
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured.grammar import validate as validate_structured_outputs
 
 Prompt = str | Sequence[int]
 
@@ -60,12 +61,15 @@ class InputProcessor:
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}")
         return None, token_ids
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """`tools`: OpenAI tool definitions, for templates that describe them to the model."""
         if not messages:
             raise ValueError("messages must not be empty")
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError("this model has no chat template; use generate() with a plain prompt")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
 
     def process_inputs(
         self, prompt: Prompt, params: SamplingParams, add_special_tokens: bool = True
@@ -94,3 +98,5 @@ class InputProcessor:
         bad_stop = [t for t in params.stop_token_ids or [] if t >= self.vocab_size]
         if bad_stop:
             raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size}), got {bad_stop[:5]}")
+        if params.structured_outputs is not None:  # a schema or grammar that cannot compile fails here, not later
+            validate_structured_outputs(params.structured_outputs)

@@ -12,6 +12,8 @@ vllm:prompt_tokens_total / generation_...  -> tokenmill:prompt_tokens_total / ge
 vllm:prefix_cache_queries / _hits (tokens) -> tokenmill:prefix_cache_queries_total / _hits_total
 vllm:num_preemptions                       -> tokenmill:num_preemptions_total
 vllm:request_success{finished_reason}      -> tokenmill:request_success_total{finished_reason}
+vllm:spec_decode_num_drafts / _num_draft_tokens / _num_accepted_tokens / _num_accepted_tokens_per_pos{position}
+                                           -> tokenmill:spec_decode_* (the same; with --speculative-config)
 plus tokenmill:engine_steps_total and tokenmill:step_num_requests (requests batched per step), and with
 --data-parallel-size > 1, per replica (label `replica`): tokenmill:dp_routed_requests_total,
 tokenmill:dp_prefix_cache_hits_total and tokenmill:dp_num_requests_running.
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from tokenmill.outputs import FINISH_REASONS, RequestOutput
+from tokenmill.spec.governor import SpecDecodingStats
 
 if TYPE_CHECKING:
     from tokenmill.engine.engine_loop import EngineStats
@@ -92,6 +95,14 @@ class EngineMetrics:
         self.finished = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
         self._tracks: dict[str, _RequestTrack] = {}
         self._last_prefix = (0, 0)
+        self.spec_drafts = counter("tokenmill:spec_decode_num_drafts",
+                                   "Request-steps that verified speculative draft tokens.")
+        self.spec_draft_tokens = counter("tokenmill:spec_decode_num_draft_tokens", "Draft tokens verified.")
+        self.spec_accepted_tokens = counter("tokenmill:spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self._spec_per_pos = Counter("tokenmill:spec_decode_num_accepted_tokens_per_pos",
+                                     "Draft tokens accepted, by position in the draft (0 = first).",
+                                     labels + ["position"], registry=r)
+        self._last_spec = SpecDecodingStats()
 
     def track_replicas(self, num_replicas: int) -> None:
         """Adds the per-replica series of a data-parallel engine (label `replica`, "0" .. "D-1")."""
@@ -126,6 +137,19 @@ class EngineMetrics:
         self.prefix_queries.inc(max(stats.prefix_queries - last_queries, 0))
         self.prefix_hits.inc(max(stats.prefix_hits - last_hits, 0))
         self._last_prefix = (stats.prefix_queries, stats.prefix_hits)
+        if stats.spec is not None:
+            self._record_spec(stats.spec)
+
+    def _record_spec(self, spec: SpecDecodingStats) -> None:
+        """Adds the growth of the cumulative speculative-decoding counts since the last call."""
+        last = self._last_spec
+        self.spec_drafts.inc(max(spec.num_drafts - last.num_drafts, 0))
+        self.spec_draft_tokens.inc(max(spec.num_draft_tokens - last.num_draft_tokens, 0))
+        self.spec_accepted_tokens.inc(max(spec.num_accepted_tokens - last.num_accepted_tokens, 0))
+        for position, count in enumerate(spec.accepted_by_position):
+            before = last.accepted_by_position[position] if position < len(last.accepted_by_position) else 0
+            self._spec_per_pos.labels(self.model_name, str(position)).inc(max(count - before, 0))
+        self._last_spec = spec.copy()
 
     def record_output(self, output: RequestOutput, now: float | None = None) -> None:
         """Call with every DELTA output of a request, in order (the final one last)."""

@@ -101,6 +101,8 @@ class OutputProcessor:
             state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
             if state.metrics.first_scheduled_time is None:
                 state.metrics.first_scheduled_time = out.first_scheduled_time
+            state.metrics.num_draft_tokens += out.num_draft_tokens
+            state.metrics.num_accepted_tokens += out.num_accepted_tokens
             # Each of n samples reports the (identical) prompt logprobs: keep the first copy.
             if out.new_prompt_logprobs and state.prompt_logprobs == []:
                 state.prompt_logprobs.extend(self._decode_logprobs(out.new_prompt_logprobs))

@@ -5,9 +5,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tokenmill.outputs import PositionLogprobs, RequestMetrics
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.structured.manager import RequestGrammar
 
 
 class RequestStatus(enum.IntEnum):
@@ -66,6 +70,14 @@ class Request:
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] = field(default_factory=list)
     cumulative_logprob: float = 0.0
+    # Structured output (structured/manager.py): its grammar's compilation and matcher; None when unconstrained.
+    grammar: RequestGrammar | None = None
+    # Speculative decoding (spec/governor.py): drafts verified and accepted so far, the slots it gets per step
+    # (0: not decoding yet) and its recent acceptance rate (None before its first verified draft).
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    spec_num_tokens: int = 0
+    spec_acceptance: float | None = None
     metrics: RequestMetrics = field(init=False)
 
     def __post_init__(self) -> None:

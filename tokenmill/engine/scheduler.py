@@ -25,6 +25,7 @@ from tokenmill.config import SchedulerConfig
 from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler_output import EngineCoreOutput, ScheduledRequest, SchedulerOutput
+from tokenmill.spec.governor import SpeculationGovernor
 from tokenmill.worker.runner_output import ModelRunnerOutput
 
 
@@ -33,8 +34,10 @@ def _priority_key(request: Request) -> tuple[int, float]:
 
 
 class Scheduler:
-    def __init__(self, scheduler_config: SchedulerConfig, kv_cache_manager: KVCacheManager, max_model_len: int) -> None:
+    def __init__(self, scheduler_config: SchedulerConfig, kv_cache_manager: KVCacheManager, max_model_len: int,
+                 governor: SpeculationGovernor | None = None) -> None:
         self.config = scheduler_config
+        self.governor = governor  # speculative decoding: slots for drafts per decoding request (spec/governor.py)
         self.kv_cache_manager = kv_cache_manager
         self.max_model_len = max_model_len
         self.block_size = kv_cache_manager.block_size
@@ -122,6 +125,8 @@ class Scheduler:
 
     def _schedule_running(self, budget: int, scheduled: dict[str, ScheduledRequest], out: SchedulerOutput) -> int:
         kv = self.kv_cache_manager
+        num_decoding = 0 if self.governor is None else sum(
+            1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -129,6 +134,8 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
+            num_spec = self._num_spec_tokens(request, num_new, budget, num_decoding)
+            num_new += num_spec
             block_ids = kv.allocate_slots(request, num_new)
             while block_ids is None:
                 victim = self._pick_victim()
@@ -146,10 +153,20 @@ class Scheduler:
                 # The request preempted itself: everything else running has higher priority.
                 # (Under fcfs it was the last one; under priority later ones may still fit.)
                 continue
-            scheduled[request.req_id] = ScheduledRequest(request, request.num_computed_tokens, num_new, block_ids)
+            scheduled[request.req_id] = ScheduledRequest(request, request.num_computed_tokens, num_new, block_ids,
+                                                         num_spec)
             budget -= num_new
             i += 1
         return budget
+
+    def _num_spec_tokens(self, request: Request, num_new: int, budget: int, num_decoding: int) -> int:
+        """Slots for speculative drafts after a decoding request's one known token: what the governor grants, cut to
+        the step's budget, the tokens the request may still produce past the one it surely gets, and the context."""
+        if self.governor is None or num_new != 1 or request.num_tokens - request.num_computed_tokens != 1:
+            return 0
+        num_spec = self.governor.num_spec_tokens(request, num_decoding)
+        return max(0, min(num_spec, budget - 1, request.max_tokens - request.num_output_tokens - 1,
+                          request.max_model_len - request.num_tokens))
 
     def _schedule_waiting(self, budget: int, scheduled: dict[str, ScheduledRequest]) -> None:
         kv = self.kv_cache_manager
@@ -162,6 +179,9 @@ class Scheduler:
         skipped: list[Request] = []
         while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
             request = self.waiting[0]
+            if request.grammar is not None and not request.grammar.is_ready():  # still compiling: keeps its place
+                skipped.append(self.waiting.popleft())
+                continue
             if request.group_id in prefilling_groups and self._can_share_prompt(request):
                 skipped.append(self.waiting.popleft())
                 continue
@@ -233,7 +253,7 @@ class Scheduler:
             request = sched.request
             if request.is_finished:  # finished by finish_requests() while the step ran
                 continue
-            request.num_computed_tokens += sched.num_new_tokens
+            request.num_computed_tokens += sched.num_new_tokens - sched.num_spec_tokens
             i = index.get(request.req_id)
             if i is None:
                 continue
@@ -245,12 +265,17 @@ class Scheduler:
             for j, token_id in enumerate(sampled):
                 request.append_output_token_ids([token_id])
                 new_token_ids.append(token_id)
+                if request.grammar is not None:  # structured output: the matcher follows every token
+                    request.grammar.accept(token_id)
                 if logprobs is not None:
                     request.logprobs.append(logprobs[j])
                     if token_id in logprobs[j]:
                         request.cumulative_logprob += logprobs[j][token_id].logprob
                 if self._check_stop(request, token_id):
                     break
+            num_drafted = num_accepted = 0
+            if sched.num_spec_tokens:
+                num_drafted, num_accepted = self._apply_verification(request, sched, runner_output, i)
             if new_token_ids:
                 if request.metrics.first_token_time is None:
                     request.metrics.first_token_time = now
@@ -264,8 +289,23 @@ class Scheduler:
                     output.new_logprobs = request.logprobs[len(request.logprobs) - len(new_token_ids):]
                 if first_tokens and new_token_ids and request.prompt_logprobs:
                     output.new_prompt_logprobs = list(request.prompt_logprobs)
+                output.num_draft_tokens, output.num_accepted_tokens = num_drafted, num_accepted
                 outputs.append(output)
         return outputs
+
+    def _apply_verification(self, request: Request, sched: ScheduledRequest, runner_output: ModelRunnerOutput,
+                            i: int) -> tuple[int, int]:
+        """A step that had draft slots: of d drafts verified, the first a = len(sampled) - 1 were accepted, and their
+        K/V (written by this step) is the target's: they count as computed. The rest of the slots are rolled back:
+        their K/V is overwritten by later steps and never reaches the prefix cache (which registers computed blocks
+        only). Their blocks stay in the request's table (a table only grows: the worker mirrors it by appends) for
+        the tokens it computes next, and go back to the pool with the rest when it finishes."""
+        num_drafted = runner_output.num_draft_tokens[i] if runner_output.num_draft_tokens else 0
+        num_accepted = max(0, len(runner_output.sampled_token_ids[i]) - 1)
+        request.num_computed_tokens = min(request.num_computed_tokens + num_accepted, request.num_tokens)
+        if self.governor is not None:
+            self.governor.record(request, num_drafted, num_accepted)
+        return num_drafted, num_accepted
 
     @staticmethod
     def _record_prompt_logprobs(request: Request, start_pos: int, entries: list | None) -> None:
@@ -280,6 +320,9 @@ class Scheduler:
     def _check_stop(self, request: Request, token_id: int) -> bool:
         """Sets a finished status if the token just appended ends the request."""
         params = request.sampling_params
+        if request.grammar is not None and request.grammar.terminated:  # the output is complete (structured/)
+            request.status = RequestStatus.FINISHED_STOPPED
+            return True
         if request.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and (token_id == request.eos_token_id or token_id in params.all_stop_token_ids):
                 request.status = RequestStatus.FINISHED_STOPPED

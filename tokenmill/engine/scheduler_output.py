@@ -11,13 +11,15 @@ from tokenmill.outputs import PositionLogprobs
 @dataclass
 class ScheduledRequest:
     """One request's share of a step: compute tokens
-    request.all_token_ids[start_pos : start_pos + num_new_tokens], writing their K/V into the slots of
-    block_ids (the request's whole block table, in order)."""
+    request.all_token_ids[start_pos : start_pos + num_new_tokens - num_spec_tokens], writing their K/V into the
+    slots of block_ids (the request's whole block table, in order). The last num_spec_tokens of num_new_tokens
+    are slots (in the budget and the block table) for the worker's speculative drafts, which it may leave unused."""
 
     request: Request
     start_pos: int  # == request.num_computed_tokens when scheduled
     num_new_tokens: int
     block_ids: list[int]
+    num_spec_tokens: int = 0
 
     @property
     def req_id(self) -> str:
@@ -25,12 +27,12 @@ class ScheduledRequest:
 
     @property
     def token_ids(self) -> list[int]:
-        return self.request.all_token_ids[self.start_pos : self.start_pos + self.num_new_tokens]
+        return self.request.all_token_ids[self.start_pos : self.start_pos + self.num_new_tokens - self.num_spec_tokens]
 
     @property
     def samples(self) -> bool:
         """True when this step reaches the end of the known tokens, so a new token is sampled."""
-        return self.start_pos + self.num_new_tokens >= self.request.num_tokens
+        return self.start_pos + self.num_new_tokens - self.num_spec_tokens >= self.request.num_tokens
 
 
 @dataclass
@@ -62,6 +64,9 @@ class EngineCoreOutput:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     first_scheduled_time: float | None = None  # time.monotonic() when first admitted to a step
+    # Speculative decoding: drafts this step verified for the request, and how many of them it accepted.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def finished(self) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 # Sections in step order, with the label the report prints; the first one runs once per step.
 SECTIONS: dict[str, str] = {
     "schedule": "schedule",
+    "propose": "speculative drafts (proposer)",
     "prepare_inputs": "input preparation (metadata, tensors)",
     "forward": "model forward",
     "sample": "logits + sampling",

@@ -45,5 +45,5 @@ class WorkerMirror:
                 cached.new_token_ids.append(request.all_token_ids[sent.num_tokens:])
                 cached.new_block_ids.append(s.block_ids[sent.num_blocks:])
                 sent.num_tokens, sent.num_blocks = request.num_tokens, len(s.block_ids)
-            scheduled.append(ScheduledWork(request.req_id, s.start_pos, s.num_new_tokens))
+            scheduled.append(ScheduledWork(request.req_id, s.start_pos, s.num_new_tokens, s.num_spec_tokens))
         return StepInput(scheduled, new_requests, cached, dropped)

@@ -2,8 +2,9 @@
 runner's whole-step paths (worker/step_paths.py, beside CUDA graphs).
 
 A step it takes skips the layer-by-layer forward: the embeddings go to step_forward.c, which runs every
-layer in one OpenMP region and returns the final hidden states. It takes pure decode steps of at most
-`max_rows` requests (one new token each), and steps with prompt rows (prefill, chunked prefill, mixed with
+layer in one OpenMP region and returns the final hidden states. It takes steps of at most
+`max_rows` tokens (decode steps of that many requests, speculative verification of a few tokens per request, short
+chunks), and steps with prompt rows (prefill, chunked prefill, mixed with
 decode rows) of at most `max_prompt_tokens` tokens unless a projection is int4 (whose C kernel is for
 decode batches; larger products dequantize to float32, quant/int4_cpu.py). Other steps run
 models/llama.py's forward. Both compute the same arithmetic; the C path only removes the per-op dispatch
@@ -170,8 +171,10 @@ class CStepForward:
         return self.takes(len(scheduled), num_tokens)
 
     def takes(self, num_reqs: int, num_tokens: int) -> bool:
-        if num_tokens == num_reqs:  # pure decode
-            return num_reqs <= self.max_rows
+        if num_tokens <= self.max_rows:  # decode steps, and steps as small (speculative verification, short chunks)
+            return True
+        if num_tokens == num_reqs:  # a larger pure decode step
+            return False
         return num_tokens <= self.max_prompt_tokens
 
     def run(self, scheduled: Sequence[StepRequest], timer: AnyStepTimer = NULL_TIMER,

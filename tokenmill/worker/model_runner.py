@@ -20,6 +20,8 @@ from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 from tokenmill.kernels.cpu.kv_cache import kv_row_width
 from tokenmill.outputs import PositionLogprobs
+from tokenmill.spec.verify import accepted_tokens, sampling_rows
+from tokenmill.structured.bitmask import GrammarBitmask
 from tokenmill.worker.huge_pages import prefaulted_zeros
 from tokenmill.worker.request_states import StepRequest
 from tokenmill.worker.runner_output import ModelRunnerOutput
@@ -144,14 +146,17 @@ class ModelRunner:
         return plans
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[StepRequest]) -> ModelRunnerOutput:
+    def execute(self, scheduled: list[StepRequest], grammar: GrammarBitmask | None = None) -> ModelRunnerOutput:
+        """`grammar`: structured output's next-token masks for the requests that sample under a grammar."""
         if not scheduled:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         timer = self.timer
         row_starts = list(itertools.accumulate((s.num_new_tokens for s in scheduled), initial=0))
         sampling = [i for i, s in enumerate(scheduled) if s.samples]
         prompt_plans = self._prompt_logprobs_rows(scheduled, row_starts)
-        sample_rows = [row_starts[i + 1] - 1 for i in sampling]
+        # Each sampling request's last row, or with drafts its last 1 + len(drafts) rows (spec/verify.py).
+        sample_rows = [r for i in sampling
+                       for r in range(row_starts[i + 1] - scheduled[i].num_sampled_rows, row_starts[i + 1])]
         prompt_rows = [r for plan in prompt_plans for r in plan.rows]
         path = next((p for p in self.step_paths if p.can_run(scheduled)), None)
         if path is not None:  # only the rows read below need their hidden states
@@ -162,40 +167,40 @@ class ModelRunner:
             with timer.section("forward"):
                 hidden = self.model(input_ids, positions, meta)
         with timer.section("sample"):
-            return self._sample(scheduled, hidden, sampling, sample_rows, prompt_plans, prompt_rows)
+            return self._sample(scheduled, hidden, sampling, sample_rows, prompt_plans, prompt_rows, grammar)
 
     def _sample(self, scheduled: list[StepRequest], hidden: torch.Tensor, sampling: list[int],
-                sample_rows: list[int], prompt_plans: list[_PromptLogprobsRows], prompt_rows: list[int]
-                ) -> ModelRunnerOutput:
-        """Logits for the rows that sample (request indices `sampling`, their last rows `sample_rows`) and the
+                sample_rows: list[int], prompt_plans: list[_PromptLogprobsRows], prompt_rows: list[int],
+                grammar: GrammarBitmask | None = None) -> ModelRunnerOutput:
+        """Logits for the rows that sample (request indices `sampling`, their rows `sample_rows`) and the
         prompt-logprob rows -> sampled tokens and logprobs."""
         rows = torch.tensor(sample_rows + prompt_rows, dtype=torch.int64).to(hidden.device)
         sampled: list[list[int]] = [[] for _ in scheduled]
         logprobs: list[list[PositionLogprobs] | None] = [None] * len(scheduled)
+        num_drafts = [len(s.draft_token_ids) for s in scheduled]
+        num_draft_tokens = num_drafts if any(num_drafts) else None
         metadata = None
         if sampling:
-            requests = [scheduled[i].state for i in sampling]
+            requests = [row for i in sampling for row in sampling_rows(scheduled[i].state, scheduled[i].draft_token_ids)]
             metadata = SamplingMetadata.from_requests(requests, self.vocab_size, self.device, self.generator)
+            if grammar is not None:  # structured output: masked rows need their logits (no argmax-only path)
+                metadata.set_grammar(grammar, [getattr(r, "req_id", None) for r in requests])  # drafts' rows: None
             if metadata.argmax_only and not prompt_plans:  # greedy: the ids straight from the vocabulary projection
                 ids = self.model.greedy_token_ids(hidden[rows])
                 if ids is not None:
-                    for i, token in zip(sampling, ids.tolist()):
-                        sampled[i] = [token]
+                    _verify(scheduled, sampling, ids.tolist(), None, sampled, logprobs)
                     return ModelRunnerOutput(req_ids=[s.req_id for s in scheduled], sampled_token_ids=sampled,
-                                             logprobs=logprobs, prompt_logprobs={})
+                                             logprobs=logprobs, prompt_logprobs={}, num_draft_tokens=num_draft_tokens)
         logits = self.model.compute_logits(hidden[rows])
         if logits is None:  # a tensor-parallel rank other than 0: rank 0 samples for all
             return ModelRunnerOutput(req_ids=[s.req_id for s in scheduled], sampled_token_ids=sampled)
         logits = logits.float()
         if metadata is not None:
-            result = self.sampler(logits[: len(sampling)], metadata)
-            for j, i in enumerate(sampling):
-                sampled[i] = [result.sampled_token_ids[j]]
-                if result.logprobs[j] is not None:
-                    logprobs[i] = [result.logprobs[j]]
+            result = self.sampler(logits[: len(sample_rows)], metadata)
+            _verify(scheduled, sampling, result.sampled_token_ids, result.logprobs, sampled, logprobs)
 
         prompt_logprobs: dict[str, list[PositionLogprobs | None]] = {}
-        offset = len(sampling)
+        offset = len(sample_rows)
         for plan in prompt_plans:
             rows = logits[offset : offset + len(plan.rows)]
             offset += len(plan.rows)
@@ -205,5 +210,24 @@ class ModelRunner:
             prompt_logprobs[plan.req_id] = entries
         return ModelRunnerOutput(
             req_ids=[s.req_id for s in scheduled], sampled_token_ids=sampled,
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, num_draft_tokens=num_draft_tokens,
         )
+
+
+def _verify(scheduled: list[StepRequest], sampling: list[int], token_ids: list[int],
+            row_logprobs: list[PositionLogprobs | None] | None, sampled: list[list[int]],
+            logprobs: list[list[PositionLogprobs] | None]) -> None:
+    """Per sampling request (indices `sampling`, their rows consecutive in token_ids / row_logprobs): the tokens it
+    emits into sampled[i] (one, or with drafts the verified run, spec/verify.py) and their logprobs into logprobs[i].
+    No token ids: a tensor-parallel rank other than 0, which samples nothing."""
+    row = 0
+    if not token_ids:
+        return
+    for i in sampling:
+        s = scheduled[i]
+        num_rows = 1 + len(s.draft_token_ids)
+        tokens = token_ids[row : row + num_rows]
+        sampled[i] = accepted_tokens(s.draft_token_ids, tokens) if s.draft_token_ids else tokens
+        if row_logprobs is not None and row_logprobs[row] is not None:
+            logprobs[i] = row_logprobs[row : row + len(sampled[i])]
+        row += num_rows

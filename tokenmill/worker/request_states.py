@@ -4,7 +4,7 @@ objects: a worker in another process holds the same state from the same messages
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.step_input import StepInput
@@ -40,12 +40,18 @@ class RequestState:
 
 @dataclass
 class StepRequest:
-    """One request's share of a step: compute tokens state.all_token_ids[start_pos : start_pos + num_new_tokens],
-    writing their K/V into the slots of state.block_ids (the whole table, in order)."""
+    """One request's share of a step: compute tokens (state.all_token_ids + draft_token_ids)[start_pos : start_pos +
+    num_new_tokens], writing their K/V into the slots of state.block_ids (the whole table, in order).
+
+    Speculative decoding: the engine reserved num_spec_tokens slots past the request's known tokens; the worker's
+    proposer (spec/) fills up to that many drafts with add_drafts(), which makes them this step's last rows. The
+    rows from the last known token on are then all sampled, and verified against the drafts (spec/verify.py)."""
 
     state: RequestState
     start_pos: int
     num_new_tokens: int
+    num_spec_tokens: int = 0
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def req_id(self) -> str:
@@ -57,12 +63,26 @@ class StepRequest:
 
     @property
     def token_ids(self) -> list[int]:
-        return self.state.all_token_ids[self.start_pos : self.start_pos + self.num_new_tokens]
+        end = self.start_pos + self.num_new_tokens - len(self.draft_token_ids)
+        return self.state.all_token_ids[self.start_pos : end] + self.draft_token_ids
 
     @property
     def samples(self) -> bool:
         """True when this step reaches the end of the known tokens, so a new token is sampled."""
-        return self.start_pos + self.num_new_tokens >= self.state.num_tokens
+        return self.start_pos + self.num_new_tokens - len(self.draft_token_ids) >= self.state.num_tokens
+
+    @property
+    def num_sampled_rows(self) -> int:
+        """How many of the step's last rows sample: the last known token's and each draft's (0 mid-prompt)."""
+        return 1 + len(self.draft_token_ids) if self.samples else 0
+
+    def add_drafts(self, draft_token_ids: list[int]) -> None:
+        """Appends drafts (at most num_spec_tokens, to a request whose step reaches its last known token)."""
+        if len(self.draft_token_ids) + len(draft_token_ids) > self.num_spec_tokens or not self.samples:
+            raise ValueError(f"request {self.req_id!r}: {len(draft_token_ids)} drafts do not fit its "
+                             f"{self.num_spec_tokens} speculative slots")
+        self.draft_token_ids.extend(draft_token_ids)
+        self.num_new_tokens += len(draft_token_ids)
 
 
 class RequestStates:
@@ -85,7 +105,8 @@ class RequestStates:
             state = self._held(req_id)
             state.all_token_ids.extend(tokens)
             state.block_ids.extend(blocks)
-        return [StepRequest(self._held(w.req_id), w.start_pos, w.num_new_tokens) for w in step.scheduled]
+        return [StepRequest(self._held(w.req_id), w.start_pos, w.num_new_tokens - w.num_spec_tokens, w.num_spec_tokens)
+                for w in step.scheduled]
 
     def _held(self, req_id: str) -> RequestState:
         state = self.states.get(req_id)

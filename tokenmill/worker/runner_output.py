@@ -17,3 +17,6 @@ class ModelRunnerOutput:
     # Per req_id, prompt logprobs for the prompt positions computed this step (position p holds the
     # distribution of token p given tokens < p; the very first prompt position gets None).
     prompt_logprobs: dict[str, list[PositionLogprobs | None]] = field(default_factory=dict)
+    # Speculative decoding: per req_id, how many drafts the step verified (None: no request had any). Of a request's
+    # d drafts, len(sampled_token_ids[i]) - 1 were accepted (the last sampled token is the target's own).
+    num_draft_tokens: list[int] | None = None

@@ -1,7 +1,8 @@
 """Batched sampling: logit processors, penalties, greedy / seeded random sampling, logprobs.
 
 Order (vLLM / OpenAI semantics): logit_bias -> min_tokens mask -> repetition penalty -> presence and
-frequency penalties -> greedy argmax (greedy rows) / temperature -> top_k -> top_p -> min_p -> sample.
+frequency penalties -> grammar mask (structured output) -> greedy argmax (greedy rows) / temperature -> top_k ->
+top_p -> min_p -> sample.
 Logprobs are of the raw model distribution (before any processing), like vLLM V1's default.
 Random rows sample by the exponential race, argmax(probs / q) with q ~ Exponential(1) per token, which
 draws from softmax exactly and lets each seeded row take its noise from its own generator.
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.outputs import Logprob, PositionLogprobs
+from tokenmill.structured.bitmask import apply_token_bitmask
 from tokenmill.worker.sampling_metadata import SamplingMetadata, TokenUpdates, seed_for_step
 
 __all__ = [
@@ -71,10 +73,13 @@ def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     """Raw logits [R, V] -> token ids [R] (long), applying every stage `md` asks for, in the order
     of the module docstring. Does not modify `logits`."""
     needs_copy = any(
-        x is not None for x in (md.logit_bias, md.min_tokens_mask, md.repetition_penalty, md.additive_penalty)
+        x is not None
+        for x in (md.logit_bias, md.min_tokens_mask, md.repetition_penalty, md.additive_penalty, md.grammar_bitmask)
     ) or not md.all_greedy
     x = logits.to(torch.float32, copy=True) if needs_copy else logits
     apply_penalties(x, md)
+    if md.grammar_bitmask is not None:  # structured output: tokens the grammar forbids get -inf
+        apply_token_bitmask(x, md.grammar_bitmask, md.grammar_rows)
     if md.all_greedy:
         return greedy_ids_of(x)
     greedy_ids = None if md.all_random else greedy_ids_of(x)

@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured.bitmask import GrammarBitmask
 
 _MASK64 = (1 << 64) - 1
 
@@ -68,13 +69,34 @@ class SamplingMetadata:
     global_generator: torch.Generator | None = None  # unseeded rows (None: torch default)
     num_logprobs: list[int | None] = field(default_factory=list)  # per row
     max_num_logprobs: int | None = None  # None when no row asks for logprobs
+    # Structured output (structured/bitmask.py): int32 [G, ceil(V / 32)] next-token masks, mask i for row
+    # grammar_rows[i] (grammar_rows None: mask i for row i, every row). None when no row samples under a grammar.
+    grammar_bitmask: torch.Tensor | None = None
+    grammar_rows: torch.Tensor | None = None
 
     @property
     def argmax_only(self) -> bool:
         """Every row takes the argmax of its raw logits: greedy, nothing changes the logits first, no logprobs (so
         the vocabulary projection may hand over the argmax without the logits)."""
         return (self.all_greedy and self.max_num_logprobs is None and self.logit_bias is None
-                and self.min_tokens_mask is None and self.repetition_penalty is None and self.additive_penalty is None)
+                and self.min_tokens_mask is None and self.repetition_penalty is None and self.additive_penalty is None
+                and self.grammar_bitmask is None)
+
+    def set_grammar(self, grammar: GrammarBitmask, row_req_ids: Sequence[str | None]) -> None:
+        """Takes the step's grammar masks; row_req_ids[r] is the request whose next token row r samples (None for
+        rows that do not: a draft's row, spec/verify.py)."""
+        first_row: dict[str, int] = {}
+        for row, req_id in enumerate(row_req_ids):
+            if req_id is not None:
+                first_row.setdefault(req_id, row)
+        picked = [(i, first_row[r]) for i, r in enumerate(grammar.req_ids) if r in first_row]
+        if not picked:
+            return
+        masks, rows = zip(*picked)
+        bitmask = grammar.bitmask if len(masks) == len(grammar.req_ids) else grammar.bitmask[list(masks)]
+        self.grammar_bitmask = bitmask  # on the CPU; the sampler moves it to the logits' device
+        identity = list(rows) == list(range(self.num_rows))
+        self.grammar_rows = None if identity else torch.tensor(rows, dtype=torch.long)
 
     @classmethod
     def from_requests(

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured.bitmask import GrammarBitmask
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,14 @@ class CachedRequestData:
 
 @dataclass(frozen=True)
 class ScheduledWork:
-    """One request's share of the step: compute its tokens [start_pos, start_pos + num_new_tokens)."""
+    """One request's share of the step: compute its tokens [start_pos, start_pos + num_new_tokens). With
+    num_spec_tokens > 0 (speculative decoding) the last num_spec_tokens of those are slots for the worker's own
+    drafts (spec/), which it guesses, computes and verifies in this step; it may guess fewer."""
 
     req_id: str
     start_pos: int
     num_new_tokens: int
+    num_spec_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,9 @@ class StepInput:
     new_requests: list[NewRequestData] = field(default_factory=list)
     cached: CachedRequestData = field(default_factory=CachedRequestData)
     dropped_req_ids: list[str] = field(default_factory=list)
+    # Structured output: the next-token masks of the scheduled requests that sample under a grammar (the one tensor
+    # here, a small CPU int32 one that pickles as it is); None when no such request samples this step.
+    grammar: GrammarBitmask | None = None
 
     @property
     def num_scheduled_tokens(self) -> int:

@@ -28,6 +28,7 @@ from tokenmill.engine.kv_budget import describe_capacity, num_kv_blocks
 from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 from tokenmill.loader import LoadedModel
 from tokenmill.models.registry import resolve_model_class
+from tokenmill.spec.proposer import build_proposer
 from tokenmill.worker.capabilities import detect_capabilities
 from tokenmill.worker.device import (
     check_quantization,
@@ -105,8 +106,11 @@ class Worker:
         layer0 = model.attention_layers[0]
         kv_spec = KVCacheSpec(num_layers=len(model.attention_layers), num_kv_heads=layer0.num_kv_heads,
                               head_dim=layer0.head_dim, block_size=config.cache.block_size, dtype=kv_dtype)
+        # A draft model (speculative decoding) has a K/V cache of as many blocks, in the same budget.
+        self.draft_loaded, draft_bytes_per_block = self._load_draft(config, backend)
         # Every rank must hold the same blocks (the one scheduler hands them out): the smallest budget wins.
-        self.num_blocks = tp.min_int(num_kv_blocks(config.cache, kv_spec.bytes_per_block, self.device))
+        self.num_blocks = tp.min_int(num_kv_blocks(config.cache, kv_spec.bytes_per_block + draft_bytes_per_block,
+                                                   self.device))
         self.block_size = kv_spec.block_size
         self.capacity = describe_capacity(self.num_blocks, kv_spec.block_size, kv_spec.bytes_per_block,
                                           self.max_model_len)
@@ -127,11 +131,42 @@ class Worker:
         if self.plan is not None:
             finish_plan(self.plan)
         self.requests = RequestStates()
+        self.timer = step_timer
+        self.proposer = build_proposer(config, self) if config.speculative.spec is not None else None
+        self.draft_loaded = None  # the draft worker holds its weights now
 
     def execute(self, step: StepInput) -> ModelRunnerOutput:
         """Runs one step: its message applied to the held requests first, so that a step that fails still leaves
-        them as the engine believes they are (the engine then finishes the step's requests, and drops them)."""
-        return self.runner.execute(self.requests.apply(step))
+        them as the engine believes they are (the engine then finishes the step's requests, and drops them). With
+        speculative decoding the proposer fills the step's draft slots before the model runs."""
+        scheduled = self.requests.apply(step)
+        if self.proposer is not None:
+            self.proposer.drop(step.dropped_req_ids)
+            if any(s.num_spec_tokens for s in scheduled):
+                with self.timer.section("propose"):
+                    self.proposer.propose(scheduled)
+        if step.grammar is not None:  # structured output's masks (wrappers of execute(scheduled) stay valid without)
+            return self.runner.execute(scheduled, step.grammar)
+        return self.runner.execute(scheduled)
+
+    def _load_draft(self, config: EngineConfig, backend: str) -> tuple[LoadedModel | None, int]:
+        """The draft model's checkpoint (speculative decoding with a draft model) and the bytes a block of its K/V
+        cache takes; (None, 0) without one."""
+        spec = config.speculative.spec
+        if spec is None or spec.method != "draft_model":
+            return None, 0
+        from tokenmill.spec.draft_model import draft_engine_config, load_draft_model
+
+        loaded = load_draft_model(config, spec)
+        draft = draft_engine_config(config, spec).model
+        dtype = resolve_dtype(draft.dtype, self.device, draft.quantization)
+        hf = loaded.hf_config
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        kv_spec = KVCacheSpec(
+            num_layers=hf.num_hidden_layers, num_kv_heads=getattr(hf, "num_key_value_heads", hf.num_attention_heads),
+            head_dim=head_dim, block_size=config.cache.block_size,
+            dtype=resolve_kv_cache_dtype(config.cache.kv_cache_dtype, dtype, backend, draft.quantization))
+        return loaded, kv_spec.bytes_per_block
 
     def _build_model(self, config: EngineConfig, loaded: LoadedModel, backend: str, family: str) -> torch.nn.Module:
         """The model in the compute dtype on the device, its weights loaded and quantized as configured."""

@@ -33,6 +33,7 @@ from tokenmill.entrypoints.openai.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     CompletionChoice,
     CompletionChunk,
     CompletionRequest,
@@ -40,6 +41,13 @@ from tokenmill.entrypoints.openai.protocol import (
     DeltaMessage,
     ErrorInfo,
     ErrorResponse,
+)
+from tokenmill.entrypoints.openai.structured import (
+    ToolPlan,
+    chat_constraint,
+    delta_tool_calls,
+    structured_outputs_of,
+    tool_calls_of,
 )
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -157,7 +165,7 @@ async def _stream_events(job: _Job, request: Request, render: Callable[[str, Req
 # -- /v1/completions -------------------------------------------------------------------------------
 async def serve_completion(ctx: ServerContext, body: CompletionRequest, request: Request, arrival: float) -> Response:
     ctx.check_model(body.model)
-    params = completion_params(body)
+    params = completion_params(body, structured_outputs_of(body))
     prompts = [ctx.process(p, params, body.add_special_tokens) for p in completion_prompts(body)]
     for prompt in prompts:
         check_context(len(prompt.token_ids), params.max_tokens, ctx.max_model_len)
@@ -234,8 +242,11 @@ def _completion_chunk_renderer(job: _Job, body: CompletionRequest) -> Callable[[
 # -- /v1/chat/completions --------------------------------------------------------------------------
 async def serve_chat(ctx: ServerContext, body: ChatCompletionRequest, request: Request, arrival: float) -> Response:
     ctx.check_model(body.model)
-    params = chat_params(body)
-    text = ctx.apply_chat_template(chat_messages(body.messages), body.add_generation_prompt)
+    plan, constraint = chat_constraint(body)
+    params = chat_params(body, constraint)
+    # The template describes the tools to the model (where it knows how) when the answer is a call to one.
+    text = ctx.apply_chat_template(chat_messages(body.messages), body.add_generation_prompt,
+                                   body.tools if plan is not None else None)
     # The template already holds the special tokens (bos) it wants.
     prompt = ctx.process(text, params, add_special_tokens=False)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -245,7 +256,7 @@ async def serve_chat(ctx: ServerContext, body: ChatCompletionRequest, request: R
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return streaming_response(_stream_events(
-            job, request, _chat_chunk_renderer(job, body.logprobs, num_top), include_usage,
+            job, request, _chat_chunk_renderer(job, body.logprobs, num_top, plan), include_usage,
             lambda n: sse(ChatCompletionChunk(id=job.response_id, model=ctx.model_name, choices=[],
                                               usage=usage(len(prompt.token_ids), n))),
         ))
@@ -254,20 +265,27 @@ async def serve_chat(ctx: ServerContext, body: ChatCompletionRequest, request: R
         return Response(status_code=499)
     result = ChatCompletionResponse(
         id=job.response_id, model=ctx.model_name, usage=_usage_of(job, choices),
-        choices=[
-            ChatChoice(
-                index=c.index, message=AssistantMessage(content=c.text),
-                logprobs=chat_logprobs(c.token_ids, c.logprobs, num_top, job.decode) if body.logprobs else None,
-                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-            )
-            for c in choices.values()
-        ],
+        choices=[_chat_choice(c, plan, chat_logprobs(c.token_ids, c.logprobs, num_top, job.decode)
+                              if body.logprobs else None) for c in choices.values()],
     )
     return JSONResponse(result.model_dump())
 
 
-def _chat_chunk_renderer(job: _Job, want_logprobs: bool, num_top: int) -> Callable[[str, RequestOutput], list[str]]:
+def _chat_choice(choice: ChoiceState, plan: ToolPlan | None, logprobs: ChatLogprobs | None) -> ChatChoice:
+    """A finished choice; under a tool plan a complete output is the message's tool_calls (content null)."""
+    calls = tool_calls_of(plan, choice.text) if plan is not None and choice.finish_reason == "stop" else None
+    if calls is not None:
+        return ChatChoice(index=choice.index, message=AssistantMessage(content=None, tool_calls=calls),
+                          logprobs=logprobs, finish_reason="tool_calls")
+    return ChatChoice(index=choice.index, message=AssistantMessage(content=choice.text), logprobs=logprobs,
+                      finish_reason=choice.finish_reason, stop_reason=choice.stop_reason)
+
+
+def _chat_chunk_renderer(job: _Job, want_logprobs: bool, num_top: int,
+                         plan: ToolPlan | None) -> Callable[[str, RequestOutput], list[str]]:
+    """Under a tool plan a choice's text is held back and sent as one tool-call delta with its last chunk."""
     started: set[int] = set()
+    held: dict[int, str] = {}
 
     def chunk(choice: ChatChunkChoice) -> str:
         return sse(ChatCompletionChunk(id=job.response_id, model=job.ctx.model_name, choices=[choice]))
@@ -284,9 +302,19 @@ def _chat_chunk_renderer(job: _Job, want_logprobs: bool, num_top: int) -> Callab
                 logprobs = chat_logprobs(completion.token_ids, completion.logprobs or [], num_top, job.decode)
             if not completion.text and logprobs is None and completion.finish_reason is None:
                 continue
+            delta = DeltaMessage(content=completion.text or None)
+            finish_reason = completion.finish_reason
+            if plan is not None:
+                held[index] = held.get(index, "") + completion.text
+                delta = DeltaMessage()
+                calls = tool_calls_of(plan, held[index]) if finish_reason == "stop" else None
+                if calls is not None:
+                    delta, finish_reason = DeltaMessage(tool_calls=delta_tool_calls(calls)), "tool_calls"
+                elif finish_reason is not None:  # not a complete call: the text as it is
+                    delta = DeltaMessage(content=held[index] or None)
             chunks.append(chunk(ChatChunkChoice(
-                index=index, delta=DeltaMessage(content=completion.text or None), logprobs=logprobs,
-                finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
+                index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason,
+                stop_reason=completion.stop_reason,
             )))
         return chunks
 

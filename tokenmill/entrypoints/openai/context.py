@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
@@ -36,9 +37,10 @@ class ServerContext:
         except ValueError as exc:
             raise RequestError(str(exc), param_of_value_error(exc) or "prompt") from None
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                            tools: list[dict[str, Any]] | None = None) -> str:
         try:
-            return self.engine.inputs.apply_chat_template(messages, add_generation_prompt)
+            return self.engine.inputs.apply_chat_template(messages, add_generation_prompt, tools)
         except ValueError as exc:
             raise RequestError(str(exc), "messages") from None
         except Exception as exc:  # noqa: BLE001 - template errors (raise_exception) are the caller's fault

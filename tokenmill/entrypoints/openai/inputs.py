@@ -12,6 +12,7 @@ from tokenmill.entrypoints.openai.protocol import (
     SamplingFields,
 )
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured.params import StructuredOutputsParams
 
 # The most top logprobs a request may ask for (OpenAI allows 5 for completions and 20 for chat).
 MAX_LOGPROBS = 20
@@ -32,6 +33,7 @@ class RequestError(ValueError):
 _PARAM_IN_MESSAGE = (
     "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
     "logit_bias", "seed", "stop", "stop_token_ids", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
+    "structured_outputs",
 )
 
 
@@ -73,7 +75,9 @@ def _check_logprobs(value: int | None, param: str) -> None:
         raise RequestError(f"{param} must be between 0 and {MAX_LOGPROBS}, got {value}", param)
 
 
-def completion_params(body: CompletionRequest) -> SamplingParams:
+def completion_params(body: CompletionRequest,
+                      structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
+    """`structured_outputs`: the request's output constraint (entrypoints/openai/structured.py)."""
     if body.suffix:
         raise RequestError("suffix is not supported", "suffix")
     _check_logprobs(body.logprobs, "logprobs")
@@ -82,14 +86,13 @@ def completion_params(body: CompletionRequest) -> SamplingParams:
     kwargs["logprobs"] = body.logprobs
     if body.echo and body.logprobs is not None:
         kwargs["prompt_logprobs"] = body.logprobs
+    kwargs["structured_outputs"] = structured_outputs
     return _make_params(**kwargs)
 
 
-def chat_params(body: ChatCompletionRequest) -> SamplingParams:
-    if body.tools or (body.tool_choice not in (None, "none")):
-        raise RequestError("tools and tool_choice are not supported", "tools")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise RequestError(f"response_format {body.response_format.type!r} is not supported yet", "response_format")
+def chat_params(body: ChatCompletionRequest,
+                structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
+    """`structured_outputs`: the request's output constraint, tool calls' included (openai/structured.py)."""
     if body.top_logprobs is not None and not body.logprobs:
         raise RequestError("top_logprobs requires logprobs to be true", "top_logprobs")
     _check_logprobs(body.top_logprobs, "top_logprobs")
@@ -100,6 +103,7 @@ def chat_params(body: ChatCompletionRequest) -> SamplingParams:
         raise RequestError(f"{param} must be an integer >= 1, got {max_tokens}", param)
     kwargs["max_tokens"] = max_tokens
     kwargs["logprobs"] = (body.top_logprobs or 0) if body.logprobs else None
+    kwargs["structured_outputs"] = structured_outputs
     return _make_params(**kwargs)
 
 
@@ -120,7 +124,7 @@ def completion_prompts(body: CompletionRequest) -> list[str | list[int]]:
     return prompts
 
 
-def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Messages as the chat template expects them (text content only)."""
     if not messages:
         raise RequestError("messages must not be empty", "messages")
@@ -135,9 +139,14 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
                                        f"messages[{i}].content")
                 parts.append(part.text)
             content = "\n".join(parts)
-        entry = {"role": "system" if message.role == "developer" else message.role, "content": content or ""}
+        entry: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
+                                 "content": content or ""}
         if message.name:
             entry["name"] = message.name
+        if message.tool_calls:
+            entry["tool_calls"] = message.tool_calls
+        if message.tool_call_id:
+            entry["tool_call_id"] = message.tool_call_id
         result.append(entry)
     return result
 

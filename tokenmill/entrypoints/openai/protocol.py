@@ -1,8 +1,8 @@
 """Pydantic models of the OpenAI API subset tokenmill serves (plus vLLM's common extensions).
 
 Unknown request fields are ignored (like OpenAI's own server and vLLM), so clients that send extra
-options keep working; fields we know but cannot honour (tools, response_format other than text,
-suffix, best_of != n) are rejected with a 400 that names them.
+options keep working; fields we know but cannot honour (tool_choice "auto", suffix, best_of != n) are
+rejected with a 400 that names them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,20 @@ class OpenAIModel(BaseModel):
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(OpenAIModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")  # `schema` would shadow BaseModel's
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: str
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingFields(OpenAIModel):
@@ -46,6 +60,14 @@ class SamplingFields(OpenAIModel):
     user: str | None = None
     priority: int = 0
     best_of: int | None = None
+    # Structured output (entrypoints/openai/structured.py): OpenAI's response_format, vLLM's guided_* fields and
+    # their newer structured_outputs form; at most one of them.
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -66,10 +88,8 @@ class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-
-
-class ResponseFormat(OpenAIModel):
-    type: str
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls, for the chat template
+    tool_call_id: str | None = None  # a tool message's answer to one of them
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -79,9 +99,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # False: at most one call under tool_choice "required"
 
 
 class TokenizeRequest(OpenAIModel):
@@ -151,9 +171,21 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -173,9 +205,22 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -1,0 +1,127 @@
+"""Drafts from a second model: its greedy tokens, one forward per draft position for the whole batch.
+
+The draft is a whole worker of its own (worker/worker.py: weights, quantization, execution plan, C forward) whose
+K/V cache has the target's number of blocks, indexed by the target's block tables: the engine hands out blocks once,
+for both, and reserves each step's speculative slots in the table before the draft writes them.
+
+Per request the draft keeps the tokens whose K/V it has written (`_DraftState`). Each step it first catches up on
+what it has not computed (the whole prompt the first time, later the accepted drafts' successor tokens: usually one
+or two), which also gives its first draft, then runs one single-token forward per further draft. Positions whose
+tokens the target did not accept are recomputed: the draft's K/V counts only up to the first token that differs.
+Blocks that a request shares through the prefix cache hold the draft's K/V only where it computed them itself, so a
+new request (or one resumed after preemption) starts from position 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tokenmill.config import EngineConfig, SpeculativeOptions
+from tokenmill.loader import LoadedModel
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.spec.config import SpeculativeConfig
+from tokenmill.worker.request_states import RequestState, StepRequest
+
+if TYPE_CHECKING:
+    from tokenmill.worker.worker import Worker
+
+logger = logging.getLogger("tokenmill")
+
+_GREEDY = SamplingParams(temperature=0.0, max_tokens=None)
+
+
+def draft_engine_config(config: EngineConfig, spec: SpeculativeConfig, num_blocks: int | None = None) -> EngineConfig:
+    """The draft worker's configuration: the target's, with the draft's checkpoint and quantization, the target's
+    context length and (once the target sized its cache) the target's number of blocks; no speculation of its own."""
+    quantized = spec.quantization != "none"
+    model = dataclasses.replace(
+        config.model, model=None if spec.model == "default" else spec.model, quantization=spec.quantization,
+        dtype="auto" if quantized else config.model.dtype)
+    return dataclasses.replace(
+        config, model=model, cache=dataclasses.replace(config.cache, num_blocks=num_blocks),
+        parallel=dataclasses.replace(config.parallel, compile=False), speculative=SpeculativeOptions())
+
+
+def load_draft_model(config: EngineConfig, spec: SpeculativeConfig) -> LoadedModel:
+    """The draft's checkpoint, loaded in the compute dtype its configuration resolves to."""
+    from tokenmill.engine.llm_engine import load_engine_model
+
+    return load_engine_model(draft_engine_config(config, spec))
+
+
+@dataclass
+class _DraftState:
+    state: RequestState  # the tokens the draft has seen and guessed; block table shared with the target's state
+    num_computed: int = 0  # leading positions whose K/V the draft holds (tokens state.all_token_ids[:num_computed])
+    num_agreed: int = 0  # leading positions known to hold the target's tokens
+
+
+class DraftModelProposer:
+    def __init__(self, draft: Worker, vocab_size: int) -> None:
+        if draft.runner.vocab_size != vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({draft.runner.vocab_size} tokens) is not the target's "
+                             f"({vocab_size}); a draft must share the target's tokenizer")
+        self.draft = draft
+        self.runner = draft.runner
+        self.states: dict[str, _DraftState] = {}
+
+    @classmethod
+    def for_target(cls, config: EngineConfig, target: Worker) -> DraftModelProposer:
+        """The draft worker for `target` (built, its K/V cache the size of the target's in blocks)."""
+        from tokenmill.worker.worker import Worker
+
+        spec = config.speculative.spec
+        assert spec is not None
+        loaded = target.draft_loaded if target.draft_loaded is not None else load_draft_model(config, spec)
+        draft = Worker(draft_engine_config(config, spec, target.num_blocks), loaded)
+        logger.info("speculative decoding: draft model %s (%s), %d tokens per step", spec.model, spec.quantization,
+                    spec.num_speculative_tokens)
+        return cls(draft, target.runner.vocab_size)
+
+    def drop(self, req_ids: Iterable[str]) -> None:
+        for req_id in req_ids:
+            self.states.pop(req_id, None)
+
+    def propose(self, scheduled: Sequence[StepRequest]) -> None:
+        work = [s for s in scheduled if s.num_spec_tokens and s.samples]
+        if not work:
+            return
+        states = [self._caught_up(s) for s in work]
+        # First forward: each request's uncomputed tokens (at least its last), whose last row gives draft 1.
+        steps = [StepRequest(d.state, d.num_computed, d.state.num_tokens - d.num_computed) for d in states]
+        drafts: list[list[int]] = [[] for _ in work]
+        active = list(range(len(work)))
+        while active:
+            out = self.runner.execute(steps)
+            for j, tokens in zip(active, out.sampled_token_ids, strict=True):
+                d = states[j]
+                d.num_computed = d.state.num_tokens
+                d.state.all_token_ids.extend(tokens)
+                drafts[j].extend(tokens)
+            active = [j for j in active if len(drafts[j]) < work[j].num_spec_tokens]
+            steps = [StepRequest(states[j].state, states[j].num_computed, 1) for j in active]
+        for s, proposal in zip(work, drafts, strict=True):
+            s.add_drafts(proposal)
+
+    def _caught_up(self, s: StepRequest) -> _DraftState:
+        """The draft's state of `s`, its tokens set to the target's and its computed count cut to the first position
+        where what it computed differs from them."""
+        target = s.state.all_token_ids
+        d = self.states.get(s.req_id)
+        if d is None:
+            d = self.states[s.req_id] = _DraftState(RequestState(
+                s.req_id, list(s.state.prompt_token_ids), list(target), _GREEDY, None, s.state.block_ids))
+            return d
+        seen = d.state.all_token_ids
+        n = min(d.num_computed, len(target))
+        for p in range(d.num_agreed, n):
+            if seen[p] != target[p]:
+                n = p
+                break
+        d.num_computed = d.num_agreed = n
+        d.state.all_token_ids = list(target)
+        return d
