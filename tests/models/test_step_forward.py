@@ -191,8 +191,8 @@ def test_c_forward_bf16_agrees_with_layer_by_layer(tiny_checkpoint: Any, head64_
 
 def test_c_forward_int4_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None:
     """W4A16 groups: the decoder's projections are int4_gemm's arithmetic; only float rounding in the
-    other ops (then a flipped 16-bit level) separates the two paths. Prompt steps stay layer by layer (the
-    int4 kernel is for decode batches)."""
+    other ops (then a flipped 16-bit level) separates the two paths. Prompt steps of more than 32 tokens stay layer
+    by layer (the int4 kernel multiplies each row on its own); smaller ones (a draft model's catch-up) take it."""
     llm = LLM(dtype="float32", kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20,
               quantization="int4")
     model = _model(llm)
@@ -202,7 +202,10 @@ def test_c_forward_int4_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None
     with compared_with_layer_by_layer(llm, rel_tol=1e-3) as rows:
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4, 5, 6, 8)]
         llm.generate(prompts, params, use_tqdm=False)
-    assert rows == [6, 5, 4, 3, 2, 1, 1]
+        small = _prompts(model.config.vocab_size, (3, 9, 12))
+        llm.generate(small, [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4)],
+                     use_tqdm=False)
+    assert rows == [6, 5, 4, 3, 2, 1, 1, 24, 3, 2, 1]
 
 
 def test_steps_it_does_not_take(tiny_checkpoint: Any) -> None:

@@ -172,3 +172,45 @@ def test_tool_plans_and_their_calls() -> None:
     plan, _ = chat_constraint(named)
     assert tool_calls_of(plan, '{"q": 2}')[0].function.arguments == '{"q": 2}'
     assert chat_constraint(body.model_copy(update={"tool_choice": "none"})) == (None, None)
+
+
+def test_masked_greedy_recomputes_only_rows_whose_raw_argmax_the_mask_forbids() -> None:
+    """The runner's greedy fast path under grammar masks (ModelRunner._masked_greedy) gives the argmax of the masked
+    logits, computing logits only for the masked rows whose raw argmax is forbidden."""
+    from tokenmill.worker.model_runner import ModelRunner
+    from tokenmill.worker.sampling_metadata import SamplingMetadata
+
+    vocab, rows = 70, 4
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(vocab, 8, generator=gen)
+    hidden = torch.randn(6, 8, generator=gen)
+    sample_rows = torch.tensor([1, 2, 4, 5])
+    computed: list[int] = []
+
+    class FakeModel:
+        def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+            computed.append(h.shape[0])
+            return h @ weight.T
+
+    raw = FakeModel().compute_logits(hidden[sample_rows]).argmax(-1)
+    computed.clear()
+    # Rows 0 and 2 are masked: row 0's mask allows its raw argmax, row 2's forbids it (and allows a few others).
+    bitmask = torch.zeros(2, 3, dtype=torch.int32)
+    for mask_row, row, keep_argmax in ((0, 0, True), (1, 2, False)):
+        allowed_ids = [3, 17, 40, 66] + ([int(raw[row])] if keep_argmax else [])
+        for t in allowed_ids:
+            if t != int(raw[row]) or keep_argmax:
+                bitmask[mask_row, t // 32] |= 1 << (t % 32)
+    from tokenmill.worker.request_states import RequestState
+
+    greedy = RequestState("r", [1], [1], SamplingParams(temperature=0.0), None, [0])
+    md = SamplingMetadata.from_requests([greedy] * rows, vocab, torch.device("cpu"))
+    md.grammar_bitmask, md.grammar_rows = bitmask, torch.tensor([0, 2])
+    runner = object.__new__(ModelRunner)
+    runner.model = FakeModel()
+    got = runner._masked_greedy(hidden, sample_rows, raw.clone(), md)
+    full = hidden[sample_rows] @ weight.T
+    apply_token_bitmask(full, bitmask, torch.tensor([0, 2]))
+    assert got.tolist() == full.argmax(-1).tolist()
+    assert got[0] == raw[0] and got[2] != raw[2] and got[1] == raw[1]
+    assert computed == [1]  # only row 2's logits

@@ -21,11 +21,11 @@ from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 from tokenmill.kernels.cpu.kv_cache import kv_row_width
 from tokenmill.outputs import PositionLogprobs
 from tokenmill.spec.verify import accepted_tokens, sampling_rows
-from tokenmill.structured.bitmask import GrammarBitmask
+from tokenmill.structured.bitmask import GrammarBitmask, allowed, apply_token_bitmask
 from tokenmill.worker.huge_pages import prefaulted_zeros
 from tokenmill.worker.request_states import StepRequest
 from tokenmill.worker.runner_output import ModelRunnerOutput
-from tokenmill.worker.sampler import Sampler, SamplingMetadata, compute_logprobs
+from tokenmill.worker.sampler import Sampler, SamplingMetadata, compute_logprobs, greedy_ids_of
 from tokenmill.worker.step_paths import WholeStepPath
 
 logger = logging.getLogger("tokenmill")
@@ -185,9 +185,14 @@ class ModelRunner:
             metadata = SamplingMetadata.from_requests(requests, self.vocab_size, self.device, self.generator)
             if grammar is not None:  # structured output: masked rows need their logits (no argmax-only path)
                 metadata.set_grammar(grammar, [getattr(r, "req_id", None) for r in requests])  # drafts' rows: None
-            if metadata.argmax_only and not prompt_plans:  # greedy: the ids straight from the vocabulary projection
+            # Greedy: the ids straight from the vocabulary projection (under grammar masks: see _masked_greedy).
+            masked = metadata.grammar_bitmask is not None
+            if (metadata.argmax_only or (masked and metadata.argmax_under_masks_only and not self.model.tp.is_parallel)
+                    ) and not prompt_plans:
                 ids = self.model.greedy_token_ids(hidden[rows])
                 if ids is not None:
+                    if masked:
+                        ids = self._masked_greedy(hidden, rows, ids, metadata)
                     _verify(scheduled, sampling, ids.tolist(), None, sampled, logprobs)
                     return ModelRunnerOutput(req_ids=[s.req_id for s in scheduled], sampled_token_ids=sampled,
                                              logprobs=logprobs, prompt_logprobs={}, num_draft_tokens=num_draft_tokens)
@@ -213,6 +218,24 @@ class ModelRunner:
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, num_draft_tokens=num_draft_tokens,
         )
 
+
+    def _masked_greedy(self, hidden: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,
+                       metadata: SamplingMetadata) -> torch.Tensor:
+        """Greedy ids under grammar masks from the raw argmax `ids` of the sampled rows: a row whose raw argmax its mask
+        allows keeps it (the masked argmax is the same token); only the others get their logits computed, masked and
+        argmaxed. A constrained step then skips most of the vocabulary projection's logits, as unconstrained ones do."""
+        bitmask = metadata.grammar_bitmask
+        assert bitmask is not None
+        masked_rows = metadata.grammar_rows if metadata.grammar_rows is not None else torch.arange(bitmask.shape[0])
+        ok = allowed(bitmask, ids[masked_rows.to(ids.device)])
+        if bool(ok.all()):
+            return ids
+        redo = masked_rows[~ok.cpu()]
+        logits = self.model.compute_logits(hidden[rows[redo.to(rows.device)]]).float()
+        apply_token_bitmask(logits, bitmask[~ok.cpu()])
+        ids = ids.clone()
+        ids[redo.to(ids.device)] = greedy_ids_of(logits).to(ids.device)
+        return ids
 
 def _verify(scheduled: list[StepRequest], sampling: list[int], token_ids: list[int],
             row_logprobs: list[PositionLogprobs | None] | None, sampled: list[list[int]],

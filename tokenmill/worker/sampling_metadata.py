@@ -75,6 +75,13 @@ class SamplingMetadata:
     grammar_rows: torch.Tensor | None = None
 
     @property
+    def argmax_under_masks_only(self) -> bool:
+        """As argmax_only, except that rows may have grammar masks: each row takes the argmax of its raw logits over
+        the tokens its mask allows (which is the raw argmax wherever the mask allows that)."""
+        return (self.all_greedy and self.max_num_logprobs is None and self.logit_bias is None
+                and self.min_tokens_mask is None and self.repetition_penalty is None and self.additive_penalty is None)
+
+    @property
     def argmax_only(self) -> bool:
         """Every row takes the argmax of its raw logits: greedy, nothing changes the logits first, no logprobs (so
         the vocabulary projection may hand over the argmax without the logits)."""
