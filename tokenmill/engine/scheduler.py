@@ -3,7 +3,9 @@
 No phases, only a token budget: each step grants running requests (then waiting ones) the tokens
 they still need (num_tokens - num_computed_tokens), within max_num_batched_tokens. A decode is one
 token, a long prompt is split over steps (chunked prefill), a prefix-cache hit starts a request at
-its hit length. When KV blocks run out, the lowest-priority running request is preempted: its
+its hit length. With speculative decoding a decoding request also gets slots for the worker's drafts (as many as
+the governor grants, spec/governor.py), in the same budget; after verification its computed count stops at its last
+accepted token. When KV blocks run out, the lowest-priority running request is preempted: its
 blocks are freed and it goes back to the front of the waiting queue, to be recomputed later.
 
 Every request added ends with exactly one final EngineCoreOutput (finish_reason set):
