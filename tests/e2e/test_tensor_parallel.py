@@ -25,12 +25,14 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprob
 TINY_PROMPTS = ["The quick brown fox", "Once upon a time there", [5, 17, 300, 42, 9, 1000, 7]]
 
 
-def _generate(model: str | None, tp: int, prompts: list) -> tuple[list, list]:
+def _generate(model: str | None, tp: int, prompts: list, **engine_args) -> tuple[list, list]:
     threads = torch.get_num_threads()
     with LLM(model=model, tensor_parallel_size=tp, dtype="float32", max_model_len=256,
-             kv_cache_memory=32 << 20) as llm:
+             kv_cache_memory=32 << 20, **engine_args) as llm:
         outs = llm.generate(prompts, PARAMS, use_tqdm=False)
         processes = llm.engine.core.workers.processes if llm.engine.core.workers else []
+        if "speculative_config" in engine_args:
+            assert llm.engine.core.governor.stats.num_accepted_tokens > 0
     assert not any(p.is_alive() for p in processes), "a rank process outlived close()"
     assert torch.get_num_threads() == threads, "the engine's thread count was not given back"
     return [o.outputs[0].token_ids for o in outs], [o.outputs[0].logprobs for o in outs]
@@ -51,6 +53,15 @@ def test_tiny_models_match_one_rank(tiny_checkpoint, arch: str) -> None:
     expected = _generate(model, 1, TINY_PROMPTS)
     for tp in (2, 3):
         _assert_same(expected, _generate(model, tp, TINY_PROMPTS))
+
+
+def test_ngram_speculation_under_tensor_parallelism(tiny_checkpoint) -> None:
+    """Every rank proposes the same n-gram drafts from the same tokens, so the ranks compute the same rows; rank 0
+    verifies: the output is one rank's without speculation."""
+    model = str(tiny_checkpoint("llama"))
+    prompts = [[11, 12, 13, 14] * 5, [7, 300, 7, 300, 7, 300, 7], "The quick brown fox"]
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    _assert_same(_generate(model, 1, prompts), _generate(model, 2, prompts, speculative_config=spec))
 
 
 def test_default_model_parity_prompts_match_one_rank() -> None:
