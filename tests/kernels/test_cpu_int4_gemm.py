@@ -88,6 +88,18 @@ def test_matches_float64_within_the_activation_rounding_bound(n: int, k: int, nu
     assert torch.all(err <= bound * 1.01 + 1e-5 * exact.abs().max()), float((err - bound).max())
 
 
+@pytest.mark.parametrize("n, k", [(3072, 576), (20, 1536)])
+def test_a_rows_result_does_not_depend_on_its_batch(n: int, k: int) -> None:
+    """Rows are multiplied in blocks (int4_dot.h's INT4_ROW_BLOCK); every row gives bitwise what it gives alone,
+    whatever the number of rows and the block it falls in."""
+    gen = torch.Generator().manual_seed(3)
+    packed, d, m = quantize_weight_groups(torch.randn(n, k, generator=gen) * 0.05)
+    x = torch.randn(16, k, generator=gen)
+    alone = torch.cat([int4_gemm(x[i : i + 1], packed, d, m, n) for i in range(16)])
+    for num_rows in (2, 3, 4, 5, 7, 16):
+        assert torch.equal(int4_gemm(x[:num_rows], packed, d, m, n), alone[:num_rows]), num_rows
+
+
 def test_reads_strided_rows_and_zero_groups() -> None:
     gen = torch.Generator().manual_seed(1)
     packed, d, m = quantize_weight_groups(torch.randn(12, 128, generator=gen))
