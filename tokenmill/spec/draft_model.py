@@ -114,7 +114,7 @@ class DraftModelProposer:
     def _greedy_tokens(self, steps: list[StepRequest]) -> list[int]:
         """The draft's greedy next token after each step's rows: the runner's forward (its whole-step path when one
         takes the step) and the argmax of the vocabulary projection, without the sampler (drafts are greedy: no
-        sampling parameters apply) -- a draft forward is ~4 ms of which the sampler's bookkeeping was ~1."""
+        sampling parameters apply, and only the last row of each request needs logits)."""
         runner = self.runner
         path = next((p for p in runner.step_paths if p.can_run(steps)), None)
         last_rows = list(itertools.accumulate(s.num_new_tokens for s in steps))
