@@ -50,11 +50,15 @@ def _decode_rate(outputs: list[Any]) -> tuple[float, int]:
     return tokens / seconds, int(tokens)
 
 
-def _batch1(llm: LLM, conversations: list[list[dict[str, str]]], max_tokens: int) -> tuple[float, list[list[int]], int]:
+def _batch1(llm: LLM, conversations: list[list[dict[str, str]]], max_tokens: int
+            ) -> tuple[float, list[list[int]], int, float]:
+    """Decode tok/s, the token ids, the decoded tokens and the median time to first token (s), one request at a time
+    (a draft model prefills with the target: its prompt work shows in TTFT)."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     outputs = [llm.chat(conv, params, use_tqdm=False)[0] for conv in conversations]
     rate, tokens = _decode_rate(outputs)
-    return rate, [o.outputs[0].token_ids for o in outputs], tokens
+    ttft = statistics.median(o.metrics.first_token_time - o.metrics.arrival_time for o in outputs)
+    return rate, [o.outputs[0].token_ids for o in outputs], tokens, ttft
 
 
 def _w1(llm: LLM, prompts: list[list[int]], output_len: int) -> float:
@@ -105,6 +109,7 @@ def main() -> None:
         llm.generate("warm up", SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
 
     rates: dict[str, list[float]] = {}
+    ttfts: dict[str, list[float]] = {}
     identical: dict[str, bool] = {}
     tokens: dict[str, int] = {}
     for r in range(args.rounds):
@@ -114,9 +119,11 @@ def main() -> None:
             pair = [("plain", engines["plain"]), (spec_name, engines[spec_name])]
             outs = {}
             for name, llm in (pair if r % 2 == 0 else pair[::-1]):
-                rate, outs[name], tokens[workload] = _batch1(llm, conversations, args.max_tokens)
+                rate, outs[name], tokens[workload], ttft = _batch1(llm, conversations, args.max_tokens)
                 rates.setdefault(f"{workload}/{name}", []).append(rate)
-                print(f"round {r} {workload}/{name}: {rate:.1f} decode tok/s", flush=True)
+                ttfts.setdefault(f"{workload}/{name}", []).append(ttft)
+                print(f"round {r} {workload}/{name}: {rate:.1f} decode tok/s, median TTFT {ttft * 1e3:.0f} ms",
+                      flush=True)
             identical[workload] = identical.get(workload, True) and outs["plain"] == outs[spec_name]
         if "w1" in workloads:
             order = list(engines) if r % 2 == 0 else list(engines)[::-1]
@@ -134,7 +141,9 @@ def main() -> None:
         for name in engines:
             if name != "plain":
                 ratios[f"w1/{name}"] = medians[f"w1/{name}"] / medians["w1/plain"]
+    ttft_medians = {key: statistics.median(v) for key, v in ttfts.items()}
     report = {"machine": machine, "args": vars(args), "rates": rates, "medians": medians, "ratios": ratios,
+              "ttft_s": ttfts, "ttft_medians_s": ttft_medians,
               "token_identical": identical, "batch1_tokens": tokens,
               "spec_stats": {name: _spec_stats(llm) for name, llm in engines.items()}}
     print("\n| measurement | plain | speculative | ratio |\n|---|---|---|---|")
@@ -143,6 +152,9 @@ def main() -> None:
             print(f"| batch-1 decode tok/s, {workload} | {medians[f'{workload}/plain']:.1f} | "
                   f"{medians[f'{workload}/{workload}']:.1f} | {ratios[workload]:.2f}x "
                   f"(identical: {identical[workload]}) |")
+            plain_ttft, spec_ttft = ttft_medians[f"{workload}/plain"], ttft_medians[f"{workload}/{workload}"]
+            print(f"| batch-1 median TTFT ms, {workload} | {plain_ttft * 1e3:.0f} | {spec_ttft * 1e3:.0f} | "
+                  f"{spec_ttft / plain_ttft:.2f}x |")
     for key, ratio in ratios.items():
         if key.startswith("w1/"):
             print(f"| W1 output tok/s, {key[3:]} | {medians['w1/plain']:.1f} | {medians[key]:.1f} | {ratio:.2f}x |")

@@ -65,13 +65,14 @@ class _DraftState:
 
 
 class DraftModelProposer:
-    def __init__(self, draft: Worker, vocab_size: int) -> None:
+    def __init__(self, draft: Worker, vocab_size: int, max_requests: int) -> None:
         if draft.runner.vocab_size != vocab_size:
             raise ValueError(f"the draft model's vocabulary ({draft.runner.vocab_size} tokens) is not the target's "
                              f"({vocab_size}); a draft must share the target's tokenizer")
         self.draft = draft
         self.runner = draft.runner
         self.states: dict[str, _DraftState] = {}
+        self.max_requests = max_requests  # the governor's disable_by_batch_size: larger steps do not speculate
 
     @classmethod
     def for_target(cls, config: EngineConfig, target: Worker) -> DraftModelProposer:
@@ -84,11 +85,34 @@ class DraftModelProposer:
         draft = Worker(draft_engine_config(config, spec, target.num_blocks), loaded)
         logger.info("speculative decoding: draft model %s (%s), %d tokens per step", spec.model, spec.quantization,
                     spec.num_speculative_tokens)
-        return cls(draft, target.runner.vocab_size)
+        return cls(draft, target.runner.vocab_size, spec.disable_by_batch_size)
 
     def drop(self, req_ids: Iterable[str]) -> None:
         for req_id in req_ids:
             self.states.pop(req_id, None)
+
+    def follow(self, scheduled: Sequence[StepRequest]) -> None:
+        """Computes, in the draft, the prompt tokens the target computes this step (as it prefills them), so that a
+        request's first drafts need no catch-up over its whole prompt: the draft's prefill runs with the target's
+        (as vLLM's draft models do), in the time to first token rather than between tokens. Only for steps of at
+        most `max_requests` requests (larger batches do not speculate: the governor), and not for requests under a
+        grammar (never drafted for)."""
+        if len(scheduled) > self.max_requests:
+            return
+        work, ends = [], []
+        for s in scheduled:
+            end = s.start_pos + s.num_new_tokens
+            prefilling = s.start_pos < s.state.num_prompt_tokens and not s.num_spec_tokens
+            if not prefilling or s.state.sampling_params.structured_outputs is not None:
+                continue
+            d = self._caught_up(s)
+            if end > d.num_computed:
+                work.append(StepRequest(d.state, d.num_computed, end - d.num_computed))
+                ends.append((d, end))
+        if work:
+            self._forward(work)  # its K/V is what is wanted; the hidden states are dropped
+            for d, end in ends:
+                d.num_computed = end
 
     def propose(self, scheduled: Sequence[StepRequest]) -> None:
         work = [s for s in scheduled if s.num_spec_tokens and s.samples]
@@ -115,20 +139,24 @@ class DraftModelProposer:
         """The draft's greedy next token after each step's rows: the runner's forward (its whole-step path when one
         takes the step) and the argmax of the vocabulary projection, without the sampler (drafts are greedy: no
         sampling parameters apply, and only the last row of each request needs logits)."""
+        rows = [r - 1 for r in itertools.accumulate(s.num_new_tokens for s in steps)]
+        hidden = self._forward(steps, rows)
+        hidden = hidden[torch.tensor(rows, dtype=torch.int64, device=hidden.device)]
+        ids = self.runner.model.greedy_token_ids(hidden)
+        if ids is None:
+            ids = greedy_ids_of(self.runner.model.compute_logits(hidden).float())
+        return ids.tolist()
+
+    @torch.inference_mode()
+    def _forward(self, steps: list[StepRequest], rows: list[int] | None = None) -> torch.Tensor:
+        """The draft's forward over the steps' rows (its K/V written): the final hidden states, defined for `rows`
+        (None: all)."""
         runner = self.runner
         path = next((p for p in runner.step_paths if p.can_run(steps)), None)
-        last_rows = list(itertools.accumulate(s.num_new_tokens for s in steps))
-        rows = [r - 1 for r in last_rows]
         if path is not None:
-            hidden = path.run(steps, rows=rows)
-        else:
-            input_ids, positions, meta = runner.build_inputs(steps)
-            hidden = runner.model(input_ids, positions, meta)
-        hidden = hidden[torch.tensor(rows, dtype=torch.int64, device=hidden.device)]
-        ids = runner.model.greedy_token_ids(hidden)
-        if ids is None:
-            ids = greedy_ids_of(runner.model.compute_logits(hidden).float())
-        return ids.tolist()
+            return path.run(steps, rows=rows)
+        input_ids, positions, meta = runner.build_inputs(steps)
+        return runner.model(input_ids, positions, meta)
 
     def _caught_up(self, s: StepRequest) -> _DraftState:
         """The draft's state of `s`, its tokens set to the target's and its computed count cut to the first position

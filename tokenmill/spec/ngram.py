@@ -45,5 +45,8 @@ class NgramProposer:
                 if drafts:
                     s.add_drafts(drafts)
 
+    def follow(self, scheduled: Sequence[StepRequest]) -> None:
+        """Nothing to compute ahead: n-grams come from the tokens themselves."""
+
     def drop(self, req_ids: Iterable[str]) -> None:
         """Nothing is kept per request."""

@@ -23,6 +23,9 @@ class Proposer(Protocol):
     def propose(self, scheduled: Sequence[StepRequest]) -> None:
         """Adds drafts to the requests of the step that have speculative slots."""
 
+    def follow(self, scheduled: Sequence[StepRequest]) -> None:
+        """Sees the step before the model runs it (a draft model computes the tokens the target computes)."""
+
     def drop(self, req_ids: Iterable[str]) -> None:
         """Forgets requests that finished or were preempted."""
 

@@ -142,8 +142,9 @@ class Worker:
         scheduled = self.requests.apply(step)
         if self.proposer is not None:
             self.proposer.drop(step.dropped_req_ids)
-            if any(s.num_spec_tokens for s in scheduled):
-                with self.timer.section("propose"):
+            with self.timer.section("propose"):
+                self.proposer.follow(scheduled)
+                if any(s.num_spec_tokens for s in scheduled):
                     self.proposer.propose(scheduled)
         if step.grammar is not None:  # structured output's masks (wrappers of execute(scheduled) stay valid without)
             return self.runner.execute(scheduled, step.grammar)
