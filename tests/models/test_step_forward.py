@@ -191,7 +191,7 @@ def test_c_forward_bf16_agrees_with_layer_by_layer(tiny_checkpoint: Any, head64_
 
 def test_c_forward_int4_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None:
     """W4A16 groups: the decoder's projections are int4_gemm's arithmetic; only float rounding in the
-    other ops (then a flipped 16-bit level) separates the two paths. Prompt steps of more than 32 tokens stay layer
+    other ops (then a flipped 16-bit level) separates the two paths. Prompt steps of more than 48 tokens stay layer
     by layer (the int4 kernel multiplies each row on its own); smaller ones (a draft model's catch-up) take it."""
     llm = LLM(dtype="float32", kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20,
               quantization="int4")

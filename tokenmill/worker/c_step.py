@@ -5,7 +5,7 @@ A step it takes skips the layer-by-layer forward: the embeddings go to step_forw
 layer in one OpenMP region and returns the final hidden states. It takes steps of at most
 `max_rows` tokens (decode steps of that many requests, speculative verification of a few tokens per request, short
 chunks), and steps with prompt rows (prefill, chunked prefill, mixed with
-decode rows) of at most `max_prompt_tokens` tokens (32 when a projection is int4, whose C kernel is for
+decode rows) of at most `max_prompt_tokens` tokens (48 when a projection is int4, whose C kernel is for
 small batches; larger products dequantize to float32, quant/int4_cpu.py). Other steps run
 models/llama.py's forward. Both compute the same arithmetic; the C path only removes the per-op dispatch
 (about half of a batch-1 token's time on a 2-core CPU) and, for prompt steps, the other threads' waits
@@ -61,10 +61,11 @@ MAX_ROWS = 64
 # Most tokens a step with prompt rows may have to take the C forward (its scratch grows ~35 KB a token
 # for SmolLM2-135M); the engine's default step budget (max_num_batched_tokens) is 2048.
 MAX_PROMPT_TOKENS = 4096
-# The same with an int4 projection, whose C kernel multiplies each row on its own: one request's prompt step through
-# the C forward against layer by layer (int4 dequantized to float32 products), SmolLM2-135M on the AMX Xeon:
-# 16 tokens 34 against 41 ms, 32: 66 against 75, 64: 132 against 96 (a draft model's catch-up steps are this small).
-INT4_MAX_PROMPT_TOKENS = 32
+# The same with an int4 projection, whose C kernel multiplies rows in blocks of up to 4: one request's prompt step
+# through the C forward against layer by layer (int4 dequantized to float32 products), SmolLM2-135M on the AMX Xeon:
+# 16 tokens 28 against 37 ms, 32: 55 against 104, 64: 114 against 104, 128: 232 against 134 (a draft model's
+# catch-up steps and short prompts are this small).
+INT4_MAX_PROMPT_TOKENS = 48
 
 
 class CStepUnsupported(ValueError):
