@@ -12,7 +12,7 @@ from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.scheduler_output import SchedulerOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec.config import SpeculativeConfig, parse_speculative_config
-from tokenmill.spec.governor import SpeculationGovernor
+from tokenmill.spec.governor import PAUSE_STEPS, SpeculationGovernor
 from tokenmill.spec.ngram import ngram_proposal
 from tokenmill.spec.verify import DraftRowView, accepted_tokens
 from tokenmill.worker.request_states import RequestState, StepRequest
@@ -100,7 +100,7 @@ def _verified(out: SchedulerOutput, accept: dict[str, int]) -> ModelRunnerOutput
     for s in out.scheduled:
         req_ids.append(s.req_id)
         drafted.append(s.num_spec_tokens)
-        n = accept.get(s.req_id, 0) + 1 if s.samples else 0
+        n = min(accept.get(s.req_id, 0), s.num_spec_tokens) + 1 if s.samples else 0
         sampled.append([100 + j for j in range(n)])
     return ModelRunnerOutput(req_ids, sampled, num_draft_tokens=drafted)
 
@@ -128,7 +128,7 @@ def test_draft_slots_are_in_the_budget_and_rejected_ones_roll_back() -> None:
 
 def test_slots_never_outrun_max_tokens_and_the_governor_adapts() -> None:
     scheduler = _scheduler(k=4, min_acceptance_rate=0.5)
-    request = _request("a", max_tokens=7)
+    request = _request("a", max_tokens=16)
     scheduler.add_request(request)
     out = scheduler.schedule()
     scheduler.update_from_output(out, _verified(out, {}))  # 1 output token
@@ -137,9 +137,18 @@ def test_slots_never_outrun_max_tokens_and_the_governor_adapts() -> None:
         out = scheduler.schedule()
         slots.append(out.scheduled[0].num_spec_tokens)
         scheduler.update_from_output(out, _verified(out, {"a": 0}))  # nothing accepted
-    # max 4; halved below 50% acceptance; then capped by the 7 - outputs - 1 tokens left.
-    assert slots == [4, 2, 1, 1, 1, 0]
-    assert request.num_output_tokens == 7
+    # 4, halved below 50% acceptance, then a pause of PAUSE_STEPS after one rejected draft, then a probe.
+    assert slots == [4, 2, 1] + [0] * PAUSE_STEPS + [1] + [0] * 3
+    assert request.num_output_tokens == 16
+    scheduler = _scheduler(k=4)
+    request = _request("b", max_tokens=4)
+    scheduler.add_request(request)
+    slots = []
+    while not request.is_finished:
+        out = scheduler.schedule()
+        slots.append(out.scheduled[0].num_spec_tokens)
+        scheduler.update_from_output(out, _verified(out, {"b": 1}))
+    assert slots == [0, 2, 0]  # capped by the 4 - outputs - 1 tokens left
 
 
 def test_large_batches_do_not_speculate_and_low_acceptance_halves() -> None:

@@ -78,6 +78,7 @@ class Request:
     num_accepted_tokens: int = 0
     spec_num_tokens: int = 0
     spec_acceptance: float | None = None
+    spec_paused_steps: int = 0  # decode steps left without drafts (the governor's pause)
     metrics: RequestMetrics = field(init=False)
 
     def __post_init__(self) -> None:

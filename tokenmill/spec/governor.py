@@ -6,8 +6,9 @@ costs throughput. Engine side, plain Python (the scheduler asks it while buildin
   k + 1 times a token and the accepted drafts cannot pay for it.
 - Acceptance: each request's number of guesses moves with what it gets accepted (additive increase, halving):
   one more after a step whose drafts were all accepted (up to num_speculative_tokens), half as many once its
-  recent acceptance rate (an exponential average) falls below min_acceptance_rate, never fewer than one (so it
-  keeps being measured).
+  recent acceptance rate (an exponential average) falls below min_acceptance_rate, down to one; when that one is
+  rejected too, none for PAUSE_STEPS decode steps, then one again (a probe): a request the draft cannot guess
+  costs a draft every PAUSE_STEPS + 1 steps.
 - Requests it cannot verify exactly get none: those under a grammar (structured output), whose mask for a draft
   position depends on the drafts before it.
 
@@ -22,6 +23,8 @@ from tokenmill.engine.request import Request
 from tokenmill.spec.config import SpeculativeConfig
 
 _EMA_WEIGHT = 0.3  # of the latest step in a request's acceptance average
+# Decode steps without drafts after a single rejected draft at a low acceptance rate (then one draft probes again).
+PAUSE_STEPS = 8
 
 
 @dataclass
@@ -56,6 +59,9 @@ class SpeculationGovernor:
             return 0
         if request.sampling_params.structured_outputs is not None:
             return 0
+        if request.spec_paused_steps > 0:  # drafts kept failing at one a step: a pause, then one probe
+            request.spec_paused_steps -= 1
+            return 0
         if request.spec_num_tokens == 0:  # first decode step: start at full speed
             request.spec_num_tokens = self.config.num_speculative_tokens
         return request.spec_num_tokens
@@ -78,4 +84,6 @@ class SpeculationGovernor:
         if num_accepted == num_drafted:
             request.spec_num_tokens = min(self.config.num_speculative_tokens, max(request.spec_num_tokens, 1) + 1)
         elif request.spec_acceptance < self.config.min_acceptance_rate:
+            if request.spec_num_tokens == 1 and num_accepted == 0:  # even one draft does not pay: stop for a while
+                request.spec_paused_steps = PAUSE_STEPS
             request.spec_num_tokens = max(1, request.spec_num_tokens // 2)
