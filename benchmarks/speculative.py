@@ -6,8 +6,8 @@ interleaved, medians reported with their ratios):
   summed over the prompts; target >= 2x, with token-identical output (checked);
 - ngram: batch-1 decode of the input-grounded prompts (benchmarks/data/grounded_prompts.py: summarise, edit,
   extract from a ~950-token document), plain against n-gram prompt lookup (K = 4); target >= 1.6x;
-- w1: 64 random 256-token prompts at once, 128 output tokens each (ignore_eos), plain against each speculative
-  engine (the governor must turn speculation off: target >= 0.97x).
+- w1: 64 random 256-token prompts at once (tokenmill.bench.throughput.make_workload), 128 output tokens each
+  (ignore_eos), plain against each speculative engine (the governor must turn speculation off: target >= 0.97x).
 
     .venv/bin/python benchmarks/speculative.py [--rounds 3] [--workloads draft,ngram,w1] [--dtype float32]
 """
@@ -15,7 +15,6 @@ interleaved, medians reported with their ratios):
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ from grounded_prompts import grounded_messages
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.bench.results import write_json_report
+from tokenmill.bench.throughput import make_workload
 from tokenmill.worker.capabilities import detect_capabilities
 
 CHAT_PROMPTS = [
@@ -102,9 +102,10 @@ def main() -> None:
         engines["ngram"] = LLM(**common, speculative_config=NGRAM)
     chat = [[{"role": "user", "content": p}] for p in CHAT_PROMPTS]
     grounded = grounded_messages()
-    rng = random.Random(0)
-    vocab = engines["plain"].engine.core.runner.vocab_size
-    w1_prompts = [[rng.randrange(vocab) for _ in range(256)] for _ in range(args.w1_prompts)]
+    plain = engines["plain"].engine
+    special = set(getattr(engines["plain"].tokenizer, "all_special_ids", []) or []) | set(plain.eos_token_ids)
+    w1_prompts = make_workload(args.w1_prompts, 256, args.w1_output_len, plain.vocab_size, 0,
+                               special_ids=special).prompts
     for llm in engines.values():  # warm-up: first-call costs out of the timed rounds
         llm.generate("warm up", SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
 

@@ -75,13 +75,13 @@ class DraftModelProposer:
         self.max_requests = max_requests  # the governor's disable_by_batch_size: larger steps do not speculate
 
     @classmethod
-    def for_target(cls, config: EngineConfig, target: Worker) -> DraftModelProposer:
-        """The draft worker for `target` (built, its K/V cache the size of the target's in blocks)."""
+    def for_target(cls, config: EngineConfig, target: Worker, loaded: LoadedModel) -> DraftModelProposer:
+        """The draft worker for `target` from the draft's checkpoint `loaded` (built, its K/V cache the size of the
+        target's in blocks)."""
         from tokenmill.worker.worker import Worker
 
         spec = config.speculative.spec
         assert spec is not None
-        loaded = target.draft_loaded if target.draft_loaded is not None else load_draft_model(config, spec)
         draft = Worker(draft_engine_config(config, spec, target.num_blocks), loaded)
         logger.info("speculative decoding: draft model %s (%s), %d tokens per step", spec.model, spec.quantization,
                     spec.num_speculative_tokens)
@@ -110,7 +110,7 @@ class DraftModelProposer:
                 work.append(StepRequest(d.state, d.num_computed, end - d.num_computed))
                 ends.append((d, end))
         if work:
-            self._forward(work)  # its K/V is what is wanted; the hidden states are dropped
+            self.runner.forward(work)  # its K/V is what is wanted; the hidden states are dropped
             for d, end in ends:
                 d.num_computed = end
 
@@ -140,23 +140,12 @@ class DraftModelProposer:
         takes the step) and the argmax of the vocabulary projection, without the sampler (drafts are greedy: no
         sampling parameters apply, and only the last row of each request needs logits)."""
         rows = [r - 1 for r in itertools.accumulate(s.num_new_tokens for s in steps)]
-        hidden = self._forward(steps, rows)
+        hidden = self.runner.forward(steps, rows)
         hidden = hidden[torch.tensor(rows, dtype=torch.int64, device=hidden.device)]
         ids = self.runner.model.greedy_token_ids(hidden)
         if ids is None:
             ids = greedy_ids_of(self.runner.model.compute_logits(hidden).float())
         return ids.tolist()
-
-    @torch.inference_mode()
-    def _forward(self, steps: list[StepRequest], rows: list[int] | None = None) -> torch.Tensor:
-        """The draft's forward over the steps' rows (its K/V written): the final hidden states, defined for `rows`
-        (None: all)."""
-        runner = self.runner
-        path = next((p for p in runner.step_paths if p.can_run(steps)), None)
-        if path is not None:
-            return path.run(steps, rows=rows)
-        input_ids, positions, meta = runner.build_inputs(steps)
-        return runner.model(input_ids, positions, meta)
 
     def _caught_up(self, s: StepRequest) -> _DraftState:
         """The draft's state of `s`, its tokens set to the target's and its computed count cut to the first position

@@ -33,8 +33,7 @@ def ngram_proposal(token_ids: Sequence[int], num_tokens: int, min_n: int, max_n:
 
 
 class NgramProposer:
-    def __init__(self, num_speculative_tokens: int, prompt_lookup_min: int, prompt_lookup_max: int) -> None:
-        self.num_speculative_tokens = num_speculative_tokens
+    def __init__(self, prompt_lookup_min: int, prompt_lookup_max: int) -> None:
         self.min_n, self.max_n = prompt_lookup_min, prompt_lookup_max
 
     def propose(self, scheduled: Sequence[StepRequest]) -> None:

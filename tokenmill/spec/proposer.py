@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from tokenmill.config import EngineConfig
+from tokenmill.loader import LoadedModel
 from tokenmill.worker.request_states import StepRequest
 
 if TYPE_CHECKING:
@@ -30,14 +31,18 @@ class Proposer(Protocol):
         """Forgets requests that finished or were preempted."""
 
 
-def build_proposer(config: EngineConfig, worker: Worker) -> Proposer:
+def build_proposer(config: EngineConfig, worker: Worker, draft_loaded: LoadedModel | None = None) -> Proposer:
+    """The proposer of config's speculative_config for `worker` (the target); a draft model's checkpoint comes
+    loaded (`draft_loaded`: the worker sized its K/V budget from it)."""
     spec = config.speculative.spec
     if spec is None:
         raise ValueError("no speculative_config")
     if spec.method == "ngram":
         from tokenmill.spec.ngram import NgramProposer
 
-        return NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
+        return NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
     from tokenmill.spec.draft_model import DraftModelProposer
 
-    return DraftModelProposer.for_target(config, worker)
+    if draft_loaded is None:
+        raise ValueError("a draft model proposer needs the draft's loaded checkpoint")
+    return DraftModelProposer.for_target(config, worker, draft_loaded)

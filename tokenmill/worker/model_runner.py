@@ -146,6 +146,19 @@ class ModelRunner:
         return plans
 
     @torch.inference_mode()
+    def forward(self, scheduled: Sequence[StepRequest], rows: Sequence[int] | None = None) -> torch.Tensor:
+        """The step's final hidden states [T, hidden] (its K/V written): through the first whole-step path that takes
+        it, else layer by layer. rows: None, or the rows (ascending) the caller reads; a whole-step path may leave the
+        others undefined."""
+        path = next((p for p in self.step_paths if p.can_run(scheduled)), None)
+        if path is not None:
+            return path.run(scheduled, self.timer, rows)
+        with self.timer.section("prepare_inputs"):
+            input_ids, positions, meta = self.build_inputs(scheduled)
+        with self.timer.section("forward"):
+            return self.model(input_ids, positions, meta)
+
+    @torch.inference_mode()
     def execute(self, scheduled: list[StepRequest], grammar: GrammarBitmask | None = None) -> ModelRunnerOutput:
         """`grammar`: structured output's next-token masks for the requests that sample under a grammar."""
         if not scheduled:
@@ -158,14 +171,7 @@ class ModelRunner:
         sample_rows = [r for i in sampling
                        for r in range(row_starts[i + 1] - scheduled[i].num_sampled_rows, row_starts[i + 1])]
         prompt_rows = [r for plan in prompt_plans for r in plan.rows]
-        path = next((p for p in self.step_paths if p.can_run(scheduled)), None)
-        if path is not None:  # only the rows read below need their hidden states
-            hidden = path.run(scheduled, timer, sorted(set(sample_rows + prompt_rows)))
-        else:
-            with timer.section("prepare_inputs"):
-                input_ids, positions, meta = self.build_inputs(scheduled)
-            with timer.section("forward"):
-                hidden = self.model(input_ids, positions, meta)
+        hidden = self.forward(scheduled, sorted(set(sample_rows + prompt_rows)))  # only the rows read below
         with timer.section("sample"):
             return self._sample(scheduled, hidden, sampling, sample_rows, prompt_plans, prompt_rows, grammar)
 
@@ -183,12 +189,14 @@ class ModelRunner:
         if sampling:
             requests = [row for i in sampling for row in sampling_rows(scheduled[i].state, scheduled[i].draft_token_ids)]
             metadata = SamplingMetadata.from_requests(requests, self.vocab_size, self.device, self.generator)
-            if grammar is not None:  # structured output: masked rows need their logits (no argmax-only path)
-                metadata.set_grammar(grammar, [getattr(r, "req_id", None) for r in requests])  # drafts' rows: None
-            # Greedy: the ids straight from the vocabulary projection (under grammar masks: see _masked_greedy).
+            if grammar is not None:  # structured output: each request's first sampled row (drafts' rows: None)
+                metadata.set_grammar(grammar, [req_id for i in sampling for req_id in
+                                               [scheduled[i].req_id] + [None] * len(scheduled[i].draft_token_ids)])
+            # Greedy: the ids straight from the vocabulary projection (under grammar masks: see _masked_greedy, which
+            # computes logits of some rows alone: not across tensor-parallel ranks).
             masked = metadata.grammar_bitmask is not None
-            if (metadata.argmax_only or (masked and metadata.argmax_under_masks_only and not self.model.tp.is_parallel)
-                    ) and not prompt_plans:
+            if (metadata.argmax_under_masks_only and not (masked and self.model.tp.is_parallel)
+                    and not prompt_plans):
                 ids = self.model.greedy_token_ids(hidden[rows])
                 if ids is not None:
                     if masked:

@@ -85,9 +85,7 @@ class SamplingMetadata:
     def argmax_only(self) -> bool:
         """Every row takes the argmax of its raw logits: greedy, nothing changes the logits first, no logprobs (so
         the vocabulary projection may hand over the argmax without the logits)."""
-        return (self.all_greedy and self.max_num_logprobs is None and self.logit_bias is None
-                and self.min_tokens_mask is None and self.repetition_penalty is None and self.additive_penalty is None
-                and self.grammar_bitmask is None)
+        return self.argmax_under_masks_only and self.grammar_bitmask is None
 
     def set_grammar(self, grammar: GrammarBitmask, row_req_ids: Sequence[str | None]) -> None:
         """Takes the step's grammar masks; row_req_ids[r] is the request whose next token row r samples (None for

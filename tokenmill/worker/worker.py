@@ -107,7 +107,7 @@ class Worker:
         kv_spec = KVCacheSpec(num_layers=len(model.attention_layers), num_kv_heads=layer0.num_kv_heads,
                               head_dim=layer0.head_dim, block_size=config.cache.block_size, dtype=kv_dtype)
         # A draft model (speculative decoding) has a K/V cache of as many blocks, in the same budget.
-        self.draft_loaded, draft_bytes_per_block = self._load_draft(config, backend)
+        draft_loaded, draft_bytes_per_block = self._load_draft(config, backend)
         # Every rank must hold the same blocks (the one scheduler hands them out): the smallest budget wins.
         self.num_blocks = tp.min_int(num_kv_blocks(config.cache, kv_spec.bytes_per_block + draft_bytes_per_block,
                                                    self.device))
@@ -132,8 +132,7 @@ class Worker:
             finish_plan(self.plan)
         self.requests = RequestStates()
         self.timer = step_timer
-        self.proposer = build_proposer(config, self) if config.speculative.spec is not None else None
-        self.draft_loaded = None  # the draft worker holds its weights now
+        self.proposer = build_proposer(config, self, draft_loaded) if config.speculative.spec is not None else None
 
     def execute(self, step: StepInput) -> ModelRunnerOutput:
         """Runs one step: its message applied to the held requests first, so that a step that fails still leaves

@@ -165,16 +165,12 @@ def new_call_id() -> str:
 
 def tool_calls_of(plan: ToolPlan, text: str) -> list[ToolCall] | None:
     """The calls in a finished output, or None when it is not a complete call (cut by max_tokens)."""
-    if plan.name is not None:
-        try:
-            json.loads(text)
-        except json.JSONDecodeError:
-            return None
-        return [ToolCall(id=new_call_id(), function=FunctionCall(name=plan.name, arguments=text))]
     try:
         calls = json.loads(text)
     except json.JSONDecodeError:
         return None
+    if plan.name is not None:  # the text is the named function's arguments
+        return [ToolCall(id=new_call_id(), function=FunctionCall(name=plan.name, arguments=text))]
     if not isinstance(calls, list) or not all(isinstance(c, dict) and "name" in c for c in calls):
         return None
     return [ToolCall(id=new_call_id(), function=FunctionCall(
