@@ -84,6 +84,18 @@ def test_speculative_config_parses_vllm_json_and_names_what_is_wrong() -> None:
                                  tensor_parallel_size=2)
 
 
+def test_self_draft_is_the_targets_own_checkpoint(tmp_path) -> None:
+    def draft(model: str) -> SpeculativeConfig:
+        return SpeculativeConfig("draft_model", 2, model=model, quantization="int4")
+
+    assert draft("default").is_self_draft(None)
+    assert not draft("default").is_self_draft(str(tmp_path))
+    assert not draft(str(tmp_path)).is_self_draft(None)
+    assert draft(str(tmp_path)).is_self_draft(str(tmp_path) + "/")
+    assert not draft(str(tmp_path / "other")).is_self_draft(str(tmp_path))
+    assert not SpeculativeConfig("ngram", 2).is_self_draft(None)
+
+
 # -- scheduler with the governor ---------------------------------------------------------------------------------
 def _scheduler(k: int = 3, num_blocks: int = 64, **spec) -> Scheduler:
     governor = SpeculationGovernor(SpeculativeConfig("ngram", k, **spec))

@@ -12,6 +12,7 @@ draft guesses.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -37,6 +38,15 @@ class SpeculativeConfig:
     # A request whose recent acceptance rate falls below this gets fewer guesses (down to 1), and more again
     # when they are accepted (the governor).
     min_acceptance_rate: float = 0.3
+
+    def is_self_draft(self, target_model: str | None) -> bool:
+        """Whether the draft is the target's own checkpoint (`target_model`: the target's path, None for the
+        embedded default), perhaps in a cheaper form: it then shares the target's K/V cache (spec/draft_model.py)."""
+        if self.method != "draft_model" or self.model is None:
+            return False
+        if self.model == "default" or target_model is None:
+            return self.model == "default" and target_model is None
+        return os.path.realpath(self.model) == os.path.realpath(target_model)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

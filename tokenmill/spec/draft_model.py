@@ -4,9 +4,16 @@ The draft is a whole worker of its own (worker/worker.py: weights, quantization,
 K/V cache has the target's number of blocks, indexed by the target's block tables: the engine hands out blocks once,
 for both, and reserves each step's speculative slots in the table before the draft writes them.
 
-Per request the draft keeps the tokens whose K/V it has written (`_DraftState`). Each step it first catches up on
-what it has not computed (the whole prompt the first time, later the accepted drafts' successor tokens: usually one
-or two), which also gives its first draft, then runs one single-token forward per further draft. Positions whose
+A self-draft (the target's own checkpoint in a cheaper form: SpeculativeConfig.is_self_draft) has no cache of its
+own: it reads the K/V the target computed for every position before the step and writes its guesses' K/V into the
+step's own slots, which the target's verification then overwrites with its own before it reads them (each layer
+writes a step's K/V before its attention reads it), and slots past what the target accepts count for nothing. So a
+self-draft has no prefill and no catch-up: each step's first forward is the one token the step starts from, and its
+guesses are conditioned on the target's exact K/V (for prompt tokens too, and prefix-cache hits).
+
+Any other draft keeps, per request, the tokens whose K/V it has written (`_DraftState`). Each step it first catches
+up on what it has not computed (the whole prompt the first time, later the accepted drafts' successor tokens: usually
+one or two), which also gives its first draft, then runs one single-token forward per further draft. Positions whose
 tokens the target did not accept are recomputed: the draft's K/V counts only up to the first token that differs.
 Blocks that a request shares through the prefix cache hold the draft's K/V only where it computed them itself, so a
 new request (or one resumed after preemption) starts from position 0.
@@ -38,16 +45,26 @@ logger = logging.getLogger("tokenmill")
 _GREEDY = SamplingParams(temperature=0.0, max_tokens=None)
 
 
-def draft_engine_config(config: EngineConfig, spec: SpeculativeConfig, num_blocks: int | None = None) -> EngineConfig:
+_KV_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.int8: "int8"}
+
+
+def draft_engine_config(config: EngineConfig, spec: SpeculativeConfig, num_blocks: int | None = None,
+                        kv_dtype: torch.dtype | None = None) -> EngineConfig:
     """The draft worker's configuration: the target's, with the draft's checkpoint and quantization, the target's
-    context length and (once the target sized its cache) the target's number of blocks; no speculation of its own."""
+    context length and (once the target sized its cache) the target's number of blocks; no speculation of its own.
+    `kv_dtype`: the target's K/V element type, for a draft that shares the target's cache."""
     quantized = spec.quantization != "none"
     model = dataclasses.replace(
         config.model, model=None if spec.model == "default" else spec.model, quantization=spec.quantization,
         dtype="auto" if quantized else config.model.dtype)
+    cache = dataclasses.replace(config.cache, num_blocks=num_blocks)
+    if kv_dtype is not None:
+        if kv_dtype not in _KV_DTYPE_NAMES:
+            raise ValueError(f"a self-draft cannot share a {kv_dtype} K/V cache")
+        cache = dataclasses.replace(cache, kv_cache_dtype=_KV_DTYPE_NAMES[kv_dtype])
     return dataclasses.replace(
-        config, model=model, cache=dataclasses.replace(config.cache, num_blocks=num_blocks),
-        parallel=dataclasses.replace(config.parallel, compile=False), speculative=SpeculativeOptions())
+        config, model=model, cache=cache, parallel=dataclasses.replace(config.parallel, compile=False),
+        speculative=SpeculativeOptions())
 
 
 def load_draft_model(config: EngineConfig, spec: SpeculativeConfig) -> LoadedModel:
@@ -65,7 +82,7 @@ class _DraftState:
 
 
 class DraftModelProposer:
-    def __init__(self, draft: Worker, vocab_size: int, max_requests: int) -> None:
+    def __init__(self, draft: Worker, vocab_size: int, max_requests: int, shares_target_kv: bool = False) -> None:
         if draft.runner.vocab_size != vocab_size:
             raise ValueError(f"the draft model's vocabulary ({draft.runner.vocab_size} tokens) is not the target's "
                              f"({vocab_size}); a draft must share the target's tokenizer")
@@ -73,6 +90,8 @@ class DraftModelProposer:
         self.runner = draft.runner
         self.states: dict[str, _DraftState] = {}
         self.max_requests = max_requests  # the governor's disable_by_batch_size: larger steps do not speculate
+        # A self-draft reading the target's K/V: no state across steps (self.states stays empty).
+        self.shares_target_kv = shares_target_kv
 
     @classmethod
     def for_target(cls, config: EngineConfig, target: Worker, loaded: LoadedModel) -> DraftModelProposer:
@@ -82,10 +101,12 @@ class DraftModelProposer:
 
         spec = config.speculative.spec
         assert spec is not None
-        draft = Worker(draft_engine_config(config, spec, target.num_blocks), loaded)
-        logger.info("speculative decoding: draft model %s (%s), %d tokens per step", spec.model, spec.quantization,
-                    spec.num_speculative_tokens)
-        return cls(draft, target.runner.vocab_size, spec.disable_by_batch_size)
+        shared = spec.is_self_draft(config.model.model)
+        draft = Worker(draft_engine_config(config, spec, target.num_blocks, target.runner.kv_spec.dtype if shared
+                                           else None), loaded, kv_caches=target.runner.kv_caches if shared else None)
+        logger.info("speculative decoding: draft model %s (%s), %d tokens per step%s", spec.model, spec.quantization,
+                    spec.num_speculative_tokens, ", sharing the target's K/V cache" if shared else "")
+        return cls(draft, target.runner.vocab_size, spec.disable_by_batch_size, shares_target_kv=shared)
 
     def drop(self, req_ids: Iterable[str]) -> None:
         for req_id in req_ids:
@@ -96,8 +117,8 @@ class DraftModelProposer:
         request's first drafts need no catch-up over its whole prompt: the draft's prefill runs with the target's
         (as vLLM's draft models do), in the time to first token rather than between tokens. Only for steps of at
         most `max_requests` requests (larger batches do not speculate: the governor), and not for requests under a
-        grammar (never drafted for)."""
-        if len(scheduled) > self.max_requests:
+        grammar (never drafted for). A self-draft needs none of it: the target's prefill writes the K/V it reads."""
+        if self.shares_target_kv or len(scheduled) > self.max_requests:
             return
         work, ends = [], []
         for s in scheduled:
@@ -118,7 +139,7 @@ class DraftModelProposer:
         work = [s for s in scheduled if s.num_spec_tokens and s.samples]
         if not work:
             return
-        states = [self._caught_up(s) for s in work]
+        states = [self._from_target(s) if self.shares_target_kv else self._caught_up(s) for s in work]
         # First forward: each request's uncomputed tokens (at least its last), whose last row gives draft 1.
         steps = [StepRequest(d.state, d.num_computed, d.state.num_tokens - d.num_computed) for d in states]
         drafts: list[list[int]] = [[] for _ in work]
@@ -146,6 +167,14 @@ class DraftModelProposer:
         if ids is None:
             ids = greedy_ids_of(self.runner.model.compute_logits(hidden).float())
         return ids.tolist()
+
+    @staticmethod
+    def _from_target(s: StepRequest) -> _DraftState:
+        """A self-draft's view of `s` for this step: the target's tokens, and the target's K/V up to where the step
+        starts (the step's one known token, then the draft slots)."""
+        state = RequestState(s.req_id, s.state.prompt_token_ids, list(s.state.all_token_ids), _GREEDY, None,
+                             s.state.block_ids)
+        return _DraftState(state, num_computed=s.start_pos, num_agreed=s.start_pos)
 
     def _caught_up(self, s: StepRequest) -> _DraftState:
         """The draft's state of `s`, its tokens set to the target's and its computed count cut to the first position

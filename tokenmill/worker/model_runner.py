@@ -72,6 +72,7 @@ class ModelRunner:
         self, model: nn.Module, kv_spec: KVCacheSpec, num_blocks: int, vocab_size: int,
         device: torch.device, seed: int = 0, max_model_len: int = 0, cuda_graph_sizes: list[int] | None = None,
         step_timer: AnyStepTimer = NULL_TIMER, huge_pages: bool = False,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         self.model = model
         self.timer = step_timer
@@ -84,10 +85,16 @@ class ModelRunner:
         attention_layers = model.attention_layers
         shape = attention_layers[0].backend.kv_cache_shape(
             num_blocks, kv_spec.block_size, kv_spec.num_kv_heads, kv_spec.head_dim, kv_spec.dtype)
-        self.kv_caches = [
-            (_zeros(shape, kv_spec.dtype, device, huge_pages), _zeros(shape, kv_spec.dtype, device, huge_pages))
-            for _ in range(kv_spec.num_layers)
-        ]
+        if kv_caches is not None:  # another runner's cache (a self-draft writes and reads its target's K/V)
+            if len(kv_caches) != kv_spec.num_layers or any(
+                    k.shape != shape or k.dtype != kv_spec.dtype for k, _ in kv_caches):
+                raise ValueError("a shared K/V cache must have this model's layers, shape and dtype")
+            self.kv_caches = list(kv_caches)
+        else:
+            self.kv_caches = [
+                (_zeros(shape, kv_spec.dtype, device, huge_pages), _zeros(shape, kv_spec.dtype, device, huge_pages))
+                for _ in range(kv_spec.num_layers)
+            ]
         for layer, cache in zip(attention_layers, self.kv_caches, strict=True):
             layer.kv_cache = cache
         # Whole-step fast paths (worker/step_paths.py), asked in order; a step none takes runs layer by layer.

@@ -63,7 +63,9 @@ def resolve_max_model_len(config: EngineConfig, hf_config: object) -> int:
 
 class Worker:
     def __init__(self, config: EngineConfig, loaded: LoadedModel, step_timer: AnyStepTimer = NULL_TIMER,
-                 tp: Communicator = SINGLE) -> None:
+                 tp: Communicator = SINGLE, kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """`kv_caches`: another worker's K/V cache to use instead of one of its own (a self-draft's: the target's,
+        with config.cache.num_blocks and kv_cache_dtype set to match it)."""
         self.tp = tp
         self.device = resolve_device(config.model.device)
         if self.device.type == "cuda" and tp.is_parallel:  # this rank's own GPU (distributed/worker_group.py)
@@ -106,7 +108,8 @@ class Worker:
         layer0 = model.attention_layers[0]
         kv_spec = KVCacheSpec(num_layers=len(model.attention_layers), num_kv_heads=layer0.num_kv_heads,
                               head_dim=layer0.head_dim, block_size=config.cache.block_size, dtype=kv_dtype)
-        # A draft model (speculative decoding) has a K/V cache of as many blocks, in the same budget.
+        # A draft model (speculative decoding) has a K/V cache of as many blocks, in the same budget (a self-draft
+        # shares the target's: no bytes of its own).
         draft_loaded, draft_bytes_per_block = self._load_draft(config, backend)
         # Every rank must hold the same blocks (the one scheduler hands them out): the smallest budget wins.
         self.num_blocks = tp.min_int(num_kv_blocks(config.cache, kv_spec.bytes_per_block + draft_bytes_per_block,
@@ -118,7 +121,7 @@ class Worker:
         self.runner = ModelRunner(
             model, kv_spec, self.num_blocks, hf_config.vocab_size, self.device, config.model.seed,
             max_model_len=self.max_model_len, cuda_graph_sizes=cuda_graph_sizes(config, self.device, backend),
-            step_timer=step_timer, huge_pages=huge_pages,
+            step_timer=step_timer, huge_pages=huge_pages, kv_caches=kv_caches,
         )
         if step_timer.enabled and self.device.type == "cuda":
             step_timer.sync = torch.cuda.synchronize
@@ -151,13 +154,15 @@ class Worker:
 
     def _load_draft(self, config: EngineConfig, backend: str) -> tuple[LoadedModel | None, int]:
         """The draft model's checkpoint (speculative decoding with a draft model) and the bytes a block of its K/V
-        cache takes; (None, 0) without one."""
+        cache takes of its own; (None, 0) without one."""
         spec = config.speculative.spec
         if spec is None or spec.method != "draft_model":
             return None, 0
         from tokenmill.spec.draft_model import draft_engine_config, load_draft_model
 
         loaded = load_draft_model(config, spec)
+        if spec.is_self_draft(config.model.model):
+            return loaded, 0  # it writes and reads the target's own K/V cache (spec/draft_model.py)
         draft = draft_engine_config(config, spec).model
         dtype = resolve_dtype(draft.dtype, self.device, draft.quantization)
         hf = loaded.hf_config
