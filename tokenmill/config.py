@@ -61,6 +61,13 @@ class ModelConfig:
                        "model and runs the fastest; cached), c (our C kernels wherever one exists) or torch "
                        "(torch/oneDNN ops only: no C kernel, no C forward); for tests and A/B runs"),
     )
+    batch_invariant: bool = field(
+        default=False,
+        metadata=_help("deterministic mode (CPU; float32, int8 or int4 weights): a request's tokens and logprobs are "
+                       "bit-identical whatever else is in the batch, with prefix hits, chunked prefill and preemption: "
+                       "every operation runs one kernel whose reductions do not depend on the rows beside it (no C "
+                       "forward, per-row attention); costs throughput (README)"),
+    )
     huge_pages: bool = field(
         default=True,
         metadata=_help("on the CPU, keep the weights and the KV cache in 2 MiB transparent huge pages "
@@ -206,6 +213,21 @@ class SpeculativeOptions:
         return parse_speculative_config(self.speculative_config)
 
 
+def _check_batch_invariant(config: EngineConfig) -> None:
+    """What deterministic mode (ModelConfig.batch_invariant) runs on: the CPU's float32 C kernels, alone."""
+    m = config.model
+    if m.device == "cuda":
+        raise ValueError("batch_invariant is a CPU mode (its kernels are the C ones); on a GPU leave it off")
+    if m.dtype not in ("auto", "float32") or m.quantization == "fp8":
+        raise ValueError("batch_invariant runs float32 models, and int8 or int4 weights with float32 activations; "
+                         f"got dtype={m.dtype!r}, quantization={m.quantization!r}")
+    if m.kernels == "torch" or not m.panel_gemm:
+        raise ValueError("batch_invariant needs the C kernels (kernels=auto or c, panel_gemm=true): torch's GEMM "
+                         "is not batch-invariant")
+    if config.parallel.tensor_parallel_size > 1 or config.parallel.compile:
+        raise ValueError("batch_invariant does not work with tensor_parallel_size > 1 or compile yet")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -219,6 +241,8 @@ class EngineConfig:
         if spec is not None and spec.method == "draft_model" and self.parallel.tensor_parallel_size > 1:
             raise ValueError("a draft model does not work with tensor_parallel_size > 1 yet (the draft would need "
                              "its own shards); use the ngram method or one rank")
+        if self.model.batch_invariant:
+            _check_batch_invariant(self)
         if self.parallel.compile and self.model.quantization != "none":
             # Panel-packed int8 weights (a ctypes kernel) and fp8 weights are opaque to dynamo.
             raise ValueError(

@@ -102,6 +102,23 @@ def _c_decode_plan(meta: AttentionMetadata) -> _CDecodePlan:
     return plan
 
 
+def _per_row_plan(meta: AttentionMetadata) -> _CDecodePlan:
+    """Every query row of the step as a decode row of its own: its position's causal context (seq_len = position +
+    1) through its request's block table. Deterministic mode attends all rows so (the step's own K/V are in the
+    cache before attention runs), so that a row's attention is one fixed computation over its context whether it
+    is a decode row, one of a prompt's, of a chunk or of a recomputation after preemption."""
+    plan = meta.scratch.get("c_rows")
+    if plan is None:
+        q_lens = torch.tensor(meta.query_lens_list, dtype=torch.int64)
+        req_of_row = torch.repeat_interleave(torch.arange(meta.num_reqs), q_lens)
+        offset = torch.arange(meta.num_tokens) - meta.query_start_loc.cpu()[req_of_row]
+        first_pos = torch.tensor(meta.seq_lens_list, dtype=torch.int64) - q_lens  # of each request's query rows
+        plan = _CDecodePlan(torch.arange(meta.num_tokens), first_pos[req_of_row] + offset + 1,
+                            meta.block_tables.cpu()[req_of_row].contiguous())
+        meta.scratch["c_rows"] = plan
+    return plan
+
+
 @dataclass
 class _CPrefillPlan:
     """The requests with several query rows in a step, for the C prefill kernel; shared by all layers."""
@@ -229,6 +246,15 @@ class TorchAttentionBackend:
         # and the dtype torch's fused attention runs in (route_prompt_attention); none: the C kernel for all.
         self.prompt_routes: list[tuple[int, str]] = []
         self.sdpa_dtype = torch.float32
+        # Deterministic mode (pin_per_row_attention): every row through the decode kernel, one row at a time.
+        self.per_row = False
+
+    def pin_per_row_attention(self) -> None:
+        """Deterministic mode: every query row attends through the C decode kernel over the cache (_per_row_plan),
+        whatever the step holds. ValueError where the C kernels are not built."""
+        if not self.use_c_kernels:
+            raise ValueError("batch_invariant needs the C attention kernels (a C compiler)")
+        self.per_row = True
 
     def route_prompt_attention(self, routes: list[tuple[int, str]], dtype: torch.dtype) -> None:
         """Takes the execution plan's choice for whole-context prompt rows (C_PREFILL_KERNEL, SDPA_KERNEL or
@@ -302,6 +328,13 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         out = torch.empty_like(query)
         num_kv_heads, num_blocks, block_size, _ = kv_cache[0].shape
+        if self.per_row:
+            if not self._uses_c_decode(query, kv_cache):
+                raise ValueError(f"batch_invariant attends float32 queries through the C kernel, got {query.dtype}")
+            plan = _per_row_plan(meta)
+            paged_decode_attention(out, query.contiguous(), kv_cache, plan.rows, plan.seq_lens, plan.block_tables,
+                                   scale)
+            return out
         if self._uses_c_decode(query, kv_cache):
             plan = _c_decode_plan(meta)
             if plan.rows.numel():

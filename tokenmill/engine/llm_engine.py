@@ -25,7 +25,8 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     """The checkpoint of config.model, loaded in the compute dtype the config resolves to."""
     from tokenmill.worker.device import resolve_device, resolve_dtype
 
-    dtype = resolve_dtype(config.model.dtype, resolve_device(config.model.device), config.model.quantization)
+    m = config.model
+    dtype = resolve_dtype(m.dtype, resolve_device(m.device), m.quantization, m.batch_invariant)
     return load_model(config.model.model, dtype=dtype)
 
 

@@ -86,6 +86,9 @@ class Int4GroupLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.packed, self.group_scale, self.group_min = quantize_weight_groups(weight)
         self.bias = None if bias is None else bias.detach().float().contiguous()
+        # Rows up to this go through the C kernel, more through a dequantized float32 GEMM (faster at prefill, but
+        # its reductions depend on the row count: deterministic mode sets it to sys.maxsize).
+        self.fused_max_rows = FUSED_MAX_ROWS
 
     def dequantized_weight(self) -> torch.Tensor:
         if int4_gemm_available():
@@ -98,7 +101,7 @@ class Int4GroupLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
             x2 = x2.float()
-        if x2.shape[0] <= FUSED_MAX_ROWS and int4_gemm_available():
+        if x2.shape[0] <= self.fused_max_rows and int4_gemm_available():
             y = int4_gemm(x2.contiguous(), self.packed, self.group_scale, self.group_min, self.out_features)
         else:
             y = torch.nn.functional.linear(x2, self.dequantized_weight())

@@ -56,7 +56,7 @@ def draft_engine_config(config: EngineConfig, spec: SpeculativeConfig, num_block
     quantized = spec.quantization != "none"
     model = dataclasses.replace(
         config.model, model=None if spec.model == "default" else spec.model, quantization=spec.quantization,
-        dtype="auto" if quantized else config.model.dtype)
+        dtype="auto" if quantized else config.model.dtype, batch_invariant=False)  # guesses never reach the output
     cache = dataclasses.replace(config.cache, num_blocks=num_blocks)
     if kv_dtype is not None:
         if kv_dtype not in _KV_DTYPE_NAMES:

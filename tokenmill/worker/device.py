@@ -26,15 +26,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device, quantization: str = "none") -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, quantization: str = "none", batch_invariant: bool = False
+                  ) -> torch.dtype:
     """`auto`: bfloat16 on a GPU, and on a CPU that multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16,
     where oneDNN's bf16 products run 3-17x its float32 ones at prefill sizes); float32 on other CPUs, where
     bf16 is emulated and slower, and under the CPU's int8/int4 quantization (its C kernels take float32
-    activations). float32 is the dtype with token-exact HF parity."""
+    activations) or in deterministic mode (batch_invariant: float32 C kernels). float32 is the dtype with token-exact
+    HF parity."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16
-        if quantization in ("int8", "int4"):
+        if quantization in ("int8", "int4") or batch_invariant:
             return torch.float32
         from tokenmill.worker.capabilities import detect_capabilities
 

@@ -13,8 +13,10 @@ A cached plan is applied without timing anything.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -107,6 +109,22 @@ def _projection_candidates(module: nn.Module, panels_ok: bool) -> dict[str, Call
     return candidates
 
 
+# The kernels whose output row depends on its input row alone, bit for bit, whatever the rows beside it and their
+# number (tests/kernels/test_batch_invariance.py): each output is one fixed-order reduction over the input row.
+# torch's float32 GEMM (MKL) is not: it picks other kernels and blockings by row count. c_int4 is, once its
+# dequantized-GEMM route for many rows is off (Int4GroupLinear.fused_max_rows).
+BATCH_INVARIANT_KERNELS = ("c_f32_panels", "c_int8_panels", "c_int4")
+
+
+def invariant_candidates(operation: str, builders: dict[str, Any]) -> dict[str, Any]:
+    """The batch-invariant ones of `builders` (deterministic mode); ValueError when none is."""
+    kept = {k: b for k, b in builders.items() if k in BATCH_INVARIANT_KERNELS}
+    if not kept:
+        raise ValueError(f"batch_invariant: no batch-invariant kernel for {operation} here (candidates: "
+                         f"{', '.join(builders)}; batch-invariant: {', '.join(BATCH_INVARIANT_KERNELS)})")
+    return kept
+
+
 def _quantized_name(module: nn.Module) -> str:
     name = type(module).__name__
     return {"Int8DynamicLinear": "c_int8_panels", "Int4GroupLinear": "c_int4"}.get(name, name)
@@ -155,7 +173,8 @@ def new_or_cached_plan(config: EngineConfig, model: nn.Module, kv_dtype: torch.d
                 "activation_bits": m.int8_activation_bits, "quantize_lm_head": m.quantize_lm_head,
                 "kernels": m.kernels, "panel_gemm": m.panel_gemm, "fused_decode": m.fused_decode,
                 "huge_pages": m.huge_pages, "kv_dtype": str(kv_dtype), "block_size": config.cache.block_size,
-                "c_kernels": kernel_sources_digest(), "tensor_parallel": [tp.rank, tp.world_size]}
+                "c_kernels": kernel_sources_digest(), "tensor_parallel": [tp.rank, tp.world_size],
+                "batch_invariant": m.batch_invariant}
     key = plan_key(caps, module_signature(model), settings)
     cached = load_plan(resolve_cache_dir(None), key)
     if cached is not None:
@@ -173,10 +192,12 @@ def finish_plan(plan: ExecutionPlan) -> None:
 
 
 @torch.no_grad()
-def plan_model(model: nn.Module, plan: ExecutionPlan, family: str, keep_panels: bool, panels: bool = True) -> None:
+def plan_model(model: nn.Module, plan: ExecutionPlan, family: str, keep_panels: bool, panels: bool = True,
+               batch_invariant: bool = False) -> None:
     """Times (unless `plan` came from the cache) and installs the projection and lm_head kernels.
     keep_panels: also keep float32 panels where torch won (the C forward reads them); panels: False leaves
-    the C panel GEMM out of the candidates (`--panel-gemm false`)."""
+    the C panel GEMM out of the candidates (`--panel-gemm false`); batch_invariant: only BATCH_INVARIANT_KERNELS
+    (deterministic mode)."""
     panels_ok = panels and f32_panels_available() and family != "torch"
     start = time.perf_counter()
     projections = _layer_projections(model)
@@ -187,6 +208,8 @@ def plan_model(model: nn.Module, plan: ExecutionPlan, family: str, keep_panels: 
             continue
         if not plan.cached:
             builders = filter_family(_projection_candidates(group[0].module, panels_ok), family)
+            if batch_invariant:
+                builders = invariant_candidates(name, builders)
             logger.info("plan: timing %s (%s)", name, ", ".join(builders))
             modules = {k: b() for k, b in builders.items()}
             plan.choices.extend(_time_product(name, ROW_BUCKETS, modules, _input_dtype(group[0].module, dtype)))
@@ -206,7 +229,7 @@ def plan_model(model: nn.Module, plan: ExecutionPlan, family: str, keep_panels: 
                 installed = PlannedLinear([(0, builders[panels_kernel]()), *[(m, built[k]) for m, k in routes]],
                                           [panels_kernel, *[k for _, k in routes]])
             slot.replace(installed)
-    _plan_head(model, plan, family, panels_ok, dtype)
+    _plan_head(model, plan, family, panels_ok, dtype, batch_invariant)
     plan.build_seconds += 0.0 if plan.cached else time.perf_counter() - start
 
 
@@ -214,10 +237,13 @@ def _input_dtype(module: nn.Module, model_dtype: torch.dtype) -> torch.dtype:
     return module.weight.dtype if type(module) is Linear else model_dtype
 
 
-def _plan_head(model: nn.Module, plan: ExecutionPlan, family: str, panels_ok: bool, dtype: torch.dtype) -> None:
+def _plan_head(model: nn.Module, plan: ExecutionPlan, family: str, panels_ok: bool, dtype: torch.dtype,
+               batch_invariant: bool) -> None:
     builders = _head_candidates(model, panels_ok)
     if not plan.cached:
         timed = filter_family(builders, family)
+        if batch_invariant:
+            timed = invariant_candidates("lm_head", timed)
         logger.info("plan: timing lm_head (%s)", ", ".join(timed))
         modules = {k: b() for k, b in timed.items()}
         plan.choices.extend(_time_product("lm_head", LOGIT_BUCKETS, modules, dtype))
@@ -232,6 +258,21 @@ def _plan_head(model: nn.Module, plan: ExecutionPlan, family: str, panels_ok: bo
         use_panel_head(model, head)
     else:
         model.logits_head = head
+
+
+def pin_batch_invariant(model: nn.Module) -> None:
+    """Deterministic mode, past the plan's kernel choice (BATCH_INVARIANT_KERNELS): int4 projections keep their C
+    kernel at every row count, and every attention layer attends row by row (attention/torch_backend.py)."""
+    from tokenmill.quant.int4_cpu import Int4GroupLinear
+
+    for module in model.modules():
+        if isinstance(module, Int4GroupLinear):
+            module.fused_max_rows = sys.maxsize
+    for layer in model.attention_layers:
+        pin = getattr(layer.backend, "pin_per_row_attention", None)
+        if pin is None:
+            raise ValueError(f"batch_invariant: the {layer.backend.name} attention backend has no per-row mode")
+        pin()
 
 
 @torch.no_grad()

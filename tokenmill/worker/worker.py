@@ -41,7 +41,14 @@ from tokenmill.worker.device import (
 )
 from tokenmill.worker.model_runner import KVCacheSpec, ModelRunner
 from tokenmill.worker.plan import ExecutionPlan
-from tokenmill.worker.planner import finish_plan, new_or_cached_plan, plan_attention, plan_model, plan_steps
+from tokenmill.worker.planner import (
+    finish_plan,
+    new_or_cached_plan,
+    pin_batch_invariant,
+    plan_attention,
+    plan_model,
+    plan_steps,
+)
 from tokenmill.worker.request_states import RequestStates
 from tokenmill.worker.runner_output import ModelRunnerOutput
 from tokenmill.worker.step_input import StepInput
@@ -70,7 +77,8 @@ class Worker:
         self.device = resolve_device(config.model.device)
         if self.device.type == "cuda" and tp.is_parallel:  # this rank's own GPU (distributed/worker_group.py)
             self.device = tp.device
-        self.dtype = resolve_dtype(config.model.dtype, self.device, config.model.quantization)
+        self.dtype = resolve_dtype(config.model.dtype, self.device, config.model.quantization,
+                                   config.model.batch_invariant)
         backend = resolve_attention_backend(config.cache.attention_backend, self.device)
         check_quantization(config, self.device, backend)
         if config.parallel.num_threads is not None:
@@ -91,11 +99,18 @@ class Worker:
         kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, backend, config.model.quantization)
         self.plan: ExecutionPlan | None = (
             None if not on_cpu or config.parallel.compile else new_or_cached_plan(config, model, kv_dtype, tp))
-        use_c_forward = config.model.fused_decode and family != "torch" and self.plan is not None
+        invariant = config.model.batch_invariant
+        # Deterministic mode has no C forward: its kernels (and their reductions) are not the layers' ones.
+        use_c_forward = config.model.fused_decode and family != "torch" and self.plan is not None and not invariant
         if self.plan is not None:
             plan_model(model, self.plan, family, keep_panels=use_c_forward and config.model.panel_gemm,
-                       panels=config.model.panel_gemm)
-            plan_attention(model, self.plan, family, kv_dtype, config.cache.block_size)
+                       panels=config.model.panel_gemm, batch_invariant=invariant)
+            if not invariant:
+                plan_attention(model, self.plan, family, kv_dtype, config.cache.block_size)
+        if invariant:
+            if self.plan is None:
+                raise ValueError("batch_invariant needs the CPU's execution plan (not compile, not a GPU)")
+            pin_batch_invariant(model)
         huge_pages = config.model.huge_pages and on_cpu
         if huge_pages:  # before anything holds raw weight pointers (the C forward, set up below)
             from tokenmill.worker.huge_pages import weight_arena
