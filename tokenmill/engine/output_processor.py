@@ -26,6 +26,8 @@ class _SampleState:
     stop_reason: int | str | None = None
     num_tokens_sent: int = 0
     num_logprobs_sent: int = 0
+    num_preemptions: int = 0  # as the engine core last reported for this sample
+    final_sent: bool = False  # DELTA: its final delta went out; later outputs of the request leave it out
 
 
 @dataclass
@@ -103,6 +105,9 @@ class OutputProcessor:
                 state.metrics.first_scheduled_time = out.first_scheduled_time
             state.metrics.num_draft_tokens += out.num_draft_tokens
             state.metrics.num_accepted_tokens += out.num_accepted_tokens
+            if out.num_preemptions != sample.num_preemptions:  # a running count per sample; the request's is the sum
+                state.metrics.num_preemptions += out.num_preemptions - sample.num_preemptions
+                sample.num_preemptions = out.num_preemptions
             # Each of n samples reports the (identical) prompt logprobs: keep the first copy.
             if out.new_prompt_logprobs and state.prompt_logprobs == []:
                 state.prompt_logprobs.extend(self._decode_logprobs(out.new_prompt_logprobs))
@@ -179,6 +184,9 @@ class OutputProcessor:
         completions = []
         for sample in state.samples.values():
             done = sample.finish_reason is not None
+            if delta and sample.final_sent:  # n > 1: a sibling finished earlier; its final delta is not repeated
+                continue
+            sample.final_sent = done
             text = sample.detokenizer.get_next_output_text(done, delta)
             token_ids = sample.token_ids[sample.num_tokens_sent:] if delta else list(sample.token_ids)
             logprobs = sample.logprobs
