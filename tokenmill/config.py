@@ -105,7 +105,9 @@ class CacheConfig:
     kv_cache_memory_fraction: float = field(
         default=0.1, metadata=_help("fraction of free memory for the KV cache when kv_cache_memory is unset")
     )
-    num_blocks: int | None = field(default=None, metadata=_help("exact number of KV blocks (overrides memory)"))
+    num_blocks: int | None = field(
+        default=None, metadata=_help("exact number of KV blocks (overrides memory; default: from the memory budget)")
+    )
     enable_prefix_caching: bool = field(default=True, metadata=_help("reuse KV blocks of shared prompt prefixes"))
     attention_backend: str = field(
         default="auto", metadata=_help("auto, torch or triton (auto: triton on cuda, torch on cpu)")
@@ -165,8 +167,8 @@ class ParallelConfig:
                                   "run their share of the ranks only"))
     master_addr: str = field(default="127.0.0.1", metadata=_help("address node 0 listens on for the ranks"))
     master_port: int | None = field(
-        default=None, metadata=_help("port node 0 listens on for the ranks (needed with --nnodes > 1; else a free "
-                                     "one)"))
+        default=None, metadata=_help("port node 0 listens on for the ranks (needed with --nnodes > 1; default: a "
+                                     "free one)"))
     num_threads: int | None = field(default=None, metadata=_help("CPU intra-op threads (default: all cores)"))
     compile: bool = field(
         default=False,
@@ -203,7 +205,8 @@ class SpeculativeOptions:
         metadata=_help('speculative decoding, as JSON (vLLM\'s): {"method": "ngram", "num_speculative_tokens": 4, '
                        '"prompt_lookup_max": 4, "prompt_lookup_min": 1} or {"method": "draft_model", "model": PATH, '
                        '"num_speculative_tokens": 4, "quantization": "int4"} ("model": "default" is the embedded '
-                       'model); optional "disable_by_batch_size", "min_acceptance_rate" (the governor)'))
+                       'model); optional "disable_by_batch_size", "min_acceptance_rate" (the governor) '
+                       '(default: none, no speculative decoding)'))
 
     def __post_init__(self) -> None:
         self.spec  # noqa: B018 -- validates the JSON now, with a ValueError that says what is wrong

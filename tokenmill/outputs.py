@@ -28,6 +28,7 @@ class RequestMetrics:
     # Speculative decoding: draft tokens verified for the request (all its samples) and how many were accepted.
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_preemptions: int = 0  # times its KV was freed to make room (recomputed later), all samples together
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -40,6 +41,19 @@ class RequestMetrics:
     @property
     def queue_time(self) -> float | None:
         return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def prefill_time(self) -> float | None:
+        """First scheduled -> first token: the prompt's computation (all its chunks, and waits between them)."""
+        if self.first_token_time is None or self.first_scheduled_time is None:
+            return None
+        return self.first_token_time - self.first_scheduled_time
+
+    @property
+    def decode_time(self) -> float | None:
+        if self.last_token_time is None or self.first_token_time is None:
+            return None
+        return self.last_token_time - self.first_token_time
 
     @property
     def e2e_latency(self) -> float | None:

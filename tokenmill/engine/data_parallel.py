@@ -11,8 +11,9 @@ The cores are shared out: replica i is pinned to its own 1/D of the CPUs this pr
 least D) and runs that many threads (shared again among its tensor-parallel ranks, if any).
 
 Invariants (besides EngineClient's): a request's commands all go to the replica it was routed to; a replica that
-exits unasked ends every open request with EngineDeadError and marks the engine dead (/health 503, the server exits
-non-zero, as when a tensor-parallel rank dies); shutdown() stops every replica process.
+exits unasked, or that holds requests and sends nothing for longer than the watchdog's bound (it is then killed),
+ends every open request with EngineDeadError and marks the engine dead (/health 503, the server exits non-zero, as
+when a tensor-parallel rank dies); shutdown() stops every replica process.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 import os
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.engine_client import EngineClient, EngineDeadError
+from tokenmill.engine.engine_client import EngineClient, EngineDeadError, ProgressClock
 from tokenmill.engine.engine_loop import AbortRequest, AddRequest, EngineStats
 from tokenmill.engine.input_processor import InputProcessor
 from tokenmill.engine.metrics import EngineMetrics
@@ -59,7 +60,8 @@ def replica_threads(config: EngineConfig, cpus: list[int] | None) -> int:
 
 class DataParallelEngine(EngineClient):
     def __init__(self, config: EngineConfig, *, max_queue: int | None = None, metrics: EngineMetrics | None = None,
-                 log_steps: bool = False) -> None:
+                 log_steps: bool = False, watchdog_s: float = 0.0, fault: str | None = None) -> None:
+        """fault: a test hook for every replica (engine_loop.inject_fault), None in service."""
         num_replicas = config.parallel.data_parallel_size
         # The tokenizer and config first: a GGUF is converted into the cache here, once, before the replicas load it.
         loaded = load_model(config.model.model, weights=False)
@@ -68,20 +70,22 @@ class DataParallelEngine(EngineClient):
         try:
             for index, cpus in enumerate(shares):
                 config_i = replica_config(config, replica_threads(config, cpus))
-                self.replicas.append(ReplicaProcess(config_i, index, cpus, log_steps))
+                self.replicas.append(ReplicaProcess(config_i, index, cpus, log_steps, fault))
             infos = [replica.wait_ready(START_TIMEOUT_S) for replica in self.replicas]
         except BaseException:
             for replica in self.replicas:
                 replica.stop(0.0)
             raise
         super().__init__(InputProcessor(loaded, min(info.max_model_len for info in infos)), max_queue=max_queue,
-                         metrics=metrics)
+                         metrics=metrics, watchdog_s=watchdog_s)
         self.router = PrefixRouter(num_replicas, infos[0].block_size, min(info.num_blocks for info in infos),
                                    balance_limit=BALANCE_LIMIT,
                                    by_prefix=config.parallel.data_parallel_routing == "prefix")
         self._replica_of: dict[str, int] = {}  # request in flight -> the replica it was routed to
         self.loads = [0] * num_replicas  # requests in flight per replica
         self.replica_stats = [EngineStats() for _ in range(num_replicas)]
+        # Beaten by each replica's receiver thread at every message (not on the event loop, which may lag).
+        self.clocks = [ProgressClock(f"data-parallel replica {i}") for i in range(num_replicas)]
         self._started = False
         self._stopping = False
         if metrics is not None:
@@ -99,6 +103,7 @@ class DataParallelEngine(EngineClient):
         self._started = True
         for replica in self.replicas:
             replica.start(self._on_message)
+        self._start_watchdog()
 
     @property
     def is_alive(self) -> bool:
@@ -107,6 +112,7 @@ class DataParallelEngine(EngineClient):
     async def shutdown(self) -> None:
         """Stops accepting, aborts in-flight requests (their final outputs are delivered), stops the replicas."""
         self._accepting = False
+        self._stop_watchdog()
         self.abort_all()
         self._stopping = True
         for replica in self.replicas:
@@ -135,9 +141,18 @@ class DataParallelEngine(EngineClient):
         if index is not None:
             self.loads[index] -= 1
 
+    def _progress_clocks(self) -> list[tuple[ProgressClock, bool]]:
+        return [(clock, load > 0) for clock, load in zip(self.clocks, self.loads)]
+
+    def _on_stall(self, clock: ProgressClock) -> None:
+        replica = self.replicas[self.clocks.index(clock)]
+        logger.error("data-parallel replica %d is hung; killing it", replica.index)
+        replica.process.kill()  # its receiver then reads EOF ("exited"), ignored: the engine is already dead
+
     # -- replica messages --------------------------------------------------------------------------
     def _on_message(self, index: int, message: tuple) -> None:
         """A receiver thread's message, handed to the event loop."""
+        self.clocks[index].beat()
         try:
             self._loop.call_soon_threadsafe(self._handle, index, message)
         except RuntimeError:
@@ -156,9 +171,7 @@ class DataParallelEngine(EngineClient):
             self._fail_streams(message[1], message[2])
         elif kind in ("died", "exited") and not self._stopping and self.dead_error is None:
             detail = message[1] if kind == "died" else f"exit code {self.replicas[index].process.exitcode}"
-            self.dead_error = RuntimeError(f"data-parallel replica {index} stopped ({detail})")
-            logger.error("%s", self.dead_error)
-            self._fail_open_streams(EngineDeadError(self._dead_message()))
+            self._engine_died(RuntimeError(f"data-parallel replica {index} stopped ({detail})"))
 
     def _record_replica(self, index: int, stats: EngineStats) -> None:
         previous = self.replica_stats[index]

@@ -10,21 +10,30 @@ Invariants:
   EngineDeadError / EngineStepError if the engine could not produce one;
 - an iterate() that is cancelled or closed early aborts its unfinished requests (freeing their KV
   blocks before the next step);
-- shutdown() aborts whatever is still in flight (each caller still gets its final output).
+- shutdown() aborts whatever is still in flight (each caller still gets its final output);
+- the engine is dead (dead_error set, is_alive False, /health 503) once its loop ended with an error, a replica
+  process exited unasked, or the watchdog saw an engine side with requests in flight send nothing (no step's
+  results, no acceptance) for more than watchdog_s; from then on every open request ends with EngineDeadError
+  and none is accepted. An engine side that holds no request is idle, never stalled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from tokenmill.engine.engine_loop import AbortRequest, AddRequest, EngineStats
 from tokenmill.engine.input_processor import InputProcessor, ProcessedPrompt, Prompt
 from tokenmill.engine.metrics import EngineMetrics
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
+from tokenmill.worker.plan import ExecutionPlan
+
+logger = logging.getLogger("tokenmill")
 
 
 class QueueFullError(RuntimeError):
@@ -35,10 +44,25 @@ class EngineDeadError(RuntimeError):
     """The engine is shut down or its thread died; no request can be served (HTTP 503)."""
 
 
+@dataclass
+class ProgressClock:
+    """When one engine side (the engine thread, a replica) last showed progress: written by whichever thread hears
+    from it (one float, no lock), read by the watchdog on the event loop."""
+
+    name: str
+    last: float = field(default_factory=time.monotonic)
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+
 class EngineClient:
-    def __init__(self, inputs: InputProcessor, *, max_queue: int | None, metrics: EngineMetrics | None) -> None:
+    def __init__(self, inputs: InputProcessor, *, max_queue: int | None, metrics: EngineMetrics | None,
+                 watchdog_s: float = 0.0) -> None:
         if max_queue is not None and max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if watchdog_s < 0:
+            raise ValueError(f"engine_watchdog_s must be >= 0 (0: off), got {watchdog_s}")
         self.inputs = inputs
         self.max_queue = max_queue
         self.metrics = metrics
@@ -52,6 +76,8 @@ class EngineClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
         self.dead_error: BaseException | None = None
+        self.watchdog_s = watchdog_s  # 0: no watchdog
+        self._watchdog: asyncio.Task | None = None
 
     # -- what a subclass provides ------------------------------------------------------------------
     def _send(self, command: AddRequest | AbortRequest) -> None:
@@ -72,6 +98,13 @@ class EngineClient:
     def _finished(self, req_id: str) -> None:
         """Called once for every request that leaves _streams (final output or failure)."""
 
+    def _progress_clocks(self) -> list[tuple[ProgressClock, bool]]:
+        """Each engine side's clock, with whether it holds requests now (what the watchdog checks)."""
+        raise NotImplementedError
+
+    def _on_stall(self, clock: ProgressClock) -> None:
+        """The watchdog declared `clock`'s side hung (called once, on the event loop, before open requests fail)."""
+
     # -- lifecycle -------------------------------------------------------------------------------
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -85,9 +118,49 @@ class EngineClient:
     def num_in_flight(self) -> int:
         return len(self._streams)
 
-    def _dead_message(self) -> str:
+    @property
+    def execution_plan(self) -> ExecutionPlan | None:
+        """The worker's execution plan, read-only (for the dashboard); None where this process holds none: a GPU or
+        --compile engine, or data-parallel replicas (each plans in its own process)."""
+        return None
+
+    def _start_watchdog(self) -> None:
+        if self.watchdog_s > 0:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    async def _watch(self) -> None:
+        """Declares the engine dead when a side with requests in flight sends nothing for more than watchdog_s."""
+        period = min(1.0, self.watchdog_s / 4)
+        while self.dead_error is None:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for clock, busy in self._progress_clocks():
+                if not busy:
+                    clock.beat()  # idle is not a stall: the clock starts at most `period` before work arrives
+                elif now - clock.last > self.watchdog_s + period:  # so a stall is declared after >= watchdog_s
+                    self._on_stall(clock)
+                    self._engine_died(RuntimeError(
+                        f"{clock.name} made no progress for {now - clock.last:.1f} s with requests in flight "
+                        f"(watchdog: --engine-watchdog-s {self.watchdog_s:g})"))
+                    return
+
+    def _engine_died(self, error: BaseException) -> None:
+        """Marks the engine dead and ends every open request with EngineDeadError (on the event loop)."""
+        if self.dead_error is None:
+            self.dead_error = error
+            logger.error("the engine is dead: %s", error)
+        self._fail_open_streams(EngineDeadError(self.dead_message))
+
+    @property
+    def dead_message(self) -> str:
+        """Why no request can be served (for /health and 503 bodies); meaningful when is_alive is False."""
         if self.dead_error is not None:
-            return f"the engine stopped after an internal error: {self.dead_error}"
+            return f"the engine stopped and the server is exiting: {self.dead_error}"
         return "the engine is not running (shutting down or not started)"
 
     # -- requests --------------------------------------------------------------------------------
@@ -118,7 +191,7 @@ class EngineClient:
         """Hands a processed request to the engine; its (req_id, output) pairs will be put into `sink` (several
         requests may share one sink). Returns once the engine accepted it."""
         if not self._accepting or not self.is_alive:
-            raise EngineDeadError(self._dead_message())
+            raise EngineDeadError(self.dead_message)
         if self.max_queue is not None and self._num_pending_adds + self._num_waiting >= self.max_queue:
             raise QueueFullError(f"{self.max_queue} requests are already waiting; retry later")
         req_id = req_id or f"req-{next(self._ids)}"

@@ -10,7 +10,10 @@ Invariants:
 - every AddRequest gets exactly one accepted() call (error None, or the ValueError the engine raised);
 - every accepted request gets exactly one finished output through delivered(), or its id in one failed() call;
 - a step that raises fails the requests the engine holds (failed()) and the loop goes on, except WorkerGroupDied
-  (a tensor-parallel rank is lost): that, and anything raised outside a step, ends run() with the exception.
+  (a tensor-parallel rank is lost): that, and anything raised outside a step, ends run() with the exception;
+- the last EngineStats delivered is the engine's state whenever the loop waits for a command: every step and every
+  abort delivers fresh stats, and before blocking idle the loop delivers them again (with no outputs) if they
+  changed otherwise (a failed step), so gauges read from them never describe requests that are gone.
 """
 
 from __future__ import annotations
@@ -69,12 +72,46 @@ class EngineStats:
     spec: SpecDecodingStats | None = None  # cumulative speculative-decoding counts (None: no speculation)
 
 
+def _state_of(stats: EngineStats) -> tuple[int, int, float, int, int]:
+    """The part of EngineStats that describes the engine now (not what a step ran)."""
+    return stats.num_running, stats.num_waiting, stats.kv_usage, stats.prefix_queries, stats.prefix_hits
+
+
 class LoopListener(Protocol):
     def accepted(self, ticket: int, error: ValueError | None) -> None: ...
 
-    def delivered(self, outputs: list[RequestOutput], stats: EngineStats) -> None: ...
+    def delivered(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        """outputs may be empty: a step that finished nothing, or fresh stats on going idle."""
 
     def failed(self, req_ids: list[str], error: BaseException) -> None: ...
+
+
+class InjectedFault(BaseException):
+    """Raised by inject_fault's "die_after" hook: a BaseException, so no per-request handler catches it."""
+
+
+def inject_fault(engine: LLMEngine, spec: str | None) -> None:
+    """Test hook, inert unless spec is set (`tokenmill serve` reads it from $TOKENMILL_FAULT_INJECT): after N engine
+    steps, "hang_step_after:N" makes every later step sleep forever (the watchdog's case) and "die_after:N" makes
+    the next step raise InjectedFault, which ends the engine loop (an engine thread or replica that dies)."""
+    if not spec:
+        return
+    kind, _, count = spec.partition(":")
+    if kind not in ("hang_step_after", "die_after") or not count.isdigit():
+        raise ValueError(f"fault injection: expected hang_step_after:N or die_after:N, got {spec!r}")
+    step, budget = engine.step, [int(count)]
+    logger.warning("fault injection (a test hook): %s", spec)
+
+    def faulty_step() -> list[RequestOutput]:
+        if budget[0] > 0:
+            budget[0] -= 1
+            return step()
+        if kind == "die_after":
+            raise InjectedFault(f"injected fault: {spec}")
+        while True:
+            time.sleep(3600.0)
+
+    engine.step = faulty_step  # type: ignore[method-assign]
 
 
 class EngineLoop:
@@ -85,17 +122,21 @@ class EngineLoop:
         self.next_command = next_command
         self.listener = listener
         self.log_steps = log_steps
+        self._published = _state_of(EngineStats())  # what the listener last heard (a new engine holds nothing)
 
     def run(self) -> None:
         """Serves commands until STOP; raises whatever stops the engine for good."""
         engine = self.engine
         while True:
-            if self._drain_commands(block=not engine.has_unfinished_requests()):
+            idle = not engine.has_unfinished_requests()
+            if idle:
+                self._publish_if_changed()
+            if self._drain_commands(block=idle):
                 return
             if engine.has_unfinished_requests():
                 outputs = self._step()
                 if outputs is not None:
-                    self.listener.delivered(outputs, self.stats())
+                    self._deliver(outputs)
 
     def stats(self, step: StepStats | None = None) -> EngineStats:
         """The engine's state now; `step` (default: the last step's) is what it ran."""
@@ -104,6 +145,18 @@ class EngineLoop:
         spec = None if core.governor is None else core.governor.stats.copy()
         return EngineStats(core.last_step if step is None else step, core.scheduler.num_running,
                            core.scheduler.num_waiting, kv.usage, kv.prefix_cache_queries, kv.prefix_cache_hits, spec)
+
+    def _deliver(self, outputs: list[RequestOutput], step: StepStats | None = None) -> None:
+        stats = self.stats(step)
+        self._published = _state_of(stats)
+        self.listener.delivered(outputs, stats)
+
+    def _publish_if_changed(self) -> None:
+        """Delivers the engine's state (no outputs) when it differs from the last delivered."""
+        stats = self.stats(StepStats())
+        if _state_of(stats) != self._published:
+            self._published = _state_of(stats)
+            self.listener.delivered([], stats)
 
     def _drain_commands(self, block: bool) -> bool:
         """Applies queued adds and aborts; True when asked to stop."""
@@ -131,7 +184,7 @@ class EngineLoop:
     def _abort(self, req_id: str) -> None:
         final = self.engine.abort_request(req_id)
         if final is not None:
-            self.listener.delivered([final], self.stats(StepStats()))
+            self._deliver([final], StepStats())
 
     def _step(self) -> list[RequestOutput] | None:
         """One engine step's outputs; None when the step failed (its requests were failed instead)."""

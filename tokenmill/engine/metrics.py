@@ -25,7 +25,9 @@ scraping side. Each EngineMetrics owns its registry, so several engines (tests) 
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -52,6 +54,28 @@ class _RequestTrack:
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_generation_tokens: int = 0  # per sample
+
+
+class RecentSamples:
+    """The (time.monotonic(), value) samples of the last window_s seconds, at most max_samples of them (the newest):
+    what the dashboard's percentiles are computed from. Added on the recording thread, read on the event loop."""
+
+    def __init__(self, window_s: float = 300.0, max_samples: int = 20_000) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
+        self._lock = threading.Lock()
+
+    def add(self, now: float, value: float) -> None:
+        with self._lock:
+            self._samples.append((now, value))
+
+    def values(self, now: float | None = None) -> list[float]:
+        """The values of the samples taken within window_s seconds before `now`, oldest first."""
+        since = (time.monotonic() if now is None else now) - self.window_s
+        with self._lock:
+            while self._samples and self._samples[0][0] < since:
+                self._samples.popleft()
+            return [value for _, value in self._samples]
 
 
 class EngineMetrics:
@@ -103,6 +127,9 @@ class EngineMetrics:
                                      "Draft tokens accepted, by position in the draft (0 = first).",
                                      labels + ["position"], registry=r)
         self._last_spec = SpecDecodingStats()
+        # The dashboard's windows (entrypoints/openai/dashboard.py): the same TTFT and TPOT values as the histograms.
+        self.recent_ttft = RecentSamples()
+        self.recent_tpot = RecentSamples()
 
     def track_replicas(self, num_replicas: int) -> None:
         """Adds the per-replica series of a data-parallel engine (label `replica`, "0" .. "D-1")."""
@@ -165,6 +192,7 @@ class EngineMetrics:
             if track.first_token_time is None:
                 track.first_token_time = now
                 self.ttft.observe(now - track.arrival_time)
+                self.recent_ttft.add(now, now - track.arrival_time)
                 self.prompt_tokens.inc(len(output.prompt_token_ids))
             else:
                 self.itl.observe(now - track.last_token_time)
@@ -183,6 +211,7 @@ class EngineMetrics:
         if track.first_token_time is not None and track.num_generation_tokens > 1:
             per_token = (track.last_token_time - track.first_token_time) / (track.num_generation_tokens - 1)
             self.tpot.observe(per_token)
+            self.recent_tpot.add(now, per_token)
         for completion in output.outputs:
             reason = completion.finish_reason or "abort"
             self.finished[reason].inc()

@@ -6,7 +6,8 @@ Replica -> front end, as tuples:
     ("ready", ReplicaInfo)            once, after the engine is built
     ("start_failed", message)         instead of "ready" when it could not be built (the process then exits 1)
     ("accepted", ticket, error)       error None or the ValueError the engine raised
-    ("delivered", outputs, stats)     after each step and each abort: RequestOutputs and EngineStats
+    ("delivered", outputs, stats)     after each step and each abort, and on going idle with fresh stats (no
+                                      outputs): RequestOutputs and EngineStats
     ("failed", req_ids, error)        the requests a failed step took down
     ("died", message)                 the loop stopped for good (the process then exits 1)
 and the front end's receiver adds ("exited",) when the pipe reads EOF (the process is gone, however it ended).
@@ -70,11 +71,11 @@ class _PipeListener:
 
 
 def run_replica(config: EngineConfig, index: int, commands: Connection, events: Connection, cpus: list[int] | None,
-                log_level: int, log_steps: bool) -> None:
-    """The replica process's life (spawned)."""
+                log_level: int, log_steps: bool, fault: str | None = None) -> None:
+    """The replica process's life (spawned); fault: a test hook (engine_loop.inject_fault), None in service."""
     import torch
 
-    from tokenmill.engine.engine_loop import EngineLoop
+    from tokenmill.engine.engine_loop import EngineLoop, inject_fault
     from tokenmill.engine.llm_engine import LLMEngine
     from tokenmill.logger import init_logger
 
@@ -89,6 +90,7 @@ def run_replica(config: EngineConfig, index: int, commands: Connection, events: 
         logger.exception("data-parallel replica %d could not start", index)
         events.send(("start_failed", f"{type(exc).__name__}: {exc}"))
         sys.exit(1)
+    inject_fault(engine, fault)
     core = engine.core
     events.send(("ready", ReplicaInfo(engine.max_model_len, core.kv_cache_manager.num_blocks,
                                       core.kv_cache_manager.block_size)))
@@ -118,7 +120,8 @@ class ReplicaProcess:
     """The front end's handle on one replica: its process, a sender thread (so the event loop never blocks on a
     full pipe) and, once started, a receiver thread passing every message to on_message(index, message)."""
 
-    def __init__(self, config: EngineConfig, index: int, cpus: list[int] | None, log_steps: bool) -> None:
+    def __init__(self, config: EngineConfig, index: int, cpus: list[int] | None, log_steps: bool,
+                 fault: str | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         command_reader, self._commands = ctx.Pipe(duplex=False)
         self._events, event_writer = ctx.Pipe(duplex=False)
@@ -126,7 +129,7 @@ class ReplicaProcess:
         # Not a daemon: a replica with tensor-parallel ranks starts processes of its own.
         self.process = ctx.Process(
             target=run_replica, name=f"tokenmill-dp{index}",
-            args=(config, index, command_reader, event_writer, cpus, logger.getEffectiveLevel(), log_steps))
+            args=(config, index, command_reader, event_writer, cpus, logger.getEffectiveLevel(), log_steps, fault))
         self.process.start()
         command_reader.close()  # the child's ends: once it exits, its end of the event pipe reads EOF here
         event_writer.close()

@@ -350,5 +350,5 @@ class Scheduler:
         return EngineCoreOutput(
             request.req_id, new_token_ids, finish_reason=request.finish_reason, stop_reason=request.stop_reason,
             num_cached_tokens=max(request.num_cached_tokens, 0),
-            first_scheduled_time=request.metrics.first_scheduled_time,
+            first_scheduled_time=request.metrics.first_scheduled_time, num_preemptions=request.num_preemptions,
         )

@@ -64,6 +64,7 @@ class EngineCoreOutput:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     first_scheduled_time: float | None = None  # time.monotonic() when first admitted to a step
+    num_preemptions: int = 0  # times the request was preempted so far
     # Speculative decoding: drafts this step verified for the request, and how many of them it accepted.
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0

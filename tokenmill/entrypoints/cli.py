@@ -1,6 +1,7 @@
 """tokenmill generate | chat | serve | bench throughput | bench serve.
 
-Engine flags are generated from the EngineConfig dataclass fields (one help string per field).
+Engine flags are generated from the EngineConfig dataclass fields (one help string per field). Every flag's help
+ends with its default (tests/unit/test_cli_help.py).
 """
 
 from __future__ import annotations
@@ -35,18 +36,31 @@ def _field_type(field: dataclasses.Field) -> Any:
     return str
 
 
+def _shown_default(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) or value is None else str(value)
+
+
+def engine_flag_help(field: dataclasses.Field) -> str:
+    """The field's help string, ending with its default unless the text already says what the default means.
+    '%' is escaped: argparse formats help strings."""
+    text = field.metadata.get("help", "")
+    if not text:
+        raise ValueError(f"engine config field {field.name} has no help string")
+    if "default:" not in text:
+        text = f"{text} (default: {_shown_default(field.default)})"
+    return text.replace("%", "%%")
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     for part in ENGINE_CONFIG_PARTS.values():
         for field in dataclasses.fields(part):
             flag = "--" + field.name.replace("_", "-")
             kind = _field_type(field)
-            # A bare boolean flag (--compile) means true; --flag false still turns one off.
+            # A bare boolean flag (--compile) means true; --flag false still turns one off. The parser's default
+            # stays None so that only the flags given reach EngineConfig (whose defaults the help shows).
             extra: dict[str, Any] = {"nargs": "?", "const": True} if kind is _bool_arg else {}
-            group.add_argument(
-                flag, dest=field.name, type=kind, default=None,
-                help=f"{field.metadata.get('help', '')} (default: {field.default})", **extra,
-            )
+            group.add_argument(flag, dest=field.name, type=kind, default=None, help=engine_flag_help(field), **extra)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -56,12 +70,18 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--max-tokens", type=int, default=max_tokens)
-    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    group.add_argument("--top-p", type=float, default=1.0)
-    group.add_argument("--top-k", type=int, default=0)
-    group.add_argument("--min-p", type=float, default=0.0)
-    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--max-tokens", type=int, default=max_tokens,
+                       help="most tokens generated per prompt (default: %(default)s)")
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    group.add_argument("--top-p", type=float, default=1.0,
+                       help="nucleus sampling: the fewest tokens whose probability reaches top_p "
+                            "(default: %(default)s)")
+    group.add_argument("--top-k", type=int, default=0,
+                       help="sample among the k most likely tokens; 0 = all (default: %(default)s)")
+    group.add_argument("--min-p", type=float, default=0.0,
+                       help="drop tokens less likely than min_p times the most likely one (default: %(default)s)")
+    group.add_argument("--repetition-penalty", type=float, default=1.0,
+                       help="> 1 discourages tokens already in the prompt or output (default: %(default)s)")
 
 
 def sampling_params_from(args: argparse.Namespace) -> Any:
@@ -74,8 +94,8 @@ def sampling_params_from(args: argparse.Namespace) -> Any:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from tokenmill.engine.llm_engine import LLMEngine
     from tokenmill.config import EngineConfig
+    from tokenmill.engine.llm_engine import LLMEngine
     from tokenmill.sampling_params import RequestOutputKind
 
     engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs(args)))
@@ -157,18 +177,20 @@ def process_uptime() -> float | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill LLM inference engine")
-    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    parser.add_argument("--log-level", default="INFO",
+                        help="logging level: DEBUG, INFO, WARNING (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text for one or more prompts (streams tokens)")
     gen.add_argument("prompt", nargs="+", help="prompt text")
-    gen.add_argument("--timing", action="store_true", help="print time from process start to first token")
+    gen.add_argument("--timing", action="store_true",
+                     help="print time from process start to first token (default: off)")
     add_sampling_args(gen, max_tokens=128)
     add_engine_args(gen)
     gen.set_defaults(func=_cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat with the model's chat template (streams tokens)")
-    chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("--system", default=None, help="system message (default: none)")
     add_sampling_args(chat, max_tokens=512)
     add_engine_args(chat)
     chat.set_defaults(func=_cmd_chat)

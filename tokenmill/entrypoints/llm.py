@@ -11,11 +11,36 @@ from tqdm.auto import tqdm
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine, Prompt
 from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
+from tokenmill.entrypoints.prompt_limits import text_too_long, token_bound
 from tokenmill.logger import init_logger
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 Message = dict[str, Any]
+# vLLM's prompt dicts: {"prompt": text} (TextPrompt) or {"prompt_token_ids": [ids]} (TokensPrompt).
+PromptDict = dict[str, Any]
+PromptInput = Prompt | PromptDict
+_PROMPT_KEYS = ("prompt", "prompt_token_ids")
+
+
+def _from_dict(prompt: PromptDict, where: str) -> Prompt:
+    """The text or token ids of a vLLM prompt dict; ValueError naming what is wrong with it."""
+    unknown = sorted(set(prompt) - set(_PROMPT_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unsupported key(s) {unknown}; a prompt dict holds 'prompt' (text) or "
+                         "'prompt_token_ids' (a list of token ids)")
+    if ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+        raise ValueError(f"{where}: a prompt dict needs exactly one of 'prompt' (text) or 'prompt_token_ids', "
+                         f"got keys {sorted(prompt)}")
+    if "prompt" in prompt:
+        if not isinstance(prompt["prompt"], str):
+            raise ValueError(f"{where}: 'prompt' must be a string, got {type(prompt['prompt']).__name__}")
+        return prompt["prompt"]
+    token_ids = prompt["prompt_token_ids"]
+    if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence) or \
+            not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
+        raise ValueError(f"{where}: 'prompt_token_ids' must be a list of token ids (ints)")
+    return list(token_ids)
 
 
 class LLM:
@@ -29,6 +54,7 @@ class LLM:
         config = EngineConfig.from_kwargs(model=model, **engine_args)
         self.engine = LLMEngine(config, step_timer=step_timer)
         self._counter = itertools.count()
+        self._token_bound = token_bound(self.engine.tokenizer)  # refuses hopelessly long texts before tokenizing
 
     @property
     def tokenizer(self) -> Any:
@@ -46,12 +72,13 @@ class LLM:
 
     def generate(
         self,
-        prompts: Prompt | Sequence[Prompt],
+        prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Generates for one prompt or many (text, or token ids); returns outputs in prompt order."""
+        """Generates for one prompt or many; returns outputs in prompt order. A prompt is a text, a list of token
+        ids, or vLLM's dict: {"prompt": text} or {"prompt_token_ids": [ids]}; a list may mix them."""
         prompt_list = self._as_prompt_list(prompts)
         return self._run(prompt_list, sampling_params, use_tqdm, priority, add_special_tokens=True)
 
@@ -70,13 +97,15 @@ class LLM:
         return self._run(prompts, sampling_params, use_tqdm, None, add_special_tokens=False)
 
     @staticmethod
-    def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[Prompt]:
         if isinstance(prompts, str):
             return [prompts]
+        if isinstance(prompts, dict):
+            return [_from_dict(prompts, "prompt")]
         prompts = list(prompts)
         if prompts and all(isinstance(t, int) for t in prompts):
             return [prompts]  # one prompt given as token ids
-        return prompts
+        return [_from_dict(p, f"prompts[{i}]") if isinstance(p, dict) else p for i, p in enumerate(prompts)]
 
     def _run(
         self, prompts: list[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None,
@@ -94,6 +123,7 @@ class LLM:
                 raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts")
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+        self._refuse_too_long(prompts)
 
         req_ids: list[str] = []
         try:
@@ -110,6 +140,14 @@ class LLM:
                 self.engine.abort_request(req_id)
             raise
         return self._run_engine(req_ids, use_tqdm)
+
+    def _refuse_too_long(self, prompts: list[Prompt]) -> None:
+        """ValueError for a text whose length alone proves it cannot fit the context (before tokenizing any)."""
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                too_long = text_too_long(prompt, self._token_bound, self.engine.max_model_len)
+                if too_long is not None:
+                    raise ValueError(too_long if len(prompts) == 1 else f"prompts[{i}]: {too_long}")
 
     def _run_engine(self, req_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

@@ -3,6 +3,11 @@ as Server-Sent Events (one chunk per engine step's delta, `data: [DONE]` last).
 
 A client that disconnects has its requests aborted at once (a watcher task awaits the ASGI
 disconnect message), so their KV blocks are free before the next engine step.
+
+Off the event loop (ctx.run, context.py): tokenization and chat templates; for non-streaming responses the whole
+body (logprobs, echo, JSON); for streaming ones each delta's chunks when they carry logprobs or echo.
+Every response's usage carries prompt_tokens_details.cached_tokens (the streamed usage chunk's too); with
+`"return_timings": true` it also carries `timings` (outputs.timings), in the last chunk when streaming.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
+from pydantic import BaseModel
 
 from tokenmill.engine.async_engine import EngineDeadError, EngineStepError
 from tokenmill.engine.detokenizer import decode_token
@@ -25,7 +31,8 @@ from tokenmill.entrypoints.openai.inputs import (
     completion_params,
     completion_prompts,
 )
-from tokenmill.entrypoints.openai.outputs import ChoiceState, chat_logprobs, completion_logprobs, usage
+from tokenmill.entrypoints.openai.offload import decode_ids
+from tokenmill.entrypoints.openai.outputs import ChoiceState, chat_logprobs, completion_logprobs, timings, usage
 from tokenmill.entrypoints.openai.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -41,6 +48,8 @@ from tokenmill.entrypoints.openai.protocol import (
     DeltaMessage,
     ErrorInfo,
     ErrorResponse,
+    RequestTimings,
+    Usage,
 )
 from tokenmill.entrypoints.openai.structured import (
     ToolPlan,
@@ -63,6 +72,7 @@ class _Job:
     params: SamplingParams
     sink: asyncio.Queue
     req_ids: list[str]
+    return_timings: bool = False
     finals: dict[str, RequestOutput] = field(default_factory=dict)  # final output per request
     client_gone: bool = False
 
@@ -81,8 +91,8 @@ class _Job:
 
 
 async def _submit(ctx: ServerContext, prefix: str, prompts: list[ProcessedPrompt], params: SamplingParams,
-                  priority: int, arrival: float) -> _Job:
-    job = _Job(ctx, new_id(prefix), prompts, params, asyncio.Queue(), [])
+                  priority: int, arrival: float, return_timings: bool) -> _Job:
+    job = _Job(ctx, new_id(prefix), prompts, params, asyncio.Queue(), [], return_timings)
     try:
         for i, prompt in enumerate(prompts):
             req_id = await ctx.engine.submit(prompt, params, job.sink, req_id=f"{job.response_id}-{i}",
@@ -130,10 +140,35 @@ async def _collect(job: _Job, request: Request) -> dict[int, ChoiceState] | None
     return dict(sorted(choices.items()))
 
 
-def _usage_of(job: _Job, choices: dict[int, ChoiceState]) -> object:
+def _usage_of(job: _Job, num_completion_tokens: int) -> Usage:
     num_prompt = sum(len(p.token_ids) for p in job.prompts)
     num_cached = sum(o.num_cached_tokens for o in job.finals.values())
-    return usage(num_prompt, sum(len(c.token_ids) for c in choices.values()), num_cached)
+    return usage(num_prompt, num_completion_tokens, num_cached)
+
+
+def _timings_of(job: _Job) -> RequestTimings | None:
+    if not job.return_timings:
+        return None
+    return timings([o.metrics for o in job.finals.values() if o.metrics is not None])
+
+
+def _json_response(result: BaseModel) -> Response:
+    """The response's JSON, its choices serialized one at a time (a pool thread then never holds the GIL for the
+    whole of a large body)."""
+    head = result.model_dump_json(exclude={"choices"})
+    choices = ",".join(choice.model_dump_json() for choice in result.choices)  # type: ignore[attr-defined]
+    return Response(f'{head[:-1]},"choices":[{choices}]}}'.encode(), media_type="application/json")
+
+
+def _final_chunk(job: _Job, include_usage: bool,
+                 make: Callable[[Usage | None, RequestTimings | None], BaseModel]) -> Callable[[int], str | None]:
+    """The stream's last chunk (no choices): the usage when asked for, the timings when asked for."""
+    def final(num_generated: int) -> str | None:
+        if not include_usage and not job.return_timings:
+            return None
+        return sse(make(_usage_of(job, num_generated) if include_usage else None, _timings_of(job)))
+
+    return final
 
 
 def _error_event(message: str, status: int, error_type: str) -> str:
@@ -141,21 +176,25 @@ def _error_event(message: str, status: int, error_type: str) -> str:
 
 
 async def _stream_events(job: _Job, request: Request, render: Callable[[str, RequestOutput], list[str]],
-                         include_usage: bool, usage_chunk: Callable[[int], str]) -> AsyncIterator[str]:
-    """SSE events of a streaming job: render() gives each delta's chunks; then usage, then [DONE]."""
+                         offload: bool, final_chunk: Callable[[int], str | None]) -> AsyncIterator[str]:
+    """SSE events of a streaming job: render() gives each delta's chunks (on the pool when `offload`: deltas
+    with logprobs or echo); then the final chunk (usage, timings) if any, then [DONE]."""
     num_generated = 0
     try:
         async for req_id, output in _run_watched(job, request, lambda: job.ctx.engine.iterate(job.sink, job.req_ids)):
             num_generated += sum(len(c.token_ids) for c in output.outputs)
+            if output.finished:
+                job.finals[req_id] = output
             if any(c.finish_reason == "error" for c in output.outputs):
                 job.abort_all()
                 yield _error_event("the engine failed while generating this request", 500, "InternalServerError")
                 break
-            for chunk in render(req_id, output):
+            for chunk in (await job.ctx.run(render, req_id, output) if offload else render(req_id, output)):
                 yield chunk
         else:
-            if include_usage:
-                yield usage_chunk(num_generated)
+            last = final_chunk(num_generated)
+            if last is not None:
+                yield last
     except (EngineStepError, EngineDeadError) as exc:
         status = 500 if isinstance(exc, EngineStepError) else 503
         yield _error_event(str(exc), status, type(exc).__name__)
@@ -163,34 +202,44 @@ async def _stream_events(job: _Job, request: Request, render: Callable[[str, Req
 
 
 # -- /v1/completions -------------------------------------------------------------------------------
+def _process_all(ctx: ServerContext, prompts: list[str | list[int]], params: SamplingParams,
+                 add_special_tokens: bool) -> list[ProcessedPrompt]:
+    return [ctx.process(p, params, add_special_tokens) for p in prompts]
+
+
 async def serve_completion(ctx: ServerContext, body: CompletionRequest, request: Request, arrival: float) -> Response:
     ctx.check_model(body.model)
-    params = completion_params(body, structured_outputs_of(body))
-    prompts = [ctx.process(p, params, body.add_special_tokens) for p in completion_prompts(body)]
+    params = completion_params(body, structured_outputs_of(body), ctx.limits)
+    prompts = await ctx.run(_process_all, ctx, completion_prompts(body), params, body.add_special_tokens)
     for prompt in prompts:
         check_context(len(prompt.token_ids), params.max_tokens, ctx.max_model_len)
-    job = await _submit(ctx, "cmpl", prompts, params, body.priority, arrival)
+    job = await _submit(ctx, "cmpl", prompts, params, body.priority, arrival, body.return_timings)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return streaming_response(_stream_events(
-            job, request, _completion_chunk_renderer(job, body), include_usage,
-            lambda n: sse(CompletionChunk(id=job.response_id, model=ctx.model_name, choices=[],
-                                          usage=usage(sum(len(p.token_ids) for p in prompts), n))),
+            job, request, _completion_chunk_renderer(job, body), body.echo or body.logprobs is not None,
+            _final_chunk(job, include_usage, lambda u, t: CompletionChunk(
+                id=job.response_id, model=ctx.model_name, choices=[], usage=u, timings=t)),
         ))
     choices = await _collect(job, request)
     if choices is None:
         return Response(status_code=499)
+    return await ctx.run(_completion_response, job, body, choices)
+
+
+def _completion_response(job: _Job, body: CompletionRequest, choices: dict[int, ChoiceState]) -> Response:
     result = CompletionResponse(
-        id=job.response_id, model=ctx.model_name, usage=_usage_of(job, choices),
-        choices=[_completion_choice(job, body, c) for c in choices.values()],
+        id=job.response_id, model=job.ctx.model_name,
+        usage=_usage_of(job, sum(len(c.token_ids) for c in choices.values())),
+        choices=[_completion_choice(job, body, c) for c in choices.values()], timings=_timings_of(job),
     )
-    return JSONResponse(result.model_dump())
+    return _json_response(result)
 
 
 def _prompt_text(job: _Job, prompt: ProcessedPrompt) -> str:
     if prompt.text is not None:
         return prompt.text
-    return job.ctx.engine.inputs.tokenizer.decode(prompt.token_ids)
+    return decode_ids(job.ctx.engine.inputs.tokenizer, prompt.token_ids)
 
 
 def _completion_choice(job: _Job, body: CompletionRequest, choice: ChoiceState) -> CompletionChoice:
@@ -243,32 +292,37 @@ def _completion_chunk_renderer(job: _Job, body: CompletionRequest) -> Callable[[
 async def serve_chat(ctx: ServerContext, body: ChatCompletionRequest, request: Request, arrival: float) -> Response:
     ctx.check_model(body.model)
     plan, constraint = chat_constraint(body)
-    params = chat_params(body, constraint)
+    params = chat_params(body, constraint, ctx.limits)
     # The template describes the tools to the model (where it knows how) when the answer is a call to one.
-    text = ctx.apply_chat_template(chat_messages(body.messages), body.add_generation_prompt,
-                                   body.tools if plan is not None else None)
-    # The template already holds the special tokens (bos) it wants.
-    prompt = ctx.process(text, params, add_special_tokens=False)
+    prompt = await ctx.run(ctx.process_chat, chat_messages(body.messages), body.add_generation_prompt,
+                           body.tools if plan is not None else None, params)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     check_context(len(prompt.token_ids), params.max_tokens, ctx.max_model_len, param)
-    job = await _submit(ctx, "chatcmpl", [prompt], params, body.priority, arrival)
+    job = await _submit(ctx, "chatcmpl", [prompt], params, body.priority, arrival, body.return_timings)
     num_top = body.top_logprobs or 0
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return streaming_response(_stream_events(
-            job, request, _chat_chunk_renderer(job, body.logprobs, num_top, plan), include_usage,
-            lambda n: sse(ChatCompletionChunk(id=job.response_id, model=ctx.model_name, choices=[],
-                                              usage=usage(len(prompt.token_ids), n))),
+            job, request, _chat_chunk_renderer(job, body.logprobs, num_top, plan), body.logprobs,
+            _final_chunk(job, include_usage, lambda u, t: ChatCompletionChunk(
+                id=job.response_id, model=ctx.model_name, choices=[], usage=u, timings=t)),
         ))
     choices = await _collect(job, request)
     if choices is None:
         return Response(status_code=499)
+    return await ctx.run(_chat_response, job, choices, plan, num_top if body.logprobs else None)
+
+
+def _chat_response(job: _Job, choices: dict[int, ChoiceState], plan: ToolPlan | None, num_top: int | None) -> Response:
+    """`num_top`: the top logprobs per position, None without logprobs."""
     result = ChatCompletionResponse(
-        id=job.response_id, model=ctx.model_name, usage=_usage_of(job, choices),
+        id=job.response_id, model=job.ctx.model_name,
+        usage=_usage_of(job, sum(len(c.token_ids) for c in choices.values())),
         choices=[_chat_choice(c, plan, chat_logprobs(c.token_ids, c.logprobs, num_top, job.decode)
-                              if body.logprobs else None) for c in choices.values()],
+                              if num_top is not None else None) for c in choices.values()],
+        timings=_timings_of(job),
     )
-    return JSONResponse(result.model_dump())
+    return _json_response(result)
 
 
 def _chat_choice(choice: ChoiceState, plan: ToolPlan | None, logprobs: ChatLogprobs | None) -> ChatChoice:

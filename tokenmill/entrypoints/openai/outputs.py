@@ -14,10 +14,11 @@ from tokenmill.entrypoints.openai.protocol import (
     ChatTokenLogprob,
     CompletionLogprobs,
     PromptTokensDetails,
+    RequestTimings,
     TopLogprob,
     Usage,
 )
-from tokenmill.outputs import CompletionOutput, Logprob, PositionLogprobs
+from tokenmill.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics
 
 Decode = Callable[[int], str]  # token id -> its text
 
@@ -44,10 +45,35 @@ class ChoiceState:
 
 
 def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int = 0) -> Usage:
+    """OpenAI's usage; prompt_tokens_details.cached_tokens is always there (0 without a prefix-cache hit)."""
     return Usage(
         prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,
         total_tokens=num_prompt_tokens + num_completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=num_cached_tokens) if num_cached_tokens else None,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=num_cached_tokens),
+    )
+
+
+def _span(starts: list[float | None], ends: list[float | None]) -> float | None:
+    """From the earliest start to the latest end; None unless every request has both."""
+    if not starts or any(t is None for t in starts + ends):
+        return None
+    return max(ends) - min(starts)  # type: ignore[type-var,operator]
+
+
+def timings(metrics: list[RequestMetrics]) -> RequestTimings:
+    """The `timings` of one HTTP request from its engine requests' metrics (one per prompt)."""
+    arrival = [m.arrival_time for m in metrics]
+    scheduled = [m.first_scheduled_time for m in metrics]
+    first_token = [m.first_token_time for m in metrics]
+    num_drafts = sum(m.num_draft_tokens for m in metrics)
+    num_accepted = sum(m.num_accepted_tokens for m in metrics)
+    return RequestTimings(
+        queue_time=_span(arrival, scheduled), prefill_time=_span(scheduled, first_token),
+        decode_time=_span(first_token, [m.last_token_time for m in metrics]),
+        time_to_first_token=_span(arrival, first_token), e2e_latency=_span(arrival, [m.finished_time for m in metrics]),
+        num_preemptions=sum(m.num_preemptions for m in metrics),
+        num_draft_tokens=num_drafts or None, num_accepted_tokens=num_accepted if num_drafts else None,
+        acceptance_rate=num_accepted / num_drafts if num_drafts else None,
     )
 
 

@@ -68,6 +68,8 @@ class SamplingFields(OpenAIModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: dict[str, Any] | None = None
+    # tokenmill's extension: the response carries `timings` (queue, prefill and decode time, preemptions, drafts).
+    return_timings: bool = False
 
 
 class CompletionRequest(SamplingFields):
@@ -123,7 +125,27 @@ def _now() -> int:
 
 
 class PromptTokensDetails(BaseModel):
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+class RequestTimings(BaseModel):
+    """Where one request's time went, in seconds (`"return_timings": true`). Over several prompts: from the
+    earliest start to the latest end of each phase, counts summed. None where a phase never happened."""
+
+    queue_time: float | None = None  # arrival at the server (tokenization included) -> first scheduled
+    prefill_time: float | None = None  # first scheduled -> first token (every prompt chunk computed)
+    decode_time: float | None = None  # first token -> last token
+    time_to_first_token: float | None = None  # arrival -> first token
+    e2e_latency: float | None = None  # arrival -> finished
+    num_preemptions: int = 0  # times the request was preempted (its KV freed, recomputed later)
+    # Speculative decoding, present when drafts were verified: draft tokens proposed, and how many were accepted.
+    num_draft_tokens: int | None = None
+    num_accepted_tokens: int | None = None
+    acceptance_rate: float | None = None
+
+
+def _absent(value: object) -> bool:
+    return value is None
 
 
 class Usage(BaseModel):
@@ -155,6 +177,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    timings: RequestTimings | None = Field(default=None, exclude_if=_absent)
 
 
 class TopLogprob(BaseModel):
@@ -203,6 +226,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    timings: RequestTimings | None = Field(default=None, exclude_if=_absent)
 
 
 class DeltaFunctionCall(BaseModel):
@@ -238,6 +262,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    timings: RequestTimings | None = Field(default=None, exclude_if=_absent)
 
 
 # OpenAI streams completions as chunks of exactly the response's shape.

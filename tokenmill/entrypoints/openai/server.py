@@ -3,7 +3,7 @@
     app = build_app(ServerContext(async_engine, model_name, api_key=...))   # context.py
 
 /v1/*, /tokenize and /detokenize require `Authorization: Bearer <api_key>` when an api_key is set;
-/health, /version and /metrics stay open. Every error is OpenAI's body
+/health, /version, /metrics and the dashboard (dashboard.py) stay open. Every error is OpenAI's body
 {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -22,9 +22,10 @@ from fastapi.responses import JSONResponse, Response
 from tokenmill import __version__
 from tokenmill.engine.async_engine import EngineDeadError, EngineStepError, QueueFullError
 from tokenmill.engine.metrics import CONTENT_TYPE
-from tokenmill.entrypoints.openai import completions
+from tokenmill.entrypoints.openai import completions, dashboard, tokenization
+from tokenmill.entrypoints.openai.body_limit import BodyLimitMiddleware
 from tokenmill.entrypoints.openai.context import ServerContext
-from tokenmill.entrypoints.openai.inputs import RequestError, chat_messages
+from tokenmill.entrypoints.openai.inputs import RequestError
 from tokenmill.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -38,7 +39,7 @@ from tokenmill.entrypoints.openai.protocol import (
 
 logger = logging.getLogger("tokenmill")
 
-_OPEN_PATHS = ("/health", "/version", "/metrics")
+_OPEN_PATHS = ("/health", "/version", "/metrics", *dashboard.OPEN_PATHS)
 
 
 def error_response(status: int, message: str, error_type: str, param: str | None = None,
@@ -105,16 +106,19 @@ def build_app(ctx: ServerContext) -> FastAPI:
             yield
         finally:
             await ctx.engine.shutdown()
+            ctx.close()  # the front-end pool
 
     app = FastAPI(title="tokenmill", version=__version__, lifespan=lifespan)
     app.state.ctx = ctx
     _install_error_handlers(app, ctx)
     _install_auth(app, ctx)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=ctx.limits.max_request_bytes)  # outermost: before any parsing
+    dashboard.register_dashboard(app, ctx)  # GET /dashboard, /dashboard/data
 
     @app.get("/health")
     async def health() -> Response:
         if not ctx.engine.is_alive:
-            return error_response(503, "the engine is not running", "ServiceUnavailableError")
+            return error_response(503, ctx.engine.dead_message, "ServiceUnavailableError")  # dead, or shutting down
         return Response(status_code=200)
 
     @app.get("/version")
@@ -131,26 +135,14 @@ def build_app(ctx: ServerContext) -> FastAPI:
         return ModelList(data=[ModelCard(id=ctx.model_name, root=ctx.model_name, max_model_len=ctx.max_model_len)])
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict[str, object]:
+    async def tokenize(body: TokenizeRequest) -> Response:
         ctx.check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise RequestError("give exactly one of prompt or messages", "prompt")
-        if body.messages is not None:
-            text = ctx.apply_chat_template(chat_messages(body.messages), body.add_generation_prompt)
-            add_special = False
-        else:
-            text, add_special = body.prompt, body.add_special_tokens
-        tokens = ctx.engine.inputs.tokenizer.encode(text, add_special_tokens=add_special)
-        return {"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": list(tokens)}
+        return await ctx.run(tokenization.tokenize, ctx, body)  # off the event loop: it grows with the text
 
     @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
+    async def detokenize(body: DetokenizeRequest) -> Response:
         ctx.check_model(body.model)
-        vocab_size = ctx.engine.inputs.vocab_size
-        bad = [t for t in body.tokens if not 0 <= t < vocab_size]
-        if bad:
-            raise RequestError(f"token ids must be in [0, {vocab_size}), got {bad[:5]}", "tokens")
-        return {"prompt": ctx.engine.inputs.tokenizer.decode(body.tokens)}
+        return await ctx.run(tokenization.detokenize, ctx, body)
 
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
