@@ -128,6 +128,23 @@ def test_a_loop_that_dies_fails_open_requests_and_stops_the_server(tiny_loaded: 
         _assert_dead_server(base, server, thread, rest, other)
 
 
+def test_a_request_the_dead_engine_never_accepted_gets_503(tiny_loaded: Any) -> None:
+    """The engine loop dies while adding a request (before it answers the add): the caller waiting for acceptance
+    gets 503 at once, not a hang until shutdown cancels it (a 500; seen under load in the full suite)."""
+    engine = small_engine(tiny_loaded)
+
+    def dying_add(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("injected failure while adding")
+
+    engine.add_request = dying_add  # type: ignore[method-assign]
+    with _serve(engine, watchdog_s=0.0) as (base, async_engine, server, thread):
+        response = httpx.post(base + "/v1/completions", json={"prompt": [5, 6], "max_tokens": 2}, timeout=30)
+        assert _assert_openai_error(response, 503)["type"] == "ServiceUnavailableError"
+        assert "injected failure while adding" in str(async_engine.dead_error)
+        thread.join(timeout=30)
+        assert not thread.is_alive() and server.engine_died
+
+
 def test_a_hung_step_trips_the_watchdog(tiny_loaded: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(async_engine_module, "HUNG_JOIN_S", 0.2)  # shutdown leaves the stuck thread behind sooner
     engine = small_engine(tiny_loaded)

@@ -267,6 +267,13 @@ class EngineClient:
                 self._finished(req_id)
 
     def _fail_open_streams(self, error: BaseException) -> None:
+        """Ends every open request with `error`, those still waiting to be accepted too (an engine that died will
+        never answer their AddRequest: without this their callers would wait until shutdown cancelled them)."""
+        for accepted in self._accepts.values():
+            if not accepted.done():
+                accepted.set_exception(error)
+        self._accepts.clear()
+        self._num_pending_adds = 0
         self._fail_streams(list(self._streams), error)
 
     def _record(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
