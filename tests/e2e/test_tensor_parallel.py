@@ -181,6 +181,11 @@ def test_server_with_a_killed_rank_answers_503_and_exits_nonzero(tiny_checkpoint
         ranks = spawned_children(server.proc.pid)
         assert len(ranks) == 1, "rank 1's process not found"
         os.kill(ranks[0], signal.SIGKILL)
+        # Once the rank is gone, the next step's liveness check fails it at once. (A step already inside a
+        # collective when a rank dies waits for the collective's timeout instead: not what this test measures.)
+        deadline = time.monotonic() + 10
+        while running(ranks[0]) and time.monotonic() < deadline:
+            time.sleep(0.05)
         failed = httpx.post(url + "/v1/completions", json=body, timeout=60)
         assert failed.status_code >= 500 and "error" in failed.json()
         try:  # /health says 503 until the server is gone
