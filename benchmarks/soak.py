@@ -205,6 +205,29 @@ def _proc_stats(pid: int) -> dict[str, float]:
             "threads": int(fields_["Threads"])}
 
 
+def _fd_targets(pid: int) -> list[str]:
+    """What the server's open file descriptors point to (sockets, pipes, files), for the report."""
+    targets = []
+    for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        try:
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue  # closed meanwhile
+    return targets
+
+
+def _settled_stats(pid: int, baseline: dict[str, float], timeout_s: float = 10.0) -> dict[str, float]:
+    """The server's stats once its last connections have closed: a connection the clients just dropped may hold a
+    descriptor for a moment after the engine is idle; a leak is one that stays. Waits up to timeout_s for the fds
+    and threads to come back to the baseline's."""
+    deadline = time.monotonic() + timeout_s
+    stats = _proc_stats(pid)
+    while (stats["fds"] > baseline["fds"] or stats["threads"] > baseline["threads"]) and time.monotonic() < deadline:
+        time.sleep(0.25)
+        stats = _proc_stats(pid)
+    return stats
+
+
 def _gauges(base_url: str) -> dict[str, float]:
     text = httpx.get(base_url + "/metrics", timeout=10.0, trust_env=False).text
     wanted = {"tokenmill:num_requests_running": "running", "tokenmill:num_requests_waiting": "waiting",
@@ -269,12 +292,15 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         sampler = _Sampler(pid, args.sample_every_s)
         sent = asyncio.run(_phase(base, warmup_s, args, 1, tally, sampler))
         idle, gauges, _ = _wait_idle(base)
+        time.sleep(2.0)  # the warm-up's last connections close before the baseline is taken
         baseline = _proc_stats(pid)
+        baseline_fds = _fd_targets(pid)
         start = time.monotonic()
         sent += asyncio.run(_phase(base, total_s - warmup_s, args, 2, tally, sampler))
         load_s = time.monotonic() - start
         idle, gauges, idle_wait = _wait_idle(base)
-        end = _proc_stats(pid)
+        end = _settled_stats(pid, baseline)
+        end_fds = _fd_targets(pid)
         health = httpx.get(base + "/health", timeout=10.0, trust_env=False).status_code
         last = httpx.post(base + "/v1/completions", json={"model": args.model_name, "prompt": "Still there?",
                                                           "max_tokens": 4}, timeout=60.0, trust_env=False)
@@ -290,7 +316,8 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     return {"machine": detect_capabilities().summary(), "args": vars(args), "requests_sent": sent,
             "requests_per_s": tally_total(tally) / (warmup_s + load_s), "outcomes": dict(sorted(tally.outcomes.items())),
             "failures": tally.failures, "baseline": baseline, "end": end, "rss_growth": growth,
-            "idle_gauges": gauges, "idle_wait_s": idle_wait, "curve": sampler.curve, "checks": checks,
+            "idle_gauges": gauges, "idle_wait_s": idle_wait, "fd_targets": {"baseline": baseline_fds, "end": end_fds},
+            "curve": sampler.curve, "checks": checks,
             "passed": all(checks.values()), "server_log": str(log_path)}
 
 

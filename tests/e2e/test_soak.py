@@ -28,7 +28,8 @@ def test_one_minute_soak(tmp_path: Path) -> None:
                         "--log", str(tmp_path / "server.log")])
     report = json.loads(output.read_text())
     failed = [name for name, ok in report["checks"].items() if not ok]
-    assert status == 0 and not failed, (failed, report["failures"][:5], report["baseline"], report["end"])
+    assert status == 0 and not failed, (failed, report["failures"][:5], report["baseline"], report["end"],
+                                        report["fd_targets"])
     outcomes = report["outcomes"]
     # The mix really ran: finished, dropped, timed-out and rejected requests, all in one minute.
     for kind in ("stream/final", "stream_n2/final", "dropped_stream/dropped_by_client", "chat/final"):
