@@ -71,14 +71,10 @@ class LiveServer:
 
 
 @contextmanager
-def run_server(engine: LLMEngine, *, api_key: str | None = None, max_queue: int | None = None,
-               model_name: str = MODEL_NAME) -> Iterator[LiveServer]:
-    async_engine = AsyncEngine(engine, max_queue=max_queue, metrics=EngineMetrics(model_name))
-    app = build_app(ServerContext(async_engine, model_name, api_key=api_key))
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5)
-    server = GracefulServer(config, async_engine, drain_timeout=1.0)
-    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+def uvicorn_in_thread(server: uvicorn.Server, name: str = "test-uvicorn") -> Iterator[threading.Thread]:
+    """Runs `server` in a daemon thread of the test process until it has started; stops it on leaving (it may
+    have stopped by itself meanwhile, as GracefulServer does when its engine dies)."""
+    thread = threading.Thread(target=server.run, name=name, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not server.started:
@@ -86,11 +82,22 @@ def run_server(engine: LLMEngine, *, api_key: str | None = None, max_queue: int 
             raise RuntimeError("test server did not start")
         time.sleep(0.02)
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", engine, async_engine, api_key, model_name)
+        yield thread
     finally:
         server.should_exit = True
         thread.join(timeout=30)
         assert not thread.is_alive(), "test server did not stop"
+
+
+@contextmanager
+def run_server(engine: LLMEngine, *, api_key: str | None = None, max_queue: int | None = None,
+               model_name: str = MODEL_NAME) -> Iterator[LiveServer]:
+    async_engine = AsyncEngine(engine, max_queue=max_queue, metrics=EngineMetrics(model_name))
+    app = build_app(ServerContext(async_engine, model_name, api_key=api_key))
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5)
+    with uvicorn_in_thread(GracefulServer(config, async_engine, drain_timeout=1.0)):
+        yield LiveServer(f"http://127.0.0.1:{port}", engine, async_engine, api_key, model_name)
 
 
 def small_engine(loaded: Any, **kwargs: Any) -> LLMEngine:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import uvicorn
 
-from tests.server.conftest import LiveServer, free_port
+from tests.server.conftest import LiveServer, free_port, uvicorn_in_thread
 from tokenmill.engine.input_processor import InputProcessor
 from tokenmill.engine.metrics import EngineMetrics
 from tokenmill.entrypoints.openai.context import ServerContext
@@ -67,17 +67,8 @@ def _dead_engine_server(loaded: Any) -> Iterator[str]:
     """A server whose engine is dead; plain uvicorn, as GracefulServer would stop itself (launcher.py)."""
     app = build_app(ServerContext(_DeadEngine(InputProcessor(loaded, 512)), "dead-model"))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, name="test-dead-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the dead-engine server did not start"
-        time.sleep(0.02)
-    try:
+    with uvicorn_in_thread(server, "test-dead-uvicorn"):
         yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 # -- the data, without a model ---------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 import uvicorn
 
 from tests.e2e.served import serving
-from tests.server.conftest import free_port, small_engine
+from tests.server.conftest import free_port, small_engine, uvicorn_in_thread
 from tokenmill.engine import async_engine as async_engine_module
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.engine_loop import inject_fault
@@ -47,18 +47,8 @@ def _serve(engine: LLMEngine, watchdog_s: float) -> Iterator[tuple[str, AsyncEng
     config = uvicorn.Config(build_app(ServerContext(async_engine, "m")), host="127.0.0.1", port=port,
                             log_level="warning", timeout_graceful_shutdown=5)
     server = GracefulServer(config, async_engine, drain_timeout=1.0)
-    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "test server did not start"
-        time.sleep(0.02)
-    try:
+    with uvicorn_in_thread(server) as thread:
         yield f"http://127.0.0.1:{port}", async_engine, server, thread
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "test server did not stop"
 
 
 def _post_in_thread(url: str, results: list[httpx.Response]) -> threading.Thread:
