@@ -177,24 +177,20 @@ async def _one(client: httpx.AsyncClient, rng: random.Random, prefixes: list[str
 
 
 async def _load(base_url: str, seconds: float, concurrency: int, seed: int, model: str, max_tokens: int,
-                tally: Tally) -> int:
-    """Requests from `concurrency` clients until `seconds` pass; returns how many were sent."""
+                tally: Tally) -> None:
+    """Requests from `concurrency` clients until `seconds` pass (each recorded in `tally`: one outcome each)."""
     deadline = time.monotonic() + seconds
     rng = random.Random(seed)
     prefixes = _prefixes(rng)
-    sent = 0
 
     async def client_loop(i: int) -> None:
-        nonlocal sent
         crng = random.Random(seed * 1000 + i)
         limits = httpx.Limits(max_connections=4, max_keepalive_connections=2)
         async with httpx.AsyncClient(base_url=base_url, timeout=120.0, limits=limits, trust_env=False) as client:
             while time.monotonic() < deadline:
-                sent += 1
                 await _one(client, crng, prefixes, model, max_tokens, tally)
 
     await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
-    return sent
 
 
 def _proc_stats(pid: int) -> dict[str, float]:
@@ -269,13 +265,12 @@ class _Sampler:
 
 
 async def _phase(base_url: str, seconds: float, args: argparse.Namespace, seed: int, tally: Tally,
-                 sampler: _Sampler) -> int:
+                 sampler: _Sampler) -> None:
     stop = asyncio.Event()
     sampling = asyncio.create_task(sampler.run(stop))
-    sent = await _load(base_url, seconds, args.concurrency, seed, args.model_name, args.max_tokens, tally)
+    await _load(base_url, seconds, args.concurrency, seed, args.model_name, args.max_tokens, tally)
     stop.set()
     await sampling
-    return sent
 
 
 def soak(args: argparse.Namespace) -> dict[str, Any]:
@@ -290,13 +285,13 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     with running_server("tokenmill", cmd, port, log_path) as server:
         pid, base = server.proc.pid, server.base_url
         sampler = _Sampler(pid, args.sample_every_s)
-        sent = asyncio.run(_phase(base, warmup_s, args, 1, tally, sampler))
+        asyncio.run(_phase(base, warmup_s, args, 1, tally, sampler))
         idle, gauges, _ = _wait_idle(base)
         time.sleep(2.0)  # the warm-up's last connections close before the baseline is taken
         baseline = _proc_stats(pid)
         baseline_fds = _fd_targets(pid)
         start = time.monotonic()
-        sent += asyncio.run(_phase(base, total_s - warmup_s, args, 2, tally, sampler))
+        asyncio.run(_phase(base, total_s - warmup_s, args, 2, tally, sampler))
         load_s = time.monotonic() - start
         idle, gauges, idle_wait = _wait_idle(base)
         end = _settled_stats(pid, baseline)
@@ -313,16 +308,13 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         checks["still answers (/health 200, a completion)"] = health == 200 and last.status_code == 200
         alive = server.proc.poll() is None
     checks["the server ran to the end"] = alive
+    sent = sum(tally.outcomes.values())  # every request sent records exactly one outcome
     return {"machine": detect_capabilities().summary(), "args": vars(args), "requests_sent": sent,
-            "requests_per_s": tally_total(tally) / (warmup_s + load_s), "outcomes": dict(sorted(tally.outcomes.items())),
+            "requests_per_s": sent / (warmup_s + load_s), "outcomes": dict(sorted(tally.outcomes.items())),
             "failures": tally.failures, "baseline": baseline, "end": end, "rss_growth": growth,
             "idle_gauges": gauges, "idle_wait_s": idle_wait, "fd_targets": {"baseline": baseline_fds, "end": end_fds},
             "curve": sampler.curve, "checks": checks,
             "passed": all(checks.values()), "server_log": str(log_path)}
-
-
-def tally_total(tally: Tally) -> int:
-    return sum(tally.outcomes.values())
 
 
 def _print_report(report: dict[str, Any]) -> None:
