@@ -16,6 +16,7 @@ from tokenmill.layers.linear import Linear
 from tokenmill.layers.panel_linear import PanelLinear
 from tokenmill.layers.planned_linear import PlannedLinear
 from tokenmill.worker import plan as plan_module
+from tokenmill.worker.c_step import CStepForward
 from tokenmill.worker.plan import Choice, ExecutionPlan, choose, load_plan, plan_path, routes_from_choices, save_plan
 
 
@@ -59,6 +60,29 @@ def test_plan_is_cached_and_keyed(tiny_checkpoint: Any, plan_cache: Path, monkey
     monkeypatch.setattr("tokenmill.worker.capabilities.MachineCapabilities.cache_key", lambda self: "another cpu")
     moved = _engine_plan(path)
     assert not moved.cached and moved.key != first.key
+
+
+def test_step_sizes_past_the_c_forwards_first_loss_are_not_timed(tiny_checkpoint: Any, plan_cache: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C forward keeps only the step sizes below its first loss, so the larger ones are not timed (the largest
+    prompt steps were most of a plan's build time); the sizes it keeps are those below the loss."""
+    timed: list[tuple[str, int]] = []
+
+    def rigged(operation: str, rows: int, fns: dict[str, Any]) -> Choice:
+        timed.append((operation, rows))
+        c_loses = (operation == "decode_step" and rows >= 16) or (operation == "prompt_step" and rows >= 512)
+        kernel = "layers" if c_loses and "layers" in fns else next(iter(fns))
+        return Choice(operation, rows, kernel, {name: 1.0 if name == kernel else 2.0 for name in fns})
+
+    monkeypatch.setattr("tokenmill.worker.planner.choose", rigged)
+    llm = LLM(dtype="float32", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=64 << 20,
+              max_model_len=512)
+    steps = [t for t in timed if t[0] in ("decode_step", "prompt_step")]
+    if not steps:
+        pytest.skip("no C forward here")
+    assert steps == [("decode_step", 1), ("decode_step", 16), ("prompt_step", 256), ("prompt_step", 512)]
+    c_step = next(p for p in llm.engine.core.runner.step_paths if isinstance(p, CStepForward))
+    assert c_step.max_rows == 1 and c_step.max_prompt_tokens == 256
 
 
 def test_a_plan_file_of_another_key_is_not_used(tmp_path: Path) -> None:

@@ -349,9 +349,15 @@ def plan_steps(model: nn.Module, c_step: CStepForward, plan: ExecutionPlan, fami
     takes to those where it won; False when it won none (the runner then leaves it out)."""
     if not plan.cached:
         start = time.perf_counter()
+        lost: set[str] = set()  # the operations at which the C forward already lost a smaller step
         for operation, bucket, reqs, q_len, context in _step_buckets(num_blocks, block_size, model.rotary.cos.shape[0]):
             ids, positions, meta = _synthetic_step(reqs, q_len, context, block_size, model.config.vocab_size)
             if not c_step.takes(meta.num_reqs, meta.num_tokens):
+                continue
+            if operation in lost:
+                # The C forward keeps only the sizes below its first loss (_won_up_to), so a larger step's timing
+                # could not change the plan; the largest prompt steps cost most of a plan's build time.
+                logger.info("plan: %s of %d not timed (the C forward lost a smaller one)", operation, bucket)
                 continue
             logger.info("plan: timing %s of %d %s", operation, bucket, "requests" if q_len == 1 else "tokens")
             # As the runner runs it: the C forward's last layer takes only the rows that sample (each request's
@@ -360,6 +366,8 @@ def plan_steps(model: nn.Module, c_step: CStepForward, plan: ExecutionPlan, fami
             fns = filter_family({C_FORWARD: lambda ids=ids, p=positions, m=meta, k=keep: c_step.forward(ids, p, m, k),
                                  "layers": lambda ids=ids, p=positions, m=meta: model(ids, p, m)}, family)
             plan.choices.append(choose(operation, bucket, fns))
+            if plan.choices[-1].kernel != C_FORWARD:
+                lost.add(operation)
         plan.build_seconds += time.perf_counter() - start
     # Untimed kinds (no step fitted the cache) keep the C forward's own limits.
     c_step.max_rows = _won_up_to(plan.for_operation("decode_step"), c_step.max_rows)

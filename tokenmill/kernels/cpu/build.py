@@ -24,6 +24,13 @@ logger = logging.getLogger("tokenmill")
 # -ffast-math lets the compiler vectorize the float reductions and expf (glibc's libmvec); the kernels
 # never see inf/nan by construction (only valid positions are read).
 CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+# Extra compiler flags for A/B runs of the kernels (e.g. "-mno-avx512vnni" builds the AVX2 int8 tiles on a VNNI
+# CPU); part of the cache key like the others. Not for production use.
+EXTRA_CFLAGS_ENV = "TOKENMILL_KERNEL_CFLAGS"
+
+
+def _cflags() -> tuple[str, ...]:
+    return CFLAGS + tuple(os.environ.get(EXTRA_CFLAGS_ENV, "").split())
 
 
 def _cache_dir() -> Path:
@@ -51,10 +58,11 @@ def _compiler_version(compiler: str) -> str:
 
 @functools.cache
 def kernel_sources_digest() -> str:
-    """A digest of every C source and header here: part of the execution plan's key, so that changed kernels
-    are timed again."""
+    """A digest of every C source and header here and of the flags: part of the execution plan's key, so that
+    changed kernels are timed again."""
     sources = sorted(Path(__file__).parent.glob("*.[ch]"))
-    return hashlib.sha256("\0".join(f"{p.name}\0{p.read_text()}" for p in sources).encode()).hexdigest()[:16]
+    text = "\0".join([*(f"{p.name}\0{p.read_text()}" for p in sources), *_cflags()])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @functools.cache
@@ -69,7 +77,7 @@ def load_kernel_library(name: str) -> ctypes.CDLL | None:
         version = _compiler_version(compiler)
         headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]
         key = hashlib.sha256(
-            "\0".join([source.read_text(), *headers, *CFLAGS, version, _cpu_flags()]).encode()).hexdigest()[:16]
+            "\0".join([source.read_text(), *headers, *_cflags(), version, _cpu_flags()]).encode()).hexdigest()[:16]
         target = _cache_dir() / f"{name}-{key}.so"
         if not target.exists():
             _compile(compiler, source, target)
@@ -85,7 +93,7 @@ def _compile(compiler: str, source: Path, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *CFLAGS, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, check=True)
+        subprocess.run([compiler, *_cflags(), "-o", tmp, str(source), "-lm"], capture_output=True, text=True, check=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -13,6 +13,7 @@
 
 #include "bf16_panels.h"
 #include "int8_panels.h"
+#include "int8_vnni.h"
 
 #if TM_HAVE_AMX && defined(__AMX_INT8__)
 #define TM_HAVE_AMX_INT8 1
@@ -139,7 +140,8 @@ static inline int int8_amx_rows(int64_t m, int64_t k) {
 
 /* Rows row0 .. row0 + m - 1 of panels p .. p + num - 1 (num 1 or 2) with tiles of amx_rows rows (int8_amx_rows of
  * the whole product; the caller loaded that configuration): 16-row blocks on the tiles, or all m rows as one
- * partial block when amx_rows == m < 16; the rest through int8_panel_rows. */
+ * partial block when amx_rows == m < 16; the rest through the VNNI tiles (int8_vnni.h) where the CPU has them,
+ * else int8_panel_rows. */
 static inline void int8_panel_rows_amx(float *y, int64_t y_stride, const uint8_t *u, int64_t u_stride,
                                        const float *low, const float *step, const int8_t *panels, const float *scale,
                                        const int32_t *rowsum, const float *bias, int64_t n, int64_t k, int64_t row0,
@@ -157,6 +159,14 @@ static inline void int8_panel_rows_amx(float *y, int64_t y_stride, const uint8_t
     }
 #else
     (void)amx_rows;
+#endif
+#if TM_HAVE_VNNI
+    if (done < m) {
+        (void)levels; /* exact int32 sums at either level */
+        int8_panel_rows_vnni(y, y_stride, u, u_stride, low, step, panels, scale, rowsum, bias, n, k, row0 + done,
+                             m - done, p, num);
+        return;
+    }
 #endif
     if (done < m)
         for (int64_t q = p; q < p + num; ++q)
