@@ -422,6 +422,74 @@ static inline int bf16_amx_rows(int64_t m) {
     return m >= 16 ? 16 : (int)m;
 }
 
+#if defined(__AVX512BF16__)
+/* acc0 / acc1 [rows, 16] = rows row0 .. row0 + rows - 1 (rows <= BF16_DP_ROWS, a constant once inlined) of channel
+ * blocks p0 and (two_panels, a constant) p1: one weight load per panel and one broadcast per row feed every
+ * vdpbf16ps of an input pair, the accumulators held in registers (bf16_rows_dp on each panel in turn loaded each
+ * row's pair twice and, with rows not a constant, kept its sums in memory). The same products in the same order
+ * as bf16_rows_dp: the same sums bit for bit. */
+static inline __attribute__((always_inline)) void bf16_rows_dp2(float *acc0, float *acc1, const uint16_t *x,
+                                                               int64_t x_stride, const uint16_t *panels,
+                                                               int64_t k_pad, int64_t row0, int rows, int64_t p0,
+                                                               int64_t p1, int two_panels) {
+    const uint16_t *w0 = panels + p0 * (k_pad / 2) * 2 * BF16_PANEL, *w1 = panels + p1 * (k_pad / 2) * 2 * BF16_PANEL;
+    __m512 a0[BF16_DP_ROWS], a1[BF16_DP_ROWS];
+    for (int r = 0; r < rows; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+    for (int64_t kb = 0; kb < k_pad; kb += BF16_K_BLOCK) {
+        const uint16_t *xr[BF16_DP_ROWS]; /* each row's 32 inputs of this block are contiguous in both layouts */
+        for (int r = 0; r < rows; ++r) xr[r] = x + bf16_x_index(x_stride, k_pad, row0 + r, kb);
+        for (int64_t i = 0; i < BF16_K_BLOCK / 2; ++i) {
+            const int64_t kp = kb / 2 + i;
+            const __m512bh b0 = (__m512bh)_mm512_loadu_si512((const void *)(w0 + kp * 2 * BF16_PANEL));
+            const __m512bh b1 =
+                two_panels ? (__m512bh)_mm512_loadu_si512((const void *)(w1 + kp * 2 * BF16_PANEL)) : b0;
+            for (int r = 0; r < rows; ++r) {
+                int32_t pair;
+                memcpy(&pair, xr[r] + 2 * i, sizeof(pair));
+                const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+                a0[r] = _mm512_dpbf16_ps(a0[r], a, b0);
+                if (two_panels) a1[r] = _mm512_dpbf16_ps(a1[r], a, b1);
+            }
+        }
+    }
+    for (int r = 0; r < rows; ++r) {
+        _mm512_storeu_ps(acc0 + r * BF16_PANEL, a0[r]);
+        if (two_panels) _mm512_storeu_ps(acc1 + r * BF16_PANEL, a1[r]);
+    }
+}
+
+/* Rows row0 .. row0 + m - 1 of panels p and (num 2) p + o->pair_step, BF16_DP_ROWS at a time (bf16_rows_dp2). */
+static inline void bf16_panel_rows_dp(const bf16_out *o, const uint16_t *x, int64_t x_stride, const uint16_t *panels,
+                                      int64_t k_pad, int64_t row0, int64_t m, int64_t p, int64_t num) {
+    _Static_assert(BF16_DP_ROWS == 8, "the switch below covers 1 .. 8 rows");
+    const int64_t p1 = p + o->pair_step;
+    float acc[2][BF16_DP_ROWS * BF16_PANEL];
+    for (int64_t r = 0; r < m; r += BF16_DP_ROWS) {
+        const int64_t rows = m - r < BF16_DP_ROWS ? m - r : BF16_DP_ROWS;
+#define TM_DP2(rows_, two_) bf16_rows_dp2(acc[0], acc[1], x, x_stride, panels, k_pad, row0 + r, rows_, p, p1, two_)
+#define TM_DP2_ROWS(two_)                   \
+    switch (rows) {                         \
+        case 8: TM_DP2(8, two_); break;     \
+        case 7: TM_DP2(7, two_); break;     \
+        case 6: TM_DP2(6, two_); break;     \
+        case 5: TM_DP2(5, two_); break;     \
+        case 4: TM_DP2(4, two_); break;     \
+        case 3: TM_DP2(3, two_); break;     \
+        case 2: TM_DP2(2, two_); break;     \
+        default: TM_DP2(1, two_); break;    \
+    }
+        if (num == 2) {
+            TM_DP2_ROWS(1)
+        } else {
+            TM_DP2_ROWS(0)
+        }
+#undef TM_DP2_ROWS
+#undef TM_DP2
+        bf16_emit(o, row0 + r, rows, p, acc[0], num == 2 ? acc[1] : NULL, BF16_PANEL);
+    }
+}
+#endif
+
 /* Rows row0 .. row0 + m - 1 of the pair at panel p (num 2: panels p and p + o->pair_step; 1: p alone) with tiles of
  * amx_rows rows (bf16_amx_rows of the whole product; the thread loaded that configuration): 16-row blocks through
  * AMX and the rest BF16_DP_ROWS at a time, or all m rows as one partial block when amx_rows == m < 16. rows_padded:
@@ -449,6 +517,10 @@ static inline void bf16_panel_rows(const bf16_out *o, const uint16_t *x, int64_t
     }
 #else
     (void)amx_rows, (void)next_p, (void)rows_padded, (void)pd;
+#endif
+#if defined(__AVX512BF16__)
+    if (done < m) bf16_panel_rows_dp(o, x, x_stride, panels, k_pad, row0 + done, m - done, p, num);
+    return;
 #endif
     for (int64_t r = done; r < m; r += BF16_DP_ROWS) {
         const int64_t rows = m - r < BF16_DP_ROWS ? m - r : BF16_DP_ROWS;
