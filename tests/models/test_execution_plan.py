@@ -169,3 +169,29 @@ def test_greedy_ids_from_the_vocabulary_projection_match_the_sampler(tiny_checkp
     assert not calls  # logprobs need the logits: the sampler's path
     assert [o.outputs[0].token_ids for o in with_logprobs] == from_logits
     assert all(len(o.outputs[0].logprobs) == 12 for o in with_logprobs)
+
+
+def test_steps_timed_on_the_first_layers_compute_those_layers(tiny_checkpoint: Any, plan_cache: Path) -> None:
+    """The plan times prompt steps on the first layers (model.first_layers, the C forward's kernel.first_layers):
+    both then compute the same truncated model, which differs from the whole one, and every layer is back after."""
+    from tokenmill.worker.planner import _synthetic_step
+
+    llm = LLM(dtype="float32", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20)
+    core = llm.engine.core
+    c_step = next((p for p in core.runner.step_paths if isinstance(p, CStepForward)), None)
+    if c_step is None:
+        pytest.skip("no C forward here")
+    model = core.model
+    depth = len(model.decoder_layers())
+    assert depth >= 2
+    ids, positions, meta = _synthetic_step(1, 8, 8, 8, model.config.vocab_size)  # one request: its own slots
+    with torch.no_grad():
+        whole = model(ids, positions, meta).clone()
+        with model.first_layers(1), c_step.kernel.first_layers(1):
+            assert len(model.decoder_layers()) == 1
+            layers = model(ids, positions, meta).clone()
+            c_forward = c_step.forward(ids, positions, meta).clone()
+        torch.testing.assert_close(c_forward, layers, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(layers, whole, rtol=1e-3, atol=1e-3)
+        assert len(model.decoder_layers()) == depth
+        torch.testing.assert_close(c_step.forward(ids, positions, meta), whole, rtol=1e-4, atol=1e-4)

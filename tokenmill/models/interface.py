@@ -11,6 +11,7 @@ product); use_packed_vocab_projection() installs a packed one that also stands f
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -92,6 +93,11 @@ class CausalLM(Protocol):
                                     embedding_from: Callable[[nn.Module], nn.Module]) -> None: ...
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor: ...
+
+    def first_layers(self, n: int) -> AbstractContextManager[None]:
+        """While open, forward runs the first n decoder layers only (the execution plan times steps on a part of
+        the depth); every layer again on exit."""
+        ...
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None: ...
 

@@ -13,7 +13,8 @@ Code outside models/ sees LlamaForCausalLM through the causal-LM interface (mode
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -204,6 +205,15 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = self.logits_head = head
         if tied:
             self.embed_tokens = embedding_from(head)
+
+    @contextmanager
+    def first_layers(self, n: int) -> Iterator[None]:
+        full = self.layers
+        self.layers = nn.ModuleList(list(full)[:n])
+        try:
+            yield
+        finally:
+            self.layers = full
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden_size]."""

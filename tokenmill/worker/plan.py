@@ -15,7 +15,8 @@ that exist here: a C kernel that cannot be built for this CPU is simply not a ca
   whole steps, once the KV cache exists: decode steps of DECODE_STEP_BUCKETS requests and a prompt step
       of PROMPT_STEP_BUCKETS tokens (prompts of PROMPT_LEN tokens each): c_forward (the one-call C forward,
       kernels/cpu/step_forward.c, worker/c_step.py) | layers
-      (layer by layer, with the projections chosen above).
+      (layer by layer, with the projections chosen above). Prompt steps are timed on the first
+      PROMPT_STEP_TIMING_LAYERS layers and their times scaled to the whole depth (the table shows the scaled times).
 A row count between buckets runs the kernel of the next bucket up (beyond the last, the last's).
 
 The plan is cached as JSON under the tokenmill cache (plans/), keyed by everything its timings depend on:
@@ -44,7 +45,7 @@ from tokenmill.worker.capabilities import MachineCapabilities
 
 logger = logging.getLogger("tokenmill")
 
-PLAN_VERSION = 11  # bumped when the candidates or their kernels change
+PLAN_VERSION = 12  # bumped when the candidates or their kernels change
 ROW_BUCKETS = (1, 16, 64, 256, 2048)
 # 8: speculative decoding verifies 1 + K rows per request; on the AMX Xeon MKL's float32 product at 5 rows of the
 # 49152-token vocabulary took 8.1 ms against the panels' 6.6 ms (bucket 16 alone routed 2..16 rows to MKL).
@@ -53,6 +54,7 @@ DECODE_STEP_BUCKETS = (1, 16, 64)
 # 2048: the default max_num_batched_tokens; the ones between find where the C forward stops winning.
 PROMPT_STEP_BUCKETS = (256, 512, 1024, 2048)
 PROMPT_LEN = 256  # tokens of each prompt in a timed prompt step
+PROMPT_STEP_TIMING_LAYERS = 6  # prompt steps are timed on this many layers, scaled to the model's depth
 PROMPT_ATTENTION_BUCKETS = (256, 2048)  # rows of one whole-context prompt whose attention is timed
 STEP_CONTEXT = 256  # context length of each request in the timed decode steps
 KERNEL_FAMILIES = ("auto", "c", "torch")

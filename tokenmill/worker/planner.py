@@ -16,6 +16,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ from tokenmill.worker.plan import (
     PROMPT_ATTENTION_BUCKETS,
     PROMPT_LEN,
     PROMPT_STEP_BUCKETS,
+    PROMPT_STEP_TIMING_LAYERS,
     ROW_BUCKETS,
     STEP_CONTEXT,
     Choice,
@@ -365,7 +367,15 @@ def plan_steps(model: nn.Module, c_step: CStepForward, plan: ExecutionPlan, fami
             keep = None if q_len == 1 else torch.arange(q_len - 1, reqs * q_len, q_len)
             fns = filter_family({C_FORWARD: lambda ids=ids, p=positions, m=meta, k=keep: c_step.forward(ids, p, m, k),
                                  "layers": lambda ids=ids, p=positions, m=meta: model(ids, p, m)}, family)
-            plan.choices.append(choose(operation, bucket, fns))
+            # Prompt steps run on the first PROMPT_STEP_TIMING_LAYERS layers, their times scaled to the whole depth:
+            # both candidates' time is the layers' (the embedding and the final norm are a fraction of a percent),
+            # and a whole 2048-token step took 1.2-2.3 s per call on the 2-core Zen 4 (most of a plan's build time).
+            # Decode steps keep the whole depth: the C forward's one call per step is part of what is timed.
+            depth = len(model.decoder_layers())
+            timed_depth = min(depth, PROMPT_STEP_TIMING_LAYERS) if operation == "prompt_step" else depth
+            with model.first_layers(timed_depth), c_step.kernel.first_layers(timed_depth):
+                choice = choose(operation, bucket, fns)
+            plan.choices.append(replace(choice, seconds={k: v * depth / timed_depth for k, v in choice.seconds.items()}))
             if plan.choices[-1].kernel != C_FORWARD:
                 lost.add(operation)
         plan.build_seconds += time.perf_counter() - start

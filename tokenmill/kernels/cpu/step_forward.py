@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -198,6 +199,16 @@ class StepForwardKernel:
         self.max_positions = rope_cos.shape[0]
         # None, or float64 [len(PHASES)]: run() adds each phase's wall time (seconds) to it.
         self.phase_seconds: torch.Tensor | None = None
+
+    @contextmanager
+    def first_layers(self, n: int) -> Iterator[None]:
+        """While open, run() takes the first n layers only (the execution plan's step timings)."""
+        full = self._model.num_layers
+        self._model.num_layers = max(1, min(n, full))
+        try:
+            yield
+        finally:
+            self._model.num_layers = full
 
     def _ptr(self, t: torch.Tensor, dtype: torch.dtype, what: str) -> int:
         self._keep.append(_checked(t, dtype, what))
