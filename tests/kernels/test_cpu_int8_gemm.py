@@ -161,3 +161,42 @@ def test_int8_linear_at_every_row_count(rotation_block: int | None) -> None:
         bound = 0.5 * step[:, None] * w.abs().sum(dim=1)[None, :] + 1e-5
         err = (layer(x).double() - (xr.double() @ w.t() + bias.double())).abs()
         assert torch.all(err <= bound * 1.01)
+
+
+_TILE_OUTPUTS = """
+import sys, torch
+from tokenmill.kernels.cpu.int8_gemm import int8_panels_gemm, pack_int8_panels, padded_channels, padded_row_sums
+gen = torch.Generator().manual_seed(3)
+out = []
+for m, n, k, bits in ((1, 40, 64, 8), (7, 33, 96, 8), (13, 48, 128, 7), (37, 70, 256, 8)):
+    q = torch.randint(-64, 65, (n, k), generator=gen).to(torch.int8)
+    scale = torch.zeros(padded_channels(n))
+    scale[:n] = torch.rand(n, generator=gen) * 0.01 + 1e-3
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(m, k, generator=gen)
+    out.append(int8_panels_gemm(x, pack_int8_panels(q), padded_row_sums(q), scale, n, 0, bias, bits))
+torch.save(out, sys.argv[1])
+"""
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return set(next((line for line in f if line.startswith("flags")), "").split())
+
+
+@pytest.mark.skipif("avx512_vnni" not in _cpu_flags(), reason="no AVX512-VNNI here: one tile family only")
+def test_vnni_and_avx2_tiles_give_the_same_outputs_bit_for_bit(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """int8_vnni.h's tiles against int8_panels.h's AVX2 ones (the kernel built with -mno-avx512vnni, in a process of
+    its own): exact int32 sums and one epilogue, so the same floats at every tile and remainder shape."""
+    import os
+    import subprocess
+    import sys
+
+    outputs = []
+    for extra in ("", "-mno-avx512vnni"):
+        path = tmp_path / f"out{len(outputs)}.pt"
+        env = dict(os.environ, TOKENMILL_KERNEL_CFLAGS=extra)
+        subprocess.run([sys.executable, "-c", _TILE_OUTPUTS, str(path)], env=env, check=True, timeout=300)
+        outputs.append(torch.load(path))
+    for vnni, avx2 in zip(*outputs, strict=True):
+        assert torch.equal(vnni, avx2)
