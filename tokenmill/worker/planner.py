@@ -351,15 +351,15 @@ def plan_steps(model: nn.Module, c_step: CStepForward, plan: ExecutionPlan, fami
     takes to those where it won; False when it won none (the runner then leaves it out)."""
     if not plan.cached:
         start = time.perf_counter()
-        lost: set[str] = set()  # the operations at which the C forward already lost a smaller step
+        depth = len(model.decoder_layers())
         for operation, bucket, reqs, q_len, context in _step_buckets(num_blocks, block_size, model.rotary.cos.shape[0]):
-            ids, positions, meta = _synthetic_step(reqs, q_len, context, block_size, model.config.vocab_size)
-            if not c_step.takes(meta.num_reqs, meta.num_tokens):
-                continue
-            if operation in lost:
+            if any(c.kernel != C_FORWARD for c in plan.for_operation(operation)):
                 # The C forward keeps only the sizes below its first loss (_won_up_to), so a larger step's timing
                 # could not change the plan; the largest prompt steps cost most of a plan's build time.
                 logger.info("plan: %s of %d not timed (the C forward lost a smaller one)", operation, bucket)
+                continue
+            ids, positions, meta = _synthetic_step(reqs, q_len, context, block_size, model.config.vocab_size)
+            if not c_step.takes(meta.num_reqs, meta.num_tokens):
                 continue
             logger.info("plan: timing %s of %d %s", operation, bucket, "requests" if q_len == 1 else "tokens")
             # As the runner runs it: the C forward's last layer takes only the rows that sample (each request's
@@ -371,13 +371,10 @@ def plan_steps(model: nn.Module, c_step: CStepForward, plan: ExecutionPlan, fami
             # both candidates' time is the layers' (the embedding and the final norm are a fraction of a percent),
             # and a whole 2048-token step took 1.2-2.3 s per call on the 2-core Zen 4 (most of a plan's build time).
             # Decode steps keep the whole depth: the C forward's one call per step is part of what is timed.
-            depth = len(model.decoder_layers())
             timed_depth = min(depth, PROMPT_STEP_TIMING_LAYERS) if operation == "prompt_step" else depth
             with model.first_layers(timed_depth), c_step.kernel.first_layers(timed_depth):
                 choice = choose(operation, bucket, fns)
             plan.choices.append(replace(choice, seconds={k: v * depth / timed_depth for k, v in choice.seconds.items()}))
-            if plan.choices[-1].kernel != C_FORWARD:
-                lost.add(operation)
         plan.build_seconds += time.perf_counter() - start
     # Untimed kinds (no step fitted the cache) keep the C forward's own limits.
     c_step.max_rows = _won_up_to(plan.for_operation("decode_step"), c_step.max_rows)
