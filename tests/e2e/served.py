@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from tokenmill.bench.server_process import ServerProcess, free_port, wait_healthy
 
@@ -51,3 +54,21 @@ def children(pid: int) -> list[int]:
 def spawned_children(pid: int) -> list[int]:
     """The child processes multiprocessing spawned (tensor-parallel ranks, data-parallel replicas)."""
     return [c for c in children(pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def stream_outcome(base_url: str, body: dict[str, Any], on_first_chunk: Callable[[], None] | None = None) -> str:
+    """Streams a completion of `body` (stream: true); on_first_chunk runs at its first data chunk (a test's fault).
+    Returns how the stream ended: "error" (an error event), "done" ([DONE]) or "cut" (the connection broke)."""
+    try:
+        with httpx.stream("POST", base_url + "/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {") and on_first_chunk is not None:
+                    on_first_chunk()
+                    on_first_chunk = None
+                if '"error"' in line:
+                    return "error"
+                if line == "data: [DONE]":
+                    return "done"
+    except httpx.HTTPError:
+        pass
+    return "cut"

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.served import children, running, serving, spawned_children
+from tests.e2e.served import children, running, serving, spawned_children, stream_outcome
 from tokenmill import LLM, SamplingParams
 
 MAX_TOKENS = 6
@@ -85,24 +85,6 @@ def test_replicas_route_by_prefix_and_match_one_engine(tiny_checkpoint, tmp_path
         assert "stopped (" not in (tmp_path / "server.log").read_text()  # no replica died on its own
 
 
-def _stream_and_kill(url: str, pid: int) -> str:
-    """Streams a long completion, killing `pid` at its first chunk; returns how it ended ("done", "error", "cut")."""
-    body = {"prompt": [1, 2, 3, 4], "max_tokens": 240, "ignore_eos": True, "stream": True}
-    try:
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: {") and pid:
-                    os.kill(pid, signal.SIGKILL)
-                    pid = 0
-                if '"error"' in line:
-                    return "error"
-                if line == "data: [DONE]":
-                    return "done"
-    except httpx.HTTPError:
-        pass
-    return "cut"
-
-
 def test_a_killed_replica_gives_errors_503_and_a_nonzero_exit(tiny_checkpoint, tmp_path) -> None:
     with _dp_server(str(tiny_checkpoint("llama")), tmp_path / "server.log") as (url, server):
         assert len(_complete(url, [5, 6, 7, 8])) == MAX_TOKENS
@@ -110,7 +92,8 @@ def test_a_killed_replica_gives_errors_503_and_a_nonzero_exit(tiny_checkpoint, t
         replicas = spawned_children(server.pid)
         assert len(replicas) == 2
         # Whichever replica serves the stream, it ends in an error.
-        assert _stream_and_kill(url, replicas[0]) in ("error", "cut")
+        long_stream = {"prompt": [1, 2, 3, 4], "max_tokens": 240, "ignore_eos": True, "stream": True}
+        assert stream_outcome(url, long_stream, lambda: os.kill(replicas[0], signal.SIGKILL)) in ("error", "cut")
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # /health says 503 until the server is gone
             try:

@@ -15,6 +15,7 @@ from tokenmill.kernels.cpu.int8_gemm import (
     padded_channels,
     padded_row_sums,
 )
+from tokenmill.worker.capabilities import detect_capabilities
 
 pytestmark = pytest.mark.skipif(not int8_gemm_available(), reason="C kernels not built (no compiler)")
 
@@ -179,12 +180,7 @@ torch.save(out, sys.argv[1])
 """
 
 
-def _cpu_flags() -> set[str]:
-    with open("/proc/cpuinfo") as f:
-        return set(next((line for line in f if line.startswith("flags")), "").split())
-
-
-@pytest.mark.skipif("avx512_vnni" not in _cpu_flags(), reason="no AVX512-VNNI here: one tile family only")
+@pytest.mark.skipif(not detect_capabilities().has("avx512_vnni"), reason="no AVX512-VNNI here: one tile family only")
 def test_vnni_and_avx2_tiles_give_the_same_outputs_bit_for_bit(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """int8_vnni.h's tiles against int8_panels.h's AVX2 ones (the kernel built with -mno-avx512vnni, in a process of
     its own): exact int32 sums and one epilogue, so the same floats at every tile and remainder shape."""

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import uvicorn
 
-from tests.e2e.served import serving
+from tests.e2e.served import serving, stream_outcome
 from tests.server.conftest import free_port, small_engine, uvicorn_in_thread
 from tokenmill.engine import async_engine as async_engine_module
 from tokenmill.engine.async_engine import AsyncEngine
@@ -181,20 +181,6 @@ def test_fault_hook_is_inert_unless_set_and_rejects_bad_specs(tiny_loaded: Any) 
         inject_fault(engine, "hang:3")
 
 
-def _stream_until_error(base: str) -> str:
-    """Streams a long completion; returns how it ended ("error", "done" or "cut")."""
-    try:
-        with httpx.stream("POST", base + "/v1/completions", json=LONG_STREAM, timeout=60) as response:
-            for line in response.iter_lines():
-                if '"error"' in line:
-                    return "error"
-                if line == "data: [DONE]":
-                    return "done"
-    except httpx.HTTPError:
-        pass
-    return "cut"
-
-
 @pytest.mark.parametrize(("fault", "extra"), [
     ("die_after:3", []),
     ("hang_step_after:3", ["--engine-watchdog-s", "1"]),
@@ -207,7 +193,7 @@ def test_serve_exits_with_status_70_after_an_engine_fault(tiny_checkpoint: Any, 
     monkeypatch.setenv(FAULT_ENV, fault)  # the test hook, read by `tokenmill serve` (engine_loop.inject_fault)
     args = ["--model", str(tiny_checkpoint("llama")), "--dtype", "float32", "--max-model-len", "512", *extra]
     with serving(args, tmp_path / "server.log") as server:
-        assert _stream_until_error(server.base_url) in ("error", "cut")
+        assert stream_outcome(server.base_url, LONG_STREAM) in ("error", "cut")
         try:  # /health says 503 until the server is gone
             _assert_openai_error(httpx.get(server.base_url + "/health", timeout=5), 503)
         except httpx.HTTPError:
