@@ -82,7 +82,8 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--batch1-tokens", type=int, default=32)
+    parser.add_argument("--batch1-tokens", type=int, default=128,
+                        help="tokens per batch-1 request (TPOT: (time for these - time for one) / (these - 1))")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     print(f"machine: {detect_capabilities().summary()}")

@@ -7,6 +7,8 @@ whose group spans several ranks (its "sharers") is held by each of them, with al
 its attention work is split by rows instead: sharer i of n attends the step's query rows even_share(rows, n, i) of
 that group and leaves the group's other rows zero, so that the row-parallel o_proj's all-reduce sums each row's
 group output from exactly one rank, and each rank reads a shared KV head's cache for its share of the rows only.
+A rank lists its own KV heads first and its shared ones last: the rows it attends for no shared group then need only
+the first inputs of its o_proj (the one-call C forward skips the rest, kernels/cpu/step_forward.c).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def even_share(n: int, parts: int, index: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class HeadShard:
-    kv_heads: list[int]  # the global KV heads this rank holds, ascending
+    kv_heads: list[int]  # the global KV heads this rank holds: its own ascending, then the shared ones ascending
     q_slots: list[int]  # per local query head (kv_heads[i] owns slots [i * group, (i + 1) * group)): its global head
     row_shares: list[tuple[int, int]]  # per held KV head: (i, n): this rank is sharer i of n ((0, 1): its own)
 
@@ -38,10 +40,10 @@ def shard_heads(num_heads: int, num_kv_heads: int, rank: int, world_size: int) -
     group = num_heads // num_kv_heads
     ranges = [even_share(num_heads, world_size, r) for r in range(world_size)]
     first, end = ranges[rank]
-    kv_heads = list(range(first // group, (end - 1) // group + 1))
-    slots = [h for kv in kv_heads for h in range(kv * group, (kv + 1) * group)]
-    shares = []
-    for kv in kv_heads:
+    shares: dict[int, tuple[int, int]] = {}
+    for kv in range(first // group, (end - 1) // group + 1):
         sharers = [r for r, (a, b) in enumerate(ranges) if a < (kv + 1) * group and kv * group < b]
-        shares.append((sharers.index(rank), len(sharers)))
-    return HeadShard(kv_heads, slots, shares)
+        shares[kv] = (sharers.index(rank), len(sharers))
+    kv_heads = sorted(shares, key=lambda kv: (shares[kv][1] > 1, kv))  # own first, shared last
+    slots = [h for kv in kv_heads for h in range(kv * group, (kv + 1) * group)]
+    return HeadShard(kv_heads, slots, [shares[kv] for kv in kv_heads])

@@ -50,8 +50,8 @@ static void panels_product(const bf16_out *out, const uint16_t *x, int64_t x_str
             const int64_t rows = m - m0 < chunk ? m - m0 : chunk;
 #pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
             for (int64_t q = 0; q < pairs; ++q)
-                bf16_panel_rows(&mine, x, x_stride, panels, k_pad, m0, rows, 2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows,
-                                q + 1 < pairs ? 2 * q + 2 : -1, rows_padded, &pend);
+                bf16_panel_rows(&mine, x, x_stride, panels, k_pad, k_pad, m0, rows, 2 * q, 2 * q + 1 < np ? 2 : 1,
+                                amx_rows, q + 1 < pairs ? 2 * q + 2 : -1, rows_padded, &pend);
         }
         bf16_flush(&pend);
 #if TM_HAVE_AMX

@@ -243,13 +243,13 @@ static inline void bf16_flush(bf16_pending *pd) {
 }
 
 #if !defined(__AVX512BF16__)
-/* acc [rows, 16] = rows row0 .. row0 + rows - 1 (rows <= BF16_DP_ROWS) of channel block p: the portable loop (CPUs
- * without AVX512-BF16; bf16_rows_dp2 below elsewhere). */
+/* acc [rows, 16] = rows row0 .. row0 + rows - 1 (rows <= BF16_DP_ROWS) of channel block p over the first k_len
+ * inputs: the portable loop (CPUs without AVX512-BF16; bf16_rows_dp2 below elsewhere). */
 static inline void bf16_rows_dp(float *acc, const uint16_t *x, int64_t x_stride, const uint16_t *panels,
-                                int64_t k_pad, int64_t row0, int64_t rows, int64_t p) {
+                                int64_t k_pad, int64_t k_len, int64_t row0, int64_t rows, int64_t p) {
     const uint16_t *w = panels + p * (k_pad / 2) * 2 * BF16_PANEL;
     memset(acc, 0, (size_t)rows * BF16_PANEL * sizeof(float));
-    for (int64_t kp = 0; kp < k_pad / 2; ++kp) {
+    for (int64_t kp = 0; kp < k_len / 2; ++kp) {
         const uint16_t *wk = w + kp * 2 * BF16_PANEL;
         float w0[BF16_PANEL], w1[BF16_PANEL];
         for (int j = 0; j < BF16_PANEL; ++j) {
@@ -326,16 +326,16 @@ static inline void bf16_amx_load_config(void) { bf16_amx_load_config_rows(16); }
  * configured for block_rows (bf16_amx_load_config_rows), or for 16 rows when x holds 16 readable rows from row0
  * (the results of the rows past block_rows are dropped). */
 static inline void bf16_panel_block_amx_partial(const bf16_out *o, const uint16_t *x, int64_t x_stride,
-                                                const uint16_t *panels, int64_t k_pad, int64_t row0,
+                                                const uint16_t *panels, int64_t k_pad, int64_t k_len, int64_t row0,
                                                 int64_t block_rows, int64_t p, int two_panels, int64_t next_p,
                                                 bf16_pending *pd) {
-    bf16_prefetch pf = bf16_prefetch_pair(o, panels, k_pad, next_p, two_panels, k_pad / BF16_K_BLOCK);
+    bf16_prefetch pf = bf16_prefetch_pair(o, panels, k_pad, next_p, two_panels, k_len / BF16_K_BLOCK);
     const int64_t panel_elems = (k_pad / 2) * 2 * BF16_PANEL;
     const uint16_t *w0 = panels + p * panel_elems, *w1 = two_panels ? w0 + o->pair_step * panel_elems : w0;
     const int64_t xs = bf16_tile_stride(x_stride); /* bytes */
     _tile_zero(0);
     _tile_zero(1);
-    for (int64_t kb = 0; kb < k_pad; kb += BF16_K_BLOCK) {
+    for (int64_t kb = 0; kb < k_len; kb += BF16_K_BLOCK) {
         bf16_prefetch_step(&pf);
         _tile_loadd(6, w0 + kb * BF16_PANEL, 64);
         _tile_loadd(7, w1 + kb * BF16_PANEL, 64);
@@ -352,15 +352,15 @@ static inline void bf16_panel_block_amx_partial(const bf16_out *o, const uint16_
 /* Rows row0 .. row0 + 16 * blocks - 1 of the pair at panel p (both panels when two_panels): each pass takes two
  * 16-row blocks and both panels, so every activation tile feeds two products and every weight tile two. */
 static inline void bf16_panel_blocks_amx(const bf16_out *o, const uint16_t *x, int64_t x_stride,
-                                         const uint16_t *panels, int64_t k_pad, int64_t row0, int64_t blocks,
-                                         int64_t p, int two_panels, int64_t next_p, bf16_pending *pd) {
-    bf16_prefetch pf = bf16_prefetch_pair(o, panels, k_pad, next_p, two_panels, blocks / 2 * (k_pad / BF16_K_BLOCK));
+                                         const uint16_t *panels, int64_t k_pad, int64_t k_len, int64_t row0,
+                                         int64_t blocks, int64_t p, int two_panels, int64_t next_p, bf16_pending *pd) {
+    bf16_prefetch pf = bf16_prefetch_pair(o, panels, k_pad, next_p, two_panels, blocks / 2 * (k_len / BF16_K_BLOCK));
     const int64_t panel_elems = (k_pad / 2) * 2 * BF16_PANEL;
     const uint16_t *w0 = panels + p * panel_elems, *w1 = two_panels ? w0 + o->pair_step * panel_elems : w0;
     const int64_t xs = bf16_tile_stride(x_stride); /* bytes */
     for (int64_t b = 0; b < blocks; b += 2) {
         if (b + 1 == blocks) { /* an odd last block: on its own, not paired with a copy of itself */
-            bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, row0 + 16 * b, 16, p, two_panels,
+            bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, k_len, row0 + 16 * b, 16, p, two_panels,
                                          pf.w0 != NULL && pf.offset < pf.bytes ? next_p : -1, pd);
             break;
         }
@@ -370,7 +370,7 @@ static inline void bf16_panel_blocks_amx(const bf16_out *o, const uint16_t *x, i
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
-        for (int64_t kb = 0; kb < k_pad; kb += BF16_K_BLOCK) {
+        for (int64_t kb = 0; kb < k_len; kb += BF16_K_BLOCK) {
             bf16_prefetch_step(&pf);
             _tile_loadd(6, w0 + kb * BF16_PANEL, 64);
             _tile_loadd(7, w1 + kb * BF16_PANEL, 64);
@@ -418,12 +418,12 @@ static inline int bf16_amx_rows(int64_t m) {
  * before, loaded each row's pair twice and kept its sums in memory: 1.6-1.7x slower on the Zen 4). */
 static inline __attribute__((always_inline)) void bf16_rows_dp2(float *acc0, float *acc1, const uint16_t *x,
                                                                int64_t x_stride, const uint16_t *panels,
-                                                               int64_t k_pad, int64_t row0, int rows, int64_t p0,
-                                                               int64_t p1, int two_panels) {
+                                                               int64_t k_pad, int64_t k_len, int64_t row0, int rows,
+                                                               int64_t p0, int64_t p1, int two_panels) {
     const uint16_t *w0 = panels + p0 * (k_pad / 2) * 2 * BF16_PANEL, *w1 = panels + p1 * (k_pad / 2) * 2 * BF16_PANEL;
     __m512 a0[BF16_DP_ROWS], a1[BF16_DP_ROWS];
     for (int r = 0; r < rows; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
-    for (int64_t kb = 0; kb < k_pad; kb += BF16_K_BLOCK) {
+    for (int64_t kb = 0; kb < k_len; kb += BF16_K_BLOCK) {
         const uint16_t *xr[BF16_DP_ROWS]; /* each row's 32 inputs of this block are contiguous in both layouts */
         for (int r = 0; r < rows; ++r) xr[r] = x + bf16_x_index(x_stride, k_pad, row0 + r, kb);
         for (int64_t i = 0; i < BF16_K_BLOCK / 2; ++i) {
@@ -448,13 +448,14 @@ static inline __attribute__((always_inline)) void bf16_rows_dp2(float *acc0, flo
 
 /* Rows row0 .. row0 + m - 1 of panels p and (num 2) p + o->pair_step, BF16_DP_ROWS at a time (bf16_rows_dp2). */
 static inline void bf16_panel_rows_dp(const bf16_out *o, const uint16_t *x, int64_t x_stride, const uint16_t *panels,
-                                      int64_t k_pad, int64_t row0, int64_t m, int64_t p, int64_t num) {
+                                      int64_t k_pad, int64_t k_len, int64_t row0, int64_t m, int64_t p, int64_t num) {
     _Static_assert(BF16_DP_ROWS == 8, "the switch below covers 1 .. 8 rows");
     const int64_t p1 = p + o->pair_step;
     float acc[2][BF16_DP_ROWS * BF16_PANEL];
     for (int64_t r = 0; r < m; r += BF16_DP_ROWS) {
         const int64_t rows = m - r < BF16_DP_ROWS ? m - r : BF16_DP_ROWS;
-#define TM_DP2(rows_, two_) bf16_rows_dp2(acc[0], acc[1], x, x_stride, panels, k_pad, row0 + r, rows_, p, p1, two_)
+#define TM_DP2(rows_, two_) \
+    bf16_rows_dp2(acc[0], acc[1], x, x_stride, panels, k_pad, k_len, row0 + r, rows_, p, p1, two_)
 #define TM_DP2_ROWS(two_)                   \
     switch (rows) {                         \
         case 8: TM_DP2(8, two_); break;     \
@@ -485,35 +486,38 @@ static inline void bf16_panel_rows_dp(const bf16_out *o, const uint16_t *x, int6
  * kept), so the last m % 16 rows run as one more 16-row block on the tiles instead of vdpbf16ps rows (at 14 rows
  * those cost as much as ~128 rows on the tiles). next_p: the first panel of the pair this thread likely takes next
  * (its weights are prefetched on the AMX path), or -1. pd: the thread's deferred emit (bf16_pending), which may
- * still hold the last AMX pass's sums on return: the caller flushes it before anyone reads the outputs. */
+ * still hold the last AMX pass's sums on return: the caller flushes it before anyone reads the outputs. k_len
+ * (a multiple of BF16_K_BLOCK, at most k_pad, the panels' and x's padded width): the products take the first k_len
+ * inputs only (the rest are known zero in these rows: a tensor-parallel rank's o_proj, step_forward.c). */
 static inline void bf16_panel_rows(const bf16_out *o, const uint16_t *x, int64_t x_stride, const uint16_t *panels,
-                                   int64_t k_pad, int64_t row0, int64_t m, int64_t p, int64_t num, int amx_rows,
-                                   int64_t next_p, int rows_padded, bf16_pending *pd) {
+                                   int64_t k_pad, int64_t k_len, int64_t row0, int64_t m, int64_t p, int64_t num,
+                                   int amx_rows, int64_t next_p, int rows_padded, bf16_pending *pd) {
     int64_t done = 0;
 #if TM_HAVE_AMX
     if (amx_rows == 16 && (m >= 16 || rows_padded)) {
-        if (m >= 16) bf16_panel_blocks_amx(o, x, x_stride, panels, k_pad, row0, m / 16, p, num == 2, next_p, pd);
+        if (m >= 16)
+            bf16_panel_blocks_amx(o, x, x_stride, panels, k_pad, k_len, row0, m / 16, p, num == 2, next_p, pd);
         done = m / 16 * 16;
         if (rows_padded && done < m) { /* a 16-row block of which the first m - done rows are kept */
-            bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, row0 + done, m - done, p, num == 2, next_p,
-                                         pd);
+            bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, k_len, row0 + done, m - done, p, num == 2,
+                                         next_p, pd);
             done = m;
         }
     } else if (amx_rows > 0 && amx_rows < 16 && m == amx_rows) {
-        bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, row0, m, p, num == 2, next_p, pd);
+        bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, k_len, row0, m, p, num == 2, next_p, pd);
         done = m;
     }
 #else
     (void)amx_rows, (void)next_p, (void)rows_padded, (void)pd;
 #endif
 #if defined(__AVX512BF16__)
-    if (done < m) bf16_panel_rows_dp(o, x, x_stride, panels, k_pad, row0 + done, m - done, p, num);
+    if (done < m) bf16_panel_rows_dp(o, x, x_stride, panels, k_pad, k_len, row0 + done, m - done, p, num);
 #else
     for (int64_t r = done; r < m; r += BF16_DP_ROWS) {
         const int64_t rows = m - r < BF16_DP_ROWS ? m - r : BF16_DP_ROWS;
         float acc[2][BF16_DP_ROWS * BF16_PANEL];
-        bf16_rows_dp(acc[0], x, x_stride, panels, k_pad, row0 + r, rows, p);
-        if (num == 2) bf16_rows_dp(acc[1], x, x_stride, panels, k_pad, row0 + r, rows, p + o->pair_step);
+        bf16_rows_dp(acc[0], x, x_stride, panels, k_pad, k_len, row0 + r, rows, p);
+        if (num == 2) bf16_rows_dp(acc[1], x, x_stride, panels, k_pad, k_len, row0 + r, rows, p + o->pair_step);
         bf16_emit(o, row0 + r, rows, p, acc[0], num == 2 ? acc[1] : NULL, BF16_PANEL);
     }
 #endif

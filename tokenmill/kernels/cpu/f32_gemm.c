@@ -27,7 +27,8 @@ void tm_f32_panels_gemm(float *y, const float *x, int64_t x_stride, const float 
     for (int64_t m0 = 0; m0 < m; m0 += chunk) {
         const int64_t rows = m - m0 < chunk ? m - m0 : chunk;
 #pragma omp for schedule(guided, PANELS_PER_GRAB) nowait
-        for (int64_t p = 0; p < np; ++p) panel_rows(y + m0 * n, n, x + m0 * x_stride, x_stride, panels, bias, n, k, rows, p);
+        for (int64_t p = 0; p < np; ++p)
+            panel_rows(y + m0 * n, n, x + m0 * x_stride, x_stride, panels, bias, n, k, k, rows, p);
     }
 }
 

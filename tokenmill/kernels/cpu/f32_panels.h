@@ -93,9 +93,10 @@ static inline __attribute__((always_inline)) void panel_tile(float *y, int64_t y
 
 #endif
 
-/* Panel p of `panels` for rows 0 .. num_rows-1 of x (row stride x_stride) into y (row stride y_stride). */
+/* Panel p of `panels` (k inputs) for rows 0 .. num_rows-1 of x (row stride x_stride) into y (row stride y_stride),
+ * over the first k_len <= k inputs (the rest known zero in these rows: a tensor-parallel rank's o_proj). */
 static inline void panel_rows(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *panels,
-                              const float *bias, int64_t n, int64_t k, int64_t num_rows, int64_t p) {
+                              const float *bias, int64_t n, int64_t k, int64_t k_len, int64_t num_rows, int64_t p) {
     const int64_t n0 = p * PANEL;
     const int cols = n - n0 < PANEL ? (int)(n - n0) : PANEL;
     const float *panel = panels + p * k * PANEL;
@@ -103,13 +104,13 @@ static inline void panel_rows(float *y, int64_t y_stride, const float *x, int64_
     float *yp = y + n0;
     int64_t r = 0;
     for (; r + PANEL_ROWS <= num_rows; r += PANEL_ROWS)
-        panel_tile(yp + r * y_stride, y_stride, x + r * x_stride, x_stride, panel, b, k, PANEL_ROWS, cols);
+        panel_tile(yp + r * y_stride, y_stride, x + r * x_stride, x_stride, panel, b, k_len, PANEL_ROWS, cols);
     switch (num_rows - r) {
-        case 5: panel_tile(yp + r * y_stride, y_stride, x + r * x_stride, x_stride, panel, b, k, 5, cols); break;
-        case 4: panel_tile(yp + r * y_stride, y_stride, x + r * x_stride, x_stride, panel, b, k, 4, cols); break;
-        case 3: panel_tile(yp + r * y_stride, y_stride, x + r * x_stride, x_stride, panel, b, k, 3, cols); break;
-        case 2: panel_tile(yp + r * y_stride, y_stride, x + r * x_stride, x_stride, panel, b, k, 2, cols); break;
-        case 1: panel_tile(yp + r * y_stride, y_stride, x + r * x_stride, x_stride, panel, b, k, 1, cols); break;
+        case 5: panel_tile(yp + r * y_stride, y_stride, x + r * x_stride, x_stride, panel, b, k_len, 5, cols); break;
+        case 4: panel_tile(yp + r * y_stride, y_stride, x + r * x_stride, x_stride, panel, b, k_len, 4, cols); break;
+        case 3: panel_tile(yp + r * y_stride, y_stride, x + r * x_stride, x_stride, panel, b, k_len, 3, cols); break;
+        case 2: panel_tile(yp + r * y_stride, y_stride, x + r * x_stride, x_stride, panel, b, k_len, 2, cols); break;
+        case 1: panel_tile(yp + r * y_stride, y_stride, x + r * x_stride, x_stride, panel, b, k_len, 1, cols); break;
         default: break;
     }
 }

@@ -149,7 +149,7 @@ static void attend_block(float *out, const float *query, int64_t q_stride, const
             }
         }
         transpose_keys(kt, krows, offsets, d, kv_type);
-        panel_rows(scores, PANEL, qbuf, d, kt, NULL, PANEL, d, m_rows, 0);
+        panel_rows(scores, PANEL, qbuf, d, kt, NULL, PANEL, d, d, m_rows, 0);
         for (int64_t m = 0; m < m_rows; ++m) {
             /* Row m (query row j = m / group) sees chunk positions c <= first_pos + j - c0. */
             const int64_t limit = first_pos + m / group - c0 + 1;

@@ -98,7 +98,9 @@ typedef struct {
                                          on AMX-BF16 tiles (bf16_attention_amx.h; a bf16 model's); 0: never */
     /* Tensor parallelism (tp_world > 1): this rank's share of the model; o and down are row-parallel, their
      * outputs summed over the ranks (shm_all_reduce.h, segment tp_segment of tp_capacity floats per slot) before
-     * the residual add. tp_seq: the all-reduce counter this rank shares with its Python side. */
+     * the residual add: written straight into this rank's slot and summed by the residual add that reads them
+     * (TP_SUM), which saves a copy in and a write and read of the sum (2 ranks, W1: all-reduces 0.83 -> 0.16 s of a
+     * 20 s run). tp_seq: the all-reduce counter this rank shares with its Python side. */
     char *tp_segment;
     int64_t tp_rank, tp_world, tp_capacity;
     uint64_t *tp_seq;
@@ -125,6 +127,90 @@ static int owns_any_row(const tm_model *m, int64_t h, int64_t first, int64_t cou
 
 static int owns_row(const tm_model *m, int64_t h, int64_t row, int64_t rows) {
     return owns_any_row(m, h, row, 1, rows);
+}
+
+/* The products a rank with shared KV groups (kv_row_shares) can skip in a step of R rows: a shared group's query
+ * columns of qkv are needed only in the rows the rank attends for it, and o_proj's inputs of shared groups are zero
+ * in the rows it attends for none of them. A rank lists its own groups first (sharding.py), so those rows need only
+ * o_proj's first inputs. Row ranges are widened to whole 16-row blocks (AMX tiles start there); the extra rows are
+ * computed as before (exact: zero inputs, or query rows nobody reads). */
+#define TM_MAX_SHARED 4
+typedef struct {
+    int64_t count;                    /* qkv column ranges [col0, col1) computed for rows [row0, row1) only */
+    int64_t col0[TM_MAX_SHARED], col1[TM_MAX_SHARED], row0[TM_MAX_SHARED], row1[TM_MAX_SHARED];
+    int64_t o_k_len;                  /* o_proj: rows outside [full0, full1) take its first o_k_len inputs; 0: all */
+    int64_t full0, full1;
+} shared_rows;
+
+static void plan_shared_rows(const tm_model *m, int64_t rows, shared_rows *s) {
+    memset(s, 0, sizeof(*s));
+    if (m->kv_row_shares == NULL) return;
+    const int64_t width = m->num_heads / m->num_kv_heads * m->head_dim; /* a group's query columns */
+    int64_t last_own = -1, full0 = rows, full1 = 0, shared = 0;
+    for (int64_t h = 0; h < m->num_kv_heads; ++h) {
+        if (m->kv_row_shares[2 * h + 1] <= 1) {
+            last_own = h;
+            continue;
+        }
+        int64_t start, end;
+        row_share(rows, m->kv_row_shares[2 * h], m->kv_row_shares[2 * h + 1], &start, &end);
+        if (start < end) { /* widened to whole 16-row blocks; an empty share stays empty */
+            start = start / 16 * 16;
+            end = (end + 15) / 16 * 16 < rows ? (end + 15) / 16 * 16 : rows;
+        } else {
+            start = end = 0;
+        }
+        ++shared;
+        if (start < end) {
+            full0 = start < full0 ? start : full0;
+            full1 = end > full1 ? end : full1;
+        }
+        if (s->count < TM_MAX_SHARED) {
+            const int64_t i = s->count++;
+            s->col0[i] = h * width, s->col1[i] = (h + 1) * width, s->row0[i] = start, s->row1[i] = end;
+        }
+    }
+    if (shared > 0 && last_own >= 0) {
+        s->o_k_len = (last_own + 1) * width;
+        s->full0 = full0 < full1 ? full0 : 0;
+        s->full1 = full0 < full1 ? full1 : 0;
+    }
+}
+
+/* [*lo, *hi): the rows of [m0, m0 + rows) that columns [c0, c1) of a projection are computed for. */
+static inline void rows_for_columns(const shared_rows *s, int64_t c0, int64_t c1, int64_t m0, int64_t rows,
+                                    int64_t *lo, int64_t *hi) {
+    *lo = m0, *hi = m0 + rows;
+    if (s == NULL) return;
+    for (int64_t i = 0; i < s->count; ++i)
+        if (c0 >= s->col0[i] && c1 <= s->col1[i]) {
+            *lo = s->row0[i] > m0 ? s->row0[i] : m0;
+            *hi = s->row1[i] < m0 + rows ? s->row1[i] : m0 + rows;
+            return;
+        }
+}
+
+/* Segments of rows [m0, m0 + rows) with the inputs each takes (k_full, or the shared_rows' o_k_len rounded up to
+ * `align` outside its full rows): up to 3, returns how many. */
+static inline int input_segments(const shared_rows *s, int64_t k_full, int64_t align, int64_t m0, int64_t rows,
+                                 int64_t seg0[3], int64_t seg1[3], int64_t k_len[3]) {
+    const int64_t end = m0 + rows;
+    if (s == NULL || s->o_k_len <= 0) {
+        seg0[0] = m0, seg1[0] = end, k_len[0] = k_full;
+        return 1;
+    }
+    int64_t prefix = (s->o_k_len + align - 1) / align * align;
+    prefix = prefix < k_full ? prefix : k_full;
+    const int64_t cut[4] = {m0, s->full0 > m0 ? (s->full0 < end ? s->full0 : end) : m0,
+                            s->full1 > m0 ? (s->full1 < end ? s->full1 : end) : m0, end};
+    int count = 0;
+    for (int i = 0; i < 3; ++i) {
+        const int64_t a = cut[i], b = cut[i + 1] > cut[i] ? cut[i + 1] : cut[i];
+        if (a >= b) continue;
+        seg0[count] = a, seg1[count] = b, k_len[count] = i == 1 ? k_full : prefix;
+        ++count;
+    }
+    return count;
 }
 
 /* Per-row input of a projection: for int8, row x quantized (and rotated) into u / low / step; for
@@ -171,18 +257,30 @@ static inline int64_t rows_per_chunk(int64_t chunk_bytes, int64_t bytes_per_row,
 }
 
 /* y [num_rows, n] = x [num_rows, k] (row stride k) through l; x already prepared (prepare_row) for int8, int4 and
- * bf16. accumulate (bf16 weights only, adds_into_residual): y += the product instead.
+ * bf16. accumulate (bf16 weights only, adds_into_residual): y += the product instead. skip: NULL, or the products
+ * this rank may skip (shared_rows; columns: qkv's restricted columns, inputs: o_proj's input prefix), where the
+ * format supports it (columns: float32, int8 and bf16 panels; inputs: float32 and bf16); y's rows left out of a
+ * restricted column range are not written.
  * A worksharing loop: every thread of the region must call it; it ends with a barrier. */
 static void linear_phase(const tm_linear *l, float *y, const float *x, const quantized_rows *qr, int64_t num_rows,
-                         int64_t chunk_bytes, int accumulate) {
+                         int64_t chunk_bytes, int accumulate, const shared_rows *columns, const shared_rows *inputs) {
     const int64_t n = l->n;
+    int64_t seg0[3], seg1[3], k_len[3], lo, hi;
     if (l->format == TM_FLOAT32) {
         const int64_t chunk = rows_per_chunk(chunk_bytes, l->k * (int64_t)sizeof(float), PANEL_ROWS, num_rows);
         for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
             const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
+            const int segments = input_segments(inputs, l->k, 1, m0, rows, seg0, seg1, k_len);
 #pragma omp for schedule(guided, PANELS_PER_GRAB) nowait
-            for (int64_t p = 0; p < num_panels(n); ++p)
-                panel_rows(y + m0 * n, n, x + m0 * l->k, l->k, (const float *)l->weight, l->bias, n, l->k, rows, p);
+            for (int64_t p = 0; p < num_panels(n); ++p) {
+                rows_for_columns(columns, p * PANEL, (p + 1) * PANEL < n ? (p + 1) * PANEL : n, m0, rows, &lo, &hi);
+                for (int i = 0; i < segments; ++i) {
+                    const int64_t a = seg0[i] > lo ? seg0[i] : lo, b = seg1[i] < hi ? seg1[i] : hi;
+                    if (a < b)
+                        panel_rows(y + a * n, n, x + a * l->k, l->k, (const float *)l->weight, l->bias, n, l->k,
+                                   k_len[i], b - a, p);
+                }
+            }
         }
 #pragma omp barrier
     } else if (l->format == TM_INT8) {
@@ -198,10 +296,14 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
         for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
             const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
 #pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
-            for (int64_t q = 0; q < pairs; ++q)
-                int8_panel_rows_amx(y, n, qr->u, qr->k_pad, qr->low, qr->step, (const int8_t *)l->weight, l->scale,
-                                    l->rowsum, l->bias, n, l->k, m0, rows, 2 * q, 2 * q + 1 < np ? 2 : 1, l->levels,
-                                    amx_rows);
+            for (int64_t q = 0; q < pairs; ++q) {
+                const int64_t c1 = (2 * q + 2) * 16 < n ? (2 * q + 2) * 16 : n;
+                rows_for_columns(columns, 2 * q * 16, c1, m0, rows, &lo, &hi);
+                if (lo < hi)
+                    int8_panel_rows_amx(y, n, qr->u, qr->k_pad, qr->low, qr->step, (const int8_t *)l->weight,
+                                        l->scale, l->rowsum, l->bias, n, l->k, lo, hi - lo, 2 * q,
+                                        2 * q + 1 < np ? 2 : 1, l->levels, amx_rows);
+            }
         }
 #pragma omp barrier
 #if TM_HAVE_AMX_INT8
@@ -221,11 +323,19 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
         pend.blocks = 0;
         for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
             const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
+            const int segments = input_segments(inputs, kp, BF16_K_BLOCK, m0, rows, seg0, seg1, k_len);
 #pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
-            for (int64_t q = 0; q < pairs; ++q)
-                bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->bf16_stride, (const uint16_t *)l->weight, kp, m0,
-                                rows, 2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows, q + 1 < pairs ? 2 * q + 2 : -1, 1,
-                                &pend);
+            for (int64_t q = 0; q < pairs; ++q) {
+                const int64_t c0 = 2 * q * BF16_PANEL, c1 = c0 + 2 * BF16_PANEL < n ? c0 + 2 * BF16_PANEL : n;
+                rows_for_columns(columns, c0, c1, m0, rows, &lo, &hi);
+                for (int i = 0; i < segments; ++i) {
+                    const int64_t a = seg0[i] > lo ? seg0[i] : lo, b = seg1[i] < hi ? seg1[i] : hi;
+                    if (a < b)
+                        bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->bf16_stride, (const uint16_t *)l->weight,
+                                        kp, k_len[i], a, b - a, 2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows,
+                                        q + 1 < pairs ? 2 * q + 2 : -1, 1, &pend);
+                }
+            }
         }
         bf16_flush(&pend);
 #pragma omp barrier
@@ -272,7 +382,7 @@ static void gate_up_silu_phase(const tm_linear *l, uint16_t *h, int64_t h_stride
         const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
 #pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
         for (int64_t q = 0; q < half; ++q)
-            bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->bf16_stride, (const uint16_t *)l->weight, kp, m0,
+            bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->bf16_stride, (const uint16_t *)l->weight, kp, kp, m0,
                             rows, q, 2, amx_rows, q + 1 < half ? q + 1 : -1, 1, &pend);
     }
     bf16_flush(&pend);
@@ -293,6 +403,25 @@ static inline int adds_into_residual(const tm_model *m, const tm_linear *l) {
  * scratch row, which prepare_row reads at once from L1 (x's row would be written back through L2 and L3 unread). */
 static inline float *norm_row_for(const tm_linear *l, float *x_row, float *scratch_row) {
     return l->format == TM_FLOAT32 ? x_row : scratch_row;
+}
+
+/* res[0 .. n) += a sublayer's output rows: `count` arrays `stride` floats apart summed first, (p0 + p1) + p2 ...,
+ * as shm_all_reduce sums the ranks' slots (the same bits as that sum added after), or one array (count 1). */
+static inline void add_sublayer_row(float *res, const float *first, int64_t count, int64_t stride, int64_t n) {
+    if (count == 1) {
+        for (int64_t i = 0; i < n; ++i) res[i] += first[i];
+        return;
+    }
+    const float *second = first + stride;
+    if (count == 2) {
+        for (int64_t i = 0; i < n; ++i) res[i] += first[i] + second[i];
+        return;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        float sum = first[i] + second[i];
+        for (int64_t c = 2; c < count; ++c) sum += first[c * stride + i];
+        res[i] += sum;
+    }
 }
 
 /* The step's prompts that attend on AMX tiles: the whole-context ones (no cached prefix) of 2 .. max_rows rows that
@@ -392,7 +521,14 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
     quantized_rows qr = {(uint8_t *)piece[8], piece[7], piece[7] + R, piece[11], piece[11] + R * k_pad / INT4_GROUP,
                          k_pad, bf16_amx_rows(R) ? BF16_TILED : k_pad};
     const int64_t slots_per_head = m->num_blocks * m->block_size;
+    shared_rows skip; /* the products this rank's share of the shared groups' rows lets it skip */
+    plan_shared_rows(m, R, &skip);
     int tp_failed = 0; /* an all-reduce failed (a rank did not arrive in time): the later ones are skipped */
+    /* The sum of a row-parallel projection's outputs over the ranks goes through their shared slots in place where
+     * a step's rows fit one (TP_SUM); the last sublayer output is then sub_count arrays sub_stride floats apart. */
+    const int tp_in_place = m->tp_world > 1 && R * H <= m->tp_capacity;
+    const float *sub_first = out;
+    int64_t sub_count = 1, sub_stride = 0;
 
 #pragma omp parallel num_threads(num_threads)
     {
@@ -408,17 +544,34 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
         phase_seconds[phase] += now_ - mark;     \
         mark = now_;                             \
     }
-/* Tensor parallelism: buf (count floats, a row-parallel projection's partial output) becomes its sum over the
- * ranks, by one thread while the others wait at the single's closing barrier. */
-#define TP_SUM(buf, count)                                                                                      \
-    if (m->tp_world > 1) {                                                                                      \
-        _Pragma("omp single") if (!tp_failed) {                                                                 \
-            *m->tp_seq += 1;                                                                                    \
-            tp_failed = shm_all_reduce(m->tp_segment, (int)m->tp_rank, (int)m->tp_world, m->tp_capacity, (buf), \
-                                       (count), *m->tp_seq, m->tp_timeout_s) != 0;                              \
-        }                                                                                                       \
-        END_PHASE(TM_PHASE_ALL_REDUCE)                                                                          \
+/* Tensor parallelism: the row-parallel projection's partial output (count floats) summed over the ranks, by one
+ * thread while the others wait at the single's closing barrier. In place (tp_in_place): the projection wrote it
+ * into this rank's slot of the next collective (sublayer_dst), which is published, and once every rank's is, the
+ * sum is read from the slots by the next per-row pass (sub_*); else `out` is all-reduced. */
+#define TP_SUM(count)                                                                                          \
+    if (m->tp_world > 1) {                                                                                     \
+        _Pragma("omp single") if (!tp_failed) {                                                                \
+            const uint64_t seq_ = ++*m->tp_seq;                                                                \
+            if (tp_in_place) {                                                                                 \
+                shm_publish(m->tp_segment, (int)m->tp_rank, seq_);                                             \
+                tp_failed = shm_wait(m->tp_segment, 0, (int)m->tp_world, seq_, m->tp_timeout_s) != 0;          \
+                sub_first = shm_slot(m->tp_segment, (int)m->tp_world, m->tp_capacity, seq_, 0);                \
+                sub_count = m->tp_world, sub_stride = m->tp_capacity;                                          \
+            } else {                                                                                           \
+                tp_failed = shm_all_reduce(m->tp_segment, (int)m->tp_rank, (int)m->tp_world, m->tp_capacity,  \
+                                           out, (count), seq_, m->tp_timeout_s) != 0;                          \
+            }                                                                                                  \
+        }                                                                                                      \
+        END_PHASE(TM_PHASE_ALL_REDUCE)                                                                         \
     }
+/* Where a row-parallel projection writes (not adding into the residual): this rank's slot of the next all-reduce
+ * (tp_in_place), else out. Read after a barrier that follows the last change of *tp_seq: the same on every thread. */
+#define SUBLAYER_DST() (tp_in_place ? shm_slot(m->tp_segment, (int)m->tp_world, m->tp_capacity, *m->tp_seq + 1, \
+                                               (int)m->tp_rank) : out)
+        if (tp_in_place) { /* the first in-place sum's slots: free once every rank has finished the last collective */
+#pragma omp single
+            tp_failed = shm_wait(m->tp_segment, 0, (int)m->tp_world, *m->tp_seq, m->tp_timeout_s) != 0;
+        }
         for (int64_t l = 0; l < m->num_layers; ++l) {
             const tm_layer *ly = &m->layers[l];
 #pragma omp for schedule(static)
@@ -427,13 +580,13 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 if (l == 0)
                     memcpy(res, hidden + r * H, (size_t)H * sizeof(float));
                 else if (!adds_into_residual(m, &m->layers[l - 1].down))
-                    for (int64_t i = 0; i < H; ++i) res[i] += out[r * H + i];
+                    add_sublayer_row(res, sub_first + r * H, sub_count, sub_stride, H);
                 float *normed = norm_row_for(&ly->qkv, x + r * H, norm_row);
                 rms_norm_row(normed, res, ly->input_norm, m->eps, H);
                 prepare_row(&ly->qkv, normed, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
-            linear_phase(&ly->qkv, qkv, x, &qr, R, m->row_chunk_bytes, 0);
+            linear_phase(&ly->qkv, qkv, x, &qr, R, m->row_chunk_bytes, 0, skip.count > 0 ? &skip : NULL, NULL);
             END_PHASE(TM_PHASE_PROJECTIONS)
 
 #pragma omp for schedule(static)
@@ -537,15 +690,16 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
             }
             END_PHASE(TM_PHASE_ROWS)
             const int o_adds = adds_into_residual(m, &ly->o);
-            linear_phase(&ly->o, o_adds ? residual : out, attn, &qr, rows, m->row_chunk_bytes, o_adds);
+            /* (past keep_rows' compaction the rows are no longer the step's: all inputs) */
+            linear_phase(&ly->o, o_adds ? residual : SUBLAYER_DST(), attn, &qr, rows, m->row_chunk_bytes, o_adds, NULL,
+                         rows == R && skip.o_k_len > 0 ? &skip : NULL);
             END_PHASE(TM_PHASE_PROJECTIONS)
-            TP_SUM(out, rows * H)
+            TP_SUM(rows * H)
 
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; ++r) {
                 float *res = residual + r * H;
-                if (!o_adds)
-                    for (int64_t i = 0; i < H; ++i) res[i] += out[r * H + i];
+                if (!o_adds) add_sublayer_row(res, sub_first + r * H, sub_count, sub_stride, H);
                 float *normed = norm_row_for(&ly->gate_up, x + r * H, norm_row);
                 rms_norm_row(normed, res, ly->post_norm, m->eps, H);
                 prepare_row(&ly->gate_up, normed, r, &qr, rotation_scratch);
@@ -557,12 +711,13 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                                    m->row_chunk_bytes);
                 quantized_rows h_rows = qr;
                 h_rows.u = (uint8_t *)x;
-                linear_phase(&ly->down, down_adds ? residual : out, NULL, &h_rows, rows, m->row_chunk_bytes, down_adds);
+                linear_phase(&ly->down, down_adds ? residual : SUBLAYER_DST(), NULL, &h_rows, rows,
+                             m->row_chunk_bytes, down_adds, NULL, NULL);
                 END_PHASE(TM_PHASE_PROJECTIONS)
-                TP_SUM(out, rows * H)
+                TP_SUM(rows * H)
                 continue;
             }
-            linear_phase(&ly->gate_up, gate_up, x, &qr, rows, m->row_chunk_bytes, 0);
+            linear_phase(&ly->gate_up, gate_up, x, &qr, rows, m->row_chunk_bytes, 0, NULL, NULL);
             END_PHASE(TM_PHASE_PROJECTIONS)
 
 #pragma omp for schedule(static)
@@ -572,21 +727,22 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 prepare_row(&ly->down, x + r * I, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
-            linear_phase(&ly->down, down_adds ? residual : out, x, &qr, rows, m->row_chunk_bytes, down_adds);
+            linear_phase(&ly->down, down_adds ? residual : SUBLAYER_DST(), x, &qr, rows, m->row_chunk_bytes,
+                         down_adds, NULL, NULL);
             END_PHASE(TM_PHASE_PROJECTIONS)
-            TP_SUM(out, rows * H)
+            TP_SUM(rows * H)
         }
         const int last_down_adds = adds_into_residual(m, &m->layers[m->num_layers - 1].down);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
             float *res = residual + r * H;
-            if (!last_down_adds)
-                for (int64_t i = 0; i < H; ++i) res[i] += out[r * H + i];
+            if (!last_down_adds) add_sublayer_row(res, sub_first + r * H, sub_count, sub_stride, H);
             rms_norm_row(hidden + (keep_rows != NULL ? keep_rows[r] : r) * H, res, m->final_norm, m->eps, H);
         }
         END_PHASE(TM_PHASE_ROWS)
 #undef END_PHASE
 #undef TP_SUM
+#undef SUBLAYER_DST
     }
     free(arena);
     free(tasks), free(amx_lens);
