@@ -1,4 +1,4 @@
-"""Causal attention of whole-context prompts on AMX-BF16 tiles (kernels/cpu/bf16_prompt_attention.c,
+"""Causal attention of whole-context prompts in bf16 (AMX tiles, else vdpbf16ps: kernels/cpu/bf16_prompt_attention.c,
 bf16_attention_amx.h) against a float64 reference over the same bf16-rounded q/k/v."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import torch
 
 from tokenmill.kernels.cpu.bf16_prompt_attention import bf16_prompt_attention, bf16_prompt_attention_available
 
-pytestmark = pytest.mark.skipif(not bf16_prompt_attention_available(64), reason="no AMX-BF16 here (or no compiler)")
+pytestmark = pytest.mark.skipif(not bf16_prompt_attention_available(64),
+                                reason="no AMX-BF16 or AVX512-BF16 here (or no compiler)")
 
 
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

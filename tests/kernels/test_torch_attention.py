@@ -12,7 +12,7 @@ import torch
 
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.attention.torch_backend import (
-    AMX_KERNEL,
+    BF16_KERNEL,
     C_PREFILL_KERNEL,
     SDPA_KERNEL,
     TorchAttentionBackend,
@@ -85,17 +85,17 @@ def _attend(
     return q, contexts, backend.forward(q, k_new, v_new, kv_cache, meta, scale)
 
 
-@pytest.mark.skipif(not bf16_prompt_attention_available(64), reason="no AMX-BF16 here")
+@pytest.mark.skipif(not bf16_prompt_attention_available(64), reason="no AMX-BF16 or AVX512-BF16 here")
 def test_prompts_past_the_amx_kernels_longest_go_to_the_c_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A whole-context prompt routed to AMX_KERNEL but longer than it takes (AMX_ATTENTION_MAX_KEYS, here cut to 32)
-    attends in the C prefill kernel over the cache, in float32; shorter ones stay on AMX."""
+    """A whole-context prompt routed to BF16_KERNEL but longer than it takes (AMX_ATTENTION_MAX_KEYS, here cut to 32)
+    attends in the C prefill kernel over the cache, in float32; shorter ones stay on the bf16 kernel."""
     from tokenmill.attention import torch_backend
 
     monkeypatch.setattr(torch_backend, "AMX_ATTENTION_MAX_KEYS", 32)
     plan = [(0, 40), (0, 20)]
     block_size, num_heads, num_kv_heads, head_dim, kv_dtype = 8, 9, 3, 64, torch.float16
     backend = TorchAttentionBackend()
-    backend.route_prompt_attention([(2048, AMX_KERNEL)], torch.bfloat16)
+    backend.route_prompt_attention([(2048, BF16_KERNEL)], torch.bfloat16)
     q, contexts, out = _attend(backend, plan, block_size, num_heads, num_kv_heads, head_dim, kv_dtype,
                                head_dim**-0.5, torch.Generator().manual_seed(2))
     (k40, v40), (k20, v20) = contexts
@@ -141,22 +141,22 @@ def test_route_kernel_takes_the_first_bound_that_holds() -> None:
     with pytest.raises(ValueError, match="unknown prompt attention kernels"):
         TorchAttentionBackend().route_prompt_attention([(16, "magic")], torch.float32)
     with pytest.raises(ValueError, match="for a bf16 model"):
-        TorchAttentionBackend().route_prompt_attention([(16, AMX_KERNEL)], torch.float32)
+        TorchAttentionBackend().route_prompt_attention([(16, BF16_KERNEL)], torch.float32)
 
 
-# With our AMX kernel where the CPU has AMX-BF16 (a bf16 model's candidate): AMX up to 16 rows and from 65.
-AMX_ROUTES = [(16, AMX_KERNEL), (64, C_PREFILL_KERNEL), (2048, AMX_KERNEL)]
+# With our bf16 kernel (a bf16 model's candidate where the CPU has AMX-BF16 or AVX512-BF16): up to 16 rows and from 65.
+AMX_ROUTES = [(16, BF16_KERNEL), (64, C_PREFILL_KERNEL), (2048, BF16_KERNEL)]
 
 
 def test_max_rows_routed_is_the_leading_run_of_one_kernel() -> None:
-    assert max_rows_routed(AMX_ROUTES, AMX_KERNEL, 8192) == 16
-    assert max_rows_routed([(256, AMX_KERNEL), (2048, AMX_KERNEL)], AMX_KERNEL, 8192) == 8192
-    assert max_rows_routed([(256, AMX_KERNEL), (2048, SDPA_KERNEL)], AMX_KERNEL, 8192) == 256
-    assert max_rows_routed(ROUTES, AMX_KERNEL, 8192) == 0
-    assert max_rows_routed([], AMX_KERNEL, 8192) == 0
+    assert max_rows_routed(AMX_ROUTES, BF16_KERNEL, 8192) == 16
+    assert max_rows_routed([(256, BF16_KERNEL), (2048, BF16_KERNEL)], BF16_KERNEL, 8192) == 8192
+    assert max_rows_routed([(256, BF16_KERNEL), (2048, SDPA_KERNEL)], BF16_KERNEL, 8192) == 256
+    assert max_rows_routed(ROUTES, BF16_KERNEL, 8192) == 0
+    assert max_rows_routed([], BF16_KERNEL, 8192) == 0
 
 
-_AMX = pytest.mark.skipif(not bf16_prompt_attention_available(64), reason="no AMX-BF16 here")
+_AMX = pytest.mark.skipif(not bf16_prompt_attention_available(64), reason="no AMX-BF16 or AVX512-BF16 here")
 
 
 @pytest.mark.skipif(not TorchAttentionBackend().use_c_prefill, reason="no C prefill kernel here")
@@ -177,7 +177,7 @@ def test_whole_prompts_follow_the_plan_routes(routes: list[tuple[int, str]], sdp
                                head_dim**-0.5, gen)
     row = 0
     for (cached, new), (k, v) in zip(plan, contexts):
-        own_rows = cached == 0 and new > 1 and route_kernel(routes, new) in (SDPA_KERNEL, AMX_KERNEL)
+        own_rows = cached == 0 and new > 1 and route_kernel(routes, new) in (SDPA_KERNEL, BF16_KERNEL)
         if own_rows:  # the step's own K/V, in the model's dtype
             qr, k, v = (t.to(sdpa_dtype).float() for t in (q[row : row + new], k, v))
             atol = tol

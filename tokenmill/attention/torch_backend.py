@@ -136,7 +136,7 @@ class _PromptSplit:
     # (first row, rows each, prompts) of runs of adjacent whole-context requests of one length routed to torch's
     # fused attention: each run is one batched call.
     sdpa: list[tuple[int, int, int]]
-    amx: tuple[list[int], list[int]]  # (first rows, lengths) of the whole-context requests routed to AMX_KERNEL
+    amx: tuple[list[int], list[int]]  # (first rows, lengths) of the whole-context requests routed to BF16_KERNEL
     c_plan: _CPrefillPlan | None  # the others, for the C prefill kernel (None: there are none)
 
 
@@ -149,9 +149,9 @@ def _prompt_split(meta: AttentionMetadata, routes: list[tuple[int, str]]) -> _Pr
             if q_len == 1:
                 continue
             kernel = route_kernel(routes, q_len) if q_len == seq_len else C_PREFILL_KERNEL
-            if kernel == AMX_KERNEL and q_len > AMX_ATTENTION_MAX_KEYS:  # past the AMX kernel's longest prompt
+            if kernel == BF16_KERNEL and q_len > AMX_ATTENTION_MAX_KEYS:  # past the bf16 kernel's longest prompt
                 kernel = C_PREFILL_KERNEL
-            if kernel == AMX_KERNEL:
+            if kernel == BF16_KERNEL:
                 amx_starts.append(starts[i])
                 amx_lens.append(q_len)
             elif kernel == SDPA_KERNEL:
@@ -173,9 +173,9 @@ def _prompt_split(meta: AttentionMetadata, routes: list[tuple[int, str]]) -> _Pr
 # The execution plan's kernels for the prompt rows of a request whose whole context is in the step
 # (worker/planner.py times them): the C prefill kernel over the paged cache, torch's fused attention over the
 # step's own rotated K/V in the model's dtype (oneDNN; AMX tiles for bf16 where the CPU has them), or, for a bf16
-# model, our AMX-BF16 kernel over the same rows (kernels/cpu/bf16_prompt_attention.c; the C forward follows
-# this route too: max_rows_routed).
-C_PREFILL_KERNEL, SDPA_KERNEL, AMX_KERNEL = "c_paged", "torch_sdpa", "c_amx"
+# model, our bf16 kernel over the same rows (kernels/cpu/bf16_prompt_attention.c: AMX tiles, else AVX512-BF16's
+# vdpbf16ps; the C forward follows this route too: max_rows_routed).
+C_PREFILL_KERNEL, SDPA_KERNEL, BF16_KERNEL = "c_paged", "torch_sdpa", "c_bf16"
 
 
 def route_kernel(routes: list[tuple[int, str]], rows: int) -> str:
@@ -258,12 +258,12 @@ class TorchAttentionBackend:
 
     def route_prompt_attention(self, routes: list[tuple[int, str]], dtype: torch.dtype) -> None:
         """Takes the execution plan's choice for whole-context prompt rows (C_PREFILL_KERNEL, SDPA_KERNEL or
-        AMX_KERNEL by prompt length); dtype: the model's, which torch's fused attention runs in."""
-        unknown = {k for _, k in routes} - {C_PREFILL_KERNEL, SDPA_KERNEL, AMX_KERNEL}
+        BF16_KERNEL by prompt length); dtype: the model's, which torch's fused attention runs in."""
+        unknown = {k for _, k in routes} - {C_PREFILL_KERNEL, SDPA_KERNEL, BF16_KERNEL}
         if unknown:
             raise ValueError(f"unknown prompt attention kernels {sorted(unknown)}")
-        if dtype != torch.bfloat16 and any(k == AMX_KERNEL for _, k in routes):
-            raise ValueError(f"{AMX_KERNEL} attends in bf16: it is for a bf16 model, not {dtype}")
+        if dtype != torch.bfloat16 and any(k == BF16_KERNEL for _, k in routes):
+            raise ValueError(f"{BF16_KERNEL} attends in bf16: it is for a bf16 model, not {dtype}")
         self.prompt_routes = list(routes)
         self.sdpa_dtype = dtype
 

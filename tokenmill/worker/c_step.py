@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.attention.torch_backend import AMX_KERNEL, TorchAttentionBackend, max_rows_routed
+from tokenmill.attention.torch_backend import BF16_KERNEL, TorchAttentionBackend, max_rows_routed
 from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 from tokenmill.kernels.cpu.bf16_prompt_attention import AMX_ATTENTION_MAX_KEYS, bf16_prompt_attention_available
 from tokenmill.kernels.cpu.kv_cache import KV_DTYPES
@@ -141,11 +141,12 @@ def build_step_kernel(model: nn.Module) -> StepForwardKernel:
 
 
 def _amx_attention_max_rows(backend: TorchAttentionBackend, layers: list[LayerWeights], head_dim: int) -> int:
-    """The prompt lengths (1 .. this) whose whole-context attention the C forward runs on AMX tiles: where the
-    execution plan routed them to AMX_KERNEL (a bf16 model on a CPU with AMX-BF16); 0 elsewhere."""
+    """The prompt lengths (1 .. this) whose whole-context attention the C forward runs in the bf16 kernel (AMX tiles
+    or vdpbf16ps): where the execution plan routed them to BF16_KERNEL (a bf16 model on a CPU with AMX-BF16 or
+    AVX512-BF16); 0 elsewhere."""
     if any(layer.qkv.format != BF16 for layer in layers) or not bf16_prompt_attention_available(head_dim):
         return 0
-    return max_rows_routed(backend.prompt_routes, AMX_KERNEL, AMX_ATTENTION_MAX_KEYS)
+    return max_rows_routed(backend.prompt_routes, BF16_KERNEL, AMX_ATTENTION_MAX_KEYS)
 
 
 def _row_chunk_bytes() -> int:

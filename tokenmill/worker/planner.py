@@ -24,7 +24,7 @@ from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.attention.torch_backend import (
-    AMX_KERNEL,
+    BF16_KERNEL,
     C_PREFILL_KERNEL,
     SDPA_KERNEL,
     TorchAttentionBackend,
@@ -306,7 +306,7 @@ def plan_attention(model: nn.Module, plan: ExecutionPlan, family: str, kv_dtype:
                     whole_context_attention(q, k, v, layer.scale, dtype)),
             }
             if dtype == torch.bfloat16 and bf16_prompt_attention_available(head_dim):
-                fns[AMX_KERNEL] = lambda o=out, q=query, k=key, v=value, n=rows: bf16_prompt_attention(
+                fns[BF16_KERNEL] = lambda o=out, q=query, k=key, v=value, n=rows: bf16_prompt_attention(
                     o, q, k, v, [0], [n], layer.scale)
             logger.info("plan: timing prompt_attention of %d rows", rows)
             plan.choices.append(choose("prompt_attention", rows, filter_family(fns, family)))

@@ -1,6 +1,8 @@
 /* Causal self-attention of a prompt whose whole context is in the step (no cached prefix), on AMX-BF16 tiles:
  * bf16 operands, float32 scores, softmax and accumulation. Shared by bf16_prompt_attention.c (the layer-by-layer
- * path's candidate) and step_forward.c (a bf16 model's one-call forward).
+ * path's candidate) and step_forward.c (a bf16 model's one-call forward). On a CPU with AVX512-BF16 but no AMX
+ * (Zen 4, Cooper Lake) the two products run on vdpbf16ps instead (bf16_dp_tile: the packed layouts below hold, for
+ * each input pair, the 16 lanes of a vdpbf16ps operand), everything else unchanged; the amx_ names stay.
  *
  * Two phases, so that threads can split the work finely:
  *   1. amx_pack_kv: per (prompt, KV head), the prompt's K and V rows rounded to bf16 into the layouts the tiles
@@ -116,7 +118,8 @@ static int amx_plan_prompts(amx_prompt_plan *a, const int64_t *lens, int64_t num
     return 0;
 }
 
-#if TM_HAVE_AMX && defined(__AVX512F__)
+#if (TM_HAVE_AMX && defined(__AVX512F__)) || defined(__AVX512BF16__)
+#define TM_HAVE_AMX_ATTENTION 1
 /* 16 elements of a row at element i as bf16: copied (src_bf16) or rounded from float32 (nearest even). */
 static inline __m256i amx_load16_bf16(const void *row, int64_t i, int src_bf16) {
     if (src_bf16) return _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i));
@@ -181,20 +184,94 @@ static inline amx_head_block amx_block_at(void *scratch, int64_t t, int64_t head
     return b;
 }
 
-/* Phase 1: the block's queries (rows row0 .. row0 + rows - 1 at q + j * q_stride) to bf16, then S = Q K^T for the
- * keys the block can see, four key blocks per pass (accumulators 0-3: the TDPs of one accumulator form a chain, so
- * four chains keep the unit busy; head_dim 64: Q's two input blocks stay in tiles 4 and 5 throughout). */
-static void amx_block_scores(amx_head_block *b, const void *q, int64_t q_stride, int src_bf16, const uint16_t *packed,
-                             int64_t t, int64_t row0, int64_t rows, int64_t head_dim) {
-    const int64_t key_blocks = amx_keys16(row0 + rows) / 16, s_stride = amx_score_stride(t), d32 = head_dim / 32;
+/* Phase 1: the block's queries (rows row0 .. row0 + rows - 1 at q + j * q_stride) to bf16 (zero rows past them),
+ * then S = Q K^T (amx_block_scores, dp_block_scores). */
+static void amx_block_queries(amx_head_block *b, const void *q, int64_t q_stride, int src_bf16, int64_t row0,
+                              int64_t rows, int64_t head_dim) {
     const int64_t esize = src_bf16 ? 2 : 4;
-    const uint16_t *kt = packed;
     for (int64_t r = 0; r < 16; ++r) {
         const char *row = (const char *)q + (row0 + r) * q_stride * esize;
         for (int64_t d = 0; d < head_dim; d += 16)
             _mm256_storeu_si256((__m256i *)(b->qb + r * head_dim + d),
                                 r < rows ? amx_load16_bf16(row, d, src_bf16) : _mm256_setzero_si256());
     }
+}
+
+#if defined(__AVX512BF16__)
+/* out[r * out_stride + 16 j ..] (float32, 16 lanes) = sum over input pairs i < pairs of x's pair i of row r (32 bits
+ * at x + r * x_stride + 2 i) times panel j's 16-lane pair vector i (at w + j * panel_stride + (i / 16) *
+ * block_stride + (i % 16) * 32), by vdpbf16ps, for rows r < 8 and panels j < panels (1 or 2, a constant once
+ * inlined): one broadcast per row and input pair feeds both panels, the 16 sums stay in registers. */
+static inline __attribute__((always_inline)) void bf16_dp_tile(float *out, int64_t out_stride, const uint16_t *x,
+                                                              int64_t x_stride, const uint16_t *w,
+                                                              int64_t panel_stride, int panels, int64_t pairs,
+                                                              int64_t block_stride) {
+    __m512 acc[8][2];
+    for (int r = 0; r < 8; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t i0 = 0; i0 < pairs; i0 += 16) {
+        const uint16_t *wb = w + (i0 / 16) * block_stride;
+        const int64_t n = pairs - i0 < 16 ? pairs - i0 : 16;
+        for (int64_t i = 0; i < n; ++i) {
+            const __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(wb + i * 32));
+            const __m512bh w1 =
+                panels > 1 ? (__m512bh)_mm512_loadu_si512((const void *)(wb + panel_stride + i * 32)) : w0;
+            for (int r = 0; r < 8; ++r) {
+                int32_t pair;
+                memcpy(&pair, x + r * x_stride + 2 * (i0 + i), sizeof(pair));
+                const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, w0);
+                if (panels > 1) acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, w1);
+            }
+        }
+    }
+    for (int r = 0; r < 8; ++r) {
+        _mm512_storeu_ps(out + r * out_stride, acc[r][0]);
+        if (panels > 1) _mm512_storeu_ps(out + r * out_stride + 16, acc[r][1]);
+    }
+}
+
+/* amx_block_scores on vdpbf16ps: S = Q K^T for the keys the block can see, 8 rows x 2 key blocks per tile (rows past
+ * `rows` are Q's zero rows; their scores are never read). */
+static void dp_block_scores(amx_head_block *b, const uint16_t *packed, int64_t t, int64_t row0, int64_t rows,
+                            int64_t head_dim) {
+    const int64_t key_blocks = amx_keys16(row0 + rows) / 16, s_stride = amx_score_stride(t), d32 = head_dim / 32;
+    for (int64_t kb = 0; kb < key_blocks; kb += 2)
+        for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+            float *out = b->s + r0 * s_stride + kb * 16;
+            const uint16_t *x = b->qb + r0 * head_dim, *w = packed + kb * d32 * 512;
+            if (key_blocks - kb > 1)
+                bf16_dp_tile(out, s_stride, x, head_dim, w, d32 * 512, 2, head_dim / 2, 512);
+            else
+                bf16_dp_tile(out, s_stride, x, head_dim, w, d32 * 512, 1, head_dim / 2, 512);
+        }
+}
+
+/* amx_block_weighted's products on vdpbf16ps: O = P V for the block's rows, 8 rows x 2 blocks of 16 dims per tile,
+ * over the keys up to its last whole 32. */
+static void dp_block_weighted(amx_head_block *b, const uint16_t *packed, int64_t t, int64_t row0, int64_t rows,
+                              int64_t head_dim) {
+    const int64_t keys32 = amx_keys32(row0 + rows), s_stride = amx_score_stride(t), d16 = head_dim / 16;
+    const uint16_t *vt = packed + amx_keys16(t) * head_dim;
+    for (int64_t db = 0; db < d16; db += 2)
+        for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+            float *out = b->ob + r0 * head_dim + db * 16;
+            const uint16_t *x = b->p + r0 * s_stride, *w = vt + db * 512;
+            if (d16 - db > 1)
+                bf16_dp_tile(out, head_dim, x, s_stride, w, 512, 2, keys32 / 2, d16 * 512);
+            else
+                bf16_dp_tile(out, head_dim, x, s_stride, w, 512, 1, keys32 / 2, d16 * 512);
+        }
+}
+#endif
+
+#if TM_HAVE_AMX
+/* S = Q K^T on the tiles for the keys the block can see, four key blocks per pass (accumulators 0-3: the TDPs of one
+ * accumulator form a chain, so four chains keep the unit busy; head_dim 64: Q's two input blocks stay in tiles 4 and
+ * 5 throughout). */
+static void amx_block_scores(amx_head_block *b, const uint16_t *packed, int64_t t, int64_t row0, int64_t rows,
+                             int64_t head_dim) {
+    const int64_t key_blocks = amx_keys16(row0 + rows) / 16, s_stride = amx_score_stride(t), d32 = head_dim / 32;
+    const uint16_t *kt = packed;
     if (d32 == 2) {
         _tile_loadd(4, b->qb, head_dim * 2);
         _tile_loadd(5, b->qb + 32, head_dim * 2);
@@ -235,6 +312,8 @@ static void amx_block_scores(amx_head_block *b, const void *q, int64_t q_stride,
     }
 }
 
+#endif
+
 /* Phase 2: an exact softmax per row over keys 0 .. row0 + r (causal), P rounded to bf16 and zero past them, to
  * the block's last whole 32 keys. */
 static void amx_block_softmax(amx_head_block *b, int64_t t, int64_t row0, int64_t rows, float scale) {
@@ -265,10 +344,11 @@ static void amx_block_softmax(amx_head_block *b, int64_t t, int64_t row0, int64_
     for (int64_t r = rows; r < 16; ++r) memset(b->p + r * s_stride, 0, (size_t)keys32 * 2);
 }
 
-/* Phase 3: O = P V on four 16-dim accumulators at a time, then O / sum to out rows row0 .. (out + j * out_stride,
- * float32 or bf16 as out_bf16). */
-static void amx_block_weighted(amx_head_block *b, void *out, int64_t out_stride, int out_bf16, const uint16_t *packed,
-                               int64_t t, int64_t row0, int64_t rows, int64_t head_dim) {
+/* Phase 3: O = P V (on the tiles: four 16-dim accumulators at a time; dp_block_weighted), then O / sum to the output
+ * rows (amx_block_store). */
+#if TM_HAVE_AMX
+static void amx_block_weighted(amx_head_block *b, const uint16_t *packed, int64_t t, int64_t row0, int64_t rows,
+                               int64_t head_dim) {
     const int64_t keys32 = amx_keys32(row0 + rows), s_stride = amx_score_stride(t), d16 = head_dim / 16;
     const uint16_t *vt = packed + amx_keys16(t) * head_dim;
     for (int64_t d0 = 0; d0 < d16; d0 += 4) {
@@ -291,6 +371,12 @@ static void amx_block_weighted(amx_head_block *b, void *out, int64_t out_stride,
         if (nd > 2) _tile_stored(2, b->ob + (d0 + 2) * 16, head_dim * 4);
         if (nd > 3) _tile_stored(3, b->ob + (d0 + 3) * 16, head_dim * 4);
     }
+}
+#endif
+
+/* O / sum to out rows row0 .. (out + j * out_stride, float32 or bf16 as out_bf16). */
+static void amx_block_store(const amx_head_block *b, void *out, int64_t out_stride, int out_bf16, int64_t row0,
+                            int64_t rows, int64_t head_dim) {
     for (int64_t r = 0; r < rows; ++r) {
         const __m512 inv = _mm512_set1_ps(b->inv_sum[r]);
         for (int64_t d = 0; d < head_dim; d += 16) {
@@ -312,20 +398,37 @@ static void amx_block_weighted(amx_head_block *b, void *out, int64_t out_stride,
  * amx_attention_scratch_bytes(t). */
 static void amx_attend_group(void *out, int64_t out_stride, int out_bf16, const void *q, int64_t q_stride,
                              int src_bf16, const uint16_t *packed, int64_t t, int64_t row0, int64_t rows, int64_t heads,
-                             int64_t head_dim, float scale, void *scratch) {
+                             int64_t head_dim, float scale, void *scratch, int tiles) {
     const int64_t esize = src_bf16 ? 2 : 4, out_esize = out_bf16 ? 2 : 4;
     amx_head_block blocks[2] = {amx_block_at(scratch, t, head_dim),
                                 amx_block_at((char *)scratch + amx_head_block_bytes(t, head_dim), t, head_dim)};
-    amx_block_scores(&blocks[0], q, q_stride, src_bf16, packed, t, row0, rows, head_dim);
+/* The block's two products on the tiles (tiles) or on vdpbf16ps. */
+#if TM_HAVE_AMX && defined(__AVX512BF16__)
+#define TM_SCORES(blk) (tiles ? amx_block_scores : dp_block_scores)(blk, packed, t, row0, rows, head_dim)
+#define TM_WEIGHTED(blk) (tiles ? amx_block_weighted : dp_block_weighted)(blk, packed, t, row0, rows, head_dim)
+#elif TM_HAVE_AMX
+#define TM_SCORES(blk) amx_block_scores(blk, packed, t, row0, rows, head_dim)
+#define TM_WEIGHTED(blk) amx_block_weighted(blk, packed, t, row0, rows, head_dim)
+#else
+#define TM_SCORES(blk) dp_block_scores(blk, packed, t, row0, rows, head_dim)
+#define TM_WEIGHTED(blk) dp_block_weighted(blk, packed, t, row0, rows, head_dim)
+#endif
+    (void)tiles;
+    amx_block_queries(&blocks[0], q, q_stride, src_bf16, row0, rows, head_dim);
+    TM_SCORES(&blocks[0]);
     for (int64_t i = 0; i < heads; ++i) {
         amx_head_block *cur = &blocks[i & 1], *next = &blocks[(i + 1) & 1];
         amx_block_softmax(cur, t, row0, rows, scale);
-        if (i + 1 < heads)
-            amx_block_scores(next, (const char *)q + (i + 1) * head_dim * esize, q_stride, src_bf16, packed, t, row0,
-                             rows, head_dim);
-        amx_block_weighted(cur, (char *)out + i * head_dim * out_esize, out_stride, out_bf16, packed, t, row0, rows,
-                           head_dim);
+        if (i + 1 < heads) {
+            amx_block_queries(next, (const char *)q + (i + 1) * head_dim * esize, q_stride, src_bf16, row0, rows,
+                              head_dim);
+            TM_SCORES(next);
+        }
+        TM_WEIGHTED(cur);
+        amx_block_store(cur, (char *)out + i * head_dim * out_esize, out_stride, out_bf16, row0, rows, head_dim);
     }
+#undef TM_SCORES
+#undef TM_WEIGHTED
 }
 /* The planned prompts' attention, inside a parallel region (every thread calls it): each (prompt, KV head)'s K/V
  * packed, then the tasks. Prompt i owns rows starts[i] .. + lens[i] - 1 of q [.., num_heads * head_dim], k and v
@@ -336,7 +439,10 @@ static void amx_attend_prompts(const amx_prompt_plan *a, void *out, int64_t out_
                                int src_bf16, const int64_t *starts, const int64_t *lens, int64_t num_prompts,
                                int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale) {
     const int64_t group = num_heads / num_kv_heads, esize = src_bf16 ? 2 : 4, out_esize = out_bf16 ? 2 : 4;
-    bf16_amx_load_config_rows(16);
+    const int tiles = bf16_amx_ready(); /* else vdpbf16ps */
+#if TM_HAVE_AMX
+    if (tiles) bf16_amx_load_config_rows(16);
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t j = 0; j < num_prompts * num_kv_heads; ++j) {
         const int64_t i = j / num_kv_heads, h = j % num_kv_heads;
@@ -354,18 +460,25 @@ static void amx_attend_prompts(const amx_prompt_plan *a, void *out, int64_t out_
         amx_attend_group((char *)out + (starts[i] * out_stride + first) * out_esize, out_stride, out_bf16,
                          (const char *)q + (starts[i] * q_stride + first) * esize, q_stride, src_bf16,
                          a->kv + a->offsets[i] + h * amx_packed_kv_elems(t, head_dim), t, row0,
-                         t - row0 < 16 ? t - row0 : 16, group, head_dim, scale, scratch);
+                         t - row0 < 16 ? t - row0 : 16, group, head_dim, scale, scratch, tiles);
     }
-    _tile_release();
+#if TM_HAVE_AMX
+    if (tiles) _tile_release();
+#endif
 }
-#define TM_HAVE_AMX_ATTENTION 1
 #else
 #define TM_HAVE_AMX_ATTENTION 0
 #endif
 
-/* 1 when amx_attend_group runs here for head_dim and prompts of t tokens. */
+/* 1 when amx_attend_group runs here for head_dim and prompts of t tokens: on AMX tiles the process was granted, or
+ * on vdpbf16ps. */
 static inline int amx_attention_fits(int64_t head_dim, int64_t t) {
-    return TM_HAVE_AMX_ATTENTION && bf16_amx_ready() && head_dim % 32 == 0 && head_dim <= AMX_ATTENTION_MAX_DIM &&
+#if defined(__AVX512BF16__)
+    const int products = 1;
+#else
+    const int products = bf16_amx_ready();
+#endif
+    return TM_HAVE_AMX_ATTENTION && products && head_dim % 32 == 0 && head_dim <= AMX_ATTENTION_MAX_DIM &&
            t <= AMX_ATTENTION_MAX_KEYS;
 }
 

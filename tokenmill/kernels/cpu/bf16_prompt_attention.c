@@ -1,6 +1,7 @@
-/* Causal attention of whole-context prompts (no cached prefix) on AMX-BF16 tiles (bf16_attention_amx.h), over
- * the step's own rotated bf16 q/k/v rows: the layer-by-layer path's alternative to torch's fused attention for
- * a bf16 model, chosen by the execution plan (worker/plan.py) where it measures faster.
+/* Causal attention of whole-context prompts (no cached prefix) in bf16, on AMX-BF16 tiles or with AVX512-BF16's
+ * vdpbf16ps (bf16_attention_amx.h), over the step's own rotated bf16 q/k/v rows: the layer-by-layer path's
+ * alternative to torch's fused attention for a bf16 model, chosen by the execution plan (worker/plan.py) where it
+ * measures faster.
  *
  * Work split: phase 1 packs each (prompt, KV head)'s K and V (one task each); phase 2 runs (prompt, KV head,
  * block of 16 query rows) tasks, all the KV head's query heads in each, the blocks that see the most keys first,

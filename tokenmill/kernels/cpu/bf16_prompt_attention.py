@@ -1,5 +1,6 @@
-"""ctypes binding of bf16_prompt_attention.c: causal attention of whole-context prompts on AMX-BF16 tiles over the
-step's own rotated bf16 q/k/v rows (a bf16 model's candidate beside torch's fused attention)."""
+"""ctypes binding of bf16_prompt_attention.c: causal attention of whole-context prompts in bf16 (AMX tiles, else
+AVX512-BF16's vdpbf16ps) over the step's own rotated bf16 q/k/v rows (a bf16 model's candidate beside torch's fused
+attention)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def _lib() -> ctypes.CDLL | None:
 
 
 def bf16_prompt_attention_available(head_dim: int) -> bool:
-    """The kernel runs here: built, the CPU has AMX-BF16 granted to this process, head_dim a multiple of 32."""
+    """The kernel runs here: built, the CPU has AMX-BF16 granted to this process or AVX512-BF16, head_dim a multiple
+    of 32."""
     lib = _lib()
     return lib is not None and bool(lib.tm_bf16_prompt_attention_ready(head_dim))
 
@@ -44,9 +46,9 @@ def _row_stride(t: torch.Tensor, name: str, dtype: torch.dtype) -> int:
 
 def bf16_prompt_attention(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           starts: list[int], lens: list[int], scale: float) -> None:
-    """Causal attention of prompts whose whole context is in the step, in bf16 on AMX tiles: prompt i owns rows
-    starts[i] .. + lens[i] - 1 of query [T, H, D] and key/value [T, Hkv, D] (rotated; bf16, or float32 rounded
-    to bf16 as read) and gets them in out [T, H, D] (bf16 or float32; other rows untouched)."""
+    """Causal attention of prompts whose whole context is in the step, in bf16 (AMX tiles or vdpbf16ps): prompt i
+    owns rows starts[i] .. + lens[i] - 1 of query [T, H, D] and key/value [T, Hkv, D] (rotated; bf16, or float32
+    rounded to bf16 as read) and gets them in out [T, H, D] (bf16 or float32; other rows untouched)."""
     lib = _lib()
     if lib is None:
         raise RuntimeError("the bf16 prompt attention kernel is not available (no C compiler?)")
@@ -75,5 +77,5 @@ def bf16_prompt_attention(out: torch.Tensor, query: torch.Tensor, key: torch.Ten
     if status == 1:
         raise MemoryError("bf16_prompt_attention: could not allocate scratch memory")
     if status == 2:
-        raise ValueError(f"bf16_prompt_attention: not supported here (AMX-BF16, head_dim {dim} a multiple of 32 up "
-                         "to 256, prompts of up to 8192 tokens)")
+        raise ValueError(f"bf16_prompt_attention: not supported here (AMX-BF16 or AVX512-BF16, head_dim {dim} a "
+                         "multiple of 32 up to 256, prompts of up to 8192 tokens)")
