@@ -91,7 +91,8 @@ def test_bfloat16_shards_match_one_rank() -> None:
     """bf16 at TP = 2 (the C forward, where each rank computes the shared KV group's query columns and o_proj inputs
     only in the rows it attends for it, and sums the row-parallel outputs in place in shared memory) against bf16 at
     TP = 1: prompt logprobs as close to float32 as one rank's, and over each greedy continuation's common prefix the
-    sampled tokens' logprobs within bf16's rounding. Measured: prompt 0.020 (TP = 1) and 0.019 (TP = 2) from float32;
+    sampled tokens' logprobs within bf16's rounding; greedy without logprobs (the fused argmax of each rank's share)
+    gives the tokens of greedy with them. Measured: prompt 0.020 (TP = 1) and 0.019 (TP = 2) from float32;
     decode 0.01 apart."""
     reference = _prompt_logprobs(1, "none")
     one = _mean_abs_difference(reference, _prompt_logprobs(1, "none", "bfloat16"))
@@ -102,6 +103,10 @@ def test_bfloat16_shards_match_one_rank() -> None:
     for tp in (1, 2):
         with LLM(tensor_parallel_size=tp, dtype="bfloat16", kv_cache_memory=64 << 20) as llm:
             runs.append([o.outputs[0] for o in llm.generate(PLAIN_PROMPTS, params, use_tqdm=False)])
+            # without logprobs each rank takes its share's argmax from the fused greedy head: the same tokens
+            plain = llm.generate(PLAIN_PROMPTS, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
+                                 use_tqdm=False)
+            assert [o.outputs[0].token_ids for o in plain] == [o.token_ids for o in runs[-1]]
     diffs = []
     for a, b in zip(*runs, strict=True):
         for ta, tb, la, lb in zip(a.token_ids, b.token_ids, a.logprobs, b.logprobs):

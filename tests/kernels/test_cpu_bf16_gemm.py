@@ -75,4 +75,6 @@ def test_bf16_panels_argmax_is_argmax_of_the_float32_products(m: int, n: int, bi
     assert ids.dtype == torch.int64 and ids.shape == (m,)
     assert torch.equal(ids, logits.max(dim=-1).indices)
     assert ids[0].item() == 3
-    assert torch.equal(Bf16PanelLinear(w, b, torch.float32).greedy_ids(x), ids)
+    values = torch.empty(m)
+    assert torch.equal(Bf16PanelLinear(w, b, torch.float32).greedy_ids(x, values), ids)
+    assert torch.equal(values, logits.max(dim=-1).values)  # the values too (tensor parallelism compares them)

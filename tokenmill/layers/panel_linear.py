@@ -60,10 +60,11 @@ class Bf16PanelLinear(nn.Module):
         y = bf16_panels_linear(x2, self.panels, self.out_features, self.bias, out_dtype=self.out_dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def greedy_ids(self, x: torch.Tensor) -> torch.Tensor:
+    def greedy_ids(self, x: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
         """argmax over the output channels of forward(x) in float32 for x [M, in_features] -> [M] int64, without
-        the [M, out_features] products (the same sums, so the same ids as argmax of float32 forward's)."""
-        return bf16_panels_argmax(x, self.panels, self.out_features, self.bias)
+        the [M, out_features] products (the same sums, so the same ids as argmax of float32 forward's); values:
+        None, or a float32 [M] tensor that gets each row's largest value."""
+        return bf16_panels_argmax(x, self.panels, self.out_features, self.bias, values)
 
 
 class PanelEmbedding(nn.Module):

@@ -253,18 +253,29 @@ class LlamaForCausalLM(nn.Module):
         compute_logits runs for these rows can give it without the logits (bit for bit the same ids); else None."""
         if self.tp.is_parallel:
             return self._greedy_over_ranks(hidden)
+        head = self._fused_greedy_head(hidden.shape[0])
+        return None if head is None else head.greedy_ids(hidden)
+
+    def _fused_greedy_head(self, rows: int) -> Bf16PanelLinear | None:
+        """The vocabulary projection this rank runs for `rows` rows where it gives each row's argmax (and its value)
+        without the logits: the bf16 panels with float32 outputs (the same sums, the same argmax); else None."""
         head = self.logits_head
         if isinstance(head, PlannedLinear):
-            head = head.route(hidden.shape[0])
-        if isinstance(head, Bf16PanelLinear) and head.out_dtype == torch.float32:  # float32 logits: the same argmax
-            return head.greedy_ids(hidden)
+            head = head.route(rows)
+        if isinstance(head, Bf16PanelLinear) and head.out_dtype == torch.float32:
+            return head
         return None
 
     def _greedy_over_ranks(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Tensor parallelism: each rank's best logit and its id in its share, gathered to rank 0, which keeps the
-        best (the lowest rank's on a tie: the first maximum, as argmax over the joined logits). The ids on rank 0,
-        an empty tensor on the others."""
-        values, ids = self._local_logits(hidden).float().max(dim=-1)
+        """Tensor parallelism: each rank's best logit and its id in its share (fused where the head allows),
+        gathered to rank 0, which keeps the best (the lowest rank's on a tie: the first maximum, as argmax over the
+        joined logits). The ids on rank 0, an empty tensor on the others."""
+        head = self._fused_greedy_head(hidden.shape[0])
+        if head is not None:
+            values = torch.empty(hidden.shape[0], dtype=torch.float32)
+            ids = head.greedy_ids(hidden, values)
+        else:
+            values, ids = self._local_logits(hidden).float().max(dim=-1)
         best = torch.stack([values, (ids + self.vocab[0]).float()], dim=-1)  # ids < 2^24 stay exact in float32
         joined = self.tp.gather_last_to_first(best, [2] * self.tp.world_size)
         if joined is None:

@@ -22,7 +22,7 @@ def _lib() -> ctypes.CDLL | None:
         return None
     lib.tm_bf16_panels_gemm.argtypes = [_ptr, _int, _ptr, _i64, _int, _ptr, _ptr, _i64, _i64, _i64, _int]
     lib.tm_bf16_panels_gemm.restype = None
-    lib.tm_bf16_panels_argmax.argtypes = [_ptr, _ptr, _i64, _int, _ptr, _ptr, _i64, _i64, _i64, _int]
+    lib.tm_bf16_panels_argmax.argtypes = [_ptr, _ptr, _ptr, _i64, _int, _ptr, _ptr, _i64, _i64, _i64, _int]
     lib.tm_bf16_panels_argmax.restype = _int
     lib.tm_bf16_pack_panels.argtypes = [_ptr, _ptr, _i64, _i64, _int]
     lib.tm_bf16_pack_panels.restype = None
@@ -96,15 +96,20 @@ def bf16_panels_linear(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torc
     return y
 
 
-def bf16_panels_argmax(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None
-                       ) -> torch.Tensor:
+def bf16_panels_argmax(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None,
+                       values: torch.Tensor | None = None) -> torch.Tensor:
     """The index of each row's largest value of x W^T (+ bias) [M] (int64; the lowest among equal values), the
     same as argmax over bf16_panels_linear's float32 output (the same sums), without writing the [M, n] products:
-    greedy decoding's vocabulary projection."""
+    greedy decoding's vocabulary projection. values: None, or a float32 [M] tensor that gets those largest values."""
     num_rows, k = x.shape if x.dim() == 2 else (0, 0)
     x = _checked_operands(x, panels, n, bias, "bf16_panels_argmax")
     ids = torch.empty(num_rows, dtype=torch.int64)
-    if num_rows and _lib().tm_bf16_panels_argmax(ids.data_ptr(), x.data_ptr(), x.stride(0), 1, panels.data_ptr(),
+    if values is not None and (values.dtype != torch.float32 or values.shape != (num_rows,)
+                               or not values.is_contiguous()):
+        raise ValueError(f"bf16_panels_argmax: values must be float32 [{num_rows}], got {values.dtype} "
+                         f"{tuple(values.shape)}")
+    if num_rows and _lib().tm_bf16_panels_argmax(ids.data_ptr(), None if values is None else values.data_ptr(),
+                                                 x.data_ptr(), x.stride(0), 1, panels.data_ptr(),
                                                  None if bias is None else bias.data_ptr(), num_rows, n, k,
                                                  torch.get_num_threads()) != 0:
         raise MemoryError("bf16_panels_argmax: scratch allocation failed")
