@@ -69,8 +69,8 @@ void tm_bf16_panels_gemm(void *y, int y_bf16, const uint16_t *x, int64_t x_strid
 /* ids [m] = the channel of each row's largest value of x W^T (+ bias), the lowest among equal values (argmax of
  * tm_bf16_panels_gemm's float32 output, bit for bit: the same sums), without writing the [m, n] products; values
  * [m] (NULL: not wanted) = that value. Returns 0, or 1 when scratch memory could not be allocated. */
-int tm_bf16_panels_argmax(int64_t *ids, float *values, const uint16_t *x, int64_t x_stride, int rows_padded, const uint16_t *panels,
-                          const float *bias, int64_t m, int64_t n, int64_t k, int num_threads) {
+int tm_bf16_panels_argmax(int64_t *ids, float *values, const uint16_t *x, int64_t x_stride, int rows_padded,
+                          const uint16_t *panels, const float *bias, int64_t m, int64_t n, int64_t k, int num_threads) {
     float *best = (float *)malloc((size_t)(num_threads * m) * sizeof(float));
     int64_t *best_id = (int64_t *)malloc((size_t)(num_threads * m) * sizeof(int64_t));
     if (best == NULL || best_id == NULL) {

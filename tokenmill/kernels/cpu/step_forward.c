@@ -257,10 +257,10 @@ static inline int64_t rows_per_chunk(int64_t chunk_bytes, int64_t bytes_per_row,
 }
 
 /* y [num_rows, n] = x [num_rows, k] (row stride k) through l; x already prepared (prepare_row) for int8, int4 and
- * bf16. accumulate (bf16 weights only, adds_into_residual): y += the product instead. skip: NULL, or the products
- * this rank may skip (shared_rows; columns: qkv's restricted columns, inputs: o_proj's input prefix), where the
- * format supports it (columns: float32, int8 and bf16 panels; inputs: float32 and bf16); y's rows left out of a
- * restricted column range are not written.
+ * bf16. accumulate (bf16 weights only, adds_into_residual): y += the product instead. columns, inputs: NULL, or the
+ * products this rank may skip (shared_rows): qkv's column ranges restricted to row ranges (float32, int8 and bf16
+ * panels; y's rows left out of a range are not written), o_proj's input prefix outside its full rows (float32 and
+ * bf16); other formats compute everything.
  * A worksharing loop: every thread of the region must call it; it ends with a barrier. */
 static void linear_phase(const tm_linear *l, float *y, const float *x, const quantized_rows *qr, int64_t num_rows,
                          int64_t chunk_bytes, int accumulate, const shared_rows *columns, const shared_rows *inputs) {
@@ -546,7 +546,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
     }
 /* Tensor parallelism: the row-parallel projection's partial output (count floats) summed over the ranks, by one
  * thread while the others wait at the single's closing barrier. In place (tp_in_place): the projection wrote it
- * into this rank's slot of the next collective (sublayer_dst), which is published, and once every rank's is, the
+ * into this rank's slot of the next collective (SUBLAYER_DST), which is published, and once every rank's is, the
  * sum is read from the slots by the next per-row pass (sub_*); else `out` is all-reduced. */
 #define TP_SUM(count)                                                                                          \
     if (m->tp_world > 1) {                                                                                     \
