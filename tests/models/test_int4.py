@@ -1,5 +1,6 @@
 """`--quantization int4` on the default model: its Q4_1 GGUF weights come back exactly, and the engine's
-W4A16 decode follows fp32's greedy tokens and logprobs."""
+W4A16 decode follows fp32's greedy tokens and logprobs; a bf16 model's int4 layers may run their prefill GEMM in
+bf16."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.kernels.cpu.int4_gemm import int4_gemm_available
 from tokenmill.layers.panel_linear import PanelLinear
-from tokenmill.quant.int4_cpu import Int4GroupLinear
+from tokenmill.quant.int4_cpu import FUSED_MAX_ROWS, Int4GroupLinear
 from tokenmill.quant.int8_cpu import Int8DynamicLinear
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.c_step import CStepForward
+from tokenmill.worker.planner import _projection_candidates
 
 pytestmark = pytest.mark.skipif(not int4_gemm_available(), reason="C kernels not built (no compiler)")
 
@@ -65,3 +67,20 @@ def test_int4_engine_quantizes_the_lm_head_to_int8_by_default(default_loaded: An
     assert isinstance(engine.core.model.logits_head, Int8DynamicLinear)
     with pytest.raises(ValueError, match="int4"):
         EngineConfig.from_kwargs(quantization="int5")
+
+
+def test_a_bf16_models_prefill_gemm_may_run_in_bf16() -> None:
+    """The plan's c_int4_bf16 (a bf16 model's only): the same weight tensors, the C kernel at decode rows, and past
+    FUSED_MAX_ROWS the dequantized GEMM in bf16, within bf16's rounding of the float32 one."""
+    gen = torch.Generator().manual_seed(0)
+    layer = Int4GroupLinear(torch.randn(96, 128, generator=gen), torch.randn(96, generator=gen))
+    twin = layer.with_prefill_dtype(torch.bfloat16)
+    assert twin.packed is layer.packed and layer.prefill_dtype == torch.float32
+    x = torch.randn(FUSED_MAX_ROWS + 32, 128, generator=gen)
+    ref = layer(x)
+    torch.testing.assert_close(twin(x), ref, rtol=0, atol=0.02 * ref.abs().max().item())
+    assert torch.equal(twin(x[:4]), layer(x[:4]))  # decode rows: the C kernel either way
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        layer.with_prefill_dtype(torch.float16)
+    assert set(_projection_candidates(layer, True, torch.float32)) == {"c_int4"}
+    assert set(_projection_candidates(layer, True, torch.bfloat16)) == {"c_int4", "c_int4_bf16"}

@@ -10,9 +10,13 @@ Activations: at up to FUSED_MAX_ROWS rows (decode steps), kernels/cpu/int4_gemm.
 quantize every group of 32 input values to 16 bits symmetrically over its own max |x| and multiply
 with vpmaddwd (int4_dot.h), so the weights' own rounding is the only error. (8-bit activation groups,
 llama.cpp's Q8 blocks, measured logprobs 0.5 nat off fp32 within 4 tokens on SmolLM2: its outlier
-channels cost whole groups their precision.) More rows (prefill) dequantize the weights to float32
-and use torch's GEMM: at that size the product is bound by arithmetic, where the unpacking costs more
-than the bytes it saves.
+channels cost whole groups their precision.) More rows (prefill) dequantize the weights and use torch's
+GEMM: at that size the product is bound by arithmetic, where the unpacking costs more than the bytes it
+saves. The dequantized product runs in float32 (MKL), or, in a bfloat16 model (`--dtype bfloat16`, whose
+activations are bf16 already), in bfloat16 (oneDNN; AMX tiles or vdpbf16ps) where the execution plan measured
+that faster (`c_int4_bf16`, worker/planner.py): the bf16 rounding of the dequantized weights (8 bits of
+mantissa) is far below the 4-bit grid's step. (In a float32 model, bf16 activations would move logprobs by up to
+0.03 nat against the 16-bit groups' 0.02: tests/models/test_int4.py.)
 
 What it is for: batch-1 decode reads every weight once per token; 4-bit groups with fp16 scale and
 minimum are 0.625 bytes per weight against int8's 1.
@@ -20,6 +24,7 @@ minimum are 0.625 bytes per weight against int8's 1.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -86,9 +91,18 @@ class Int4GroupLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.packed, self.group_scale, self.group_min = quantize_weight_groups(weight)
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        # Rows up to this go through the C kernel, more through a dequantized float32 GEMM (faster at prefill, but
+        # Rows up to this go through the C kernel, more through a dequantized GEMM (faster at prefill, but
         # its reductions depend on the row count: deterministic mode sets it to sys.maxsize).
         self.fused_max_rows = FUSED_MAX_ROWS
+        self.prefill_dtype = torch.float32  # the dequantized GEMM's: float32 or bfloat16 (with_prefill_dtype)
+
+    def with_prefill_dtype(self, dtype: torch.dtype) -> Int4GroupLinear:
+        """This layer (the same weight tensors, not copied) with its dequantized GEMM in `dtype`."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"int4: the dequantized GEMM runs in float32 or bfloat16, not {dtype}")
+        twin = copy.copy(self)
+        twin.prefill_dtype = dtype
+        return twin
 
     def dequantized_weight(self) -> torch.Tensor:
         if int4_gemm_available():
@@ -103,6 +117,9 @@ class Int4GroupLinear(nn.Module):
             x2 = x2.float()
         if x2.shape[0] <= self.fused_max_rows and int4_gemm_available():
             y = int4_gemm(x2.contiguous(), self.packed, self.group_scale, self.group_min, self.out_features)
+        elif self.prefill_dtype == torch.bfloat16:
+            y = torch.nn.functional.linear(x2.to(torch.bfloat16), self.dequantized_weight().to(torch.bfloat16))
+            y = y.float()
         else:
             y = torch.nn.functional.linear(x2, self.dequantized_weight())
         if self.bias is not None:
@@ -111,7 +128,7 @@ class Int4GroupLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int4 W4A16 groups of {GROUP} "
-                f"(C kernel up to {FUSED_MAX_ROWS} rows, dequantized float32 GEMM beyond)")
+                f"(C kernel up to {self.fused_max_rows} rows, dequantized {str(self.prefill_dtype)[6:]} GEMM beyond)")
 
 
 def quantize_model_int4(model: nn.Module, quantize_lm_head: bool = False) -> int:

@@ -74,7 +74,8 @@ class CStepUnsupported(ValueError):
 
 def _linear_weights(module: nn.Module, name: str) -> LinearWeights:
     if isinstance(module, PlannedLinear):  # the execution plan's routes: the C forward reads the panels
-        panels = module.impl_of(PanelLinear) or module.impl_of(Bf16PanelLinear)
+        # (int4: its routes differ only in their many-row GEMM's dtype and share the weights the C forward reads)
+        panels = module.impl_of(PanelLinear) or module.impl_of(Bf16PanelLinear) or module.impl_of(Int4GroupLinear)
         if panels is None:
             raise CStepUnsupported(f"{name} runs {module.kernels} and keeps no panels")
         module = panels

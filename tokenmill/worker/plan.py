@@ -6,7 +6,8 @@ that exist here: a C kernel that cannot be built for this CPU is simply not a ca
   projections (qkv_proj, o_proj, gate_up_proj, down_proj), by row-count bucket (ROW_BUCKETS):
       float32: c_f32_panels (kernels/cpu/f32_gemm.c) | torch_fp32 (MKL)
       bfloat16 / float16: torch_bf16 / torch_fp16 (oneDNN; AMX tiles where the CPU has them)
-      int8: c_int8_panels; int4: c_int4 (its own rule inside: C kernel for decode rows, dequantized above)
+      int8: c_int8_panels; int4: c_int4 (its own rule inside: C kernel for decode rows, dequantized above) |
+      c_int4_bf16 (the same, its dequantized GEMM in bf16; a bf16 model's)
   lm_head (the vocabulary projection), by sampled-row bucket (LOGIT_BUCKETS): the same families;
   prompt_attention, the causal attention of a prompt whose whole context is in the step, by its length
       (PROMPT_ATTENTION_BUCKETS): c_paged (kernels/cpu/prefill_attention.c over the paged cache) | torch_sdpa
@@ -46,7 +47,7 @@ from tokenmill.worker.capabilities import MachineCapabilities
 
 logger = logging.getLogger("tokenmill")
 
-PLAN_VERSION = 13  # bumped when the candidates or their kernels change
+PLAN_VERSION = 15  # bumped when the candidates or their kernels change
 ROW_BUCKETS = (1, 16, 64, 256, 2048)
 # 8: speculative decoding verifies 1 + K rows per request; on the AMX Xeon MKL's float32 product at 5 rows of the
 # 49152-token vocabulary took 8.1 ms against the panels' 6.6 ms (bucket 16 alone routed 2..16 rows to MKL).

@@ -42,6 +42,7 @@ from tokenmill.layers.panel_linear import Bf16PanelLinear, PanelLinear, use_pane
 from tokenmill.layers.planned_linear import PlannedLinear
 from tokenmill.loader.cache import resolve_cache_dir
 from tokenmill.models.interface import PROJECTIONS, CausalLM, Projection
+from tokenmill.quant.int4_cpu import Int4GroupLinear
 from tokenmill.worker.c_step import CStepForward
 from tokenmill.worker.capabilities import detect_capabilities
 from tokenmill.worker.plan import (
@@ -101,10 +102,17 @@ def _panel_candidates(weight: torch.Tensor, bias: torch.Tensor | None, panels_ok
     return {}
 
 
-def _projection_candidates(module: nn.Module, panels_ok: bool) -> dict[str, Callable[[], nn.Module]]:
+def _projection_candidates(module: nn.Module, panels_ok: bool, model_dtype: torch.dtype
+                           ) -> dict[str, Callable[[], nn.Module]]:
     """Builders of every correct implementation of this projection (the module itself among them), in order of
     preference (plan.TIE_MARGIN)."""
-    if type(module) is not Linear:  # int8 / int4 / fp8 modules: their own kernel is the candidate
+    if isinstance(module, Int4GroupLinear):
+        # A bf16 model's int4 layers may run their many-row GEMM in bf16 too (the activations are bf16 already); a
+        # float32 model's keep float32 activations (16-bit groups in the C kernel): the weights' rounding alone.
+        if model_dtype != torch.bfloat16:
+            return {"c_int4": lambda: module}
+        return {"c_int4": lambda: module, "c_int4_bf16": lambda: module.with_prefill_dtype(torch.bfloat16)}
+    if type(module) is not Linear:  # int8 / fp8 modules: their own kernel is the candidate
         return {_quantized_name(module): lambda: module}
     candidates = _panel_candidates(module.weight, module.bias, panels_ok)
     candidates[_TORCH_NAMES[module.weight.dtype]] = lambda: module
@@ -209,7 +217,7 @@ def plan_model(model: nn.Module, plan: ExecutionPlan, family: str, keep_panels: 
         if not group:
             continue
         if not plan.cached:
-            builders = filter_family(_projection_candidates(group[0].module, panels_ok), family)
+            builders = filter_family(_projection_candidates(group[0].module, panels_ok, dtype), family)
             if batch_invariant:
                 builders = invariant_candidates(name, builders)
             logger.info("plan: timing %s (%s)", name, ", ".join(builders))
@@ -218,7 +226,7 @@ def plan_model(model: nn.Module, plan: ExecutionPlan, family: str, keep_panels: 
         routes = routes_from_choices(plan.for_operation(name))
         chosen = {k for _, k in routes}
         for slot in group:
-            builders = _projection_candidates(slot.module, panels_ok)
+            builders = _projection_candidates(slot.module, panels_ok, dtype)
             if not chosen <= set(builders):
                 raise ValueError(f"the execution plan chose {sorted(chosen - set(builders))} for {name}, which "
                                  "cannot be built here")
@@ -265,8 +273,6 @@ def _plan_head(model: nn.Module, plan: ExecutionPlan, family: str, panels_ok: bo
 def pin_batch_invariant(model: nn.Module) -> None:
     """Deterministic mode, past the plan's kernel choice (BATCH_INVARIANT_KERNELS): int4 projections keep their C
     kernel at every row count, and every attention layer attends row by row (attention/torch_backend.py)."""
-    from tokenmill.quant.int4_cpu import Int4GroupLinear
-
     for module in model.modules():
         if isinstance(module, Int4GroupLinear):
             module.fused_max_rows = sys.maxsize
