@@ -136,7 +136,7 @@ class _PromptSplit:
     # (first row, rows each, prompts) of runs of adjacent whole-context requests of one length routed to torch's
     # fused attention: each run is one batched call.
     sdpa: list[tuple[int, int, int]]
-    amx: tuple[list[int], list[int]]  # (first rows, lengths) of the whole-context requests routed to BF16_KERNEL
+    bf16: tuple[list[int], list[int]]  # (first rows, lengths) of the whole-context requests routed to BF16_KERNEL
     c_plan: _CPrefillPlan | None  # the others, for the C prefill kernel (None: there are none)
 
 
@@ -144,7 +144,7 @@ def _prompt_split(meta: AttentionMetadata, routes: list[tuple[int, str]]) -> _Pr
     split = meta.scratch.get("prompt_split")
     if split is None:
         starts = meta.query_start_loc.tolist()
-        sdpa, c_reqs, amx_starts, amx_lens = [], [], [], []
+        sdpa, c_reqs, bf16_starts, bf16_lens = [], [], [], []
         for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list, strict=True)):
             if q_len == 1:
                 continue
@@ -152,8 +152,8 @@ def _prompt_split(meta: AttentionMetadata, routes: list[tuple[int, str]]) -> _Pr
             if kernel == BF16_KERNEL and q_len > AMX_ATTENTION_MAX_KEYS:  # past the bf16 kernel's longest prompt
                 kernel = C_PREFILL_KERNEL
             if kernel == BF16_KERNEL:
-                amx_starts.append(starts[i])
-                amx_lens.append(q_len)
+                bf16_starts.append(starts[i])
+                bf16_lens.append(q_len)
             elif kernel == SDPA_KERNEL:
                 if sdpa and sdpa[-1][1] == q_len and sdpa[-1][0] + q_len * sdpa[-1][2] == starts[i]:
                     sdpa[-1] = (sdpa[-1][0], q_len, sdpa[-1][2] + 1)
@@ -166,7 +166,7 @@ def _prompt_split(meta: AttentionMetadata, routes: list[tuple[int, str]]) -> _Pr
             reqs = torch.tensor(c_reqs, dtype=torch.int64)
             c_plan = _CPrefillPlan(meta.query_start_loc[reqs], torch.tensor(meta.query_lens_list)[reqs],
                                    meta.seq_lens[reqs], meta.block_tables[reqs].contiguous())
-        split = meta.scratch["prompt_split"] = _PromptSplit(sdpa, (amx_starts, amx_lens), c_plan)
+        split = meta.scratch["prompt_split"] = _PromptSplit(sdpa, (bf16_starts, bf16_lens), c_plan)
     return split
 
 
@@ -352,8 +352,8 @@ class TorchAttentionBackend:
                 span = slice(start, start + rows * prompts)
                 out[span] = whole_context_attention(query[span], key[span], value[span], scale, self.sdpa_dtype,
                                                     prompts)
-            if split.amx[0]:
-                bf16_prompt_attention(out, query, key, value, split.amx[0], split.amx[1], scale)
+            if split.bf16[0]:
+                bf16_prompt_attention(out, query, key, value, split.bf16[0], split.bf16[1], scale)
             plan = split.c_plan
             if plan is not None:
                 paged_prefill_attention(out, query, kv_cache, plan.rows, plan.query_lens, plan.seq_lens,
