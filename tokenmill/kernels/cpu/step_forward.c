@@ -201,13 +201,13 @@ static inline int input_segments(const shared_rows *s, int64_t k_full, int64_t a
     }
     int64_t prefix = (s->o_k_len + align - 1) / align * align;
     prefix = prefix < k_full ? prefix : k_full;
+    /* [full0, full1) clamped to [m0, end): ascending, as full0 <= full1 (plan_shared_rows) */
     const int64_t cut[4] = {m0, s->full0 > m0 ? (s->full0 < end ? s->full0 : end) : m0,
                             s->full1 > m0 ? (s->full1 < end ? s->full1 : end) : m0, end};
     int count = 0;
     for (int i = 0; i < 3; ++i) {
-        const int64_t a = cut[i], b = cut[i + 1] > cut[i] ? cut[i + 1] : cut[i];
-        if (a >= b) continue;
-        seg0[count] = a, seg1[count] = b, k_len[count] = i == 1 ? k_full : prefix;
+        if (cut[i] >= cut[i + 1]) continue;
+        seg0[count] = cut[i], seg1[count] = cut[i + 1], k_len[count] = i == 1 ? k_full : prefix;
         ++count;
     }
     return count;
