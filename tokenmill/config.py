@@ -114,9 +114,11 @@ class CacheConfig:
     )
     kv_cache_dtype: str = field(
         default="auto",
-        metadata=_help("auto (the compute dtype; int8 with CPU int8/int4 quantization), float32, float16 "
-                       "(halves the memory decode attention streams; torch backend), int8 (a quarter of float32, "
-                       "per-position scales; torch backend) or fp8 (e4m3; triton backend on a GPU)"),
+        metadata=_help("auto (the compute dtype; int8 with CPU int8/int4 quantization; a bfloat16 model on the "
+                       "CPU: bfloat16 where it has AVX512-BF16, else float16), float32, float16 (halves the memory "
+                       "decode attention streams; torch backend), bfloat16 (tiles the bf16 dot products read as "
+                       "they lie; torch backend: even block_size), int8 (a quarter of float32, per-position "
+                       "scales; torch backend) or fp8 (e4m3; triton backend on a GPU)"),
     )
 
     def __post_init__(self) -> None:
@@ -130,8 +132,9 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be >= 2, got {self.num_blocks}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
-        if self.kv_cache_dtype not in ("auto", "float32", "float16", "int8", "fp8"):
-            raise ValueError(f"kv_cache_dtype must be auto, float32, float16, int8 or fp8, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "float32", "float16", "bfloat16", "int8", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be auto, float32, float16, bfloat16, int8 or fp8, got "
+                             f"{self.kv_cache_dtype!r}")
 
 
 @dataclass(frozen=True)

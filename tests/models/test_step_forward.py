@@ -171,16 +171,20 @@ def head64_checkpoint(tiny_checkpoint: Any, tmp_path_factory: pytest.TempPathFac
     return path
 
 
+@pytest.mark.parametrize("kv_cache_dtype, block_size", [("float16", 8), ("bfloat16", 8), ("bfloat16", 16)])
 @pytest.mark.parametrize("checkpoint", ["tiny", "head64"])
 def test_c_forward_bf16_agrees_with_layer_by_layer(tiny_checkpoint: Any, head64_checkpoint: Any,
-                                                   checkpoint: str) -> None:
+                                                   checkpoint: str, kv_cache_dtype: str, block_size: int) -> None:
     """bf16 weights (Bf16PanelLinear): the C forward rounds each product's float32 input to bf16, layer by
     layer the norms return bf16 (a float32 residual stream either way): bf16-rounding-sized differences. With
     64-dim heads on an AMX CPU the whole prompts (in mixed steps too) attend on AMX tiles where the plan says so,
-    in both paths."""
+    in both paths. A bfloat16 cache's pair-interleaved tiles are multiplied as they lie with 64-dim heads in blocks
+    of 16 on an AVX512-BF16 CPU, unpacked to float32 rows otherwise; both paths read the same cache."""
     path = tiny_checkpoint("llama") if checkpoint == "tiny" else head64_checkpoint
-    llm = LLM(dtype="bfloat16", kernels="c", model=str(path), block_size=8, kv_cache_memory=16 << 20)
+    llm = LLM(dtype="bfloat16", kernels="c", model=str(path), block_size=block_size, kv_cache_memory=16 << 20,
+              kv_cache_dtype=kv_cache_dtype)
     model = _model(llm)
+    assert model.layers[0].self_attn.attn.kv_cache[0].dtype == getattr(torch, kv_cache_dtype)
     assert _c_step(llm) is not None
     prompts = _prompts(model.config.vocab_size, (2, 5, 8, 16, 17, 40))
     with compared_with_layer_by_layer(llm, rel_tol=2e-2) as rows:

@@ -5,9 +5,11 @@ Cache layout per layer, for K and for V: [num_kv_heads, num_blocks, block_size, 
 the layout batched matmuls read, with no transposing copy; on CPU that copy cost as much as the
 attention itself.
 
-The cache holds the compute dtype, float16 under `--kv-cache-dtype float16`, or int8 rows with a
-per-position scale under `--kv-cache-dtype int8` (kernels/cpu/kv_cache.py; the last dim is then head_dim + 4),
-read back as the compute dtype; the C kernels convert as they load (kernels/cpu/kv_cache.h).
+The cache holds the compute dtype, float16 under `--kv-cache-dtype float16`, int8 rows with a
+per-position scale under `--kv-cache-dtype int8` (kernels/cpu/kv_cache.py; the last dim is then head_dim + 4), or
+bfloat16 tiles interleaved in pairs for the bf16 dot products under `--kv-cache-dtype bfloat16` (the default of a
+bfloat16 model where the CPU has them; kv_cache.py), read back as the compute dtype; the C kernels convert as they
+load (kernels/cpu/kv_cache.h), or multiply bf16 tiles as they lie.
 
 With the C kernels (kernels/cpu/, built on first use when a C compiler is present; float32 compute only),
 rotary embedding and the K/V write are one call (rotary_and_write_kv), decode rows (one query per
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.kernels.cpu.bf16_prompt_attention import AMX_ATTENTION_MAX_KEYS, bf16_prompt_attention
-from tokenmill.kernels.cpu.kv_cache import KV_DTYPES, kv_row_width, kv_values, quantize_kv_rows
+from tokenmill.kernels.cpu.kv_cache import KV_DTYPES, kv_row_width, kv_values, tiles_as_rows, write_kv_rows
 from tokenmill.kernels.cpu.layer_ops import applies as c_applies
 from tokenmill.kernels.cpu.layer_ops import layer_ops_available, rotary_write_kv
 from tokenmill.kernels.cpu.paged_attention import decode_kernel_available, paged_decode_attention
@@ -316,11 +318,8 @@ class TorchAttentionBackend:
     def write_kv(
         self, key: torch.Tensor, value: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> None:
-        for cache, new in zip(kv_cache, (key, value)):
-            num_kv_heads, _, _, row_width = cache.shape
-            rows = new.transpose(0, 1)
-            rows = quantize_kv_rows(rows) if cache.dtype == torch.int8 else rows.to(cache.dtype)
-            cache.view(num_kv_heads, -1, row_width).index_copy_(1, meta.slot_mapping, rows)
+        for is_value, (cache, new) in enumerate(zip(kv_cache, (key, value))):
+            write_kv_rows(cache, meta.slot_mapping, new.transpose(0, 1), bool(is_value))
 
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -368,17 +367,17 @@ class TorchAttentionBackend:
             if seq_len == q_len:  # no cached prefix: this step holds the whole context
                 out[rows] = _causal(query[rows], key[rows].transpose(0, 1), value[rows].transpose(0, 1), scale)
             else:
-                k = kv_values(_gather(kv_cache[0], meta.block_tables[i : i + 1], seq_len)[:, 0, :seq_len], query.dtype)
-                v = kv_values(_gather(kv_cache[1], meta.block_tables[i : i + 1], seq_len)[:, 0, :seq_len], query.dtype)
+                k, v = (kv_values(_gather(cache, meta.block_tables[i : i + 1], seq_len, bool(is_value))[:, 0, :seq_len],
+                                  query.dtype) for is_value, cache in enumerate(kv_cache))
                 out[rows] = _causal(query[rows], k, v, scale)
         return out
 
 
-def _gather(cache: torch.Tensor, tables: torch.Tensor, max_len: int) -> torch.Tensor:
-    """The first ceil(max_len / block_size) blocks of each table row: [Hkv, R, nblocks * block_size, row]."""
+def _gather(cache: torch.Tensor, tables: torch.Tensor, max_len: int, is_value: bool) -> torch.Tensor:
+    """The first ceil(max_len / block_size) blocks of each table row, as rows: [Hkv, R, nblocks * block_size, row]."""
     num_kv_heads, _, block_size, row_width = cache.shape
     num_blocks = -(-max_len // block_size)
-    blocks = cache.index_select(1, tables[:, :num_blocks].reshape(-1))
+    blocks = tiles_as_rows(cache.index_select(1, tables[:, :num_blocks].reshape(-1)), is_value)
     return blocks.view(num_kv_heads, tables.shape[0], num_blocks * block_size, row_width)
 
 
@@ -386,12 +385,12 @@ def _decode(
     query: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], chunk: _DecodeChunk, scale: float
 ) -> torch.Tensor:
     """One query row per request. query: [b, H, D] -> [b, H, D]."""
-    num_kv_heads, num_blocks, _, row_width = kv_cache[0].shape
+    num_kv_heads, num_blocks, block_size, row_width = kv_cache[0].shape
     shape = (num_kv_heads, chunk.num_reqs, chunk.padded_len, row_width)
-    k = kv_values(kv_cache[0].view(num_kv_heads * num_blocks, -1).index_select(0, chunk.gather_rows).view(shape),
-                  query.dtype)
-    v = kv_values(kv_cache[1].view(num_kv_heads * num_blocks, -1).index_select(0, chunk.gather_rows).view(shape),
-                  query.dtype)
+    tiles = (num_kv_heads, chunk.num_reqs, chunk.padded_len // block_size, block_size, row_width)
+    k, v = (kv_values(tiles_as_rows(cache.view(num_kv_heads * num_blocks, -1).index_select(0, chunk.gather_rows)
+                                    .view(tiles), bool(is_value)).view(shape), query.dtype)
+            for is_value, cache in enumerate(kv_cache))
     batch, num_heads, head_dim = query.shape
     q = query.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)  # [Hkv, b, G, D]
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [Hkv, b, G, S]

@@ -11,7 +11,7 @@ models/llama.py's forward. Both compute the same arithmetic; the C path only rem
 (about half of a batch-1 token's time on a 2-core CPU) and, for prompt steps, the other threads' waits
 while the host dispatches the ~10 OpenMP regions per layer.
 
-It applies on the CPU to float32 and bfloat16 models with a float32, float16 or int8 K/V cache
+It applies on the CPU to float32 and bfloat16 models with a float32, float16, int8 or bfloat16 K/V cache
 (kernels/cpu/kv_cache.py) in the torch backend's head-major layout, with projections that are
 layers/panel_linear.py's PanelLinear (float32) or Bf16PanelLinear (bf16 weights; activations stay float32
 and are rounded to bf16 at each product's input), quant/int8_cpu.py's Int8DynamicLinear or quant/int4_cpu.py's

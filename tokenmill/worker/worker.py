@@ -96,7 +96,9 @@ class Worker:
         if on_cpu:
             logger.info("machine: %s", detect_capabilities().summary())
         model = self._build_model(config, loaded, backend, family)
-        kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, backend, config.model.quantization)
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, backend, config.model.quantization,
+                                          config.cache.block_size, head_dim)
         self.plan: ExecutionPlan | None = (
             None if not on_cpu or config.parallel.compile else new_or_cached_plan(config, model, kv_dtype, tp))
         invariant = config.model.batch_invariant
@@ -185,7 +187,8 @@ class Worker:
         kv_spec = KVCacheSpec(
             num_layers=hf.num_hidden_layers, num_kv_heads=getattr(hf, "num_key_value_heads", hf.num_attention_heads),
             head_dim=head_dim, block_size=config.cache.block_size,
-            dtype=resolve_kv_cache_dtype(config.cache.kv_cache_dtype, dtype, backend, draft.quantization))
+            dtype=resolve_kv_cache_dtype(config.cache.kv_cache_dtype, dtype, backend, draft.quantization,
+                                         config.cache.block_size, head_dim))
         return loaded, kv_spec.bytes_per_block
 
     def _build_model(self, config: EngineConfig, loaded: LoadedModel, backend: str, family: str) -> torch.nn.Module:

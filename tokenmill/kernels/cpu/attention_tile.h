@@ -217,11 +217,194 @@ static inline int64_t tile_steps(int64_t n, int64_t group, int64_t head_dim, int
     return (n + 3) / 4 * ((group + HEADS_PER_TILE - 1) / HEADS_PER_TILE) * columns;
 }
 
+/* ---- KV_BF16 caches (kv_cache.h's pair-interleaved tiles) ----
+ * With AVX512-BF16, where block_size % 16 == 0 and head_dim % 32 == 0 (bf16_products): q . k as vdpbf16ps of a
+ * query pair (q_d, q_d+1) broadcast against a K column of 16 positions' (k_d, k_d+1), so no horizontal sums;
+ * p . v as vdpbf16ps of a probability pair (p_j, p_j+1) broadcast against 16 dims of V's (v_j, v_j+1). Queries and
+ * probabilities are rounded to bf16 (the products and sums stay float32). Elsewhere (no AVX512-BF16, other
+ * shapes) a tile is unpacked to float32 rows and the float32 tiles above run on it. */
+static inline int bf16_products(int64_t block_size, int64_t head_dim) {
+#if defined(__AVX512BF16__)
+    return block_size % 16 == 0 && head_dim % 32 == 0;
+#else
+    (void)block_size, (void)head_dim;
+    return 0;
+#endif
+}
+
+#if defined(__AVX512BF16__)
+/* Columns of 16 positions one q . k pass reads: each query pair's broadcast serves this many K loads. */
+#define BF16_QK_COLUMNS 4
+
+/* scores[g * stride + c * 16 + j] = q_g . k of position j of column c, for heads g < heads (a constant once
+ * inlined) and columns c < ncols (<= BF16_QK_COLUMNS); column c's pair d2 at cols[c] + d2 * col_stride (32-bit
+ * pairs); qp: the heads' queries as bf16 pairs, head_dim / 2 per head. Positions past valid (of the last column)
+ * are not stored. pf: ncols cursors, advanced once per 4 pairs. */
+static inline __attribute__((always_inline)) void bf16_qk_columns(
+    float *restrict scores, int64_t stride, const uint32_t *restrict qp, const uint32_t *const *cols, int ncols,
+    int64_t col_stride, int64_t valid, int heads, int64_t head_dim, prefetch_cursor *pf) {
+    __m512 acc[HEADS_PER_TILE][BF16_QK_COLUMNS];
+    for (int g = 0; g < heads; ++g)
+        for (int c = 0; c < BF16_QK_COLUMNS; ++c) acc[g][c] = _mm512_setzero_ps();
+    for (int64_t d2 = 0; d2 < head_dim / 2; ++d2) {
+        if ((d2 & 3) == 0)
+            for (int c = 0; c < ncols; ++c) prefetch_advance(&pf[c]);
+        __m512bh k[BF16_QK_COLUMNS];
+        for (int c = 0; c < BF16_QK_COLUMNS; ++c)
+            k[c] = (__m512bh)_mm512_loadu_si512(cols[c < ncols ? c : 0] + d2 * col_stride);
+        for (int g = 0; g < heads; ++g) {
+            const __m512bh qv = (__m512bh)_mm512_set1_epi32((int)qp[g * (head_dim / 2) + d2]);
+            for (int c = 0; c < BF16_QK_COLUMNS; ++c) acc[g][c] = _mm512_dpbf16_ps(acc[g][c], qv, k[c]);
+        }
+    }
+    const __mmask16 tail = valid >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << valid) - 1u);
+    for (int g = 0; g < heads; ++g)
+        for (int c = 0; c < ncols; ++c)
+            _mm512_mask_storeu_ps(scores + g * stride + c * 16, c == ncols - 1 ? tail : (__mmask16)0xffff, acc[g][c]);
+}
+
+/* range_scores over a KV_BF16 cache with bf16_products. */
+static void bf16_range_scores(float *restrict scores, const float *restrict q, const void *k_cache,
+                              const void *v_cache, const int64_t *table, int64_t head_base, int64_t start,
+                              int64_t end, int64_t group, int64_t block_size, int64_t head_dim) {
+    const int64_t len = end - start, tile_bytes = block_size * head_dim * 2, per_block = block_size / 16;
+    uint32_t qp[group * head_dim / 2];
+    for (int64_t i = 0; i < group * head_dim; i += 16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)qp + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(q + i)));
+    for (int64_t b = start / block_size; b < start / block_size + KV_PREFETCH_BLOCKS && b * block_size < end; ++b)
+        prefetch_tile(tile(k_cache, KV_BF16, head_base, table, b, block_size, head_dim), tile_bytes);
+    const int64_t num_cols = (len + 15) / 16;
+    for (int64_t c0 = 0; c0 < num_cols; c0 += BF16_QK_COLUMNS) {
+        const int ncols = num_cols - c0 < BF16_QK_COLUMNS ? (int)(num_cols - c0) : BF16_QK_COLUMNS;
+        const uint32_t *cols[BF16_QK_COLUMNS];
+        prefetch_cursor pf[BF16_QK_COLUMNS];
+        for (int c = 0; c < ncols; ++c) {
+            const int64_t b = (start + (c0 + c) * 16) / block_size, sub = (c0 + c) % per_block;
+            cols[c] = (const uint32_t *)tile(k_cache, KV_BF16, head_base, table, b, block_size, head_dim) + sub * 16;
+            /* a block's first column asks for the tile KV_PREFETCH_BLOCKS ahead, spread over this pass */
+            pf[c] = prefetch_spread(sub == 0 ? prefetch_target(k_cache, v_cache, KV_BF16, table, head_base, start,
+                                                               end, b, 0, block_size, head_dim)
+                                             : NULL,
+                                    tile_bytes, head_dim / 8);
+        }
+        const int64_t valid = len - (c0 + ncols - 1) * 16;
+        float *s = scores + c0 * 16;
+        FOR_HEAD_TILES(group, g0, heads,
+                       bf16_qk_columns(s + g0 * len, len, qp + g0 * (head_dim / 2), cols, ncols, block_size, valid,
+                                       heads, head_dim, pf))
+    }
+}
+
+/* out[g * out_stride + d] += sum_j p_g[j] v_j[d] over the n positions of one V tile (pairs of positions, 32-bit
+ * lanes: t) for heads g < heads (a constant once inlined): 64-dim (or 32-dim) columns in registers, each V vector
+ * loaded once for all heads. pp: the heads' probabilities as bf16 pairs, rows p_stride pairs apart; a last odd position's
+ * partner lanes are masked off (its probability is 0, but the cache past a request's end is not initialized). */
+static inline __attribute__((always_inline)) void bf16_pv_tile(float *restrict out, int64_t out_stride,
+                                                              const uint32_t *restrict pp, int64_t p_stride,
+                                                              const uint32_t *t, int64_t n, int heads,
+                                                              int64_t head_dim, prefetch_cursor *pf) {
+    const int64_t pairs = (n + 1) / 2;
+    for (int64_t d = 0; d < head_dim; d += 64) {
+        const int cols = head_dim - d >= 64 ? 4 : 2;
+        __m512 acc[HEADS_PER_TILE][4];
+        for (int g = 0; g < heads; ++g)
+            for (int c = 0; c < cols; ++c) acc[g][c] = _mm512_loadu_ps(out + g * out_stride + d + c * 16);
+        for (int64_t j2 = 0; j2 < pairs; ++j2) {
+            if ((j2 & 1) == 0) prefetch_advance(pf);
+            const __mmask32 keep = 2 * j2 + 1 < n ? (__mmask32)0xffffffffu : (__mmask32)0x55555555u;
+            __m512bh x[4];
+            for (int c = 0; c < cols; ++c)
+                x[c] = (__m512bh)_mm512_maskz_mov_epi16(keep, _mm512_loadu_si512(t + j2 * head_dim + d + c * 16));
+            for (int g = 0; g < heads; ++g) {
+                const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pp[g * p_stride + j2]);
+                for (int c = 0; c < cols; ++c) acc[g][c] = _mm512_dpbf16_ps(acc[g][c], w, x[c]);
+            }
+        }
+        for (int g = 0; g < heads; ++g)
+            for (int c = 0; c < cols; ++c) _mm512_storeu_ps(out + g * out_stride + d + c * 16, acc[g][c]);
+    }
+}
+
+/* range_weighted_sum over a KV_BF16 cache with bf16_products; rounds probs to bf16 in place first (row g's first
+ * len bf16 values, then a 0 for a last odd position's partner). */
+static void bf16_range_weighted_sum(float *restrict out, int64_t out_stride, float *restrict probs,
+                                    const void *v_cache, const int64_t *table, int64_t head_base, int64_t start,
+                                    int64_t end, int64_t group, int64_t block_size, int64_t head_dim) {
+    const int64_t len = end - start, tile_bytes = block_size * head_dim * 2;
+    for (int64_t g = 0; g < group; ++g) {
+        float *row = probs + g * len;
+        uint16_t *bf = (uint16_t *)row; /* writes [2i, 2i + 32) bytes after reading [4i, 4i + 64): in place */
+        for (int64_t i = 0; i < len; i += 16) {
+            const __mmask16 m = len - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (len - i)) - 1u);
+            _mm256_mask_storeu_epi16(bf + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, row + i)));
+        }
+        if (len & 1) bf[len] = 0; /* within the row: len < 2 * len */
+    }
+    for (int64_t pos = start; pos < end; pos += block_size) {
+        const int64_t b = pos / block_size, n = end - pos < block_size ? end - pos : block_size;
+        const uint32_t *t = (const uint32_t *)tile(v_cache, KV_BF16, head_base, table, b, block_size, head_dim);
+        prefetch_cursor pf = prefetch_spread(prefetch_target(NULL, v_cache, KV_BF16, table, head_base, start, end, b,
+                                                             1, block_size, head_dim),
+                                             tile_bytes, (n + 3) / 4 * ((group + HEADS_PER_TILE - 1) / HEADS_PER_TILE)
+                                                             * ((head_dim + 63) / 64));
+        const uint32_t *pp = (const uint32_t *)probs + (pos - start) / 2;
+        FOR_HEAD_TILES(group, g0, heads,
+                       bf16_pv_tile(out + g0 * out_stride, out_stride, pp + g0 * len, len, t, n, heads,
+                                    head_dim, &pf))
+    }
+}
+#endif
+
+/* range_scores / range_weighted_sum over a KV_BF16 cache without bf16_products: each tile unpacked to float32
+ * rows, then the float32 tiles. */
+static void bf16_unpacked_scores(float *restrict scores, const float *restrict q, const void *k_cache,
+                                 const int64_t *table, int64_t head_base, int64_t start, int64_t end, int64_t group,
+                                 int64_t block_size, int64_t head_dim) {
+    const int64_t len = end - start;
+    float rows[block_size * head_dim];
+    prefetch_cursor none = prefetch_spread(NULL, 0, 1);
+    for (int64_t pos = start; pos < end; pos += block_size) {
+        const int64_t n = end - pos < block_size ? end - pos : block_size;
+        unpack_bf16_tile(rows, tile(k_cache, KV_BF16, head_base, table, pos / block_size, block_size, head_dim), n,
+                         0, block_size, head_dim);
+        float *s = scores + pos - start;
+        FOR_HEAD_TILES(group, g0, heads,
+                       qk_tile(s + g0 * len, len, q + g0 * head_dim, rows, n, heads, head_dim, KV_F32, &none))
+    }
+}
+
+static void bf16_unpacked_weighted_sum(float *restrict out, int64_t out_stride, const float *restrict probs,
+                                       const void *v_cache, const int64_t *table, int64_t head_base, int64_t start,
+                                       int64_t end, int64_t group, int64_t block_size, int64_t head_dim) {
+    const int64_t len = end - start;
+    float rows[block_size * head_dim];
+    prefetch_cursor none = prefetch_spread(NULL, 0, 1);
+    for (int64_t pos = start; pos < end; pos += block_size) {
+        const int64_t n = end - pos < block_size ? end - pos : block_size;
+        unpack_bf16_tile(rows, tile(v_cache, KV_BF16, head_base, table, pos / block_size, block_size, head_dim), n,
+                         1, block_size, head_dim);
+        const float *p = probs + pos - start;
+        FOR_HEAD_TILES(group, g0, heads,
+                       pv_tile(out + g0 * out_stride, out_stride, p + g0 * len, len, rows, n, heads, head_dim, KV_F32,
+                               &none))
+    }
+}
+
 /* scores[g * (end - start) + j - start] = q_g . k_j for the group query heads and positions j in
  * [start, end) of one KV head (head_base = kv_head * num_blocks); start is a multiple of block_size. */
 static void range_scores(float *restrict scores, const float *restrict q, const void *k_cache, const void *v_cache,
                          int kv_type, const int64_t *table, int64_t head_base, int64_t start, int64_t end,
                          int64_t group, int64_t block_size, int64_t head_dim) {
+    if (kv_type == KV_BF16) {
+#if defined(__AVX512BF16__)
+        if (bf16_products(block_size, head_dim)) {
+            bf16_range_scores(scores, q, k_cache, v_cache, table, head_base, start, end, group, block_size, head_dim);
+            return;
+        }
+#endif
+        bf16_unpacked_scores(scores, q, k_cache, table, head_base, start, end, group, block_size, head_dim);
+        return;
+    }
     const int64_t len = end - start, tile_bytes = block_size * kv_row_bytes(kv_type, head_dim);
     for (int64_t b = start / block_size; b < start / block_size + KV_PREFETCH_BLOCKS && b * block_size < end; ++b)
         prefetch_tile(tile(k_cache, kv_type, head_base, table, b, block_size, head_dim), tile_bytes);
@@ -283,10 +466,22 @@ static inline float exp_scores(float *s, int64_t len, float scale, float *max_ou
 }
 
 /* out[g * out_stride + d] += sum_j p_g[j] v_j[d] over positions j in [start, end) (range_scores' layout
- * for p) of one KV head. */
-static void range_weighted_sum(float *restrict out, int64_t out_stride, const float *restrict probs,
+ * for p) of one KV head. KV_BF16 with bf16_products rounds probs to bf16 in place (bf16_range_weighted_sum). */
+static void range_weighted_sum(float *restrict out, int64_t out_stride, float *restrict probs,
                                const void *v_cache, int kv_type, const int64_t *table, int64_t head_base,
                                int64_t start, int64_t end, int64_t group, int64_t block_size, int64_t head_dim) {
+    if (kv_type == KV_BF16) {
+#if defined(__AVX512BF16__)
+        if (bf16_products(block_size, head_dim)) {
+            bf16_range_weighted_sum(out, out_stride, probs, v_cache, table, head_base, start, end, group, block_size,
+                                    head_dim);
+            return;
+        }
+#endif
+        bf16_unpacked_weighted_sum(out, out_stride, probs, v_cache, table, head_base, start, end, group, block_size,
+                                   head_dim);
+        return;
+    }
     const int64_t len = end - start, tile_bytes = block_size * kv_row_bytes(kv_type, head_dim);
     for (int64_t pos = start; pos < end; pos += block_size) {
         const int64_t b = pos / block_size;

@@ -38,7 +38,8 @@ def _cache_dir() -> Path:
     return Path(base) / "tokenmill" / "kernels"
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """This CPU's /proc/cpuinfo flags line ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((line for line in f if line.startswith("flags")), "")
@@ -77,7 +78,7 @@ def load_kernel_library(name: str) -> ctypes.CDLL | None:
         version = _compiler_version(compiler)
         headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]
         key = hashlib.sha256(
-            "\0".join([source.read_text(), *headers, *_cflags(), version, _cpu_flags()]).encode()).hexdigest()[:16]
+            "\0".join([source.read_text(), *headers, *_cflags(), version, cpu_flags()]).encode()).hexdigest()[:16]
         target = _cache_dir() / f"{name}-{key}.so"
         if not target.exists():
             _compile(compiler, source, target)

@@ -8,9 +8,18 @@
  *   KV_I8:  head_dim int8 q then one float32 scale s (unaligned), x ~= s * q with q in [-127, 127] and
  *           s = max |x| * (1 / 127) per position and head (symmetric, q = x * (1 / s) rounded to nearest
  *           even).
+ *   KV_BF16: bfloat16 (rounded to nearest even), and not by rows: a tile's values are interleaved in pairs, the
+ *           operand order of AVX512-BF16's vdpbf16ps and of AMX-BF16's B tiles, so the products read the cache as
+ *           it lies (attention_tile.h's bf16_* functions):
+ *             K tile [head_dim / 2][block_size][2]: position j's dims d, d + 1 share a 32-bit pair, and each
+ *               pair of dims runs down all positions (a 16-position column is one vdpbf16ps operand of q . k);
+ *             V tile [block_size / 2][head_dim][2]: positions j, j + 1 share a pair, each pair of positions
+ *               runs across all dims (16 dims of it: one operand of the probability-weighted sum).
+ *           block_size and head_dim are even (kv_cache.py checks). bf16_index gives an element's place.
  * Loads (load_kv8) return float32 values *without* the int8 scale: the readers apply kv_row_scale once per
  * row (to a dot product, or to a softmax weight). Arithmetic is float32 throughout. kv_type is a constant
- * once inlined. head_dim % 8 == 0 for KV_F16 and KV_I8.
+ * once inlined. head_dim % 8 == 0 for KV_F16, KV_I8 and KV_BF16. load_kv8, load_kv16 and load_kv_row read rows,
+ * so not KV_BF16's tiles: its readers unpack a tile first (unpack_bf16_tile) or use the bf16 products.
  */
 #ifndef TM_KV_CACHE_H
 #define TM_KV_CACHE_H
@@ -19,15 +28,16 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "vec8.h"
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-enum { KV_F32 = 0, KV_F16 = 1, KV_I8 = 2 };
+enum { KV_F32 = 0, KV_F16 = 1, KV_I8 = 2, KV_BF16 = 3 };
 
 /* Bytes of one element, and elements (int8: bytes) of one row, scale included. */
-static inline int64_t kv_elem_bytes(int kv_type) { return kv_type == KV_F32 ? 4 : kv_type == KV_F16 ? 2 : 1; }
+static inline int64_t kv_elem_bytes(int kv_type) { return kv_type == KV_F32 ? 4 : kv_type == KV_I8 ? 1 : 2; }
 static inline int64_t kv_row_elems(int kv_type, int64_t head_dim) {
     return kv_type == KV_I8 ? head_dim + (int64_t)sizeof(float) : head_dim;
 }
@@ -97,10 +107,34 @@ static inline __attribute__((always_inline)) float kv_row_scale(const void *base
     return s;
 }
 
-/* The head_dim float32 values of src into row `row` (counted from cache) of the cache. */
-static inline void store_kv_row(void *cache, int64_t row, const float *src, int64_t head_dim, int kv_type) {
+/* The place of position j's element d in a KV_BF16 tile of K (is_value 0) or V (1), in elements. */
+static inline int64_t bf16_index(int is_value, int64_t j, int64_t d, int64_t block_size, int64_t head_dim) {
+    return is_value ? ((j >> 1) * head_dim + d) * 2 + (j & 1) : ((d >> 1) * block_size + j) * 2 + (d & 1);
+}
+
+/* out[d] = position j's element d of a KV_BF16 tile t, as float32. */
+static inline void unpack_bf16_row(float *restrict out, const void *t, int64_t j, int is_value, int64_t block_size,
+                                   int64_t head_dim) {
+    for (int64_t d = 0; d < head_dim; ++d)
+        out[d] = bf16_to_f32(((const uint16_t *)t)[bf16_index(is_value, j, d, block_size, head_dim)]);
+}
+
+/* out[j * head_dim + d] = position j's element d, as float32, for the first n positions of a KV_BF16 tile. */
+static inline void unpack_bf16_tile(float *restrict out, const void *t, int64_t n, int is_value, int64_t block_size,
+                                    int64_t head_dim) {
+    for (int64_t j = 0; j < n; ++j) unpack_bf16_row(out + j * head_dim, t, j, is_value, block_size, head_dim);
+}
+
+/* The head_dim float32 values of src into row `row` (counted from cache: the slot (KV head, block) * block_size +
+ * position) of the K (is_value 0) or V (1) cache. */
+static inline void store_kv_row(void *cache, int64_t row, const float *src, int64_t head_dim, int kv_type,
+                                int64_t block_size, int is_value) {
     char *dst = (char *)cache + row * kv_row_bytes(kv_type, head_dim);
-    if (kv_type == KV_F32) {
+    if (kv_type == KV_BF16) {
+        uint16_t *t = (uint16_t *)cache + row / block_size * block_size * head_dim;
+        const int64_t j = row % block_size;
+        for (int64_t d = 0; d < head_dim; ++d) t[bf16_index(is_value, j, d, block_size, head_dim)] = f32_to_bf16(src[d]);
+    } else if (kv_type == KV_F32) {
         memcpy(dst, src, (size_t)head_dim * sizeof(float));
     } else if (kv_type == KV_F16) {
 #if defined(__F16C__)

@@ -75,12 +75,12 @@ void tm_silu_and_mul_bf16(uint16_t *out, const uint16_t *x, int64_t num_rows, in
 
 /* qkv: [num_rows, row_stride], each row [q (num_heads * D) | k (num_kv_heads * D) | v (num_kv_heads * D) ...].
  * Writes rotated q to q_out ([num_rows, num_heads, D] contiguous), rotates k in place, and stores k and v
- * at slot slots[t] of the head-major caches ([num_kv_heads, slots_per_head, row], rows of kv_type, kv_cache.h;
- * D % 8 == 0 unless KV_F32). cos/sin: [num_rows, D]. */
+ * at slot slots[t] of the head-major caches ([num_kv_heads, slots_per_head, row], rows of kv_type, kv_cache.h, in
+ * blocks of block_size; D % 8 == 0 unless KV_F32). cos/sin: [num_rows, D]. */
 void tm_rotary_write_kv(float *q_out, float *qkv, int64_t row_stride, const float *cos, const float *sin,
                         void *k_cache, void *v_cache, int kv_type, const int64_t *slots, int64_t num_rows,
-                        int64_t num_heads,
-                        int64_t num_kv_heads, int64_t head_dim, int64_t slots_per_head, int num_threads) {
+                        int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t slots_per_head,
+                        int64_t block_size, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if (num_rows >= PARALLEL_MIN_ROWS)
     for (int64_t t = 0; t < num_rows; ++t) {
         float *row = qkv + t * row_stride;
@@ -92,8 +92,8 @@ void tm_rotary_write_kv(float *q_out, float *qkv, int64_t row_stride, const floa
             float *kh = k + h * head_dim;
             rotate_head(kh, kh, c, s, head_dim);
             const int64_t dst = h * slots_per_head + slots[t];
-            store_kv_row(k_cache, dst, kh, head_dim, kv_type);
-            store_kv_row(v_cache, dst, v + h * head_dim, head_dim, kv_type);
+            store_kv_row(k_cache, dst, kh, head_dim, kv_type, block_size, 0);
+            store_kv_row(v_cache, dst, v + h * head_dim, head_dim, kv_type, block_size, 1);
         }
     }
 }

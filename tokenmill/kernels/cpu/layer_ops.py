@@ -25,7 +25,7 @@ def _lib() -> ctypes.CDLL | None:
         return None
     lib.tm_rms_norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _f32, _i64, _i64, _int]
     lib.tm_silu_and_mul.argtypes = [_ptr, _ptr, _i64, _i64, _int]
-    lib.tm_rotary_write_kv.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _int, _ptr] + [_i64] * 5 + [_int]
+    lib.tm_rotary_write_kv.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _int, _ptr] + [_i64] * 6 + [_int]
     lib.tm_rms_norm_bf16.argtypes = [_ptr, _ptr, _int, _ptr, _ptr, _f32, _i64, _i64, _int]
     lib.tm_silu_and_mul_bf16.argtypes = [_ptr, _ptr, _i64, _i64, _int]
     for fn in (lib.tm_rms_norm, lib.tm_silu_and_mul, lib.tm_rotary_write_kv, lib.tm_rms_norm_bf16,
@@ -94,8 +94,9 @@ def rotary_write_kv(
 ) -> torch.Tensor:
     """qkv: [T, >= (num_heads + 2 * num_kv_heads) * head_dim] contiguous; cos/sin: [T, head_dim].
     Rotates k in place inside qkv, stores k and v at their slots of the head-major cache
-    ([num_kv_heads, num_blocks, block_size, row], float32, or float16 / int8 rows (kernels/cpu/kv_cache.py,
-    head_dim % 8 == 0) rounded to nearest) and returns the rotated q, [T, num_heads, head_dim]."""
+    ([num_kv_heads, num_blocks, block_size, row], float32, or float16 / int8 rows or bfloat16 pair-interleaved tiles
+    (kernels/cpu/kv_cache.py, head_dim % 8 == 0) rounded to nearest) and returns the rotated q, [T, num_heads,
+    head_dim]."""
     kv_type = kv_type_code(kv_cache)
     if kv_type and head_dim % 8:
         raise ValueError(f"a {kv_cache[0].dtype} K/V cache needs head_dim % 8 == 0, got {head_dim}")
@@ -108,5 +109,5 @@ def rotary_write_kv(
     _lib().tm_rotary_write_kv(
         q.data_ptr(), qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
         v_cache.data_ptr(), kv_type, slot_mapping.data_ptr(), num_rows, num_heads, num_kv_heads, head_dim,
-        slots_per_head, torch.get_num_threads())
+        slots_per_head, k_cache.shape[2], torch.get_num_threads())
     return q

@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from tokenmill.kernels.cpu.build import load_kernel_library
+from tokenmill.kernels.cpu.build import cpu_flags, load_kernel_library
 from tokenmill.kernels.cpu.kv_cache import cache_head_dim, kv_type_code
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
@@ -26,6 +26,14 @@ def _kernel() -> ctypes._CFuncPtr | None:
 
 def decode_kernel_available() -> bool:
     return _kernel() is not None
+
+
+def bf16_cache_products(block_size: int, head_dim: int) -> bool:
+    """Whether the decode kernels multiply a bfloat16 cache's tiles as they lie, on AVX512-BF16 (attention_tile.h's
+    bf16_products: the kernels are built with -march=native, so the CPU's flag decides), rather than unpacking them
+    to float32 rows first."""
+    return (block_size % 16 == 0 and head_dim % 32 == 0 and "avx512_bf16" in cpu_flags().split()
+            and decode_kernel_available())
 
 
 def paged_decode_attention(

@@ -114,6 +114,8 @@ static void attend_block(float *out, const float *query, int64_t q_stride, const
     const int64_t m_rows = group * t->rows, d = head_dim;
     float *qbuf = scratch, *obuf = qbuf + m_rows * d, *scores = obuf + m_rows * d, *kt = scores + m_rows * PANEL;
     float *row_max = kt + d * PANEL, *row_sum = row_max + m_rows, *vbuf = row_sum + m_rows; /* vbuf: not KV_F32 */
+    float *kbuf = vbuf + d * PANEL; /* KV_BF16's K rows, unpacked */
+    const int k_type = kv_type == KV_BF16 ? KV_F32 : kv_type; /* how transpose_keys reads krows */
     const float *vrows[PANEL];
     const int64_t first_pos = seq_len - q_len + t->row0; /* position of the block's first query row */
     /* Query vector m = j * group + g: row j of the block, head kv_head * group + g; pre-scaled. */
@@ -141,14 +143,20 @@ static void attend_block(float *out, const float *query, int64_t q_stride, const
             const void *v = tile(v_cache, kv_type, head_base, table, pos / block_size, block_size, d);
             krows[c] = tile(k_cache, kv_type, head_base, table, pos / block_size, block_size, d);
             offsets[c] = offset;
-            if (kv_type != KV_F32) { /* the chunk's V rows as float32, for weighted_rows */
+            if (kv_type == KV_BF16) { /* pair-interleaved tiles: both rows unpacked to float32 */
+                unpack_bf16_row(kbuf + c * d, krows[c], pos % block_size, 0, block_size, d);
+                unpack_bf16_row(vbuf + c * d, v, pos % block_size, 1, block_size, d);
+                krows[c] = kbuf + c * d;
+                offsets[c] = 0;
+                vrows[c] = vbuf + c * d;
+            } else if (kv_type != KV_F32) { /* the chunk's V rows as float32, for weighted_rows */
                 load_kv_row(vbuf + c * d, v, offset, d, kv_type);
                 vrows[c] = vbuf + c * d;
             } else {
                 vrows[c] = (const float *)v + offset;
             }
         }
-        transpose_keys(kt, krows, offsets, d, kv_type);
+        transpose_keys(kt, krows, offsets, d, k_type);
         panel_rows(scores, PANEL, qbuf, d, kt, NULL, PANEL, d, d, m_rows, 0);
         for (int64_t m = 0; m < m_rows; ++m) {
             /* Row m (query row j = m / group) sees chunk positions c <= first_pos + j - c0. */
@@ -203,7 +211,7 @@ static void attend_block(float *out, const float *query, int64_t q_stride, const
 /* Floats of scratch one thread needs for attend_block. */
 static inline int64_t prefill_scratch_floats(int64_t group, int64_t head_dim) {
     const int64_t m_max = group * Q_BLOCK;
-    return 2 * m_max * head_dim + m_max * PANEL + 2 * head_dim * PANEL + 2 * m_max + 16;
+    return 2 * m_max * head_dim + m_max * PANEL + 3 * head_dim * PANEL + 2 * m_max + 16;
 }
 
 /* Number of attend_block tasks for requests of q_lens[0 .. num_reqs). */

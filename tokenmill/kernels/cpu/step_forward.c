@@ -597,8 +597,8 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 for (int64_t h = 0; h < num_kv_heads; ++h) {
                     rotate_head(k + h * D, k + h * D, c, s, D);
                     const int64_t dst = h * slots_per_head + slots[r];
-                    store_kv_row(ly->k_cache, dst, k + h * D, D, (int)m->kv_type);
-                    store_kv_row(ly->v_cache, dst, v + h * D, D, (int)m->kv_type);
+                    store_kv_row(ly->k_cache, dst, k + h * D, D, (int)m->kv_type, m->block_size, 0);
+                    store_kv_row(ly->v_cache, dst, v + h * D, D, (int)m->kv_type, m->block_size, 1);
                 }
             }
             END_PHASE(TM_PHASE_ROTARY_KV)
