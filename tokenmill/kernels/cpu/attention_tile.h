@@ -189,13 +189,13 @@ static inline void prefetch_tile(const void *p, int64_t nbytes) {
  * layer; spread over the block's compute (prefetch_cursor) 1, 2, 4 and 8 blocks ahead, 1.41, 1.36, 1.38, 1.37. */
 #define KV_PREFETCH_BLOCKS 2
 
-/* The tile a range's reader asks for while it computes on block b of [start, end): the K tile
- * KV_PREFETCH_BLOCKS blocks ahead, past the range's last K block the first V tiles (the weighted sum reads
- * them next); for the weighted sum (v_phase), the V tile that far ahead; NULL past the end. */
+/* The tile a range's reader asks for while it computes on block b of [start, end): the K tile `distance` blocks
+ * ahead (KV_PREFETCH_BLOCKS, or a pass's width), past the range's last K block the first V tiles (the weighted sum
+ * reads them next); for the weighted sum (v_phase), the V tile that far ahead; NULL past the end. */
 static inline const void *prefetch_target(const void *k_cache, const void *v_cache, int kv_type, const int64_t *table,
                                           int64_t head_base, int64_t start, int64_t end, int64_t b, int v_phase,
-                                          int64_t block_size, int64_t head_dim) {
-    const int64_t first = start / block_size, last = (end - 1) / block_size, ahead = b + KV_PREFETCH_BLOCKS;
+                                          int64_t block_size, int64_t head_dim, int64_t distance) {
+    const int64_t first = start / block_size, last = (end - 1) / block_size, ahead = b + distance;
     if (ahead <= last) return tile(v_phase ? v_cache : k_cache, kv_type, head_base, table, ahead, block_size, head_dim);
     if (v_phase || ahead - last - 1 + first > last) return NULL;
     return tile(v_cache, kv_type, head_base, table, ahead - last - 1 + first, block_size, head_dim);
@@ -271,7 +271,10 @@ static void bf16_range_scores(float *restrict scores, const float *restrict q, c
     uint32_t qp[group * head_dim / 2];
     for (int64_t i = 0; i < group * head_dim; i += 16)
         _mm256_storeu_si256((__m256i *)((uint16_t *)qp + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(q + i)));
-    for (int64_t b = start / block_size; b < start / block_size + KV_PREFETCH_BLOCKS && b * block_size < end; ++b)
+    /* a pass reads BF16_QK_COLUMNS columns: it asks for the next pass's blocks (at least KV_PREFETCH_BLOCKS ahead) */
+    const int64_t pass_blocks = (BF16_QK_COLUMNS + per_block - 1) / per_block;
+    const int64_t distance = pass_blocks > KV_PREFETCH_BLOCKS ? pass_blocks : KV_PREFETCH_BLOCKS;
+    for (int64_t b = start / block_size; b < start / block_size + distance && b * block_size < end; ++b)
         prefetch_tile(tile(k_cache, KV_BF16, head_base, table, b, block_size, head_dim), tile_bytes);
     const int64_t num_cols = (len + 15) / 16;
     for (int64_t c0 = 0; c0 < num_cols; c0 += BF16_QK_COLUMNS) {
@@ -283,7 +286,7 @@ static void bf16_range_scores(float *restrict scores, const float *restrict q, c
             cols[c] = (const uint32_t *)tile(k_cache, KV_BF16, head_base, table, b, block_size, head_dim) + sub * 16;
             /* a block's first column asks for the tile KV_PREFETCH_BLOCKS ahead, spread over this pass */
             pf[c] = prefetch_spread(sub == 0 ? prefetch_target(k_cache, v_cache, KV_BF16, table, head_base, start,
-                                                               end, b, 0, block_size, head_dim)
+                                                               end, b, 0, block_size, head_dim, distance)
                                              : NULL,
                                     tile_bytes, head_dim / 8);
         }
@@ -297,8 +300,9 @@ static void bf16_range_scores(float *restrict scores, const float *restrict q, c
 
 /* out[g * out_stride + d] += sum_j p_g[j] v_j[d] over the n positions of one V tile (pairs of positions, 32-bit
  * lanes: t) for heads g < heads (a constant once inlined): 64-dim (or 32-dim) columns in registers, each V vector
- * loaded once for all heads. pp: the heads' probabilities as bf16 pairs, rows p_stride pairs apart; a last odd position's
- * partner lanes are masked off (its probability is 0, but the cache past a request's end is not initialized). */
+ * loaded once for all heads. pp: the heads' probabilities as bf16 pairs, rows p_stride pairs apart; a last odd
+ * position's partner lanes are masked off (its probability is 0, but the cache past a request's end is not
+ * initialized). */
 static inline __attribute__((always_inline)) void bf16_pv_tile(float *restrict out, int64_t out_stride,
                                                               const uint32_t *restrict pp, int64_t p_stride,
                                                               const uint32_t *t, int64_t n, int heads,
@@ -344,7 +348,7 @@ static void bf16_range_weighted_sum(float *restrict out, int64_t out_stride, flo
         const int64_t b = pos / block_size, n = end - pos < block_size ? end - pos : block_size;
         const uint32_t *t = (const uint32_t *)tile(v_cache, KV_BF16, head_base, table, b, block_size, head_dim);
         prefetch_cursor pf = prefetch_spread(prefetch_target(NULL, v_cache, KV_BF16, table, head_base, start, end, b,
-                                                             1, block_size, head_dim),
+                                                             1, block_size, head_dim, KV_PREFETCH_BLOCKS),
                                              tile_bytes, (n + 3) / 4 * ((group + HEADS_PER_TILE - 1) / HEADS_PER_TILE)
                                                              * ((head_dim + 63) / 64));
         const uint32_t *pp = (const uint32_t *)probs + (pos - start) / 2;
@@ -413,7 +417,7 @@ static void range_scores(float *restrict scores, const float *restrict q, const 
         const void *k = tile(k_cache, kv_type, head_base, table, b, block_size, head_dim);
         const int64_t n = end - pos < block_size ? end - pos : block_size;
         prefetch_cursor pf = prefetch_spread(prefetch_target(k_cache, v_cache, kv_type, table, head_base, start, end,
-                                                             b, 0, block_size, head_dim),
+                                                             b, 0, block_size, head_dim, KV_PREFETCH_BLOCKS),
                                              tile_bytes, tile_steps(n, group, head_dim, 0));
         float *s = scores + pos - start;
 #define TM_QK_TILES(kind) \
@@ -488,7 +492,7 @@ static void range_weighted_sum(float *restrict out, int64_t out_stride, float *r
         const void *v = tile(v_cache, kv_type, head_base, table, b, block_size, head_dim);
         const int64_t n = end - pos < block_size ? end - pos : block_size;
         prefetch_cursor pf = prefetch_spread(prefetch_target(NULL, v_cache, kv_type, table, head_base, start, end, b, 1,
-                                                             block_size, head_dim),
+                                                             block_size, head_dim, KV_PREFETCH_BLOCKS),
                                              tile_bytes, tile_steps(n, group, head_dim, 1));
         const float *p = probs + pos - start;
 #define TM_PV_TILES(kind)                                                                                 \

@@ -131,9 +131,16 @@ static inline void store_kv_row(void *cache, int64_t row, const float *src, int6
                                 int64_t block_size, int is_value) {
     char *dst = (char *)cache + row * kv_row_bytes(kv_type, head_dim);
     if (kv_type == KV_BF16) {
-        uint16_t *t = (uint16_t *)cache + row / block_size * block_size * head_dim;
+        uint16_t *t = (uint16_t *)cache + row / block_size * block_size * head_dim, h[head_dim];
         const int64_t j = row % block_size;
-        for (int64_t d = 0; d < head_dim; ++d) t[bf16_index(is_value, j, d, block_size, head_dim)] = f32_to_bf16(src[d]);
+        f32_row_to_bf16(h, src, head_dim);
+        if (is_value) { /* every other element of the pair row (j, j + 1) */
+            uint16_t *dst = t + (j >> 1) * head_dim * 2 + (j & 1);
+            for (int64_t d = 0; d < head_dim; ++d) dst[2 * d] = h[d];
+        } else { /* dim pairs, block_size pairs apart */
+            uint32_t *dst = (uint32_t *)t + j;
+            for (int64_t i = 0; i < head_dim / 2; ++i) memcpy(dst + i * block_size, h + 2 * i, sizeof(uint32_t));
+        }
     } else if (kv_type == KV_F32) {
         memcpy(dst, src, (size_t)head_dim * sizeof(float));
     } else if (kv_type == KV_F16) {

@@ -82,7 +82,8 @@ def write_kv_rows(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, 
         check_bf16_tiles(block_size, row_width)
         places = bf16_tile_places(block_size, row_width, is_value, cache.device)[slots % block_size]  # [n, D]
         places = places + (slots // block_size * (block_size * row_width)).unsqueeze(1)
-        cache.view(num_kv_heads, -1).index_copy_(1, places.reshape(-1), rows.to(torch.bfloat16).reshape(num_kv_heads, -1))
+        values = rows.to(torch.bfloat16).reshape(num_kv_heads, -1)
+        cache.view(num_kv_heads, -1).index_copy_(1, places.reshape(-1), values)
         return
     rows = quantize_kv_rows(rows) if cache.dtype == torch.int8 else rows.to(cache.dtype)
     cache.view(num_kv_heads, -1, row_width).index_copy_(1, slots, rows)

@@ -107,6 +107,30 @@ static inline void transpose_keys(float *kt, const void *const *krows, const int
         }
 }
 
+#if defined(__AVX512F__)
+/* A KV_BF16 chunk of n <= PANEL positions from position j0 of one block (block_size % PANEL == 0, head_dim % 16 ==
+ * 0): its keys as the [head_dim][PANEL] panel (a K tile's dim pair over 16 positions is one vector: low halves dim
+ * 2i, high 2i + 1; zero past n) and its values as float32 rows vbuf[c * head_dim + d] (a V tile's pair row:
+ * positions 2p, 2p + 1). */
+static inline void unpack_bf16_chunk(float *restrict kt, float *restrict vbuf, const void *k_tile, const void *v_tile,
+                                     int64_t j0, int64_t n, int64_t block_size, int64_t head_dim) {
+    const __mmask16 live = n >= PANEL ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u);
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    const uint32_t *k = (const uint32_t *)k_tile + j0, *v = (const uint32_t *)v_tile + (j0 >> 1) * head_dim;
+    for (int64_t i = 0; i < head_dim / 2; ++i) {
+        const __m512i x = _mm512_maskz_loadu_epi32(live, k + i * block_size);
+        _mm512_storeu_si512(kt + 2 * i * PANEL, _mm512_slli_epi32(x, 16));
+        _mm512_storeu_si512(kt + (2 * i + 1) * PANEL, _mm512_and_si512(x, high));
+    }
+    for (int64_t p = 0; 2 * p < n; ++p)
+        for (int64_t d = 0; d < head_dim; d += 16) {
+            const __m512i x = _mm512_loadu_si512(v + p * head_dim + d);
+            _mm512_storeu_si512(vbuf + 2 * p * head_dim + d, _mm512_slli_epi32(x, 16));
+            _mm512_storeu_si512(vbuf + (2 * p + 1) * head_dim + d, _mm512_and_si512(x, high));
+        }
+}
+#endif
+
 static void attend_block(float *out, const float *query, int64_t q_stride, const void *k_cache, const void *v_cache,
                          int kv_type, const int64_t *table, int64_t seq_len, int64_t q_len, const attention_task *t,
                          int64_t num_heads, int64_t group, int64_t num_blocks, int64_t block_size, int64_t head_dim,
@@ -116,6 +140,11 @@ static void attend_block(float *out, const float *query, int64_t q_stride, const
     float *row_max = kt + d * PANEL, *row_sum = row_max + m_rows, *vbuf = row_sum + m_rows; /* vbuf: not KV_F32 */
     float *kbuf = vbuf + d * PANEL; /* KV_BF16's K rows, unpacked */
     const int k_type = kv_type == KV_BF16 ? KV_F32 : kv_type; /* how transpose_keys reads krows */
+#if defined(__AVX512F__)
+    const int bf16_chunk = kv_type == KV_BF16 && block_size % PANEL == 0 && head_dim % 16 == 0;
+#else
+    const int bf16_chunk = 0;
+#endif
     const float *vrows[PANEL];
     const int64_t first_pos = seq_len - q_len + t->row0; /* position of the block's first query row */
     /* Query vector m = j * group + g: row j of the block, head kv_head * group + g; pre-scaled. */
@@ -143,12 +172,13 @@ static void attend_block(float *out, const float *query, int64_t q_stride, const
             const void *v = tile(v_cache, kv_type, head_base, table, pos / block_size, block_size, d);
             krows[c] = tile(k_cache, kv_type, head_base, table, pos / block_size, block_size, d);
             offsets[c] = offset;
-            if (kv_type == KV_BF16) { /* pair-interleaved tiles: both rows unpacked to float32 */
+            if (kv_type == KV_BF16) { /* pair-interleaved tiles: both rows as float32 */
+                vrows[c] = vbuf + c * d;
+                if (bf16_chunk) continue; /* unpack_bf16_chunk, below */
                 unpack_bf16_row(kbuf + c * d, krows[c], pos % block_size, 0, block_size, d);
                 unpack_bf16_row(vbuf + c * d, v, pos % block_size, 1, block_size, d);
                 krows[c] = kbuf + c * d;
                 offsets[c] = 0;
-                vrows[c] = vbuf + c * d;
             } else if (kv_type != KV_F32) { /* the chunk's V rows as float32, for weighted_rows */
                 load_kv_row(vbuf + c * d, v, offset, d, kv_type);
                 vrows[c] = vbuf + c * d;
@@ -156,7 +186,12 @@ static void attend_block(float *out, const float *query, int64_t q_stride, const
                 vrows[c] = (const float *)v + offset;
             }
         }
-        transpose_keys(kt, krows, offsets, d, k_type);
+        if (bf16_chunk) /* the chunk lies in one block: K pairs are a panel already, V pairs rows */
+            unpack_bf16_chunk(kt, vbuf, tile(k_cache, KV_BF16, head_base, table, c0 / block_size, block_size, d),
+                              tile(v_cache, KV_BF16, head_base, table, c0 / block_size, block_size, d),
+                              c0 % block_size, n, block_size, d);
+        else
+            transpose_keys(kt, krows, offsets, d, k_type);
         panel_rows(scores, PANEL, qbuf, d, kt, NULL, PANEL, d, d, m_rows, 0);
         for (int64_t m = 0; m < m_rows; ++m) {
             /* Row m (query row j = m / group) sees chunk positions c <= first_pos + j - c0. */

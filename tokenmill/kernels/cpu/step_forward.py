@@ -150,7 +150,7 @@ class StepForwardKernel:
         hidden = final_norm.shape[0]
         intermediate = layers[0].down.shape[1]
         num_kv_heads_, num_blocks, block_size, _ = layers[0].kv_cache[0].shape
-        kv_type = kv_type_code(layers[0].kv_cache)  # float32, float16, int8 or bfloat16 caches (kernels/cpu/kv_cache.py)
+        kv_type = kv_type_code(layers[0].kv_cache)  # float32, float16, int8 or bfloat16 (kernels/cpu/kv_cache.py)
         if cache_head_dim(layers[0].kv_cache[0]) != head_dim:
             raise ValueError(f"decode step: the K/V cache holds heads of {cache_head_dim(layers[0].kv_cache[0])}, "
                              f"the model {head_dim}")
