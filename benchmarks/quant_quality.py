@@ -14,7 +14,8 @@ The perplexity change of the one fixed text moves by ~0.7 points between runs of
     .venv/bin/python benchmarks/quant_quality.py --quantization int8 [--kv-cache-dtype int8]
         [--int8-activation-bits 7] [--max-tokens 64]
         [--decode-speed 5] [--output-json PATH]
-    (--quantization none --kv-cache-dtype int8: the cache's own error)
+    (--quantization none --kv-cache-dtype int8: the cache's own error; --quantization none --dtype bfloat16
+     [--kv-cache-dtype float16|bfloat16]: a bf16 model's)
 """
 
 from __future__ import annotations
@@ -103,18 +104,18 @@ def decode_speed(base: LLM, quant: LLM, repetitions: int) -> dict[str, float]:
 
 
 def evaluate(quantization: str, max_tokens: int, speed_repetitions: int = 0,
-             kv_cache_dtype: str = "auto", int8_activation_bits: int = 8) -> dict[str, Any]:
-    base = LLM(num_blocks=1024)
+             kv_cache_dtype: str = "auto", int8_activation_bits: int = 8, dtype: str = "auto") -> dict[str, Any]:
+    base = LLM(num_blocks=1024, dtype="float32")  # `auto` is bf16 where the CPU multiplies bf16 natively
     reference = greedy(base, max_tokens)
     base_ppl = perplexity(base, PERPLEXITY_TEXT)
     if not speed_repetitions:
         del base  # one engine at a time unless both are timed
     quant = LLM(num_blocks=1024, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
-                int8_activation_bits=int8_activation_bits)
+                int8_activation_bits=int8_activation_bits, dtype=dtype)
     q_greedy = greedy(quant, max_tokens)
     free = sum(a == b for r, q in zip(reference, q_greedy) for a, b in zip(r, q)) / sum(map(len, reference))
     report = {
-        "quantization": quantization, "kv_cache_dtype": kv_cache_dtype,
+        "quantization": quantization, "dtype": dtype, "kv_cache_dtype": kv_cache_dtype,
         "int8_activation_bits": int8_activation_bits, "max_tokens": max_tokens,
         "num_prompts": len(PROMPTS),
         "perplexity_fp32": base_ppl, "perplexity_quantized": perplexity(quant, PERPLEXITY_TEXT),
@@ -130,7 +131,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quantization", default="int8")
     parser.add_argument("--kv-cache-dtype", default="auto",
-                        help="of the quantized engine (auto, float32, float16, int8); fp32's stays float32")
+                        help="of the quantized engine (auto, float32, float16, bfloat16, int8); fp32's stays float32")
+    parser.add_argument("--dtype", default="auto",
+                        help="of the quantized engine (auto, float32, bfloat16: --quantization none --dtype bfloat16 "
+                             "measures a bf16 model); the reference is float32")
     parser.add_argument("--int8-activation-bits", type=int, default=8, choices=[8, 7],
                         help="with --quantization int8: 7 for the faster paired tile")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -139,7 +143,7 @@ def main() -> None:
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     report = evaluate(args.quantization, args.max_tokens, args.decode_speed, args.kv_cache_dtype,
-                      args.int8_activation_bits)
+                      args.int8_activation_bits, args.dtype)
     report["perplexity_change"] = report["perplexity_quantized"] / report["perplexity_fp32"] - 1
     for key, value in report.items():
         print(f"{key:>26}: {value:.4f}" if isinstance(value, float) else f"{key:>26}: {value}")

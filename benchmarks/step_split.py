@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--block-size", type=int, default=16, help="KV cache block size (tokens)")
-    parser.add_argument("--kv-cache-dtype", default="auto", help="auto, float32, float16 or int8")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto, float32, float16, bfloat16 or int8")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
 
