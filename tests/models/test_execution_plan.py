@@ -15,6 +15,7 @@ from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.panel_linear import PanelLinear
 from tokenmill.layers.planned_linear import PlannedLinear
+from tokenmill.worker import cpu_load
 from tokenmill.worker import plan as plan_module
 from tokenmill.worker.c_step import CStepForward
 from tokenmill.worker.plan import Choice, ExecutionPlan, choose, load_plan, plan_path, routes_from_choices, save_plan
@@ -22,8 +23,10 @@ from tokenmill.worker.plan import Choice, ExecutionPlan, choose, load_plan, plan
 
 @pytest.fixture()
 def plan_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A cache root of this test's own (the default model's converted GGUF is not needed here)."""
+    """A cache root of this test's own (the default model's converted GGUF is not needed here). The machine's load
+    reads as unknown, so that a busy test machine does not keep plans out of the cache here (tested below)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_load, "sample", lambda: None)
     return tmp_path / "tokenmill"
 
 
@@ -83,6 +86,46 @@ def test_step_sizes_past_the_c_forwards_first_loss_are_not_timed(tiny_checkpoint
     assert steps == [("decode_step", 1), ("decode_step", 16), ("prompt_step", 256), ("prompt_step", 512)]
     c_step = next(p for p in llm.engine.core.runner.step_paths if isinstance(p, CStepForward))
     assert c_step.max_rows == 1 and c_step.max_prompt_tokens == 256
+
+
+def _cpu(wall: float, busy: float, own: float, cpus: int = 2) -> cpu_load.CpuSample:
+    return cpu_load.CpuSample(wall=wall, busy=busy, own=own, cpus=cpus)
+
+
+def test_others_cpu_time_beyond_the_free_cores_disturbs_a_timing() -> None:
+    start = _cpu(0.0, 100.0, 10.0)
+    # 10 s of timing with 2 threads on 2 CPUs: 19.5 busy CPU-seconds, 19 of them ours -> others 0.05 cores
+    assert cpu_load.others_cores(start, _cpu(10.0, 119.5, 29.0)) == pytest.approx(0.05)
+    assert cpu_load.disturbed(start, _cpu(10.0, 119.5, 29.0), threads=2) is None
+    # another process (or the hypervisor's steal) took 0.6 cores
+    assert cpu_load.disturbed(start, _cpu(10.0, 125.0, 29.0), threads=2) == pytest.approx(0.6)
+    # one thread of a tensor-parallel rank: the other core is its peer's, not contention
+    assert cpu_load.disturbed(start, _cpu(10.0, 120.0, 20.0), threads=1) is None
+    assert cpu_load.disturbed(start, _cpu(10.0, 123.0, 20.0), threads=1) == pytest.approx(1.3)
+    assert cpu_load.disturbed(None, _cpu(10.0, 125.0, 29.0), threads=2) is None  # unknown: not disturbed
+
+
+def test_cpu_samples_read_this_machine(tmp_path: Path) -> None:
+    first = cpu_load.sample()
+    if first is None:
+        pytest.skip("no /proc/stat here")
+    sum(i * i for i in range(300_000))  # some CPU time of our own
+    second = cpu_load.sample()
+    assert second is not None and second.cpus >= 1 and second.own > first.own and second.busy >= first.busy
+    (tmp_path / "stat").write_text("intr 1 2 3\n")
+    assert cpu_load.sample(str(tmp_path / "stat")) is None  # no cpu line
+
+
+def test_a_plan_timed_on_a_busy_machine_is_used_but_not_cached(tiny_checkpoint: Any, plan_cache: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    samples = iter([_cpu(0.0, 0.0, 0.0), _cpu(5.0, 8.0, 5.0)])  # others kept 0.6 cores busy
+    monkeypatch.setattr(cpu_load, "sample", lambda: next(samples))
+    path = str(tiny_checkpoint("llama"))
+    busy = _engine_plan(path)
+    assert not busy.cached and busy.choices and not plan_path(plan_cache, busy.key).exists()
+    monkeypatch.setattr(cpu_load, "sample", lambda: None)
+    again = _engine_plan(path)  # timed again, on a machine that now reads as quiet: cached
+    assert not again.cached and plan_path(plan_cache, again.key).is_file()
 
 
 def test_a_plan_file_of_another_key_is_not_used(tmp_path: Path) -> None:

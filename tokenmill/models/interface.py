@@ -77,6 +77,9 @@ class CausalLM(Protocol):
     tp: Communicator  # this rank's group (SINGLE without tensor parallelism)
     rotary: RotaryEmbedding
     logits_head: nn.Module | None  # replaces vocab_projection in compute_logits when set
+    # (max rows, module with greedy_ids): greedy_token_ids of up to that many rows through it (the execution plan's
+    # int8 screen, layers/screened_head.py: the same ids as compute_logits' argmax), when set
+    greedy_screen: tuple[int, nn.Module] | None
 
     def decoder_layers(self) -> list[DecoderLayerParts]: ...
 

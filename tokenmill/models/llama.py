@@ -175,6 +175,7 @@ class LlamaForCausalLM(nn.Module):
         # as it may be the embedding table) or the float32 panel product (layers/panel_linear.py, which
         # also becomes lm_head, and the embedding's source when tied).
         self.logits_head: nn.Module | None = None
+        self.greedy_screen: tuple[int, nn.Module] | None = None  # set by the execution plan (worker/planner.py)
 
     # -- the causal-LM interface (models/interface.py) ---------------------------------------------
     def decoder_layers(self) -> list[DecoderLayerParts]:
@@ -256,9 +257,12 @@ class LlamaForCausalLM(nn.Module):
         head = self._fused_greedy_head(hidden.shape[0])
         return None if head is None else head.greedy_ids(hidden)
 
-    def _fused_greedy_head(self, rows: int) -> Bf16PanelLinear | None:
-        """The vocabulary projection this rank runs for `rows` rows where it gives each row's argmax (and its value)
-        without the logits: the bf16 panels with float32 outputs (the same sums, the same argmax); else None."""
+    def _fused_greedy_head(self, rows: int) -> nn.Module | None:
+        """What gives this rank's argmax (and its value) of `rows` rows without their logits (greedy_ids): the plan's
+        int8 screen for as many rows as it won, else the bf16 panels with float32 outputs (the same sums, the same
+        argmax); else None."""
+        if self.greedy_screen is not None and rows <= self.greedy_screen[0]:
+            return self.greedy_screen[1]
         head = self.logits_head
         if isinstance(head, PlannedLinear):
             head = head.route(rows)

@@ -45,7 +45,8 @@ logger = logging.getLogger("tokenmill")
 _GREEDY = SamplingParams(temperature=0.0, max_tokens=None)
 
 
-_KV_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.int8: "int8", torch.bfloat16: "bfloat16"}
+_KV_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.int8: "int8",
+                   torch.bfloat16: "bfloat16"}
 
 
 def draft_engine_config(config: EngineConfig, spec: SpeculativeConfig, num_blocks: int | None = None,

@@ -9,6 +9,10 @@ that exist here: a C kernel that cannot be built for this CPU is simply not a ca
       int8: c_int8_panels; int4: c_int4 (its own rule inside: C kernel for decode rows, dequantized above) |
       c_int4_bf16 (the same, its dequantized GEMM in bf16; a bf16 model's)
   lm_head (the vocabulary projection), by sampled-row bucket (LOGIT_BUCKETS): the same families;
+  greedy_head, greedy rows' ids from a float32 or bf16 panel lm_head, by row bucket (GREEDY_BUCKETS): c_head_argmax
+      (the head's own: the bf16 panels' fused argmax, or argmax over its logits) | c_int8_screen (layers/
+      screened_head.py: an int8 copy of the weight screens the panels, the head's own kernel on the few that pass;
+      the same ids); the screen takes the buckets it won up to the first it lost;
   prompt_attention, the causal attention of a prompt whose whole context is in the step, by its length
       (PROMPT_ATTENTION_BUCKETS): c_paged (kernels/cpu/prefill_attention.c over the paged cache) | torch_sdpa
       (torch's fused attention over the step's own K/V in the model's dtype; oneDNN) | c_bf16 (a bf16 model on a CPU
@@ -44,14 +48,18 @@ from typing import Any
 from torch import nn
 
 from tokenmill.worker.capabilities import MachineCapabilities
+from tokenmill.worker.cpu_load import CpuSample
 
 logger = logging.getLogger("tokenmill")
 
-PLAN_VERSION = 15  # bumped when the candidates or their kernels change
+PLAN_VERSION = 16  # bumped when the candidates or their kernels change
 ROW_BUCKETS = (1, 16, 64, 256, 2048)
 # 8: speculative decoding verifies 1 + K rows per request; on the AMX Xeon MKL's float32 product at 5 rows of the
 # 49152-token vocabulary took 8.1 ms against the panels' 6.6 ms (bucket 16 alone routed 2..16 rows to MKL).
 LOGIT_BUCKETS = (1, 8, 16, 64, 256)
+# Greedy rows' ids from the vocabulary projection: the int8 screen (layers/screened_head.py) reads fewer bytes, which
+# pays where the head is memory-bound (few rows); larger steps keep the head's own argmax without being timed.
+GREEDY_BUCKETS = (1, 4, 16)
 DECODE_STEP_BUCKETS = (1, 16, 64)
 # 2048: the default max_num_batched_tokens; the ones between find where the C forward stops winning.
 PROMPT_STEP_BUCKETS = (256, 512, 1024, 2048)
@@ -81,6 +89,9 @@ class ExecutionPlan:
     choices: list[Choice] = field(default_factory=list)
     build_seconds: float = 0.0
     cached: bool = False
+    # When a plan to build was created: the CPU time of the machine and of this process (worker/cpu_load.py), so
+    # that finish_plan can tell whether other work shared the cores while the candidates were timed. Not saved.
+    timing_start: CpuSample | None = field(default=None, compare=False, repr=False)
 
     def kernel(self, operation: str, rows: int) -> str | None:
         """The chosen kernel for this operation at this row count (the next bucket up), None if unplanned."""

@@ -40,13 +40,16 @@ from tokenmill.kernels.cpu.prefill_attention import paged_prefill_attention
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.panel_linear import Bf16PanelLinear, PanelLinear, use_panel_head
 from tokenmill.layers.planned_linear import PlannedLinear
+from tokenmill.layers.screened_head import SCREEN_KERNEL, ScreenedGreedyHead
 from tokenmill.loader.cache import resolve_cache_dir
 from tokenmill.models.interface import PROJECTIONS, CausalLM, Projection
 from tokenmill.quant.int4_cpu import Int4GroupLinear
+from tokenmill.worker import cpu_load
 from tokenmill.worker.c_step import CStepForward
 from tokenmill.worker.capabilities import detect_capabilities
 from tokenmill.worker.plan import (
     DECODE_STEP_BUCKETS,
+    GREEDY_BUCKETS,
     LOGIT_BUCKETS,
     PROMPT_ATTENTION_BUCKETS,
     PROMPT_LEN,
@@ -191,13 +194,19 @@ def new_or_cached_plan(config: EngineConfig, model: nn.Module, kv_dtype: torch.d
         logger.info("execution plan: read from the cache (%d choices)", len(cached.choices))
         return cached
     logger.info("execution plan: timing the candidate kernels on this machine (once; cached after)")
-    return ExecutionPlan(key=key, machine=caps.summary())
+    return ExecutionPlan(key=key, machine=caps.summary(), timing_start=cpu_load.sample())
 
 
 def finish_plan(plan: ExecutionPlan) -> None:
-    """Caches a newly built plan and logs the plan once."""
+    """Caches a newly built plan, unless other work shared the cores while it was timed (its choices stand for this
+    run; the next start times them again), and logs the plan once."""
     if not plan.cached:
-        save_plan(resolve_cache_dir(None), plan)
+        others = cpu_load.disturbed(plan.timing_start, cpu_load.sample(), torch.get_num_threads())
+        if others is None:
+            save_plan(resolve_cache_dir(None), plan)
+        else:
+            logger.warning("execution plan: other work kept %.1f cores busy while the kernels were timed; the plan "
+                           "is used but not cached (the next start times it again)", others)
     logger.info("%s", plan.table())
 
 
@@ -260,14 +269,66 @@ def _plan_head(model: nn.Module, plan: ExecutionPlan, family: str, panels_ok: bo
     routes = routes_from_choices(plan.for_operation("lm_head"))
     if model.logits_head is not None:  # quantized: its own kernel, nothing to install
         return
+    weight = model.vocab_projection.weight
     built = {k: builders[k]() for _, k in routes}
     head = _install(built, routes)
+    if not batch_invariant:
+        _plan_greedy_head(model, plan, family, head, weight)
     if isinstance(head, TorchLogitsHead) and head.transposed:
         return  # compute_logits' own torch path
     if isinstance(head, PanelLinear):
         use_panel_head(model, head)
     else:
         model.logits_head = head
+
+
+class _HeadArgmax(nn.Module):
+    """greedy_ids of a vocabulary projection as its own kernel gives them: the bf16 panels' fused argmax, else argmax
+    over its float32 logits (the sampler's)."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def greedy_ids(self, x: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(self.head, Bf16PanelLinear):
+            return self.head.greedy_ids(x, values)
+        best, ids = self.head(x).float().max(dim=1)
+        if values is not None:
+            values.copy_(best)
+        return ids
+
+
+def _plan_greedy_head(model: nn.Module, plan: ExecutionPlan, family: str, head: nn.Module,
+                      weight: torch.Tensor) -> None:
+    """Times (unless cached) greedy ids of GREEDY_BUCKETS rows through the head's own kernel against the int8 screen
+    of its panels (layers/screened_head.py: the same ids), where the head routes those rows to one panel module, and
+    gives the model the screen for the rows where it won (model.greedy_screen)."""
+    exact = head.route(GREEDY_BUCKETS[-1]) if isinstance(head, PlannedLinear) else head
+    if isinstance(head, PlannedLinear) and any(head.route(r) is not exact for r in GREEDY_BUCKETS):
+        return
+    if not ScreenedGreedyHead.takes(exact) or family == "torch":
+        return
+    screen = None
+    if not plan.cached:
+        screen = ScreenedGreedyHead(exact, weight)
+        candidates = {"c_head_argmax": _HeadArgmax(exact), SCREEN_KERNEL: screen}
+        logger.info("plan: timing greedy_head (%s)", ", ".join(candidates))
+        gen = torch.Generator().manual_seed(0)
+        for rows in GREEDY_BUCKETS:
+            # Rows like a decoder's last hidden states: each near one token's embedding, so that (as in decoding)
+            # a few channels stand out; the screen's cost is its pass over the int8 weight either way.
+            ids = torch.randint(0, weight.shape[0], (rows,), generator=gen)
+            x = (weight[ids].float() * 8 + torch.randn(rows, weight.shape[1], generator=gen)).to(weight.dtype)
+            plan.choices.append(choose("greedy_head", rows, {k: (lambda m=m, x=x: m.greedy_ids(x))
+                                                            for k, m in candidates.items()}))
+    limit = 0  # the screen takes the rows of the buckets it won up to the first it lost
+    for choice in plan.for_operation("greedy_head"):
+        if choice.kernel != SCREEN_KERNEL:
+            break
+        limit = choice.rows
+    if limit:
+        model.greedy_screen = (limit, screen if screen is not None else ScreenedGreedyHead(exact, weight))
 
 
 def pin_batch_invariant(model: nn.Module) -> None:

@@ -284,7 +284,7 @@ static void bf16_range_scores(float *restrict scores, const float *restrict q, c
         for (int c = 0; c < ncols; ++c) {
             const int64_t b = (start + (c0 + c) * 16) / block_size, sub = (c0 + c) % per_block;
             cols[c] = (const uint32_t *)tile(k_cache, KV_BF16, head_base, table, b, block_size, head_dim) + sub * 16;
-            /* a block's first column asks for the tile KV_PREFETCH_BLOCKS ahead, spread over this pass */
+            /* a block's first column asks for the tile `distance` blocks ahead, spread over this pass */
             pf[c] = prefetch_spread(sub == 0 ? prefetch_target(k_cache, v_cache, KV_BF16, table, head_base, start,
                                                                end, b, 0, block_size, head_dim, distance)
                                              : NULL,
