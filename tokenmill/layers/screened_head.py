@@ -9,8 +9,10 @@ projection computes), whose argmax is the answer. With SmolLM2's head and real d
 
 The bound is rigorous, not statistical: with s_n the channel's int8 step, |x . w_n - s_n (x . q_n)| <= (s_n / 2)
 |x|_1 for the weight's rounding, and each float32 sum of k products is within k 2^-24 sum |x_i w_i| <= k 127 s_n 2^-24
-|x|_1 of its exact value (both the screen's and the exact kernel's): MARGIN_BASE plus that, with slack. So the
-channel of the largest exact logit always passes the screen, and ties keep the lowest id (as argmax).
+|x|_1 of its exact value (both the screen's and the exact kernel's); the screen's own roundings (the scale, |x|_1,
+the comparisons) are each within 2^-24 of values below 127 max_j s_j |x|_1, which SLACK max_j s_j |x|_1 covers many
+times over. So the channel of the largest exact logit always passes the screen, and ties keep the lowest id (as
+argmax).
 
 The screen reads 28 MB for SmolLM2 where the bf16 head reads 57 MB: at batch 1 (memory-bound) the head's time
 halves; at many rows the screen's float32 products cost more than bf16 ones, so the plan times both per row count
@@ -28,13 +30,13 @@ from tokenmill.kernels.cpu.int8_screen import PANEL, int8_screen, int8_screen_av
 from tokenmill.layers.panel_linear import Bf16PanelLinear, PanelLinear
 
 SCREEN_KERNEL = "c_int8_screen"  # the execution plan's name for it (operation "greedy_head")
-MARGIN_BASE = 0.5
-MARGIN_SLACK = 0.01
+SLACK = 0.01
 
 
-def screen_margin(in_features: int) -> float:
-    """b_n / (s_n |x|_1): half a step for the weight's rounding, the two float32 sums' rounding, and slack."""
-    return MARGIN_BASE + 2 * in_features * 127 * 2.0**-24 + MARGIN_SLACK
+def screen_bounds(scales: torch.Tensor, in_features: int) -> torch.Tensor:
+    """b_n / |x|_1 per channel: half a step for the weight's rounding, both float32 sums' rounding (2 k 127 2^-24
+    steps), and SLACK of the largest step for the screen's own roundings."""
+    return (scales * (0.5 + 2 * in_features * 127 * 2.0**-24) + SLACK * scales.max()).float().contiguous()
 
 
 class ScreenedGreedyHead(nn.Module):
@@ -57,7 +59,7 @@ class ScreenedGreedyHead(nn.Module):
         panels, scales = pack_screen_weight(weight)
         self.register_buffer("screen_panels", panels)
         self.register_buffer("screen_scales", scales)
-        self.margin = screen_margin(self.in_features)
+        self.register_buffer("screen_bounds", screen_bounds(scales, self.in_features))
 
     def greedy_ids(self, x: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
         """argmax over the head's float32 logits of x [M, in_features] -> [M] int64, the lowest id among equal
@@ -65,7 +67,7 @@ class ScreenedGreedyHead(nn.Module):
         gets each row's largest logit."""
         x = x.reshape(-1, self.in_features)
         bf16 = isinstance(self.head, Bf16PanelLinear)
-        passed = int8_screen(x, self.screen_panels, self.screen_scales, self.out_features, self.margin, bf16)
+        passed = int8_screen(x, self.screen_panels, self.screen_scales, self.screen_bounds, self.out_features, bf16)
         if not len(passed):  # only non-finite rows fail every comparison: the whole projection decides
             return self._unscreened(x, values)
         panels = self.head.panels.index_select(0, passed)

@@ -3,10 +3,11 @@
  *
  * Weight: panels [P][k][16] of int8 q with one float32 scale s_n per channel n, w_n ~= s_n q_n, |w_n - s_n q_n| <=
  * s_n / 2 (round to nearest). Rows x [m][k] float32 (the values the exact projection multiplies). Each row's screen
- * score a_n = s_n (x . q_n) is within b_n = margin * s_n * |x|_1 of the exact logit x . w_n as any float32 kernel
- * computes it (margin: 1/2 for the weight's rounding plus the two sums' float32 rounding, layers/screened_head.py),
- * so the largest logit's channel n* has a_n* + b_n* >= max_j (a_j - b_j) =: floor. The panels with a channel n <
- * n_valid of some row meeting that are listed (ascending): the exact projection then needs only those.
+ * score a_n = s_n (x . q_n) is within b_n = bound_n * |x|_1 of the exact logit x . w_n as any float32 kernel
+ * computes it (bound_n: half a step for the weight's rounding, the two sums' float32 rounding and slack for this
+ * file's own roundings; layers/screened_head.py), so the largest logit's channel n* has a_n* + b_n* >= max_j (a_j -
+ * b_j) =: floor. The panels with a channel n < n_valid of some row meeting that are listed (ascending): the exact
+ * projection then needs only those.
  *
  * Two passes over OpenMP threads: scores (16 channels x up to SCREEN_ROWS rows per register tile, int8 widened to
  * float32, FMAs against broadcast x) with each thread's floors, then the panels' flags. x is taken as float32, or
@@ -77,7 +78,7 @@ static inline __attribute__((always_inline)) void screen_panel(float *scores, in
 /* Fills passed[0 .. count) with the panels that pass (ascending) and returns count; -1 for m or the thread count
  * out of range. */
 int64_t tm_int8_screen(int64_t *passed, float *scratch, const float *x_in, int64_t m, int round_bf16,
-                       const int8_t *panels, const float *scale, int64_t n_valid, int64_t k, float margin,
+                       const int8_t *panels, const float *scale, const float *bound, int64_t n_valid, int64_t k,
                        int num_threads) {
     if (m < 1 || num_threads < 1 || num_threads > MAX_THREADS) return -1;
     const int64_t num_panels = (n_valid + 15) / 16, stride = num_panels * 16;
@@ -90,7 +91,7 @@ int64_t tm_int8_screen(int64_t *passed, float *scratch, const float *x_in, int64
             x[r * k + i] = v;
             sum += fabsf(v);
         }
-        l1[r] = margin * sum;
+        l1[r] = sum;
         floor_[r] = -FLT_MAX; /* not -INFINITY: the kernels build with -ffast-math (finite math) */
     }
     for (int64_t r0 = 0; r0 < m; r0 += SCREEN_ROWS) {
@@ -115,7 +116,7 @@ int64_t tm_int8_screen(int64_t *passed, float *scratch, const float *x_in, int64
                 for (int r = 0; r < rows; ++r) {
                     const float *a = out + r * stride, b = l1[r0 + r];
                     for (int j = 0; j < 16 && p * 16 + j < n_valid; ++j) {
-                        const float low = a[j] - b * scale[p * 16 + j];
+                        const float low = a[j] - b * bound[p * 16 + j];
                         best[r] = low > best[r] ? low : best[r];
                     }
                 }
@@ -131,7 +132,7 @@ int64_t tm_int8_screen(int64_t *passed, float *scratch, const float *x_in, int64
         uint8_t any = 0;
         for (int64_t r = 0; r < m && !any; ++r)
             for (int j = 0; j < 16 && p * 16 + j < n_valid; ++j)
-                any |= scores[r * stride + p * 16 + j] + l1[r] * scale[p * 16 + j] >= floor_[r];
+                any |= scores[r * stride + p * 16 + j] + l1[r] * bound[p * 16 + j] >= floor_[r];
         flag[p] = any;
     }
     int64_t count = 0;

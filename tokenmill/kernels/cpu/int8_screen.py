@@ -19,7 +19,7 @@ def _lib() -> ctypes.CDLL | None:
     lib = load_kernel_library("int8_screen")
     if lib is None:
         return None
-    lib.tm_int8_screen.argtypes = [_ptr, _ptr, _ptr, _i64, _int, _ptr, _ptr, _i64, _i64, ctypes.c_float, _int]
+    lib.tm_int8_screen.argtypes = [_ptr, _ptr, _ptr, _i64, _int, _ptr, _ptr, _ptr, _i64, _i64, _int]
     lib.tm_int8_screen.restype = _i64
     return lib
 
@@ -43,11 +43,11 @@ def pack_screen_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return padded.view(num_panels, PANEL, k).transpose(1, 2).contiguous(), scales
 
 
-def int8_screen(x: torch.Tensor, panels: torch.Tensor, scales: torch.Tensor, n: int, margin: float,
+def int8_screen(x: torch.Tensor, panels: torch.Tensor, scales: torch.Tensor, bounds: torch.Tensor, n: int,
                 round_bf16: bool) -> torch.Tensor:
     """The panels (int64 indices, ascending) that can hold some row's largest logit of x [m, k] W^T, screened through
-    pack_screen_weight's (panels, scales) with bound `margin` (int8_screen.c); x is rounded to bf16 first where the
-    exact projection multiplies bf16 (round_bf16)."""
+    pack_screen_weight's (panels, scales), each channel's score within bounds[n] * |x|_1 of its logit (int8_screen.c);
+    x is rounded to bf16 first where the exact projection multiplies bf16 (round_bf16)."""
     x = x.float().contiguous()
     m, k = x.shape
     num_panels = -(-n // PANEL)
@@ -56,8 +56,11 @@ def int8_screen(x: torch.Tensor, panels: torch.Tensor, scales: torch.Tensor, n: 
                          f"{tuple(panels.shape)}")
     passed = torch.empty(num_panels, dtype=torch.int64)
     scratch = torch.empty(m * (num_panels * PANEL + k), dtype=torch.float32)
+    if bounds.dtype != torch.float32 or bounds.shape != scales.shape or not bounds.is_contiguous():
+        raise ValueError(f"int8_screen: bounds must be float32 like the scales {tuple(scales.shape)}")
     count = _lib().tm_int8_screen(passed.data_ptr(), scratch.data_ptr(), x.data_ptr(), m, int(round_bf16),
-                                  panels.data_ptr(), scales.data_ptr(), n, k, margin, torch.get_num_threads())
+                                  panels.data_ptr(), scales.data_ptr(), bounds.data_ptr(), n, k,
+                                  torch.get_num_threads())
     if count < 0:
         raise ValueError(f"int8_screen: {m} rows or {torch.get_num_threads()} threads out of range")
     return passed[:count]
