@@ -116,13 +116,45 @@ def test_cpu_samples_read_this_machine(tmp_path: Path) -> None:
     assert cpu_load.sample(str(tmp_path / "stat")) is None  # no cpu line
 
 
+class _BusyMachine:
+    """cpu_load.sample's stand-in: each reading 1 s after the last, both CPUs busy, this process on one of them
+    (another process kept the other core: disturbed for a timing with 2 threads)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> cpu_load.CpuSample:
+        self.calls += 1
+        return _cpu(float(self.calls), 2.0 * self.calls, 1.0 * self.calls)
+
+
+def test_a_disturbed_timing_is_done_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    timings = []
+    monkeypatch.setattr(plan_module, "median_time", lambda fns, **_: timings.append(1) or {k: 1.0 for k in fns})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    busy = _BusyMachine()
+    monkeypatch.setattr(cpu_load, "sample", busy)
+    choice = choose("op", 1, {"c": lambda: None, "torch": lambda: None})
+    assert len(timings) == plan_module.CHOICE_ATTEMPTS and choice.disturbed  # busy throughout: tried, flagged
+    quiet_after_one = iter([_cpu(0.0, 0.0, 0.0), _cpu(1.0, 2.0, 1.0), _cpu(2.0, 2.0, 1.0), _cpu(3.0, 4.0, 3.0)])
+    monkeypatch.setattr(cpu_load, "sample", lambda: next(quiet_after_one))
+    timings.clear()
+    choice = choose("op", 1, {"c": lambda: None, "torch": lambda: None})
+    assert len(timings) == 2 and not choice.disturbed  # the second timing ran on a quiet machine
+    assert ExecutionPlan.from_json(ExecutionPlan("k", "m", [choice]).to_json()).choices == [choice]
+
+
 def test_a_plan_timed_on_a_busy_machine_is_used_but_not_cached(tiny_checkpoint: Any, plan_cache: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    samples = iter([_cpu(0.0, 0.0, 0.0), _cpu(5.0, 8.0, 5.0)])  # others kept 0.6 cores busy
-    monkeypatch.setattr(cpu_load, "sample", lambda: next(samples))
+    monkeypatch.setattr(plan_module, "CHOICE_ATTEMPTS", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(cpu_load, "sample", _BusyMachine())
     path = str(tiny_checkpoint("llama"))
     busy = _engine_plan(path)
     assert not busy.cached and busy.choices and not plan_path(plan_cache, busy.key).exists()
+    assert all(c.disturbed for c in busy.choices)
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(plan_cache.parent))
     monkeypatch.setattr(cpu_load, "sample", lambda: None)
     again = _engine_plan(path)  # timed again, on a machine that now reads as quiet: cached
     assert not again.cached and plan_path(plan_cache, again.key).is_file()

@@ -6,6 +6,9 @@ other guests) and this process's own CPU time (all its threads). Between two sam
 wall time that neither this process nor idleness took is what other work ran: `others_cores`. Timing with
 `threads` threads on a machine of `cpus` leaves cpus - threads cores to others (a tensor-parallel rank's peers, the
 engine's own front end); more than that, plus DISTURBED_SHARE of the machine, means the candidates shared cores.
+A contended OpenMP kernel with barriers (the one-call C forward) loses far more than a layer-by-layer path, so such a
+timing would not just be slow but pick the wrong kernel: worker/plan.py's choose times a disturbed bucket again, and
+finish_plan does not cache a plan with one left disturbed.
 """
 
 from __future__ import annotations
@@ -56,8 +59,10 @@ def others_cores(start: CpuSample, end: CpuSample) -> float:
 
 def disturbed(start: CpuSample | None, end: CpuSample | None, threads: int) -> float | None:
     """others_cores when it exceeds the cores a timing with `threads` threads left free by DISTURBED_SHARE of the
-    machine (the timings shared cores); None when not, or unknown."""
-    if start is None or end is None:
+    machine (the timings shared cores); None when not, or unknown. /proc/stat counts whole clock ticks: over a short
+    timing, two ticks per CPU are allowed on top."""
+    if start is None or end is None or end.wall <= start.wall:
         return None
     others = others_cores(start, end)
-    return others if others > max(0, end.cpus - threads) + DISTURBED_SHARE * end.cpus else None
+    ticks = 2.0 * end.cpus / (os.sysconf("SC_CLK_TCK") * (end.wall - start.wall))
+    return others if others > max(0, end.cpus - threads) + DISTURBED_SHARE * end.cpus + ticks else None

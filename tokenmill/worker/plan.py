@@ -45,8 +45,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from tokenmill.worker import cpu_load
 from tokenmill.worker.capabilities import MachineCapabilities
 from tokenmill.worker.cpu_load import CpuSample
 
@@ -76,6 +78,7 @@ class Choice:
     rows: int  # the bucket: rows of the product, sampled rows, requests of a decode step, tokens of a prompt step
     kernel: str
     seconds: dict[str, float]  # median time of every candidate timed
+    disturbed: bool = False  # other work still shared the cores on the last of CHOICE_ATTEMPTS timings
 
     def runner_up_ratio(self) -> float:
         """The chosen kernel's time over the fastest candidate's (1.0: the fastest was chosen)."""
@@ -180,15 +183,24 @@ def median_time(fns: dict[str, Callable[[], Any]], budget_s: float = 0.25, max_r
 # fraction: timings of near-equal kernels flip with noise, and flipping between buckets costs a second
 # weight layout. The chosen kernel is so always within TIE_MARGIN of the fastest measured.
 TIE_MARGIN = 0.03
+CHOICE_ATTEMPTS = 3
 
 
 def choose(operation: str, rows: int, fns: dict[str, Callable[[], Any]]) -> Choice:
-    """Times the candidates (in order of preference) and picks the first within TIE_MARGIN of the fastest."""
-    seconds = median_time(fns) if len(fns) > 1 else {name: median_time({name: fn}, budget_s=0.05)[name]
-                                                     for name, fn in fns.items()}
+    """Times the candidates (in order of preference) and picks the first within TIE_MARGIN of the fastest. A timing
+    during which other work shared the cores (worker/cpu_load.py) is done again, up to CHOICE_ATTEMPTS times."""
+    others = None
+    for _ in range(CHOICE_ATTEMPTS):
+        before = cpu_load.sample()
+        seconds = median_time(fns) if len(fns) > 1 else {name: median_time({name: fn}, budget_s=0.05)[name]
+                                                         for name, fn in fns.items()}
+        others = cpu_load.disturbed(before, cpu_load.sample(), torch.get_num_threads())
+        if others is None:
+            break
+        logger.info("plan: %s at %d rows was timed while other work kept %.1f cores busy", operation, rows, others)
     fastest = min(seconds.values())
     kernel = next(name for name in fns if seconds[name] <= fastest * (1 + TIE_MARGIN))
-    return Choice(operation, rows, kernel, seconds)
+    return Choice(operation, rows, kernel, seconds, disturbed=others is not None)
 
 
 def filter_family(candidates: dict[str, Any], family: str) -> dict[str, Any]:

@@ -202,11 +202,13 @@ def finish_plan(plan: ExecutionPlan) -> None:
     run; the next start times them again), and logs the plan once."""
     if not plan.cached:
         others = cpu_load.disturbed(plan.timing_start, cpu_load.sample(), torch.get_num_threads())
-        if others is None:
+        left = [f"{c.operation} at {c.rows}" for c in plan.choices if c.disturbed]
+        if others is None and not left:
             save_plan(resolve_cache_dir(None), plan)
         else:
-            logger.warning("execution plan: other work kept %.1f cores busy while the kernels were timed; the plan "
-                           "is used but not cached (the next start times it again)", others)
+            why = f"other work kept {others:.1f} cores busy" if others is not None else "other work shared the cores"
+            logger.warning("execution plan: %s while the kernels were timed (%s); the plan is used but not cached "
+                           "(the next start times it again)", why, ", ".join(left) or "throughout")
     logger.info("%s", plan.table())
 
 
