@@ -69,7 +69,7 @@ class ScreenedGreedyHead(nn.Module):
         bf16 = isinstance(self.head, Bf16PanelLinear)
         passed = int8_screen(x, self.screen_panels, self.screen_scales, self.screen_bounds, self.out_features, bf16)
         if not len(passed):  # only non-finite rows fail every comparison: the whole projection decides
-            return self._unscreened(x, values)
+            return head_greedy_ids(self.head, x, values)
         panels = self.head.panels.index_select(0, passed)
         # Ascending panels keep argmax's tie order; the last panel's channels past out_features are left out.
         n = len(passed) * PANEL - (self.head.panels.shape[0] * PANEL - self.out_features
@@ -82,10 +82,13 @@ class ScreenedGreedyHead(nn.Module):
                 values.copy_(best)
         return passed[local // PANEL] * PANEL + local % PANEL
 
-    def _unscreened(self, x: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(self.head, Bf16PanelLinear):
-            return self.head.greedy_ids(x, values)
-        best, ids = self.head(x).max(dim=1)
-        if values is not None:
-            values.copy_(best)
-        return ids
+
+def head_greedy_ids(head: nn.Module, x: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+    """greedy ids of a vocabulary projection as its own kernel gives them: the bf16 panels' fused argmax, else argmax
+    over its float32 logits (the sampler's); values: None, or a float32 [M] tensor that gets each row's largest."""
+    if isinstance(head, Bf16PanelLinear):
+        return head.greedy_ids(x, values)
+    best, ids = head(x).float().max(dim=1)
+    if values is not None:
+        values.copy_(best)
+    return ids

@@ -40,7 +40,7 @@ from tokenmill.kernels.cpu.prefill_attention import paged_prefill_attention
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.panel_linear import Bf16PanelLinear, PanelLinear, use_panel_head
 from tokenmill.layers.planned_linear import PlannedLinear
-from tokenmill.layers.screened_head import SCREEN_KERNEL, ScreenedGreedyHead
+from tokenmill.layers.screened_head import SCREEN_KERNEL, ScreenedGreedyHead, head_greedy_ids
 from tokenmill.loader.cache import resolve_cache_dir
 from tokenmill.models.interface import PROJECTIONS, CausalLM, Projection
 from tokenmill.quant.int4_cpu import Int4GroupLinear
@@ -285,20 +285,14 @@ def _plan_head(model: nn.Module, plan: ExecutionPlan, family: str, panels_ok: bo
 
 
 class _HeadArgmax(nn.Module):
-    """greedy_ids of a vocabulary projection as its own kernel gives them: the bf16 panels' fused argmax, else argmax
-    over its float32 logits (the sampler's)."""
+    """The plan's candidate against the screen: the head's own greedy ids (screened_head.head_greedy_ids)."""
 
     def __init__(self, head: nn.Module) -> None:
         super().__init__()
         self.head = head
 
     def greedy_ids(self, x: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
-        if isinstance(self.head, Bf16PanelLinear):
-            return self.head.greedy_ids(x, values)
-        best, ids = self.head(x).float().max(dim=1)
-        if values is not None:
-            values.copy_(best)
-        return ids
+        return head_greedy_ids(self.head, x, values)
 
 
 def _plan_greedy_head(model: nn.Module, plan: ExecutionPlan, family: str, head: nn.Module,
