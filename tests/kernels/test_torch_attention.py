@@ -149,8 +149,11 @@ def test_route_kernel_takes_the_first_bound_that_holds() -> None:
     assert route_kernel([], 100) == C_PREFILL_KERNEL
     with pytest.raises(ValueError, match="unknown prompt attention kernels"):
         TorchAttentionBackend().route_prompt_attention([(16, "magic")], torch.float32)
-    with pytest.raises(ValueError, match="for a bf16 model"):
+    with pytest.raises(ValueError, match="for a bf16 or an int8/int4 model"):
         TorchAttentionBackend().route_prompt_attention([(16, BF16_KERNEL)], torch.float32)
+    quantized = TorchAttentionBackend()  # float32 activations of int8/int4 projections may attend in bf16
+    quantized.route_prompt_attention([(16, BF16_KERNEL)], torch.float32, quantized=True)
+    assert quantized.prompt_routes == [(16, BF16_KERNEL)]
 
 
 # With our bf16 kernel (a bf16 model's candidate where the CPU has AMX-BF16 or AVX512-BF16): up to 16 rows and from 65.

@@ -11,7 +11,8 @@ import torch
 
 from tests.models.utils import check_logprobs_close
 from tokenmill import LLM, SamplingParams
-from tokenmill.attention.torch_backend import TorchAttentionBackend
+from tokenmill.attention.torch_backend import TorchAttentionBackend, max_rows_routed
+from tokenmill.kernels.cpu.bf16_prompt_attention import AMX_ATTENTION_MAX_KEYS, bf16_prompt_attention_available
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.panel_linear import PanelLinear
 from tokenmill.layers.planned_linear import PlannedLinear
@@ -63,6 +64,27 @@ def test_plan_is_cached_and_keyed(tiny_checkpoint: Any, plan_cache: Path, monkey
     monkeypatch.setattr("tokenmill.worker.capabilities.MachineCapabilities.cache_key", lambda self: "another cpu")
     moved = _engine_plan(path)
     assert not moved.cached and moved.key != first.key
+
+
+def test_only_bf16_and_quantized_models_may_attend_prompts_in_bf16(head64_checkpoint: Any, plan_cache: Path) -> None:
+    """Our bf16 prompt attention is a candidate of an int8 or int4 model's plan where it runs (their float32
+    activations are quantized already) as of a bf16 model's, and never of a float32 model's (greedy HF parity); the
+    C forward follows the route it wins."""
+    if not (TorchAttentionBackend().use_c_prefill and bf16_prompt_attention_available(64)):
+        pytest.skip("no C prefill kernel or no bf16 attention kernel here")
+    for quantization, dtype, allowed in (("none", "float32", False), ("int8", "float32", True),
+                                         ("int4", "float32", True), ("none", "bfloat16", True)):
+        llm = LLM(dtype=dtype, quantization=quantization, model=str(head64_checkpoint), block_size=8,
+                  kv_cache_memory=16 << 20)
+        choices = [c for c in llm.engine.core.plan.choices if c.operation == "prompt_attention"]
+        assert choices and all(("c_bf16" in c.seconds) == allowed for c in choices), (quantization, dtype)
+        backend = llm.engine.core.runner.model.attention_layers[0].backend
+        assert backend.prompt_routes == routes_from_choices(choices)
+        c_step = next((p for p in llm.engine.core.runner.step_paths if isinstance(p, CStepForward)), None)
+        if c_step is not None:
+            routed = max_rows_routed(backend.prompt_routes, "c_bf16", AMX_ATTENTION_MAX_KEYS)
+            assert c_step.kernel._model.amx_attention_max_rows == routed
+            assert allowed or routed == 0
 
 
 def test_step_sizes_past_the_c_forwards_first_loss_are_not_timed(tiny_checkpoint: Any, plan_cache: Path,

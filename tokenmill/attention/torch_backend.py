@@ -17,8 +17,8 @@ request) are attended by a kernel that reads each request's blocks in place, and
 requests with several query rows (prefill chunks, prefill over a cached prefix), all in one call
 (kernels/cpu/prefill_attention.c; ~1.4x torch's fused CPU attention on 256-token float32 prompts on an AVX2
 Zen 3). The execution plan may route a prompt whose whole context arrives in the step to torch's fused
-attention over the step's own rotated K/V in the model's dtype instead, or, for a bf16 model on a CPU with
-AMX-BF16, to our bf16 kernel on AMX tiles over the same rows (kernels/cpu/bf16_prompt_attention.c)
+attention over the step's own rotated K/V in the model's dtype instead, or, for a bf16 (or int8/int4) model on a CPU
+with AMX-BF16 or AVX512-BF16, to our bf16 kernel over the same rows (kernels/cpu/bf16_prompt_attention.c)
 (route_prompt_attention; on an AMX Xeon bf16 SDPA ran 1.5-3.5x the C kernel, the AMX kernel 1.5-1.6x SDPA). Without
 them, and as their reference (`use_c_kernels=False`), decode rows are batched into one padded
 attention over the gathered contexts, and each multi-row request runs one causal attention (torch's
@@ -175,9 +175,18 @@ def _prompt_split(meta: AttentionMetadata, routes: list[tuple[int, str]]) -> _Pr
 # The execution plan's kernels for the prompt rows of a request whose whole context is in the step
 # (worker/planner.py times them): the C prefill kernel over the paged cache, torch's fused attention over the
 # step's own rotated K/V in the model's dtype (oneDNN; AMX tiles for bf16 where the CPU has them), or, for a bf16
-# model, our bf16 kernel over the same rows (kernels/cpu/bf16_prompt_attention.c: AMX tiles, else AVX512-BF16's
-# vdpbf16ps; the C forward follows this route too: max_rows_routed).
+# or int8/int4 model (bf16_attention_allowed), our bf16 kernel over the same rows
+# (kernels/cpu/bf16_prompt_attention.c: AMX tiles, else AVX512-BF16's vdpbf16ps; the C forward follows this route
+# too: max_rows_routed).
 C_PREFILL_KERNEL, SDPA_KERNEL, BF16_KERNEL = "c_paged", "torch_sdpa", "c_bf16"
+
+
+def bf16_attention_allowed(dtype: torch.dtype, quantized: bool) -> bool:
+    """Whether prompts may attend in bf16 (BF16_KERNEL: q/k/v and probabilities rounded to bf16): a bf16 model's, and
+    an int8/int4 model's (float32 activations, already quantized per token to 8 bits or with 4-bit weights, beside
+    which bf16's 2^-9 rounding is small: benchmarks/quant_quality.py); never a float32 model's, whose greedy tokens
+    match HF's."""
+    return dtype == torch.bfloat16 or quantized
 
 
 def route_kernel(routes: list[tuple[int, str]], rows: int) -> str:
@@ -258,14 +267,17 @@ class TorchAttentionBackend:
             raise ValueError("batch_invariant needs the C attention kernels (a C compiler)")
         self.per_row = True
 
-    def route_prompt_attention(self, routes: list[tuple[int, str]], dtype: torch.dtype) -> None:
+    def route_prompt_attention(self, routes: list[tuple[int, str]], dtype: torch.dtype, quantized: bool = False
+                               ) -> None:
         """Takes the execution plan's choice for whole-context prompt rows (C_PREFILL_KERNEL, SDPA_KERNEL or
-        BF16_KERNEL by prompt length); dtype: the model's, which torch's fused attention runs in."""
+        BF16_KERNEL by prompt length); dtype: the model's, which torch's fused attention runs in; quantized: its
+        projections are int8 or int4 (bf16_attention_allowed)."""
         unknown = {k for _, k in routes} - {C_PREFILL_KERNEL, SDPA_KERNEL, BF16_KERNEL}
         if unknown:
             raise ValueError(f"unknown prompt attention kernels {sorted(unknown)}")
-        if dtype != torch.bfloat16 and any(k == BF16_KERNEL for _, k in routes):
-            raise ValueError(f"{BF16_KERNEL} attends in bf16: it is for a bf16 model, not {dtype}")
+        if not bf16_attention_allowed(dtype, quantized) and any(k == BF16_KERNEL for _, k in routes):
+            raise ValueError(f"{BF16_KERNEL} attends in bf16: it is for a bf16 or an int8/int4 model, not a "
+                             f"{dtype} one")
         self.prompt_routes = list(routes)
         self.sdpa_dtype = dtype
 

@@ -33,8 +33,8 @@ from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
 from tokenmill.kernels.cpu.bf16_prompt_attention import AMX_ATTENTION_MAX_KEYS, bf16_prompt_attention_available
 from tokenmill.kernels.cpu.kv_cache import KV_DTYPES
 from tokenmill.kernels.cpu.step_forward import (
-    BF16,
     DEFAULT_ROW_CHUNK_BYTES,
+    FLOAT32,
     LayerWeights,
     LinearWeights,
     StepForwardKernel,
@@ -143,9 +143,9 @@ def build_step_kernel(model: nn.Module) -> StepForwardKernel:
 
 def _amx_attention_max_rows(backend: TorchAttentionBackend, layers: list[LayerWeights], head_dim: int) -> int:
     """The prompt lengths (1 .. this) whose whole-context attention the C forward runs in the bf16 kernel (AMX tiles
-    or vdpbf16ps): where the execution plan routed them to BF16_KERNEL (a bf16 model on a CPU with AMX-BF16 or
-    AVX512-BF16); 0 elsewhere."""
-    if any(layer.qkv.format != BF16 for layer in layers) or not bf16_prompt_attention_available(head_dim):
+    or vdpbf16ps): where the execution plan routed them to BF16_KERNEL (a bf16 or int8/int4 model on a CPU with
+    AMX-BF16 or AVX512-BF16: the backend's route_prompt_attention allows no other); 0 elsewhere."""
+    if any(layer.qkv.format == FLOAT32 for layer in layers) or not bf16_prompt_attention_available(head_dim):
         return 0
     return max_rows_routed(backend.prompt_routes, BF16_KERNEL, AMX_ATTENTION_MAX_KEYS)
 

@@ -15,9 +15,9 @@ that exist here: a C kernel that cannot be built for this CPU is simply not a ca
       the same ids); the screen takes the buckets it won up to the first it lost;
   prompt_attention, the causal attention of a prompt whose whole context is in the step, by its length
       (PROMPT_ATTENTION_BUCKETS): c_paged (kernels/cpu/prefill_attention.c over the paged cache) | torch_sdpa
-      (torch's fused attention over the step's own K/V in the model's dtype; oneDNN) | c_bf16 (a bf16 model on a CPU
-      with AMX-BF16 or AVX512-BF16: kernels/cpu/bf16_prompt_attention.c over the same rows; the C forward follows
-      this choice);
+      (torch's fused attention over the step's own K/V in the model's dtype; oneDNN) | c_bf16 (a bf16 or int8/int4
+      model on a CPU with AMX-BF16 or AVX512-BF16: kernels/cpu/bf16_prompt_attention.c over the same rows, rounded
+      to bf16; the C forward follows this choice);
   whole steps, once the KV cache exists: decode steps of DECODE_STEP_BUCKETS requests and a prompt step
       of PROMPT_STEP_BUCKETS tokens (prompts of PROMPT_LEN tokens each): c_forward (the one-call C forward,
       kernels/cpu/step_forward.c, worker/c_step.py) | layers
@@ -54,7 +54,7 @@ from tokenmill.worker.cpu_load import CpuSample
 
 logger = logging.getLogger("tokenmill")
 
-PLAN_VERSION = 16  # bumped when the candidates or their kernels change
+PLAN_VERSION = 17  # bumped when the candidates or their kernels change
 ROW_BUCKETS = (1, 16, 64, 256, 2048)
 # 8: speculative decoding verifies 1 + K rows per request; on the AMX Xeon MKL's float32 product at 5 rows of the
 # 49152-token vocabulary took 8.1 ms against the panels' 6.6 ms (bucket 16 alone routed 2..16 rows to MKL).

@@ -28,6 +28,7 @@ from tokenmill.attention.torch_backend import (
     C_PREFILL_KERNEL,
     SDPA_KERNEL,
     TorchAttentionBackend,
+    bf16_attention_allowed,
     whole_context_attention,
 )
 from tokenmill.config import EngineConfig
@@ -341,9 +342,11 @@ def pin_batch_invariant(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def plan_attention(model: nn.Module, plan: ExecutionPlan, family: str, kv_dtype: torch.dtype, block_size: int) -> None:
+def plan_attention(model: nn.Module, plan: ExecutionPlan, family: str, kv_dtype: torch.dtype, block_size: int,
+                   quantized: bool = False) -> None:
     """Times (unless cached) the attention of one whole-context prompt per PROMPT_ATTENTION_BUCKETS length through
-    the C prefill kernel and torch's fused attention, and routes the backend by prompt length. Backends without
+    the C prefill kernel, torch's fused attention and, where bf16 attention is allowed (a bf16 model, or quantized:
+    int8/int4 projections) and runs here, our bf16 kernel, and routes the backend by prompt length. Backends without
     the C prefill kernel (the GPU, `--kernels torch`, no compiler) have nothing to choose."""
     layer = model.attention_layers[0]
     backend = layer.backend
@@ -368,13 +371,13 @@ def plan_attention(model: nn.Module, plan: ExecutionPlan, family: str, kv_dtype:
                 SDPA_KERNEL: lambda o=out, q=query, k=key, v=value: o.copy_(
                     whole_context_attention(q, k, v, layer.scale, dtype)),
             }
-            if dtype == torch.bfloat16 and bf16_prompt_attention_available(head_dim):
+            if bf16_attention_allowed(dtype, quantized) and bf16_prompt_attention_available(head_dim):
                 fns[BF16_KERNEL] = lambda o=out, q=query, k=key, v=value, n=rows: bf16_prompt_attention(
                     o, q, k, v, [0], [n], layer.scale)
             logger.info("plan: timing prompt_attention of %d rows", rows)
             plan.choices.append(choose("prompt_attention", rows, filter_family(fns, family)))
         plan.build_seconds += time.perf_counter() - start
-    backend.route_prompt_attention(routes_from_choices(plan.for_operation("prompt_attention")), dtype)
+    backend.route_prompt_attention(routes_from_choices(plan.for_operation("prompt_attention")), dtype, quantized)
 
 
 def _synthetic_step(num_reqs: int, q_len: int, context: int, block_size: int, vocab: int

@@ -108,7 +108,8 @@ class Worker:
             plan_model(model, self.plan, family, keep_panels=use_c_forward and config.model.panel_gemm,
                        panels=config.model.panel_gemm, batch_invariant=invariant)
             if not invariant:
-                plan_attention(model, self.plan, family, kv_dtype, config.cache.block_size)
+                plan_attention(model, self.plan, family, kv_dtype, config.cache.block_size,
+                               quantized=config.model.quantization in ("int8", "int4"))
         if invariant:
             if self.plan is None:
                 raise ValueError("batch_invariant needs the CPU's execution plan (not compile, not a GPU)")

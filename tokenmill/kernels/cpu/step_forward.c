@@ -22,8 +22,8 @@
  * inputs quantized to 16 bits on its own) as the tm_linear says.
  *
  * A prompt whose whole context is in the step (no cached prefix) and that has at most amx_attention_max_rows rows
- * attends on AMX-BF16 tiles instead (bf16_attention_amx.h: its q/k/v rounded to bf16 from the step's rotated rows;
- * set for a bf16 model where the execution plan chose that kernel).
+ * attends on AMX-BF16 tiles or vdpbf16ps instead (bf16_attention_amx.h: its q/k/v rounded to bf16 from the step's
+ * rotated rows; set for a bf16 or int8/int4 model where the execution plan chose that kernel).
  *
  * Work split: projections by panels (float32, int8, bf16; guided grabs of PANELS_PER_GRAB, over row chunks
  * whose quantized or float input stays in L2, as int8_gemm.c and f32_gemm.c block them) or blocks of
@@ -95,7 +95,7 @@ typedef struct {
     const float *rope_cos, *rope_sin; /* [max_positions, head_dim] */
     int64_t row_chunk_bytes;          /* rows_per_chunk's budget */
     int64_t amx_attention_max_rows;   /* prompts of up to this many rows whose whole context is in the step attend
-                                         on AMX-BF16 tiles (bf16_attention_amx.h; a bf16 model's); 0: never */
+                                         in bf16 (bf16_attention_amx.h; a bf16 or int8/int4 model's); 0: never */
     /* Tensor parallelism (tp_world > 1): this rank's share of the model; o and down are row-parallel, their
      * outputs summed over the ranks (shm_all_reduce.h, segment tp_segment of tp_capacity floats per slot) before
      * the residual add: written straight into this rank's slot and summed by the residual add that reads them

@@ -139,13 +139,14 @@ class StepForwardKernel:
     ) -> None:
         """row_chunk_bytes: input-row bytes of a projection kept in L2 while its weights pass (steps of more rows
         take their rows in chunks, each streaming the weights again). amx_attention_max_rows: prompts of up to this many
-        rows whose whole context is in the step attend in bf16 on AMX tiles (kernels/cpu/bf16_attention_amx.h; for a
-        bf16 model where the plan chose it); 0: the float32 kernels for all. kv_row_shares: per KV head (i, n), this
+        rows whose whole context is in the step attend in bf16 on AMX tiles or vdpbf16ps (kernels/cpu/bf16_attention_amx.h;
+        for a bf16 or int8/int4 model where the plan chose it); 0: the float32 kernels for all. kv_row_shares: per KV head (i, n), this
         rank attends only share i of n of the step's rows of that head's group (distributed/sharding.py)."""
         if head_dim % 8:
             raise ValueError(f"decode step: head_dim must be a multiple of 8, got {head_dim}")
-        if amx_attention_max_rows and any(layer.qkv.format != BF16 for layer in layers):
-            raise ValueError("decode step: AMX attention is for a bf16 model (bf16 projections)")
+        if amx_attention_max_rows and any(layer.qkv.format == FLOAT32 for layer in layers):
+            raise ValueError("decode step: bf16 prompt attention is for a bf16 or an int8/int4 model, not float32 "
+                             "projections")
         self._keep: list[torch.Tensor] = []
         hidden = final_norm.shape[0]
         intermediate = layers[0].down.shape[1]
