@@ -132,6 +132,45 @@ def test_c_forward_int8_agrees_with_layer_by_layer(tiny_checkpoint: Any, activat
     assert rows == [88, 6, 5, 4, 3, 2, 1, 1]  # the prompts' step (2 + 5 + 8 + 16 + 17 + 40 rows), then decode
 
 
+def test_c_forward_int8_fused_mlp_agrees_with_layer_by_layer(tiny_checkpoint: Any,
+                                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The int8 MLP's fused gate/up and silu (step_forward.c's int8_gate_up_silu_phase) with an odd number of
+    16-channel panels per half (intermediate 144: a last single panel) and a prompt step of more rows than one
+    grab takes at a time (SILU_ROWS, 160): the layer-by-layer forward's values, and bitwise the unfused MLP's (the
+    same tiles and silu on the same float32 gate/up values)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from tokenmill.worker.planner import _synthetic_step
+
+    base = tiny_checkpoint("llama")
+    cfg = AutoConfig.from_pretrained(base)
+    cfg.intermediate_size = 144
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("int8-mlp-144")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(base).save_pretrained(path)
+    llm = LLM(dtype="float32", kernels="c", model=str(path), block_size=8, kv_cache_memory=16 << 20,
+              quantization="int8", kv_cache_dtype="float32", max_num_batched_tokens=512)
+    assert _c_step(llm) is not None
+    prompts = _prompts(cfg.vocab_size, (150, 190, 3))
+    with compared_with_layer_by_layer(llm, rel_tol=1e-2) as rows:
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert rows == [343, 3, 3]
+    c_step = _c_step(llm)
+    for q_len in (340, 1):  # a prompt step past SILU_ROWS, a decode step (one request: its K/V slots its own)
+        ids, positions, meta = _synthetic_step(1, q_len, 340, 8, cfg.vocab_size)
+        outputs = []
+        for fuse in (1, 0):
+            c_step.kernel._model.fuse_int8_mlp = fuse
+            outputs.append(c_step.forward(ids, positions, meta).clone())
+        assert torch.equal(outputs[0], outputs[1])
+
+
 @pytest.mark.parametrize("kv_cache_dtype, dtype, rel_tol", [("float16", torch.float16, 1e-4),
                                                             ("int8", torch.int8, 1e-3)])
 def test_c_forward_narrow_cache_agrees_with_layer_by_layer(

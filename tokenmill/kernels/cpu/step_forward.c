@@ -15,7 +15,8 @@
  *   h = silu(x W_gate^T) * (x W_up^T);  out = h W_down^T
  * and finally hidden = rmsnorm(residual + out) * final_norm.
  * A bf16 model's MLP runs fused where it can (fused_mlp): the gate/up product writes bf16 silu(gate) * up, the down
- * projection's input, instead of float32 gate and up rows.
+ * projection's input, instead of float32 gate and up rows; an int8 model's likewise (int8_fused_mlp) writes float32
+ * silu(gate) * up, which the down projection's per-row pass quantizes.
  * A projection is float32 in 16-channel panels (f32_panels.h), W8A8 int8 in 16-channel panels
  * (int8_panels.h; each input row quantized per token by int8_quantize.h, down_proj's input rotated by
  * Hadamard blocks in the same pass) or W4A16 int4 (int4_dot.h: 4-bit weight groups, each group of 32
@@ -108,6 +109,7 @@ typedef struct {
     /* Per local KV head, (i, n): this rank is sharer i of n of that head's group, and attends only the step's rows
      * row_share(rows, i, n) of it, the others left zero (distributed/sharding.py); NULL: every head is its own. */
     const int64_t *kv_row_shares;
+    int64_t fuse_int8_mlp; /* 1: int8 MLPs run fused where int8_fused_mlp holds; 0: never (A/B runs and tests) */
 } tm_model;
 
 /* [*start, *end): share i of n of `rows` rows, contiguous and differing by at most one (sharding.py's even_share). */
@@ -392,6 +394,59 @@ static void gate_up_silu_phase(const tm_linear *l, uint16_t *h, int64_t h_stride
 #endif
 }
 
+/* 1 when a layer's int8 MLP runs fused (int8_gate_up_silu_phase): int8 gate/up and down projections, the intermediate
+ * size in whole panels (so gate_up's up half starts at a panel: [gate; up] panel-packed as one projection). */
+static inline int int8_fused_mlp(const tm_layer *ly, int64_t intermediate) {
+    return ly->gate_up.format == TM_INT8 && ly->down.format == TM_INT8 && intermediate % I8_PANEL == 0;
+}
+
+/* Rows an int8 fused MLP's grab takes at a time into its thread's scratch ([SILU_ROWS][4 panels of 16]: the gate and
+ * up outputs of two panels of channels, 40 KiB); a multiple of every int8 tile's rows (AMX 16 and 32, VNNI 8, AVX2 5,
+ * paired 4). */
+#define SILU_ROWS 160
+
+/* h [num_rows, intermediate] float32 (row stride h_stride) = silu(x W_gate^T) * (x W_up^T) for an int8 fused MLP
+ * (int8_fused_mlp): each grab takes two panels of channels, their gate panels and their up panels (intermediate / 16
+ * panels later in gate_up's [gate; up] packing) over SILU_ROWS rows at a time into the thread's scratch, through the
+ * same tiles as linear_phase (the same sums and epilogue: the same float32 gate and up values), and writes their
+ * silu product: the float32 gate/up rows [num_rows, 2 * intermediate] are never stored and read back (at a 2048-row
+ * prompt step 25 MB past the L3 here). x: qr's quantized rows. A worksharing loop like linear_phase (ends with a
+ * barrier). */
+static void int8_gate_up_silu_phase(const tm_linear *l, float *h, int64_t h_stride, const quantized_rows *qr,
+                                    int64_t num_rows, int64_t intermediate, float *scratch, int64_t chunk_bytes) {
+    const int amx_rows = int8_amx_rows(num_rows, l->k);
+#if TM_HAVE_AMX_INT8
+    if (amx_rows) bf16_amx_load_config_rows(amx_rows);
+#endif
+    const int64_t half = intermediate / I8_PANEL, pairs = (half + 1) / 2;
+    const int64_t panel_bytes = int8_quads(l->k) * I8_PANEL * I8_QUAD, stride = 4 * I8_PANEL;
+    const int64_t chunk = rows_per_chunk(chunk_bytes, round_up(l->k, K_ALIGN), 160, num_rows);
+    for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
+        const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
+#pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
+        for (int64_t q = 0; q < pairs; ++q) {
+            const int64_t num = 2 * q + 1 < half ? 2 : 1, width = num * I8_PANEL;
+            for (int64_t r0 = m0; r0 < m0 + rows; r0 += SILU_ROWS) {
+                const int64_t n_rows = m0 + rows - r0 < SILU_ROWS ? m0 + rows - r0 : SILU_ROWS;
+                for (int64_t side = 0; side < 2; ++side) { /* gate panels into columns 0 .., up panels into 32 .. */
+                    const int64_t first = side * half + 2 * q, c = first * I8_PANEL;
+                    int8_panel_rows_amx(scratch + side * 2 * I8_PANEL, stride, qr->u + r0 * qr->k_pad, qr->k_pad,
+                                        qr->low + r0, qr->step + r0, (const int8_t *)l->weight + first * panel_bytes,
+                                        l->scale + c, l->rowsum + c, l->bias == NULL ? NULL : l->bias + c, width,
+                                        l->k, 0, n_rows, 0, num, l->levels, amx_rows);
+                }
+                for (int64_t r = 0; r < n_rows; ++r)
+                    silu_mul_row(h + (r0 + r) * h_stride + 2 * q * I8_PANEL, scratch + r * stride,
+                                 scratch + r * stride + 2 * I8_PANEL, width);
+            }
+        }
+    }
+#pragma omp barrier
+#if TM_HAVE_AMX_INT8
+    if (amx_rows) _tile_release();
+#endif
+}
+
 /* 1 when projection l adds its output straight into the residual stream (linear_phase's accumulate, bf16 weights):
  * the float32 [rows, hidden] output is then never written and read back by the next per-row pass, which at
  * prompt steps streams through L3 (2048 rows: 4.7 MB an array). */
@@ -463,10 +518,10 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
     int64_t max_k = H > I ? H : I;
     max_k = max_k > q_size ? max_k : q_size;
     const int64_t k_pad = round_up(max_k, K_ALIGN);
-    /* Per thread: the attention's scratch (decode scores, or a prefill_tile.h block's), the rotation's, then one
-     * normed row (norm_row_for). */
+    /* Per thread: the attention's scratch (decode scores, or a prefill_tile.h block's), the rotation's, one normed
+     * row (norm_row_for), then int8_gate_up_silu_phase's gate and up rows. */
     const int64_t attention_scratch = pure_decode ? group * max_seq : prefill_scratch_floats(group, D);
-    const int64_t per_thread = round_up(attention_scratch + max_k + H, 16);
+    const int64_t per_thread = round_up(attention_scratch + max_k + H + SILU_ROWS * 4 * I8_PANEL, 16);
     /* Split-K attention (fewer than 2 (request, KV head) tasks per thread): ranges per (request, KV head). */
     const int64_t max_splits =
         pure_decode ? (2 * (int64_t)num_threads + N * num_kv_heads - 1) / (N * num_kv_heads) : 0;
@@ -534,6 +589,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
     {
         float *scores = thread_scratch + per_thread * omp_get_thread_num(); /* the attention's scratch */
         float *rotation_scratch = scores + attention_scratch, *norm_row = rotation_scratch + max_k;
+        float *silu_scratch = norm_row + H; /* int8_gate_up_silu_phase's */
         const int timing = phase_seconds != NULL && omp_get_thread_num() == 0;
         int64_t rows = R; /* the rows past attention: R, in the last layer num_keep when keep_rows is given */
         double mark = timing ? omp_get_wtime() : 0.0;
@@ -717,13 +773,18 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 TP_SUM(rows * H)
                 continue;
             }
-            linear_phase(&ly->gate_up, gate_up, x, &qr, rows, m->row_chunk_bytes, 0, NULL, NULL);
+            const int int8_fused = m->fuse_int8_mlp && int8_fused_mlp(ly, I);
+            if (int8_fused) { /* silu(gate) * up in float32 straight into x, the down projection's input */
+                int8_gate_up_silu_phase(&ly->gate_up, x, I, &qr, rows, I, silu_scratch, m->row_chunk_bytes);
+            } else {
+                linear_phase(&ly->gate_up, gate_up, x, &qr, rows, m->row_chunk_bytes, 0, NULL, NULL);
+            }
             END_PHASE(TM_PHASE_PROJECTIONS)
 
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; ++r) {
                 const float *gate = gate_up + r * 2 * I;
-                silu_mul_row(x + r * I, gate, gate + I, I);
+                if (!int8_fused) silu_mul_row(x + r * I, gate, gate + I, I);
                 prepare_row(&ly->down, x + r * I, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)

@@ -53,7 +53,8 @@ class _Model(ctypes.Structure):
                 ("final_norm", _ptr),
                 ("rope_cos", _ptr), ("rope_sin", _ptr), ("row_chunk_bytes", _i64),
                 ("amx_attention_max_rows", _i64), ("tp_segment", _ptr), ("tp_rank", _i64), ("tp_world", _i64),
-                ("tp_capacity", _i64), ("tp_seq", _ptr), ("tp_timeout_s", ctypes.c_double), ("kv_row_shares", _ptr)]
+                ("tp_capacity", _i64), ("tp_seq", _ptr), ("tp_timeout_s", ctypes.c_double), ("kv_row_shares", _ptr),
+                ("fuse_int8_mlp", _i64)]
 
 # Input-row bytes a projection keeps in L2 per pass over its weights when no L2 size is known (192 KiB: 3/8 of the
 # AVX2 Zen 3's 512 KiB, where it was tuned).
@@ -139,9 +140,10 @@ class StepForwardKernel:
     ) -> None:
         """row_chunk_bytes: input-row bytes of a projection kept in L2 while its weights pass (steps of more rows
         take their rows in chunks, each streaming the weights again). amx_attention_max_rows: prompts of up to this many
-        rows whose whole context is in the step attend in bf16 on AMX tiles or vdpbf16ps (kernels/cpu/bf16_attention_amx.h;
-        for a bf16 or int8/int4 model where the plan chose it); 0: the float32 kernels for all. kv_row_shares: per KV head (i, n), this
-        rank attends only share i of n of the step's rows of that head's group (distributed/sharding.py)."""
+        rows whose whole context is in the step attend in bf16 on AMX tiles or vdpbf16ps
+        (kernels/cpu/bf16_attention_amx.h; for a bf16 or int8/int4 model where the plan chose it); 0: the float32
+        kernels for all. kv_row_shares: per KV head (i, n), this rank attends only share i of n of the step's rows of
+        that head's group (distributed/sharding.py)."""
         if head_dim % 8:
             raise ValueError(f"decode step: head_dim must be a multiple of 8, got {head_dim}")
         if amx_attention_max_rows and any(layer.qkv.format == FLOAT32 for layer in layers):
@@ -185,7 +187,7 @@ class StepForwardKernel:
             layers=self._layers, final_norm=self._ptr(final_norm, torch.float32, "the final norm weight"),
             rope_cos=self._ptr(rope_cos, torch.float32, "the rotary cos table"),
             rope_sin=self._ptr(rope_sin, torch.float32, "the rotary sin table"), row_chunk_bytes=row_chunk_bytes,
-            amx_attention_max_rows=amx_attention_max_rows, tp_world=1)
+            amx_attention_max_rows=amx_attention_max_rows, tp_world=1, fuse_int8_mlp=1)
         if tp_shm is not None:  # a tensor-parallel rank: row-parallel outputs summed through shared memory
             self._tp_shm = tp_shm
             self._model.tp_segment, self._model.tp_rank = tp_shm.address, tp_shm.rank
