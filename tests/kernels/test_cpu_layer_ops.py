@@ -151,3 +151,33 @@ def test_rotary_and_write_kv_matches_torch_path(
             torch.testing.assert_close(cache[0], expected_cache[0], **cache_tol)
             torch.testing.assert_close(cache[1], expected_cache[1], **cache_tol)
         assert len(c_calls) == 1  # the fused layout took the C kernel (also for a single row), the other not
+
+
+@pytest.mark.parametrize("rows, width", [(1, 49152), (3, 37), (8, 1000), (64, 4103)])
+def test_rows_max_is_torch_max(rows: int, width: int) -> None:
+    """rows_max (the C kernel on float32 CPU rows): torch's max(dim=-1), values and first index of the maximum, on
+    random rows, rows whose maximum repeats (the first place wins), in a vector's tail or at its first lane."""
+    gen = torch.Generator().manual_seed(rows * width)
+    x = torch.randn(rows, width, generator=gen)
+    x[0, width // 3] = x[0, width - 1] = 9.0  # a tie: the first one
+    if rows > 1:
+        x[1, width - 1] = 11.0  # past the last whole 8-lane vector where width % 8
+    if rows > 2:
+        x[2, 0] = x[2, 8 % width] = 12.0
+    values, ids = layer_ops.rows_max(x)
+    expected = x.max(dim=-1)
+    assert torch.equal(ids, expected.indices) and torch.equal(values, expected.values)
+
+
+def test_rows_max_leaves_non_finite_rows_to_torch() -> None:
+    """A NaN or an infinity anywhere: torch's reduction for the call (NaN propagates as torch's max does)."""
+    x = torch.randn(6, 300, generator=torch.Generator().manual_seed(1))
+    x[1, 17] = float("nan")
+    x[3, 250] = float("inf")
+    x[4] = float("-inf")
+    values, ids = layer_ops.rows_max(x)
+    expected = x.max(dim=-1)
+    assert torch.equal(ids, expected.indices)
+    torch.testing.assert_close(values, expected.values, equal_nan=True)
+    y = x[::2]  # not contiguous: torch's reduction
+    assert torch.equal(layer_ops.rows_max(y)[1], y.max(dim=-1).indices)

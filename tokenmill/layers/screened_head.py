@@ -27,6 +27,7 @@ from torch import nn
 from tokenmill.kernels.cpu.bf16_gemm import bf16_panels_argmax
 from tokenmill.kernels.cpu.f32_gemm import panels_linear
 from tokenmill.kernels.cpu.int8_screen import PANEL, int8_screen, int8_screen_available, pack_screen_weight
+from tokenmill.kernels.cpu.layer_ops import rows_max
 from tokenmill.layers.panel_linear import Bf16PanelLinear, PanelLinear
 
 SCREEN_KERNEL = "c_int8_screen"  # the execution plan's name for it (operation "greedy_head")
@@ -88,7 +89,7 @@ def head_greedy_ids(head: nn.Module, x: torch.Tensor, values: torch.Tensor | Non
     over its float32 logits (the sampler's); values: None, or a float32 [M] tensor that gets each row's largest."""
     if isinstance(head, Bf16PanelLinear):
         return head.greedy_ids(x, values)
-    best, ids = head(x).float().max(dim=1)
+    best, ids = rows_max(head(x).float().contiguous())
     if values is not None:
         values.copy_(best)
     return ids

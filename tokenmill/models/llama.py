@@ -25,6 +25,7 @@ from tokenmill.attention.layer import Attention
 from tokenmill.distributed.communicator import SINGLE, Communicator
 from tokenmill.distributed.sharding import even_share, shard_heads
 from tokenmill.kernels.cpu.layer_ops import layer_ops_available as c_layer_ops_available
+from tokenmill.kernels.cpu.layer_ops import rows_max
 from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.kernel_choice import LayerKernel, layer_kernel_for
 from tokenmill.layers.linear import Embedding, Linear
@@ -279,7 +280,7 @@ class LlamaForCausalLM(nn.Module):
             values = torch.empty(hidden.shape[0], dtype=torch.float32)
             ids = head.greedy_ids(hidden, values)
         else:
-            values, ids = self._local_logits(hidden).float().max(dim=-1)
+            values, ids = rows_max(self._local_logits(hidden).float().contiguous())
         best = torch.stack([values, (ids + self.vocab[0]).float()], dim=-1)  # ids < 2^24 stay exact in float32
         joined = self.tp.gather_last_to_first(best, [2] * self.tp.world_size)
         if joined is None:

@@ -9,6 +9,9 @@
 #include "bf16.h"
 #include "kv_cache.h"
 #include "row_ops.h"
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #define PARALLEL_MIN_ROWS 32
 
@@ -95,5 +98,39 @@ void tm_rotary_write_kv(float *q_out, float *qkv, int64_t row_stride, const floa
             store_kv_row(k_cache, dst, kh, head_dim, kv_type, block_size, 0);
             store_kv_row(v_cache, dst, v + h * head_dim, head_dim, kv_type, block_size, 1);
         }
+    }
+}
+
+/* ids[t] = the first index of row t's largest value among n (argmax's), values[t] = that value, for rows of x
+ * [num_rows, n] (row stride n): one pass for the maximum, one for its first place (the row still in L2). A row
+ * holding a NaN or an infinity gets ids[t] = -1 (told apart by the exponent bits: the kernels build with
+ * -ffast-math, under which float comparisons assume finite values), and its caller takes torch's reduction. Rows
+ * split over the threads; a few rows run on the calling thread. */
+void tm_rows_argmax(int64_t *ids, float *values, const float *x, int64_t num_rows, int64_t n, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (num_rows >= 4)
+    for (int64_t t = 0; t < num_rows; ++t) {
+        const float *row = x + t * n;
+        const uint32_t *bits = (const uint32_t *)row;
+        float best = row[0];
+        uint32_t non_finite = 0;
+#pragma omp simd reduction(max : best) reduction(| : non_finite)
+        for (int64_t i = 0; i < n; ++i) {
+            non_finite |= (bits[i] & 0x7f800000u) == 0x7f800000u;
+            best = row[i] > best ? row[i] : best;
+        }
+        int64_t at = 0;
+#if defined(__AVX2__)
+        const __m256 target = _mm256_set1_ps(best);
+        for (; at + 8 <= n; at += 8) {
+            const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + at), target, _CMP_EQ_OQ));
+            if (hit) {
+                at += __builtin_ctz((unsigned)hit);
+                break;
+            }
+        }
+#endif
+        while (at < n && row[at] != best) ++at;
+        ids[t] = non_finite || at >= n ? -1 : at;
+        values[t] = best;
     }
 }

@@ -1,4 +1,4 @@
-"""ctypes bindings of layer_ops.c: fused RMSNorm (+ residual add), SiLU-and-mul, rotary + K/V write.
+"""ctypes bindings of layer_ops.c: fused RMSNorm (+ residual add), SiLU-and-mul, rotary + K/V write, rows' argmax.
 
 Each function takes float32 CPU tensors; `applies()` says whether a tensor qualifies, and callers keep
 their torch path for everything else (other dtypes, no C compiler). The *_bf16 variants serve bfloat16
@@ -28,8 +28,9 @@ def _lib() -> ctypes.CDLL | None:
     lib.tm_rotary_write_kv.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _int, _ptr] + [_i64] * 6 + [_int]
     lib.tm_rms_norm_bf16.argtypes = [_ptr, _ptr, _int, _ptr, _ptr, _f32, _i64, _i64, _int]
     lib.tm_silu_and_mul_bf16.argtypes = [_ptr, _ptr, _i64, _i64, _int]
+    lib.tm_rows_argmax.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _int]
     for fn in (lib.tm_rms_norm, lib.tm_silu_and_mul, lib.tm_rotary_write_kv, lib.tm_rms_norm_bf16,
-               lib.tm_silu_and_mul_bf16):
+               lib.tm_silu_and_mul_bf16, lib.tm_rows_argmax):
         fn.restype = None
     return lib
 
@@ -111,3 +112,19 @@ def rotary_write_kv(
         v_cache.data_ptr(), kv_type, slot_mapping.data_ptr(), num_rows, num_heads, num_kv_heads, head_dim,
         slots_per_head, k_cache.shape[2], torch.get_num_threads())
     return q
+
+
+def rows_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of each row's largest value of x [R, V]: torch's x.max(dim=-1) (the first index of the
+    maximum, argmax's), from the C kernel where x applies (float32 CPU, contiguous) and every row is finite; else
+    torch's reduction (which propagates NaN). On the Zen 4, [64, 49152] rows 0.3 against 1.6 ms."""
+    lib = _lib()
+    if lib is None or not applies(x) or x.dim() != 2 or x.shape[1] == 0:
+        values, ids = x.max(dim=-1)
+        return values, ids
+    ids = torch.empty(x.shape[0], dtype=torch.int64)
+    values = torch.empty(x.shape[0], dtype=torch.float32)
+    lib.tm_rows_argmax(ids.data_ptr(), values.data_ptr(), x.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads())
+    if bool((ids < 0).any()):
+        values, ids = x.max(dim=-1)
+    return values, ids
