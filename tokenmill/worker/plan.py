@@ -192,6 +192,7 @@ CONFIRM_MARGIN = 0.15
 
 
 def _first_within_tie(fns: dict[str, Callable[[], Any]], seconds: dict[str, float]) -> str:
+    """The first candidate, in order of preference, within TIE_MARGIN of the fastest."""
     fastest = min(seconds.values())
     return next(name for name in fns if seconds[name] <= fastest * (1 + TIE_MARGIN))
 

@@ -106,11 +106,13 @@ void tm_rotary_write_kv(float *q_out, float *qkv, int64_t row_stride, const floa
  * holding a NaN or an infinity gets ids[t] = -1 (told apart by the exponent bits: the kernels build with
  * -ffast-math, under which float comparisons assume finite values), and its caller takes torch's reduction. Rows
  * split over the threads; a few rows run on the calling thread. */
+typedef uint32_t float_bits __attribute__((may_alias)); /* a float's bits, read in place */
+
 void tm_rows_argmax(int64_t *ids, float *values, const float *x, int64_t num_rows, int64_t n, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if (num_rows >= 4)
     for (int64_t t = 0; t < num_rows; ++t) {
         const float *row = x + t * n;
-        const uint32_t *bits = (const uint32_t *)row;
+        const float_bits *bits = (const float_bits *)row;
         float best = row[0];
         uint32_t non_finite = 0;
 #pragma omp simd reduction(max : best) reduction(| : non_finite)
