@@ -7,6 +7,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
 
@@ -36,8 +37,24 @@ static inline int64_t shm_segment_bytes(int world, int64_t capacity) {
  * until all ranks have published seq - 1 (marked shm_reuse_ok below; after an all-reduce or all-gather this already
  * holds, after a broadcast, whose readers do not wait for each other, it may take a moment). */
 
+/* Whether process pid has ended: gone (ESRCH), or a zombie no one has reaped yet. A rank the engine spawned is its
+ * child, and the engine's thread that would reap it may be the one waiting here: kill(pid, 0) succeeds on a zombie,
+ * so /proc tells (state Z or X; without /proc: not known to have ended). */
+static inline int shm_rank_ended(pid_t pid) {
+    if (kill(pid, 0) != 0) return errno == ESRCH;
+    char path[48], stat[512];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL) return errno == ENOENT && kill(pid, 0) != 0;
+    const size_t n = fread(stat, 1, sizeof stat - 1, f);
+    fclose(f);
+    stat[n] = '\0';
+    const char *end = strrchr(stat, ')'); /* the command name may hold spaces and parentheses */
+    return end != NULL && end[1] == ' ' && (end[2] == 'Z' || end[2] == 'X');
+}
+
 /* Waits until each rank in [first, last) has published at least seq. Returns 0; 2 past timeout_s; 3 when a waited-for
- * rank's process is gone. */
+ * rank's process has ended (shm_rank_ended: checked about every thousand yields). */
 static int shm_wait(const char *segment, int first, int last, uint64_t seq, double timeout_s) {
     double deadline = 0.0;
     for (int r = first; r < last; ++r) {
@@ -53,7 +70,7 @@ static int shm_wait(const char *segment, int first, int last, uint64_t seq, doub
                 if (deadline == 0.0) deadline = t + timeout_s;
                 else if (t > deadline) return 2;
                 const int64_t pid = *(const volatile int64_t *)(segment + r * CONTROL_LINE + 8);
-                if (pid > 0 && kill((pid_t)pid, 0) != 0 && errno == ESRCH) return 3; /* that rank is gone */
+                if (pid > 0 && shm_rank_ended((pid_t)pid)) return 3; /* that rank is gone */
             }
         }
     }
