@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.kernels.triton_mode import select_interpreter_if_no_cuda
+from tests.models.utils import tiny_variant
 
 # Before any test module is collected: triton's first import must already be in interpreted mode.
 select_interpreter_if_no_cuda()
@@ -78,21 +79,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, default_tokenizer_
 
 
 @pytest.fixture(scope="session")
-def head64_checkpoint(tiny_checkpoint: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def head64_checkpoint(tiny_checkpoint: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama whose heads have 64 dims (2 query heads, 1 KV head), the AMX attention's shape; the tiny
     checkpoints' have 16."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    base = tiny_checkpoint("llama")
-    cfg = AutoConfig.from_pretrained(base)
-    cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 128, 2, 1, 64
-    torch.manual_seed(6)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.1)
-    path = tmp_path_factory.mktemp("head64-llama")
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(base).save_pretrained(path)
-    return path
+    return tiny_variant(tiny_checkpoint("llama"), tmp_path_factory, "head64-llama", 6, hidden_size=128,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=64)

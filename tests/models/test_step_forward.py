@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.models.utils import check_matches_hf, hf_greedy
+from tests.models.utils import check_matches_hf, hf_greedy, tiny_variant
 from tokenmill import LLM, SamplingParams
 from tokenmill.kernels.cpu.bf16_prompt_attention import bf16_prompt_attention_available
 from tokenmill.kernels.cpu.step_forward import PHASES, step_forward_available
@@ -72,23 +72,11 @@ def compared_with_layer_by_layer(llm: LLM, rel_tol: float) -> Iterator[list[int]
 def biased_checkpoint(tiny_checkpoint: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """arch -> a tiny checkpoint whose every bias is random: Qwen2's q/k/v biases, and Llama with
     attention_bias and mlp_bias (o_proj, gate/up/down biases too). The tiny checkpoints' are zero."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     def make(arch: str) -> Any:
-        base = tiny_checkpoint(arch)
-        cfg = AutoConfig.from_pretrained(base)
-        if arch == "llama":
-            cfg.attention_bias = cfg.mlp_bias = True
-        torch.manual_seed(5)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.dim() > 1 or name.endswith(".bias"):
-                    p.normal_(0, 0.1)
-        path = tmp_path_factory.mktemp(f"biased-{arch}")
-        model.save_pretrained(path)
-        AutoTokenizer.from_pretrained(base).save_pretrained(path)
-        return path
+        changes = {"attention_bias": True, "mlp_bias": True} if arch == "llama" else {}
+        return tiny_variant(tiny_checkpoint(arch), tmp_path_factory, f"biased-{arch}", 5, random_biases=True,
+                            **changes)
 
     return make
 
@@ -138,32 +126,20 @@ def test_c_forward_int8_fused_mlp_agrees_with_layer_by_layer(tiny_checkpoint: An
     16-channel panels per half (intermediate 144: a last single panel) and a prompt step of more rows than one
     grab takes at a time (SILU_ROWS, 160): the layer-by-layer forward's values, and bitwise the unfused MLP's (the
     same tiles and silu on the same float32 gate/up values)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     from tokenmill.worker.planner import _synthetic_step
 
-    base = tiny_checkpoint("llama")
-    cfg = AutoConfig.from_pretrained(base)
-    cfg.intermediate_size = 144
-    torch.manual_seed(7)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0, 0.1)
-    path = tmp_path_factory.mktemp("int8-mlp-144")
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(base).save_pretrained(path)
+    path = tiny_variant(tiny_checkpoint("llama"), tmp_path_factory, "int8-mlp-144", 7, intermediate_size=144)
     llm = LLM(dtype="float32", kernels="c", model=str(path), block_size=8, kv_cache_memory=16 << 20,
               quantization="int8", kv_cache_dtype="float32", max_num_batched_tokens=512)
     assert _c_step(llm) is not None
-    prompts = _prompts(cfg.vocab_size, (150, 190, 3))
+    vocab_size = llm.engine.vocab_size
+    prompts = _prompts(vocab_size, (150, 190, 3))
     with compared_with_layer_by_layer(llm, rel_tol=1e-2) as rows:
         llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
     assert rows == [343, 3, 3]
     c_step = _c_step(llm)
     for q_len in (340, 1):  # a prompt step past SILU_ROWS, a decode step (one request: its K/V slots its own)
-        ids, positions, meta = _synthetic_step(1, q_len, 340, 8, cfg.vocab_size)
+        ids, positions, meta = _synthetic_step(1, q_len, 340, 8, vocab_size)
         outputs = []
         for fuse in (1, 0):
             c_step.kernel._model.fuse_int8_mlp = fuse

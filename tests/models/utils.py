@@ -1,8 +1,10 @@
-"""HF-parity helpers (the vLLM rules): greedy outputs identical; top-k logprobs close."""
+"""HF-parity helpers (the vLLM rules): greedy outputs identical; top-k logprobs close. And tiny checkpoint variants."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -79,3 +81,25 @@ def hf_greedy(model: torch.nn.Module, tokenizer: object, prompts: Sequence[list[
             out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
         results.append((ids, tokenizer.decode(ids, skip_special_tokens=True), top))
     return results
+
+
+def tiny_variant(base: Path, tmp_path_factory: pytest.TempPathFactory, name: str, seed: int,
+                 random_biases: bool = False, **changes: Any) -> Path:
+    """A checkpoint of base's config with `changes` applied, its weight matrices (and with random_biases its biases)
+    drawn from N(0, 0.1) under torch seed `seed` (spread logits, so greedy picks are not near-ties), saved with base's
+    tokenizer in a new temporary folder `name`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(base)
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if param.dim() > 1 or (random_biases and param_name.endswith(".bias")):
+                param.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(base).save_pretrained(path)
+    return path
