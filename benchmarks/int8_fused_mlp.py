@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any
 
 import torch
+from step_split import time_c_forward  # this directory is on sys.path when run as a script
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.bench.results import write_json_report
@@ -30,20 +30,6 @@ def _timed(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[float, 
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     return time.perf_counter() - start, [o.outputs[0].token_ids for o in outs]
-
-
-def _time_decode_steps(c_step: CStepForward, decode_seconds: list[float]) -> None:
-    """Appends the time of each pure decode step's C forward call to decode_seconds."""
-    inner = c_step.forward
-
-    def forward(input_ids: torch.Tensor, positions: torch.Tensor, meta: Any, keep_rows: Any = None) -> torch.Tensor:
-        start = time.perf_counter()
-        out = inner(input_ids, positions, meta, keep_rows)
-        if meta.num_tokens == meta.num_reqs:
-            decode_seconds.append(time.perf_counter() - start)
-        return out
-
-    c_step.forward = forward
 
 
 def main() -> None:
@@ -61,7 +47,12 @@ def main() -> None:
             raise SystemExit("no C forward here")
         model = c_step.kernel._model
         decode_seconds: list[float] = []
-        _time_decode_steps(c_step, decode_seconds)
+
+        def keep_decode(kind: str, spent: float) -> None:
+            if kind == "decode":
+                decode_seconds.append(spent)
+
+        time_c_forward(c_step, keep_decode)
         gen = torch.Generator().manual_seed(0)
         results: dict[str, list[float]] = {}
         try:

@@ -13,6 +13,7 @@ import argparse
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,9 +26,9 @@ from tokenmill.worker.c_step import CStepForward
 from tokenmill.worker.model_runner import ModelRunner
 
 
-def _time_c_forward(c_step: CStepForward, seconds: dict[str, float]) -> None:
-    """Adds the time of each C forward call to seconds["decode: C forward"] (pure decode steps) or
-    seconds["prefill: C forward"] (steps with prompt rows)."""
+def time_c_forward(c_step: CStepForward, record: Callable[[str, float], None]) -> None:
+    """Wraps c_step.forward so that each call's seconds go to record(kind, seconds), kind "decode" for a pure decode
+    step (one row a request), else "prefill"."""
     inner = c_step.forward
 
     def forward(input_ids: torch.Tensor, positions: torch.Tensor, meta: Any,
@@ -35,7 +36,7 @@ def _time_c_forward(c_step: CStepForward, seconds: dict[str, float]) -> None:
         kind = "decode" if meta.num_tokens == meta.num_reqs else "prefill"
         start = time.perf_counter()
         out = inner(input_ids, positions, meta, keep_rows)
-        seconds[f"{kind}: C forward"] += time.perf_counter() - start
+        record(kind, time.perf_counter() - start)
         return out
 
     c_step.forward = forward
@@ -81,7 +82,11 @@ def main() -> None:
     if c_step is not None:
         kernel = c_step.kernel
         kernel.phase_seconds = torch.zeros(len(PHASES), dtype=torch.float64)
-        _time_c_forward(c_step, seconds)
+
+        def add(kind: str, spent: float) -> None:
+            seconds[f"{kind}: C forward"] += spent
+
+        time_c_forward(c_step, add)
 
     llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     runs: list[dict[str, Any]] = []
