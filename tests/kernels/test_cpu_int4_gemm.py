@@ -1,6 +1,8 @@
 """Group-wise 4-bit weights (quant/int4_cpu.py) and the W4A16 kernel (kernels/cpu/int4_gemm.c): the Q4_1
 rule and its packing, exact round trips of weights already on the grid, the product against float64
-within the 16-bit activation rounding bound, and the linear layer's two paths."""
+within the 16-bit activation rounding bound, and the linear layer's two paths; the bf16 route (int4_bf16.h): its
+dequantized panels bitwise the float32 weights rounded to bf16 and packed, its product that of the bf16-rounded
+operands."""
 
 from __future__ import annotations
 
@@ -9,12 +11,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tokenmill.kernels.cpu.int4_gemm import int4_dequantize, int4_gemm, int4_gemm_available
+from tokenmill.kernels.cpu.bf16_gemm import pack_bf16_panels
+from tokenmill.kernels.cpu.int4_gemm import (
+    int4_bf16_gemm,
+    int4_bf16_panels,
+    int4_dequantize,
+    int4_gemm,
+    int4_gemm_available,
+)
 from tokenmill.layers.linear import Linear
 from tokenmill.models.interface import Projection
 from tokenmill.quant.int4_cpu import (
     FUSED_MAX_ROWS,
     Int4GroupLinear,
+    bf16_units_gemm_available,
     dequantize_weight_groups,
     quantize_model_int4,
     quantize_weight_groups,
@@ -114,6 +124,32 @@ def test_reads_strided_rows_and_zero_groups() -> None:
     torch.testing.assert_close(got, expected, rtol=0, atol=3e-4 * float(expected.abs().max()))
 
 
+# n: whole panel pairs, a lone last panel, ragged channels past the 4-channel padding; k: one and several 64-wide pairs.
+@pytest.mark.parametrize("n,k", [(64, 576), (48, 64), (7, 128), (130, 1536)])
+def test_bf16_panels_are_the_dequantized_weights_rounded_to_bf16(n: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(n + k)
+    packed, d, m = quantize_weight_groups(torch.randn(n, k, generator=gen) * 0.05)
+    expected = pack_bf16_panels(int4_dequantize(packed, d, m, n, k).to(torch.bfloat16))
+    assert torch.equal(int4_bf16_panels(packed, d, m, n, k).view(torch.int16), expected.view(torch.int16))
+
+
+@pytest.mark.parametrize("n,k", [(64, 576), (7, 128), (130, 1536)])
+@pytest.mark.parametrize("num_rows", [1, 5, 16, 33, 300])
+def test_bf16_product_is_that_of_the_bf16_operands(n: int, k: int, num_rows: int) -> None:
+    """Sums in float32 of bf16(x) bf16(w): within float32 summation error of the float64 product of the rounded
+    operands, whatever the rows (vdpbf16ps rows, AMX blocks and a padded last block, several row chunks at 300 x
+    1536), read from strided rows."""
+    gen = torch.Generator().manual_seed(n * 7 + k + num_rows)
+    packed, d, m = quantize_weight_groups(torch.randn(n, k, generator=gen) * 0.05)
+    wide = torch.randn(num_rows, k + 32, generator=gen)
+    x = wide[:, 16 : 16 + k]
+    y = int4_bf16_gemm(x, packed, d, m, n)
+    w = int4_dequantize(packed, d, m, n, k).to(torch.bfloat16).double()
+    exact = x.to(torch.bfloat16).double() @ w.t()
+    assert y.shape == (num_rows, n) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), exact, rtol=0, atol=1e-5 * k ** 0.5 * float(exact.abs().max()))
+
+
 def test_rejects_bad_inputs() -> None:
     packed, d, m = quantize_weight_groups(torch.randn(8, 64))
     with pytest.raises(ValueError, match="64"):
@@ -126,6 +162,10 @@ def test_rejects_bad_inputs() -> None:
         int4_gemm(torch.randn(2, 64), packed, d.float(), m, 8)
     with pytest.raises(ValueError, match="64"):
         int4_gemm(torch.randn(2, 32), packed, d, m, 8)
+    with pytest.raises(ValueError, match="float32"):
+        int4_bf16_gemm(torch.randn(2, 64).bfloat16(), packed, d, m, 8)
+    with pytest.raises(ValueError, match="packed"):
+        int4_bf16_gemm(torch.randn(2, 64), packed[:4], d, m, 8)
 
 
 @pytest.mark.parametrize("num_rows", [1, FUSED_MAX_ROWS, FUSED_MAX_ROWS + 1, 100])
@@ -143,6 +183,28 @@ def test_linear_layer_both_paths(num_rows: int) -> None:
     # Half a step of the widest group at most (its range is under 2 max|w|, over 15 steps).
     half_step = 0.5 * 2 * float(weight.abs().max()) / 15
     torch.testing.assert_close(layer.dequantized_weight(), weight, rtol=0, atol=half_step)
+
+
+@pytest.mark.parametrize("num_rows", [1, 4, FUSED_MAX_ROWS + 1])
+def test_linear_layer_bf16_route(num_rows: int) -> None:
+    """with_prefill_dtype(bf16) (the plan's c_int4_bf16): the same weight tensors; where the CPU multiplies bf16,
+    int4_bf16_gemm at every row count (plus the bias), else the float32 route up to FUSED_MAX_ROWS rows and the
+    dequantized weight in bf16 beyond; within bf16 rounding of the float32 route either way."""
+    gen = torch.Generator().manual_seed(num_rows)
+    weight, bias = torch.randn(20, 128, generator=gen) * 0.05, torch.randn(20, generator=gen)
+    layer = Int4GroupLinear(weight, bias)
+    twin = layer.with_prefill_dtype(torch.bfloat16)
+    assert twin.packed is layer.packed and twin.group_scale is layer.group_scale and layer.prefill_dtype == torch.float32
+    x = torch.randn(num_rows, 128, generator=gen)
+    if bf16_units_gemm_available():
+        torch.testing.assert_close(twin(x), int4_bf16_gemm(x, layer.packed, layer.group_scale, layer.group_min, 20)
+                                   + bias, rtol=0, atol=0)
+    elif num_rows <= FUSED_MAX_ROWS:
+        assert torch.equal(twin(x), layer(x))
+    ref = layer(x)
+    torch.testing.assert_close(twin(x), ref, rtol=0, atol=0.02 * ref.abs().max().item())
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        layer.with_prefill_dtype(torch.float16)
 
 
 def test_model_quantization_keeps_projections_it_cannot_pack() -> None:

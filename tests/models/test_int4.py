@@ -1,6 +1,6 @@
 """`--quantization int4` on the default model: its Q4_1 GGUF weights come back exactly, and the engine's
-W4A16 decode follows fp32's greedy tokens and logprobs; a bf16 model's int4 layers may run their prefill GEMM in
-bf16."""
+decode (W4A16, and the bf16 route where the plan chose it) follows fp32's greedy tokens and logprobs; the bf16 route
+is a candidate where it can run fast."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.kernels.cpu.int4_gemm import int4_gemm_available
 from tokenmill.layers.panel_linear import PanelLinear
-from tokenmill.quant.int4_cpu import FUSED_MAX_ROWS, Int4GroupLinear
+from tokenmill.quant.int4_cpu import Int4GroupLinear, bf16_units_gemm_available
 from tokenmill.quant.int8_cpu import Int8DynamicLinear
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.c_step import CStepForward
@@ -36,7 +36,9 @@ def engines(default_loaded: Any) -> dict[str, LLMEngine]:
 def test_the_gguf_q4_1_weights_come_back_exactly(engines: dict[str, LLMEngine]) -> None:
     """The embedded file stores every projection in Q4_1: the int4 layers compute with those very weights."""
     fp32 = dict(engines["fp32"].core.model.named_modules())
-    quantized = {name: m for name, m in engines["int4"].core.model.named_modules() if isinstance(m, Int4GroupLinear)}
+    # A projection the plan routes by row count holds its two routes (c_int4 and c_int4_bf16, the same weights).
+    quantized = {name.split(".impls.")[0]: m for name, m in engines["int4"].core.model.named_modules()
+                 if isinstance(m, Int4GroupLinear)}
     assert len(quantized) == 4 * engines["fp32"].core.model.config.num_hidden_layers
     for name, module in quantized.items():
         assert isinstance(fp32[name], PanelLinear)
@@ -46,7 +48,11 @@ def test_the_gguf_q4_1_weights_come_back_exactly(engines: dict[str, LLMEngine]) 
 
 def test_greedy_decode_follows_fp32(engines: dict[str, LLMEngine]) -> None:
     """16-bit activation groups leave float-rounding-sized differences: the chosen tokens' logprobs agree
-    within 0.02 nat wherever the sequences agree, and the sequences agree on nearly every token."""
+    within 0.02 nat wherever the sequences agree, and the sequences agree on nearly every token. Where the plan
+    routes some row counts to the bf16 route (bf16 inputs: the 8-prompt steps here), within 0.1 nat (measured
+    0.03-0.06; a bf16 model's 0.075, an int8 model's 0.26)."""
+    bf16_route = any(c.kernel == "c_int4_bf16" for c in engines["int4"].core.plan.choices)
+    bound = 0.1 if bf16_route else 0.02
     prompts = _quality_benchmark().PROMPTS
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
     reference, got = (_run(engines[name], prompts, params) for name in ("fp32", "int4"))
@@ -57,7 +63,7 @@ def test_greedy_decode_follows_fp32(engines: dict[str, LLMEngine]) -> None:
             if a != b:
                 break
             same += 1
-            assert abs(ref.outputs[0].logprobs[i][a].logprob - out.outputs[0].logprobs[i][b].logprob) < 0.02
+            assert abs(ref.outputs[0].logprobs[i][a].logprob - out.outputs[0].logprobs[i][b].logprob) < bound
         total += len(ref_ids)
     assert same / total >= 0.9, same / total
 
@@ -69,18 +75,11 @@ def test_int4_engine_quantizes_the_lm_head_to_int8_by_default(default_loaded: An
         EngineConfig.from_kwargs(quantization="int5")
 
 
-def test_a_bf16_models_prefill_gemm_may_run_in_bf16() -> None:
-    """The plan's c_int4_bf16 (a bf16 model's only): the same weight tensors, the C kernel at decode rows, and past
-    FUSED_MAX_ROWS the dequantized GEMM in bf16, within bf16's rounding of the float32 one."""
-    gen = torch.Generator().manual_seed(0)
-    layer = Int4GroupLinear(torch.randn(96, 128, generator=gen), torch.randn(96, generator=gen))
-    twin = layer.with_prefill_dtype(torch.bfloat16)
-    assert twin.packed is layer.packed and layer.prefill_dtype == torch.float32
-    x = torch.randn(FUSED_MAX_ROWS + 32, 128, generator=gen)
-    ref = layer(x)
-    torch.testing.assert_close(twin(x), ref, rtol=0, atol=0.02 * ref.abs().max().item())
-    assert torch.equal(twin(x[:4]), layer(x[:4]))  # decode rows: the C kernel either way
-    with pytest.raises(ValueError, match="float32 or bfloat16"):
-        layer.with_prefill_dtype(torch.float16)
-    assert set(_projection_candidates(layer, True, torch.float32)) == {"c_int4"}
-    assert set(_projection_candidates(layer, True, torch.bfloat16)) == {"c_int4", "c_int4_bf16"}
+def test_the_bf16_route_is_a_candidate_where_bf16_is_native_or_the_model_bf16() -> None:
+    """The plan's c_int4_bf16 (quant/int4_cpu.py's bf16 route): a bf16 model's candidate everywhere, a float32
+    model's where the CPU multiplies bf16 in hardware."""
+    layer = Int4GroupLinear(torch.randn(96, 128), None)
+    both = {"c_int4", "c_int4_bf16"}
+    assert set(_projection_candidates(layer, True, torch.bfloat16)) == both
+    assert set(_projection_candidates(layer, True, torch.float32)) == (both if bf16_units_gemm_available()
+                                                                      else {"c_int4"})

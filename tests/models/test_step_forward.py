@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.models.utils import check_matches_hf, hf_greedy, tiny_variant
+from tests.models.utils import check_matches_hf, hf_greedy, pin_int4_kernel, tiny_variant
 from tokenmill import LLM, SamplingParams
 from tokenmill.kernels.cpu.bf16_prompt_attention import bf16_prompt_attention_available
 from tokenmill.kernels.cpu.step_forward import PHASES, step_forward_available
@@ -187,15 +187,17 @@ def test_c_forward_bf16_agrees_with_layer_by_layer(tiny_checkpoint: Any, head64_
     assert rows == [88, 6, 5, 4, 3, 2, 1, 1]
 
 
-def test_c_forward_int4_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None:
-    """W4A16 groups: the decoder's projections are int4_gemm's arithmetic; only float rounding in the
-    other ops (then a flipped 16-bit level) separates the two paths. Prompt steps of more than 48 tokens stay layer
-    by layer (the int4 kernel multiplies each row on its own); smaller ones (a draft model's catch-up) take it."""
+def test_c_forward_int4_agrees_with_layer_by_layer(tiny_checkpoint: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """W4A16 groups (the plan pinned to c_int4): the decoder's projections are int4_gemm's arithmetic; only float
+    rounding in the other ops (then a flipped 16-bit level) separates the two paths. Prompt steps of more than 48
+    tokens stay layer by layer (the int4 kernel multiplies each row on its own); smaller ones (a draft model's
+    catch-up) take it."""
+    pin_int4_kernel(monkeypatch, "c_int4")
     llm = LLM(dtype="float32", kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20,
               quantization="int4")
     model = _model(llm)
     assert isinstance(model.layers[0].mlp.down_proj, Int4GroupLinear)
-    assert _c_step(llm) is not None
+    assert _c_step(llm) is not None and _c_step(llm).kernel.int4_bf16_min_rows == 0
     prompts = _prompts(model.config.vocab_size, (2, 5, 8, 16, 17, 40))
     with compared_with_layer_by_layer(llm, rel_tol=1e-3) as rows:
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4, 5, 6, 8)]
@@ -204,6 +206,37 @@ def test_c_forward_int4_agrees_with_layer_by_layer(tiny_checkpoint: Any) -> None
         llm.generate(small, [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4)],
                      use_tqdm=False)
     assert rows == [6, 5, 4, 3, 2, 1, 1, 24, 3, 2, 1]
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["float32", "bfloat16"])
+def test_c_forward_int4_bf16_route_agrees_with_layer_by_layer(tiny_checkpoint: Any, monkeypatch: pytest.MonkeyPatch,
+                                                             kv_cache_dtype: str) -> None:
+    """int4's bf16 route (the plan pinned to c_int4_bf16 at every row count): the C forward multiplies the int4
+    weights as bf16 panels dequantized pass by pass (fused MLP and residual adds as a bf16 model's), layer by layer
+    int4_bf16_gemm does per projection; both round the same float32 inputs to bf16, so float-order-sized
+    differences. Prompt steps of any size now take the C forward."""
+    pin_int4_kernel(monkeypatch, "c_int4_bf16")
+    llm = LLM(dtype="float32", kernels="c", model=str(tiny_checkpoint("llama")), block_size=16,
+              kv_cache_memory=16 << 20, quantization="int4", kv_cache_dtype=kv_cache_dtype)
+    model = _model(llm)
+    c_step = _c_step(llm)
+    assert c_step is not None and c_step.kernel.int4_bf16_min_rows == 1
+    assert c_step.max_prompt_tokens > 88
+    prompts = _prompts(model.config.vocab_size, (2, 5, 8, 16, 17, 40))
+    with compared_with_layer_by_layer(llm, rel_tol=1e-3) as rows:
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4, 5, 6, 8)]
+        llm.generate(prompts, params, use_tqdm=False)
+    assert rows == [88, 6, 5, 4, 3, 2, 1, 1]
+    # The route switches by the step's rows: W4A16 below the bound, the bf16 products from it; the outputs differ by
+    # the inputs' bf16 rounding only.
+    from tokenmill.worker.planner import _synthetic_step
+
+    ids, positions, meta = _synthetic_step(1, 40, 40, 16, llm.engine.vocab_size)
+    bf16 = c_step.forward(ids, positions, meta).clone()
+    c_step.kernel._model.int4_bf16_min_rows = 41
+    w4a16 = c_step.forward(ids, positions, meta)
+    assert not torch.equal(bf16, w4a16)
+    torch.testing.assert_close(bf16, w4a16, rtol=0, atol=2e-2 * w4a16.abs().max().item())
 
 
 def test_steps_it_does_not_take(tiny_checkpoint: Any) -> None:

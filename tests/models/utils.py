@@ -103,3 +103,22 @@ def tiny_variant(base: Path, tmp_path_factory: pytest.TempPathFactory, name: str
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(base).save_pretrained(path)
     return path
+
+
+def pin_int4_kernel(monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:
+    """Engines built from here on plan their int4 projections with the one candidate `kernel` (c_int4: the W4A16 C
+    kernel, dequantized float32 products past its rows; c_int4_bf16: the bf16 route at every row count), so that a
+    test sees one route whatever this machine's timings; those plans are neither read from nor written to the
+    cache."""
+    from tokenmill.quant.int4_cpu import Int4GroupLinear
+    from tokenmill.worker import planner
+
+    every = planner._projection_candidates
+
+    def pinned(module: torch.nn.Module, panels_ok: bool, model_dtype: torch.dtype) -> dict[str, Any]:
+        candidates = every(module, panels_ok, model_dtype)
+        return {kernel: candidates[kernel]} if isinstance(module, Int4GroupLinear) else candidates
+
+    monkeypatch.setattr(planner, "_projection_candidates", pinned)
+    monkeypatch.setattr(planner, "load_plan", lambda *args: None)
+    monkeypatch.setattr(planner, "save_plan", lambda *args: None)

@@ -10,13 +10,15 @@ Activations: at up to FUSED_MAX_ROWS rows (decode steps), kernels/cpu/int4_gemm.
 quantize every group of 32 input values to 16 bits symmetrically over its own max |x| and multiply
 with vpmaddwd (int4_dot.h), so the weights' own rounding is the only error. (8-bit activation groups,
 llama.cpp's Q8 blocks, measured logprobs 0.5 nat off fp32 within 4 tokens on SmolLM2: its outlier
-channels cost whole groups their precision.) More rows (prefill) dequantize the weights and use torch's
-GEMM: at that size the product is bound by arithmetic, where the unpacking costs more than the bytes it
-saves. The dequantized product runs in float32 (MKL), or, in a bfloat16 model (`--dtype bfloat16`, whose
-activations are bf16 already), in bfloat16 (oneDNN; AMX tiles or vdpbf16ps) where the execution plan measured
-that faster (`c_int4_bf16`, worker/planner.py): the bf16 rounding of the dequantized weights (8 bits of
-mantissa) is far below the 4-bit grid's step. (In a float32 model, bf16 activations would move logprobs by up to
-0.03 nat against the 16-bit groups' 0.02: tests/models/test_int4.py.)
+channels cost whole groups their precision.) More rows (prefill) are bound by arithmetic, where the 16-bit
+products run at a third of what the bf16 units do: they dequantize the weights and use torch's float32 GEMM
+(`c_int4`), or, as the bf16 route (`c_int4_bf16`, where the execution plan measured it faster), multiply on the
+bf16 units: on a CPU with AVX512-BF16 or AMX-BF16 through kernels/cpu/int4_bf16.h (each pass's pair of 16-channel
+panels dequantized to bf16 in cache, the inputs rounded to bf16: the weights stay 4-bit in memory) at every row
+count the plan gives it, elsewhere the dequantized weight in bf16 through oneDNN past FUSED_MAX_ROWS. The bf16
+rounding of the dequantized weights (8 bits of mantissa) is far below the 4-bit grid's step; bf16 inputs move
+logprobs by up to 0.03 nat against the 16-bit groups' 0.02 (tests/models/test_int4.py), as an int8 model's
+8-bit inputs and bf16 prompt attention do more.
 
 What it is for: batch-1 decode reads every weight once per token; 4-bit groups with fp16 scale and
 minimum are 0.625 bytes per weight against int8's 1.
@@ -25,13 +27,21 @@ minimum are 0.625 bytes per weight against int8's 1.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 
 import torch
 from torch import nn
 
-from tokenmill.kernels.cpu.int4_gemm import check_int4_weights, int4_dequantize, int4_gemm, int4_gemm_available
+from tokenmill.kernels.cpu.int4_gemm import (
+    check_int4_weights,
+    int4_bf16_gemm,
+    int4_dequantize,
+    int4_gemm,
+    int4_gemm_available,
+)
 from tokenmill.quant.projections import float_projections
+from tokenmill.worker.capabilities import detect_capabilities
 
 logger = logging.getLogger("tokenmill")
 
@@ -81,6 +91,13 @@ def dequantize_weight_groups(packed: torch.Tensor, d: torch.Tensor, m: torch.Ten
     return (per_channel(d) * q.float() + per_channel(m)).reshape(n, k)
 
 
+@functools.cache
+def bf16_units_gemm_available() -> bool:
+    """Whether the bf16 route multiplies through kernels/cpu/int4_bf16.h here: the C kernels built, on a CPU that
+    multiplies bf16 in hardware (elsewhere bf16_panels.h's portable loop would be far slower than torch's)."""
+    return int4_gemm_available() and detect_capabilities().native_bf16
+
+
 class Int4GroupLinear(nn.Module):
     """y = x @ W^T + b with group-wise 4-bit weights (the module docstring's format)."""
 
@@ -115,7 +132,9 @@ class Int4GroupLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
             x2 = x2.float()
-        if x2.shape[0] <= self.fused_max_rows and int4_gemm_available():
+        if self.prefill_dtype == torch.bfloat16 and bf16_units_gemm_available():
+            y = int4_bf16_gemm(x2.contiguous(), self.packed, self.group_scale, self.group_min, self.out_features)
+        elif x2.shape[0] <= self.fused_max_rows and int4_gemm_available():
             y = int4_gemm(x2.contiguous(), self.packed, self.group_scale, self.group_min, self.out_features)
         elif self.prefill_dtype == torch.bfloat16:
             y = torch.nn.functional.linear(x2.to(torch.bfloat16), self.dequantized_weight().to(torch.bfloat16))
@@ -127,8 +146,11 @@ class Int4GroupLinear(nn.Module):
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 W4A16 groups of {GROUP} "
-                f"(C kernel up to {self.fused_max_rows} rows, dequantized {str(self.prefill_dtype)[6:]} GEMM beyond)")
+        shape = f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {GROUP}"
+        if self.prefill_dtype == torch.bfloat16 and bf16_units_gemm_available():
+            return f"{shape} (bf16 products over panels dequantized in cache, every row count)"
+        return (f"{shape} (W4A16 C kernel up to {self.fused_max_rows} rows, dequantized "
+                f"{str(self.prefill_dtype)[6:]} GEMM beyond)")
 
 
 def quantize_model_int4(model: nn.Module, quantize_lm_head: bool = False) -> int:

@@ -5,8 +5,9 @@ A step it takes skips the layer-by-layer forward: the embeddings go to step_forw
 layer in one OpenMP region and returns the final hidden states. It takes steps of at most
 `max_rows` tokens (decode steps of that many requests, speculative verification of a few tokens per request, short
 chunks), and steps with prompt rows (prefill, chunked prefill, mixed with
-decode rows) of at most `max_prompt_tokens` tokens (48 when a projection is int4, whose C kernel is for
-small batches; larger products dequantize to float32, quant/int4_cpu.py). Other steps run
+decode rows) of at most `max_prompt_tokens` tokens (48 when a projection is int4 and the plan kept its W4A16 C
+kernel at every size, a kernel for small batches; where the plan chose int4's bf16 route from some row count on,
+the C forward multiplies steps that large the same way, and takes prompts as a bf16 model's). Other steps run
 models/llama.py's forward. Both compute the same arithmetic; the C path only removes the per-op dispatch
 (about half of a batch-1 token's time on a 2-core CPU) and, for prompt steps, the other threads' waits
 while the host dispatches the ~10 OpenMP regions per layer.
@@ -43,7 +44,7 @@ from tokenmill.kernels.cpu.step_forward import (
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.panel_linear import Bf16PanelLinear, PanelLinear
 from tokenmill.layers.planned_linear import PlannedLinear
-from tokenmill.quant.int4_cpu import Int4GroupLinear
+from tokenmill.quant.int4_cpu import Int4GroupLinear, bf16_units_gemm_available
 from tokenmill.quant.int8_cpu import Int8DynamicLinear
 from tokenmill.worker.capabilities import detect_capabilities
 from tokenmill.worker.request_states import StepRequest
@@ -61,10 +62,10 @@ MAX_ROWS = 64
 # Most tokens a step with prompt rows may have to take the C forward (its scratch grows ~35 KB a token
 # for SmolLM2-135M); the engine's default step budget (max_num_batched_tokens) is 2048.
 MAX_PROMPT_TOKENS = 4096
-# The same with an int4 projection, whose C kernel multiplies rows in blocks of up to 4: one request's prompt step
-# through the C forward against layer by layer (int4 dequantized to float32 products), SmolLM2-135M on the AMX Xeon:
-# 16 tokens 28 against 37 ms, 32: 55 against 104, 64: 114 against 104, 128: 232 against 134 (a draft model's
-# catch-up steps and short prompts are this small).
+# The same with int4 projections on their W4A16 C kernel at every size (no bf16 route), which multiplies rows in
+# blocks of up to 4: one request's prompt step through the C forward against layer by layer (int4 dequantized to
+# float32 products), SmolLM2-135M on the AMX Xeon: 16 tokens 28 against 37 ms, 32: 55 against 104, 64: 114 against
+# 104, 128: 232 against 134 (a draft model's catch-up steps and short prompts are this small).
 INT4_MAX_PROMPT_TOKENS = 48
 
 
@@ -138,7 +139,27 @@ def build_step_kernel(model: nn.Module) -> StepForwardKernel:
         layers, _norm_weight(model.final_norm), rotary.cos, rotary.sin, attn0.num_heads, attn0.num_kv_heads,
         attn0.head_dim, float(model.final_norm.eps), float(attn0.scale), row_chunk_bytes=_row_chunk_bytes(),
         amx_attention_max_rows=_amx_attention_max_rows(attn0.backend, layers, attn0.head_dim), tp_shm=model.tp.shm,
-        kv_row_shares=parts[0].row_shares)
+        kv_row_shares=parts[0].row_shares, int4_bf16_min_rows=int4_bf16_min_rows(model))
+
+
+def int4_bf16_min_rows(model: nn.Module) -> int:
+    """The fewest rows from which the C forward multiplies int4 weights on the bf16 units: where the execution plan
+    routed the first layer's gate_up projection (the largest) to c_int4_bf16, past its c_int4 routes (1: at every
+    row count); 0 (never) where it did not, where the CPU does not multiply bf16 in hardware, or where the projections
+    are not int4."""
+    gate_up = next(p.module for p in model.decoder_layers()[0].projections if p.name == "gate_up_proj")
+    if not bf16_units_gemm_available():
+        return 0
+    if isinstance(gate_up, Int4GroupLinear):  # one route for every row count
+        return 1 if gate_up.prefill_dtype == torch.bfloat16 else 0
+    if not isinstance(gate_up, PlannedLinear):
+        return 0
+    after = 0  # the largest row count of the c_int4 routes before the first c_int4_bf16 one
+    for max_rows, kernel in zip(gate_up.max_rows, gate_up.kernels):
+        if kernel == "c_int4_bf16":
+            return after + 1
+        after = max_rows
+    return 0
 
 
 def _amx_attention_max_rows(backend: TorchAttentionBackend, layers: list[LayerWeights], head_dim: int) -> int:
@@ -171,7 +192,8 @@ class CStepForward:
         self.max_rows = MAX_ROWS
         int4 = any(isinstance(m, Int4GroupLinear) for part in model.decoder_layers() for p in part.projections
                    for m in p.module.modules())
-        self.max_prompt_tokens = INT4_MAX_PROMPT_TOKENS if int4 else MAX_PROMPT_TOKENS
+        w4a16_only = int4 and self.kernel.int4_bf16_min_rows == 0
+        self.max_prompt_tokens = INT4_MAX_PROMPT_TOKENS if w4a16_only else MAX_PROMPT_TOKENS
 
     def can_run(self, scheduled: Sequence[StepRequest]) -> bool:
         num_tokens = sum(s.num_new_tokens for s in scheduled)

@@ -6,8 +6,9 @@ that exist here: a C kernel that cannot be built for this CPU is simply not a ca
   projections (qkv_proj, o_proj, gate_up_proj, down_proj), by row-count bucket (ROW_BUCKETS):
       float32: c_f32_panels (kernels/cpu/f32_gemm.c) | torch_fp32 (MKL)
       bfloat16 / float16: torch_bf16 / torch_fp16 (oneDNN; AMX tiles where the CPU has them)
-      int8: c_int8_panels; int4: c_int4 (its own rule inside: C kernel for decode rows, dequantized above) |
-      c_int4_bf16 (the same, its dequantized GEMM in bf16; a bf16 model's)
+      int8: c_int8_panels; int4, by INT4_ROW_BUCKETS: c_int4 (its own rule inside: the W4A16 C kernel for decode
+      rows, dequantized to float32 above) | c_int4_bf16 (bf16 products over panels dequantized in cache, on a CPU
+      with AVX512-BF16 or AMX-BF16, or in a bf16 model; the C forward follows this choice)
   lm_head (the vocabulary projection), by sampled-row bucket (LOGIT_BUCKETS): the same families;
   greedy_head, greedy rows' ids from a float32 or bf16 panel lm_head, by row bucket (GREEDY_BUCKETS): c_head_argmax
       (the head's own: the bf16 panels' fused argmax, or argmax over its logits) | c_int8_screen (layers/
@@ -54,8 +55,11 @@ from tokenmill.worker.cpu_load import CpuSample
 
 logger = logging.getLogger("tokenmill")
 
-PLAN_VERSION = 18  # bumped when the candidates or their kernels change
+PLAN_VERSION = 19  # bumped when the candidates or their kernels change
 ROW_BUCKETS = (1, 16, 64, 256, 2048)
+# An int4 projection's: its two kernels cross over at a few rows (the W4A16 C kernel's time grows with every row, the
+# bf16 route's dequantization is paid once per call), and decode batches of 2-16 requests are common in serving.
+INT4_ROW_BUCKETS = (1, 4, 8, 16, 64, 256, 2048)
 # 8: speculative decoding verifies 1 + K rows per request; on the AMX Xeon MKL's float32 product at 5 rows of the
 # 49152-token vocabulary took 8.1 ms against the panels' 6.6 ms (bucket 16 alone routed 2..16 rows to MKL).
 LOGIT_BUCKETS = (1, 8, 16, 64, 256)

@@ -44,13 +44,14 @@ from tokenmill.layers.planned_linear import PlannedLinear
 from tokenmill.layers.screened_head import SCREEN_KERNEL, ScreenedGreedyHead, head_greedy_ids
 from tokenmill.loader.cache import resolve_cache_dir
 from tokenmill.models.interface import PROJECTIONS, CausalLM, Projection
-from tokenmill.quant.int4_cpu import Int4GroupLinear
+from tokenmill.quant.int4_cpu import Int4GroupLinear, bf16_units_gemm_available
 from tokenmill.worker import cpu_load
 from tokenmill.worker.c_step import CStepForward
 from tokenmill.worker.capabilities import detect_capabilities
 from tokenmill.worker.plan import (
     DECODE_STEP_BUCKETS,
     GREEDY_BUCKETS,
+    INT4_ROW_BUCKETS,
     LOGIT_BUCKETS,
     PROMPT_ATTENTION_BUCKETS,
     PROMPT_LEN,
@@ -111,9 +112,10 @@ def _projection_candidates(module: nn.Module, panels_ok: bool, model_dtype: torc
     """Builders of every correct implementation of this projection (the module itself among them), in order of
     preference (plan.TIE_MARGIN)."""
     if isinstance(module, Int4GroupLinear):
-        # A bf16 model's int4 layers may run their many-row GEMM in bf16 too (the activations are bf16 already); a
-        # float32 model's keep float32 activations (16-bit groups in the C kernel): the weights' rounding alone.
-        if model_dtype != torch.bfloat16:
+        # The bf16 route (bf16 inputs, quant/int4_cpu.py) where the CPU multiplies bf16 or the model is bf16 (its
+        # activations are already): beside 4-bit weights, bf16's rounding of the inputs is small, as int8 models'
+        # 8-bit inputs are allowed; elsewhere it would only lose the timing.
+        if model_dtype != torch.bfloat16 and not bf16_units_gemm_available():
             return {"c_int4": lambda: module}
         return {"c_int4": lambda: module, "c_int4_bf16": lambda: module.with_prefill_dtype(torch.bfloat16)}
     if type(module) is not Linear:  # int8 / fp8 modules: their own kernel is the candidate
@@ -234,7 +236,8 @@ def plan_model(model: nn.Module, plan: ExecutionPlan, family: str, keep_panels: 
                 builders = invariant_candidates(name, builders)
             logger.info("plan: timing %s (%s)", name, ", ".join(builders))
             modules = {k: b() for k, b in builders.items()}
-            plan.choices.extend(_time_product(name, ROW_BUCKETS, modules, _input_dtype(group[0].module, dtype)))
+            buckets = INT4_ROW_BUCKETS if isinstance(group[0].module, Int4GroupLinear) else ROW_BUCKETS
+            plan.choices.extend(_time_product(name, buckets, modules, _input_dtype(group[0].module, dtype)))
         routes = routes_from_choices(plan.for_operation(name))
         chosen = {k for _, k in routes}
         for slot in group:

@@ -88,7 +88,9 @@ static inline void bf16_store_x_row(uint16_t *x, int64_t x_stride, int64_t k_pad
  * y only), added to what y holds (y += sums + bias: a residual stream that takes a projection's output). Fused gate/up
  * (h != NULL): the pair's first panel p holds gate channels 16p .. 16p + 15 and its second (p + pair_step) the up
  * channels of the same index; h's (r, 16p + j) (bf16_x_index of h_stride) = bf16(silu(gate) * up).
- * A pair is panels p and p + pair_step (1: adjacent panels; a gate/up weight [gate; up] of I channels each: I / 16). */
+ * A pair is panels p and p + pair_step (1: adjacent panels; a gate/up weight [gate; up] of I channels each: I / 16).
+ * pair_panels (NULL: unused): the pair's weights are not read from the packed panels but from here, its first panel
+ * then its second (a caller that builds each pair's panels just before its pass: int4_bf16.h's dequantized ones). */
 typedef struct {
     void *y;
     int y_bf16;
@@ -101,11 +103,20 @@ typedef struct {
     float *best;
     int64_t *best_id;
     int accumulate; /* plain float32 y: y += sums + bias */
+    const uint16_t *pair_panels;
 } bf16_out;
 
 static inline bf16_out bf16_plain_out(void *y, int y_bf16, int64_t n, const float *bias) {
-    const bf16_out o = {y, y_bf16, n, bias, NULL, 0, 0, 1, NULL, NULL, 0};
+    const bf16_out o = {y, y_bf16, n, bias, NULL, 0, 0, 1, NULL, NULL, 0, NULL};
     return o;
+}
+
+/* The weights of the pair at panel p that a pass multiplies: its first panel (second 0) or its second (1). */
+static inline const uint16_t *bf16_pair_weights(const bf16_out *o, const uint16_t *panels, int64_t k_pad, int64_t p,
+                                                int second) {
+    const int64_t panel_elems = (k_pad / 2) * 2 * BF16_PANEL;
+    if (o->pair_panels != NULL) return o->pair_panels + (second ? panel_elems : 0);
+    return panels + (p + (second ? o->pair_step : 0)) * panel_elems;
 }
 
 /* acc [rows, 16] of channel block p written to y (row stride n), + bias, only channels < n; accumulate (float32 y):
@@ -243,11 +254,10 @@ static inline void bf16_flush(bf16_pending *pd) {
 }
 
 #if !defined(__AVX512BF16__)
-/* acc [rows, 16] = rows row0 .. row0 + rows - 1 (rows <= BF16_DP_ROWS) of channel block p over the first k_len
- * inputs: the portable loop (CPUs without AVX512-BF16; bf16_rows_dp2 below elsewhere). */
-static inline void bf16_rows_dp(float *acc, const uint16_t *x, int64_t x_stride, const uint16_t *panels,
-                                int64_t k_pad, int64_t k_len, int64_t row0, int64_t rows, int64_t p) {
-    const uint16_t *w = panels + p * (k_pad / 2) * 2 * BF16_PANEL;
+/* acc [rows, 16] = rows row0 .. row0 + rows - 1 (rows <= BF16_DP_ROWS) of the channel block whose panel is w over
+ * the first k_len inputs: the portable loop (CPUs without AVX512-BF16; bf16_rows_dp2 below elsewhere). */
+static inline void bf16_rows_dp(float *acc, const uint16_t *x, int64_t x_stride, const uint16_t *w,
+                                int64_t k_pad, int64_t k_len, int64_t row0, int64_t rows) {
     memset(acc, 0, (size_t)rows * BF16_PANEL * sizeof(float));
     for (int64_t kp = 0; kp < k_len / 2; ++kp) {
         const uint16_t *wk = w + kp * 2 * BF16_PANEL;
@@ -279,7 +289,7 @@ static inline bf16_prefetch bf16_prefetch_pair(const bf16_out *o, const uint16_t
                                                int64_t next_p, int two_panels, int64_t steps) {
     const int64_t panel_elems = (k_pad / 2) * 2 * BF16_PANEL, bytes = panel_elems * 2;
     bf16_prefetch pf = {NULL, NULL, bytes, 0, 0};
-    if (next_p < 0 || steps <= 0) return pf;
+    if (next_p < 0 || steps <= 0 || o->pair_panels != NULL) return pf; /* pair_panels: built per pass, in cache */
     pf.w0 = (const char *)(panels + next_p * panel_elems);
     pf.w1 = two_panels ? pf.w0 + o->pair_step * bytes : NULL;
     pf.per_step = (bytes / 64 + steps - 1) / steps;
@@ -330,8 +340,8 @@ static inline void bf16_panel_block_amx_partial(const bf16_out *o, const uint16_
                                                 int64_t block_rows, int64_t p, int two_panels, int64_t next_p,
                                                 bf16_pending *pd) {
     bf16_prefetch pf = bf16_prefetch_pair(o, panels, k_pad, next_p, two_panels, k_len / BF16_K_BLOCK);
-    const int64_t panel_elems = (k_pad / 2) * 2 * BF16_PANEL;
-    const uint16_t *w0 = panels + p * panel_elems, *w1 = two_panels ? w0 + o->pair_step * panel_elems : w0;
+    const uint16_t *w0 = bf16_pair_weights(o, panels, k_pad, p, 0);
+    const uint16_t *w1 = two_panels ? bf16_pair_weights(o, panels, k_pad, p, 1) : w0;
     const int64_t xs = bf16_tile_stride(x_stride); /* bytes */
     _tile_zero(0);
     _tile_zero(1);
@@ -355,8 +365,8 @@ static inline void bf16_panel_blocks_amx(const bf16_out *o, const uint16_t *x, i
                                          const uint16_t *panels, int64_t k_pad, int64_t k_len, int64_t row0,
                                          int64_t blocks, int64_t p, int two_panels, int64_t next_p, bf16_pending *pd) {
     bf16_prefetch pf = bf16_prefetch_pair(o, panels, k_pad, next_p, two_panels, blocks / 2 * (k_len / BF16_K_BLOCK));
-    const int64_t panel_elems = (k_pad / 2) * 2 * BF16_PANEL;
-    const uint16_t *w0 = panels + p * panel_elems, *w1 = two_panels ? w0 + o->pair_step * panel_elems : w0;
+    const uint16_t *w0 = bf16_pair_weights(o, panels, k_pad, p, 0);
+    const uint16_t *w1 = two_panels ? bf16_pair_weights(o, panels, k_pad, p, 1) : w0;
     const int64_t xs = bf16_tile_stride(x_stride); /* bytes */
     for (int64_t b = 0; b < blocks; b += 2) {
         if (b + 1 == blocks) { /* an odd last block: on its own, not paired with a copy of itself */
@@ -412,15 +422,14 @@ static inline int bf16_amx_rows(int64_t m) {
 }
 
 #if defined(__AVX512BF16__)
-/* acc0 / acc1 [rows, 16] = rows row0 .. row0 + rows - 1 (rows <= BF16_DP_ROWS, a constant once inlined) of channel
- * blocks p0 and (two_panels, a constant) p1: one weight load per panel and one broadcast per row feed every
+/* acc0 / acc1 [rows, 16] = rows row0 .. row0 + rows - 1 (rows <= BF16_DP_ROWS, a constant once inlined) of the
+ * channel blocks whose panels are w0 and (two_panels, a constant) w1: one weight load per panel and one broadcast per row feed every
  * vdpbf16ps of an input pair, the accumulators held in registers (a one-panel tile with a variable row count,
  * before, loaded each row's pair twice and kept its sums in memory: 1.6-1.7x slower on the Zen 4). */
 static inline __attribute__((always_inline)) void bf16_rows_dp2(float *acc0, float *acc1, const uint16_t *x,
-                                                               int64_t x_stride, const uint16_t *panels,
-                                                               int64_t k_pad, int64_t k_len, int64_t row0, int rows,
-                                                               int64_t p0, int64_t p1, int two_panels) {
-    const uint16_t *w0 = panels + p0 * (k_pad / 2) * 2 * BF16_PANEL, *w1 = panels + p1 * (k_pad / 2) * 2 * BF16_PANEL;
+                                                               int64_t x_stride, const uint16_t *w0,
+                                                               const uint16_t *w1, int64_t k_pad, int64_t k_len,
+                                                               int64_t row0, int rows, int two_panels) {
     __m512 a0[BF16_DP_ROWS], a1[BF16_DP_ROWS];
     for (int r = 0; r < rows; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
     for (int64_t kb = 0; kb < k_len; kb += BF16_K_BLOCK) {
@@ -450,12 +459,12 @@ static inline __attribute__((always_inline)) void bf16_rows_dp2(float *acc0, flo
 static inline void bf16_panel_rows_dp(const bf16_out *o, const uint16_t *x, int64_t x_stride, const uint16_t *panels,
                                       int64_t k_pad, int64_t k_len, int64_t row0, int64_t m, int64_t p, int64_t num) {
     _Static_assert(BF16_DP_ROWS == 8, "the switch below covers 1 .. 8 rows");
-    const int64_t p1 = p + o->pair_step;
+    const uint16_t *w0 = bf16_pair_weights(o, panels, k_pad, p, 0), *w1 = bf16_pair_weights(o, panels, k_pad, p, 1);
     float acc[2][BF16_DP_ROWS * BF16_PANEL];
     for (int64_t r = 0; r < m; r += BF16_DP_ROWS) {
         const int64_t rows = m - r < BF16_DP_ROWS ? m - r : BF16_DP_ROWS;
 #define TM_DP2(rows_, two_) \
-    bf16_rows_dp2(acc[0], acc[1], x, x_stride, panels, k_pad, k_len, row0 + r, rows_, p, p1, two_)
+    bf16_rows_dp2(acc[0], acc[1], x, x_stride, w0, w1, k_pad, k_len, row0 + r, rows_, two_)
 #define TM_DP2_ROWS(two_)                   \
     switch (rows) {                         \
         case 8: TM_DP2(8, two_); break;     \
@@ -516,8 +525,9 @@ static inline void bf16_panel_rows(const bf16_out *o, const uint16_t *x, int64_t
     for (int64_t r = done; r < m; r += BF16_DP_ROWS) {
         const int64_t rows = m - r < BF16_DP_ROWS ? m - r : BF16_DP_ROWS;
         float acc[2][BF16_DP_ROWS * BF16_PANEL];
-        bf16_rows_dp(acc[0], x, x_stride, panels, k_pad, k_len, row0 + r, rows, p);
-        if (num == 2) bf16_rows_dp(acc[1], x, x_stride, panels, k_pad, k_len, row0 + r, rows, p + o->pair_step);
+        bf16_rows_dp(acc[0], x, x_stride, bf16_pair_weights(o, panels, k_pad, p, 0), k_pad, k_len, row0 + r, rows);
+        if (num == 2)
+            bf16_rows_dp(acc[1], x, x_stride, bf16_pair_weights(o, panels, k_pad, p, 1), k_pad, k_len, row0 + r, rows);
         bf16_emit(o, row0 + r, rows, p, acc[0], num == 2 ? acc[1] : NULL, BF16_PANEL);
     }
 #endif

@@ -1,5 +1,6 @@
 """ctypes binding of int4_gemm.c: W4A16 products for decode-sized row counts (activations quantized per
-group of 32 in the call) and the dequantization of the 4-bit weights to float32."""
+group of 32 in the call), bf16 products over panels dequantized pass by pass for many rows, and the dequantization
+of the 4-bit weights to float32."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def _lib() -> ctypes.CDLL | None:
     lib.tm_int4_gemm_small.restype = _int
     lib.tm_int4_dequantize.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _int]
     lib.tm_int4_dequantize.restype = None
+    lib.tm_int4_bf16_gemm.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
+    lib.tm_int4_bf16_gemm.restype = _int
+    lib.tm_int4_bf16_panels.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64]
+    lib.tm_int4_bf16_panels.restype = None
     return lib
 
 
@@ -58,6 +63,31 @@ def int4_gemm(x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, m: torch.T
     if status != 0:
         raise MemoryError(f"int4_gemm: no memory for {num_rows} x {k} quantized activations")
     return y
+
+
+def int4_bf16_gemm(x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor, n: int) -> torch.Tensor:
+    """x [M, K] float32 (rows may be strided, columns contiguous) -> [M, n] float32 = bf16(x) @ bf16(W)^T, sums in
+    float32, for the 4-bit weights W (check_int4_weights' layout) dequantized to bf16 panels pass by pass
+    (int4_bf16.h). Fast only where the CPU multiplies bf16 (AVX512-BF16, AMX-BF16)."""
+    num_rows, k = x.shape
+    if x.dtype != torch.float32 or x.stride(1) != 1:
+        raise ValueError(f"int4_bf16_gemm: x must be float32 [M, K] with contiguous rows, got {x.dtype} "
+                         f"strides {x.stride()}")
+    check_int4_weights(packed, d, m, n, k)
+    y = x.new_empty(num_rows, n)
+    status = _lib().tm_int4_bf16_gemm(y.data_ptr(), x.data_ptr(), x.stride(0), packed.data_ptr(), d.data_ptr(),
+                                      m.data_ptr(), num_rows, n, k, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"int4_bf16_gemm: no memory for {num_rows} x {k} bf16 activations")
+    return y
+
+
+def int4_bf16_panels(packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The bf16 panels (kernels/cpu/bf16_panels.h's layout, [ceil(n / 16), k / 2, 16, 2]) int4_bf16_gemm multiplies."""
+    check_int4_weights(packed, d, m, n, k)
+    panels = torch.empty((n + 15) // 16, k // 2, 16, 2, dtype=torch.bfloat16)
+    _lib().tm_int4_bf16_panels(panels.data_ptr(), packed.data_ptr(), d.data_ptr(), m.data_ptr(), n, k)
+    return panels
 
 
 def int4_dequantize(packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor, n: int, k: int) -> torch.Tensor:

@@ -20,7 +20,9 @@
  * A projection is float32 in 16-channel panels (f32_panels.h), W8A8 int8 in 16-channel panels
  * (int8_panels.h; each input row quantized per token by int8_quantize.h, down_proj's input rotated by
  * Hadamard blocks in the same pass) or W4A16 int4 (int4_dot.h: 4-bit weight groups, each group of 32
- * inputs quantized to 16 bits on its own) as the tm_linear says.
+ * inputs quantized to 16 bits on its own) as the tm_linear says; at steps of int4_bf16_min_rows rows or more, int4
+ * weights are multiplied as bf16 panels dequantized pass by pass (int4_bf16.h) with the bf16 products, fused MLP
+ * included, as a bf16 model's.
  *
  * A prompt whose whole context is in the step (no cached prefix) and that has at most amx_attention_max_rows rows
  * attends on AMX-BF16 tiles or vdpbf16ps instead (bf16_attention_amx.h: its q/k/v rounded to bf16 from the step's
@@ -47,6 +49,7 @@
 #include "bf16_attention_amx.h"
 #include "bf16_panels.h"
 #include "f32_panels.h"
+#include "int4_bf16.h"
 #include "int4_dot.h"
 #include "int8_amx.h"
 #include "int8_panels.h"
@@ -110,6 +113,8 @@ typedef struct {
      * row_share(rows, i, n) of it, the others left zero (distributed/sharding.py); NULL: every head is its own. */
     const int64_t *kv_row_shares;
     int64_t fuse_int8_mlp; /* 1: int8 MLPs run fused where int8_fused_mlp holds; 0: never (A/B runs and tests) */
+    int64_t int4_bf16_min_rows; /* steps of at least this many rows multiply int4 weights on the bf16 units, their
+                                   panels dequantized grab by grab (int4_bf16.h; inputs rounded to bf16); 0: never */
 } tm_model;
 
 /* [*start, *end): share i of n of `rows` rows, contiguous and differing by at most one (sharding.py's even_share). */
@@ -216,7 +221,8 @@ static inline int input_segments(const shared_rows *s, int64_t k_full, int64_t a
 }
 
 /* Per-row input of a projection: for int8, row x quantized (and rotated) into u / low / step; for
- * int4, into int16 groups (in the same buffer as u) with their group_step / group_sum. */
+ * int4, into int16 groups (in the same buffer as u) with their group_step / group_sum, or, at a step whose int4
+ * products run on the bf16 units (int4_bf16), bf16 rows as for bf16 weights. */
 typedef struct {
     uint8_t *u;   /* [num_rows, k_pad] bytes, or [num_rows, k_pad] int16 for int4 */
     float *low;   /* [num_rows] */
@@ -225,14 +231,28 @@ typedef struct {
     int64_t k_pad;
     int64_t bf16_stride; /* bf16: u's x_stride (bf16_panels.h): k_pad (rows), or BF16_TILED where the products run
                             on AMX tiles (blocks of each projection's own k_pad) */
+    int int4_bf16;       /* this step multiplies int4 weights as dequantized bf16 panels */
+    uint16_t *int4_panels; /* with int4_bf16: per thread, int4_panel_stride elements for one pair of panels */
+    int64_t int4_panel_stride;
 } quantized_rows;
+
+/* 1 when projection l multiplies bf16 rows on the bf16 units at this step: bf16 weights, or int4 ones at an int4_bf16
+ * step. */
+static inline int multiplies_in_bf16(const tm_linear *l, const quantized_rows *qr) {
+    return l->format == TM_BF16 || (l->format == TM_INT4 && qr->int4_bf16);
+}
+
+/* The calling thread's scratch for an int4 projection's pair of dequantized panels (bf16_out.pair_panels). */
+static inline uint16_t *own_int4_panels(const quantized_rows *qr) {
+    return qr->int4_panels + omp_get_thread_num() * qr->int4_panel_stride;
+}
 
 static inline void prepare_row(const tm_linear *l, const float *x_row, int64_t m, quantized_rows *qr, float *scratch) {
     const int64_t g_stride = qr->k_pad / INT4_GROUP;
     if (l->format == TM_INT8)
         qr->low[m] = quantize_row(x_row, l->k, l->rotation_block, scratch, qr->u + m * qr->k_pad, &qr->step[m],
                                   l->levels);
-    else if (l->format == TM_BF16)
+    else if (multiplies_in_bf16(l, qr))
         bf16_store_x_row((uint16_t *)qr->u, qr->bf16_stride, bf16_k_pad(l->k), m, x_row, l->k);
     else if (l->format == TM_INT4)
         int4_quantize_row(x_row, l->k, (int16_t *)qr->u + m * qr->k_pad, qr->group_step + m * g_stride,
@@ -311,8 +331,10 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
 #if TM_HAVE_AMX_INT8
         if (amx_rows) _tile_release();
 #endif
-    } else if (l->format == TM_BF16) {
-        /* AMX 16-row blocks where the CPU has them (each thread configures its tiles for the phase) */
+    } else if (multiplies_in_bf16(l, qr)) {
+        /* AMX 16-row blocks where the CPU has them (each thread configures its tiles for the phase). int4 weights:
+         * each grab dequantizes its pair of panels into the thread's scratch first (kp == k: k % 64 == 0). */
+        const int int4 = l->format == TM_INT4;
         const int amx_rows = bf16_amx_rows(num_rows);
 #if TM_HAVE_AMX
         if (amx_rows) bf16_amx_load_config_rows(amx_rows);
@@ -321,6 +343,7 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
         const int64_t chunk = rows_per_chunk(chunk_bytes, kp * 2, 32, num_rows);
         bf16_out out = bf16_plain_out(y, 0, n, l->bias);
         out.accumulate = accumulate;
+        out.pair_panels = int4 ? own_int4_panels(qr) : NULL;
         bf16_pending pend;
         pend.blocks = 0;
         for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
@@ -330,12 +353,16 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
             for (int64_t q = 0; q < pairs; ++q) {
                 const int64_t c0 = 2 * q * BF16_PANEL, c1 = c0 + 2 * BF16_PANEL < n ? c0 + 2 * BF16_PANEL : n;
                 rows_for_columns(columns, c0, c1, m0, rows, &lo, &hi);
+                if (int4 && lo < hi) /* pend (AMX) keeps the last pass's sums, not its weights */
+                    int4_bf16_pair((uint16_t *)out.pair_panels, (const uint8_t *)l->weight, l->group_scale,
+                                   l->group_min, round_up(n, INT4_CHANNELS), l->k, 2 * q, 2 * q + 1 < np ? 2 * q + 1 : -1);
                 for (int i = 0; i < segments; ++i) {
                     const int64_t a = seg0[i] > lo ? seg0[i] : lo, b = seg1[i] < hi ? seg1[i] : hi;
                     if (a < b)
-                        bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->bf16_stride, (const uint16_t *)l->weight,
-                                        kp, k_len[i], a, b - a, 2 * q, 2 * q + 1 < np ? 2 : 1, amx_rows,
-                                        q + 1 < pairs ? 2 * q + 2 : -1, 1, &pend);
+                        bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->bf16_stride,
+                                        int4 ? NULL : (const uint16_t *)l->weight, kp, k_len[i], a, b - a, 2 * q,
+                                        2 * q + 1 < np ? 2 : 1, amx_rows, q + 1 < pairs && !int4 ? 2 * q + 2 : -1, 1,
+                                        &pend);
                 }
             }
         }
@@ -357,10 +384,11 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
     }
 }
 
-/* 1 when a layer's MLP runs fused (gate_up_silu_phase): bf16 gate/up and down projections, no gate/up bias, the
- * intermediate size in whole 32-input blocks (so the down projection reads no padding). */
-static inline int fused_mlp(const tm_layer *ly, int64_t intermediate) {
-    return ly->gate_up.format == TM_BF16 && ly->down.format == TM_BF16 && ly->gate_up.bias == NULL &&
+/* 1 when a layer's MLP runs fused (gate_up_silu_phase): gate/up and down projections multiplied as bf16 (bf16
+ * weights, or int4 ones at an int4_bf16 step), no gate/up bias, the intermediate size in whole 32-input blocks (so
+ * the down projection reads no padding). */
+static inline int fused_mlp(const tm_layer *ly, int64_t intermediate, const quantized_rows *qr) {
+    return multiplies_in_bf16(&ly->gate_up, qr) && multiplies_in_bf16(&ly->down, qr) && ly->gate_up.bias == NULL &&
            intermediate % BF16_K_BLOCK == 0;
 }
 
@@ -371,21 +399,27 @@ static inline int fused_mlp(const tm_layer *ly, int64_t intermediate) {
  * x: qr's bf16 rows (prepare_row). A worksharing loop like linear_phase (ends with a barrier). */
 static void gate_up_silu_phase(const tm_linear *l, uint16_t *h, int64_t h_stride, int64_t h_k_pad,
                                const quantized_rows *qr, int64_t num_rows, int64_t chunk_bytes) {
+    const int int4 = l->format == TM_INT4; /* each grab dequantizes its gate panel and up panel first */
     const int amx_rows = bf16_amx_rows(num_rows);
 #if TM_HAVE_AMX
     if (amx_rows) bf16_amx_load_config_rows(amx_rows);
 #endif
     const int64_t half = bf16_num_panels(l->n) / 2, kp = bf16_k_pad(l->k);
-    const bf16_out out = {NULL, 0, l->n, NULL, h, h_stride, h_k_pad, half, NULL, NULL, 0};
+    const bf16_out out = {NULL, 0, l->n, NULL, h, h_stride, h_k_pad, half, NULL, NULL, 0,
+                          int4 ? own_int4_panels(qr) : NULL};
     const int64_t chunk = rows_per_chunk(chunk_bytes, kp * 2, 32, num_rows);
     bf16_pending pend;
     pend.blocks = 0;
     for (int64_t m0 = 0; m0 < num_rows; m0 += chunk) {
         const int64_t rows = num_rows - m0 < chunk ? num_rows - m0 : chunk;
 #pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
-        for (int64_t q = 0; q < half; ++q)
-            bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->bf16_stride, (const uint16_t *)l->weight, kp, kp, m0,
-                            rows, q, 2, amx_rows, q + 1 < half ? q + 1 : -1, 1, &pend);
+        for (int64_t q = 0; q < half; ++q) {
+            if (int4)
+                int4_bf16_pair((uint16_t *)out.pair_panels, (const uint8_t *)l->weight, l->group_scale, l->group_min,
+                               l->n, l->k, q, q + half);
+            bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->bf16_stride, int4 ? NULL : (const uint16_t *)l->weight,
+                            kp, kp, m0, rows, q, 2, amx_rows, q + 1 < half && !int4 ? q + 1 : -1, 1, &pend);
+        }
     }
     bf16_flush(&pend);
 #pragma omp barrier
@@ -447,11 +481,11 @@ static void int8_gate_up_silu_phase(const tm_linear *l, float *h, int64_t h_stri
 #endif
 }
 
-/* 1 when projection l adds its output straight into the residual stream (linear_phase's accumulate, bf16 weights):
- * the float32 [rows, hidden] output is then never written and read back by the next per-row pass, which at
- * prompt steps streams through L3 (2048 rows: 4.7 MB an array). */
-static inline int adds_into_residual(const tm_model *m, const tm_linear *l) {
-    return l->format == TM_BF16 && m->tp_world <= 1; /* a rank's partial output is summed over the ranks first */
+/* 1 when projection l adds its output straight into the residual stream (linear_phase's accumulate, bf16
+ * products): the float32 [rows, hidden] output is then never written and read back by the next per-row pass, which
+ * at prompt steps streams through L3 (2048 rows: 4.7 MB an array). */
+static inline int adds_into_residual(const tm_model *m, const tm_linear *l, const quantized_rows *qr) {
+    return multiplies_in_bf16(l, qr) && m->tp_world <= 1; /* a rank's partial output is summed over the ranks first */
 }
 
 /* Where a normed row for projection l goes: x's row when l reads float32 rows (TM_FLOAT32), else the thread's
@@ -518,6 +552,9 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
     int64_t max_k = H > I ? H : I;
     max_k = max_k > q_size ? max_k : q_size;
     const int64_t k_pad = round_up(max_k, K_ALIGN);
+    /* int4 products on the bf16 units at this step: each thread's pair of dequantized panels, 2 x max_k x 16 bf16 */
+    const int int4_bf16 = m->int4_bf16_min_rows > 0 && R >= m->int4_bf16_min_rows;
+    const int64_t int4_panel_floats = max_k * BF16_PANEL;
     /* Per thread: the attention's scratch (decode scores, or a prefill_tile.h block's), the rotation's, one normed
      * row (norm_row_for), then int8_gate_up_silu_phase's gate and up rows. */
     const int64_t attention_scratch = pure_decode ? group * max_seq : prefill_scratch_floats(group, D);
@@ -558,7 +595,8 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                              R * q_size /* attention out */, R * 2 * I /* gate_up */, R * H /* sublayer out */,
                              2 * R /* low, step */, R16 * k_pad / 2 /* u: int8 bytes, int4's int16 or bf16 */,
                              per_thread * num_threads, R * num_heads * max_splits * (D + 2) /* attention partials */,
-                             2 * R * k_pad / INT4_GROUP /* group_step, group_sum */};
+                             2 * R * k_pad / INT4_GROUP /* group_step, group_sum */,
+                             int4_bf16 ? num_threads * int4_panel_floats : 0 /* int4 panels, per thread */};
     const int num_pieces = (int)(sizeof(sizes) / sizeof(sizes[0]));
     int64_t total = 0;
     for (int i = 0; i < num_pieces; ++i) total += round_up(sizes[i], 16);
@@ -568,13 +606,14 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
         amx_free_prompt_plan(&amx);
         return 1;
     }
-    float *piece[12];
+    float *piece[13];
     int64_t offset = 0;
     for (int i = 0; i < num_pieces; offset += round_up(sizes[i], 16), ++i) piece[i] = arena + offset;
     float *residual = piece[0], *x = piece[1], *qkv = piece[2], *q = piece[3], *attn = piece[4], *gate_up = piece[5];
     float *out = piece[6], *thread_scratch = piece[9], *partials = piece[10];
     quantized_rows qr = {(uint8_t *)piece[8], piece[7], piece[7] + R, piece[11], piece[11] + R * k_pad / INT4_GROUP,
-                         k_pad, bf16_amx_rows(R) ? BF16_TILED : k_pad};
+                         k_pad, bf16_amx_rows(R) ? BF16_TILED : k_pad, int4_bf16, (uint16_t *)piece[12],
+                         2 * int4_panel_floats};
     const int64_t slots_per_head = m->num_blocks * m->block_size;
     shared_rows skip; /* the products this rank's share of the shared groups' rows lets it skip */
     plan_shared_rows(m, R, &skip);
@@ -635,7 +674,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 float *res = residual + r * H;
                 if (l == 0)
                     memcpy(res, hidden + r * H, (size_t)H * sizeof(float));
-                else if (!adds_into_residual(m, &m->layers[l - 1].down))
+                else if (!adds_into_residual(m, &m->layers[l - 1].down, &qr))
                     add_sublayer_row(res, sub_first + r * H, sub_count, sub_stride, H);
                 float *normed = norm_row_for(&ly->qkv, x + r * H, norm_row);
                 rms_norm_row(normed, res, ly->input_norm, m->eps, H);
@@ -745,7 +784,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 for (int64_t r = 0; r < rows; ++r) prepare_row(&ly->o, attn + r * q_size, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
-            const int o_adds = adds_into_residual(m, &ly->o);
+            const int o_adds = adds_into_residual(m, &ly->o, &qr);
             /* (past keep_rows' compaction the rows are no longer the step's: all inputs) */
             linear_phase(&ly->o, o_adds ? residual : SUBLAYER_DST(), attn, &qr, rows, m->row_chunk_bytes, o_adds, NULL,
                          rows == R && skip.o_k_len > 0 ? &skip : NULL);
@@ -761,8 +800,8 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                 prepare_row(&ly->gate_up, normed, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
-            const int down_adds = adds_into_residual(m, &ly->down);
-            if (fused_mlp(ly, I)) { /* silu(gate) * up in bf16 straight into x's memory, the down projection's input */
+            const int down_adds = adds_into_residual(m, &ly->down, &qr);
+            if (fused_mlp(ly, I, &qr)) { /* silu(gate) * up in bf16 straight into x's memory, the down projection's input */
                 gate_up_silu_phase(&ly->gate_up, (uint16_t *)x, qr.bf16_stride, bf16_k_pad(I), &qr, rows,
                                    m->row_chunk_bytes);
                 quantized_rows h_rows = qr;
@@ -793,7 +832,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
             END_PHASE(TM_PHASE_PROJECTIONS)
             TP_SUM(rows * H)
         }
-        const int last_down_adds = adds_into_residual(m, &m->layers[m->num_layers - 1].down);
+        const int last_down_adds = adds_into_residual(m, &m->layers[m->num_layers - 1].down, &qr);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
             float *res = residual + r * H;

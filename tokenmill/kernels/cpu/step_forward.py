@@ -54,7 +54,7 @@ class _Model(ctypes.Structure):
                 ("rope_cos", _ptr), ("rope_sin", _ptr), ("row_chunk_bytes", _i64),
                 ("amx_attention_max_rows", _i64), ("tp_segment", _ptr), ("tp_rank", _i64), ("tp_world", _i64),
                 ("tp_capacity", _i64), ("tp_seq", _ptr), ("tp_timeout_s", ctypes.c_double), ("kv_row_shares", _ptr),
-                ("fuse_int8_mlp", _i64)]
+                ("fuse_int8_mlp", _i64), ("int4_bf16_min_rows", _i64)]
 
 # Input-row bytes a projection keeps in L2 per pass over its weights when no L2 size is known (192 KiB: 3/8 of the
 # AVX2 Zen 3's 512 KiB, where it was tuned).
@@ -137,13 +137,16 @@ class StepForwardKernel:
         num_heads: int, num_kv_heads: int, head_dim: int, eps: float, attn_scale: float,
         row_chunk_bytes: int = DEFAULT_ROW_CHUNK_BYTES, amx_attention_max_rows: int = 0,
         tp_shm: ShmAllReduce | None = None, kv_row_shares: Sequence[tuple[int, int]] | None = None,
+        int4_bf16_min_rows: int = 0,
     ) -> None:
         """row_chunk_bytes: input-row bytes of a projection kept in L2 while its weights pass (steps of more rows
         take their rows in chunks, each streaming the weights again). amx_attention_max_rows: prompts of up to this many
         rows whose whole context is in the step attend in bf16 on AMX tiles or vdpbf16ps
         (kernels/cpu/bf16_attention_amx.h; for a bf16 or int8/int4 model where the plan chose it); 0: the float32
         kernels for all. kv_row_shares: per KV head (i, n), this rank attends only share i of n of the step's rows of
-        that head's group (distributed/sharding.py)."""
+        that head's group (distributed/sharding.py). int4_bf16_min_rows: steps of at least this many rows multiply
+        int4 weights as bf16 panels dequantized pass by pass (kernels/cpu/int4_bf16.h; inputs rounded to bf16, for an
+        int4 model where the plan chose c_int4_bf16 from that size); 0: the W4A16 products at every size."""
         if head_dim % 8:
             raise ValueError(f"decode step: head_dim must be a multiple of 8, got {head_dim}")
         if amx_attention_max_rows and any(layer.qkv.format == FLOAT32 for layer in layers):
@@ -187,7 +190,8 @@ class StepForwardKernel:
             layers=self._layers, final_norm=self._ptr(final_norm, torch.float32, "the final norm weight"),
             rope_cos=self._ptr(rope_cos, torch.float32, "the rotary cos table"),
             rope_sin=self._ptr(rope_sin, torch.float32, "the rotary sin table"), row_chunk_bytes=row_chunk_bytes,
-            amx_attention_max_rows=amx_attention_max_rows, tp_world=1, fuse_int8_mlp=1)
+            amx_attention_max_rows=amx_attention_max_rows, tp_world=1, fuse_int8_mlp=1,
+            int4_bf16_min_rows=int4_bf16_min_rows)
         if tp_shm is not None:  # a tensor-parallel rank: row-parallel outputs summed through shared memory
             self._tp_shm = tp_shm
             self._model.tp_segment, self._model.tp_rank = tp_shm.address, tp_shm.rank
@@ -202,6 +206,11 @@ class StepForwardKernel:
         self.max_positions = rope_cos.shape[0]
         # None, or float64 [len(PHASES)]: run() adds each phase's wall time (seconds) to it.
         self.phase_seconds: torch.Tensor | None = None
+
+    @property
+    def int4_bf16_min_rows(self) -> int:
+        """Steps of at least this many rows multiply int4 weights on the bf16 units (0: never)."""
+        return int(self._model.int4_bf16_min_rows)
 
     @contextmanager
     def first_layers(self, n: int) -> Iterator[None]:
