@@ -186,11 +186,13 @@ static void attend_block(float *out, const float *query, int64_t q_stride, const
                 vrows[c] = (const float *)v + offset;
             }
         }
+#if defined(__AVX512F__)
         if (bf16_chunk) /* the chunk lies in one block: K pairs are a panel already, V pairs rows */
             unpack_bf16_chunk(kt, vbuf, tile(k_cache, KV_BF16, head_base, table, c0 / block_size, block_size, d),
                               tile(v_cache, KV_BF16, head_base, table, c0 / block_size, block_size, d),
                               c0 % block_size, n, block_size, d);
         else
+#endif
             transpose_keys(kt, krows, offsets, d, k_type);
         panel_rows(scores, PANEL, qbuf, d, kt, NULL, PANEL, d, d, m_rows, 0);
         for (int64_t m = 0; m < m_rows; ++m) {
