@@ -194,7 +194,8 @@ def test_linear_layer_bf16_route(num_rows: int) -> None:
     weight, bias = torch.randn(20, 128, generator=gen) * 0.05, torch.randn(20, generator=gen)
     layer = Int4GroupLinear(weight, bias)
     twin = layer.with_prefill_dtype(torch.bfloat16)
-    assert twin.packed is layer.packed and twin.group_scale is layer.group_scale and layer.prefill_dtype == torch.float32
+    assert twin.packed is layer.packed and twin.group_scale is layer.group_scale
+    assert layer.prefill_dtype == torch.float32
     x = torch.randn(num_rows, 128, generator=gen)
     if bf16_units_gemm_available():
         torch.testing.assert_close(twin(x), int4_bf16_gemm(x, layer.packed, layer.group_scale, layer.group_min, 20)

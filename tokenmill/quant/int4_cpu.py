@@ -17,8 +17,9 @@ bf16 units: on a CPU with AVX512-BF16 or AMX-BF16 through kernels/cpu/int4_bf16.
 panels dequantized to bf16 in cache, the inputs rounded to bf16: the weights stay 4-bit in memory) at every row
 count the plan gives it, elsewhere the dequantized weight in bf16 through oneDNN past FUSED_MAX_ROWS. The bf16
 rounding of the dequantized weights (8 bits of mantissa) is far below the 4-bit grid's step; bf16 inputs move
-logprobs by up to 0.03 nat against the 16-bit groups' 0.02 (tests/models/test_int4.py), as an int8 model's
-8-bit inputs and bf16 prompt attention do more.
+the default model's logprobs by up to ~0.06 nat from fp32's against the 16-bit groups' 0.02 (tests/models/
+test_int4.py; a bf16 model's 0.075, an int8 model's 8-bit inputs 0.26), its perplexity by noise-sized amounts
+(benchmarks/quant_quality.py: -0.23% against +0.12%).
 
 What it is for: batch-1 decode reads every weight once per token; 4-bit groups with fp16 scale and
 minimum are 0.625 bytes per weight against int8's 1.

@@ -423,9 +423,9 @@ static inline int bf16_amx_rows(int64_t m) {
 
 #if defined(__AVX512BF16__)
 /* acc0 / acc1 [rows, 16] = rows row0 .. row0 + rows - 1 (rows <= BF16_DP_ROWS, a constant once inlined) of the
- * channel blocks whose panels are w0 and (two_panels, a constant) w1: one weight load per panel and one broadcast per row feed every
- * vdpbf16ps of an input pair, the accumulators held in registers (a one-panel tile with a variable row count,
- * before, loaded each row's pair twice and kept its sums in memory: 1.6-1.7x slower on the Zen 4). */
+ * channel blocks whose panels are w0 and (two_panels, a constant) w1: one weight load per panel and one broadcast per
+ * row feed every vdpbf16ps of an input pair, the accumulators held in registers (a one-panel tile with a variable row
+ * count, before, loaded each row's pair twice and kept its sums in memory: 1.6-1.7x slower on the Zen 4). */
 static inline __attribute__((always_inline)) void bf16_rows_dp2(float *acc0, float *acc1, const uint16_t *x,
                                                                int64_t x_stride, const uint16_t *w0,
                                                                const uint16_t *w1, int64_t k_pad, int64_t k_len,

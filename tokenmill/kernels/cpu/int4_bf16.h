@@ -54,7 +54,8 @@ static inline void int4_bf16_panel(uint16_t *dst, const uint8_t *packed, const u
     /* word i of a pair row: bf16(first)[j] for even i = 2j, bf16(second)[j] for odd i (cvtne2ps: first in 0-15) */
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                                 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i lanes_lo = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0), lanes_hi = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
+    const __m512i lanes_lo = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0);
+    const __m512i lanes_hi = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
     for (int64_t pr = 0; pr < k / 64; ++pr) { /* inputs 64 pr .. 64 pr + 63: groups 2 pr (low nibbles), 2 pr + 1 */
         __m512i r[8], t[8], u[8], col[8];
         for (int a = 0; a < 8; ++a) { /* row a: channel c0 + a in the low half, c0 + 8 + a in the high half */

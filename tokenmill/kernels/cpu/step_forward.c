@@ -355,7 +355,8 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
                 rows_for_columns(columns, c0, c1, m0, rows, &lo, &hi);
                 if (int4 && lo < hi) /* pend (AMX) keeps the last pass's sums, not its weights */
                     int4_bf16_pair((uint16_t *)out.pair_panels, (const uint8_t *)l->weight, l->group_scale,
-                                   l->group_min, round_up(n, INT4_CHANNELS), l->k, 2 * q, 2 * q + 1 < np ? 2 * q + 1 : -1);
+                                   l->group_min, round_up(n, INT4_CHANNELS), l->k, 2 * q,
+                                   2 * q + 1 < np ? 2 * q + 1 : -1);
                 for (int i = 0; i < segments; ++i) {
                     const int64_t a = seg0[i] > lo ? seg0[i] : lo, b = seg1[i] < hi ? seg1[i] : hi;
                     if (a < b)
@@ -801,7 +802,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
             }
             END_PHASE(TM_PHASE_ROWS)
             const int down_adds = adds_into_residual(m, &ly->down, &qr);
-            if (fused_mlp(ly, I, &qr)) { /* silu(gate) * up in bf16 straight into x's memory, the down projection's input */
+            if (fused_mlp(ly, I, &qr)) { /* silu(gate) * up in bf16 straight into x, the down projection's input */
                 gate_up_silu_phase(&ly->gate_up, (uint16_t *)x, qr.bf16_stride, bf16_k_pad(I), &qr, rows,
                                    m->row_chunk_bytes);
                 quantized_rows h_rows = qr;
