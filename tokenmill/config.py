@@ -10,6 +10,9 @@ from dataclasses import dataclass, field, fields
 from tokenmill.spec.config import SpeculativeConfig, parse_speculative_config
 
 GiB = 1 << 30
+# The CPU's weight quantizations (quant/int8_cpu.py, quant/int4_cpu.py): float32 activations into C kernels, an int8
+# K/V cache by default, and bf16 prompt attention allowed.
+CPU_QUANTIZATIONS = ("int8", "int4")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -86,7 +89,7 @@ class ModelConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.quantization not in ("none", "int8", "int4", "fp8"):
+        if self.quantization not in ("none", *CPU_QUANTIZATIONS, "fp8"):
             raise ValueError(f"quantization must be none, int8, int4 or fp8, got {self.quantization!r}")
         if self.kernels not in ("auto", "c", "torch"):
             raise ValueError(f"kernels must be auto, c or torch, got {self.kernels!r}")

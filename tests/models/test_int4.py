@@ -14,10 +14,11 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.kernels.cpu.int4_gemm import int4_gemm_available
 from tokenmill.layers.panel_linear import PanelLinear
+from tokenmill.layers.planned_linear import PlannedLinear
 from tokenmill.quant.int4_cpu import Int4GroupLinear, bf16_units_gemm_available
 from tokenmill.quant.int8_cpu import Int8DynamicLinear
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.worker.c_step import CStepForward
+from tokenmill.worker.c_step import CStepForward, int4_bf16_route_start
 from tokenmill.worker.planner import _projection_candidates
 
 pytestmark = pytest.mark.skipif(not int4_gemm_available(), reason="C kernels not built (no compiler)")
@@ -83,3 +84,15 @@ def test_the_bf16_route_is_a_candidate_where_bf16_is_native_or_the_model_bf16() 
     assert set(_projection_candidates(layer, True, torch.bfloat16)) == both
     assert set(_projection_candidates(layer, True, torch.float32)) == (both if bf16_units_gemm_available()
                                                                       else {"c_int4"})
+
+
+def test_the_c_forward_takes_the_bf16_route_where_the_plan_does() -> None:
+    """int4_bf16_route_start: the first row count of the c_int4_bf16 route, from the plan's routes of a projection."""
+    layer = Int4GroupLinear(torch.randn(96, 128), None)
+    twin = layer.with_prefill_dtype(torch.bfloat16)
+    assert int4_bf16_route_start(layer) == 0 and int4_bf16_route_start(twin) == 1
+    assert int4_bf16_route_start(PlannedLinear([(8, layer), (2048, twin)], ["c_int4", "c_int4_bf16"])) == 9
+    assert int4_bf16_route_start(PlannedLinear([(1, layer), (4, layer), (16, twin)],
+                                               ["c_int4", "c_int4", "c_int4_bf16"])) == 5
+    assert int4_bf16_route_start(PlannedLinear([(2048, layer)], ["c_int4"])) == 0
+    assert int4_bf16_route_start(torch.nn.Linear(128, 96)) == 0

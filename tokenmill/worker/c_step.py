@@ -144,18 +144,22 @@ def build_step_kernel(model: nn.Module) -> StepForwardKernel:
 
 def int4_bf16_min_rows(model: nn.Module) -> int:
     """The fewest rows from which the C forward multiplies int4 weights on the bf16 units: where the execution plan
-    routed the first layer's gate_up projection (the largest) to c_int4_bf16, past its c_int4 routes (1: at every
-    row count); 0 (never) where it did not, where the CPU does not multiply bf16 in hardware, or where the projections
-    are not int4."""
+    routed the first layer's gate_up projection (the largest) to c_int4_bf16 (int4_bf16_route_start); 0 (never) where
+    the CPU does not multiply bf16 in hardware."""
     gate_up = next(p.module for p in model.decoder_layers()[0].projections if p.name == "gate_up_proj")
-    if not bf16_units_gemm_available():
-        return 0
-    if isinstance(gate_up, Int4GroupLinear):  # one route for every row count
-        return 1 if gate_up.prefill_dtype == torch.bfloat16 else 0
-    if not isinstance(gate_up, PlannedLinear):
+    return int4_bf16_route_start(gate_up) if bf16_units_gemm_available() else 0
+
+
+def int4_bf16_route_start(projection: nn.Module) -> int:
+    """The fewest rows `projection` multiplies through int4's bf16 route: past its c_int4 routes where the plan gave
+    it both (a PlannedLinear), 1 where that route takes every row count, 0 where none does (W4A16 only, or not
+    int4)."""
+    if isinstance(projection, Int4GroupLinear):  # one route for every row count
+        return 1 if projection.prefill_dtype == torch.bfloat16 else 0
+    if not isinstance(projection, PlannedLinear):
         return 0
     after = 0  # the largest row count of the c_int4 routes before the first c_int4_bf16 one
-    for max_rows, kernel in zip(gate_up.max_rows, gate_up.kernels):
+    for max_rows, kernel in zip(projection.max_rows, projection.kernels):
         if kernel == "c_int4_bf16":
             return after + 1
         after = max_rows

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from tokenmill.config import EngineConfig
+from tokenmill.config import CPU_QUANTIZATIONS, EngineConfig
 from tokenmill.kernels.cpu.kv_cache import check_bf16_tiles
 from tokenmill.kernels.cpu.paged_attention import bf16_cache_products
 
@@ -38,7 +38,7 @@ def resolve_dtype(name: str, device: torch.device, quantization: str = "none", b
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16
-        if quantization in ("int8", "int4") or batch_invariant:
+        if quantization in CPU_QUANTIZATIONS or batch_invariant:
             return torch.float32
         from tokenmill.worker.capabilities import detect_capabilities
 
@@ -90,7 +90,7 @@ def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, backend: str, quantiza
     """The KV cache element type for kv_cache_dtype `name` under compute dtype `dtype`, for blocks of block_size
     positions of heads of head_dim."""
     if name == "auto":
-        if quantization in ("int8", "int4") and backend == "torch":
+        if quantization in CPU_QUANTIZATIONS and backend == "torch":
             return QUANTIZED_AUTO_KV_DTYPE
         if dtype == torch.bfloat16 and backend == "torch":
             # A bf16 model's attention: bf16 tiles where the C kernels multiply them as they lie (AVX512-BF16's
@@ -119,7 +119,7 @@ def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, backend: str, quantiza
 def check_quantization(config: EngineConfig, device: torch.device, backend: str) -> None:
     if config.model.quantization == "fp8" and (device.type != "cuda" or backend != "triton"):
         raise ValueError("quantization='fp8' runs on CUDA GPUs (Hopper or newer) with the triton backend")
-    if config.model.quantization in ("int8", "int4") and device.type != "cpu":
+    if config.model.quantization in CPU_QUANTIZATIONS and device.type != "cpu":
         raise ValueError(f"quantization={config.model.quantization!r} is a CPU path; on CUDA GPUs use fp8")
 
 

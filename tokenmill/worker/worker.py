@@ -22,7 +22,7 @@ import logging
 import torch
 
 from tokenmill.attention.backend import get_attention_backend
-from tokenmill.config import EngineConfig
+from tokenmill.config import CPU_QUANTIZATIONS, EngineConfig
 from tokenmill.distributed.communicator import SINGLE, Communicator
 from tokenmill.engine.kv_budget import describe_capacity, num_kv_blocks
 from tokenmill.engine.step_timer import NULL_TIMER, AnyStepTimer
@@ -109,7 +109,7 @@ class Worker:
                        panels=config.model.panel_gemm, batch_invariant=invariant)
             if not invariant:
                 plan_attention(model, self.plan, family, kv_dtype, config.cache.block_size,
-                               quantized=config.model.quantization in ("int8", "int4"))
+                               quantized=config.model.quantization in CPU_QUANTIZATIONS)
         if invariant:
             if self.plan is None:
                 raise ValueError("batch_invariant needs the CPU's execution plan (not compile, not a GPU)")
