@@ -15,7 +15,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -52,15 +52,6 @@ def w4a16_only(llm: LLM) -> Iterator[None]:
             c_step.kernel._model.int4_bf16_min_rows, c_step.max_prompt_tokens = limits
 
 
-@contextmanager
-def side(llm: LLM, name: str) -> Iterator[None]:
-    if name == "w4a16":
-        with w4a16_only(llm):
-            yield
-    else:
-        yield
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -71,10 +62,10 @@ def main() -> None:
     first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     full = SamplingParams(temperature=0.0, max_tokens=OUTPUT_LEN, ignore_eos=True)
     with LLM(model=None, quantization="int4", enable_prefix_caching=False) as llm:
-        routes = sorted({f"{k}" for m in llm.engine.core.runner.model.modules() if isinstance(m, PlannedLinear)
+        routes = sorted({k for m in llm.engine.core.runner.model.modules() if isinstance(m, PlannedLinear)
                          for k in m.kernels})
         c_step = next((p for p in llm.engine.core.runner.step_paths if isinstance(p, CStepForward)), None)
-        min_rows = c_step.kernel._model.int4_bf16_min_rows if c_step else 0
+        min_rows = c_step.kernel.int4_bf16_min_rows if c_step else 0
         print(f"plan's int4 kernels: {routes}; the C forward's bf16 route from {min_rows} rows (0: never)")
         if min_rows == 0 and "c_int4_bf16" not in routes:
             raise SystemExit("the plan chose no bf16 route here (no AVX512-BF16 / AMX-BF16, or it lost)")
@@ -89,7 +80,7 @@ def main() -> None:
                                special_ids=set(llm.engine.eos_token_ids)).prompts
             w1_tokens = {}
             for name in sides if r % 2 == 0 else reversed(sides):
-                with side(llm, name):
+                with w4a16_only(llm) if name == "w4a16" else nullcontext():
                     start = time.perf_counter()
                     llm.generate(prompt, first, use_tqdm=False)
                     seconds.setdefault(f"prefill {name}", []).append(time.perf_counter() - start)
