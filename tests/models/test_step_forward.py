@@ -221,7 +221,7 @@ def test_c_forward_int4_bf16_route_agrees_with_layer_by_layer(tiny_checkpoint: A
     model = _model(llm)
     c_step = _c_step(llm)
     assert c_step is not None and c_step.kernel.int4_bf16_min_rows == 1
-    assert c_step.max_prompt_tokens > 88
+    assert c_step.max_prompt_tokens > 88 and "bf16 units in steps of at least 1 rows" in c_step.describe()
     prompts = _prompts(model.config.vocab_size, (2, 5, 8, 16, 17, 40))
     with compared_with_layer_by_layer(llm, rel_tol=1e-3) as rows:
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4, 5, 6, 8)]

@@ -237,7 +237,9 @@ class CStepForward:
 
     def describe(self) -> str:
         prompts = f", steps with prompt rows of up to {self.max_prompt_tokens} tokens" if self.max_prompt_tokens else ""
-        return f"decode steps of up to {self.max_rows} requests{prompts} run through the one-call C forward"
+        bound = self.kernel.int4_bf16_min_rows
+        int4 = f" (int4 products on the bf16 units in steps of at least {bound} rows)" if bound else ""
+        return f"decode steps of up to {self.max_rows} requests{prompts} run through the one-call C forward{int4}"
 
 
 def build_c_step(model: nn.Module, build_inputs: StepInputs) -> CStepForward | None:
