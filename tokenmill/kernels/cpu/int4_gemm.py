@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -48,38 +49,35 @@ def check_int4_weights(packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor, n
                              f"{t.dtype} {tuple(t.shape)}")
 
 
+def _rows_product(name: str, kernel: Callable[..., int], x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor,
+                  m: torch.Tensor, n: int, scratch: str) -> torch.Tensor:
+    """y [M, n] float32 from one of int4_gemm.c's products of x [M, K] float32 rows (columns contiguous) by the
+    4-bit weights; name and scratch (what its buffers hold) word the errors."""
+    num_rows, k = x.shape
+    if x.dtype != torch.float32 or x.stride(1) != 1:
+        raise ValueError(f"{name}: x must be float32 [M, K] with contiguous rows, got {x.dtype} "
+                         f"strides {x.stride()}")
+    check_int4_weights(packed, d, m, n, k)
+    y = x.new_empty(num_rows, n)
+    status = kernel(y.data_ptr(), x.data_ptr(), x.stride(0), packed.data_ptr(), d.data_ptr(), m.data_ptr(), num_rows,
+                    n, k, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"{name}: no memory for {num_rows} x {k} {scratch}")
+    return y
+
+
 def int4_gemm(x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor, n: int) -> torch.Tensor:
     """x [M, K] float32 (rows may be strided, columns contiguous) -> [M, n] float32 ~= x @ W^T for the
     4-bit weights W (check_int4_weights' layout), each group of 32 input values of a row quantized to
     16 bits over its own max |x| (int4_dot.h)."""
-    num_rows, k = x.shape
-    if x.dtype != torch.float32 or x.stride(1) != 1:
-        raise ValueError(f"int4_gemm: x must be float32 [M, K] with contiguous rows, got {x.dtype} "
-                         f"strides {x.stride()}")
-    check_int4_weights(packed, d, m, n, k)
-    y = x.new_empty(num_rows, n)
-    status = _lib().tm_int4_gemm_small(y.data_ptr(), x.data_ptr(), x.stride(0), packed.data_ptr(), d.data_ptr(),
-                                       m.data_ptr(), num_rows, n, k, torch.get_num_threads())
-    if status != 0:
-        raise MemoryError(f"int4_gemm: no memory for {num_rows} x {k} quantized activations")
-    return y
+    return _rows_product("int4_gemm", _lib().tm_int4_gemm_small, x, packed, d, m, n, "quantized activations")
 
 
 def int4_bf16_gemm(x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor, n: int) -> torch.Tensor:
     """x [M, K] float32 (rows may be strided, columns contiguous) -> [M, n] float32 = bf16(x) @ bf16(W)^T, sums in
     float32, for the 4-bit weights W (check_int4_weights' layout) dequantized to bf16 panels pass by pass
     (int4_bf16.h). Fast only where the CPU multiplies bf16 (AVX512-BF16, AMX-BF16)."""
-    num_rows, k = x.shape
-    if x.dtype != torch.float32 or x.stride(1) != 1:
-        raise ValueError(f"int4_bf16_gemm: x must be float32 [M, K] with contiguous rows, got {x.dtype} "
-                         f"strides {x.stride()}")
-    check_int4_weights(packed, d, m, n, k)
-    y = x.new_empty(num_rows, n)
-    status = _lib().tm_int4_bf16_gemm(y.data_ptr(), x.data_ptr(), x.stride(0), packed.data_ptr(), d.data_ptr(),
-                                      m.data_ptr(), num_rows, n, k, torch.get_num_threads())
-    if status != 0:
-        raise MemoryError(f"int4_bf16_gemm: no memory for {num_rows} x {k} bf16 activations")
-    return y
+    return _rows_product("int4_bf16_gemm", _lib().tm_int4_bf16_gemm, x, packed, d, m, n, "bf16 activations")
 
 
 def int4_bf16_panels(packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor, n: int, k: int) -> torch.Tensor:
