@@ -236,31 +236,42 @@ static inline int bf16_products(int64_t block_size, int64_t head_dim) {
 /* Columns of 16 positions one q . k pass reads: each query pair's broadcast serves this many K loads. */
 #define BF16_QK_COLUMNS 4
 
-/* scores[g * stride + c * 16 + j] = q_g . k of position j of column c, for heads g < heads (a constant once
- * inlined) and columns c < ncols (<= BF16_QK_COLUMNS); column c's pair d2 at cols[c] + d2 * col_stride (32-bit
- * pairs); qp: the heads' queries as bf16 pairs, head_dim / 2 per head. Positions past valid (of the last column)
- * are not stored. pf: ncols cursors, advanced once per 4 pairs. */
+/* scores[g * stride + c * 16 + j] = q_g . k of position j of column c, for heads g < heads and columns c < ncols
+ * (both constants once inlined: no branch or spill in the loop; ncols <= BF16_QK_COLUMNS); column c's pair d2 at
+ * cols[c] + d2 * col_stride (32-bit pairs); qp: the heads' queries as bf16 pairs, head_dim / 2 per head. Positions
+ * past valid (of the last column) are not stored. pf: ncols cursors, advanced once per 4 pairs. */
 static inline __attribute__((always_inline)) void bf16_qk_columns(
     float *restrict scores, int64_t stride, const uint32_t *restrict qp, const uint32_t *const *cols, int ncols,
     int64_t col_stride, int64_t valid, int heads, int64_t head_dim, prefetch_cursor *pf) {
     __m512 acc[HEADS_PER_TILE][BF16_QK_COLUMNS];
     for (int g = 0; g < heads; ++g)
-        for (int c = 0; c < BF16_QK_COLUMNS; ++c) acc[g][c] = _mm512_setzero_ps();
+        for (int c = 0; c < ncols; ++c) acc[g][c] = _mm512_setzero_ps();
     for (int64_t d2 = 0; d2 < head_dim / 2; ++d2) {
         if ((d2 & 3) == 0)
             for (int c = 0; c < ncols; ++c) prefetch_advance(&pf[c]);
         __m512bh k[BF16_QK_COLUMNS];
-        for (int c = 0; c < BF16_QK_COLUMNS; ++c)
-            k[c] = (__m512bh)_mm512_loadu_si512(cols[c < ncols ? c : 0] + d2 * col_stride);
+        for (int c = 0; c < ncols; ++c) k[c] = (__m512bh)_mm512_loadu_si512(cols[c] + d2 * col_stride);
         for (int g = 0; g < heads; ++g) {
             const __m512bh qv = (__m512bh)_mm512_set1_epi32((int)qp[g * (head_dim / 2) + d2]);
-            for (int c = 0; c < BF16_QK_COLUMNS; ++c) acc[g][c] = _mm512_dpbf16_ps(acc[g][c], qv, k[c]);
+            for (int c = 0; c < ncols; ++c) acc[g][c] = _mm512_dpbf16_ps(acc[g][c], qv, k[c]);
         }
     }
     const __mmask16 tail = valid >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << valid) - 1u);
     for (int g = 0; g < heads; ++g)
         for (int c = 0; c < ncols; ++c)
             _mm512_mask_storeu_ps(scores + g * stride + c * 16, c == ncols - 1 ? tail : (__mmask16)0xffff, acc[g][c]);
+}
+
+/* bf16_qk_columns with ncols and heads as constants: one copy per (ncols, heads) pair. */
+static inline __attribute__((always_inline)) void bf16_qk_pass(
+    float *restrict scores, int64_t stride, const uint32_t *restrict qp, const uint32_t *const *cols, int ncols,
+    int64_t col_stride, int64_t valid, int heads, int64_t head_dim, prefetch_cursor *pf) {
+    switch (ncols) {
+        case 1: bf16_qk_columns(scores, stride, qp, cols, 1, col_stride, valid, heads, head_dim, pf); break;
+        case 2: bf16_qk_columns(scores, stride, qp, cols, 2, col_stride, valid, heads, head_dim, pf); break;
+        case 3: bf16_qk_columns(scores, stride, qp, cols, 3, col_stride, valid, heads, head_dim, pf); break;
+        default: bf16_qk_columns(scores, stride, qp, cols, BF16_QK_COLUMNS, col_stride, valid, heads, head_dim, pf);
+    }
 }
 
 /* range_scores over a KV_BF16 cache with bf16_products. */
@@ -293,40 +304,49 @@ static void bf16_range_scores(float *restrict scores, const float *restrict q, c
         const int64_t valid = len - (c0 + ncols - 1) * 16;
         float *s = scores + c0 * 16;
         FOR_HEAD_TILES(group, g0, heads,
-                       bf16_qk_columns(s + g0 * len, len, qp + g0 * (head_dim / 2), cols, ncols, block_size, valid,
-                                       heads, head_dim, pf))
+                       bf16_qk_pass(s + g0 * len, len, qp + g0 * (head_dim / 2), cols, ncols, block_size, valid,
+                                    heads, head_dim, pf))
     }
 }
 
-/* out[g * out_stride + d] += sum_j p_g[j] v_j[d] over the n positions of one V tile (pairs of positions, 32-bit
- * lanes: t) for heads g < heads (a constant once inlined): 64-dim (or 32-dim) columns in registers, each V vector
- * loaded once for all heads. pp: the heads' probabilities as bf16 pairs, rows p_stride pairs apart; a last odd
- * position's partner lanes are masked off (its probability is 0, but the cache past a request's end is not
- * initialized). */
+/* out[g * out_stride + d + c * 16 + i] += sum_j p_g[j] v_j[d + c * 16 + i] over the n positions of one V tile
+ * (pairs of positions, 32-bit lanes: t) for heads g < heads and the dims of cols 16-float columns from d (both
+ * constants once inlined), in registers, each V vector loaded once for all heads. pp: the heads' probabilities as
+ * bf16 pairs, rows p_stride pairs apart; a last odd position's partner lanes are masked off (its probability is 0,
+ * but the cache past a request's end is not initialized). */
+static inline __attribute__((always_inline)) void bf16_pv_columns(float *restrict out, int64_t out_stride,
+                                                                 const uint32_t *restrict pp, int64_t p_stride,
+                                                                 const uint32_t *t, int64_t n, int heads,
+                                                                 int64_t head_dim, int64_t d, int cols,
+                                                                 prefetch_cursor *pf) {
+    __m512 acc[HEADS_PER_TILE][4];
+    for (int g = 0; g < heads; ++g)
+        for (int c = 0; c < cols; ++c) acc[g][c] = _mm512_loadu_ps(out + g * out_stride + d + c * 16);
+    const int64_t pairs = (n + 1) / 2;
+    for (int64_t j2 = 0; j2 < pairs; ++j2) {
+        if ((j2 & 1) == 0) prefetch_advance(pf);
+        const __mmask32 keep = 2 * j2 + 1 < n ? (__mmask32)0xffffffffu : (__mmask32)0x55555555u;
+        __m512bh x[4];
+        for (int c = 0; c < cols; ++c)
+            x[c] = (__m512bh)_mm512_maskz_mov_epi16(keep, _mm512_loadu_si512(t + j2 * head_dim + d + c * 16));
+        for (int g = 0; g < heads; ++g) {
+            const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pp[g * p_stride + j2]);
+            for (int c = 0; c < cols; ++c) acc[g][c] = _mm512_dpbf16_ps(acc[g][c], w, x[c]);
+        }
+    }
+    for (int g = 0; g < heads; ++g)
+        for (int c = 0; c < cols; ++c) _mm512_storeu_ps(out + g * out_stride + d + c * 16, acc[g][c]);
+}
+
+/* out[g * out_stride + d] += sum_j p_g[j] v_j[d] over the n positions of one V tile, for heads g < heads (a
+ * constant once inlined): 64-dim columns, then a 32-dim one where head_dim % 64 == 32. */
 static inline __attribute__((always_inline)) void bf16_pv_tile(float *restrict out, int64_t out_stride,
                                                               const uint32_t *restrict pp, int64_t p_stride,
                                                               const uint32_t *t, int64_t n, int heads,
                                                               int64_t head_dim, prefetch_cursor *pf) {
-    const int64_t pairs = (n + 1) / 2;
-    for (int64_t d = 0; d < head_dim; d += 64) {
-        const int cols = head_dim - d >= 64 ? 4 : 2;
-        __m512 acc[HEADS_PER_TILE][4];
-        for (int g = 0; g < heads; ++g)
-            for (int c = 0; c < cols; ++c) acc[g][c] = _mm512_loadu_ps(out + g * out_stride + d + c * 16);
-        for (int64_t j2 = 0; j2 < pairs; ++j2) {
-            if ((j2 & 1) == 0) prefetch_advance(pf);
-            const __mmask32 keep = 2 * j2 + 1 < n ? (__mmask32)0xffffffffu : (__mmask32)0x55555555u;
-            __m512bh x[4];
-            for (int c = 0; c < cols; ++c)
-                x[c] = (__m512bh)_mm512_maskz_mov_epi16(keep, _mm512_loadu_si512(t + j2 * head_dim + d + c * 16));
-            for (int g = 0; g < heads; ++g) {
-                const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pp[g * p_stride + j2]);
-                for (int c = 0; c < cols; ++c) acc[g][c] = _mm512_dpbf16_ps(acc[g][c], w, x[c]);
-            }
-        }
-        for (int g = 0; g < heads; ++g)
-            for (int c = 0; c < cols; ++c) _mm512_storeu_ps(out + g * out_stride + d + c * 16, acc[g][c]);
-    }
+    int64_t d = 0;
+    for (; d + 64 <= head_dim; d += 64) bf16_pv_columns(out, out_stride, pp, p_stride, t, n, heads, head_dim, d, 4, pf);
+    if (d < head_dim) bf16_pv_columns(out, out_stride, pp, p_stride, t, n, heads, head_dim, d, 2, pf);
 }
 
 /* range_weighted_sum over a KV_BF16 cache with bf16_products; rounds probs to bf16 in place first (row g's first
