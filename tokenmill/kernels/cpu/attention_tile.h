@@ -186,8 +186,10 @@ static inline void prefetch_tile(const void *p, int64_t nbytes) {
 
 /* Blocks ahead a range's reader prefetches. Measured on the AMX Xeon (decode attention of 64 requests x 320
  * positions, 30 layers' caches, float16): the next block's tiles in one burst at each block's start, 1.51 ms per
- * layer; spread over the block's compute (prefetch_cursor) 1, 2, 4 and 8 blocks ahead, 1.41, 1.36, 1.38, 1.37. */
-#define KV_PREFETCH_BLOCKS 2
+ * layer; spread over the block's compute (prefetch_cursor) 1, 2, 4 and 8 blocks ahead, 1.41, 1.36, 1.38, 1.37. On
+ * the Zen 4 (the same over shuffled blocks, interleaved medians), 2 -> 4 blocks ahead: bfloat16 0.657 -> 0.624 and
+ * 0.660 -> 0.628 ms with 2 threads, 1.135 -> 1.043 with one; int8 0.612 -> 0.585 (8 and 16: no better). */
+#define KV_PREFETCH_BLOCKS 4
 
 /* The tile a range's reader asks for while it computes on block b of [start, end): the K tile `distance` blocks
  * ahead (KV_PREFETCH_BLOCKS, or a pass's width), past the range's last K block the first V tiles (the weighted sum
