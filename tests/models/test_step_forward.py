@@ -147,6 +147,26 @@ def test_c_forward_int8_fused_mlp_agrees_with_layer_by_layer(tiny_checkpoint: An
         assert torch.equal(outputs[0], outputs[1])
 
 
+@pytest.mark.parametrize("dtype, quantization", [("bfloat16", "none"), ("float32", "int8")])
+def test_c_forward_weight_prefetch_changes_no_value(tiny_checkpoint: Any, dtype: str, quantization: str) -> None:
+    """The next pair's weight prefetch (prefetch_stream.h: bf16 vdpbf16ps rows from 8 rows, int8 VNNI tiles at any
+    row count, on the CPUs that have them) only moves weights into cache: decode steps of 12 down to 1 requests give
+    the same tokens and bitwise the same logprobs with it off (the model's prefetch_weights = 0)."""
+    llm = LLM(dtype=dtype, kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20,
+              quantization=quantization)
+    c_step = _c_step(llm)
+    assert c_step is not None and c_step.kernel._model.prefetch_weights == 1
+    prompts = _prompts(llm.engine.vocab_size, tuple(range(3, 15)))
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=3) for n in range(2, 14)]
+    runs = []
+    for prefetch in (1, 0):
+        c_step.kernel._model.prefetch_weights = prefetch
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs.append([(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs])
+    c_step.kernel._model.prefetch_weights = 1
+    assert runs[0] == runs[1]
+
+
 @pytest.mark.parametrize("kv_cache_dtype, dtype, rel_tol", [("float16", torch.float16, 1e-4),
                                                             ("int8", torch.int8, 1e-3)])
 def test_c_forward_narrow_cache_agrees_with_layer_by_layer(

@@ -33,6 +33,7 @@
 
 #include "bf16.h"
 #include "exp2_16.h"
+#include "prefetch_stream.h"
 
 #if defined(__AVX512BF16__) || defined(__AMX_BF16__)
 #include <immintrin.h>
@@ -276,32 +277,27 @@ static inline void bf16_rows_dp(float *acc, const uint16_t *x, int64_t x_stride,
 }
 #endif
 
-#if TM_HAVE_AMX
+#if TM_HAVE_AMX || defined(__AVX512BF16__)
 /* Software prefetch of the next pair's weights (into L2) spread over a pass's k steps: AMX tile loads that miss
- * to memory stall the tile unit one after another, and the hardware prefetcher starts late on each new pair. */
+ * to memory stall the tile unit one after another, and the hardware prefetcher starts late on each new pair; the
+ * vdpbf16ps rows likewise from BF16_DP_PREFETCH_MIN_ROWS rows (bf16_panel_rows_dp). */
 typedef struct {
-    const char *w0, *w1;    /* the next pair's two panels (w1 NULL: one panel), or w0 NULL: nothing to prefetch */
-    int64_t bytes, offset;  /* per panel; prefetched so far */
-    int64_t per_step;       /* lines of each panel per k step */
+    prefetch_stream first, second; /* the next pair's two panels (second empty: one panel), stepped together */
 } bf16_prefetch;
 
 static inline bf16_prefetch bf16_prefetch_pair(const bf16_out *o, const uint16_t *panels, int64_t k_pad,
                                                int64_t next_p, int two_panels, int64_t steps) {
     const int64_t panel_elems = (k_pad / 2) * 2 * BF16_PANEL, bytes = panel_elems * 2;
-    bf16_prefetch pf = {NULL, NULL, bytes, 0, 0};
-    if (next_p < 0 || steps <= 0 || o->pair_panels != NULL) return pf; /* pair_panels: built per pass, in cache */
-    pf.w0 = (const char *)(panels + next_p * panel_elems);
-    pf.w1 = two_panels ? pf.w0 + o->pair_step * bytes : NULL;
-    pf.per_step = (bytes / 64 + steps - 1) / steps;
+    /* pair_panels: built per pass, in cache */
+    const uint16_t *w0 = next_p < 0 || o->pair_panels != NULL ? NULL : panels + next_p * panel_elems;
+    const uint16_t *w1 = w0 != NULL && two_panels ? w0 + o->pair_step * panel_elems : NULL;
+    bf16_prefetch pf = {prefetch_stream_over(w0, bytes, steps), prefetch_stream_over(w1, bytes, steps)};
     return pf;
 }
 
 static inline void bf16_prefetch_step(bf16_prefetch *pf) {
-    if (pf->w0 == NULL) return;
-    for (int64_t i = 0; i < pf->per_step && pf->offset < pf->bytes; ++i, pf->offset += 64) {
-        _mm_prefetch(pf->w0 + pf->offset, _MM_HINT_T1);
-        if (pf->w1 != NULL) _mm_prefetch(pf->w1 + pf->offset, _MM_HINT_T1);
-    }
+    prefetch_stream_step(&pf->first);
+    prefetch_stream_step(&pf->second);
 }
 #endif
 
@@ -371,7 +367,7 @@ static inline void bf16_panel_blocks_amx(const bf16_out *o, const uint16_t *x, i
     for (int64_t b = 0; b < blocks; b += 2) {
         if (b + 1 == blocks) { /* an odd last block: on its own, not paired with a copy of itself */
             bf16_panel_block_amx_partial(o, x, x_stride, panels, k_pad, k_len, row0 + 16 * b, 16, p, two_panels,
-                                         pf.w0 != NULL && pf.offset < pf.bytes ? next_p : -1, pd);
+                                         pf.first.offset < pf.first.bytes ? next_p : -1, pd);
             break;
         }
         const uint16_t *x0 = x + bf16_x_index(x_stride, k_pad, row0 + 16 * b, 0);
@@ -425,16 +421,19 @@ static inline int bf16_amx_rows(int64_t m) {
 /* acc0 / acc1 [rows, 16] = rows row0 .. row0 + rows - 1 (rows <= BF16_DP_ROWS, a constant once inlined) of the
  * channel blocks whose panels are w0 and (two_panels, a constant) w1: one weight load per panel and one broadcast per
  * row feed every vdpbf16ps of an input pair, the accumulators held in registers (a one-panel tile with a variable row
- * count, before, loaded each row's pair twice and kept its sums in memory: 1.6-1.7x slower on the Zen 4). */
+ * count, before, loaded each row's pair twice and kept its sums in memory: 1.6-1.7x slower on the Zen 4). pf: the
+ * pass's prefetch of the next pair (bf16_prefetch), a step per 32-input block. */
 static inline __attribute__((always_inline)) void bf16_rows_dp2(float *acc0, float *acc1, const uint16_t *x,
                                                                int64_t x_stride, const uint16_t *w0,
                                                                const uint16_t *w1, int64_t k_pad, int64_t k_len,
-                                                               int64_t row0, int rows, int two_panels) {
+                                                               int64_t row0, int rows, int two_panels,
+                                                               bf16_prefetch *pf) {
     __m512 a0[BF16_DP_ROWS], a1[BF16_DP_ROWS];
     for (int r = 0; r < rows; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
     for (int64_t kb = 0; kb < k_len; kb += BF16_K_BLOCK) {
         const uint16_t *xr[BF16_DP_ROWS]; /* each row's 32 inputs of this block are contiguous in both layouts */
         for (int r = 0; r < rows; ++r) xr[r] = x + bf16_x_index(x_stride, k_pad, row0 + r, kb);
+        bf16_prefetch_step(pf);
         for (int64_t i = 0; i < BF16_K_BLOCK / 2; ++i) {
             const int64_t kp = kb / 2 + i;
             const __m512bh b0 = (__m512bh)_mm512_loadu_si512((const void *)(w0 + kp * 2 * BF16_PANEL));
@@ -455,16 +454,33 @@ static inline __attribute__((always_inline)) void bf16_rows_dp2(float *acc0, flo
     }
 }
 
-/* Rows row0 .. row0 + m - 1 of panels p and (num 2) p + o->pair_step, BF16_DP_ROWS at a time (bf16_rows_dp2). */
+/* Passes of vdpbf16ps rows over at least this many rows prefetch the next pair's weights (bf16_prefetch) while they
+ * compute; fewer do not. Zen 4 (AVX512-BF16, no AMX), the C forward of SmolLM2-135M bf16 decode steps with and
+ * without, alternated step by step in one engine: 64 rows 1.04-1.05x faster, 32 rows 1.02-1.09x, 16 rows 1.17-1.21x,
+ * 8 rows 1.18-1.43x (one full tile computes long enough per pair for the next pair's first lines to miss to memory
+ * when only the hardware prefetchers fetch them); 6 rows 0.99-1.01x; 1-4 rows 0.88-0.97x (bound by streaming the
+ * weights, which the hardware prefetchers do best alone); 2048-row prompt steps within noise (0.97-1.01x), and passes
+ * over more than PREFETCH_STREAM_MAX_ROWS rows do not prefetch. */
+#ifndef BF16_DP_PREFETCH_MIN_ROWS
+#define BF16_DP_PREFETCH_MIN_ROWS BF16_DP_ROWS
+#endif
+
+/* Rows row0 .. row0 + m - 1 of panels p and (num 2) p + o->pair_step, BF16_DP_ROWS at a time (bf16_rows_dp2), the
+ * weights of the pair at next_p (-1: none) prefetched meanwhile at BF16_DP_PREFETCH_MIN_ROWS to
+ * PREFETCH_STREAM_MAX_ROWS rows. */
 static inline void bf16_panel_rows_dp(const bf16_out *o, const uint16_t *x, int64_t x_stride, const uint16_t *panels,
-                                      int64_t k_pad, int64_t k_len, int64_t row0, int64_t m, int64_t p, int64_t num) {
+                                      int64_t k_pad, int64_t k_len, int64_t row0, int64_t m, int64_t p, int64_t num,
+                                      int64_t next_p) {
     _Static_assert(BF16_DP_ROWS == 8, "the switch below covers 1 .. 8 rows");
     const uint16_t *w0 = bf16_pair_weights(o, panels, k_pad, p, 0), *w1 = bf16_pair_weights(o, panels, k_pad, p, 1);
     float acc[2][BF16_DP_ROWS * BF16_PANEL];
+    const int prefetch = m >= BF16_DP_PREFETCH_MIN_ROWS && m <= PREFETCH_STREAM_MAX_ROWS;
+    bf16_prefetch pf = bf16_prefetch_pair(o, panels, k_pad, prefetch ? next_p : -1, num == 2,
+                                          (m + BF16_DP_ROWS - 1) / BF16_DP_ROWS * (k_len / BF16_K_BLOCK));
     for (int64_t r = 0; r < m; r += BF16_DP_ROWS) {
         const int64_t rows = m - r < BF16_DP_ROWS ? m - r : BF16_DP_ROWS;
 #define TM_DP2(rows_, two_) \
-    bf16_rows_dp2(acc[0], acc[1], x, x_stride, w0, w1, k_pad, k_len, row0 + r, rows_, two_)
+    bf16_rows_dp2(acc[0], acc[1], x, x_stride, w0, w1, k_pad, k_len, row0 + r, rows_, two_, &pf)
 #define TM_DP2_ROWS(two_)                   \
     switch (rows) {                         \
         case 8: TM_DP2(8, two_); break;     \
@@ -517,10 +533,10 @@ static inline void bf16_panel_rows(const bf16_out *o, const uint16_t *x, int64_t
         done = m;
     }
 #else
-    (void)amx_rows, (void)next_p, (void)rows_padded, (void)pd;
+    (void)amx_rows, (void)rows_padded, (void)pd;
 #endif
 #if defined(__AVX512BF16__)
-    if (done < m) bf16_panel_rows_dp(o, x, x_stride, panels, k_pad, k_len, row0 + done, m - done, p, num);
+    if (done < m) bf16_panel_rows_dp(o, x, x_stride, panels, k_pad, k_len, row0 + done, m - done, p, num, next_p);
 #else
     for (int64_t r = done; r < m; r += BF16_DP_ROWS) {
         const int64_t rows = m - r < BF16_DP_ROWS ? m - r : BF16_DP_ROWS;

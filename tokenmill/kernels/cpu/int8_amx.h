@@ -138,14 +138,22 @@ static inline int int8_amx_rows(int64_t m, int64_t k) {
 #endif
 }
 
+/* How many of np panels the pair after pair q (panels 2q + 2, 2q + 3) has: 0, 1 or 2. */
+static inline int64_t next_pair_panels(int64_t np, int64_t q) {
+    const int64_t left = np - 2 * q - 2;
+    return left <= 0 ? 0 : left < 2 ? left : 2;
+}
+
 /* Rows row0 .. row0 + m - 1 of panels p .. p + num - 1 (num 1 or 2) with tiles of amx_rows rows (int8_amx_rows of
  * the whole product; the caller loaded that configuration): 16-row blocks on the tiles, or all m rows as one
  * partial block when amx_rows == m < 16; the rest through the VNNI tiles (int8_vnni.h) where the CPU has them,
- * else int8_panel_rows. */
+ * else int8_panel_rows. next_p, next_num: the panels (next_num 0-2, from next_p) this thread likely takes next,
+ * whose weights the VNNI tiles prefetch meanwhile. */
 static inline void int8_panel_rows_amx(float *y, int64_t y_stride, const uint8_t *u, int64_t u_stride,
                                        const float *low, const float *step, const int8_t *panels, const float *scale,
                                        const int32_t *rowsum, const float *bias, int64_t n, int64_t k, int64_t row0,
-                                       int64_t m, int64_t p, int64_t num, int64_t levels, int amx_rows) {
+                                       int64_t m, int64_t p, int64_t num, int64_t levels, int amx_rows,
+                                       int64_t next_p, int64_t next_num) {
     int64_t done = 0;
 #if TM_HAVE_AMX_INT8
     if (amx_rows == 16 && m >= 16) {
@@ -160,11 +168,14 @@ static inline void int8_panel_rows_amx(float *y, int64_t y_stride, const uint8_t
 #else
     (void)amx_rows;
 #endif
+#if !TM_HAVE_VNNI
+    (void)next_p, (void)next_num;
+#endif
 #if TM_HAVE_VNNI
     if (done < m) {
         (void)levels; /* exact int32 sums at either level */
         int8_panel_rows_vnni(y, y_stride, u, u_stride, low, step, panels, scale, rowsum, bias, n, k, row0 + done,
-                             m - done, p, num);
+                             m - done, p, num, next_p, next_num);
         return;
     }
 #endif

@@ -59,7 +59,7 @@ int tm_int8_panels_gemm(float *y, const float *x, int64_t x_stride, int64_t rota
 #pragma omp for schedule(guided, PANELS_PER_GRAB / 2) nowait
             for (int64_t q = 0; q < pairs; ++q)
                 int8_panel_rows_amx(y, n, u, u_stride, low, step, panels, scale, rowsum, bias, n, k, m0, rows, 2 * q,
-                                    2 * q + 1 < np ? 2 : 1, levels, amx_rows);
+                                    2 * q + 1 < np ? 2 : 1, levels, amx_rows, 2 * q + 2, next_pair_panels(np, q));
         }
 #if TM_HAVE_AMX_INT8
         if (amx_rows) _tile_release();

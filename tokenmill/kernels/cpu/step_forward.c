@@ -115,6 +115,8 @@ typedef struct {
     int64_t fuse_int8_mlp; /* 1: int8 MLPs run fused where int8_fused_mlp holds; 0: never (A/B runs and tests) */
     int64_t int4_bf16_min_rows; /* steps of at least this many rows multiply int4 weights on the bf16 units, their
                                    panels dequantized grab by grab (int4_bf16.h; inputs rounded to bf16); 0: never */
+    int64_t prefetch_weights; /* 1: a projection's passes prefetch the weights of the pair their thread takes next
+                                 (bf16_panels.h, int8_vnni.h; prefetch_stream.h); 0: never (A/B runs) */
 } tm_model;
 
 /* [*start, *end): share i of n of `rows` rows, contiguous and differing by at most one (sharding.py's even_share). */
@@ -234,6 +236,7 @@ typedef struct {
     int int4_bf16;       /* this step multiplies int4 weights as dequantized bf16 panels */
     uint16_t *int4_panels; /* with int4_bf16: per thread, int4_panel_stride elements for one pair of panels */
     int64_t int4_panel_stride;
+    int prefetch_weights; /* the model's prefetch_weights */
 } quantized_rows;
 
 /* 1 when projection l multiplies bf16 rows on the bf16 units at this step: bf16 weights, or int4 ones at an int4_bf16
@@ -324,7 +327,8 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
                 if (lo < hi)
                     int8_panel_rows_amx(y, n, qr->u, qr->k_pad, qr->low, qr->step, (const int8_t *)l->weight,
                                         l->scale, l->rowsum, l->bias, n, l->k, lo, hi - lo, 2 * q,
-                                        2 * q + 1 < np ? 2 : 1, l->levels, amx_rows);
+                                        2 * q + 1 < np ? 2 : 1, l->levels, amx_rows, 2 * q + 2,
+                                        qr->prefetch_weights ? next_pair_panels(np, q) : 0);
             }
         }
 #pragma omp barrier
@@ -362,7 +366,8 @@ static void linear_phase(const tm_linear *l, float *y, const float *x, const qua
                     if (a < b)
                         bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->bf16_stride,
                                         int4 ? NULL : (const uint16_t *)l->weight, kp, k_len[i], a, b - a, 2 * q,
-                                        2 * q + 1 < np ? 2 : 1, amx_rows, q + 1 < pairs && !int4 ? 2 * q + 2 : -1, 1,
+                                        2 * q + 1 < np ? 2 : 1, amx_rows,
+                                        q + 1 < pairs && !int4 && qr->prefetch_weights ? 2 * q + 2 : -1, 1,
                                         &pend);
                 }
             }
@@ -419,7 +424,8 @@ static void gate_up_silu_phase(const tm_linear *l, uint16_t *h, int64_t h_stride
                 int4_bf16_pair((uint16_t *)out.pair_panels, (const uint8_t *)l->weight, l->group_scale, l->group_min,
                                l->n, l->k, q, q + half);
             bf16_panel_rows(&out, (const uint16_t *)qr->u, qr->bf16_stride, int4 ? NULL : (const uint16_t *)l->weight,
-                            kp, kp, m0, rows, q, 2, amx_rows, q + 1 < half && !int4 ? q + 1 : -1, 1, &pend);
+                            kp, kp, m0, rows, q, 2, amx_rows, q + 1 < half && !int4 && qr->prefetch_weights ? q + 1 : -1,
+                            1, &pend);
         }
     }
     bf16_flush(&pend);
@@ -463,12 +469,15 @@ static void int8_gate_up_silu_phase(const tm_linear *l, float *h, int64_t h_stri
             const int64_t num = 2 * q + 1 < half ? 2 : 1, width = num * I8_PANEL;
             for (int64_t r0 = m0; r0 < m0 + rows; r0 += SILU_ROWS) {
                 const int64_t n_rows = m0 + rows - r0 < SILU_ROWS ? m0 + rows - r0 : SILU_ROWS;
+                /* the last rows of the pass prefetch this side's next pair: 2 panels on from `first` */
+                const int64_t next_num =
+                    r0 + SILU_ROWS >= m0 + rows && qr->prefetch_weights ? next_pair_panels(half, q) : 0;
                 for (int64_t side = 0; side < 2; ++side) { /* gate panels into columns 0 .., up panels into 32 .. */
                     const int64_t first = side * half + 2 * q, c = first * I8_PANEL;
                     int8_panel_rows_amx(scratch + side * 2 * I8_PANEL, stride, qr->u + r0 * qr->k_pad, qr->k_pad,
                                         qr->low + r0, qr->step + r0, (const int8_t *)l->weight + first * panel_bytes,
                                         l->scale + c, l->rowsum + c, l->bias == NULL ? NULL : l->bias + c, width,
-                                        l->k, 0, n_rows, 0, num, l->levels, amx_rows);
+                                        l->k, 0, n_rows, 0, num, l->levels, amx_rows, 2, next_num);
                 }
                 for (int64_t r = 0; r < n_rows; ++r)
                     silu_mul_row(h + (r0 + r) * h_stride + 2 * q * I8_PANEL, scratch + r * stride,
@@ -614,7 +623,7 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
     float *out = piece[6], *thread_scratch = piece[9], *partials = piece[10];
     quantized_rows qr = {(uint8_t *)piece[8], piece[7], piece[7] + R, piece[11], piece[11] + R * k_pad / INT4_GROUP,
                          k_pad, bf16_amx_rows(R) ? BF16_TILED : k_pad, int4_bf16, (uint16_t *)piece[12],
-                         2 * int4_panel_floats};
+                         2 * int4_panel_floats, (int)m->prefetch_weights};
     const int64_t slots_per_head = m->num_blocks * m->block_size;
     shared_rows skip; /* the products this rank's share of the shared groups' rows lets it skip */
     plan_shared_rows(m, R, &skip);
