@@ -9,9 +9,13 @@ the machine's drift hits both alike. Per build and round, on the default model:
   prompt R:  the C forward's time of the step(s) that prefill those R prompts, per step (for the largest R).
 
 Medians over rounds, the ratio default / variant for each (above 1: the variant is faster), and the machine.
+The tunable must be one the sources define only where the build has not (`#ifndef NAME`), e.g. TM_PREFETCH_STREAMS,
+BF16_DP_PREFETCH_MIN_ROWS, TM_PREFETCH_LINES. Processes of the same build differ by up to ~5% on the Zen 4 VM
+(memory placement, drift between them): take several rounds, and prefer an in-process switch where one exists
+(benchmarks/weight_prefetch.py).
 
-    .venv/bin/python benchmarks/kernel_build_ab.py --variant-cflags=-DBF16_DP_PREFETCH_MIN_ROWS=1000000 \
-        [--rows 1,8,16,64] [--rounds 4] [--quantization none]
+    .venv/bin/python benchmarks/kernel_build_ab.py --variant-cflags=-DTM_PREFETCH_STREAMS=0 \
+        [--rows 1,8,16,64] [--rounds 6] [--quantization none]
 """
 
 from __future__ import annotations
@@ -99,7 +103,7 @@ def main() -> None:
     parser.add_argument("--variant-cflags", required=False, default="",
                         help="flags added to the variant build, e.g. -DBF16_DP_PREFETCH_MIN_ROWS=1000000")
     parser.add_argument("--rows", default="1,8,16,64", help="decode batch sizes, comma-separated")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--quantization", default="none", choices=["none", "int8", "int4"])
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=32)

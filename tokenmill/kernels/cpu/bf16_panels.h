@@ -454,13 +454,13 @@ static inline __attribute__((always_inline)) void bf16_rows_dp2(float *acc0, flo
     }
 }
 
-/* Passes of vdpbf16ps rows over at least this many rows prefetch the next pair's weights (bf16_prefetch) while they
- * compute; fewer do not. Zen 4 (AVX512-BF16, no AMX), the C forward of SmolLM2-135M bf16 decode steps with and
- * without, alternated step by step in one engine: 64 rows 1.04-1.05x faster, 32 rows 1.02-1.09x, 16 rows 1.17-1.21x,
- * 8 rows 1.18-1.43x (one full tile computes long enough per pair for the next pair's first lines to miss to memory
- * when only the hardware prefetchers fetch them); 6 rows 0.99-1.01x; 1-4 rows 0.88-0.97x (bound by streaming the
- * weights, which the hardware prefetchers do best alone); 2048-row prompt steps within noise (0.97-1.01x), and passes
- * over more than PREFETCH_STREAM_MAX_ROWS rows do not prefetch. */
+/* Passes of vdpbf16ps rows over at least this many rows (and at most PREFETCH_STREAM_MAX_ROWS) prefetch the next
+ * pair's weights (bf16_prefetch) while they compute; fewer do not. Zen 4 (AVX512-BF16, no AMX), the C forward of
+ * SmolLM2-135M bf16 decode steps with and without, alternated step by step in one engine
+ * (benchmarks/weight_prefetch.py): 8 rows 1.09x faster, 16 rows 1.16x, 64 rows 1.02-1.04x (a full tile computes long
+ * enough per pair for the next pair's first lines to miss to memory when only the hardware prefetchers fetch them);
+ * with every row count prefetching, 6 rows 0.99-1.01x and 1-4 rows 0.88-0.97x (bound by streaming the weights, which
+ * the hardware prefetchers do best alone). */
 #ifndef BF16_DP_PREFETCH_MIN_ROWS
 #define BF16_DP_PREFETCH_MIN_ROWS BF16_DP_ROWS
 #endif

@@ -67,10 +67,9 @@ static inline __attribute__((always_inline)) void int8_vnni_tile(float *y, int64
 
 /* Rows row0 .. row0 + m - 1 of panels p .. p + num_panels - 1 (1 or 2) into y, the weights of panels next_p ..
  * next_p + next_num - 1 (the pair the thread likely takes next; next_num 0: none) prefetched meanwhile
- * (prefetch_stream.h). Zen 4,
- * the C forward of SmolLM2-135M int8 decode steps with and without, alternated step by step in one engine: 1 row
- * 1.14-1.19x faster, 4 rows 1.22x, 8 rows 1.31x, 16 rows 1.23-1.32x, 64 rows 1.02-1.07x; not past
- * PREFETCH_STREAM_MAX_ROWS rows. */
+ * (prefetch_stream.h) in passes of up to PREFETCH_STREAM_MAX_ROWS rows. Zen 4, the C forward of SmolLM2-135M int8
+ * decode steps with and without, alternated step by step in one engine (benchmarks/weight_prefetch.py): 1 row 1.08x
+ * faster, 4 rows 1.30-1.33x, 8 rows 1.28-1.30x, 16 rows 1.22x, 64 rows 1.07-1.09x. */
 static inline void int8_panel_rows_vnni(float *y, int64_t y_stride, const uint8_t *u, int64_t u_stride,
                                         const float *low, const float *step, const int8_t *panels, const float *scale,
                                         const int32_t *rowsum, const float *bias, int64_t n, int64_t k, int64_t row0,

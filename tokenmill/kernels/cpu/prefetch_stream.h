@@ -18,9 +18,11 @@
 #endif
 
 /* Passes over more rows than this prefetch nothing: prompt chunks, whose weights come back from L2 / L3 once a chunk.
- * Zen 4, 2048-row prompt steps of SmolLM2-135M with and without, builds alternated in processes: int8 0.90-0.96x in
- * 3 rounds of 4 (and 1.04x in one), bf16 within noise. */
+ * Zen 4, SmolLM2-135M's 2048-row prompt steps with every pass prefetching against none, alternated step by step in
+ * one engine (a build with -DPREFETCH_STREAM_MAX_ROWS=100000): bf16 0.98-0.99x, int8 0.98-1.00x (3 runs each). */
+#ifndef PREFETCH_STREAM_MAX_ROWS
 #define PREFETCH_STREAM_MAX_ROWS 64
+#endif
 
 typedef struct {
     const char *base;
