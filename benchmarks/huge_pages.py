@@ -13,30 +13,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from typing import Any
 
 from quant_quality import decode_tokens_per_s  # this directory is on sys.path when run as a script
+from step_split import time_decode_steps
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.bench.results import write_json_report
 from tokenmill.bench.throughput import make_workload
-from tokenmill.worker.model_runner import ModelRunner
 
 
 def decode_step_ms(llm: LLM, prompts: list[list[int]], decode_tokens: int) -> float:
     """Median time of the steps in which every scheduled request decodes one token."""
     runner = llm.engine.core.runner
     times: list[float] = []
-
-    def timed(scheduled: Any) -> Any:
-        start = time.perf_counter()
-        out = ModelRunner.execute(runner, scheduled)
-        if all(s.num_new_tokens == 1 for s in scheduled):
-            times.append(time.perf_counter() - start)
-        return out
-
-    runner.execute = timed
+    time_decode_steps(runner, times.append)
     try:
         llm.generate(prompts, SamplingParams(max_tokens=decode_tokens, ignore_eos=True, temperature=0),
                      use_tqdm=False)

@@ -26,12 +26,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
-from step_split import time_c_forward  # this directory is on sys.path when run as a script
+from step_split import time_c_forward, time_decode_steps  # this directory is on sys.path when run as a script
 
 from tokenmill.bench.results import write_json_report
 from tokenmill.kernels.cpu.build import EXTRA_CFLAGS_ENV
@@ -45,7 +43,6 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     from tokenmill import LLM, SamplingParams
     from tokenmill.bench.throughput import make_workload
     from tokenmill.worker.c_step import CStepForward
-    from tokenmill.worker.model_runner import ModelRunner
 
     rows = [int(r) for r in args.rows.split(",")]
     llm = LLM(model=None, quantization=args.quantization, enable_prefix_caching=False,
@@ -58,15 +55,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     forward_s: dict[str, list[float]] = defaultdict(list)
     step_s: list[float] = []
     time_c_forward(c_step, lambda kind, spent: forward_s[kind].append(spent))
-
-    def timed(scheduled: Any) -> Any:
-        start = time.perf_counter()
-        out = ModelRunner.execute(runner, scheduled)
-        if all(s.num_new_tokens == 1 for s in scheduled):
-            step_s.append(time.perf_counter() - start)
-        return out
-
-    runner.execute = timed
+    time_decode_steps(runner, step_s.append)
     params = SamplingParams(temperature=0.0, max_tokens=args.decode_tokens + 1, ignore_eos=True)
     llm.generate([[100] * 16], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     figures: dict[str, float] = {}

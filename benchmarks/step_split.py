@@ -42,6 +42,20 @@ def time_c_forward(c_step: CStepForward, record: Callable[[str, float], None]) -
     c_step.forward = forward
 
 
+def time_decode_steps(runner: ModelRunner, record: Callable[[float], None]) -> None:
+    """Wraps runner.execute (on the instance; `del runner.execute` undoes it) so that the seconds of each pure decode
+    step, in which every scheduled request decodes one token, go to record(seconds)."""
+
+    def timed(scheduled: Any) -> Any:
+        start = time.perf_counter()
+        out = ModelRunner.execute(runner, scheduled)
+        if all(s.num_new_tokens == 1 for s in scheduled):
+            record(time.perf_counter() - start)
+        return out
+
+    runner.execute = timed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
