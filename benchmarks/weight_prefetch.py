@@ -3,7 +3,8 @@ thread takes next: kernels/cpu/prefetch_stream.h, used by bf16_panels.h's vdpbf1
 on against off, in one engine, switched step by step: R prompts of --input-len random tokens generate
 --decode-tokens tokens each, and the pure decode steps alternate between the two settings (neighbouring steps have
 nearly the same context, so the machine's drift and the growing K/V cache hit both alike). Per batch size R: the
-median and mean C-forward time of each setting's steps and the ratio off / on (above 1: the prefetch is faster).
+median C-forward time of each setting's steps, and the ratios off / on of the medians and of the sums (above 1: the
+prefetch is faster).
 The two settings compute the same sums (a prefetch moves no data into the arithmetic): the greedy tokens of a
 whole run with it on and one with it off are compared at the smallest R.
 
@@ -77,7 +78,8 @@ def main() -> None:
                                         special_ids=special).prompts
                 per_run = []
                 for _ in range(args.runs):
-                    seconds[0].clear(), seconds[1].clear()
+                    seconds[0].clear()
+                    seconds[1].clear()
                     alternate.update(on=True, steps=0)
                     llm.generate(prompts, [params] * r, use_tqdm=False)
                     alternate["on"] = False
