@@ -149,7 +149,7 @@ def test_c_forward_int8_fused_mlp_agrees_with_layer_by_layer(tiny_checkpoint: An
 
 @pytest.mark.parametrize("dtype, quantization", [("bfloat16", "none"), ("float32", "int8")])
 def test_c_forward_weight_prefetch_changes_no_value(tiny_checkpoint: Any, dtype: str, quantization: str) -> None:
-    """The next pair's weight prefetch (prefetch_stream.h: bf16 vdpbf16ps rows from 8 rows, int8 VNNI tiles at any
+    """The next pair's weight prefetch (prefetch_stream.h: bf16 vdpbf16ps rows from 5 rows, int8 VNNI tiles at any
     row count, on the CPUs that have them) only moves weights into cache: decode steps of 12 down to 1 requests give
     the same tokens and bitwise the same logprobs with it off (the model's prefetch_weights = 0)."""
     llm = LLM(dtype=dtype, kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20,

@@ -457,12 +457,13 @@ static inline __attribute__((always_inline)) void bf16_rows_dp2(float *acc0, flo
 /* Passes of vdpbf16ps rows over at least this many rows (and at most PREFETCH_STREAM_MAX_ROWS) prefetch the next
  * pair's weights (bf16_prefetch) while they compute; fewer do not. Zen 4 (AVX512-BF16, no AMX), the C forward of
  * SmolLM2-135M bf16 decode steps with and without, alternated step by step in one engine
- * (benchmarks/weight_prefetch.py): 8 rows 1.09x faster, 16 rows 1.16x, 64 rows 1.02-1.04x (a full tile computes long
- * enough per pair for the next pair's first lines to miss to memory when only the hardware prefetchers fetch them);
- * with every row count prefetching, 6 rows 0.99-1.01x and 1-4 rows 0.88-0.97x (bound by streaming the weights, which
+ * (benchmarks/weight_prefetch.py, two runs; below 5 rows with a build of -DBF16_DP_PREFETCH_MIN_ROWS=1): 5 rows
+ * 1.02-1.24x faster, 6 rows 1.05-1.17x, 7 rows 1.21x, 8 rows 1.09-1.11x, 16 rows 1.16x, 64 rows 1.02-1.04x (from 5
+ * rows a tile computes long enough per pair for the next pair's first lines to miss to memory when only the hardware
+ * prefetchers fetch them); 4 rows 0.97-1.05x, 2 rows 0.93x, 1 row 0.89-0.91x (bound by streaming the weights, which
  * the hardware prefetchers do best alone). */
 #ifndef BF16_DP_PREFETCH_MIN_ROWS
-#define BF16_DP_PREFETCH_MIN_ROWS BF16_DP_ROWS
+#define BF16_DP_PREFETCH_MIN_ROWS 5
 #endif
 
 /* Rows row0 .. row0 + m - 1 of panels p and (num 2) p + o->pair_step, BF16_DP_ROWS at a time (bf16_rows_dp2), the
