@@ -285,11 +285,14 @@ typedef struct {
     prefetch_stream first, second; /* the next pair's two panels (second empty: one panel), stepped together */
 } bf16_prefetch;
 
+/* The prefetch of the pair at panel next_p (-1: none) over `steps` steps: panel next_p and, where the weight has it
+ * (o->n's panels), next_p + o->pair_step. */
 static inline bf16_prefetch bf16_prefetch_pair(const bf16_out *o, const uint16_t *panels, int64_t k_pad,
-                                               int64_t next_p, int two_panels, int64_t steps) {
+                                               int64_t next_p, int64_t steps) {
     const int64_t panel_elems = (k_pad / 2) * 2 * BF16_PANEL, bytes = panel_elems * 2;
     /* pair_panels: built per pass, in cache */
     const uint16_t *w0 = next_p < 0 || o->pair_panels != NULL ? NULL : panels + next_p * panel_elems;
+    const int two_panels = next_p + o->pair_step < bf16_num_panels(o->n);
     const uint16_t *w1 = w0 != NULL && two_panels ? w0 + o->pair_step * panel_elems : NULL;
     bf16_prefetch pf = {prefetch_stream_over(w0, bytes, steps), prefetch_stream_over(w1, bytes, steps)};
     return pf;
@@ -335,7 +338,7 @@ static inline void bf16_panel_block_amx_partial(const bf16_out *o, const uint16_
                                                 const uint16_t *panels, int64_t k_pad, int64_t k_len, int64_t row0,
                                                 int64_t block_rows, int64_t p, int two_panels, int64_t next_p,
                                                 bf16_pending *pd) {
-    bf16_prefetch pf = bf16_prefetch_pair(o, panels, k_pad, next_p, two_panels, k_len / BF16_K_BLOCK);
+    bf16_prefetch pf = bf16_prefetch_pair(o, panels, k_pad, next_p, k_len / BF16_K_BLOCK);
     const uint16_t *w0 = bf16_pair_weights(o, panels, k_pad, p, 0);
     const uint16_t *w1 = two_panels ? bf16_pair_weights(o, panels, k_pad, p, 1) : w0;
     const int64_t xs = bf16_tile_stride(x_stride); /* bytes */
@@ -360,7 +363,7 @@ static inline void bf16_panel_block_amx_partial(const bf16_out *o, const uint16_
 static inline void bf16_panel_blocks_amx(const bf16_out *o, const uint16_t *x, int64_t x_stride,
                                          const uint16_t *panels, int64_t k_pad, int64_t k_len, int64_t row0,
                                          int64_t blocks, int64_t p, int two_panels, int64_t next_p, bf16_pending *pd) {
-    bf16_prefetch pf = bf16_prefetch_pair(o, panels, k_pad, next_p, two_panels, blocks / 2 * (k_len / BF16_K_BLOCK));
+    bf16_prefetch pf = bf16_prefetch_pair(o, panels, k_pad, next_p, blocks / 2 * (k_len / BF16_K_BLOCK));
     const uint16_t *w0 = bf16_pair_weights(o, panels, k_pad, p, 0);
     const uint16_t *w1 = two_panels ? bf16_pair_weights(o, panels, k_pad, p, 1) : w0;
     const int64_t xs = bf16_tile_stride(x_stride); /* bytes */
@@ -476,7 +479,7 @@ static inline void bf16_panel_rows_dp(const bf16_out *o, const uint16_t *x, int6
     const uint16_t *w0 = bf16_pair_weights(o, panels, k_pad, p, 0), *w1 = bf16_pair_weights(o, panels, k_pad, p, 1);
     float acc[2][BF16_DP_ROWS * BF16_PANEL];
     const int prefetch = m >= BF16_DP_PREFETCH_MIN_ROWS && m <= PREFETCH_STREAM_MAX_ROWS;
-    bf16_prefetch pf = bf16_prefetch_pair(o, panels, k_pad, prefetch ? next_p : -1, num == 2,
+    bf16_prefetch pf = bf16_prefetch_pair(o, panels, k_pad, prefetch ? next_p : -1,
                                           (m + BF16_DP_ROWS - 1) / BF16_DP_ROWS * (k_len / BF16_K_BLOCK));
     for (int64_t r = 0; r < m; r += BF16_DP_ROWS) {
         const int64_t rows = m - r < BF16_DP_ROWS ? m - r : BF16_DP_ROWS;

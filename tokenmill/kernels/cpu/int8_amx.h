@@ -168,9 +168,6 @@ static inline void int8_panel_rows_amx(float *y, int64_t y_stride, const uint8_t
 #else
     (void)amx_rows;
 #endif
-#if !TM_HAVE_VNNI
-    (void)next_p, (void)next_num;
-#endif
 #if TM_HAVE_VNNI
     if (done < m) {
         (void)levels; /* exact int32 sums at either level */
@@ -178,6 +175,8 @@ static inline void int8_panel_rows_amx(float *y, int64_t y_stride, const uint8_t
                              m - done, p, num, next_p, next_num);
         return;
     }
+#else
+    (void)next_p, (void)next_num;
 #endif
     if (done < m)
         for (int64_t q = p; q < p + num; ++q)
