@@ -8,8 +8,9 @@
 - with --decode-speed N: batch-1 decode tokens/s of both engines (one 256-token prompt, 128 greedy
   tokens), interleaved N times, medians.
 
-The perplexity change of the one fixed text moves by ~0.7 points between runs of the same scheme
-(int8 rounding amplifies float-order differences); compare schemes by repeated runs.
+The perplexity change of the fixed text moves with float-order differences that int8 rounding amplifies (the
+same weights and scheme, kernels built for other CPUs or routed otherwise: W8A8 0.2-1.0%, W8A7 0.0-1.3% on the Zen 4;
+with the text's first 175 tokens alone 0.4-2.0%); compare schemes by repeated runs.
 
     .venv/bin/python benchmarks/quant_quality.py --quantization int8 [--kv-cache-dtype int8]
         [--int8-activation-bits 7] [--max-tokens 64]
@@ -30,7 +31,9 @@ from typing import Any
 
 from tokenmill import LLM, SamplingParams
 
-# Public-domain prose (Jerome K. Jerome, Three Men in a Boat, 1889) for perplexity.
+# Public-domain prose (Jerome K. Jerome, Three Men in a Boat, 1889, chapter I) for perplexity: 1212 tokens of the
+# default model's tokenizer. Its first 175 alone measured an int8 model's change anywhere from 0.4% to 2.0% as
+# kernels' rounding orders changed (the same weights, other CPUs' builds); over all of them, 0.0-1.3%.
 PERPLEXITY_TEXT = (
     "There were four of us - George, and William Samuel Harris, and myself, and Montmorency. We were "
     "sitting in my room, smoking, and talking about how bad we were - bad from a medical point of view I "
@@ -39,7 +42,52 @@ PERPLEXITY_TEXT = (
     "doing; and then George said that he had fits of giddiness too, and hardly knew what he was doing. "
     "With me, it was my liver that was out of order. I knew it was my liver that was out of order, because "
     "I had just been reading a patent liver-pill circular, in which were detailed the various symptoms by "
-    "which a man could tell when his liver was out of order."
+    "which a man could tell when his liver was out of order. I had them all. It is a most extraordinary "
+    "thing, but I never read a patent medicine advertisement without being impelled to the conclusion that I "
+    "am suffering from the particular disease therein dealt with in its most virulent form.\n\n"
+    "I remember going to the British Museum one day to read up the treatment for some slight ailment of "
+    "which I had a touch - hay fever, I fancy it was. I got down the book, and read all I came to read; and "
+    "then, in an unthinking moment, I idly turned the leaves, and began to indolently study diseases, "
+    "generally. I forget which was the first distemper I plunged into - some fearful, devastating scourge, I "
+    "know - and, before I had glanced half down the list of \"premonitory symptoms,\" it was borne in upon me "
+    "that I had fairly got it. I sat for a while, frozen with horror; and then, in the listlessness of "
+    "despair, I again turned over the pages. I came to typhoid fever - read the symptoms - discovered that I "
+    "had typhoid fever, must have had it for months without knowing it - wondered what else I had got; "
+    "turned up St. Vitus's Dance - found, as I expected, that I had that too - began to get interested in my "
+    "case, and determined to sift it to the bottom, and so started alphabetically - read up ague, and learnt "
+    "that I was sickening for it, and that the acute stage would commence in about another fortnight. "
+    "Bright's disease, I was relieved to find, I had only in a modified form, and, so far as that was "
+    "concerned, I might live for years. Cholera I had, with severe complications; and diphtheria I seemed to "
+    "have been born with. I plodded conscientiously through the twenty-six letters, and the only malady I "
+    "could conclude I had not got was housemaid's knee.\n\n"
+    "I felt rather hurt about this at first; it seemed somehow to be a sort of slight. Why hadn't I got "
+    "housemaid's knee? Why this invidious reservation? After a while, however, less grasping feelings "
+    "prevailed. I reflected that I had every other known malady in the pharmacology, and I grew less selfish, "
+    "and determined to do without housemaid's knee.\n\n"
+    "I sat and pondered. I thought what an interesting case I must be from a medical point of view, what an "
+    "acquisition I should be to a class! Students would have no need to \"walk the hospitals,\" if they had "
+    "me. I was a hospital in myself. All they need do would be to walk round me, and, after that, take their "
+    "diploma.\n\n"
+    "Then I wondered how long I had to live. I tried to examine myself. I felt my pulse. I could not at first "
+    "feel any pulse at all. Then, all of a sudden, it seemed to start off. I pulled out my watch and timed "
+    "it. I made it a hundred and forty-seven to the minute. I tried to feel my heart. I could not feel my "
+    "heart. It had stopped beating. I have since been induced to come to the opinion that it must have been "
+    "there all the time, and must have been beating, but I cannot account for it. I patted myself all over "
+    "my front, from what I call my waist up to my head, and I went a bit round each side, and a little way "
+    "up the back. But I could not feel or hear anything. I tried to look at my tongue. I stuck it out as far "
+    "as ever it would go, and I shut one eye, and tried to examine it with the other. I could only see the "
+    "tip, and the only thing that I could gain from that was to feel more certain than before that I had "
+    "scarlet fever.\n\n"
+    "I had walked into that reading-room a happy, healthy man. I crawled out a decrepit wreck.\n\n"
+    "I went to my medical man. He is an old chum of mine, and feels my pulse, and looks at my tongue, and "
+    "talks about the weather, all for nothing, when I fancy I'm ill; so I thought I would do him a good turn "
+    "by going to him now. \"What a doctor wants,\" I said, \"is practice. He shall have me. He will get more "
+    "practice out of me than out of seventeen hundred of your ordinary, commonplace patients, with only one "
+    "or two diseases each.\" So I went straight up and saw him, and he said: \"Well, what's the matter with "
+    "you?\" I said: \"I will not take up your time, dear boy, with telling you what is the matter with me. "
+    "Life is brief, and you might pass away before I had finished. But I will tell you what is not the "
+    "matter with me. I have not got housemaid's knee. Why I have not got housemaid's knee, I cannot tell "
+    "you; but the fact remains that I have not got it. Everything else, however, I have got.\""
 )
 
 PROMPTS = [

@@ -78,10 +78,10 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
 # already, and an int8 cache (per-position scales, kernels/cpu/kv_cache.py) streams about a quarter of
 # float32's bytes in decode attention. W1 int8 decode attention per step (benchmarks/step_split.py
 # --kv-cache-dtype float32 | float16 | int8): 44.7 -> 29.8 -> ~21 ms. Quality against fp32
-# (benchmarks/quant_quality.py --kv-cache-dtype int8): int8 weights perplexity +0.98%, teacher-forced agreement
-# 96.9% (float16 K/V: +1.27%, 97.7%); int4 weights -0.7%, 98.8%. Over 5.5k tokens of mixed text, top-1
-# agreement with fp32 moved from 95.6% to 95.5% (int8 weights) and 97.0% to 96.8% (int4) going from float16
-# to int8 K/V; int8 K/V under float32 weights alone: perplexity +0.08%, agreement 98.4%.
+# (benchmarks/quant_quality.py --kv-cache-dtype int8, its 175-token text then): int8 weights perplexity +0.98%,
+# teacher-forced agreement 96.9% (float16 K/V: +1.27%, 97.7%); int4 weights -0.7%, 98.8%. Over 5.5k tokens of
+# mixed text, top-1 agreement with fp32 moved from 95.6% to 95.5% (int8 weights) and 97.0% to 96.8% (int4) going
+# from float16 to int8 K/V; int8 K/V under float32 weights alone: perplexity +0.08%, agreement 98.4%.
 QUANTIZED_AUTO_KV_DTYPE = torch.int8
 
 
