@@ -46,3 +46,31 @@ def test_every_kernel_compiles_for_the_target(target: str, tmp_path: Path) -> No
         if result.returncode != 0:
             failures.append(f"{source.name}:\n{result.stderr[-2000:]}")
     assert not failures, "\n".join(failures)
+
+
+def test_a_new_build_removes_builds_not_loaded_for_a_month(tmp_path: Path) -> None:
+    """A load marks its build as used (its mtime); a build made after a month without loads of another is that
+    build's end, while builds loaded within the month stay."""
+    import os
+    import sys
+    import time
+
+    _compiler_or_skip()
+    cache = tmp_path / "tokenmill" / "kernels"
+    cache.mkdir(parents=True)
+    old = time.time() - (build.STALE_BUILD_DAYS + 1) * 86400
+    stale, recent = cache / "layer_ops-0000000000000000.so", cache / "f32_gemm-1111111111111111.so"
+    for path, when in ((stale, old), (recent, time.time() - 86400)):
+        path.write_bytes(b"")
+        os.utime(path, (when, when))
+    script = ("from tokenmill.kernels.cpu.build import load_kernel_library; "
+              "assert load_kernel_library('layer_ops') is not None")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True)
+    built = [p for p in cache.glob("layer_ops-*.so") if p != stale]
+    assert len(built) == 1 and not stale.exists() and recent.exists()
+    # Loading the existing build again refreshes its time; pruning spares it.
+    os.utime(built[0], (old, old))
+    subprocess.run([sys.executable, "-c", script], env=env, check=True)
+    assert built[0].stat().st_mtime > old + 86400
+    assert build.prune_stale_builds(cache) == []

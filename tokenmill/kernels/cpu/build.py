@@ -4,7 +4,8 @@ The shared object is cached under ~/.cache/tokenmill/kernels (or $XDG_CACHE_HOME
 of the source and every header beside it (the sources include them), the flags, the compiler's
 version and the CPU's feature flags: `-march=native` code is only reused on the CPU it was built for. Builds are atomic (compile to a temporary file, rename), so
 concurrent processes at worst build twice. No compiler, or a failing build, yields None and the
-caller keeps its torch path; the reason is logged once.
+caller keeps its torch path; the reason is logged once. Each load touches its build, and each new build removes the
+builds no process loaded for STALE_BUILD_DAYS.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 logger = logging.getLogger("tokenmill")
@@ -80,13 +82,45 @@ def load_kernel_library(name: str) -> ctypes.CDLL | None:
         key = hashlib.sha256(
             "\0".join([source.read_text(), *headers, *_cflags(), version, cpu_flags()]).encode()).hexdigest()[:16]
         target = _cache_dir() / f"{name}-{key}.so"
-        if not target.exists():
+        if target.exists():
+            _mark_used(target)
+        else:
             _compile(compiler, source, target)
+            prune_stale_builds(target.parent)
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", None) or exc
         logger.warning("building the CPU %s kernel failed, using the torch path: %s", name, detail)
         return None
+
+
+# A build no process has loaded for this long is removed when another build is made (an upgrade's or another
+# compiler's leave theirs behind otherwise: every source change is a new file). A process still running one keeps
+# its mapping; a process that needs it again builds it again.
+STALE_BUILD_DAYS = 30
+
+
+def _mark_used(build: Path) -> None:
+    """Records a load in the build's modification time (what prune_stale_builds reads); a read-only cache keeps
+    its times."""
+    try:
+        os.utime(build)
+    except OSError:
+        pass
+
+
+def prune_stale_builds(directory: Path, max_age_s: float = STALE_BUILD_DAYS * 86400.0) -> list[Path]:
+    """Removes the kernel builds (*.so) in directory not loaded for max_age_s seconds; returns them."""
+    cutoff = time.time() - max_age_s
+    removed = []
+    for build in directory.glob("*.so"):
+        try:
+            if build.stat().st_mtime < cutoff:
+                build.unlink()
+                removed.append(build)
+        except OSError:  # gone already (another process pruned it), or not ours to remove
+            continue
+    return removed
 
 
 def _compile(compiler: str, source: Path, target: Path) -> None:
