@@ -42,18 +42,24 @@ def time_c_forward(c_step: CStepForward, record: Callable[[str, float], None]) -
     c_step.forward = forward
 
 
-def time_decode_steps(runner: ModelRunner, record: Callable[[float], None]) -> None:
-    """Wraps runner.execute (on the instance; `del runner.execute` undoes it) so that the seconds of each pure decode
-    step, in which every scheduled request decodes one token, go to record(seconds)."""
+def time_steps(runner: ModelRunner, record: Callable[[str, float], None]) -> None:
+    """Wraps runner.execute (on the instance; `del runner.execute` undoes it) so that each step's seconds go to
+    record(kind, seconds), kind "decode" for a pure decode step (every scheduled request decodes one token), else
+    "prefill"."""
 
     def timed(scheduled: Any) -> Any:
         start = time.perf_counter()
         out = ModelRunner.execute(runner, scheduled)
-        if all(s.num_new_tokens == 1 for s in scheduled):
-            record(time.perf_counter() - start)
+        kind = "decode" if all(s.num_new_tokens == 1 for s in scheduled) else "prefill"
+        record(kind, time.perf_counter() - start)
         return out
 
     runner.execute = timed
+
+
+def time_decode_steps(runner: ModelRunner, record: Callable[[float], None]) -> None:
+    """time_steps for the pure decode steps alone: record(seconds)."""
+    time_steps(runner, lambda kind, spent: record(spent) if kind == "decode" else None)
 
 
 def main() -> None:
@@ -80,17 +86,12 @@ def main() -> None:
     counts: dict[str, int] = defaultdict(int)
 
     runner = engine.core.runner
-    execute = ModelRunner.execute
 
-    def timed_execute(scheduled: Any) -> Any:
-        kind = "decode" if all(s.num_new_tokens == 1 for s in scheduled) else "prefill"
-        start = time.perf_counter()
-        out = execute(runner, scheduled)
-        seconds[kind] += time.perf_counter() - start
+    def add_step(kind: str, spent: float) -> None:
+        seconds[kind] += spent
         counts[kind] += 1
-        return out
 
-    runner.execute = timed_execute
+    time_steps(runner, add_step)
     kernel = None
     c_step = next((p for p in runner.step_paths if isinstance(p, CStepForward)), None)
     if c_step is not None:
