@@ -236,8 +236,11 @@ def test_c_forward_int4_bf16_route_agrees_with_layer_by_layer(tiny_checkpoint: A
                                                              kv_cache_dtype: str) -> None:
     """int4's bf16 route (the plan pinned to c_int4_bf16 at every row count): the C forward multiplies the int4
     weights as bf16 panels dequantized pass by pass (fused MLP and residual adds as a bf16 model's), layer by layer
-    int4_bf16_gemm does per projection; both round the same float32 inputs to bf16, so float-order-sized
-    differences. Prompt steps of any size now take the C forward."""
+    int4_bf16_gemm does per projection; both round their float32 inputs to bf16. Where those inputs differ by float
+    order (the 1-row steps' split-K attention against one pass; the prompt step's attention over the step's float32
+    K/V against the bf16 cache), an input near a rounding boundary flips by one bf16 step (2^-8 of it) downstream:
+    measured on the AMX Xeon, 0.37% of the largest value at one 1-row step over a bf16 cache (0 at the others).
+    Prompt steps of any size now take the C forward."""
     pin_int4_kernel(monkeypatch, "c_int4_bf16")
     llm = LLM(dtype="float32", kernels="c", model=str(tiny_checkpoint("llama")), block_size=16,
               kv_cache_memory=16 << 20, quantization="int4", kv_cache_dtype=kv_cache_dtype)
@@ -246,7 +249,7 @@ def test_c_forward_int4_bf16_route_agrees_with_layer_by_layer(tiny_checkpoint: A
     assert c_step is not None and c_step.kernel.int4_bf16_min_rows == 1
     assert c_step.max_prompt_tokens > 88 and "bf16 units in steps of at least 1 rows" in c_step.describe()
     prompts = _prompts(model.config.vocab_size, (2, 5, 8, 16, 17, 40))
-    with compared_with_layer_by_layer(llm, rel_tol=1e-3) as rows:
+    with compared_with_layer_by_layer(llm, rel_tol=1e-2) as rows:
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 3, 4, 5, 6, 8)]
         llm.generate(prompts, params, use_tqdm=False)
     assert rows == [88, 6, 5, 4, 3, 2, 1, 1]
