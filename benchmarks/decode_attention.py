@@ -7,7 +7,8 @@ own blocks of 16 positions (sequential blocks, as a fresh cache hands them out).
                what a W1 decode step streams.
 
 Median milliseconds per layer over interleaved rounds, and the ratio against float16 (the bf16 model's cache
-before bfloat16 tiles). bfloat16 runs the vdpbf16ps path only where the CPU has AVX512-BF16 (printed).
+before bfloat16 tiles). bfloat16 multiplies the tiles as they lie only where the CPU has AVX512-BF16, on AMX tiles
+where it has AMX-BF16 too, else on vdpbf16ps (both printed).
 
     .venv/bin/python benchmarks/decode_attention.py [--rounds 5] [--dtypes float16,bfloat16,int8,float32]
 """
@@ -23,7 +24,7 @@ import torch
 from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.bench.results import write_json_report
 from tokenmill.kernels.cpu.kv_cache import quantize_kv_rows
-from tokenmill.kernels.cpu.paged_attention import bf16_cache_products, paged_decode_attention
+from tokenmill.kernels.cpu.paged_attention import bf16_cache_on_amx, bf16_cache_products, paged_decode_attention
 from tokenmill.worker.capabilities import detect_capabilities
 
 REQUESTS, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 64, 9, 3, 64, 16
@@ -68,7 +69,8 @@ def main() -> None:
     args = parser.parse_args()
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     print(f"machine: {detect_capabilities().summary()}")
-    print(f"bfloat16 tiles multiplied as they lie (AVX512-BF16): {bf16_cache_products(BLOCK, HEAD_DIM)}")
+    print(f"bfloat16 tiles multiplied as they lie (AVX512-BF16): {bf16_cache_products(BLOCK, HEAD_DIM)}; "
+          f"on AMX tiles: {bf16_cache_on_amx(HEADS, KV_HEADS, BLOCK, HEAD_DIM)}")
     samples: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for regime, (positions, layers) in REGIMES.items():

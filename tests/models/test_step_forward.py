@@ -193,7 +193,8 @@ def test_c_forward_bf16_agrees_with_layer_by_layer(tiny_checkpoint: Any, head64_
     layer the norms return bf16 (a float32 residual stream either way): bf16-rounding-sized differences. With
     64-dim heads on an AMX CPU the whole prompts (in mixed steps too) attend on AMX tiles where the plan says so,
     in both paths. A bfloat16 cache's pair-interleaved tiles are multiplied as they lie with 64-dim heads in blocks
-    of 16 on an AVX512-BF16 CPU, unpacked to float32 rows otherwise; both paths read the same cache."""
+    of 16 (decode: on AMX tiles where the CPU has them, bf16_decode_amx.h, else vdpbf16ps) on an AVX512-BF16 CPU,
+    unpacked to float32 rows otherwise; both paths read the same cache."""
     path = tiny_checkpoint("llama") if checkpoint == "tiny" else head64_checkpoint
     llm = LLM(dtype="bfloat16", kernels="c", model=str(path), block_size=block_size, kv_cache_memory=16 << 20,
               kv_cache_dtype=kv_cache_dtype)

@@ -219,6 +219,8 @@ static inline int64_t tile_steps(int64_t n, int64_t group, int64_t head_dim, int
     return (n + 3) / 4 * ((group + HEADS_PER_TILE - 1) / HEADS_PER_TILE) * columns;
 }
 
+#include "bf16_decode_amx.h" /* after prefetch_tile and prefetch_target, which it uses */
+
 /* ---- KV_BF16 caches (kv_cache.h's pair-interleaved tiles) ----
  * With AVX512-BF16, where block_size % 16 == 0 and head_dim % 32 == 0 (bf16_products): q . k as vdpbf16ps of a
  * query pair (q_d, q_d+1) broadcast against a K column of 16 positions' (k_d, k_d+1), so no horizontal sums;
@@ -529,20 +531,59 @@ static void range_weighted_sum(float *restrict out, int64_t out_stride, float *r
     }
 }
 
+/* range_scores, on AMX tiles where they fit (bf16_decode_amx.h; the caller's thread gets their configuration here,
+ * held until kv_range_weighted_sum); returns the floats between score rows (end - start, or whole blocks on the
+ * tiles). */
+static inline int64_t kv_range_scores(float *restrict scores, const float *restrict q, const void *k_cache,
+                                      const void *v_cache, int kv_type, const int64_t *table, int64_t head_base,
+                                      int64_t start, int64_t end, int64_t group, int64_t block_size,
+                                      int64_t head_dim) {
+#if TM_HAVE_AMX_DECODE
+    if (kv_type == KV_BF16 && amx_decode_fits(group, block_size, head_dim)) {
+        const int64_t sstride = amx_score_row(end - start, block_size);
+        amx_decode_load_config(group, block_size);
+        amx_range_scores(scores, sstride, q, k_cache, v_cache, table, head_base, start, end, group, block_size,
+                         head_dim);
+        return sstride;
+    }
+#endif
+    range_scores(scores, q, k_cache, v_cache, kv_type, table, head_base, start, end, group, block_size, head_dim);
+    return end - start;
+}
+
+/* range_weighted_sum over kv_range_scores' rows (sstride floats apart). */
+static inline void kv_range_weighted_sum(float *restrict out, int64_t out_stride, float *restrict probs,
+                                         int64_t sstride, const void *v_cache, int kv_type, const int64_t *table,
+                                         int64_t head_base, int64_t start, int64_t end, int64_t group,
+                                         int64_t block_size, int64_t head_dim) {
+#if TM_HAVE_AMX_DECODE
+    if (kv_type == KV_BF16 && amx_decode_fits(group, block_size, head_dim)) {
+        amx_range_weighted_sum(out, out_stride, probs, sstride, v_cache, table, head_base, start, end, group,
+                               block_size, head_dim);
+        return;
+    }
+#endif
+    (void)sstride;
+    range_weighted_sum(out, out_stride, probs, v_cache, kv_type, table, head_base, start, end, group, block_size,
+                       head_dim);
+}
+
 static void attend_one(
     float *restrict out, const float *restrict q, const void *k_cache, const void *v_cache, int kv_type,
     const int64_t *table, int64_t seq_len, int64_t group, int64_t kv_head, int64_t num_blocks,
-    int64_t block_size, int64_t head_dim, float scale, float *restrict scores /* [group, seq_len] */) {
+    int64_t block_size, int64_t head_dim, float scale,
+    float *restrict scores /* [group, amx_score_row(seq_len, block_size)] */) {
     const int64_t head_base = kv_head * num_blocks;
-    range_scores(scores, q, k_cache, v_cache, kv_type, table, head_base, 0, seq_len, group, block_size, head_dim);
+    const int64_t sstride = kv_range_scores(scores, q, k_cache, v_cache, kv_type, table, head_base, 0, seq_len, group,
+                                            block_size, head_dim);
     for (int64_t g = 0; g < group; ++g) {
-        float *s = scores + g * seq_len, max;
+        float *s = scores + g * sstride, max;
         const float inv = 1.0f / exp_scores(s, seq_len, scale, &max);
         for (int64_t i = 0; i < seq_len; ++i) s[i] *= inv;
     }
     memset(out, 0, (size_t)(group * head_dim) * sizeof(float));
-    range_weighted_sum(out, head_dim, scores, v_cache, kv_type, table, head_base, 0, seq_len, group, block_size,
-                       head_dim);
+    kv_range_weighted_sum(out, head_dim, scores, sstride, v_cache, kv_type, table, head_base, 0, seq_len, group,
+                          block_size, head_dim);
 }
 
 /* One partial per query head g: part[g * (head_dim + 2) + ...] = [sum_j e_j v_j (head_dim floats) | max
@@ -551,16 +592,18 @@ static void attend_one(
 static void attend_range(
     float *restrict part, const float *restrict q, const void *k_cache, const void *v_cache, int kv_type,
     const int64_t *table, int64_t start, int64_t end, int64_t group, int64_t kv_head, int64_t num_blocks,
-    int64_t block_size, int64_t head_dim, float scale, float *restrict scores /* [group, end - start] */) {
+    int64_t block_size, int64_t head_dim, float scale,
+    float *restrict scores /* [group, amx_score_row(end - start, block_size)] */) {
     const int64_t head_base = kv_head * num_blocks, len = end - start, part_stride = head_dim + 2;
-    range_scores(scores, q, k_cache, v_cache, kv_type, table, head_base, start, end, group, block_size, head_dim);
+    const int64_t sstride = kv_range_scores(scores, q, k_cache, v_cache, kv_type, table, head_base, start, end, group,
+                                            block_size, head_dim);
     for (int64_t g = 0; g < group; ++g) {
         float *p = part + g * part_stride;
-        p[head_dim + 1] = exp_scores(scores + g * len, len, scale, &p[head_dim]);
+        p[head_dim + 1] = exp_scores(scores + g * sstride, len, scale, &p[head_dim]);
         memset(p, 0, (size_t)head_dim * sizeof(float));
     }
-    range_weighted_sum(part, part_stride, scores, v_cache, kv_type, table, head_base, start, end, group, block_size,
-                       head_dim);
+    kv_range_weighted_sum(part, part_stride, scores, sstride, v_cache, kv_type, table, head_base, start, end, group,
+                          block_size, head_dim);
 }
 
 /* out[head_dim] = the softmax-weighted V sum over the num_parts partials of one query head, which lie

@@ -30,7 +30,7 @@ int tm_paged_decode_attention(
     for (int64_t task = 0; task < num_reqs * num_kv_heads; ++task) {
         const int64_t r = task / num_kv_heads, h = task % num_kv_heads;
         const int64_t seq_len = seq_lens[r];
-        float *scores = malloc((size_t)(group * seq_len) * sizeof(float));
+        float *scores = malloc((size_t)(group * amx_score_row(seq_len, block_size)) * sizeof(float));
         if (scores == NULL) {
             failed |= 1;
             continue;

@@ -36,6 +36,15 @@ def bf16_cache_products(block_size: int, head_dim: int) -> bool:
             and decode_kernel_available())
 
 
+def bf16_cache_on_amx(num_heads: int, num_kv_heads: int, block_size: int, head_dim: int) -> bool:
+    """Whether the decode kernels multiply a bfloat16 cache's tiles on AMX tiles (bf16_decode_amx.h's
+    amx_decode_fits: at most 16 query heads per KV head, blocks of 16 or 32, head_dim % 64 == 0, AMX-BF16 and
+    AVX512-BF16), rather than on vdpbf16ps."""
+    flags = cpu_flags().split()
+    return (num_heads // num_kv_heads <= 16 and block_size in (16, 32) and head_dim % 64 == 0
+            and "amx_bf16" in flags and "amx_tile" in flags and bf16_cache_products(block_size, head_dim))
+
+
 def paged_decode_attention(
     out: torch.Tensor, query: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
     rows: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,

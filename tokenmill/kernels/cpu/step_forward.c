@@ -567,7 +567,8 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
     const int64_t int4_panel_floats = max_k * BF16_PANEL;
     /* Per thread: the attention's scratch (decode scores, or a prefill_tile.h block's), the rotation's, one normed
      * row (norm_row_for), then int8_gate_up_silu_phase's gate and up rows. */
-    const int64_t attention_scratch = pure_decode ? group * max_seq : prefill_scratch_floats(group, D);
+    const int64_t attention_scratch =
+        pure_decode ? group * amx_score_row(max_seq, m->block_size) : prefill_scratch_floats(group, D);
     const int64_t per_thread = round_up(attention_scratch + max_k + H + SILU_ROWS * 4 * I8_PANEL, 16);
     /* Split-K attention (fewer than 2 (request, KV head) tasks per thread): ranges per (request, KV head). */
     const int64_t max_splits =
