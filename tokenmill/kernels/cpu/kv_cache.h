@@ -30,7 +30,7 @@
 
 #include "bf16.h"
 #include "vec8.h"
-#if defined(__F16C__) || defined(__AVX2__)
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512BW__)
 #include <immintrin.h>
 #endif
 
@@ -134,6 +134,26 @@ static inline void store_kv_row(void *cache, int64_t row, const float *src, int6
         uint16_t *t = (uint16_t *)cache + row / block_size * block_size * head_dim, h[head_dim];
         const int64_t j = row % block_size;
         f32_row_to_bf16(h, src, head_dim);
+#if defined(__AVX512BW__)
+        if (head_dim % 32 == 0) { /* 16 dims (V) or 16 dim pairs (K) a store */
+            if (is_value) { /* the low (j even) or high (odd) halves of the pair row's 32-bit lanes */
+                uint16_t *pair_row = t + (j >> 1) * head_dim * 2;
+                const __mmask32 keep = (j & 1) ? (__mmask32)0xaaaaaaaau : (__mmask32)0x55555555u;
+                for (int64_t d = 0; d < head_dim; d += 16) {
+                    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(h + d)));
+                    _mm512_mask_storeu_epi16(pair_row + d * 2, keep, (j & 1) ? _mm512_slli_epi32(w, 16) : w);
+                }
+            } else { /* each 32-bit lane a dim pair, scattered block_size pairs apart */
+                const __m512i apart = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3,
+                                                                          2, 1, 0),
+                                                         _mm512_set1_epi32((int)block_size));
+                for (int64_t d = 0; d < head_dim; d += 32)
+                    _mm512_i32scatter_epi32((uint32_t *)t + j + d / 2 * block_size, apart,
+                                            _mm512_loadu_si512((const void *)(h + d)), 4);
+            }
+            return;
+        }
+#endif
         if (is_value) { /* every other element of the pair row (j, j + 1) */
             uint16_t *dst = t + (j >> 1) * head_dim * 2 + (j & 1);
             for (int64_t d = 0; d < head_dim; ++d) dst[2 * d] = h[d];
