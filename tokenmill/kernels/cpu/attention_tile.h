@@ -219,6 +219,22 @@ static inline int64_t tile_steps(int64_t n, int64_t group, int64_t head_dim, int
     return (n + 3) / 4 * ((group + HEADS_PER_TILE - 1) / HEADS_PER_TILE) * columns;
 }
 
+#if defined(__AVX512BF16__)
+/* Rows g < group of probs (stride floats apart) rounded to bf16 in place: row g's first len values as bf16 from the
+ * row's first byte, then zeros up to zero_to bf16 values (zero_to <= 2 * stride). */
+static inline void probs_to_bf16_in_place(float *probs, int64_t stride, int64_t group, int64_t len, int64_t zero_to) {
+    for (int64_t g = 0; g < group; ++g) {
+        float *row = probs + g * stride;
+        uint16_t *bf = (uint16_t *)row; /* writes [2i, 2i + 32) bytes after reading [4i, 4i + 64): in place */
+        for (int64_t i = 0; i < len; i += 16) {
+            const __mmask16 m = len - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (len - i)) - 1u);
+            _mm256_mask_storeu_epi16(bf + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, row + i)));
+        }
+        memset(bf + len, 0, (size_t)(zero_to - len) * sizeof(uint16_t));
+    }
+}
+#endif
+
 #include "bf16_decode_amx.h" /* after prefetch_tile and prefetch_target, which it uses */
 
 /* ---- KV_BF16 caches (kv_cache.h's pair-interleaved tiles) ----
@@ -359,15 +375,7 @@ static void bf16_range_weighted_sum(float *restrict out, int64_t out_stride, flo
                                     const void *v_cache, const int64_t *table, int64_t head_base, int64_t start,
                                     int64_t end, int64_t group, int64_t block_size, int64_t head_dim) {
     const int64_t len = end - start, tile_bytes = block_size * head_dim * 2;
-    for (int64_t g = 0; g < group; ++g) {
-        float *row = probs + g * len;
-        uint16_t *bf = (uint16_t *)row; /* writes [2i, 2i + 32) bytes after reading [4i, 4i + 64): in place */
-        for (int64_t i = 0; i < len; i += 16) {
-            const __mmask16 m = len - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (len - i)) - 1u);
-            _mm256_mask_storeu_epi16(bf + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, row + i)));
-        }
-        if (len & 1) bf[len] = 0; /* within the row: len < 2 * len */
-    }
+    probs_to_bf16_in_place(probs, len, group, len, len + (len & 1)); /* within the row: len + 1 <= 2 * len */
     for (int64_t pos = start; pos < end; pos += block_size) {
         const int64_t b = pos / block_size, n = end - pos < block_size ? end - pos : block_size;
         const uint32_t *t = (const uint32_t *)tile(v_cache, KV_BF16, head_base, table, b, block_size, head_dim);

@@ -6,8 +6,8 @@
  *   V tile: row p = position pair p (2p, 2p + 1) over all dims, head_dim * 4 bytes; block_size / 2 rows from dim d are
  *           the B operand of p . v for 16 dims and the block's positions.
  * The A operands are the group's queries (rounded to bf16 once per range) and its probabilities (rounded to bf16 in
- * place, as bf16_range_weighted_sum does). Products and sums are float32; the same roundings as the vdpbf16ps path,
- * so the two agree to float order.
+ * place: attention_tile.h's probs_to_bf16_in_place, defined before this header is included). Products and sums are
+ * float32; the same roundings as the vdpbf16ps path, so the two agree to float order.
  *
  * Tiles (amx_decode_load_config, loaded by the range's caller on its thread before either function): C 0-3, group
  * rows x 16 float32 (a block's scores of 16 positions, or 16 output dims); A 4, group rows x 32 query dims; A 5,
@@ -94,15 +94,7 @@ static void amx_range_weighted_sum(float *restrict out, int64_t out_stride, floa
                                    const void *v_cache, const int64_t *table, int64_t head_base, int64_t start,
                                    int64_t end, int64_t group, int64_t block_size, int64_t head_dim) {
     const int64_t len = end - start, padded = amx_score_row(len, block_size), tile_bytes = block_size * head_dim * 2;
-    for (int64_t g = 0; g < group; ++g) {
-        float *row = probs + g * sstride;
-        uint16_t *bf = (uint16_t *)row; /* writes [2i, 2i + 32) bytes after reading [4i, 4i + 64): in place */
-        for (int64_t i = 0; i < len; i += 16) {
-            const __mmask16 m = len - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (len - i)) - 1u);
-            _mm256_mask_storeu_epi16(bf + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, row + i)));
-        }
-        memset(bf + len, 0, (size_t)(padded - len) * sizeof(uint16_t));
-    }
+    probs_to_bf16_in_place(probs, sstride, group, len, padded);
     const int64_t last = (end - 1) / block_size, tail = end - last * block_size;
     uint16_t masked[tail < block_size ? block_size * head_dim : 1];
     if (tail < block_size) { /* whole pair rows up to end, the odd last position's partner lanes zeroed */
