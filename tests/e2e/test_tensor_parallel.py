@@ -43,8 +43,10 @@ def _assert_same(expected: tuple[list, list], got: tuple[list, list]) -> None:
     for want_seq, got_seq in zip(expected[1], got[1], strict=True):
         for want, have in zip(want_seq, got_seq, strict=True):
             assert set(want) == set(have)  # the same top-5 tokens (and the sampled one)
+            # float32 sums split over the ranks and all-reduced in another order: the default model's 30 layers
+            # moved a logprob by 1.04e-4 under tools/as_cpu.sh avx2 on the AMX Xeon (the same tokens)
             for token, lp in want.items():
-                assert abs(have[token].logprob - lp.logprob) < 1e-4
+                assert abs(have[token].logprob - lp.logprob) < 2e-4
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
