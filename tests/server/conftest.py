@@ -3,6 +3,7 @@ look inside the engine (KV blocks, scheduler) while talking HTTP to it like any 
 
 from __future__ import annotations
 
+import gc
 import socket
 import threading
 import time
@@ -20,7 +21,7 @@ from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.metrics import EngineMetrics
 from tokenmill.entrypoints.openai.context import ServerContext
-from tokenmill.entrypoints.openai.launcher import GracefulServer
+from tokenmill.entrypoints.openai.launcher import GracefulServer, freeze_startup_objects
 from tokenmill.entrypoints.openai.server import build_app
 
 API_KEY = "test-key"
@@ -96,8 +97,16 @@ def run_server(engine: LLMEngine, *, api_key: str | None = None, max_queue: int 
     app = build_app(ServerContext(async_engine, model_name, api_key=api_key))
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5)
-    with uvicorn_in_thread(GracefulServer(config, async_engine, drain_timeout=1.0)):
-        yield LiveServer(f"http://127.0.0.1:{port}", engine, async_engine, api_key, model_name)
+    # As the launcher does once the server is built: here the heap is the whole test session's (every earlier
+    # test's models and modules, millions of objects), and one full collection of it holds the GIL, which the
+    # server's threads share with the test process, for ~0.25 s a 3M objects (measured): the likely cause of
+    # /metrics taking 280 ms in CI (test_event_loop's bound is 250).
+    freeze_startup_objects()
+    try:
+        with uvicorn_in_thread(GracefulServer(config, async_engine, drain_timeout=1.0)):
+            yield LiveServer(f"http://127.0.0.1:{port}", engine, async_engine, api_key, model_name)
+    finally:
+        gc.unfreeze()  # what later tests drop must be collectable again
 
 
 def small_engine(loaded: Any, **kwargs: Any) -> LLMEngine:

@@ -21,7 +21,6 @@ from pydantic import BaseModel
 from tokenmill.engine.engine_client import EngineClient
 from tokenmill.engine.llm_engine import ProcessedPrompt
 from tokenmill.entrypoints.openai.inputs import RequestError, RequestLimits, param_of_value_error
-from tokenmill.entrypoints.openai.offload import encode_text
 from tokenmill.entrypoints.prompt_limits import TokenBound, text_too_long, token_bound
 
 T = TypeVar("T")
@@ -69,7 +68,7 @@ class ServerContext:
             too_long = text_too_long(prompt, self.token_bound, self.max_model_len)
             if too_long is not None:
                 raise RequestError(too_long, param)
-            token_ids = encode_text(self.engine.inputs.tokenizer, prompt, add_special_tokens)
+            token_ids = self.engine.inputs.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)  # GIL-free
         try:
             processed = self.engine.process_inputs(token_ids, params, add_special_tokens)
         except ValueError as exc:

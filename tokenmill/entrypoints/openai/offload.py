@@ -2,8 +2,8 @@
 holds the GIL for long: a thread that holds it stalls the event loop as surely as work done on the loop.
 
 - tokenizers' `encode` and `decode` hold the GIL for their whole run (seconds for megabytes of text); their
-  `encode_batch` / `decode_batch` release it while the Rust code works. tokenmill's Tokenizer is its backend's
-  pipeline, so a batch of one gives exactly its `encode` / `decode`.
+  batch forms release it while the Rust code works. tokenmill's Tokenizer encodes through `encode_batch_fast`
+  already (loader/tokenizer.py); its backend's `decode_batch` of one gives exactly its `decode`.
 - One json.dumps of a million-token list holds the GIL ~0.2 s; built in slices, the GIL changes hands between them.
 """
 
@@ -18,15 +18,6 @@ from fastapi.responses import Response
 from tokenmill.loader.tokenizer import Tokenizer
 
 _SLICE = 32768  # token ids serialized per GIL-holding call (~2 ms)
-
-
-def encode_text(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    """tokenizer.encode(text, add_special_tokens), releasing the GIL while the tokenizer works."""
-    if isinstance(tokenizer, Tokenizer):
-        encoding = tokenizer.backend_tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
-        return encoding.ids
-    # transformers' fast tokenizers already go through encode_batch.
-    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
 def decode_ids(tokenizer: Any, token_ids: list[int]) -> str:

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, Response
 
 from tokenmill.entrypoints.openai.context import ServerContext
 from tokenmill.entrypoints.openai.inputs import RequestError, chat_messages
-from tokenmill.entrypoints.openai.offload import decode_ids, encode_text, json_with_ids
+from tokenmill.entrypoints.openai.offload import decode_ids, json_with_ids
 from tokenmill.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest
 
 
@@ -21,7 +21,7 @@ def tokenize(ctx: ServerContext, body: TokenizeRequest) -> Response:
         add_special = False  # the template holds the special tokens it wants
     else:
         text, add_special = body.prompt, body.add_special_tokens
-    tokens = encode_text(ctx.engine.inputs.tokenizer, text, add_special)
+    tokens = ctx.engine.inputs.tokenizer.encode(text, add_special_tokens=add_special)  # releases the GIL
     return json_with_ids({"count": len(tokens), "max_model_len": ctx.max_model_len}, "tokens", tokens)
 
 
