@@ -295,7 +295,7 @@ static inline __attribute__((always_inline)) void bf16_qk_pass(
 }
 
 /* range_scores over a KV_BF16 cache with bf16_products. */
-static void bf16_range_scores(float *restrict scores, const float *restrict q, const void *k_cache,
+static void bf16_range_scores(float *restrict scores, int64_t sstride, const float *restrict q, const void *k_cache,
                               const void *v_cache, const int64_t *table, int64_t head_base, int64_t start,
                               int64_t end, int64_t group, int64_t block_size, int64_t head_dim) {
     const int64_t len = end - start, tile_bytes = block_size * head_dim * 2, per_block = block_size / 16;
@@ -324,7 +324,7 @@ static void bf16_range_scores(float *restrict scores, const float *restrict q, c
         const int64_t valid = len - (c0 + ncols - 1) * 16;
         float *s = scores + c0 * 16;
         FOR_HEAD_TILES(group, g0, heads,
-                       bf16_qk_pass(s + g0 * len, len, qp + g0 * (head_dim / 2), cols, ncols, block_size, valid,
+                       bf16_qk_pass(s + g0 * sstride, sstride, qp + g0 * (head_dim / 2), cols, ncols, block_size, valid,
                                     heads, head_dim, pf))
     }
 }
@@ -371,11 +371,11 @@ static inline __attribute__((always_inline)) void bf16_pv_tile(float *restrict o
 
 /* range_weighted_sum over a KV_BF16 cache with bf16_products; rounds probs to bf16 in place first (row g's first
  * len bf16 values, then a 0 for a last odd position's partner). */
-static void bf16_range_weighted_sum(float *restrict out, int64_t out_stride, float *restrict probs,
+static void bf16_range_weighted_sum(float *restrict out, int64_t out_stride, float *restrict probs, int64_t sstride,
                                     const void *v_cache, const int64_t *table, int64_t head_base, int64_t start,
                                     int64_t end, int64_t group, int64_t block_size, int64_t head_dim) {
     const int64_t len = end - start, tile_bytes = block_size * head_dim * 2;
-    probs_to_bf16_in_place(probs, len, group, len, len + (len & 1)); /* within the row: len + 1 <= 2 * len */
+    probs_to_bf16_in_place(probs, sstride, group, len, len + (len & 1)); /* within the row: len + 1 <= 2 * len */
     for (int64_t pos = start; pos < end; pos += block_size) {
         const int64_t b = pos / block_size, n = end - pos < block_size ? end - pos : block_size;
         const uint32_t *t = (const uint32_t *)tile(v_cache, KV_BF16, head_base, table, b, block_size, head_dim);
@@ -385,7 +385,7 @@ static void bf16_range_weighted_sum(float *restrict out, int64_t out_stride, flo
                                                              * ((head_dim + 63) / 64));
         const uint32_t *pp = (const uint32_t *)probs + (pos - start) / 2;
         FOR_HEAD_TILES(group, g0, heads,
-                       bf16_pv_tile(out + g0 * out_stride, out_stride, pp + g0 * len, len, t, n, heads,
+                       bf16_pv_tile(out + g0 * out_stride, out_stride, pp + g0 * sstride, sstride, t, n, heads,
                                     head_dim, &pf))
     }
 }
@@ -393,10 +393,9 @@ static void bf16_range_weighted_sum(float *restrict out, int64_t out_stride, flo
 
 /* range_scores / range_weighted_sum over a KV_BF16 cache without bf16_products: each tile unpacked to float32
  * rows, then the float32 tiles. */
-static void bf16_unpacked_scores(float *restrict scores, const float *restrict q, const void *k_cache,
-                                 const int64_t *table, int64_t head_base, int64_t start, int64_t end, int64_t group,
-                                 int64_t block_size, int64_t head_dim) {
-    const int64_t len = end - start;
+static void bf16_unpacked_scores(float *restrict scores, int64_t sstride, const float *restrict q,
+                                 const void *k_cache, const int64_t *table, int64_t head_base, int64_t start,
+                                 int64_t end, int64_t group, int64_t block_size, int64_t head_dim) {
     float rows[block_size * head_dim];
     prefetch_cursor none = prefetch_spread(NULL, 0, 1);
     for (int64_t pos = start; pos < end; pos += block_size) {
@@ -405,14 +404,14 @@ static void bf16_unpacked_scores(float *restrict scores, const float *restrict q
                          0, block_size, head_dim);
         float *s = scores + pos - start;
         FOR_HEAD_TILES(group, g0, heads,
-                       qk_tile(s + g0 * len, len, q + g0 * head_dim, rows, n, heads, head_dim, KV_F32, &none))
+                       qk_tile(s + g0 * sstride, sstride, q + g0 * head_dim, rows, n, heads, head_dim, KV_F32, &none))
     }
 }
 
 static void bf16_unpacked_weighted_sum(float *restrict out, int64_t out_stride, const float *restrict probs,
-                                       const void *v_cache, const int64_t *table, int64_t head_base, int64_t start,
-                                       int64_t end, int64_t group, int64_t block_size, int64_t head_dim) {
-    const int64_t len = end - start;
+                                       int64_t sstride, const void *v_cache, const int64_t *table, int64_t head_base,
+                                       int64_t start, int64_t end, int64_t group, int64_t block_size,
+                                       int64_t head_dim) {
     float rows[block_size * head_dim];
     prefetch_cursor none = prefetch_spread(NULL, 0, 1);
     for (int64_t pos = start; pos < end; pos += block_size) {
@@ -421,27 +420,44 @@ static void bf16_unpacked_weighted_sum(float *restrict out, int64_t out_stride, 
                          1, block_size, head_dim);
         const float *p = probs + pos - start;
         FOR_HEAD_TILES(group, g0, heads,
-                       pv_tile(out + g0 * out_stride, out_stride, p + g0 * len, len, rows, n, heads, head_dim, KV_F32,
-                               &none))
+                       pv_tile(out + g0 * out_stride, out_stride, p + g0 * sstride, sstride, rows, n, heads, head_dim,
+                               KV_F32, &none))
     }
 }
 
-/* scores[g * (end - start) + j - start] = q_g . k_j for the group query heads and positions j in
- * [start, end) of one KV head (head_base = kv_head * num_blocks); start is a multiple of block_size. */
-static void range_scores(float *restrict scores, const float *restrict q, const void *k_cache, const void *v_cache,
-                         int kv_type, const int64_t *table, int64_t head_base, int64_t start, int64_t end,
-                         int64_t group, int64_t block_size, int64_t head_dim) {
+/* Floats between range_scores' rows for a range of len positions: whole blocks on the AMX tiles (a block's C tiles
+ * and probability A tile span it; bf16_decode_amx.h), len elsewhere. At most amx_score_row(len, block_size). */
+static inline int64_t score_row_floats(int kv_type, int64_t len, int64_t group, int64_t block_size,
+                                       int64_t head_dim) {
+    return kv_type == KV_BF16 && amx_decode_fits(group, block_size, head_dim) ? amx_score_row(len, block_size) : len;
+}
+
+/* scores[g * sstride + j - start] = q_g . k_j for the group query heads and positions j in [start, end) of one KV
+ * head (head_base = kv_head * num_blocks); start is a multiple of block_size; sstride = score_row_floats(...). On
+ * the AMX tiles, loads their configuration on the calling thread, kept for range_weighted_sum. */
+static void range_scores(float *restrict scores, int64_t sstride, const float *restrict q, const void *k_cache,
+                         const void *v_cache, int kv_type, const int64_t *table, int64_t head_base, int64_t start,
+                         int64_t end, int64_t group, int64_t block_size, int64_t head_dim) {
     if (kv_type == KV_BF16) {
-#if defined(__AVX512BF16__)
-        if (bf16_products(block_size, head_dim)) {
-            bf16_range_scores(scores, q, k_cache, v_cache, table, head_base, start, end, group, block_size, head_dim);
+#if TM_HAVE_AMX_DECODE
+        if (amx_decode_fits(group, block_size, head_dim)) {
+            amx_decode_load_config(group, block_size);
+            amx_range_scores(scores, sstride, q, k_cache, v_cache, table, head_base, start, end, group, block_size,
+                             head_dim);
             return;
         }
 #endif
-        bf16_unpacked_scores(scores, q, k_cache, table, head_base, start, end, group, block_size, head_dim);
+#if defined(__AVX512BF16__)
+        if (bf16_products(block_size, head_dim)) {
+            bf16_range_scores(scores, sstride, q, k_cache, v_cache, table, head_base, start, end, group, block_size,
+                              head_dim);
+            return;
+        }
+#endif
+        bf16_unpacked_scores(scores, sstride, q, k_cache, table, head_base, start, end, group, block_size, head_dim);
         return;
     }
-    const int64_t len = end - start, tile_bytes = block_size * kv_row_bytes(kv_type, head_dim);
+    const int64_t tile_bytes = block_size * kv_row_bytes(kv_type, head_dim);
     for (int64_t b = start / block_size; b < start / block_size + KV_PREFETCH_BLOCKS && b * block_size < end; ++b)
         prefetch_tile(tile(k_cache, kv_type, head_base, table, b, block_size, head_dim), tile_bytes);
     for (int64_t pos = start; pos < end; pos += block_size) {
@@ -453,7 +469,8 @@ static void range_scores(float *restrict scores, const float *restrict q, const 
                                              tile_bytes, tile_steps(n, group, head_dim, 0));
         float *s = scores + pos - start;
 #define TM_QK_TILES(kind) \
-    FOR_HEAD_TILES(group, g0, heads, qk_tile(s + g0 * len, len, q + g0 * head_dim, k, n, heads, head_dim, kind, &pf))
+    FOR_HEAD_TILES(group, g0, heads,                                                                               \
+                   qk_tile(s + g0 * sstride, sstride, q + g0 * head_dim, k, n, heads, head_dim, kind, &pf))
         switch (kv_type) { /* one copy of the tiles per element type */
             case KV_F16: TM_QK_TILES(KV_F16); break;
             case KV_I8: TM_QK_TILES(KV_I8); break;
@@ -501,24 +518,32 @@ static inline float exp_scores(float *s, int64_t len, float scale, float *max_ou
 #endif
 }
 
-/* out[g * out_stride + d] += sum_j p_g[j] v_j[d] over positions j in [start, end) (range_scores' layout
- * for p) of one KV head. KV_BF16 with bf16_products rounds probs to bf16 in place (bf16_range_weighted_sum). */
-static void range_weighted_sum(float *restrict out, int64_t out_stride, float *restrict probs,
+/* out[g * out_stride + d] += sum_j p_g[j] v_j[d] over positions j in [start, end) of one KV head, p in
+ * range_scores' layout (rows sstride apart). KV_BF16 on the AMX tiles or with bf16_products rounds probs to bf16 in
+ * place. */
+static void range_weighted_sum(float *restrict out, int64_t out_stride, float *restrict probs, int64_t sstride,
                                const void *v_cache, int kv_type, const int64_t *table, int64_t head_base,
                                int64_t start, int64_t end, int64_t group, int64_t block_size, int64_t head_dim) {
     if (kv_type == KV_BF16) {
-#if defined(__AVX512BF16__)
-        if (bf16_products(block_size, head_dim)) {
-            bf16_range_weighted_sum(out, out_stride, probs, v_cache, table, head_base, start, end, group, block_size,
-                                    head_dim);
+#if TM_HAVE_AMX_DECODE
+        if (amx_decode_fits(group, block_size, head_dim)) {
+            amx_range_weighted_sum(out, out_stride, probs, sstride, v_cache, table, head_base, start, end, group,
+                                   block_size, head_dim);
             return;
         }
 #endif
-        bf16_unpacked_weighted_sum(out, out_stride, probs, v_cache, table, head_base, start, end, group, block_size,
-                                   head_dim);
+#if defined(__AVX512BF16__)
+        if (bf16_products(block_size, head_dim)) {
+            bf16_range_weighted_sum(out, out_stride, probs, sstride, v_cache, table, head_base, start, end, group,
+                                    block_size, head_dim);
+            return;
+        }
+#endif
+        bf16_unpacked_weighted_sum(out, out_stride, probs, sstride, v_cache, table, head_base, start, end, group,
+                                   block_size, head_dim);
         return;
     }
-    const int64_t len = end - start, tile_bytes = block_size * kv_row_bytes(kv_type, head_dim);
+    const int64_t tile_bytes = block_size * kv_row_bytes(kv_type, head_dim);
     for (int64_t pos = start; pos < end; pos += block_size) {
         const int64_t b = pos / block_size;
         const void *v = tile(v_cache, kv_type, head_base, table, b, block_size, head_dim);
@@ -529,7 +554,8 @@ static void range_weighted_sum(float *restrict out, int64_t out_stride, float *r
         const float *p = probs + pos - start;
 #define TM_PV_TILES(kind)                                                                                 \
     FOR_HEAD_TILES(group, g0, heads,                                                                      \
-                   pv_tile(out + g0 * out_stride, out_stride, p + g0 * len, len, v, n, heads, head_dim, kind, &pf))
+                   pv_tile(out + g0 * out_stride, out_stride, p + g0 * sstride, sstride, v, n, heads, head_dim, kind, \
+                           &pf))
         switch (kv_type) {
             case KV_F16: TM_PV_TILES(KV_F16); break;
             case KV_I8: TM_PV_TILES(KV_I8); break;
@@ -539,59 +565,23 @@ static void range_weighted_sum(float *restrict out, int64_t out_stride, float *r
     }
 }
 
-/* range_scores, on AMX tiles where they fit (bf16_decode_amx.h; the caller's thread gets their configuration here,
- * held until kv_range_weighted_sum); returns the floats between score rows (end - start, or whole blocks on the
- * tiles). */
-static inline int64_t kv_range_scores(float *restrict scores, const float *restrict q, const void *k_cache,
-                                      const void *v_cache, int kv_type, const int64_t *table, int64_t head_base,
-                                      int64_t start, int64_t end, int64_t group, int64_t block_size,
-                                      int64_t head_dim) {
-#if TM_HAVE_AMX_DECODE
-    if (kv_type == KV_BF16 && amx_decode_fits(group, block_size, head_dim)) {
-        const int64_t sstride = amx_score_row(end - start, block_size);
-        amx_decode_load_config(group, block_size);
-        amx_range_scores(scores, sstride, q, k_cache, v_cache, table, head_base, start, end, group, block_size,
-                         head_dim);
-        return sstride;
-    }
-#endif
-    range_scores(scores, q, k_cache, v_cache, kv_type, table, head_base, start, end, group, block_size, head_dim);
-    return end - start;
-}
-
-/* range_weighted_sum over kv_range_scores' rows (sstride floats apart). */
-static inline void kv_range_weighted_sum(float *restrict out, int64_t out_stride, float *restrict probs,
-                                         int64_t sstride, const void *v_cache, int kv_type, const int64_t *table,
-                                         int64_t head_base, int64_t start, int64_t end, int64_t group,
-                                         int64_t block_size, int64_t head_dim) {
-#if TM_HAVE_AMX_DECODE
-    if (kv_type == KV_BF16 && amx_decode_fits(group, block_size, head_dim)) {
-        amx_range_weighted_sum(out, out_stride, probs, sstride, v_cache, table, head_base, start, end, group,
-                               block_size, head_dim);
-        return;
-    }
-#endif
-    (void)sstride;
-    range_weighted_sum(out, out_stride, probs, v_cache, kv_type, table, head_base, start, end, group, block_size,
-                       head_dim);
-}
-
 static void attend_one(
     float *restrict out, const float *restrict q, const void *k_cache, const void *v_cache, int kv_type,
     const int64_t *table, int64_t seq_len, int64_t group, int64_t kv_head, int64_t num_blocks,
     int64_t block_size, int64_t head_dim, float scale,
     float *restrict scores /* [group, amx_score_row(seq_len, block_size)] */) {
     const int64_t head_base = kv_head * num_blocks;
-    const int64_t sstride = kv_range_scores(scores, q, k_cache, v_cache, kv_type, table, head_base, 0, seq_len, group,
-                                            block_size, head_dim);
+    const int64_t sstride = score_row_floats(kv_type, seq_len, group, block_size, head_dim);
+    range_scores(scores, sstride, q, k_cache, v_cache, kv_type, table, head_base, 0, seq_len, group, block_size,
+                 head_dim);
     for (int64_t g = 0; g < group; ++g) {
         float *s = scores + g * sstride, max;
         const float inv = 1.0f / exp_scores(s, seq_len, scale, &max);
         for (int64_t i = 0; i < seq_len; ++i) s[i] *= inv;
     }
     memset(out, 0, (size_t)(group * head_dim) * sizeof(float));
-    kv_range_weighted_sum(out, head_dim, scores, sstride, v_cache, kv_type, table, head_base, 0, seq_len, group,
-                          block_size, head_dim);
+    range_weighted_sum(out, head_dim, scores, sstride, v_cache, kv_type, table, head_base, 0, seq_len, group,
+                       block_size, head_dim);
 }
 
 /* One partial per query head g: part[g * (head_dim + 2) + ...] = [sum_j e_j v_j (head_dim floats) | max
@@ -603,15 +593,16 @@ static void attend_range(
     int64_t block_size, int64_t head_dim, float scale,
     float *restrict scores /* [group, amx_score_row(end - start, block_size)] */) {
     const int64_t head_base = kv_head * num_blocks, len = end - start, part_stride = head_dim + 2;
-    const int64_t sstride = kv_range_scores(scores, q, k_cache, v_cache, kv_type, table, head_base, start, end, group,
-                                            block_size, head_dim);
+    const int64_t sstride = score_row_floats(kv_type, len, group, block_size, head_dim);
+    range_scores(scores, sstride, q, k_cache, v_cache, kv_type, table, head_base, start, end, group, block_size,
+                 head_dim);
     for (int64_t g = 0; g < group; ++g) {
         float *p = part + g * part_stride;
         p[head_dim + 1] = exp_scores(scores + g * sstride, len, scale, &p[head_dim]);
         memset(p, 0, (size_t)head_dim * sizeof(float));
     }
-    kv_range_weighted_sum(part, part_stride, scores, sstride, v_cache, kv_type, table, head_base, start, end, group,
-                          block_size, head_dim);
+    range_weighted_sum(part, part_stride, scores, sstride, v_cache, kv_type, table, head_base, start, end, group,
+                       block_size, head_dim);
 }
 
 /* out[head_dim] = the softmax-weighted V sum over the num_parts partials of one query head, which lie
