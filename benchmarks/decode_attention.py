@@ -1,6 +1,7 @@
 """One layer's decode attention on this machine, per K/V cache dtype: the C decode kernel (paged_attention.c) over
 the default model's heads (9 query / 3 KV heads of 64 dims) for a W1-like batch of 64 requests, each row reading its
-own blocks of 16 positions (sequential blocks, as a fresh cache hands them out). Two regimes:
+own blocks of 16 positions (`--block-order`: sequential, as a fresh cache hands them out, or shuffled, each block
+at a random place in the pool, as a pool that has turned over many times may hand them out). Two regimes:
 
   in cache:    one layer's cache, 128 positions a request (~6 MB of float16 K/V): the kernel's compute;
   from memory: 30 layers' caches, 320 positions a request, attended layer after layer (~470 MB of float16 K/V):
@@ -11,6 +12,7 @@ before bfloat16 tiles). bfloat16 multiplies the tiles as they lie only where the
 where it has AMX-BF16 too, else on vdpbf16ps (both printed).
 
     .venv/bin/python benchmarks/decode_attention.py [--rounds 5] [--dtypes float16,bfloat16,int8,float32]
+        [--block-order sequential,shuffled]
 """
 
 from __future__ import annotations
@@ -43,10 +45,12 @@ def _caches(dtype: torch.dtype, positions: int, layers: int) -> tuple[list[tuple
     return [(make(), make()) for _ in range(layers)], blocks
 
 
-def _time_layer(dtype: torch.dtype, positions: int, layers: int, calls: int) -> float:
-    """Median ms per layer of `calls` passes over the layers' caches."""
+def _time_layer(dtype: torch.dtype, positions: int, layers: int, calls: int, order: str) -> float:
+    """Median ms per layer of `calls` passes over the layers' caches, the requests' blocks in `order`."""
     caches, blocks = _caches(dtype, positions, layers)
-    tables = torch.arange(blocks, dtype=torch.int64).view(REQUESTS, -1)
+    ids = torch.randperm(blocks, generator=torch.Generator().manual_seed(0)) if order == "shuffled" else \
+        torch.arange(blocks)
+    tables = ids.to(torch.int64).view(REQUESTS, -1).contiguous()
     query = torch.randn(REQUESTS, HEADS, HEAD_DIM)
     out = torch.empty_like(query)
     rows = torch.arange(REQUESTS, dtype=torch.int64)
@@ -65,28 +69,34 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=5, help="passes over the caches per round")
     parser.add_argument("--dtypes", default="float16,bfloat16,int8,float32")
+    parser.add_argument("--block-order", default="sequential", help="comma list of sequential, shuffled")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    orders = args.block_order.split(",")
+    if not set(orders) <= {"sequential", "shuffled"}:
+        parser.error(f"--block-order: sequential and/or shuffled, got {args.block_order}")
     print(f"machine: {detect_capabilities().summary()}")
     print(f"bfloat16 tiles multiplied as they lie (AVX512-BF16): {bf16_cache_products(BLOCK, HEAD_DIM)}; "
           f"on AMX tiles: {bf16_cache_on_amx(HEADS, KV_HEADS, BLOCK, HEAD_DIM)}")
     samples: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for regime, (positions, layers) in REGIMES.items():
-            for dtype in dtypes:  # interleaved: every dtype once per round and regime
-                key = f"{regime} {str(dtype).removeprefix('torch.')}"
-                samples.setdefault(key, []).append(_time_layer(dtype, positions, layers, args.calls))
+            for order in orders:
+                for dtype in dtypes:  # interleaved: every dtype and order once per round and regime
+                    key = f"{regime} {order} {str(dtype).removeprefix('torch.')}"
+                    samples.setdefault(key, []).append(_time_layer(dtype, positions, layers, args.calls, order))
     medians = {k: statistics.median(v) for k, v in samples.items()}
-    print(f"\n| regime | cache dtype | ms per layer (median of {args.rounds}) | vs float16 |")
-    print("|---|---|---|---|")
+    print(f"\n| regime | blocks | cache dtype | ms per layer (median of {args.rounds}) | vs float16 |")
+    print("|---|---|---|---|---|")
     for regime in REGIMES:
-        base = medians.get(f"{regime} float16")
-        for dtype in dtypes:
-            name = str(dtype).removeprefix("torch.")
-            ms = medians[f"{regime} {name}"]
-            ratio = f"{base / ms:.2f}x" if base else "-"
-            print(f"| {regime} | {name} | {ms:.3f} | {ratio} |")
+        for order in orders:
+            base = medians.get(f"{regime} {order} float16")
+            for dtype in dtypes:
+                name = str(dtype).removeprefix("torch.")
+                ms = medians[f"{regime} {order} {name}"]
+                ratio = f"{base / ms:.2f}x" if base else "-"
+                print(f"| {regime} | {order} | {name} | {ms:.3f} | {ratio} |")
     path = write_json_report({"ms_per_layer": medians, "samples": samples}, "decode-attention", args.output_json)
     print(f"\nreport: {path}")
 

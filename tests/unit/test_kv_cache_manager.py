@@ -133,7 +133,7 @@ def test_ref_counts_shared_blocks(make_kv):
     kv.free(a)
     kv.free(b)
     assert kv.num_free_blocks == 6 - 3  # c still holds the shared blocks and its own
-    assert not set(shared) & set(kv._free)
+    assert not set(shared) & (set(kv._free_unhashed) | set(kv._free_cached))
     kv.free(c)
 
 
@@ -177,10 +177,10 @@ def test_allocate_failure_changes_nothing(make_kv):
     kv.free(a)
     b = req("b", list(range(8)) + list(range(100, 105)))  # needs 4 blocks, 2 of them cached
     hit, _ = kv.get_computed_blocks(b)
-    free_before = list(kv._free)
+    free_before = (list(kv._free_unhashed), list(kv._free_cached))
     cached_before = dict(kv._cached_blocks)
     assert kv.allocate_slots(b, b.num_tokens - 8, hit) is None
-    assert list(kv._free) == free_before and kv._cached_blocks == cached_before
+    assert (list(kv._free_unhashed), list(kv._free_cached)) == free_before and kv._cached_blocks == cached_before
     assert kv.get_block_ids("b") == [] and kv._ref_counts == [0, 0, 0]
     c = req("c", list(range(20)))
     assert kv.allocate_slots(c, 20) is None
@@ -216,3 +216,27 @@ def test_duplicate_content_cached_once(make_kv):
     hit, _ = kv.get_computed_blocks(req("c", list(range(5))))
     assert len(hit) == 1
     assert len(kv._cached_blocks) == 1
+
+
+def test_blocks_without_hash_are_reused_lowest_first(make_kv):
+    """However the pool turned over, a new request gets the lowest free blocks without a hash, so its blocks are
+    neighbours (the decode kernels stream them); hashed blocks only when none is left, least recently used first."""
+    kv = make_kv(12, enable_prefix_caching=False)
+    requests = [req(str(i), [i] * (2 * BS)) for i in range(4)]  # 2 blocks each: 0-1, 2-3, 4-5, 6-7
+    for r in requests:
+        compute(kv, r)
+    for r in (requests[1], requests[3], requests[0]):  # freed out of order: 2-3, 6-7, 0-1 are free again
+        kv.free(r)
+    grown = req("g", [9] * (5 * BS))
+    assert compute(kv, grown) == [0, 1, 2, 3, 6]  # not the last freed first (0, 1, 6, 7, 2)
+    kv.free(requests[2])
+    kv.free(grown)
+    kv_cached = make_kv(4)
+    a, b = req("a", [1] * BS + [5]), req("b", [2] * BS + [5])  # a full (hashed) block and a partial one each
+    compute(kv_cached, a), compute(kv_cached, b)
+    kv_cached.free(b)
+    kv_cached.free(a)
+    # The partial blocks (1, 3: no hash) first, lowest first; then the hashed ones in LRU order (b's 2, then a's 0).
+    c = req("c", list(range(4 * BS)))
+    assert compute(kv_cached, c) == [1, 3, 2, 0]
+    kv_cached.free(c)
