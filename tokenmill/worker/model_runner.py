@@ -116,9 +116,11 @@ class ModelRunner:
         for s in scheduled:
             token_ids.extend(s.token_ids)
         max_blocks = max(len(s.block_ids) for s in scheduled)
-        tables = torch.zeros((len(scheduled), max_blocks), dtype=torch.int64)
-        for i, s in enumerate(scheduled):
-            tables[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int64)
+        padded: list[int] = []  # the block tables row by row, zero past each one's end: one tensor built at once
+        for s in scheduled:
+            padded.extend(s.block_ids)
+            padded.extend([0] * (max_blocks - len(s.block_ids)))
+        tables = torch.tensor(padded, dtype=torch.int64).view(len(scheduled), max_blocks)
         q_lens = torch.tensor(query_lens, dtype=torch.int64)
         query_start_loc = torch.zeros(len(scheduled) + 1, dtype=torch.int64)
         torch.cumsum(q_lens, 0, out=query_start_loc[1:])
