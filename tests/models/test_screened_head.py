@@ -117,3 +117,27 @@ def test_an_engine_with_the_screen_writes_the_same_greedy_text(tiny_checkpoint: 
     screened = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert screened == plain and calls and max(calls) == len(prompts)
     assert SCREEN_KERNEL in {k for c in plan.choices if c.operation == "greedy_head" for k in c.seconds}
+
+
+def test_the_plan_times_the_screen_for_the_rows_the_head_routes_to_one_panel_module(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A vocabulary projection planned as panels at 1 row and another kernel from 2 rows on (as noise or the machine
+    may split it) still gets the screen timed at 1 row, and only there; one with panels everywhere at every bucket."""
+    from tokenmill.layers.linear import Linear
+    from tokenmill.layers.planned_linear import PlannedLinear
+    from tokenmill.worker.plan import GREEDY_BUCKETS, ExecutionPlan
+    from tokenmill.worker.planner import _plan_greedy_head
+
+    monkeypatch.setattr(cpu_load, "sample", lambda: None)
+    weight = torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(2))
+    panels = _heads(weight)["f32"]
+    plain = Linear(HIDDEN, VOCAB, bias=False)
+    split = PlannedLinear([(1, panels), (64, plain)], ["c_f32_panels", "torch_fp32"])
+    for head, want in ((split, {1}), (PlannedLinear([(64, panels)], ["c_f32_panels"]), set(GREEDY_BUCKETS))):
+        plan = ExecutionPlan(key="test", machine="test")
+        model = torch.nn.Module()
+        model.greedy_screen = None
+        _plan_greedy_head(model, plan, "c", head, weight)
+        assert {c.rows for c in plan.for_operation("greedy_head")} == want
+        if model.greedy_screen is not None:  # where the screen won, it stands in front of the panel module
+            assert model.greedy_screen[0] in want and model.greedy_screen[1].head is panels

@@ -55,7 +55,7 @@ from tokenmill.worker.cpu_load import CpuSample
 
 logger = logging.getLogger("tokenmill")
 
-PLAN_VERSION = 19  # bumped when the candidates or their kernels change
+PLAN_VERSION = 20  # bumped when the candidates or their kernels change
 ROW_BUCKETS = (1, 16, 64, 256, 2048)
 # An int4 projection's: its two kernels cross over at a few rows (the W4A16 C kernel's time grows with every row, the
 # bf16 route's dequantization is paid once per call), and decode batches of 2-16 requests are common in serving.

@@ -302,12 +302,16 @@ class _HeadArgmax(nn.Module):
 def _plan_greedy_head(model: nn.Module, plan: ExecutionPlan, family: str, head: nn.Module,
                       weight: torch.Tensor) -> None:
     """Times (unless cached) greedy ids of GREEDY_BUCKETS rows through the head's own kernel against the int8 screen
-    of its panels (layers/screened_head.py: the same ids), where the head routes those rows to one panel module, and
-    gives the model the screen for the rows where it won (model.greedy_screen)."""
-    exact = head.route(GREEDY_BUCKETS[-1]) if isinstance(head, PlannedLinear) else head
-    if isinstance(head, PlannedLinear) and any(head.route(r) is not exact for r in GREEDY_BUCKETS):
-        return
-    if not ScreenedGreedyHead.takes(exact) or family == "torch":
+    of its panels (layers/screened_head.py: the same ids), for the leading buckets whose rows (from 1 up) the head
+    routes to one panel module, and gives the model the screen for the rows where it won (model.greedy_screen). (A
+    vocabulary projection that is a panel product at 1 row and oneDNN's at 4, as bf16 on the AMX Xeon, still gets the
+    screen at batch 1, where it halves the bytes read.)"""
+    exact, buckets = head, GREEDY_BUCKETS
+    if isinstance(head, PlannedLinear):
+        exact = head.route(1)
+        # A leading run of the buckets: if every n <= r routes to exact, so does every n <= a smaller bucket.
+        buckets = tuple(r for r in GREEDY_BUCKETS if all(head.route(n) is exact for n in range(1, r + 1)))
+    if not buckets or not ScreenedGreedyHead.takes(exact) or family == "torch":
         return
     screen = None
     if not plan.cached:
@@ -315,7 +319,7 @@ def _plan_greedy_head(model: nn.Module, plan: ExecutionPlan, family: str, head: 
         candidates = {"c_head_argmax": _HeadArgmax(exact), SCREEN_KERNEL: screen}
         logger.info("plan: timing greedy_head (%s)", ", ".join(candidates))
         gen = torch.Generator().manual_seed(0)
-        for rows in GREEDY_BUCKETS:
+        for rows in buckets:
             # Rows like a decoder's last hidden states: each near one token's embedding, so that (as in decoding)
             # a few channels stand out; the screen's cost is its pass over the int8 weight either way.
             ids = torch.randint(0, weight.shape[0], (rows,), generator=gen)
