@@ -99,8 +99,9 @@ def run_server(engine: LLMEngine, *, api_key: str | None = None, max_queue: int 
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5)
     # As the launcher does once the server is built: here the heap is the whole test session's (every earlier
     # test's models and modules, millions of objects), and one full collection of it holds the GIL, which the
-    # server's threads share with the test process, for ~0.25 s a 3M objects (measured): the likely cause of
-    # /metrics taking 280 ms in CI (test_event_loop's bound is 250).
+    # server's threads share with the test process, for ~0.25 s per 3M objects (measured): a possible cause of
+    # /metrics taking 280 ms in CI (test_event_loop's bound is 250; the likelier one, the tokenizer's GIL-held free
+    # of a huge Encoding, is gone: loader/tokenizer.py).
     freeze_startup_objects()
     try:
         with uvicorn_in_thread(GracefulServer(config, async_engine, drain_timeout=1.0)):

@@ -10,9 +10,9 @@
  * float32; the same roundings as the vdpbf16ps path, so the two agree to float order.
  *
  * Tiles (amx_decode_load_config, loaded by attention_tile.h's range_scores on its thread before amx_range_scores and
- * kept for the range's amx_range_weighted_sum): C 0-3, group rows x 16 float32 (a block's scores of 16 positions, or 16 output dims); A 4, group rows x 32 query dims; A 5,
- * group rows x block_size probabilities; B 6, 16 dim pairs x 16 positions of K; B 7, block_size / 2 position pairs x
- * 16 dims of V.
+ * kept for the range's amx_range_weighted_sum): C 0-3, group rows x 16 float32 (a block's scores of 16 positions, or
+ * 16 output dims); A 4, group rows x 32 query dims; A 5, group rows x block_size probabilities; B 6, 16 dim pairs
+ * x 16 positions of K; B 7, block_size / 2 position pairs x 16 dims of V.
  * Scores and probabilities: rows sstride (amx_score_row) floats apart, written up to the range's last whole block.
  */
 #ifndef TM_BF16_DECODE_AMX_H

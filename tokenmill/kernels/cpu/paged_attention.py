@@ -7,6 +7,7 @@ import functools
 
 import torch
 
+from tokenmill.kernels.cpu.bf16_gemm import bf16_amx_ready
 from tokenmill.kernels.cpu.build import cpu_flags, load_kernel_library
 from tokenmill.kernels.cpu.kv_cache import cache_head_dim, kv_type_code
 
@@ -39,10 +40,10 @@ def bf16_cache_products(block_size: int, head_dim: int) -> bool:
 def bf16_cache_on_amx(num_heads: int, num_kv_heads: int, block_size: int, head_dim: int) -> bool:
     """Whether the decode kernels multiply a bfloat16 cache's tiles on AMX tiles (bf16_decode_amx.h's
     amx_decode_fits: at most 16 query heads per KV head, blocks of 16 or 32, head_dim % 64 == 0, AMX-BF16 and
-    AVX512-BF16), rather than on vdpbf16ps."""
-    flags = cpu_flags().split()
+    AVX512-BF16, and this process granted the tile state: bf16_amx_ready, the check amx_decode_fits makes), rather
+    than on vdpbf16ps."""
     return (num_heads // num_kv_heads <= 16 and block_size in (16, 32) and head_dim % 64 == 0
-            and "amx_bf16" in flags and "amx_tile" in flags and bf16_cache_products(block_size, head_dim))
+            and bf16_amx_ready() and bf16_cache_products(block_size, head_dim))
 
 
 def paged_decode_attention(
