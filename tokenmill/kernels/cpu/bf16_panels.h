@@ -358,6 +358,19 @@ static inline void bf16_panel_block_amx_partial(const bf16_out *o, const uint16_
     pd->o = o, pd->row0 = row0, pd->rows = block_rows, pd->p = p, pd->blocks = 1, pd->two_panels = two_panels;
 }
 
+/* How bf16_panel_blocks_amx loads its activation tiles. The pair's weight tiles are read again by every pass over
+ * the chunk's row blocks and the activation tiles once per pass: loaded with the streaming hint (tileloaddt1) the
+ * activations pass through without evicting the pair's weights from L1, so each k step reads two tiles from L2
+ * instead of four. BF16_STREAM_X_TILES=0: plain loads (tileloadd). */
+#ifndef BF16_STREAM_X_TILES
+#define BF16_STREAM_X_TILES 1
+#endif
+#if BF16_STREAM_X_TILES
+#define BF16_X_TILE_LOAD(tile, src, stride) _tile_stream_loadd(tile, src, stride)
+#else
+#define BF16_X_TILE_LOAD(tile, src, stride) _tile_loadd(tile, src, stride)
+#endif
+
 /* Rows row0 .. row0 + 16 * blocks - 1 of the pair at panel p (both panels when two_panels): each pass takes two
  * 16-row blocks and both panels, so every activation tile feeds two products and every weight tile two. */
 static inline void bf16_panel_blocks_amx(const bf16_out *o, const uint16_t *x, int64_t x_stride,
@@ -383,8 +396,8 @@ static inline void bf16_panel_blocks_amx(const bf16_out *o, const uint16_t *x, i
             bf16_prefetch_step(&pf);
             _tile_loadd(6, w0 + kb * BF16_PANEL, 64);
             _tile_loadd(7, w1 + kb * BF16_PANEL, 64);
-            _tile_loadd(4, x0 + bf16_x_index(x_stride, k_pad, 0, kb), xs);
-            _tile_loadd(5, x1 + bf16_x_index(x_stride, k_pad, 0, kb), xs);
+            BF16_X_TILE_LOAD(4, x0 + bf16_x_index(x_stride, k_pad, 0, kb), xs);
+            BF16_X_TILE_LOAD(5, x1 + bf16_x_index(x_stride, k_pad, 0, kb), xs);
             _tile_dpbf16ps(0, 4, 6);
             _tile_dpbf16ps(1, 4, 7);
             _tile_dpbf16ps(2, 5, 6);
