@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import numpy as np
 
 try:  # the event loop uvicorn serves on too; absent on Windows
@@ -208,24 +208,24 @@ def _chunk_has_content(choice: dict[str, Any]) -> bool:
 
 
 async def send_request(
-    client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict[str, Any], req: SampleRequest,
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], body: dict[str, Any], req: SampleRequest,
 ) -> RequestResult:
     """Stream one request; any failure is recorded in the result, never raised."""
     result = RequestResult(prompt_len=req.prompt_len, requested_output_len=req.output_len)
     num_chunks = 0
     start = last = time.perf_counter()
     try:
-        async with client.stream("POST", url, json=body, headers=headers) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode("utf-8", "replace")
-                result.error = f"HTTP {response.status_code}: {text[:300]}"
+        async with session.post(url, json=body, headers=headers) as response:
+            if response.status != 200:
+                text = await response.text(errors="replace")
+                result.error = f"HTTP {response.status}: {text[:300]}"
                 return result
-            async for line in response.aiter_lines():
-                line = line.strip()
-                if not line.startswith("data:"):
+            async for raw in response.content:  # one line at a time
+                line = raw.strip()
+                if not line.startswith(b"data:"):
                     continue  # blank separators, ": keep-alive" comments, "event:" lines
-                data = line[len("data:"):].strip()
-                if data == "[DONE]":
+                data = line[len(b"data:"):].strip()
+                if data == b"[DONE]":
                     break
                 chunk = json.loads(data)
                 if chunk.get("error"):
@@ -261,23 +261,24 @@ async def send_request(
 
 async def probe_server(config: ServeBenchConfig) -> str:
     """Check the server answers and return the model name to use (the first listed when not given)."""
-    async with httpx.AsyncClient(timeout=10.0, trust_env=False) as client:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10.0)) as session:
         try:
-            response = await client.get(config.url("/v1/models"), headers=config.headers())
-        except httpx.TransportError as exc:
+            async with session.get(config.url("/v1/models"), headers=config.headers()) as response:
+                status, text = response.status, await response.text(errors="replace")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise ServerError(
                 f"cannot reach the server at {config.base_url} ({type(exc).__name__}: {exc or 'no answer'}); "
                 "is it running? (start one with `tokenmill serve`, or pass --base-url)"
             ) from None
-    if response.status_code in (401, 403):
-        raise ServerError(f"the server at {config.base_url} refused access (HTTP {response.status_code}); pass --api-key")
+    if status in (401, 403):
+        raise ServerError(f"the server at {config.base_url} refused access (HTTP {status}); pass --api-key")
     if config.model is not None:
         return config.model
     try:
-        return str(response.json()["data"][0]["id"])
+        return str(json.loads(text)["data"][0]["id"])
     except (ValueError, KeyError, IndexError, TypeError):
         raise ServerError(
-            f"could not read a model name from {config.url('/v1/models')} (HTTP {response.status_code}); pass --model"
+            f"could not read a model name from {config.url('/v1/models')} (HTTP {status}); pass --model"
         ) from None
 
 
@@ -297,16 +298,16 @@ async def run_requests(
     """Send every request at its arrival time (waiting for a concurrency slot); results in order."""
     limit = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
     url, headers = config.url(config.endpoint), config.headers()
-    timeout = httpx.Timeout(config.request_timeout_s, connect=10.0, pool=None)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+    # request_timeout_s bounds each wait for the next bytes (a stalled stream), not a whole request
+    timeout = aiohttp.ClientTimeout(total=None, connect=10.0, sock_read=config.request_timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
 
         async def one(req: SampleRequest) -> RequestResult:
             body = request_body(config, model, req)
             if limit is None:
-                return await send_request(client, url, headers, body, req)
+                return await send_request(session, url, headers, body, req)
             async with limit:
-                return await send_request(client, url, headers, body, req)
+                return await send_request(session, url, headers, body, req)
 
         start = time.perf_counter()
         tasks = []
