@@ -300,7 +300,9 @@ async def run_requests(
     url, headers = config.url(config.endpoint), config.headers()
     # request_timeout_s bounds each wait for the next bytes (a stalled stream), not a whole request
     timeout = aiohttp.ClientTimeout(total=None, connect=10.0, sock_read=config.request_timeout_s)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+    # read_bufsize: a streamed line may hold up to twice it (aiohttp's readline); chunks with logprobs grow long
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0),
+                                     read_bufsize=1 << 20) as session:
 
         async def one(req: SampleRequest) -> RequestResult:
             body = request_body(config, model, req)
