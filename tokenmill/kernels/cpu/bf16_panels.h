@@ -358,12 +358,14 @@ static inline void bf16_panel_block_amx_partial(const bf16_out *o, const uint16_
     pd->o = o, pd->row0 = row0, pd->rows = block_rows, pd->p = p, pd->blocks = 1, pd->two_panels = two_panels;
 }
 
-/* How bf16_panel_blocks_amx loads its activation tiles. The pair's weight tiles are read again by every pass over
- * the chunk's row blocks and the activation tiles once per pass: loaded with the streaming hint (tileloaddt1) the
- * activations pass through without evicting the pair's weights from L1, so each k step reads two tiles from L2
- * instead of four. Measured on the AMX Xeon (benchmarks/kernel_build_ab.py --variant-cflags=-DBF16_STREAM_X_TILES=0
- * --rows 1,64 --rounds 6): the C forward of 2048-row prompt steps 346 -> 326 ms, of 64-row decode steps 33.3 -> 32.5
- * ms, 1 row unchanged. BF16_STREAM_X_TILES=0: plain loads (tileloadd). */
+/* How bf16_panel_blocks_amx (and int8_amx.h's int8_panel_blocks_amx) loads its activation tiles. The pair's weight
+ * tiles are read again by every pass over the chunk's row blocks and the activation tiles once per pass: loaded
+ * with the streaming hint (tileloaddt1) the activations pass through without evicting the pair's weights from L1,
+ * so each k step reads two tiles from L2 instead of four. Measured on the AMX Xeon (benchmarks/kernel_build_ab.py
+ * --variant-cflags=-DBF16_STREAM_X_TILES=0 --rows 1,64 --rounds 6): the C forward of 2048-row prompt steps 346 ->
+ * 326 ms, of 64-row decode steps 33.3 -> 32.5 ms, 1 row unchanged. The int8 passes, measured with a switch of their
+ * own then (--quantization int8, 6 rounds, twice): prompt steps 370 -> 363 and 356 -> 350 ms, 64-row decode within
+ * noise. BF16_STREAM_X_TILES=0: plain loads (tileloadd) in both. */
 #ifndef BF16_STREAM_X_TILES
 #define BF16_STREAM_X_TILES 1
 #endif

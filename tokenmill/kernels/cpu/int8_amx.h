@@ -18,20 +18,6 @@
 #if TM_HAVE_AMX && defined(__AMX_INT8__)
 #define TM_HAVE_AMX_INT8 1
 
-/* The activation tiles of the two-block passes with the streaming hint, as bf16_panels.h's BF16_X_TILE_LOAD: the
- * pair's weight tiles then stay in L1 across the chunk's row blocks. Measured on the AMX Xeon (kernel_build_ab.py
- * --quantization int8 --variant-cflags=-DI8_STREAM_X_TILES=0, 6 rounds, twice): 2048-row prompt steps' C forward
- * 370 -> 363 and 356 -> 350 ms; 64-row decode 26.7 -> 26.6 and 26.2 -> 26.6 ms (noise). I8_STREAM_X_TILES=0: plain
- * loads. */
-#ifndef I8_STREAM_X_TILES
-#define I8_STREAM_X_TILES 1
-#endif
-#if I8_STREAM_X_TILES
-#define I8_X_TILE_LOAD(tile, src, stride) _tile_stream_loadd(tile, src, stride)
-#else
-#define I8_X_TILE_LOAD(tile, src, stride) _tile_loadd(tile, src, stride)
-#endif
-
 static inline int int8_amx_fits(int64_t k) { return int8_quads(k) % 16 == 0; }
 
 /* y rows of acc [rows][16] (int32 sums) for channels of panel p: int8_panel_tile's epilogue. */
@@ -120,8 +106,9 @@ static inline void int8_panel_blocks_amx(float *y, int64_t y_stride, const uint8
         for (int64_t kb = 0; kb < kq * I8_QUAD; kb += 64) {
             _tile_loadd(6, w0 + kb * I8_PANEL, 64);
             _tile_loadd(7, w1 + kb * I8_PANEL, 64);
-            I8_X_TILE_LOAD(4, x0 + kb, u_stride);
-            I8_X_TILE_LOAD(5, x1 + kb, u_stride);
+            /* bf16_panels.h's switch: the activations with the streaming hint, the pair's weights kept in L1 */
+            BF16_X_TILE_LOAD(4, x0 + kb, u_stride);
+            BF16_X_TILE_LOAD(5, x1 + kb, u_stride);
             _tile_dpbusd(0, 4, 6);
             _tile_dpbusd(1, 4, 7);
             _tile_dpbusd(2, 5, 6);
