@@ -151,9 +151,10 @@ def test_c_forward_int8_fused_mlp_agrees_with_layer_by_layer(tiny_checkpoint: An
 def test_c_forward_weight_prefetch_changes_no_value(tiny_checkpoint: Any, dtype: str, quantization: str) -> None:
     """The next pair's weight prefetch (prefetch_stream.h: bf16 vdpbf16ps rows from 5 rows, int8 VNNI tiles at any
     row count, on the CPUs that have them) only moves weights into cache: decode steps of 12 down to 1 requests give
-    the same tokens and bitwise the same logprobs with it off (the model's prefetch_weights = 0)."""
+    the same tokens and bitwise the same logprobs with it off (the model's prefetch_weights = 0). Without prefix
+    caching, so that both runs take the same steps (a hit's last prompt row attends as a one-row request)."""
     llm = LLM(dtype=dtype, kernels="c", model=str(tiny_checkpoint("llama")), block_size=8, kv_cache_memory=16 << 20,
-              quantization=quantization)
+              quantization=quantization, enable_prefix_caching=False)
     c_step = _c_step(llm)
     assert c_step is not None and c_step.kernel._model.prefetch_weights == 1
     prompts = _prompts(llm.engine.vocab_size, tuple(range(3, 15)))

@@ -32,8 +32,9 @@
  * whose quantized or float input stays in L2, as int8_gemm.c and f32_gemm.c block them) or blocks of
  * INT4_CHANNELS output channels (static: each thread streams its half of every weight). Attention of a pure
  * decode step by (request, KV head) tasks or, with fewer tasks than 2 per thread, by block-aligned ranges
- * of each one's positions merged after (split-K); of any other step by prefill_tile.h's (request, KV head,
- * query block) tasks, decode rows included. The per-row phases by rows.
+ * of each one's positions merged after (split-K); of any other step by (request, KV head) tasks for its one-row
+ * requests (a decode step's path) and prefill_tile.h's (request, KV head, query block) tasks for the other rows not
+ * on AMX tiles. The per-row phases by rows.
  *
  * Invariants: all float tensors but the K/V caches (rows of kv_type, kv_cache.h) are float32 and contiguous;
  * head_dim % 8 == 0; positions index the rotary tables; slots[t] is the cache slot of row t's token; request
@@ -567,21 +568,34 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
     const int64_t int4_panel_floats = max_k * BF16_PANEL;
     /* Per thread: the attention's scratch (decode scores, or a prefill_tile.h block's), the rotation's, one normed
      * row (norm_row_for), then int8_gate_up_silu_phase's gate and up rows. */
+    int64_t max_decode_seq = 1; /* the longest context of a one-row request: its attend_one scores */
+    for (int64_t r = 0; r < N; ++r)
+        if (q_lens[r] == 1) max_decode_seq = seq_lens[r] > max_decode_seq ? seq_lens[r] : max_decode_seq;
+    const int64_t decode_scratch = group * amx_score_row(max_decode_seq, m->block_size);
     const int64_t attention_scratch =
-        pure_decode ? group * amx_score_row(max_seq, m->block_size) : prefill_scratch_floats(group, D);
+        pure_decode ? decode_scratch
+                    : (decode_scratch > prefill_scratch_floats(group, D) ? decode_scratch
+                                                                         : prefill_scratch_floats(group, D));
     const int64_t per_thread = round_up(attention_scratch + max_k + H + SILU_ROWS * 4 * I8_PANEL, 16);
     /* Split-K attention (fewer than 2 (request, KV head) tasks per thread): ranges per (request, KV head). */
     const int64_t max_splits =
         pure_decode ? (2 * (int64_t)num_threads + N * num_kv_heads - 1) / (N * num_kv_heads) : 0;
-    /* Any other step: whole-context prompts on AMX tiles where the model allows (amx_lens, amx), the rest
-     * prefill_tile.h's tasks (for the AMX prompts' requests, none). */
-    int64_t *amx_lens = NULL;
+    /* Any other step: whole-context prompts on AMX tiles where the model allows (amx_lens, amx), one-row requests
+     * (decode rows beside the prompts) as a decode step's (request, KV head) tasks (decode_reqs), the rest
+     * prefill_tile.h's tasks (task_q_lens: those of the other two, 0). */
+    int64_t *amx_lens = NULL, *decode_reqs = NULL, num_decode_reqs = 0;
     amx_prompt_plan amx = {0};
-    if (!pure_decode && m->amx_attention_max_rows > 0) {
-        amx_lens = (int64_t *)malloc((size_t)N * 2 * sizeof(int64_t));
+    if (!pure_decode) {
+        amx_lens = (int64_t *)malloc((size_t)N * 3 * sizeof(int64_t));
         if (amx_lens == NULL) return 1;
+        decode_reqs = amx_lens + 2 * N;
         select_amx_prompts(amx_lens, q_lens, seq_lens, N, m->amx_attention_max_rows, D);
-        if (amx_plan_prompts(&amx, amx_lens, N, num_kv_heads, D, num_threads) != 0) {
+        for (int64_t r = 0; r < N; ++r)
+            if (q_lens[r] == 1) {
+                decode_reqs[num_decode_reqs++] = r;
+                amx_lens[N + r] = 0;
+            }
+        if (m->amx_attention_max_rows > 0 && amx_plan_prompts(&amx, amx_lens, N, num_kv_heads, D, num_threads) != 0) {
             free(amx_lens);
             return 1;
         }
@@ -711,8 +725,8 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
 
             /* A pure decode step with enough (request, KV head) tasks: one each. Fewer (a few long rows): each
              * one's positions split into block-aligned ranges over the threads, merged after (split-K). Any
-             * other step: prefill_tile.h's query-block tasks. Same values on every thread, so every thread
-             * runs the same loops. */
+             * other step: the AMX prompts, the one-row requests' (request, KV head) tasks, then prefill_tile.h's
+             * query-block tasks for the rest. Same values on every thread, so every thread runs the same loops. */
             const int decode_tasks = pure_decode && N * num_kv_heads >= 2 * (int64_t)omp_get_num_threads();
             if (!pure_decode) {
 #if TM_HAVE_AMX_ATTENTION
@@ -720,6 +734,15 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
                     amx_attend_prompts(&amx, attn, q_size, 0, q, q_size, qkv + q_size, qkv_n, qkv + q_size + kv_size,
                                        qkv_n, 0, q_starts, amx_lens, N, num_heads, num_kv_heads, D, m->attn_scale);
 #endif
+#pragma omp for schedule(dynamic, 1) nowait
+                for (int64_t task = 0; task < num_decode_reqs * num_kv_heads; ++task) {
+                    const int64_t r = decode_reqs[task / num_kv_heads], h = task % num_kv_heads;
+                    if (!owns_row(m, h, q_starts[r], R)) continue; /* zeroed below */
+                    const int64_t offset = q_starts[r] * q_size + h * group * D;
+                    attend_one(attn + offset, q + offset, ly->k_cache, ly->v_cache, (int)m->kv_type,
+                               block_tables + r * table_stride, seq_lens[r], group, h, m->num_blocks, m->block_size, D,
+                               m->attn_scale, scores);
+                }
 #pragma omp for schedule(dynamic, 1)
                 for (int64_t i = 0; i < num_tasks; ++i) {
                     const attention_task *t = &tasks[i];
