@@ -14,6 +14,7 @@ import torch
 
 from tests.models.utils import check_matches_hf, hf_greedy, pin_int4_kernel, tiny_variant
 from tokenmill import LLM, SamplingParams
+from tokenmill.kernels.cpu.bf16_gemm import bf16_amx_ready
 from tokenmill.kernels.cpu.bf16_prompt_attention import bf16_prompt_attention_available
 from tokenmill.kernels.cpu.step_forward import PHASES, step_forward_available
 from tokenmill.models.llama import LlamaForCausalLM
@@ -456,3 +457,60 @@ def test_kept_rows_match_the_full_forward(tiny_checkpoint: Any, dtype: str, quan
     for bad in ([3, 3], [7, 2], [150], [-1]):
         with pytest.raises(ValueError, match="keep_rows"):
             c_step.forward(ids, positions, meta, keep_rows=torch.tensor(bad, dtype=torch.int64))
+
+
+def _step_of(requests: list[tuple[list[int], torch.Tensor, int]], block_size: int
+             ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """A step of requests (tokens, block table, q_len): each the last q_len of its tokens, at their positions."""
+    from tokenmill.attention.backend import AttentionMetadata
+
+    ids, positions, slots, q_lens, seq_lens = [], [], [], [], []
+    for tokens, table, q_len in requests:
+        pos = torch.arange(len(tokens) - q_len, len(tokens))
+        ids.append(torch.tensor(tokens[len(tokens) - q_len:]))
+        positions.append(pos)
+        slots.append(table[pos // block_size] * block_size + pos % block_size)
+        q_lens.append(q_len)
+        seq_lens.append(len(tokens))
+    width = max(len(t) for _, t, _ in requests)
+    tables = torch.stack([torch.cat([t, t.new_zeros(width - len(t))]) for _, t, _ in requests])
+    meta = AttentionMetadata(
+        num_tokens=sum(q_lens), block_size=block_size,
+        query_start_loc=torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()]),
+        seq_lens=torch.tensor(seq_lens), block_tables=tables, slot_mapping=torch.cat(slots),
+        query_lens_list=q_lens, seq_lens_list=seq_lens)
+    return torch.cat(ids), torch.cat(positions), meta
+
+
+@pytest.mark.skipif(not bf16_amx_ready(), reason="no AMX-BF16 tiles here")
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_amx_prompts_read_a_bf16_cache(head64_checkpoint: Any, block_size: int) -> None:
+    """With a bfloat16 cache of 16-position multiples on AMX tiles, prompts attend on the tiles reading their K/V from
+    the cache (amx_cache_prompts): a whole prompt as from its own rows (the same bf16 roundings: bitwise), a chunk
+    whose prefix an earlier step cached as the float32 kernel over the cache does (bf16-rounding-sized differences),
+    blocks out of order, the cache past each request's end NaN, a decode row beside them."""
+    llm = LLM(dtype="bfloat16", kernels="c", model=str(head64_checkpoint), block_size=block_size,
+              kv_cache_memory=16 << 20, kv_cache_dtype="bfloat16", enable_prefix_caching=False)
+    c_step, model = _c_step(llm), _model(llm)
+    assert c_step is not None and c_step.kernel._model.amx_cache_prompts == 1
+    c_step.kernel._model.amx_attention_max_rows = 8192
+    for layer in model.layers:
+        for cache in layer.self_attn.attn.kv_cache:
+            cache.fill_(float("nan"))
+    whole, chunked, decoding = _prompts(llm.engine.vocab_size, (150, 150, 131))
+    blocks = torch.randperm(3 * 10, generator=torch.Generator().manual_seed(5)) + 1  # never the null block 0
+    tables = [blocks[i * 10:(i + 1) * 10].sort(descending=True).values for i in range(3)]
+    c_step.forward(*_step_of([(chunked[:80], tables[1], 80), (decoding[:130], tables[2], 130)], block_size))
+    step = _step_of([(whole, tables[0], 150), (chunked, tables[1], 70), (decoding, tables[2], 1)], block_size)
+    outputs = []
+    for from_cache in (1, 0):
+        c_step.kernel._model.amx_cache_prompts = from_cache
+        outputs.append(c_step.forward(*step).clone().float())
+    c_step.kernel._model.amx_cache_prompts = 1
+    cached, rows = outputs
+    assert torch.isfinite(cached).all()
+    assert torch.equal(cached[:150], rows[:150])
+    scale = rows[150:220].abs().max().item()
+    assert not torch.equal(cached[150:220], rows[150:220])  # the chunk took another kernel
+    torch.testing.assert_close(cached[150:220], rows[150:220], rtol=2e-2, atol=2e-2 * scale)
+    assert torch.equal(cached[220:], rows[220:])

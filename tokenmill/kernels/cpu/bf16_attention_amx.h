@@ -64,7 +64,9 @@ static inline int64_t amx_attention_scratch_bytes(int64_t max_t, int64_t head_di
 
 /* The prompts of one call (bf16_prompt_attention.c) or step (step_forward.c) that attend on AMX tiles: per prompt
  * its packed K/V offset (-1: not on AMX), (prompt, KV head, first row) tasks with the query blocks that see the
- * most keys first, and the packed K/V then each thread's scratch in one allocation. */
+ * most keys first, and the packed K/V then each thread's scratch in one allocation. from_cache: the K/V are read
+ * from a KV_BF16 cache (amx_cache_view) and the packed part holds only each (prompt, KV head)'s V tiles gathered
+ * (amx_gather_v). */
 typedef struct {
     int64_t *offsets; /* [num_prompts] */
     int64_t *tasks;   /* [num_tasks, 3] */
@@ -72,7 +74,52 @@ typedef struct {
     uint16_t *kv;     /* packed K/V, then the threads' scratch */
     char *scratch;
     int64_t scratch_bytes; /* per thread */
+    int from_cache;
 } amx_prompt_plan;
+
+/* A KV_BF16 cache as the prompts of a step read it (kv_cache.h's layout and pair-interleaved tiles): request i's
+ * blocks through tables + i * table_stride, its keys 0 .. seq_lens[i] - 1 (its query rows the last of them, their
+ * K/V written there already); block_size % 16 == 0. */
+typedef struct {
+    const uint16_t *k_cache, *v_cache;
+    const int64_t *tables;
+    int64_t table_stride;
+    const int64_t *seq_lens;
+    int64_t num_blocks, block_size;
+} amx_cache_view;
+
+/* Where one (prompt, KV head)'s K and V tiles lie: amx_pack_kv's copy (packed), or K in the cache (k_tiles: the KV
+ * head's first tile, table: the request's blocks) and V gathered (v_rows: pair rows in key order, amx_gather_v). */
+typedef struct {
+    const uint16_t *packed;
+    const uint16_t *k_tiles, *v_rows;
+    const int64_t *table;
+    int64_t block_size;
+} amx_kv;
+
+/* The B tile of K^T for keys 16 kb .. 16 kb + 15 and dims 32 db .. 32 db + 31; *stride: its row stride (bytes). */
+static inline const uint16_t *amx_k_tile(const amx_kv *kv, int64_t t, int64_t kb, int64_t db, int64_t head_dim,
+                                         int64_t *stride) {
+    if (kv->packed != NULL) {
+        *stride = 64;
+        return kv->packed + (kb * (head_dim / 32) + db) * 512;
+    }
+    (void)t;
+    const int64_t bs = kv->block_size, pos = kb * 16;
+    *stride = bs * 4;
+    return kv->k_tiles + kv->table[pos / bs] * bs * head_dim + (db * 16 * bs + pos % bs) * 2;
+}
+
+/* The B tile of V for keys 32 kb .. 32 kb + 31 (16 pair rows) and dims 16 db .. 16 db + 15; *stride as above. */
+static inline const uint16_t *amx_v_tile(const amx_kv *kv, int64_t t, int64_t kb, int64_t db, int64_t head_dim,
+                                         int64_t *stride) {
+    if (kv->packed != NULL) {
+        *stride = 64;
+        return kv->packed + amx_keys16(t) * head_dim + (kb * (head_dim / 16) + db) * 512;
+    }
+    *stride = head_dim * 4;
+    return kv->v_rows + kb * 32 * head_dim + db * 32;
+}
 
 static void amx_free_prompt_plan(amx_prompt_plan *a) {
     free(a->offsets), free(a->tasks), free(a->kv);
@@ -81,19 +128,28 @@ static void amx_free_prompt_plan(amx_prompt_plan *a) {
     a->num_tasks = 0;
 }
 
-/* Plans the prompts i with lens[i] > 0 (amx_attention_fits holds for each; 0: not on AMX). Returns 0, or 1 when
- * memory could not be allocated (nothing left allocated). */
-static int amx_plan_prompts(amx_prompt_plan *a, const int64_t *lens, int64_t num_prompts, int64_t num_kv_heads,
-                            int64_t head_dim, int num_threads) {
+/* Tasks in descending order of the keys their query block sees (the first of each: that count). */
+static int amx_task_order(const void *a, const void *b) {
+    const int64_t x = ((const int64_t *)a)[0], y = ((const int64_t *)b)[0];
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+/* Plans the prompts i with lens[i] > 0 query rows (0: not on AMX), the last of keys[i] keys (amx_attention_fits
+ * holds for keys[i]): keys == lens (whole-context prompts) unless from_cache. Returns 0, or 1 when memory could not
+ * be allocated (nothing left allocated). */
+static int amx_plan_prompts(amx_prompt_plan *a, const int64_t *lens, const int64_t *keys, int64_t num_prompts,
+                            int64_t num_kv_heads, int64_t head_dim, int num_threads, int from_cache) {
     int64_t packed = 0, max_t = 0;
+    a->from_cache = from_cache;
     a->offsets = (int64_t *)malloc((size_t)(num_prompts > 0 ? num_prompts : 1) * sizeof(int64_t));
     if (a->offsets == NULL) return 1;
     for (int64_t i = 0; i < num_prompts; ++i) {
         a->offsets[i] = lens[i] > 0 ? packed : -1;
         if (lens[i] > 0) {
-            packed += num_kv_heads * amx_packed_kv_elems(lens[i], head_dim);
+            packed += num_kv_heads * (from_cache ? amx_keys32(keys[i]) * head_dim
+                                                 : amx_packed_kv_elems(keys[i], head_dim));
             a->num_tasks += num_kv_heads * ((lens[i] + 15) / 16);
-            max_t = lens[i] > max_t ? lens[i] : max_t;
+            max_t = keys[i] > max_t ? keys[i] : max_t;
         }
     }
     if (a->num_tasks == 0) return 0;
@@ -106,15 +162,21 @@ static int amx_plan_prompts(amx_prompt_plan *a, const int64_t *lens, int64_t num
         return 1;
     }
     a->scratch = (char *)a->kv + kv_bytes;
-    int64_t n = 0;
-    for (int64_t b = (max_t + 15) / 16 - 1; b >= 0; --b)
-        for (int64_t i = 0; i < num_prompts; ++i)
-            if (lens[i] > 0 && b * 16 < lens[i])
-                for (int64_t h = 0; h < num_kv_heads; ++h, ++n) {
-                    a->tasks[3 * n] = i;
-                    a->tasks[3 * n + 1] = h;
-                    a->tasks[3 * n + 2] = b * 16;
-                }
+    int64_t *order = (int64_t *)malloc((size_t)a->num_tasks * 4 * sizeof(int64_t)), n = 0;
+    if (order == NULL) {
+        amx_free_prompt_plan(a);
+        return 1;
+    }
+    for (int64_t i = 0; i < num_prompts; ++i)
+        for (int64_t row0 = 0; row0 < lens[i]; row0 += 16)
+            for (int64_t h = 0; h < num_kv_heads; ++h, ++n) {
+                const int64_t last = keys[i] - lens[i] + (row0 + 16 < lens[i] ? row0 + 16 : lens[i]);
+                order[4 * n] = last, order[4 * n + 1] = i, order[4 * n + 2] = h, order[4 * n + 3] = row0;
+            }
+    qsort(order, (size_t)n, 4 * sizeof(int64_t), amx_task_order);
+    for (int64_t j = 0; j < n; ++j)
+        for (int c = 0; c < 3; ++c) a->tasks[3 * j + c] = order[4 * j + 1 + c];
+    free(order);
     return 0;
 }
 
@@ -162,6 +224,20 @@ static void amx_pack_kv(uint16_t *packed, const void *k, int64_t k_stride, const
                 _mm512_storeu_si512(vt + (kb * d16 + db) * 512 + i * 32, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
             }
         }
+}
+
+/* The t keys' V tiles of one KV head of a KV_BF16 cache (v_tiles: the head's first tile; table: the request's
+ * blocks) copied in key order into v_rows [amx_keys32(t) * head_dim], pair rows as the cache has them, zero past
+ * key t - 1 (the cache past a request's end may hold anything, and P's zeros there would not cancel a NaN). */
+static void amx_gather_v(uint16_t *v_rows, const uint16_t *v_tiles, const int64_t *table, int64_t block_size,
+                         int64_t t, int64_t head_dim) {
+    const int64_t tile_elems = block_size * head_dim, padded = amx_keys32(t);
+    for (int64_t b = 0; b * block_size < t; ++b) { /* whole pair rows up to padded keys */
+        const int64_t n = padded - b * block_size < block_size ? padded - b * block_size : block_size;
+        memcpy(v_rows + b * tile_elems, v_tiles + table[b] * tile_elems, (size_t)(n * head_dim) * sizeof(uint16_t));
+    }
+    for (int64_t j = t; j < padded; ++j)
+        for (int64_t d = 0; d < head_dim; ++d) v_rows[((j >> 1) * head_dim + d) * 2 + (j & 1)] = 0;
 }
 
 /* One query head's 16-row block in flight: its bf16 queries, float32 scores, bf16 probabilities (rows
@@ -231,10 +307,11 @@ static inline __attribute__((always_inline)) void bf16_dp_tile(float *out, int64
 }
 
 /* amx_block_scores on vdpbf16ps: S = Q K^T for the keys the block can see, 8 rows x 2 key blocks per tile (rows past
- * `rows` are Q's zero rows; their scores are never read). */
-static void dp_block_scores(amx_head_block *b, const uint16_t *packed, int64_t t, int64_t row0, int64_t rows,
+ * `rows` are Q's zero rows; their scores are never read). Packed K/V only (kv->packed). */
+static void dp_block_scores(amx_head_block *b, const amx_kv *kv, int64_t t, int64_t pos0, int64_t rows,
                             int64_t head_dim) {
-    const int64_t key_blocks = amx_keys16(row0 + rows) / 16, s_stride = amx_score_stride(t), d32 = head_dim / 32;
+    const int64_t key_blocks = amx_keys16(pos0 + rows) / 16, s_stride = amx_score_stride(t), d32 = head_dim / 32;
+    const uint16_t *packed = kv->packed;
     for (int64_t kb = 0; kb < key_blocks; kb += 2)
         for (int64_t r0 = 0; r0 < rows; r0 += 8) {
             float *out = b->s + r0 * s_stride + kb * 16;
@@ -247,11 +324,11 @@ static void dp_block_scores(amx_head_block *b, const uint16_t *packed, int64_t t
 }
 
 /* amx_block_weighted's products on vdpbf16ps: O = P V for the block's rows, 8 rows x 2 blocks of 16 dims per tile,
- * over the keys up to its last whole 32. */
-static void dp_block_weighted(amx_head_block *b, const uint16_t *packed, int64_t t, int64_t row0, int64_t rows,
+ * over the keys up to its last whole 32. Packed K/V only (kv->packed). */
+static void dp_block_weighted(amx_head_block *b, const amx_kv *kv, int64_t t, int64_t pos0, int64_t rows,
                               int64_t head_dim) {
-    const int64_t keys32 = amx_keys32(row0 + rows), s_stride = amx_score_stride(t), d16 = head_dim / 16;
-    const uint16_t *vt = packed + amx_keys16(t) * head_dim;
+    const int64_t keys32 = amx_keys32(pos0 + rows), s_stride = amx_score_stride(t), d16 = head_dim / 16;
+    const uint16_t *vt = kv->packed + amx_keys16(t) * head_dim;
     for (int64_t db = 0; db < d16; db += 2)
         for (int64_t r0 = 0; r0 < rows; r0 += 8) {
             float *out = b->ob + r0 * head_dim + db * 16;
@@ -265,30 +342,29 @@ static void dp_block_weighted(amx_head_block *b, const uint16_t *packed, int64_t
 #endif
 
 #if TM_HAVE_AMX
-/* S = Q K^T on the tiles for the keys the block can see, four key blocks per pass (accumulators 0-3: the TDPs of one
- * accumulator form a chain, so four chains keep the unit busy; head_dim 64: Q's two input blocks stay in tiles 4 and
- * 5 throughout). */
-static void amx_block_scores(amx_head_block *b, const uint16_t *packed, int64_t t, int64_t row0, int64_t rows,
+/* S = Q K^T on the tiles for the keys the block can see (its rows at positions pos0 ..), four key blocks per pass
+ * (accumulators 0-3: the TDPs of one accumulator form a chain, so four chains keep the unit busy; head_dim 64: Q's two
+ * input blocks stay in tiles 4 and 5 throughout). */
+static void amx_block_scores(amx_head_block *b, const amx_kv *kv, int64_t t, int64_t pos0, int64_t rows,
                              int64_t head_dim) {
-    const int64_t key_blocks = amx_keys16(row0 + rows) / 16, s_stride = amx_score_stride(t), d32 = head_dim / 32;
-    const uint16_t *kt = packed;
+    const int64_t key_blocks = amx_keys16(pos0 + rows) / 16, s_stride = amx_score_stride(t), d32 = head_dim / 32;
+    int64_t st; /* a K tile's row stride */
     if (d32 == 2) {
         _tile_loadd(4, b->qb, head_dim * 2);
         _tile_loadd(5, b->qb + 32, head_dim * 2);
     }
     for (int64_t kb = 0; kb < key_blocks; kb += 4) {
         const int64_t nk = key_blocks - kb < 4 ? key_blocks - kb : 4;
-        const uint16_t *k0 = kt + kb * d32 * 512;
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
         if (d32 == 2) {
-/* Key block j's two input blocks into accumulator acc (tiles 6, 7 hold its K). */
-#define TM_S_BLOCK(acc, j)                        \
-    _tile_loadd(6, k0 + (2 * (j)) * 512, 64);     \
-    _tile_loadd(7, k0 + (2 * (j) + 1) * 512, 64); \
-    _tile_dpbf16ps(acc, 4, 6);                    \
+/* Key block kb + j's two input blocks into accumulator acc (tiles 6, 7 hold its K). */
+#define TM_S_BLOCK(acc, j)                                                 \
+    _tile_loadd(6, amx_k_tile(kv, t, kb + (j), 0, head_dim, &st), st);     \
+    _tile_loadd(7, amx_k_tile(kv, t, kb + (j), 1, head_dim, &st), st);     \
+    _tile_dpbf16ps(acc, 4, 6);                                             \
     _tile_dpbf16ps(acc, 5, 7);
             TM_S_BLOCK(0, 0)
             if (nk > 1) { TM_S_BLOCK(1, 1) }
@@ -298,11 +374,11 @@ static void amx_block_scores(amx_head_block *b, const uint16_t *packed, int64_t 
         } else {
             for (int64_t db = 0; db < d32; ++db) {
                 _tile_loadd(4, b->qb + db * 32, head_dim * 2);
-                _tile_loadd(6, k0 + db * 512, 64);
+                _tile_loadd(6, amx_k_tile(kv, t, kb, db, head_dim, &st), st);
                 _tile_dpbf16ps(0, 4, 6);
-                if (nk > 1) { _tile_loadd(7, k0 + (d32 + db) * 512, 64); _tile_dpbf16ps(1, 4, 7); }
-                if (nk > 2) { _tile_loadd(6, k0 + (2 * d32 + db) * 512, 64); _tile_dpbf16ps(2, 4, 6); }
-                if (nk > 3) { _tile_loadd(7, k0 + (3 * d32 + db) * 512, 64); _tile_dpbf16ps(3, 4, 7); }
+                if (nk > 1) { _tile_loadd(7, amx_k_tile(kv, t, kb + 1, db, head_dim, &st), st); _tile_dpbf16ps(1, 4, 7); }
+                if (nk > 2) { _tile_loadd(6, amx_k_tile(kv, t, kb + 2, db, head_dim, &st), st); _tile_dpbf16ps(2, 4, 6); }
+                if (nk > 3) { _tile_loadd(7, amx_k_tile(kv, t, kb + 3, db, head_dim, &st), st); _tile_dpbf16ps(3, 4, 7); }
             }
         }
         _tile_stored(0, b->s + kb * 16, s_stride * 4);
@@ -314,16 +390,16 @@ static void amx_block_scores(amx_head_block *b, const uint16_t *packed, int64_t 
 
 #endif
 
-/* Phase 2: an exact softmax per row over keys 0 .. row0 + r (causal), P rounded to bf16 and zero past them, to
+/* Phase 2: an exact softmax per row over keys 0 .. pos0 + r (causal), P rounded to bf16 and zero past them, to
  * the block's last whole 32 keys. */
-static void amx_block_softmax(amx_head_block *b, int64_t t, int64_t row0, int64_t rows, float scale) {
-    const int64_t keys32 = amx_keys32(row0 + rows), s_stride = amx_score_stride(t);
+static void amx_block_softmax(amx_head_block *b, int64_t t, int64_t pos0, int64_t rows, float scale) {
+    const int64_t keys32 = amx_keys32(pos0 + rows), s_stride = amx_score_stride(t);
     const float scale2 = scale * 1.44269504088896341f; /* e^(s scale) = 2^(s scale2) */
     const __m512 vscale = _mm512_set1_ps(scale2);
     for (int64_t r = 0; r < rows; ++r) {
         float *sr = b->s + r * s_stride;
         uint16_t *pr = b->p + r * s_stride;
-        const int64_t seen = row0 + r + 1;
+        const int64_t seen = pos0 + r + 1;
         __m512 vmax = _mm512_set1_ps(-INFINITY);
         int64_t j = 0;
         for (; j + 16 <= seen; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sr + j));
@@ -347,10 +423,10 @@ static void amx_block_softmax(amx_head_block *b, int64_t t, int64_t row0, int64_
 /* Phase 3: O = P V (on the tiles: four 16-dim accumulators at a time; dp_block_weighted), then O / sum to the output
  * rows (amx_block_store). */
 #if TM_HAVE_AMX
-static void amx_block_weighted(amx_head_block *b, const uint16_t *packed, int64_t t, int64_t row0, int64_t rows,
+static void amx_block_weighted(amx_head_block *b, const amx_kv *kv, int64_t t, int64_t pos0, int64_t rows,
                                int64_t head_dim) {
-    const int64_t keys32 = amx_keys32(row0 + rows), s_stride = amx_score_stride(t), d16 = head_dim / 16;
-    const uint16_t *vt = packed + amx_keys16(t) * head_dim;
+    const int64_t keys32 = amx_keys32(pos0 + rows), s_stride = amx_score_stride(t), d16 = head_dim / 16;
+    int64_t st; /* a V tile's row stride */
     for (int64_t d0 = 0; d0 < d16; d0 += 4) {
         const int64_t nd = d16 - d0 < 4 ? d16 - d0 : 4;
         _tile_zero(0);
@@ -359,12 +435,11 @@ static void amx_block_weighted(amx_head_block *b, const uint16_t *packed, int64_
         _tile_zero(3);
         for (int64_t kb = 0; kb < keys32 / 32; ++kb) {
             _tile_loadd(4, b->p + kb * 32, s_stride * 2);
-            const uint16_t *vb = vt + (kb * d16 + d0) * 512;
-            _tile_loadd(6, vb, 64);
+            _tile_loadd(6, amx_v_tile(kv, t, kb, d0, head_dim, &st), st);
             _tile_dpbf16ps(0, 4, 6);
-            if (nd > 1) { _tile_loadd(7, vb + 512, 64); _tile_dpbf16ps(1, 4, 7); }
-            if (nd > 2) { _tile_loadd(6, vb + 1024, 64); _tile_dpbf16ps(2, 4, 6); }
-            if (nd > 3) { _tile_loadd(7, vb + 1536, 64); _tile_dpbf16ps(3, 4, 7); }
+            if (nd > 1) { _tile_loadd(7, amx_v_tile(kv, t, kb, d0 + 1, head_dim, &st), st); _tile_dpbf16ps(1, 4, 7); }
+            if (nd > 2) { _tile_loadd(6, amx_v_tile(kv, t, kb, d0 + 2, head_dim, &st), st); _tile_dpbf16ps(2, 4, 6); }
+            if (nd > 3) { _tile_loadd(7, amx_v_tile(kv, t, kb, d0 + 3, head_dim, &st), st); _tile_dpbf16ps(3, 4, 7); }
         }
         _tile_stored(0, b->ob + d0 * 16, head_dim * 4);
         if (nd > 1) _tile_stored(1, b->ob + (d0 + 1) * 16, head_dim * 4);
@@ -390,35 +465,35 @@ static void amx_block_store(const amx_head_block *b, void *out, int64_t out_stri
     }
 }
 
-/* Query rows row0 .. row0 + rows - 1 (rows <= 16) of the `heads` query heads that share one KV head of a prompt of
- * t tokens (packed: amx_pack_kv of that KV head), head i's rows at q + i * head_dim + j * q_stride (bf16 or float32
+/* Query rows row0 .. row0 + rows - 1 (rows <= 16, at positions pos0 ..) of the `heads` query heads that share one KV
+ * head of a prompt of t keys (kv: that KV head's), head i's rows at q + i * head_dim + j * q_stride (bf16 or float32
  * as src_bf16), its output at out + i * head_dim + j * out_stride (float32 or bf16 as out_bf16). Pipelined over the
  * heads: head i + 1's scores run on the tiles between head i's softmax and its P V, so the vector stores of P have
  * reached L1 when the tiles load them (and the tiles' score stores before the vector loads). scratch:
- * amx_attention_scratch_bytes(t). */
+ * amx_attention_scratch_bytes(t). Not on the tiles (tiles 0): kv packed. */
 static void amx_attend_group(void *out, int64_t out_stride, int out_bf16, const void *q, int64_t q_stride,
-                             int src_bf16, const uint16_t *packed, int64_t t, int64_t row0, int64_t rows, int64_t heads,
-                             int64_t head_dim, float scale, void *scratch, int tiles) {
+                             int src_bf16, const amx_kv *kv, int64_t t, int64_t pos0, int64_t row0, int64_t rows,
+                             int64_t heads, int64_t head_dim, float scale, void *scratch, int tiles) {
     const int64_t esize = src_bf16 ? 2 : 4, out_esize = out_bf16 ? 2 : 4;
     amx_head_block blocks[2] = {amx_block_at(scratch, t, head_dim),
                                 amx_block_at((char *)scratch + amx_head_block_bytes(t, head_dim), t, head_dim)};
 /* The block's two products on the tiles (tiles) or on vdpbf16ps. */
 #if TM_HAVE_AMX && defined(__AVX512BF16__)
-#define TM_SCORES(blk) (tiles ? amx_block_scores : dp_block_scores)(blk, packed, t, row0, rows, head_dim)
-#define TM_WEIGHTED(blk) (tiles ? amx_block_weighted : dp_block_weighted)(blk, packed, t, row0, rows, head_dim)
+#define TM_SCORES(blk) (tiles ? amx_block_scores : dp_block_scores)(blk, kv, t, pos0, rows, head_dim)
+#define TM_WEIGHTED(blk) (tiles ? amx_block_weighted : dp_block_weighted)(blk, kv, t, pos0, rows, head_dim)
 #elif TM_HAVE_AMX
-#define TM_SCORES(blk) amx_block_scores(blk, packed, t, row0, rows, head_dim)
-#define TM_WEIGHTED(blk) amx_block_weighted(blk, packed, t, row0, rows, head_dim)
+#define TM_SCORES(blk) amx_block_scores(blk, kv, t, pos0, rows, head_dim)
+#define TM_WEIGHTED(blk) amx_block_weighted(blk, kv, t, pos0, rows, head_dim)
 #else
-#define TM_SCORES(blk) dp_block_scores(blk, packed, t, row0, rows, head_dim)
-#define TM_WEIGHTED(blk) dp_block_weighted(blk, packed, t, row0, rows, head_dim)
+#define TM_SCORES(blk) dp_block_scores(blk, kv, t, pos0, rows, head_dim)
+#define TM_WEIGHTED(blk) dp_block_weighted(blk, kv, t, pos0, rows, head_dim)
 #endif
     (void)tiles;
     amx_block_queries(&blocks[0], q, q_stride, src_bf16, row0, rows, head_dim);
     TM_SCORES(&blocks[0]);
     for (int64_t i = 0; i < heads; ++i) {
         amx_head_block *cur = &blocks[i & 1], *next = &blocks[(i + 1) & 1];
-        amx_block_softmax(cur, t, row0, rows, scale);
+        amx_block_softmax(cur, t, pos0, rows, scale);
         if (i + 1 < heads) {
             amx_block_queries(next, (const char *)q + (i + 1) * head_dim * esize, q_stride, src_bf16, row0, rows,
                               head_dim);
@@ -431,37 +506,54 @@ static void amx_attend_group(void *out, int64_t out_stride, int out_bf16, const 
 #undef TM_WEIGHTED
 }
 /* The planned prompts' attention, inside a parallel region (every thread calls it): each (prompt, KV head)'s K/V
- * packed, then the tasks. Prompt i owns rows starts[i] .. + lens[i] - 1 of q [.., num_heads * head_dim], k and v
- * [.., num_kv_heads * head_dim] (row strides in elements, bf16 or float32 as src_bf16) and out (float32 or bf16 as
- * out_bf16). Leaves no barrier after the tasks. */
+ * packed (or, from_cache, its V gathered), then the tasks. Prompt i owns rows starts[i] .. + lens[i] - 1 of q
+ * [.., num_heads * head_dim] and out (float32 or bf16 as out_bf16), and of k and v [.., num_kv_heads * head_dim]
+ * (row strides in elements, bf16 or float32 as src_bf16) unless the plan is from_cache: its K/V then come from cache
+ * (on the tiles only), its rows the last lens[i] of cache->seq_lens[i] keys. Leaves no barrier after the tasks. */
 static void amx_attend_prompts(const amx_prompt_plan *a, void *out, int64_t out_stride, int out_bf16, const void *q,
                                int64_t q_stride, const void *k, int64_t k_stride, const void *v, int64_t v_stride,
                                int src_bf16, const int64_t *starts, const int64_t *lens, int64_t num_prompts,
-                               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale) {
+                               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale,
+                               const amx_cache_view *cache) {
     const int64_t group = num_heads / num_kv_heads, esize = src_bf16 ? 2 : 4, out_esize = out_bf16 ? 2 : 4;
     const int tiles = bf16_amx_ready(); /* else vdpbf16ps */
 #if TM_HAVE_AMX
     if (tiles) bf16_amx_load_config_rows(16);
 #endif
+    /* per prompt: its keys (the cache's context, or the prompt itself) and its first key's place in its per-head
+     * buffer (K^T then V packed; from the cache, V gathered) */
+#define TM_KEYS(i) (a->from_cache ? cache->seq_lens[i] : lens[i])
+#define TM_HEAD_ELEMS(i) (a->from_cache ? amx_keys32(TM_KEYS(i)) * head_dim : amx_packed_kv_elems(lens[i], head_dim))
 #pragma omp for schedule(dynamic, 1)
     for (int64_t j = 0; j < num_prompts * num_kv_heads; ++j) {
         const int64_t i = j / num_kv_heads, h = j % num_kv_heads;
         if (a->offsets[i] < 0) continue;
-        amx_pack_kv(a->kv + a->offsets[i] + h * amx_packed_kv_elems(lens[i], head_dim),
-                    (const char *)k + (starts[i] * k_stride + h * head_dim) * esize, k_stride,
-                    (const char *)v + (starts[i] * v_stride + h * head_dim) * esize, v_stride, src_bf16, lens[i],
-                    head_dim);
+        uint16_t *dst = a->kv + a->offsets[i] + h * TM_HEAD_ELEMS(i);
+        if (a->from_cache)
+            amx_gather_v(dst, cache->v_cache + h * cache->num_blocks * cache->block_size * head_dim,
+                         cache->tables + i * cache->table_stride, cache->block_size, TM_KEYS(i), head_dim);
+        else
+            amx_pack_kv(dst, (const char *)k + (starts[i] * k_stride + h * head_dim) * esize, k_stride,
+                        (const char *)v + (starts[i] * v_stride + h * head_dim) * esize, v_stride, src_bf16, lens[i],
+                        head_dim);
     }
     void *scratch = a->scratch + a->scratch_bytes * omp_get_thread_num();
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t j = 0; j < a->num_tasks; ++j) {
-        const int64_t i = a->tasks[3 * j], h = a->tasks[3 * j + 1], row0 = a->tasks[3 * j + 2], t = lens[i];
+        const int64_t i = a->tasks[3 * j], h = a->tasks[3 * j + 1], row0 = a->tasks[3 * j + 2], t = TM_KEYS(i);
         const int64_t first = h * group * head_dim; /* the KV head's first query head */
+        const uint16_t *own = a->kv + a->offsets[i] + h * TM_HEAD_ELEMS(i);
+        amx_kv kv = {own, NULL, NULL, NULL, 0};
+        if (a->from_cache)
+            kv = (amx_kv){NULL, cache->k_cache + h * cache->num_blocks * cache->block_size * head_dim, own,
+                          cache->tables + i * cache->table_stride, cache->block_size};
         amx_attend_group((char *)out + (starts[i] * out_stride + first) * out_esize, out_stride, out_bf16,
-                         (const char *)q + (starts[i] * q_stride + first) * esize, q_stride, src_bf16,
-                         a->kv + a->offsets[i] + h * amx_packed_kv_elems(t, head_dim), t, row0,
-                         t - row0 < 16 ? t - row0 : 16, group, head_dim, scale, scratch, tiles);
+                         (const char *)q + (starts[i] * q_stride + first) * esize, q_stride, src_bf16, &kv, t,
+                         t - lens[i] + row0, row0, lens[i] - row0 < 16 ? lens[i] - row0 : 16, group, head_dim, scale,
+                         scratch, tiles);
     }
+#undef TM_KEYS
+#undef TM_HEAD_ELEMS
 #if TM_HAVE_AMX
     if (tiles) _tile_release();
 #endif

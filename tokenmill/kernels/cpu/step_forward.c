@@ -118,6 +118,8 @@ typedef struct {
                                    panels dequantized grab by grab (int4_bf16.h; inputs rounded to bf16); 0: never */
     int64_t prefetch_weights; /* 1: a projection's passes prefetch the weights of the pair their thread takes next
                                  (bf16_panels.h, int8_vnni.h; prefetch_stream.h); 0: never (A/B runs) */
+    int64_t amx_cache_prompts; /* 1: with a KV_BF16 cache on AMX tiles, prompts (a cached prefix's chunks too) read
+                                  their K/V from the cache; 0: whole-context prompts from the step's rows (A/B runs) */
 } tm_model;
 
 /* [*start, *end): share i of n of `rows` rows, contiguous and differing by at most one (sharding.py's even_share). */
@@ -524,14 +526,16 @@ static inline void add_sublayer_row(float *res, const float *first, int64_t coun
     }
 }
 
-/* The step's prompts that attend on AMX tiles: the whole-context ones (no cached prefix) of 2 .. max_rows rows that
- * the kernel takes. amx_lens [2 * num_reqs] (caller's): per request its length there or 0, then q_lens with those
- * set to 0 (what prefill_tile.h's tasks take). */
+/* The step's prompts that attend on AMX tiles: those of 2 or more rows and at most max_rows keys that the kernel
+ * takes, whole-context ones (no cached prefix) only unless from_cache (their K/V read from a KV_BF16 cache, cached
+ * prefix and all). amx_lens [2 * num_reqs] (caller's): per request its rows there or 0, then q_lens with those set to
+ * 0 (what the other tasks take). */
 static void select_amx_prompts(int64_t *amx_lens, const int64_t *q_lens, const int64_t *seq_lens, int64_t num_reqs,
-                               int64_t max_rows, int64_t head_dim) {
+                               int64_t max_rows, int64_t head_dim, int from_cache) {
     for (int64_t r = 0; r < num_reqs; ++r) {
-        const int64_t t = q_lens[r];
-        const int on_amx = t > 1 && t == seq_lens[r] && t <= max_rows && amx_attention_fits(head_dim, t);
+        const int64_t t = q_lens[r], keys = seq_lens[r];
+        const int on_amx =
+            t > 1 && (t == keys || from_cache) && keys <= max_rows && amx_attention_fits(head_dim, keys);
         amx_lens[r] = on_amx ? t : 0;
         amx_lens[num_reqs + r] = on_amx ? 0 : t;
     }
@@ -585,17 +589,22 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
      * prefill_tile.h's tasks (task_q_lens: those of the other two, 0). */
     int64_t *amx_lens = NULL, *decode_reqs = NULL, num_decode_reqs = 0;
     amx_prompt_plan amx = {0};
+    /* A KV_BF16 cache of 16-position multiples on AMX tiles: the prompts read their K/V from it (written by the
+     * rotary phase before attention), a cached prefix included; else from the step's rows, whole-context only. */
+    const int amx_from_cache = TM_HAVE_AMX_ATTENTION && m->kv_type == KV_BF16 && m->block_size % 16 == 0 &&
+                               bf16_amx_ready() && m->amx_cache_prompts;
     if (!pure_decode) {
         amx_lens = (int64_t *)malloc((size_t)N * 3 * sizeof(int64_t));
         if (amx_lens == NULL) return 1;
         decode_reqs = amx_lens + 2 * N;
-        select_amx_prompts(amx_lens, q_lens, seq_lens, N, m->amx_attention_max_rows, D);
+        select_amx_prompts(amx_lens, q_lens, seq_lens, N, m->amx_attention_max_rows, D, amx_from_cache);
         for (int64_t r = 0; r < N; ++r)
             if (q_lens[r] == 1) {
                 decode_reqs[num_decode_reqs++] = r;
                 amx_lens[N + r] = 0;
             }
-        if (m->amx_attention_max_rows > 0 && amx_plan_prompts(&amx, amx_lens, N, num_kv_heads, D, num_threads) != 0) {
+        if (m->amx_attention_max_rows > 0 && amx_plan_prompts(&amx, amx_lens, amx_from_cache ? seq_lens : amx_lens, N,
+                                                              num_kv_heads, D, num_threads, amx_from_cache) != 0) {
             free(amx_lens);
             return 1;
         }
@@ -730,9 +739,13 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
             const int decode_tasks = pure_decode && N * num_kv_heads >= 2 * (int64_t)omp_get_num_threads();
             if (!pure_decode) {
 #if TM_HAVE_AMX_ATTENTION
-                if (amx.num_tasks > 0) /* q from the rotated queries, k and v from the step's fused rows */
+                if (amx.num_tasks > 0) { /* q from the rotated queries, k and v from the cache or the fused rows */
+                    const amx_cache_view view = {(const uint16_t *)ly->k_cache, (const uint16_t *)ly->v_cache,
+                                                 block_tables, table_stride, seq_lens, m->num_blocks, m->block_size};
                     amx_attend_prompts(&amx, attn, q_size, 0, q, q_size, qkv + q_size, qkv_n, qkv + q_size + kv_size,
-                                       qkv_n, 0, q_starts, amx_lens, N, num_heads, num_kv_heads, D, m->attn_scale);
+                                       qkv_n, 0, q_starts, amx_lens, N, num_heads, num_kv_heads, D, m->attn_scale,
+                                       amx_from_cache ? &view : NULL);
+                }
 #endif
 #pragma omp for schedule(dynamic, 1) nowait
                 for (int64_t task = 0; task < num_decode_reqs * num_kv_heads; ++task) {
