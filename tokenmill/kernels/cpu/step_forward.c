@@ -24,9 +24,11 @@
  * weights are multiplied as bf16 panels dequantized pass by pass (int4_bf16.h) with the bf16 products, fused MLP
  * included, as a bf16 model's.
  *
- * A prompt whose whole context is in the step (no cached prefix) and that has at most amx_attention_max_rows rows
- * attends on AMX-BF16 tiles or vdpbf16ps instead (bf16_attention_amx.h: its q/k/v rounded to bf16 from the step's
- * rotated rows; set for a bf16 or int8/int4 model where the execution plan chose that kernel).
+ * A prompt of at most amx_attention_max_rows keys attends on AMX-BF16 tiles or vdpbf16ps instead
+ * (bf16_attention_amx.h; set for a bf16 or int8/int4 model where the execution plan chose that kernel): with a
+ * KV_BF16 cache of 16-position multiples on AMX tiles (amx_cache_prompts), its K/V read from the cache, so a chunk of
+ * a cached prefix too; elsewhere a whole-context prompt (no cached prefix) only, its q/k/v rounded to bf16 from the
+ * step's rotated rows.
  *
  * Work split: projections by panels (float32, int8, bf16; guided grabs of PANELS_PER_GRAB, over row chunks
  * whose quantized or float input stays in L2, as int8_gemm.c and f32_gemm.c block them) or blocks of
@@ -99,8 +101,9 @@ typedef struct {
     const float *final_norm;         /* [hidden] */
     const float *rope_cos, *rope_sin; /* [max_positions, head_dim] */
     int64_t row_chunk_bytes;          /* rows_per_chunk's budget */
-    int64_t amx_attention_max_rows;   /* prompts of up to this many rows whose whole context is in the step attend
-                                         in bf16 (bf16_attention_amx.h; a bf16 or int8/int4 model's); 0: never */
+    int64_t amx_attention_max_rows;   /* prompts of up to this many keys attend in bf16 (bf16_attention_amx.h; a
+                                         bf16 or int8/int4 model's; whole-context ones only unless
+                                         amx_cache_prompts applies); 0: never */
     /* Tensor parallelism (tp_world > 1): this rank's share of the model; o and down are row-parallel, their
      * outputs summed over the ranks (shm_all_reduce.h, segment tp_segment of tp_capacity floats per slot) before
      * the residual add: written straight into this rank's slot and summed by the residual add that reads them
