@@ -488,7 +488,8 @@ def test_amx_prompts_read_a_bf16_cache(head64_checkpoint: Any, block_size: int) 
     """With a bfloat16 cache of 16-position multiples on AMX tiles, prompts attend on the tiles reading their K/V from
     the cache (amx_cache_prompts): a whole prompt as from its own rows (the same bf16 roundings: bitwise), a chunk
     whose prefix an earlier step cached as the float32 kernel over the cache does (bf16-rounding-sized differences),
-    blocks out of order, the cache past each request's end NaN, a decode row beside them."""
+    blocks out of order, the cache past each request's end NaN, a decode row beside them. Their rows of the o
+    projection's bf16 input written by the attention itself (amx_direct_o): bitwise as rounded from float32 rows."""
     llm = LLM(dtype="bfloat16", kernels="c", model=str(head64_checkpoint), block_size=block_size,
               kv_cache_memory=16 << 20, kv_cache_dtype="bfloat16", enable_prefix_caching=False)
     c_step, model = _c_step(llm), _model(llm)
@@ -503,12 +504,14 @@ def test_amx_prompts_read_a_bf16_cache(head64_checkpoint: Any, block_size: int) 
     c_step.forward(*_step_of([(chunked[:80], tables[1], 80), (decoding[:130], tables[2], 130)], block_size))
     step = _step_of([(whole, tables[0], 150), (chunked, tables[1], 70), (decoding, tables[2], 1)], block_size)
     outputs = []
-    for from_cache in (1, 0):
+    for from_cache, direct_o in ((1, 1), (0, 1), (1, 0)):
         c_step.kernel._model.amx_cache_prompts = from_cache
+        c_step.kernel._model.amx_direct_o = direct_o
         outputs.append(c_step.forward(*step).clone().float())
-    c_step.kernel._model.amx_cache_prompts = 1
-    cached, rows = outputs
+    c_step.kernel._model.amx_cache_prompts = c_step.kernel._model.amx_direct_o = 1
+    cached, rows, rounded_after = outputs
     assert torch.isfinite(cached).all()
+    assert torch.equal(cached, rounded_after)  # o's bf16 input from the attention's store: the same roundings
     assert torch.equal(cached[:150], rows[:150])
     scale = rows[150:220].abs().max().item()
     assert not torch.equal(cached[150:220], rows[150:220])  # the chunk took another kernel

@@ -240,6 +240,20 @@ static void amx_gather_v(uint16_t *v_rows, const uint16_t *v_tiles, const int64_
         for (int64_t d = 0; d < head_dim; ++d) v_rows[((j >> 1) * head_dim + d) * 2 + (j & 1)] = 0;
 }
 
+/* Where the attention's output rows go: float32 or bf16 rows (stride elements apart), or bf16 in bf16_panels.h's
+ * BF16_TILED blocks of stride (a k_pad) columns, a projection's input as its AMX products read it. */
+enum { AMX_OUT_F32 = 0, AMX_OUT_BF16 = 1, AMX_OUT_BF16_TILES = 2 };
+typedef struct {
+    void *base;
+    int64_t stride;
+    int kind;
+} amx_out;
+
+/* The bf16 element index of (row, col) in a bf16 out. */
+static inline int64_t amx_out_index(const amx_out *out, int64_t row, int64_t col) {
+    return out->kind == AMX_OUT_BF16_TILES ? bf16_x_index(BF16_TILED, out->stride, row, col) : row * out->stride + col;
+}
+
 /* One query head's 16-row block in flight: its bf16 queries, float32 scores, bf16 probabilities (rows
  * amx_score_stride apart), output sums and the rows' 1 / sum. Two of these per thread let one head's softmax finish
  * while the tiles work on another's scores (amx_attend_group). */
@@ -449,32 +463,32 @@ static void amx_block_weighted(amx_head_block *b, const amx_kv *kv, int64_t t, i
 }
 #endif
 
-/* O / sum to out rows row0 .. (out + j * out_stride, float32 or bf16 as out_bf16). */
-static void amx_block_store(const amx_head_block *b, void *out, int64_t out_stride, int out_bf16, int64_t row0,
-                            int64_t rows, int64_t head_dim) {
+/* O / sum to out's rows row .. and columns col .. (16 at a time; col % 16 == 0). */
+static void amx_block_store(const amx_head_block *b, const amx_out *out, int64_t row, int64_t col, int64_t rows,
+                            int64_t head_dim) {
     for (int64_t r = 0; r < rows; ++r) {
         const __m512 inv = _mm512_set1_ps(b->inv_sum[r]);
         for (int64_t d = 0; d < head_dim; d += 16) {
             const __m512 o = _mm512_mul_ps(_mm512_loadu_ps(b->ob + r * head_dim + d), inv);
-            if (out_bf16)
-                _mm256_storeu_si256((__m256i *)((uint16_t *)out + (row0 + r) * out_stride + d),
-                                    (__m256i)_mm512_cvtneps_pbh(o));
+            if (out->kind == AMX_OUT_F32)
+                _mm512_storeu_ps((float *)out->base + (row + r) * out->stride + col + d, o);
             else
-                _mm512_storeu_ps((float *)out + (row0 + r) * out_stride + d, o);
+                _mm256_storeu_si256((__m256i *)((uint16_t *)out->base + amx_out_index(out, row + r, col + d)),
+                                    (__m256i)_mm512_cvtneps_pbh(o));
         }
     }
 }
 
 /* Query rows row0 .. row0 + rows - 1 (rows <= 16, at positions pos0 ..) of the `heads` query heads that share one KV
  * head of a prompt of t keys (kv: that KV head's), head i's rows at q + i * head_dim + j * q_stride (bf16 or float32
- * as src_bf16), its output at out + i * head_dim + j * out_stride (float32 or bf16 as out_bf16). Pipelined over the
+ * as src_bf16), its output row j at out's row out_row + j, columns out_col + i * head_dim ... Pipelined over the
  * heads: head i + 1's scores run on the tiles between head i's softmax and its P V, so the vector stores of P have
  * reached L1 when the tiles load them (and the tiles' score stores before the vector loads). scratch:
  * amx_attention_scratch_bytes(t). Not on the tiles (tiles 0): kv packed. */
-static void amx_attend_group(void *out, int64_t out_stride, int out_bf16, const void *q, int64_t q_stride,
+static void amx_attend_group(const amx_out *out, int64_t out_row, int64_t out_col, const void *q, int64_t q_stride,
                              int src_bf16, const amx_kv *kv, int64_t t, int64_t pos0, int64_t row0, int64_t rows,
                              int64_t heads, int64_t head_dim, float scale, void *scratch, int tiles) {
-    const int64_t esize = src_bf16 ? 2 : 4, out_esize = out_bf16 ? 2 : 4;
+    const int64_t esize = src_bf16 ? 2 : 4;
     amx_head_block blocks[2] = {amx_block_at(scratch, t, head_dim),
                                 amx_block_at((char *)scratch + amx_head_block_bytes(t, head_dim), t, head_dim)};
 /* The block's two products on the tiles (tiles) or on vdpbf16ps. */
@@ -500,22 +514,22 @@ static void amx_attend_group(void *out, int64_t out_stride, int out_bf16, const 
             TM_SCORES(next);
         }
         TM_WEIGHTED(cur);
-        amx_block_store(cur, (char *)out + i * head_dim * out_esize, out_stride, out_bf16, row0, rows, head_dim);
+        amx_block_store(cur, out, out_row + row0, out_col + i * head_dim, rows, head_dim);
     }
 #undef TM_SCORES
 #undef TM_WEIGHTED
 }
 /* The planned prompts' attention, inside a parallel region (every thread calls it): each (prompt, KV head)'s K/V
  * packed (or, from_cache, its V gathered), then the tasks. Prompt i owns rows starts[i] .. + lens[i] - 1 of q
- * [.., num_heads * head_dim] and out (float32 or bf16 as out_bf16), and of k and v [.., num_kv_heads * head_dim]
+ * [.., num_heads * head_dim] and out (its columns head by head), and of k and v [.., num_kv_heads * head_dim]
  * (row strides in elements, bf16 or float32 as src_bf16) unless the plan is from_cache: its K/V then come from cache
  * (on the tiles only), its rows the last lens[i] of cache->seq_lens[i] keys. Leaves no barrier after the tasks. */
-static void amx_attend_prompts(const amx_prompt_plan *a, void *out, int64_t out_stride, int out_bf16, const void *q,
+static void amx_attend_prompts(const amx_prompt_plan *a, const amx_out *out, const void *q,
                                int64_t q_stride, const void *k, int64_t k_stride, const void *v, int64_t v_stride,
                                int src_bf16, const int64_t *starts, const int64_t *lens, int64_t num_prompts,
                                int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale,
                                const amx_cache_view *cache) {
-    const int64_t group = num_heads / num_kv_heads, esize = src_bf16 ? 2 : 4, out_esize = out_bf16 ? 2 : 4;
+    const int64_t group = num_heads / num_kv_heads, esize = src_bf16 ? 2 : 4;
     const int tiles = bf16_amx_ready(); /* else vdpbf16ps */
 #if TM_HAVE_AMX
     if (tiles) bf16_amx_load_config_rows(16);
@@ -547,8 +561,7 @@ static void amx_attend_prompts(const amx_prompt_plan *a, void *out, int64_t out_
         if (a->from_cache)
             kv = (amx_kv){NULL, cache->k_cache + h * cache->num_blocks * cache->block_size * head_dim, own,
                           cache->tables + i * cache->table_stride, cache->block_size};
-        amx_attend_group((char *)out + (starts[i] * out_stride + first) * out_esize, out_stride, out_bf16,
-                         (const char *)q + (starts[i] * q_stride + first) * esize, q_stride, src_bf16, &kv, t,
+        amx_attend_group(out, starts[i], first, (const char *)q + (starts[i] * q_stride + first) * esize, q_stride, src_bf16, &kv, t,
                          t - lens[i] + row0, row0, lens[i] - row0 < 16 ? lens[i] - row0 : 16, group, head_dim, scale,
                          scratch, tiles);
     }

@@ -28,9 +28,10 @@ int tm_bf16_prompt_attention(void *out, int64_t out_stride, int out_bf16, const 
     for (int64_t i = 0; i < num_prompts; ++i)
         if (!amx_attention_fits(head_dim, lens[i])) return 2;
     amx_prompt_plan plan = {0};
+    const amx_out dst = {out, out_stride, out_bf16 ? AMX_OUT_BF16 : AMX_OUT_F32};
     if (amx_plan_prompts(&plan, lens, lens, num_prompts, num_kv_heads, head_dim, num_threads, 0) != 0) return 1;
 #pragma omp parallel num_threads(num_threads)
-    amx_attend_prompts(&plan, out, out_stride, out_bf16, q, q_stride, k, k_stride, v, v_stride, src_bf16, starts, lens,
+    amx_attend_prompts(&plan, &dst, q, q_stride, k, k_stride, v, v_stride, src_bf16, starts, lens,
                        num_prompts, num_heads, num_kv_heads, head_dim, scale, NULL);
     amx_free_prompt_plan(&plan);
     return 0;

@@ -123,6 +123,8 @@ typedef struct {
                                  (bf16_panels.h, int8_vnni.h; prefetch_stream.h); 0: never (A/B runs) */
     int64_t amx_cache_prompts; /* 1: with a KV_BF16 cache on AMX tiles, prompts (a cached prefix's chunks too) read
                                   their K/V from the cache; 0: whole-context prompts from the step's rows (A/B runs) */
+    int64_t amx_direct_o; /* 1: AMX prompts write their rows of a bf16 o projection's input themselves; 0: float32
+                             rows, rounded by its prepare_row like every other row's (A/B runs and tests) */
 } tm_model;
 
 /* [*start, *end): share i of n of `rows` rows, contiguous and differing by at most one (sharding.py's even_share). */
@@ -596,10 +598,12 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
      * rotary phase before attention), a cached prefix included; else from the step's rows, whole-context only. */
     const int amx_from_cache = TM_HAVE_AMX_ATTENTION && m->kv_type == KV_BF16 && m->block_size % 16 == 0 &&
                                bf16_amx_ready() && m->amx_cache_prompts;
+    uint8_t *amx_row = NULL; /* per row: 1 when its request attends on AMX tiles */
     if (!pure_decode) {
-        amx_lens = (int64_t *)malloc((size_t)N * 3 * sizeof(int64_t));
+        amx_lens = (int64_t *)malloc((size_t)N * 3 * sizeof(int64_t) + (size_t)R);
         if (amx_lens == NULL) return 1;
         decode_reqs = amx_lens + 2 * N;
+        amx_row = (uint8_t *)(amx_lens + 3 * N);
         select_amx_prompts(amx_lens, q_lens, seq_lens, N, m->amx_attention_max_rows, D, amx_from_cache);
         for (int64_t r = 0; r < N; ++r)
             if (q_lens[r] == 1) {
@@ -611,6 +615,9 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
             free(amx_lens);
             return 1;
         }
+        memset(amx_row, 0, (size_t)R);
+        for (int64_t r = 0; r < N; ++r)
+            if (amx_lens[r] > 0) memset(amx_row + q_starts[r], 1, (size_t)amx_lens[r]);
     }
     const int64_t *task_q_lens = amx_lens != NULL ? amx_lens + N : q_lens;
     const int64_t num_tasks = pure_decode ? 0 : prefill_num_tasks(task_q_lens, N, num_kv_heads);
@@ -740,13 +747,23 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
              * other step: the AMX prompts, the one-row requests' (request, KV head) tasks, then prefill_tile.h's
              * query-block tasks for the rest. Same values on every thread, so every thread runs the same loops. */
             const int decode_tasks = pure_decode && N * num_kv_heads >= 2 * (int64_t)omp_get_num_threads();
+            /* The AMX prompts write their rows of the o projection's bf16 input themselves where it takes the
+             * attention rows as they are (its prepare_row then skips them): not where the last layer compacts
+             * kept rows, nor where rows of shared KV groups are zeroed after. */
+            const int o_direct = m->amx_direct_o && amx.num_tasks > 0 && multiplies_in_bf16(&ly->o, &qr) && ly->o.k == q_size &&
+                                 bf16_k_pad(q_size) == q_size && m->kv_row_shares == NULL &&
+                                 !(l == m->num_layers - 1 && keep_rows != NULL);
             if (!pure_decode) {
 #if TM_HAVE_AMX_ATTENTION
                 if (amx.num_tasks > 0) { /* q from the rotated queries, k and v from the cache or the fused rows */
                     const amx_cache_view view = {(const uint16_t *)ly->k_cache, (const uint16_t *)ly->v_cache,
                                                  block_tables, table_stride, seq_lens, m->num_blocks, m->block_size};
-                    amx_attend_prompts(&amx, attn, q_size, 0, q, q_size, qkv + q_size, qkv_n, qkv + q_size + kv_size,
-                                       qkv_n, 0, q_starts, amx_lens, N, num_heads, num_kv_heads, D, m->attn_scale,
+                    const amx_out dst = o_direct ? (amx_out){qr.u, qr.bf16_stride == BF16_TILED ? q_size : qr.bf16_stride,
+                                                             qr.bf16_stride == BF16_TILED ? AMX_OUT_BF16_TILES
+                                                                                          : AMX_OUT_BF16}
+                                                 : (amx_out){attn, q_size, AMX_OUT_F32};
+                    amx_attend_prompts(&amx, &dst, q, q_size, qkv + q_size, qkv_n, qkv + q_size + kv_size, qkv_n, 0,
+                                       q_starts, amx_lens, N, num_heads, num_kv_heads, D, m->attn_scale,
                                        amx_from_cache ? &view : NULL);
                 }
 #endif
@@ -831,7 +848,8 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
             }
             if (ly->o.format != TM_FLOAT32) {
 #pragma omp for schedule(static)
-                for (int64_t r = 0; r < rows; ++r) prepare_row(&ly->o, attn + r * q_size, r, &qr, rotation_scratch);
+                for (int64_t r = 0; r < rows; ++r)
+                    if (!o_direct || !amx_row[r]) prepare_row(&ly->o, attn + r * q_size, r, &qr, rotation_scratch);
             }
             END_PHASE(TM_PHASE_ROWS)
             const int o_adds = adds_into_residual(m, &ly->o, &qr);

@@ -55,7 +55,7 @@ class _Model(ctypes.Structure):
                 ("amx_attention_max_rows", _i64), ("tp_segment", _ptr), ("tp_rank", _i64), ("tp_world", _i64),
                 ("tp_capacity", _i64), ("tp_seq", _ptr), ("tp_timeout_s", ctypes.c_double), ("kv_row_shares", _ptr),
                 ("fuse_int8_mlp", _i64), ("int4_bf16_min_rows", _i64), ("prefetch_weights", _i64),
-                ("amx_cache_prompts", _i64)]
+                ("amx_cache_prompts", _i64), ("amx_direct_o", _i64)]
 
 # Input-row bytes a projection keeps in L2 per pass over its weights when no L2 size is known (192 KiB: 3/8 of the
 # AVX2 Zen 3's 512 KiB, where it was tuned).
@@ -192,7 +192,8 @@ class StepForwardKernel:
             rope_cos=self._ptr(rope_cos, torch.float32, "the rotary cos table"),
             rope_sin=self._ptr(rope_sin, torch.float32, "the rotary sin table"), row_chunk_bytes=row_chunk_bytes,
             amx_attention_max_rows=amx_attention_max_rows, tp_world=1, fuse_int8_mlp=1,
-            int4_bf16_min_rows=int4_bf16_min_rows, prefetch_weights=1, amx_cache_prompts=1)
+            int4_bf16_min_rows=int4_bf16_min_rows, prefetch_weights=1, amx_cache_prompts=1,
+            amx_direct_o=1)
         if tp_shm is not None:  # a tensor-parallel rank: row-parallel outputs summed through shared memory
             self._tp_shm = tp_shm
             self._model.tp_segment, self._model.tp_rank = tp_shm.address, tp_shm.rank
