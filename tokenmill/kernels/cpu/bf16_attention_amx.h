@@ -1,26 +1,35 @@
-/* Causal self-attention of a prompt whose whole context is in the step (no cached prefix), on AMX-BF16 tiles:
- * bf16 operands, float32 scores, softmax and accumulation. Shared by bf16_prompt_attention.c (the layer-by-layer
- * path's candidate) and step_forward.c (a bf16 model's one-call forward). On a CPU with AVX512-BF16 but no AMX
- * (Zen 4, Cooper Lake) the two products run on vdpbf16ps instead (bf16_dp_tile: the packed layouts below hold, for
- * each input pair, the 16 lanes of a vdpbf16ps operand), everything else unchanged; the amx_ names stay.
+/* Causal self-attention of prompts on AMX-BF16 tiles: bf16 operands, float32 scores, softmax and accumulation.
+ * Shared by bf16_prompt_attention.c (the layer-by-layer path's candidate: prompts whose whole context is in the call)
+ * and step_forward.c (a bf16 model's one-call forward: there also a chunk whose prefix a KV_BF16 cache holds). On a
+ * CPU with AVX512-BF16 but no AMX (Zen 4, Cooper Lake) the two products run on vdpbf16ps instead (bf16_dp_tile: the
+ * packed layouts below hold, for each input pair, the 16 lanes of a vdpbf16ps operand), everything else unchanged;
+ * the amx_ names stay.
  *
- * Two phases, so that threads can split the work finely:
- *   1. amx_pack_kv: per (prompt, KV head), the prompt's K and V rows rounded to bf16 into the layouts the tiles
- *      read (zero past the prompt's length):
+ * Where a (prompt, KV head)'s K and V come from (amx_kv):
+ *   - packed (amx_pack_kv): the prompt's K and V rows rounded to bf16 into the layouts the tiles read (zero past the
+ *     prompt's length):
  *        K^T: [key block of 16][d block of 32][16 input pairs][16 keys][2]   (a B tile per (key block, d block))
  *        V:   [key block of 32][d block of 16][16 key pairs][16 dims][2]    (a B tile per (key block, d block))
+ *   - a KV_BF16 cache of 16-position multiples (amx_cache_view; on the tiles only): K's tiles as they lie there
+ *     (kv_cache.h's [head_dim / 2][block_size][2]: 16 positions of 16 dim pairs are a B tile, its rows block_size * 4
+ *     bytes apart), V's tiles gathered in key order (amx_gather_v: [keys / 2][head_dim][2], zero past the last key;
+ *     32 keys of 16 dims are a B tile, its rows head_dim * 4 bytes apart).
+ * Two phases, so that threads can split the work finely:
+ *   1. per (prompt, KV head): its K/V packed, or its V gathered;
  *   2. amx_attend_group: one task = (prompt, KV head, block of 16 query rows), for each of the KV head's query
  *      heads: scores S = Q K^T for the keys the block can see (whole tiles of 16; the diagonal tile masked), an
  *      exact softmax per row in float32 (AVX-512: one row of a score tile is one vector), P rounded to bf16,
- *      O = P V on four accumulator tiles (64 dims) at a time, then O / sum written as float32 or bf16; one head's
- *      scores run on the tiles while the previous head's softmax settles.
- * The score and probability rows of a block stay in the thread's scratch (amx_attention_scratch_bytes): the
- * whole prompt's keys at once, which bounds the prompt at AMX_ATTENTION_MAX_KEYS.
+ *      O = P V on four accumulator tiles (64 dims) at a time, then O / sum written as float32 or bf16 rows, or into
+ *      a projection's bf16 input tiles (amx_out); one head's scores run on the tiles while the previous head's
+ *      softmax settles.
+ * The score and probability rows of a block stay in the thread's scratch (amx_attention_scratch_bytes): all the
+ * prompt's keys at once, which bounds them at AMX_ATTENTION_MAX_KEYS.
  *
  * Tiles: the configuration of bf16_amx_load_config_rows(16) (tiles 0-3 accumulators, 4-5 A, 6-7 B; 16 rows x
  * 64 bytes each); the caller loads it on every thread first.
  * Invariants: head_dim % 32 == 0 and <= AMX_ATTENTION_MAX_DIM; rows of q, k, v, out are head-contiguous with the
- * given row strides (elements); row t of a prompt sees keys 0 .. t.
+ * given row strides (elements); of a prompt of t keys whose last n are its rows in the step, row i sits at position
+ * t - n + i and sees keys 0 .. t - n + i.
  */
 #ifndef TM_BF16_ATTENTION_AMX_H
 #define TM_BF16_ATTENTION_AMX_H
@@ -98,13 +107,12 @@ typedef struct {
 } amx_kv;
 
 /* The B tile of K^T for keys 16 kb .. 16 kb + 15 and dims 32 db .. 32 db + 31; *stride: its row stride (bytes). */
-static inline const uint16_t *amx_k_tile(const amx_kv *kv, int64_t t, int64_t kb, int64_t db, int64_t head_dim,
+static inline const uint16_t *amx_k_tile(const amx_kv *kv, int64_t kb, int64_t db, int64_t head_dim,
                                          int64_t *stride) {
     if (kv->packed != NULL) {
         *stride = 64;
         return kv->packed + (kb * (head_dim / 32) + db) * 512;
     }
-    (void)t;
     const int64_t bs = kv->block_size, pos = kb * 16;
     *stride = bs * 4;
     return kv->k_tiles + kv->table[pos / bs] * bs * head_dim + (db * 16 * bs + pos % bs) * 2;
@@ -376,8 +384,8 @@ static void amx_block_scores(amx_head_block *b, const amx_kv *kv, int64_t t, int
         if (d32 == 2) {
 /* Key block kb + j's two input blocks into accumulator acc (tiles 6, 7 hold its K). */
 #define TM_S_BLOCK(acc, j)                                                 \
-    _tile_loadd(6, amx_k_tile(kv, t, kb + (j), 0, head_dim, &st), st);     \
-    _tile_loadd(7, amx_k_tile(kv, t, kb + (j), 1, head_dim, &st), st);     \
+    _tile_loadd(6, amx_k_tile(kv, kb + (j), 0, head_dim, &st), st);     \
+    _tile_loadd(7, amx_k_tile(kv, kb + (j), 1, head_dim, &st), st);     \
     _tile_dpbf16ps(acc, 4, 6);                                             \
     _tile_dpbf16ps(acc, 5, 7);
             TM_S_BLOCK(0, 0)
@@ -388,11 +396,20 @@ static void amx_block_scores(amx_head_block *b, const amx_kv *kv, int64_t t, int
         } else {
             for (int64_t db = 0; db < d32; ++db) {
                 _tile_loadd(4, b->qb + db * 32, head_dim * 2);
-                _tile_loadd(6, amx_k_tile(kv, t, kb, db, head_dim, &st), st);
+                _tile_loadd(6, amx_k_tile(kv, kb, db, head_dim, &st), st);
                 _tile_dpbf16ps(0, 4, 6);
-                if (nk > 1) { _tile_loadd(7, amx_k_tile(kv, t, kb + 1, db, head_dim, &st), st); _tile_dpbf16ps(1, 4, 7); }
-                if (nk > 2) { _tile_loadd(6, amx_k_tile(kv, t, kb + 2, db, head_dim, &st), st); _tile_dpbf16ps(2, 4, 6); }
-                if (nk > 3) { _tile_loadd(7, amx_k_tile(kv, t, kb + 3, db, head_dim, &st), st); _tile_dpbf16ps(3, 4, 7); }
+                if (nk > 1) {
+                    _tile_loadd(7, amx_k_tile(kv, kb + 1, db, head_dim, &st), st);
+                    _tile_dpbf16ps(1, 4, 7);
+                }
+                if (nk > 2) {
+                    _tile_loadd(6, amx_k_tile(kv, kb + 2, db, head_dim, &st), st);
+                    _tile_dpbf16ps(2, 4, 6);
+                }
+                if (nk > 3) {
+                    _tile_loadd(7, amx_k_tile(kv, kb + 3, db, head_dim, &st), st);
+                    _tile_dpbf16ps(3, 4, 7);
+                }
             }
         }
         _tile_stored(0, b->s + kb * 16, s_stride * 4);
@@ -561,9 +578,9 @@ static void amx_attend_prompts(const amx_prompt_plan *a, const amx_out *out, con
         if (a->from_cache)
             kv = (amx_kv){NULL, cache->k_cache + h * cache->num_blocks * cache->block_size * head_dim, own,
                           cache->tables + i * cache->table_stride, cache->block_size};
-        amx_attend_group(out, starts[i], first, (const char *)q + (starts[i] * q_stride + first) * esize, q_stride, src_bf16, &kv, t,
-                         t - lens[i] + row0, row0, lens[i] - row0 < 16 ? lens[i] - row0 : 16, group, head_dim, scale,
-                         scratch, tiles);
+        amx_attend_group(out, starts[i], first, (const char *)q + (starts[i] * q_stride + first) * esize, q_stride,
+                         src_bf16, &kv, t, t - lens[i] + row0, row0, lens[i] - row0 < 16 ? lens[i] - row0 : 16, group,
+                         head_dim, scale, scratch, tiles);
     }
 #undef TM_KEYS
 #undef TM_HEAD_ELEMS

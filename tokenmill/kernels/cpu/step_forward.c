@@ -750,17 +750,17 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
             /* The AMX prompts write their rows of the o projection's bf16 input themselves where it takes the
              * attention rows as they are (its prepare_row then skips them): not where the last layer compacts
              * kept rows, nor where rows of shared KV groups are zeroed after. */
-            const int o_direct = m->amx_direct_o && amx.num_tasks > 0 && multiplies_in_bf16(&ly->o, &qr) && ly->o.k == q_size &&
-                                 bf16_k_pad(q_size) == q_size && m->kv_row_shares == NULL &&
+            const int o_direct = m->amx_direct_o && amx.num_tasks > 0 && multiplies_in_bf16(&ly->o, &qr) &&
+                                 ly->o.k == q_size && bf16_k_pad(q_size) == q_size && m->kv_row_shares == NULL &&
                                  !(l == m->num_layers - 1 && keep_rows != NULL);
             if (!pure_decode) {
 #if TM_HAVE_AMX_ATTENTION
                 if (amx.num_tasks > 0) { /* q from the rotated queries, k and v from the cache or the fused rows */
                     const amx_cache_view view = {(const uint16_t *)ly->k_cache, (const uint16_t *)ly->v_cache,
                                                  block_tables, table_stride, seq_lens, m->num_blocks, m->block_size};
-                    const amx_out dst = o_direct ? (amx_out){qr.u, qr.bf16_stride == BF16_TILED ? q_size : qr.bf16_stride,
-                                                             qr.bf16_stride == BF16_TILED ? AMX_OUT_BF16_TILES
-                                                                                          : AMX_OUT_BF16}
+                    const int tiled = qr.bf16_stride == BF16_TILED;
+                    const amx_out dst = o_direct ? (amx_out){qr.u, tiled ? q_size : qr.bf16_stride,
+                                                             tiled ? AMX_OUT_BF16_TILES : AMX_OUT_BF16}
                                                  : (amx_out){attn, q_size, AMX_OUT_F32};
                     amx_attend_prompts(&amx, &dst, q, q_size, qkv + q_size, qkv_n, qkv + q_size + kv_size, qkv_n, 0,
                                        q_starts, amx_lens, N, num_heads, num_kv_heads, D, m->attn_scale,
