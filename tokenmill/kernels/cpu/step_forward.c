@@ -589,9 +589,9 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
     /* Split-K attention (fewer than 2 (request, KV head) tasks per thread): ranges per (request, KV head). */
     const int64_t max_splits =
         pure_decode ? (2 * (int64_t)num_threads + N * num_kv_heads - 1) / (N * num_kv_heads) : 0;
-    /* Any other step: whole-context prompts on AMX tiles where the model allows (amx_lens, amx), one-row requests
-     * (decode rows beside the prompts) as a decode step's (request, KV head) tasks (decode_reqs), the rest
-     * prefill_tile.h's tasks (task_q_lens: those of the other two, 0). */
+    /* Any other step: prompts on AMX tiles where the model allows (amx_lens, amx; whole-context ones only unless
+     * amx_from_cache), one-row requests (decode rows beside the prompts) as a decode step's (request, KV head) tasks
+     * (decode_reqs), the rest prefill_tile.h's tasks (task_q_lens: those of the other two, 0). */
     int64_t *amx_lens = NULL, *decode_reqs = NULL, num_decode_reqs = 0;
     amx_prompt_plan amx = {0};
     /* A KV_BF16 cache of 16-position multiples on AMX tiles: the prompts read their K/V from it (written by the
