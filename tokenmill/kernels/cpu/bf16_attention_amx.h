@@ -42,6 +42,7 @@
 
 #include "bf16_panels.h"
 #include "exp2_16.h"
+#include "kv_cache.h"
 
 #define AMX_ATTENTION_MAX_DIM 256
 #define AMX_ATTENTION_MAX_KEYS 8192
@@ -97,13 +98,15 @@ typedef struct {
     int64_t num_blocks, block_size;
 } amx_cache_view;
 
-/* Where one (prompt, KV head)'s K and V tiles lie: amx_pack_kv's copy (packed), or K in the cache (k_tiles: the KV
- * head's first tile, table: the request's blocks) and V gathered (v_rows: pair rows in key order, amx_gather_v). */
+/* Where one (prompt, KV head)'s K and V tiles lie: amx_pack_kv's copy (packed), or K in the cache (k_cache,
+ * head_base = KV head * num_blocks and table: the request's blocks, as kv_cache.h's tile takes them) and V gathered
+ * (v_rows: pair rows in key order, amx_gather_v). */
 typedef struct {
     const uint16_t *packed;
-    const uint16_t *k_tiles, *v_rows;
+    const void *k_cache;
+    const uint16_t *v_rows;
     const int64_t *table;
-    int64_t block_size;
+    int64_t head_base, block_size;
 } amx_kv;
 
 /* The B tile of K^T for keys 16 kb .. 16 kb + 15 and dims 32 db .. 32 db + 31; *stride: its row stride (bytes). */
@@ -115,7 +118,8 @@ static inline const uint16_t *amx_k_tile(const amx_kv *kv, int64_t kb, int64_t d
     }
     const int64_t bs = kv->block_size, pos = kb * 16;
     *stride = bs * 4;
-    return kv->k_tiles + kv->table[pos / bs] * bs * head_dim + (db * 16 * bs + pos % bs) * 2;
+    return (const uint16_t *)tile(kv->k_cache, KV_BF16, kv->head_base, kv->table, pos / bs, bs, head_dim) +
+           (db * 16 * bs + pos % bs) * 2;
 }
 
 /* The B tile of V for keys 32 kb .. 32 kb + 31 (16 pair rows) and dims 16 db .. 16 db + 15; *stride as above. */
@@ -234,15 +238,16 @@ static void amx_pack_kv(uint16_t *packed, const void *k, int64_t k_stride, const
         }
 }
 
-/* The t keys' V tiles of one KV head of a KV_BF16 cache (v_tiles: the head's first tile; table: the request's
- * blocks) copied in key order into v_rows [amx_keys32(t) * head_dim], pair rows as the cache has them, zero past
- * key t - 1 (the cache past a request's end may hold anything, and P's zeros there would not cancel a NaN). */
-static void amx_gather_v(uint16_t *v_rows, const uint16_t *v_tiles, const int64_t *table, int64_t block_size,
-                         int64_t t, int64_t head_dim) {
+/* The t keys' V tiles of one KV head (head_base = KV head * num_blocks) of a KV_BF16 cache, through the request's
+ * block table, copied in key order into v_rows [amx_keys32(t) * head_dim], pair rows as the cache has them, zero
+ * past key t - 1 (the cache past a request's end may hold anything, and P's zeros there would not cancel a NaN). */
+static void amx_gather_v(uint16_t *v_rows, const void *v_cache, int64_t head_base, const int64_t *table,
+                         int64_t block_size, int64_t t, int64_t head_dim) {
     const int64_t tile_elems = block_size * head_dim, padded = amx_keys32(t);
     for (int64_t b = 0; b * block_size < t; ++b) { /* whole pair rows up to padded keys */
         const int64_t n = padded - b * block_size < block_size ? padded - b * block_size : block_size;
-        memcpy(v_rows + b * tile_elems, v_tiles + table[b] * tile_elems, (size_t)(n * head_dim) * sizeof(uint16_t));
+        memcpy(v_rows + b * tile_elems, tile(v_cache, KV_BF16, head_base, table, b, block_size, head_dim),
+               (size_t)(n * head_dim) * sizeof(uint16_t));
     }
     for (int64_t j = t; j < padded; ++j)
         for (int64_t d = 0; d < head_dim; ++d) v_rows[((j >> 1) * head_dim + d) * 2 + (j & 1)] = 0;
@@ -383,10 +388,10 @@ static void amx_block_scores(amx_head_block *b, const amx_kv *kv, int64_t t, int
         _tile_zero(3);
         if (d32 == 2) {
 /* Key block kb + j's two input blocks into accumulator acc (tiles 6, 7 hold its K). */
-#define TM_S_BLOCK(acc, j)                                                 \
-    _tile_loadd(6, amx_k_tile(kv, kb + (j), 0, head_dim, &st), st);     \
-    _tile_loadd(7, amx_k_tile(kv, kb + (j), 1, head_dim, &st), st);     \
-    _tile_dpbf16ps(acc, 4, 6);                                             \
+#define TM_S_BLOCK(acc, j)                                          \
+    _tile_loadd(6, amx_k_tile(kv, kb + (j), 0, head_dim, &st), st); \
+    _tile_loadd(7, amx_k_tile(kv, kb + (j), 1, head_dim, &st), st); \
+    _tile_dpbf16ps(acc, 4, 6);                                      \
     _tile_dpbf16ps(acc, 5, 7);
             TM_S_BLOCK(0, 0)
             if (nk > 1) { TM_S_BLOCK(1, 1) }
@@ -561,8 +566,8 @@ static void amx_attend_prompts(const amx_prompt_plan *a, const amx_out *out, con
         if (a->offsets[i] < 0) continue;
         uint16_t *dst = a->kv + a->offsets[i] + h * TM_HEAD_ELEMS(i);
         if (a->from_cache)
-            amx_gather_v(dst, cache->v_cache + h * cache->num_blocks * cache->block_size * head_dim,
-                         cache->tables + i * cache->table_stride, cache->block_size, TM_KEYS(i), head_dim);
+            amx_gather_v(dst, cache->v_cache, h * cache->num_blocks, cache->tables + i * cache->table_stride,
+                         cache->block_size, TM_KEYS(i), head_dim);
         else
             amx_pack_kv(dst, (const char *)k + (starts[i] * k_stride + h * head_dim) * esize, k_stride,
                         (const char *)v + (starts[i] * v_stride + h * head_dim) * esize, v_stride, src_bf16, lens[i],
@@ -574,10 +579,10 @@ static void amx_attend_prompts(const amx_prompt_plan *a, const amx_out *out, con
         const int64_t i = a->tasks[3 * j], h = a->tasks[3 * j + 1], row0 = a->tasks[3 * j + 2], t = TM_KEYS(i);
         const int64_t first = h * group * head_dim; /* the KV head's first query head */
         const uint16_t *own = a->kv + a->offsets[i] + h * TM_HEAD_ELEMS(i);
-        amx_kv kv = {own, NULL, NULL, NULL, 0};
+        amx_kv kv = {own, NULL, NULL, NULL, 0, 0};
         if (a->from_cache)
-            kv = (amx_kv){NULL, cache->k_cache + h * cache->num_blocks * cache->block_size * head_dim, own,
-                          cache->tables + i * cache->table_stride, cache->block_size};
+            kv = (amx_kv){NULL, cache->k_cache, own, cache->tables + i * cache->table_stride, h * cache->num_blocks,
+                          cache->block_size};
         amx_attend_group(out, starts[i], first, (const char *)q + (starts[i] * q_stride + first) * esize, q_stride,
                          src_bf16, &kv, t, t - lens[i] + row0, row0, lens[i] - row0 < 16 ? lens[i] - row0 : 16, group,
                          head_dim, scale, scratch, tiles);

@@ -566,8 +566,6 @@ int tm_step_forward(const tm_model *m, float *hidden, const int64_t *positions, 
     const int64_t num_heads = m->num_heads, num_kv_heads = m->num_kv_heads, group = num_heads / num_kv_heads;
     const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D, qkv_n = q_size + 2 * kv_size;
     if (D % LANES != 0) return 2;
-    int64_t max_seq = 1;
-    for (int64_t r = 0; r < N; ++r) max_seq = seq_lens[r] > max_seq ? seq_lens[r] : max_seq;
     const int pure_decode = R == N; /* every request has one row */
     int64_t max_k = H > I ? H : I;
     max_k = max_k > q_size ? max_k : q_size;
