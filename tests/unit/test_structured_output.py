@@ -208,7 +208,7 @@ def test_masked_greedy_recomputes_only_rows_whose_raw_argmax_the_mask_forbids() 
     md.grammar_bitmask, md.grammar_rows = bitmask, torch.tensor([0, 2])
     runner = object.__new__(ModelRunner)
     runner.model = FakeModel()
-    got = runner._masked_greedy(hidden, sample_rows, raw.clone(), md)
+    got = runner._masked_greedy(hidden[sample_rows], raw.clone(), md)
     full = hidden[sample_rows] @ weight.T
     apply_token_bitmask(full, bitmask, torch.tensor([0, 2]))
     assert got.tolist() == full.argmax(-1).tolist()
