@@ -254,8 +254,9 @@ class ModelRunner:
 
     def _masked_greedy(self, picked: torch.Tensor, ids: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
         """Greedy ids under grammar masks from the raw argmax `ids` of the sampled rows (their hidden states `picked`):
-        a row whose raw argmax its mask allows keeps it (the masked argmax is the same token); only the others get their
-        logits computed, masked and argmaxed. A constrained step then skips most of the vocabulary projection's logits, as unconstrained ones do."""
+        a row whose raw argmax its mask allows keeps it (the masked argmax is the same token); only the others get
+        their logits computed, masked and argmaxed. A constrained step then skips most of the vocabulary projection's
+        logits, as unconstrained ones do."""
         bitmask = metadata.grammar_bitmask
         assert bitmask is not None
         masked_rows = metadata.grammar_rows if metadata.grammar_rows is not None else torch.arange(bitmask.shape[0])
