@@ -122,10 +122,10 @@ def test_an_engine_with_the_screen_writes_the_same_greedy_text(tiny_checkpoint: 
 def test_the_plan_times_greedy_rows_against_the_logits_where_the_head_routes_them_elsewhere(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A vocabulary projection planned as panels at 1 row and another kernel from 2 rows on (as noise or the machine
-    may split it): every greedy bucket is timed, those with rows routed elsewhere against that kernel's logits too;
-    a projection with panels at every bucket never against the logits. The screen stands in front of the panel module
-    for the leading buckets it won; the panels' fused argmax (a bf16 head's) for those up to the first the logits
-    won."""
+    may split it): bf16 panels are timed at every greedy bucket, those with rows routed elsewhere against that kernel's
+    logits too; float32 panels only at the buckets routed to them; a projection of panels at every bucket at each,
+    never against the logits. The screen stands in front of the panel module for the leading buckets it won; the
+    panels' fused argmax (a bf16 head's) for those up to the first the logits won."""
     from tokenmill.layers.linear import Linear
     from tokenmill.layers.planned_linear import PlannedLinear
     from tokenmill.worker.plan import GREEDY_BUCKETS, ExecutionPlan
@@ -139,13 +139,16 @@ def test_the_plan_times_greedy_rows_against_the_logits_where_the_head_routes_the
         if dtype == "bf16":
             plain = plain.to(torch.bfloat16)
         split = PlannedLinear([(1, panels), (64, plain)], ["c_panels", "torch"])
-        for head, routed in ((split, {4, 16}), (PlannedLinear([(64, panels)], ["c_panels"]), set())):
+        # float32 panels (no fused argmax) are timed only where the head routes the rows to them
+        timed = set(GREEDY_BUCKETS) if dtype == "bf16" else {1}
+        for head, routed, buckets in ((split, {4, 16} if dtype == "bf16" else set(), timed),
+                                      (PlannedLinear([(64, panels)], ["c_panels"]), set(), set(GREEDY_BUCKETS))):
             plan = ExecutionPlan(key="test", machine="test")
             model = torch.nn.Module()
             model.greedy_screen = model.greedy_panels = None
             _plan_greedy_head(model, plan, "auto", head, weight if dtype == "f32" else weight.to(torch.bfloat16))
             choices = plan.for_operation("greedy_head")
-            assert [c.rows for c in choices] == list(GREEDY_BUCKETS)
+            assert {c.rows for c in choices} == buckets
             assert {c.rows for c in choices if LOGITS_KERNEL in c.seconds} == routed
             fused = [c.rows for c in choices[:next((i for i, c in enumerate(choices) if c.kernel == LOGITS_KERNEL),
                                                    len(choices))]]

@@ -319,13 +319,19 @@ def _plan_greedy_head(model: nn.Module, plan: ExecutionPlan, family: str, head: 
                       weight: torch.Tensor) -> None:
     """Times (unless cached) greedy ids of GREEDY_BUCKETS rows through the panel module the head routes 1 row to
     (c_head_argmax), the int8 screen of its panels (layers/screened_head.py) and, where the head routes that many rows
-    to another kernel, that kernel's logits then their argmax (LOGITS_KERNEL): the same ids each way. The model gets
+    to another kernel, that kernel's logits then their argmax (LOGITS_KERNEL): the same ids each way (float32 panels:
+    only the buckets whose rows the head routes to them). The model gets
     the screen for the buckets it won up to the first it lost (model.greedy_screen), and the panel module's fused
     argmax for the buckets the screen or it won up to the first the logits won (model.greedy_panels). So a greedy
     step of a few rows keeps the fused argmax where noise gave the lm_head's bucket to oneDNN (whose logits, written
     and reduced, cost it ~1.4 ms at 4 rows on the AMX Xeon)."""
     exact = head.route(1) if isinstance(head, PlannedLinear) else head
-    if not ScreenedGreedyHead.takes(exact) or family == "torch":
+    buckets = GREEDY_BUCKETS
+    if not isinstance(exact, Bf16PanelLinear) and isinstance(head, PlannedLinear):
+        # float32 panels have no fused argmax: only the screen, and only where compute_logits runs the panels too (its
+        # ids then bit for bit the logits' argmax, as float32's HF parity asks): a leading run of the buckets.
+        buckets = tuple(r for r in GREEDY_BUCKETS if all(head.route(n) is exact for n in range(1, r + 1)))
+    if not buckets or not ScreenedGreedyHead.takes(exact) or family == "torch":
         return
     screen = None
     if not plan.cached:
@@ -333,7 +339,7 @@ def _plan_greedy_head(model: nn.Module, plan: ExecutionPlan, family: str, head: 
         fused, logits = _HeadArgmax(exact), _LogitsArgmax(head)
         logger.info("plan: timing greedy_head (c_head_argmax, %s, %s)", SCREEN_KERNEL, LOGITS_KERNEL)
         gen = torch.Generator().manual_seed(0)
-        for rows in GREEDY_BUCKETS:
+        for rows in buckets:
             # Rows like a decoder's last hidden states: each near one token's embedding, so that (as in decoding)
             # a few channels stand out; the screen's cost is its pass over the int8 weight either way.
             ids = torch.randint(0, weight.shape[0], (rows,), generator=gen)
