@@ -320,9 +320,9 @@ def _plan_greedy_head(model: nn.Module, plan: ExecutionPlan, family: str, head: 
     """Times (unless cached) greedy ids of GREEDY_BUCKETS rows through the panel module the head routes 1 row to
     (c_head_argmax), the int8 screen of its panels (layers/screened_head.py) and, where the head routes that many rows
     to another kernel, that kernel's logits then their argmax (LOGITS_KERNEL): the same ids each way (float32 panels:
-    only the buckets whose rows the head routes to them). The model gets
-    the screen for the buckets it won up to the first it lost (model.greedy_screen), and the panel module's fused
-    argmax for the buckets the screen or it won up to the first the logits won (model.greedy_panels). So a greedy
+    only the buckets whose rows the head routes to them). The model gets the screen for the buckets it won up to the
+    first it lost (model.greedy_screen), and the panel module's fused argmax for the buckets the screen or it won up
+    to the first the logits won (model.greedy_panels). So a greedy
     step of a few rows keeps the fused argmax where noise gave the lm_head's bucket to oneDNN (whose logits, written
     and reduced, cost it ~1.4 ms at 4 rows on the AMX Xeon)."""
     exact = head.route(1) if isinstance(head, PlannedLinear) else head
