@@ -326,11 +326,16 @@ def _plan_greedy_head(model: nn.Module, plan: ExecutionPlan, family: str, head: 
     step of a few rows keeps the fused argmax where noise gave the lm_head's bucket to oneDNN (whose logits, written
     and reduced, cost it ~1.4 ms at 4 rows on the AMX Xeon)."""
     exact = head.route(1) if isinstance(head, PlannedLinear) else head
+
+    def routed_to_exact(rows: int) -> bool:
+        """Whether compute_logits runs every row count up to `rows` on the panel module."""
+        return not isinstance(head, PlannedLinear) or all(head.route(n) is exact for n in range(1, rows + 1))
+
     buckets = GREEDY_BUCKETS
-    if not isinstance(exact, Bf16PanelLinear) and isinstance(head, PlannedLinear):
+    if not isinstance(exact, Bf16PanelLinear):
         # float32 panels have no fused argmax: only the screen, and only where compute_logits runs the panels too (its
         # ids then bit for bit the logits' argmax, as float32's HF parity asks): a leading run of the buckets.
-        buckets = tuple(r for r in GREEDY_BUCKETS if all(head.route(n) is exact for n in range(1, r + 1)))
+        buckets = tuple(r for r in GREEDY_BUCKETS if routed_to_exact(r))
     if not buckets or not ScreenedGreedyHead.takes(exact) or family == "torch":
         return
     screen = None
@@ -345,8 +350,7 @@ def _plan_greedy_head(model: nn.Module, plan: ExecutionPlan, family: str, head: 
             ids = torch.randint(0, weight.shape[0], (rows,), generator=gen)
             x = (weight[ids].float() * 8 + torch.randn(rows, weight.shape[1], generator=gen)).to(weight.dtype)
             candidates: dict[str, nn.Module] = {"c_head_argmax": fused, SCREEN_KERNEL: screen}
-            routed = isinstance(head, PlannedLinear) and any(head.route(n) is not exact for n in range(1, rows + 1))
-            if routed and family != "c":
+            if not routed_to_exact(rows) and family != "c":
                 candidates[LOGITS_KERNEL] = logits
             plan.choices.append(choose("greedy_head", rows, {k: (lambda m=m, x=x: m.greedy_ids(x))
                                                             for k, m in candidates.items()}))

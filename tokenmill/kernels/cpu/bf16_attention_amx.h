@@ -55,6 +55,12 @@ static inline int64_t amx_packed_kv_elems(int64_t t, int64_t head_dim) {
     return amx_keys16(t) * head_dim + amx_keys32(t) * head_dim;
 }
 
+/* Elements of one (prompt, KV head)'s own buffer in an amx_prompt_plan of t keys: its packed K^T and V, or, with the
+ * K/V read from a cache (from_cache), its V tiles gathered (amx_gather_v). */
+static inline int64_t amx_head_kv_elems(int from_cache, int64_t t, int64_t head_dim) {
+    return from_cache ? amx_keys32(t) * head_dim : amx_packed_kv_elems(t, head_dim);
+}
+
 /* Score and probability rows of a prompt of t tokens: padded off multiples of 4 KiB, so a tile's 16 rows fall in
  * distinct L1 sets. */
 static inline int64_t amx_score_stride(int64_t t) { return amx_keys32(t) + 32; }
@@ -158,8 +164,7 @@ static int amx_plan_prompts(amx_prompt_plan *a, const int64_t *lens, const int64
     for (int64_t i = 0; i < num_prompts; ++i) {
         a->offsets[i] = lens[i] > 0 ? packed : -1;
         if (lens[i] > 0) {
-            packed += num_kv_heads * (from_cache ? amx_keys32(keys[i]) * head_dim
-                                                 : amx_packed_kv_elems(keys[i], head_dim));
+            packed += num_kv_heads * amx_head_kv_elems(from_cache, keys[i], head_dim);
             a->num_tasks += num_kv_heads * ((lens[i] + 15) / 16);
             max_t = keys[i] > max_t ? keys[i] : max_t;
         }
@@ -559,7 +564,7 @@ static void amx_attend_prompts(const amx_prompt_plan *a, const amx_out *out, con
     /* per prompt: its keys (the cache's context, or the prompt itself) and its first key's place in its per-head
      * buffer (K^T then V packed; from the cache, V gathered) */
 #define TM_KEYS(i) (a->from_cache ? cache->seq_lens[i] : lens[i])
-#define TM_HEAD_ELEMS(i) (a->from_cache ? amx_keys32(TM_KEYS(i)) * head_dim : amx_packed_kv_elems(lens[i], head_dim))
+#define TM_HEAD_ELEMS(i) amx_head_kv_elems(a->from_cache, TM_KEYS(i), head_dim)
 #pragma omp for schedule(dynamic, 1)
     for (int64_t j = 0; j < num_prompts * num_kv_heads; ++j) {
         const int64_t i = j / num_kv_heads, h = j % num_kv_heads;
