@@ -119,42 +119,25 @@ def test_an_engine_with_the_screen_writes_the_same_greedy_text(tiny_checkpoint: 
     assert SCREEN_KERNEL in {k for c in plan.choices if c.operation == "greedy_head" for k in c.seconds}
 
 
-def test_the_plan_times_greedy_rows_against_the_logits_where_the_head_routes_them_elsewhere(
+def test_the_plan_times_the_screen_for_the_rows_the_head_routes_to_one_panel_module(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A vocabulary projection planned as panels at 1 row and another kernel from 2 rows on (as noise or the machine
-    may split it): bf16 panels are timed at every greedy bucket, those with rows routed elsewhere against that kernel's
-    logits too; float32 panels only at the buckets routed to them; a projection of panels at every bucket at each,
-    never against the logits. The screen stands in front of the panel module for the leading buckets it won; the
-    panels' fused argmax (a bf16 head's) for those up to the first the logits won."""
+    may split it) still gets the screen timed at 1 row, and only there; one with panels everywhere at every bucket."""
     from tokenmill.layers.linear import Linear
     from tokenmill.layers.planned_linear import PlannedLinear
     from tokenmill.worker.plan import GREEDY_BUCKETS, ExecutionPlan
-    from tokenmill.worker.planner import LOGITS_KERNEL, _plan_greedy_head
+    from tokenmill.worker.planner import _plan_greedy_head
 
     monkeypatch.setattr(cpu_load, "sample", lambda: None)
     weight = torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(2))
-    for dtype in ("f32", "bf16"):
-        panels = _heads(weight)[dtype]
-        plain = Linear(HIDDEN, VOCAB, bias=False)
-        if dtype == "bf16":
-            plain = plain.to(torch.bfloat16)
-        split = PlannedLinear([(1, panels), (64, plain)], ["c_panels", "torch"])
-        # float32 panels (no fused argmax) are timed only where the head routes the rows to them
-        timed = set(GREEDY_BUCKETS) if dtype == "bf16" else {1}
-        for head, routed, buckets in ((split, {4, 16} if dtype == "bf16" else set(), timed),
-                                      (PlannedLinear([(64, panels)], ["c_panels"]), set(), set(GREEDY_BUCKETS))):
-            plan = ExecutionPlan(key="test", machine="test")
-            model = torch.nn.Module()
-            model.greedy_screen = model.greedy_panels = None
-            _plan_greedy_head(model, plan, "auto", head, weight if dtype == "f32" else weight.to(torch.bfloat16))
-            choices = plan.for_operation("greedy_head")
-            assert {c.rows for c in choices} == buckets
-            assert {c.rows for c in choices if LOGITS_KERNEL in c.seconds} == routed
-            fused = [c.rows for c in choices[:next((i for i, c in enumerate(choices) if c.kernel == LOGITS_KERNEL),
-                                                   len(choices))]]
-            if model.greedy_screen is not None:  # where the screen won, it stands in front of the panel module
-                assert model.greedy_screen[1].head is panels and choices[0].kernel == SCREEN_KERNEL
-            if dtype == "bf16" and fused:
-                assert model.greedy_panels == (fused[-1], panels)
-            else:
-                assert model.greedy_panels is None
+    panels = _heads(weight)["f32"]
+    plain = Linear(HIDDEN, VOCAB, bias=False)
+    split = PlannedLinear([(1, panels), (64, plain)], ["c_f32_panels", "torch_fp32"])
+    for head, want in ((split, {1}), (PlannedLinear([(64, panels)], ["c_f32_panels"]), set(GREEDY_BUCKETS))):
+        plan = ExecutionPlan(key="test", machine="test")
+        model = torch.nn.Module()
+        model.greedy_screen = None
+        _plan_greedy_head(model, plan, "c", head, weight)
+        assert {c.rows for c in plan.for_operation("greedy_head")} == want
+        if model.greedy_screen is not None:  # where the screen won, it stands in front of the panel module
+            assert model.greedy_screen[0] in want and model.greedy_screen[1].head is panels

@@ -78,12 +78,8 @@ class CausalLM(Protocol):
     rotary: RotaryEmbedding
     logits_head: nn.Module | None  # replaces vocab_projection in compute_logits when set
     # (max rows, module with greedy_ids): greedy_token_ids of up to that many rows through it (the execution plan's
-    # int8 screen, layers/screened_head.py: the same ids as its panel module's argmax, which is compute_logits' where
-    # that routes the rows to it), when set
+    # int8 screen, layers/screened_head.py: the same ids as compute_logits' argmax), when set
     greedy_screen: tuple[int, nn.Module] | None
-    # (max rows, Bf16PanelLinear): greedy_token_ids of up to that many rows through its fused argmax, where the plan
-    # timed it faster than the logits of the kernel lm_head routes those rows to (the same products, exact in float32)
-    greedy_panels: tuple[int, nn.Module] | None
 
     def decoder_layers(self) -> list[DecoderLayerParts]: ...
 

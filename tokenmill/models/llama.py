@@ -177,7 +177,6 @@ class LlamaForCausalLM(nn.Module):
         # also becomes lm_head, and the embedding's source when tied).
         self.logits_head: nn.Module | None = None
         self.greedy_screen: tuple[int, nn.Module] | None = None  # set by the execution plan (worker/planner.py)
-        self.greedy_panels: tuple[int, nn.Module] | None = None  # likewise
 
     # -- the causal-LM interface (models/interface.py) ---------------------------------------------
     def decoder_layers(self) -> list[DecoderLayerParts]:
@@ -252,10 +251,8 @@ class LlamaForCausalLM(nn.Module):
         return self.tp.gather_last_to_first(self._local_logits(hidden), self.vocab_sizes)
 
     def greedy_token_ids(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Each row's argmax [T] (int64) of the vocabulary projection's float32 logits, where a kernel can give it
-        without writing the logits: the one compute_logits runs for these rows (bit for bit its ids), or the one the
-        execution plan timed fastest for greedy rows (greedy_panels: the bf16 panels' exact products, where
-        compute_logits would take oneDNN's); else None."""
+        """argmax of compute_logits(hidden).float() per row [T] (int64), where the vocabulary projection that
+        compute_logits runs for these rows can give it without the logits (bit for bit the same ids); else None."""
         if self.tp.is_parallel:
             return self._greedy_over_ranks(hidden)
         head = self._fused_greedy_head(hidden.shape[0])
@@ -263,13 +260,10 @@ class LlamaForCausalLM(nn.Module):
 
     def _fused_greedy_head(self, rows: int) -> nn.Module | None:
         """What gives this rank's argmax (and its value) of `rows` rows without their logits (greedy_ids): the plan's
-        int8 screen for as many rows as it won, else its bf16 panels for as many rows as they (or the screen) won
-        against the logits, else the bf16 panels with float32 outputs that compute_logits runs for these rows (the
-        same sums, the same argmax); else None."""
+        int8 screen for as many rows as it won, else the bf16 panels with float32 outputs (the same sums, the same
+        argmax); else None."""
         if self.greedy_screen is not None and rows <= self.greedy_screen[0]:
             return self.greedy_screen[1]
-        if self.greedy_panels is not None and rows <= self.greedy_panels[0]:
-            return self.greedy_panels[1]
         head = self.logits_head
         if isinstance(head, PlannedLinear):
             head = head.route(rows)

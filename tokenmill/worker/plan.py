@@ -11,11 +11,9 @@ that exist here: a C kernel that cannot be built for this CPU is simply not a ca
       with AVX512-BF16 or AMX-BF16, or in a bf16 model; the C forward follows this choice)
   lm_head (the vocabulary projection), by sampled-row bucket (LOGIT_BUCKETS): the same families;
   greedy_head, greedy rows' ids from a float32 or bf16 panel lm_head, by row bucket (GREEDY_BUCKETS): c_head_argmax
-      (the panel module the lm_head routes 1 row to: the bf16 panels' fused argmax, or argmax over its logits) |
-      c_int8_screen (layers/screened_head.py: an int8 copy of the weight screens the panels, the head's own kernel on
-      the few that pass; the same ids) | torch_logits_argmax (where the lm_head routes that many rows to another
-      kernel: its logits, then their argmax); the screen takes the buckets it won up to the first it lost, the
-      panels' fused argmax the buckets it or the screen won up to the first the logits won;
+      (the head's own: the bf16 panels' fused argmax, or argmax over its logits) | c_int8_screen (layers/
+      screened_head.py: an int8 copy of the weight screens the panels, the head's own kernel on the few that pass;
+      the same ids); the screen takes the buckets it won up to the first it lost;
   prompt_attention, the causal attention of a prompt whose whole context is in the step, by its length
       (PROMPT_ATTENTION_BUCKETS): c_paged (kernels/cpu/prefill_attention.c over the paged cache) | torch_sdpa
       (torch's fused attention over the step's own K/V in the model's dtype; oneDNN) | c_bf16 (a bf16 or int8/int4
@@ -57,7 +55,7 @@ from tokenmill.worker.cpu_load import CpuSample
 
 logger = logging.getLogger("tokenmill")
 
-PLAN_VERSION = 21  # bumped when the candidates or their kernels change
+PLAN_VERSION = 22  # bumped when the candidates or their kernels change (21: greedy_head had a logits candidate)
 ROW_BUCKETS = (1, 16, 64, 256, 2048)
 # An int4 projection's: its two kernels cross over at a few rows (the W4A16 C kernel's time grows with every row, the
 # bf16 route's dequantization is paid once per call), and decode batches of 2-16 requests are common in serving.

@@ -37,7 +37,6 @@ from tokenmill.kernels.cpu.bf16_gemm import bf16_panels_available
 from tokenmill.kernels.cpu.bf16_prompt_attention import bf16_prompt_attention, bf16_prompt_attention_available
 from tokenmill.kernels.cpu.build import kernel_sources_digest
 from tokenmill.kernels.cpu.f32_gemm import f32_panels_available
-from tokenmill.kernels.cpu.layer_ops import rows_max
 from tokenmill.kernels.cpu.prefill_attention import paged_prefill_attention
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.panel_linear import Bf16PanelLinear, PanelLinear, use_panel_head
@@ -300,73 +299,40 @@ class _HeadArgmax(nn.Module):
         return head_greedy_ids(self.head, x, values)
 
 
-class _LogitsArgmax(nn.Module):
-    """The plan's candidate for greedy rows that the planned head routes elsewhere: the logits of the kernel its
-    route takes for that many rows, then their argmax (what the engine does without a fused greedy head)."""
-
-    def __init__(self, head: nn.Module) -> None:
-        super().__init__()
-        self.head = head
-
-    def greedy_ids(self, x: torch.Tensor) -> torch.Tensor:
-        return rows_max(self.head(x).float().contiguous())[1]
-
-
-LOGITS_KERNEL = "torch_logits_argmax"  # the greedy_head candidate of logits then argmax
-
-
 def _plan_greedy_head(model: nn.Module, plan: ExecutionPlan, family: str, head: nn.Module,
                       weight: torch.Tensor) -> None:
-    """Times (unless cached) greedy ids of GREEDY_BUCKETS rows through the panel module the head routes 1 row to
-    (c_head_argmax), the int8 screen of its panels (layers/screened_head.py) and, where the head routes that many rows
-    to another kernel, that kernel's logits then their argmax (LOGITS_KERNEL): the same ids each way (float32 panels:
-    only the buckets whose rows the head routes to them). The model gets the screen for the buckets it won up to the
-    first it lost (model.greedy_screen), and the panel module's fused argmax for the buckets the screen or it won up
-    to the first the logits won (model.greedy_panels). So a greedy
-    step of a few rows keeps the fused argmax where noise gave the lm_head's bucket to oneDNN (whose logits, written
-    and reduced, cost it ~1.4 ms at 4 rows on the AMX Xeon)."""
-    exact = head.route(1) if isinstance(head, PlannedLinear) else head
-
-    def routed_to_exact(rows: int) -> bool:
-        """Whether compute_logits runs every row count up to `rows` on the panel module."""
-        return not isinstance(head, PlannedLinear) or all(head.route(n) is exact for n in range(1, rows + 1))
-
-    buckets = GREEDY_BUCKETS
-    if not isinstance(exact, Bf16PanelLinear):
-        # float32 panels have no fused argmax: only the screen, and only where compute_logits runs the panels too (its
-        # ids then bit for bit the logits' argmax, as float32's HF parity asks): a leading run of the buckets.
-        buckets = tuple(r for r in GREEDY_BUCKETS if routed_to_exact(r))
+    """Times (unless cached) greedy ids of GREEDY_BUCKETS rows through the head's own kernel against the int8 screen
+    of its panels (layers/screened_head.py: the same ids), for the leading buckets whose rows (from 1 up) the head
+    routes to one panel module, and gives the model the screen for the rows where it won (model.greedy_screen). (A
+    vocabulary projection that is a panel product at 1 row and oneDNN's at 4, as bf16 on the AMX Xeon, still gets the
+    screen at batch 1, where it halves the bytes read.)"""
+    exact, buckets = head, GREEDY_BUCKETS
+    if isinstance(head, PlannedLinear):
+        exact = head.route(1)
+        # A leading run of the buckets: if every n <= r routes to exact, so does every n <= a smaller bucket.
+        buckets = tuple(r for r in GREEDY_BUCKETS if all(head.route(n) is exact for n in range(1, r + 1)))
     if not buckets or not ScreenedGreedyHead.takes(exact) or family == "torch":
         return
     screen = None
     if not plan.cached:
         screen = ScreenedGreedyHead(exact, weight)
-        fused, logits = _HeadArgmax(exact), _LogitsArgmax(head)
-        logger.info("plan: timing greedy_head (c_head_argmax, %s, %s)", SCREEN_KERNEL, LOGITS_KERNEL)
+        candidates = {"c_head_argmax": _HeadArgmax(exact), SCREEN_KERNEL: screen}
+        logger.info("plan: timing greedy_head (%s)", ", ".join(candidates))
         gen = torch.Generator().manual_seed(0)
         for rows in buckets:
             # Rows like a decoder's last hidden states: each near one token's embedding, so that (as in decoding)
             # a few channels stand out; the screen's cost is its pass over the int8 weight either way.
             ids = torch.randint(0, weight.shape[0], (rows,), generator=gen)
             x = (weight[ids].float() * 8 + torch.randn(rows, weight.shape[1], generator=gen)).to(weight.dtype)
-            candidates: dict[str, nn.Module] = {"c_head_argmax": fused, SCREEN_KERNEL: screen}
-            if not routed_to_exact(rows) and family != "c":
-                candidates[LOGITS_KERNEL] = logits
             plan.choices.append(choose("greedy_head", rows, {k: (lambda m=m, x=x: m.greedy_ids(x))
                                                             for k, m in candidates.items()}))
-    screen_limit = panel_limit = 0  # the rows of the leading buckets each won
-    screen_leads = True
+    limit = 0  # the screen takes the rows of the buckets it won up to the first it lost
     for choice in plan.for_operation("greedy_head"):
-        if choice.kernel == LOGITS_KERNEL:
+        if choice.kernel != SCREEN_KERNEL:
             break
-        panel_limit = choice.rows
-        screen_leads = screen_leads and choice.kernel == SCREEN_KERNEL
-        if screen_leads:
-            screen_limit = choice.rows
-    if screen_limit:
-        model.greedy_screen = (screen_limit, screen if screen is not None else ScreenedGreedyHead(exact, weight))
-    if panel_limit and isinstance(exact, Bf16PanelLinear):
-        model.greedy_panels = (panel_limit, exact)
+        limit = choice.rows
+    if limit:
+        model.greedy_screen = (limit, screen if screen is not None else ScreenedGreedyHead(exact, weight))
 
 
 def pin_batch_invariant(model: nn.Module) -> None:
